@@ -1,0 +1,44 @@
+//! `trellis`: the all-in-one node supervisor (`trellis up`) and the operator's CLI.
+#![deny(unsafe_code)]
+
+mod child;
+mod probe;
+mod status;
+mod up;
+
+use clap::{Parser, Subcommand};
+use trellis_common::service::{ConfigArgs, VERSION};
+
+#[derive(Debug, Parser)]
+#[command(name = "trellis", version = VERSION, about = "Trellis, a Kubernetes container runtime")]
+struct Cli {
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a whole node: a private NATS when no bus is configured, then storage,
+    /// network, image, runtime and gateway, restarted when they die.
+    Up,
+    /// Show each service's health, version, pid, socket and bus connection.
+    Status,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = cli.config.source().load()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Up => runtime.block_on(up::run(&cli.config, config))?,
+        Command::Status => {
+            let healthy = runtime.block_on(status::run(&config));
+            if !healthy {
+                std::process::exit(1);
+            }
+        }
+    }
+    Ok(())
+}

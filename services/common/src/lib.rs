@@ -1,0 +1,17 @@
+//! Code every Trellis process shares: configuration, telemetry, the event bus,
+//! socket transport, the record store, metrics, and the service runner.
+#![deny(unsafe_code)]
+
+pub mod authority;
+pub mod bus;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod metrics;
+pub mod service;
+pub mod store;
+pub mod telemetry;
+pub mod transport;
+
+pub use config::{Config, ConfigSource, ServiceKind};
+pub use error::CommonError;

@@ -1,0 +1,220 @@
+//! What every Trellis service process does around its own gRPC services: load the
+//! configuration, install telemetry, own its socket, open its records, start the
+//! event bus, serve health and info next to its services, export metrics, and shut
+//! down cleanly on SIGTERM or SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::service::Routes;
+use trellis_proto::events::v1::{ServiceEvent, event::Payload, service_event};
+use trellis_proto::service::v1::service_info_server::{ServiceInfo, ServiceInfoServer};
+use trellis_proto::service::v1::{BusInfo, InfoRequest, InfoResponse};
+
+use crate::bus::EventBus;
+use crate::config::{Config, ConfigSource, ServiceKind};
+use crate::error::CommonError;
+use crate::store::{SledStore, Store};
+use crate::telemetry::{Telemetry, grpc_server_span};
+use crate::transport::OwnedSocket;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The flags every service binary and `trellis` share.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigArgs {
+    /// Configuration file [default: /etc/trellis/trellis.toml, or $TRELLIS_CONFIG].
+    #[arg(long, short = 'c', global = true)]
+    pub config: Option<PathBuf>,
+    /// Override one key, e.g. `--set gateway.metrics_listen=127.0.0.1:9460` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE", global = true)]
+    pub overrides: Vec<String>,
+}
+
+impl ConfigArgs {
+    pub fn source(&self) -> ConfigSource {
+        ConfigSource { file: self.config.clone(), overrides: self.overrides.clone() }
+    }
+
+    /// The same settings as command-line arguments, for child processes.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(config) = &self.config {
+            args.extend(["--config".to_string(), config.display().to_string()]);
+        }
+        for set in &self.overrides {
+            args.extend(["--set".to_string(), set.clone()]);
+        }
+        args
+    }
+}
+
+#[derive(Debug, clap::Parser)]
+#[command(version = VERSION)]
+struct ServiceCli {
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+/// Handed to a service's builder: everything it needs to build its gRPC services.
+pub struct ServiceContext {
+    pub kind: ServiceKind,
+    pub config: Config,
+    pub node: String,
+    pub store: Option<Arc<dyn Store>>,
+    pub bus: EventBus,
+    pub registry: Registry,
+}
+
+/// Runs a service process to completion. `build` returns the service's own gRPC
+/// services; health and info are added here.
+pub fn run<B>(kind: ServiceKind, build: B) -> Result<(), CommonError>
+where
+    B: AsyncFnOnce(&mut ServiceContext) -> Result<Routes, Box<dyn std::error::Error + Send + Sync>>,
+{
+    use clap::Parser;
+    let cli = ServiceCli::parse();
+    let config = cli.config.source().load()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| CommonError::Io { what: "cannot start the async runtime".into(), source })?;
+    runtime.block_on(serve(kind, config, build))
+}
+
+async fn serve<B>(kind: ServiceKind, config: Config, build: B) -> Result<(), CommonError>
+where
+    B: AsyncFnOnce(&mut ServiceContext) -> Result<Routes, Box<dyn std::error::Error + Send + Sync>>,
+{
+    let process = kind.binary();
+    let telemetry = Telemetry::init(process, &config.telemetry)?;
+    let endpoint = config.endpoint(kind);
+    let mut socket = OwnedSocket::bind(&endpoint.socket, endpoint.socket_mode)?;
+
+    let store: Option<Arc<dyn Store>> = if kind.is_stateful() {
+        let path = config.state_dir(kind).join("db");
+        Some(Arc::new(SledStore::open(&path)?))
+    } else {
+        None
+    };
+    let node = config.node_name();
+    let bus = EventBus::start(&config.bus, node.clone(), kind.name(), store.clone()).await?;
+    let mut context = ServiceContext { kind, config: config.clone(), node: node.clone(), store, bus: bus.clone(), registry: Registry::with_prefix("trellis") };
+    let routes = build(&mut context).await.map_err(CommonError::Build)?;
+
+    register_bus_metrics(&mut context.registry, bus.clone());
+    let metrics_address = match endpoint.metrics_listen {
+        Some(address) => Some(crate::metrics::serve(address, Arc::new(context.registry)).await?),
+        None => None,
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let info = Info {
+        kind,
+        node,
+        socket: endpoint.socket.clone(),
+        started: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default(),
+        bus: bus.clone(),
+        metrics_address,
+    };
+    let routes = routes.add_service(health_service).add_service(ServiceInfoServer::new(info));
+
+    publish_lifecycle(&bus, service_event::Kind::Started);
+    tracing::info!(socket = %endpoint.socket.display(), metrics = ?metrics_address, bus = %config.bus.url, pid = std::process::id(), "{process} {VERSION} serving");
+
+    let listener = socket.listener.take().ok_or_else(|| CommonError::Io {
+        what: format!("socket {} has no listener", endpoint.socket.display()),
+        source: std::io::Error::other("listener already taken"),
+    })?;
+    // Every connection goes through the authority shim: Go clients dialling a socket
+    // path would otherwise be refused by the HTTP/2 server (see `authority`).
+    let incoming = UnixListenerStream::new(listener).map(|accepted| accepted.map(crate::authority::normalize));
+    let result = tonic::transport::Server::builder()
+        .trace_fn(grpc_server_span)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .await;
+
+    tracing::info!("{process} shutting down");
+    publish_lifecycle(&bus, service_event::Kind::Stopping);
+    if !bus.drain(Duration::from_secs(2)).await {
+        tracing::warn!(pending = bus.status().pending, "bus unreachable: undelivered events stay in the outbox for the next start");
+    }
+    drop(socket);
+    telemetry.shutdown();
+    result.map_err(|e| CommonError::Serve(e.to_string()))
+}
+
+fn publish_lifecycle(bus: &EventBus, kind: service_event::Kind) {
+    let event = ServiceEvent { kind: kind.into(), pid: std::process::id(), version: VERSION.to_string() };
+    if let Err(error) = bus.publish(Payload::ServiceEvent(event)) {
+        tracing::error!(%error, "cannot record a service event");
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn register_bus_metrics(registry: &mut Registry, bus: EventBus) {
+    let pending = Gauge::<i64>::default();
+    let published = Gauge::<i64>::default();
+    let dropped = Gauge::<i64>::default();
+    let connected = Gauge::<i64>::default();
+    registry.register("events_outbox_pending", "Events raised and not yet acknowledged by the bus", pending.clone());
+    registry.register("events_published", "Events delivered to the bus since start", published.clone());
+    registry.register("events_dropped", "Events dropped because the outbox was full", dropped.clone());
+    registry.register("bus_connected", "1 while connected to NATS", connected.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let status = bus.status();
+            pending.set(status.pending as i64);
+            published.set(status.published as i64);
+            dropped.set(status.dropped as i64);
+            connected.set(i64::from(status.connected));
+        }
+    });
+}
+
+struct Info {
+    kind: ServiceKind,
+    node: String,
+    socket: PathBuf,
+    started: i64,
+    bus: EventBus,
+    metrics_address: Option<SocketAddr>,
+}
+
+#[tonic::async_trait]
+impl ServiceInfo for Info {
+    async fn info(&self, _: tonic::Request<InfoRequest>) -> Result<tonic::Response<InfoResponse>, tonic::Status> {
+        let bus = self.bus.status();
+        Ok(tonic::Response::new(InfoResponse {
+            service: self.kind.name().to_string(),
+            version: VERSION.to_string(),
+            pid: std::process::id(),
+            node: self.node.clone(),
+            socket: self.socket.display().to_string(),
+            started_unix_seconds: self.started,
+            bus: Some(BusInfo { url: bus.url, connected: bus.connected, outbox_pending: bus.pending, outbox_dropped: bus.dropped }),
+            metrics_address: self.metrics_address.map(|a| a.to_string()).unwrap_or_default(),
+        }))
+    }
+}

@@ -1,0 +1,137 @@
+//! Logs, spans and trace propagation.
+//!
+//! Every process logs through `tracing`. When the standard `OTEL_EXPORTER_OTLP_*`
+//! variables name an endpoint, spans are also exported over OTLP/gRPC, and the W3C
+//! trace context travels in gRPC metadata and NATS headers, so one CRI call is one
+//! trace across the gateway and the services behind it.
+
+use std::collections::HashMap;
+
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::config::TelemetryConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("cannot build the OTLP span exporter for {endpoint}: {source}")]
+    Exporter {
+        endpoint: String,
+        #[source]
+        source: opentelemetry_otlp::ExporterBuildError,
+    },
+    #[error("invalid telemetry.log_level `{0}`")]
+    Filter(String),
+    #[error("cannot install the log subscriber: {0}")]
+    Install(String),
+}
+
+const ENDPOINT_VARS: [&str; 2] = ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"];
+
+/// Keeps the span exporter alive; `shutdown` flushes what is still buffered.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Installs the global subscriber for a process named `process` (for example
+    /// `trellis-gateway`). Must run inside the tokio runtime: the exporter's channel
+    /// is bound to it.
+    pub fn init(process: &str, config: &TelemetryConfig) -> Result<Self, TelemetryError> {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        let filter = EnvFilter::try_new(&config.log_level).map_err(|_| TelemetryError::Filter(config.log_level.clone()))?;
+        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(true);
+        let fmt = if config.log_format == "json" { fmt.json().boxed() } else { fmt.boxed() };
+
+        let endpoint = ENDPOINT_VARS.iter().find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()));
+        let provider = match &endpoint {
+            Some(endpoint) => {
+                let exporter = opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .build()
+                    .map_err(|source| TelemetryError::Exporter { endpoint: endpoint.clone(), source })?;
+                let resource = opentelemetry_sdk::Resource::builder().with_service_name(process.to_string()).build();
+                Some(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
+            }
+            None => None,
+        };
+        let otel = provider.as_ref().map(|provider| {
+            opentelemetry::global::set_tracer_provider(provider.clone());
+            tracing_opentelemetry::layer().with_tracer(provider.tracer("trellis"))
+        });
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(fmt)
+            .with(otel)
+            .try_init()
+            .map_err(|e| TelemetryError::Install(e.to_string()))?;
+        if let Some(endpoint) = endpoint {
+            tracing::info!(%endpoint, "exporting spans over OTLP");
+        }
+        Ok(Self { provider })
+    }
+
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider
+            && let Err(error) = provider.shutdown()
+        {
+            tracing::warn!(%error, "span exporter did not flush cleanly");
+        }
+    }
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|key| key.as_str()).collect()
+    }
+}
+
+struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (
+            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+            tonic::metadata::MetadataValue::try_from(value.as_str()),
+        ) {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+/// The server span of one gRPC call, child of the caller's trace when the request
+/// carries a `traceparent`. Given to tonic's `Server::trace_fn`.
+pub fn grpc_server_span(request: &http::Request<()>) -> tracing::Span {
+    let path = request.uri().path();
+    let span = tracing::info_span!("grpc", otel.name = %path.trim_start_matches('/'), otel.kind = "server", rpc.path = %path);
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&HeaderExtractor(request.headers())));
+    // Fails only when no OpenTelemetry layer is installed, where there is no trace to join.
+    let _ = span.set_parent(parent);
+    span
+}
+
+/// Puts the current span's trace context into an outgoing gRPC request.
+pub fn inject_grpc_context(metadata: &mut tonic::metadata::MetadataMap) {
+    let context = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|propagator| propagator.inject_context(&context, &mut MetadataInjector(metadata)));
+}
+
+/// The current span's trace context as header pairs (for NATS messages).
+pub fn current_trace_headers() -> HashMap<String, String> {
+    let context = tracing::Span::current().context();
+    let mut headers = HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|propagator| propagator.inject_context(&context, &mut headers));
+    headers
+}

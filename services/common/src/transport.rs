@@ -1,0 +1,149 @@
+//! Unix-socket transport for every Trellis gRPC server and client.
+//!
+//! A server takes an exclusive `flock` on `<socket>.lock` before touching the socket:
+//! a live owner keeps the lock, so a second instance refuses to start, while a socket
+//! left by a crashed owner (kill -9) is stale and replaced.
+
+use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use nix::fcntl::{Flock, FlockArg};
+use tokio::net::{UnixListener, UnixStream};
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot create socket directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open lock file {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another live instance owns {socket} (lock {lock} is held); stop it first")]
+    InUse { socket: PathBuf, lock: PathBuf },
+    #[error("cannot remove stale socket {path}: {source}")]
+    RemoveStale {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set mode {mode:o} on {path}: {source}")]
+    Chmod {
+        path: PathBuf,
+        mode: u32,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A bound socket and the lock that proves this process owns it. Dropping it removes
+/// the socket file, so a clean shutdown leaves nothing behind.
+pub struct OwnedSocket {
+    pub listener: Option<UnixListener>,
+    path: PathBuf,
+    lock_path: PathBuf,
+    _lock: Flock<File>,
+}
+
+impl OwnedSocket {
+    pub fn bind(path: &Path, mode: u32) -> Result<Self, TransportError> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| TransportError::CreateDir { path: parent.to_path_buf(), source })?;
+        }
+        let lock_path = lock_path_of(path);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| TransportError::Lock { path: lock_path.clone(), source })?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|_| TransportError::InUse { socket: path.to_path_buf(), lock: lock_path.clone() })?;
+        match std::fs::remove_file(path) {
+            Ok(()) => tracing::info!(socket = %path.display(), "replaced a stale socket left by an earlier instance"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(TransportError::RemoveStale { path: path.to_path_buf(), source }),
+        }
+        let listener = UnixListener::bind(path).map_err(|source| TransportError::Bind { path: path.to_path_buf(), source })?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|source| TransportError::Chmod { path: path.to_path_buf(), mode, source })?;
+        Ok(Self { listener: Some(listener), path: path.to_path_buf(), lock_path, _lock: lock })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for OwnedSocket {
+    fn drop(&mut self) {
+        // Still holding the lock here, so no newer instance can own these files yet.
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(&self.lock_path);
+    }
+}
+
+pub fn lock_path_of(socket: &Path) -> PathBuf {
+    let mut name = socket.as_os_str().to_os_string();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// A lazily connecting gRPC channel to a Unix socket. It never blocks: a call made
+/// while the peer is down fails at once with `Unavailable`, and the next call dials
+/// again.
+pub fn unix_channel(socket: &Path) -> Channel {
+    let socket = socket.to_path_buf();
+    // The URI is required by the endpoint type but never dialled: the connector is.
+    Endpoint::from_static("http://localhost")
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect_with_connector_lazy(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move { UnixStream::connect(&socket).await.map(TokioIo::new) }
+        }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn second_instance_is_refused_and_stale_socket_is_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("sub/dir/svc.sock");
+        let first = OwnedSocket::bind(&socket, 0o600).expect("first bind");
+        let mode = std::fs::metadata(&socket).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        match OwnedSocket::bind(&socket, 0o600) {
+            Err(TransportError::InUse { .. }) => {}
+            other => panic!("second bind must be refused, got {:?}", other.map(|s| s.path().to_path_buf())),
+        }
+        drop(first);
+        assert!(!socket.exists(), "clean drop removes the socket");
+
+        // A stale socket file (owner gone, lock free) is replaced.
+        let stale = std::os::unix::net::UnixListener::bind(&socket).expect("stale bind");
+        drop(stale);
+        assert!(socket.exists());
+        let again = OwnedSocket::bind(&socket, 0o660).expect("replace stale");
+        let mode = std::fs::metadata(&socket).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        drop(again);
+    }
+}

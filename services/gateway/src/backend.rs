@@ -1,0 +1,205 @@
+//! Calls to the services behind the gateway.
+//!
+//! A backend that is down answers `Unavailable` at once (its socket refuses the
+//! connection). Idempotent reads are retried with backoff for a bounded time, so a
+//! kubelet sees no error while a service restarts; the caller's own deadline
+//! (`grpc-timeout`) always wins and is passed on to the backend.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+use trellis_common::config::{Config, ServiceKind};
+use trellis_common::metrics::RpcMetrics;
+use trellis_common::telemetry::inject_grpc_context;
+use trellis_common::transport::unix_channel;
+
+/// Whether a call may be sent again after a failure to reach its backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Reads: retried across a backend restart.
+    Idempotent,
+    /// Anything that changes state: one attempt, so it is never applied twice.
+    Once,
+}
+
+pub struct Backend {
+    pub kind: ServiceKind,
+    pub socket: PathBuf,
+    channel: Channel,
+}
+
+pub struct Backends {
+    pub runtime: Backend,
+    pub image: Backend,
+    pub network: Backend,
+    retry_budget: Duration,
+    metrics: RpcMetrics,
+}
+
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(20);
+const MAX_RETRY_DELAY: Duration = Duration::from_millis(250);
+/// Left of the caller's deadline to send our own answer back in time.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
+
+impl Backends {
+    pub fn new(config: &Config, retry_budget: Duration, metrics: RpcMetrics) -> Self {
+        let backend = |kind| {
+            let socket = config.endpoint(kind).socket;
+            Backend { kind, channel: unix_channel(&socket), socket }
+        };
+        Self {
+            runtime: backend(ServiceKind::Runtime),
+            image: backend(ServiceKind::Image),
+            network: backend(ServiceKind::Network),
+            retry_budget,
+            metrics,
+        }
+    }
+
+    /// Forwards one CRI call and records its latency and outcome.
+    pub async fn forward<Req, Resp, F, Fut>(&self, method: &'static str, backend: &Backend, retry: Retry, request: Request<Req>, call: F) -> Result<Response<Resp>, Status>
+    where
+        Req: Clone,
+        F: Fn(Channel, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let started = Instant::now();
+        let deadline = caller_deadline(&request, started);
+        let result = self.call(backend, retry, deadline, request.into_inner(), call).await;
+        self.observe(method, started, result.as_ref().err().map(Status::code));
+        result
+    }
+
+    pub fn observe(&self, method: &str, started: Instant, error: Option<Code>) {
+        self.metrics.observe(method, started.elapsed(), error);
+        if let Some(code) = error {
+            tracing::debug!(method, ?code, "CRI call failed");
+        }
+    }
+
+    /// One backend call, retried while the backend cannot be reached if `retry` allows.
+    pub async fn call<Req, Resp, F, Fut>(&self, backend: &Backend, retry: Retry, deadline: Option<Instant>, message: Req, call: F) -> Result<Response<Resp>, Status>
+    where
+        Req: Clone,
+        F: Fn(Channel, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let started = Instant::now();
+        let mut give_up = match retry {
+            Retry::Idempotent => started + self.retry_budget,
+            Retry::Once => started,
+        };
+        if let Some(deadline) = deadline {
+            give_up = give_up.min(deadline.checked_sub(DEADLINE_MARGIN).unwrap_or(deadline));
+        }
+        let mut delay = FIRST_RETRY_DELAY;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let mut request = Request::new(message.clone());
+            if let Some(deadline) = deadline {
+                request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+            }
+            inject_grpc_context(request.metadata_mut());
+            let error = match call(backend.channel.clone(), request).await {
+                Ok(response) => return Ok(response),
+                Err(status) if is_unreachable(&status) => status,
+                Err(status) => return Err(status),
+            };
+            if Instant::now() + delay >= give_up {
+                return Err(Status::unavailable(format!(
+                    "trellis-{} is not answering on {} ({} attempt{} over {:?}): {}",
+                    backend.kind.name(),
+                    backend.socket.display(),
+                    attempts,
+                    if attempts == 1 { "" } else { "s" },
+                    started.elapsed(),
+                    error.message()
+                )));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(MAX_RETRY_DELAY);
+        }
+    }
+}
+
+/// The backend could not be reached or dropped the connection: the call did not run
+/// to completion there, so an idempotent one may be sent again.
+fn is_unreachable(status: &Status) -> bool {
+    status.code() == Code::Unavailable
+        || (status.code() == Code::Unknown && status.message().contains("transport error"))
+}
+
+/// The caller's deadline from its `grpc-timeout` header, e.g. `1999m` or `5S`.
+pub fn caller_deadline<T>(request: &Request<T>, now: Instant) -> Option<Instant> {
+    let raw = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(raw).map(|timeout| now + timeout)
+}
+
+fn parse_grpc_timeout(raw: &str) -> Option<Duration> {
+    if raw.len() < 2 || raw.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = raw.split_at(raw.len() - 1);
+    let value: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(value.checked_mul(3600)?),
+        "M" => Duration::from_secs(value.checked_mul(60)?),
+        "S" => Duration::from_secs(value),
+        "m" => Duration::from_millis(value),
+        "u" => Duration::from_micros(value),
+        "n" => Duration::from_nanos(value),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        assert_eq!(parse_grpc_timeout("1999m"), Some(Duration::from_millis(1999)));
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("10u"), Some(Duration::from_micros(10)));
+        assert_eq!(parse_grpc_timeout("S"), None);
+        assert_eq!(parse_grpc_timeout("12x"), None);
+        assert_eq!(parse_grpc_timeout("1234567890S"), None, "at most 8 digits");
+    }
+}
+
+/// Implements a CRI service trait on a gateway type by forwarding each listed RPC to
+/// one backend, with the methods that need more written out after the list. One
+/// macro emits the whole impl because `#[async_trait]` must see every method.
+macro_rules! forwarding_impl {
+    (
+        impl $trait:path, for $ty:ident, client $client:ident, backend $backend:ident;
+        forward { $( $method:ident ( $req:ty ) -> $resp:ty = $name:literal, $retry:ident; )* }
+        $($custom:tt)*
+    ) => {
+        #[tonic::async_trait]
+        impl $trait for $ty {
+            $(
+                async fn $method(&self, request: tonic::Request<$req>) -> Result<tonic::Response<$resp>, tonic::Status> {
+                    self.0
+                        .forward($name, &self.0.$backend, $crate::backend::Retry::$retry, request, |channel, request| async move {
+                            $client::new(channel)
+                                .max_decoding_message_size(trellis_common::grpc::MAX_MESSAGE_BYTES)
+                                .max_encoding_message_size(trellis_common::grpc::MAX_MESSAGE_BYTES)
+                                .$method(request)
+                                .await
+                        })
+                        .await
+                }
+            )*
+            $($custom)*
+        }
+    };
+}
+pub(crate) use forwarding_impl;

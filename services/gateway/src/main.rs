@@ -1,0 +1,35 @@
+//! trellis-gateway: the kubelet's CRI socket. Stateless: it validates, times and
+//! traces each call, forwards it unchanged to the runtime or image service, and
+//! fans in Status from the runtime and network services.
+#![deny(unsafe_code)]
+
+mod backend;
+mod image_service;
+mod runtime_service;
+mod status;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_cri::v1::image_service_server::ImageServiceServer;
+use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
+use trellis_common::ServiceKind;
+use trellis_common::grpc::MAX_MESSAGE_BYTES;
+use trellis_common::metrics::RpcMetrics;
+
+use crate::backend::Backends;
+
+fn main() -> anyhow::Result<()> {
+    trellis_common::service::run(ServiceKind::Gateway, async |context| {
+        let metrics = RpcMetrics::register(&mut context.registry, "gateway");
+        let backends = Arc::new(Backends::new(&context.config, Duration::from_millis(context.config.gateway.backend_retry_ms), metrics));
+        let runtime = RuntimeServiceServer::new(runtime_service::Gateway(backends.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let image = ImageServiceServer::new(image_service::Gateway(backends))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(tonic::service::Routes::new(runtime).add_service(image))
+    })?;
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! The CRI RuntimeService on the kubelet's socket: calls go to the runtime service,
+//! except Status, which also asks the network service (see `status`).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::*;
+use tonic::{Request, Response, Status};
+
+use crate::backend::{Backends, forwarding_impl};
+
+pub struct Gateway(pub Arc<Backends>);
+
+type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<ContainerEventResponse, Status>> + Send>>;
+
+forwarding_impl! {
+    impl runtime_service_server::RuntimeService, for Gateway, client RuntimeServiceClient, backend runtime;
+    forward {
+        version(VersionRequest) -> VersionResponse = "Version", Idempotent;
+        pod_sandbox_status(PodSandboxStatusRequest) -> PodSandboxStatusResponse = "PodSandboxStatus", Idempotent;
+        list_pod_sandbox(ListPodSandboxRequest) -> ListPodSandboxResponse = "ListPodSandbox", Idempotent;
+        container_status(ContainerStatusRequest) -> ContainerStatusResponse = "ContainerStatus", Idempotent;
+        list_containers(ListContainersRequest) -> ListContainersResponse = "ListContainers", Idempotent;
+        container_stats(ContainerStatsRequest) -> ContainerStatsResponse = "ContainerStats", Idempotent;
+        list_container_stats(ListContainerStatsRequest) -> ListContainerStatsResponse = "ListContainerStats", Idempotent;
+        pod_sandbox_stats(PodSandboxStatsRequest) -> PodSandboxStatsResponse = "PodSandboxStats", Idempotent;
+        list_pod_sandbox_stats(ListPodSandboxStatsRequest) -> ListPodSandboxStatsResponse = "ListPodSandboxStats", Idempotent;
+        list_metric_descriptors(ListMetricDescriptorsRequest) -> ListMetricDescriptorsResponse = "ListMetricDescriptors", Idempotent;
+        list_pod_sandbox_metrics(ListPodSandboxMetricsRequest) -> ListPodSandboxMetricsResponse = "ListPodSandboxMetrics", Idempotent;
+        runtime_config(RuntimeConfigRequest) -> RuntimeConfigResponse = "RuntimeConfig", Idempotent;
+        run_pod_sandbox(RunPodSandboxRequest) -> RunPodSandboxResponse = "RunPodSandbox", Once;
+        stop_pod_sandbox(StopPodSandboxRequest) -> StopPodSandboxResponse = "StopPodSandbox", Once;
+        remove_pod_sandbox(RemovePodSandboxRequest) -> RemovePodSandboxResponse = "RemovePodSandbox", Once;
+        create_container(CreateContainerRequest) -> CreateContainerResponse = "CreateContainer", Once;
+        start_container(StartContainerRequest) -> StartContainerResponse = "StartContainer", Once;
+        stop_container(StopContainerRequest) -> StopContainerResponse = "StopContainer", Once;
+        remove_container(RemoveContainerRequest) -> RemoveContainerResponse = "RemoveContainer", Once;
+        update_container_resources(UpdateContainerResourcesRequest) -> UpdateContainerResourcesResponse = "UpdateContainerResources", Once;
+        reopen_container_log(ReopenContainerLogRequest) -> ReopenContainerLogResponse = "ReopenContainerLog", Once;
+        exec_sync(ExecSyncRequest) -> ExecSyncResponse = "ExecSync", Once;
+        exec(ExecRequest) -> ExecResponse = "Exec", Once;
+        attach(AttachRequest) -> AttachResponse = "Attach", Once;
+        port_forward(PortForwardRequest) -> PortForwardResponse = "PortForward", Once;
+        update_runtime_config(UpdateRuntimeConfigRequest) -> UpdateRuntimeConfigResponse = "UpdateRuntimeConfig", Once;
+        checkpoint_container(CheckpointContainerRequest) -> CheckpointContainerResponse = "CheckpointContainer", Once;
+    }
+
+    type GetContainerEventsStream = EventStream;
+
+    async fn get_container_events(&self, _request: Request<GetEventsRequest>) -> Result<Response<EventStream>, Status> {
+        Err(Status::unimplemented("GetContainerEvents is not implemented by trellis-gateway yet"))
+    }
+
+    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        crate::status::fan_in(&self.0, request).await
+    }
+}
