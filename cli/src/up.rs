@@ -119,7 +119,14 @@ async fn supervise_node(args: &ConfigArgs, config: &Config) -> Result<(), UpErro
         let _ = child.task.await;
         tracing::info!(child = %child.name, "stopped");
     }
-    started
+    match started {
+        // Asked to stop before the node was complete: a clean stop all the same.
+        Err(UpError::Interrupted) => {
+            tracing::info!("stopped during start-up");
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 /// Starts a child, waits until it is ready, then leaves it to a supervising task.

@@ -1,1 +1,327 @@
+//! Boots real Trellis nodes from the built binaries and tests them from the outside,
+//! through the CRI socket, as the kubelet would.
+//!
+//! Every node lives in its own temporary root (config, state, sockets, CNI config)
+//! with its own NATS port, so tests run in parallel. A node is torn down when it is
+//! dropped, even when the test failed; `Node::stop` also checks that nothing (process,
+//! socket, mount) was left behind.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tonic::transport::{Channel, Endpoint};
+use trellis_proto::service::v1::InfoResponse;
+use trellis_proto::service::v1::service_info_client::ServiceInfoClient;
+
+pub mod nats;
+pub mod otlp;
+
+pub const SERVICES: [&str; 5] = ["storage", "network", "image", "runtime", "gateway"];
+
+/// Where the built binaries are: `$TRELLIS_BIN_DIR`, or the cargo target directory
+/// this test binary was built into (`target/<profile>/deps/..`).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("TRELLIS_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    assert!(
+        dir.join("trellis").is_file(),
+        "no trellis binary in {}: build the binaries first (`cargo build --bins`) or set TRELLIS_BIN_DIR",
+        dir.display()
+    );
+    dir
+}
+
+pub fn binary(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// A gRPC channel to a Unix socket, dialled lazily.
+pub fn unix_channel(socket: &Path) -> Channel {
+    let socket = socket.to_path_buf();
+    Endpoint::from_static("http://localhost").connect_with_connector_lazy(tower::service_fn(move |_| {
+        let socket = socket.clone();
+        async move { tokio::net::UnixStream::connect(socket).await.map(hyper_util::rt::TokioIo::new) }
+    }))
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; fine for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+}
+
+/// What a node is started with.
+#[derive(Default, Clone)]
+pub struct NodeOptions {
+    /// An external NATS URL; none means `trellis up` starts its own.
+    pub bus_url: Option<String>,
+    /// Extra environment for `trellis up` and so every service.
+    pub env: Vec<(String, String)>,
+    /// Extra TOML appended to the generated configuration.
+    pub extra_config: String,
+    /// Install the default CNI conflist in the node's CNI directory.
+    pub with_cni_config: bool,
+}
+
+pub struct Node {
+    root: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub node_name: String,
+    up: Option<Child>,
+}
+
+impl Node {
+    pub async fn start(options: NodeOptions) -> Node {
+        let root = tempfile::Builder::new().prefix("trellis-it-").tempdir().expect("temp root");
+        let path = root.path();
+        let node_name = format!("it{}", std::process::id() as u64 * 1000 + u64::from(rand_suffix()));
+        for dir in ["run", "state", "cni"] {
+            std::fs::create_dir_all(path.join(dir)).expect("node dirs");
+        }
+        if options.with_cni_config {
+            install_cni_config(&path.join("cni"));
+        }
+        let bus = options.bus_url.as_deref().map(|url| format!("[bus]\nurl = \"{url}\"\n")).unwrap_or_default();
+        let config = format!(
+            "[node]\nname = \"{node_name}\"\nstate_dir = \"{state}\"\nrun_dir = \"{run}\"\n[network]\ncni_config_dir = \"{cni}\"\n[telemetry]\nlog_level = \"info\"\n{bus}{extra}",
+            state = path.join("state").display(),
+            run = path.join("run").display(),
+            cni = path.join("cni").display(),
+            extra = options.extra_config,
+        );
+        let config_path = path.join("trellis.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let log = std::fs::File::create(path.join("node.log")).expect("log file");
+        let up = Command::new(binary("trellis"))
+            .arg("--config")
+            .arg(&config_path)
+            .arg("up")
+            .envs(options.env.iter().cloned())
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn trellis up");
+        let mut node = Node { root, config_path, node_name, up: Some(up) };
+        node.wait_ready(Duration::from_secs(30)).await;
+        node
+    }
+
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    pub fn socket(&self, service: &str) -> PathBuf {
+        let file = if service == "gateway" { "trellis.sock".to_string() } else { format!("{service}.sock") };
+        self.root().join("run").join(file)
+    }
+
+    pub fn cni_dir(&self) -> PathBuf {
+        self.root().join("cni")
+    }
+
+    /// The node's log (all services), for assertions.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.root().join("node.log")).unwrap_or_default()
+    }
+
+    /// The last lines of the node's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub fn runtime(&self) -> RuntimeServiceClient<Channel> {
+        RuntimeServiceClient::new(unix_channel(&self.socket("gateway")))
+    }
+
+    pub fn images(&self) -> ImageServiceClient<Channel> {
+        ImageServiceClient::new(unix_channel(&self.socket("gateway")))
+    }
+
+    pub async fn info(&self, service: &str) -> Result<InfoResponse, tonic::Status> {
+        let mut client = ServiceInfoClient::new(unix_channel(&self.socket(service)));
+        client.info(trellis_proto::service::v1::InfoRequest {}).await.map(|r| r.into_inner())
+    }
+
+    /// Waits until the gateway is healthy (so, under `trellis up`, every service is).
+    async fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(up) = self.up.as_mut()
+                && let Ok(Some(status)) = up.try_wait()
+            {
+                panic!("trellis up exited during start-up ({status}):\n{}", self.log_tail());
+            }
+            if self.info("gateway").await.is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "node not ready within {timeout:?}:\n{}", self.log_tail());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every service reports a live bus connection (they connect in the
+    /// background and serve before the bus is up).
+    pub async fn wait_bus_connected(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        for service in SERVICES {
+            loop {
+                let bus = self.info(service).await.ok().and_then(|info| info.bus);
+                if bus.as_ref().is_some_and(|bus| bus.connected) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{service} not connected to the bus within {timeout:?}: {bus:?}");
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+    }
+
+    /// Waits until `service` answers with a pid other than `old_pid`.
+    pub async fn wait_restarted(&self, service: &str, old_pid: u32, timeout: Duration) -> u32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(info) = self.info(service).await
+                && info.pid != old_pid
+            {
+                return info.pid;
+            }
+            assert!(Instant::now() < deadline, "{service} not restarted within {timeout:?}:\n{}", self.log_tail());
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// SIGTERM to `trellis up`, then checks that it stopped every child and left no
+    /// process, socket or mount behind.
+    pub fn stop(mut self) {
+        let status = self.terminate_up(Duration::from_secs(30));
+        assert!(status.is_some_and(|s| s.success()), "trellis up did not exit cleanly ({status:?}):\n{}", self.log_tail());
+        let leftovers = leftovers(self.root());
+        assert!(leftovers.is_empty(), "left behind after stop: {leftovers:#?}\n{}", self.log_tail());
+    }
+
+    /// The pid of the `trellis up` process.
+    pub fn up_pid(&self) -> Option<u32> {
+        self.up.as_ref().map(Child::id)
+    }
+
+    fn terminate_up(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        let mut up = self.up.take()?;
+        let _ = kill(Pid::from_raw(up.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = up.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = up.kill();
+        up.wait().ok()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.terminate_up(Duration::from_secs(20));
+        // Whatever a failed test left running under this root: end it, by pid.
+        for pid in processes_mentioning(self.root()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// What a stopped node must not leave: processes, sockets, mounts under its root.
+pub fn leftovers(root: &Path) -> Vec<String> {
+    let mut found: Vec<String> = processes_mentioning(root).into_iter().map(|pid| format!("process {pid}: {}", cmdline(pid))).collect();
+    if let Ok(entries) = std::fs::read_dir(root.join("run")) {
+        found.extend(entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "sock")).map(|p| format!("socket {}", p.display())));
+    }
+    let root_text = root.display().to_string();
+    if let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") {
+        found.extend(mounts.lines().filter(|line| line.contains(&root_text)).map(|line| format!("mount {line}")));
+    }
+    found
+}
+
+/// Pids of live processes whose command line mentions `root` (every process a node
+/// starts is given its config path or state directory), other than this one.
+pub fn processes_mentioning(root: &Path) -> Vec<i32> {
+    let needle = root.display().to_string();
+    let me = std::process::id() as i32;
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|&pid| pid != me && cmdline(pid).contains(&needle) && !is_zombie(pid))
+        .collect()
+}
+
+fn cmdline(pid: i32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline")).map(|raw| String::from_utf8_lossy(&raw).replace('\0', " ")).unwrap_or_default()
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|stat| stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z'))).unwrap_or(true)
+}
+
+/// The project's default conflist (bridge, portmap), as `deploy/` ships it.
+pub fn install_cni_config(dir: &Path) {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/cni/10-trellis.conflist");
+    std::fs::copy(&source, dir.join("10-trellis.conflist")).unwrap_or_else(|e| panic!("copy {}: {e}", source.display()));
+}
+
+fn rand_suffix() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(Instant::now().elapsed().as_nanos() as u64);
+    (hasher.finish() % 1000) as u16
+}
+
+/// Sends SIGKILL to a pid.
+pub fn kill9(pid: u32) {
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill -9");
+}
+
+/// A service binary run on its own (not under `trellis up`), for tests of one process.
+pub struct ServiceProcess {
+    pub child: Child,
+}
+
+impl ServiceProcess {
+    pub fn spawn(binary_name: &str, args: &[&str], log: &Path) -> ServiceProcess {
+        let log = std::fs::File::create(log).expect("log file");
+        let child = Command::new(binary(binary_name))
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn service");
+        ServiceProcess { child }
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
