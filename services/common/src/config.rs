@@ -654,6 +654,31 @@ mod tests {
         assert!(matches!(load(&file, &[], &["novalue"]), Err(ConfigError::BadFlag(_))));
     }
 
+    /// deploy/trellis.toml is the operator's reference: it must load, list every key,
+    /// and show the built-in defaults (it only turns the metrics listeners on).
+    #[test]
+    fn shipped_example_lists_every_key_with_its_default() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/trellis.toml");
+        let config = load(&example, &[], &[]).expect("example loads");
+        let mut expected = Config::default();
+        for (listen, port) in [
+            (&mut expected.gateway.metrics_listen, 9460),
+            (&mut expected.runtime.metrics_listen, 9461),
+            (&mut expected.image.metrics_listen, 9462),
+            (&mut expected.storage.metrics_listen, 9463),
+            (&mut expected.network.metrics_listen, 9464),
+        ] {
+            *listen = format!("127.0.0.1:{port}");
+        }
+        assert_eq!(config, expected);
+        let text: toml::Table = toml::from_str(&std::fs::read_to_string(&example).expect("read")).expect("toml");
+        let defaults = toml::Value::try_from(Config::default()).expect("defaults");
+        for key in known_keys(&defaults) {
+            let (section, field) = key.split_once('.').expect("dotted");
+            assert!(text.get(section).and_then(|s| s.get(field)).is_some(), "deploy/trellis.toml does not list {key}");
+        }
+    }
+
     #[test]
     fn explicit_missing_file_is_an_error() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what Trellis needs to build, run and test on Debian 12, skipping what is
+# already there. Safe to run again. Needs root for apt-get.
+set -euo pipefail
+
+packages=(
+    nats-server            # the event bus (trellis up starts a private one)
+    runc crun conmon       # OCI runtimes and the per-container monitor
+    containernetworking-plugins  # CNI plugins: bridge, host-local, portmap, loopback
+    docker-registry        # a real registry for the tests, on 127.0.0.1
+    busybox-static         # the tests build their images from it
+    protobuf-compiler      # protoc for the CRI and internal protos
+    iproute2 iptables      # pod networking
+    ca-certificates curl
+)
+
+missing=()
+for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo not found: install a Rust toolchain (1.85 or newer) with rustup, then run this again" >&2
+    exit 1
+fi
