@@ -98,18 +98,8 @@ impl Node {
         );
         let config_path = path.join("trellis.toml");
         std::fs::write(&config_path, config).expect("write config");
-        let log = std::fs::File::create(path.join("node.log")).expect("log file");
-        let up = Command::new(binary("trellis"))
-            .arg("--config")
-            .arg(&config_path)
-            .arg("up")
-            .envs(options.env.iter().cloned())
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn trellis up");
+        let config_arg = config_path.to_str().expect("utf-8 temp path");
+        let up = spawn_logged("trellis", &["--config", config_arg, "up"], &options.env, &path.join("node.log"));
         let mut node = Node { root, config_path, node_name, up: Some(up) };
         node.wait_ready(Duration::from_secs(30)).await;
         node
@@ -215,18 +205,36 @@ impl Node {
     }
 
     fn terminate_up(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
-        let mut up = self.up.take()?;
-        let _ = kill(Pid::from_raw(up.id() as i32), Signal::SIGTERM);
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = up.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = up.kill();
-        up.wait().ok()
+        terminate(&mut self.up.take()?, grace)
     }
+}
+
+/// Starts a built binary with its output in `log`.
+fn spawn_logged(binary_name: &str, args: &[&str], env: &[(String, String)], log: &Path) -> Child {
+    let log = std::fs::File::create(log).expect("log file");
+    Command::new(binary(binary_name))
+        .args(args)
+        .envs(env.iter().cloned())
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {binary_name}: {e}"))
+}
+
+/// SIGTERM, up to `grace` to exit, then SIGKILL.
+fn terminate(child: &mut Child, grace: Duration) -> Option<std::process::ExitStatus> {
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait().ok()
 }
 
 impl Drop for Node {
@@ -298,30 +306,12 @@ pub struct ServiceProcess {
 
 impl ServiceProcess {
     pub fn spawn(binary_name: &str, args: &[&str], log: &Path) -> ServiceProcess {
-        let log = std::fs::File::create(log).expect("log file");
-        let child = Command::new(binary(binary_name))
-            .args(args)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn service");
-        ServiceProcess { child }
+        ServiceProcess { child: spawn_logged(binary_name, args, &[], log) }
     }
 }
 
 impl Drop for ServiceProcess {
     fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        terminate(&mut self.child, Duration::from_secs(10));
     }
 }

@@ -1,6 +1,11 @@
 //! A nats-server with JetStream, run by a test so that it can stop and restart it.
 
 use std::path::{Path, PathBuf};
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use prost::Message;
+use trellis_proto::events::v1::Event;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -66,4 +71,48 @@ fn nats_server() -> PathBuf {
         .map(PathBuf::from)
         .find(|p| p.is_file())
         .expect("nats-server is not installed (apt-get install nats-server)")
+}
+
+/// One event read back from the events stream, with the message id JetStream
+/// de-duplicated it by.
+#[derive(Debug)]
+pub struct StoredEvent {
+    pub event: Event,
+    pub message_id: Option<String>,
+}
+
+/// Reads the events stream from its start, on subjects matching `filter`, until
+/// `done` says enough has been read; panics after `timeout`.
+pub async fn read_events(url: &str, filter: &str, timeout: Duration, done: impl Fn(&[StoredEvent]) -> bool) -> Vec<StoredEvent> {
+    let client = async_nats::connect(url).await.expect("connect to NATS");
+    let stream = jetstream::new(client).get_stream("TRELLIS_EVENTS").await.expect("events stream");
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            filter_subject: filter.to_string(),
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let mut messages = consumer.messages().await.expect("messages");
+    let deadline = Instant::now() + timeout;
+    let mut events = Vec::new();
+    while !done(&events) {
+        let message = match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), messages.next()).await {
+            Ok(Some(Ok(message))) => message,
+            other => panic!("events stream ended or timed out ({other:?}) after {} events: {events:#?}", events.len()),
+        };
+        let event = Event::decode(message.payload.clone()).expect("event payload");
+        let message_id = message.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.as_str().to_string());
+        events.push(StoredEvent { event, message_id });
+    }
+    events
+}
+
+/// How many messages the events stream holds.
+pub async fn stream_len(url: &str) -> u64 {
+    let client = async_nats::connect(url).await.expect("connect to NATS");
+    let mut stream = jetstream::new(client).get_stream("TRELLIS_EVENTS").await.expect("events stream");
+    stream.info().await.expect("stream info").state.messages
 }

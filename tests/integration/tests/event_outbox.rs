@@ -1,16 +1,13 @@
 //! The event outbox under load: many events across a bus outage, and its bound.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use async_nats::jetstream;
-use futures::StreamExt;
-use prost::Message;
 use trellis_common::bus::EventBus;
 use trellis_common::config::BusConfig;
 use trellis_common::store::{SledStore, Store};
-use trellis_integration::nats::NatsServer;
-use trellis_proto::events::v1::{ContainerEvent, Event, container_event, event::Payload};
+use trellis_integration::nats::{NatsServer, read_events, stream_len};
+use trellis_proto::events::v1::{ContainerEvent, container_event, event::Payload};
 
 fn container_event(n: i32) -> Payload {
     Payload::Container(ContainerEvent { kind: container_event::Kind::Started.into(), container_id: format!("c{n}"), exit_code: n, ..Default::default() })
@@ -35,33 +32,16 @@ async fn five_hundred_events_raised_before_the_bus_exists_arrive_in_order() {
     nats.restart();
     assert!(bus.drain(Duration::from_secs(30)).await, "outbox drained once the bus is back: {:?}", bus.status());
 
-    let client = async_nats::connect(&url).await.expect("connect");
-    let stream = jetstream::new(client).get_stream("TRELLIS_EVENTS").await.expect("stream");
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::Config {
-            filter_subject: "trellis.outbox.events.container.started".into(),
-            ack_policy: jetstream::consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await
-        .expect("consumer");
-    let mut messages = consumer.messages().await.expect("messages");
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while seen.len() < 500 {
-        let message = tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), messages.next())
-            .await
-            .expect("all 500 within 20 s")
-            .expect("stream open")
-            .expect("message");
-        match Event::decode(message.payload.clone()).expect("event").payload {
-            Some(Payload::Container(event)) => seen.push(event.exit_code),
+    let stored = read_events(&url, "trellis.outbox.events.container.started", Duration::from_secs(20), |events| events.len() >= 500).await;
+    let seen: Vec<i32> = stored
+        .iter()
+        .map(|stored| match &stored.event.payload {
+            Some(Payload::Container(event)) => event.exit_code,
             other => panic!("unexpected {other:?}"),
-        }
-    }
+        })
+        .collect();
     assert_eq!(seen, (0..500).collect::<Vec<_>>(), "every event, in order, once");
-    let info = stream.clone().info().await.expect("stream info").state.messages;
-    assert_eq!(info, 500, "no duplicates in the stream");
+    assert_eq!(stream_len(&url).await, 500, "no duplicates in the stream");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -2,10 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream;
-use futures::StreamExt;
-use prost::Message;
-use trellis_integration::nats::NatsServer;
+use trellis_integration::nats::{NatsServer, StoredEvent, read_events};
 use trellis_integration::{Node, NodeOptions, kill9};
 use trellis_proto::events::v1::{Event, event::Payload, service_event};
 
@@ -43,32 +40,13 @@ async fn events_raised_while_the_bus_is_down_arrive_in_order_once() {
     nats.restart();
     wait_for_bus(&node, true, true).await;
 
-    let client = async_nats::connect(nats.url()).await.expect("connect to NATS");
-    let stream = jetstream::new(client).get_stream("TRELLIS_EVENTS").await.expect("events stream");
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::Config {
-            filter_subject: format!("trellis.{}.events.service.>", node.node_name),
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
-            ack_policy: jetstream::consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await
-        .expect("consumer");
-    let mut messages = consumer.messages().await.expect("messages");
-    let mut runtime_events = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while runtime_events.len() < pids.len() {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let message = match tokio::time::timeout(remaining, messages.next()).await {
-            Ok(Some(Ok(message))) => message,
-            other => panic!("stream ended early ({other:?}); runtime events so far: {runtime_events:?}"),
-        };
-        let event = Event::decode(message.payload.clone()).expect("event payload");
-        assert_eq!(message.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.as_str().to_string()), Some(event.id.clone()));
-        if event.service == "runtime" {
-            runtime_events.push(event);
-        }
+    let filter = format!("trellis.{}.events.service.>", node.node_name);
+    let runtime_count = |events: &[StoredEvent]| events.iter().filter(|e| e.event.service == "runtime").count();
+    let stored = read_events(&nats.url(), &filter, Duration::from_secs(20), |events| runtime_count(events) >= pids.len()).await;
+    for stored in &stored {
+        assert_eq!(stored.message_id.as_deref(), Some(stored.event.id.as_str()), "JetStream de-duplicates by event id");
     }
+    let runtime_events: Vec<&Event> = stored.iter().map(|s| &s.event).filter(|e| e.service == "runtime").collect();
 
     let ids: Vec<&str> = runtime_events.iter().map(|e| e.id.as_str()).collect();
     let unique: std::collections::HashSet<&&str> = ids.iter().collect();
