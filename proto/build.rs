@@ -8,6 +8,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }
-    tonic_prost_build::configure().compile_protos(&protos, &["."])?;
+    tonic_prost_build::configure()
+        // Layer bytes pass through the storage service without a copy.
+        .bytes(".trellis.storage.v1.ImportLayerChunk.data")
+        .compile_protos(&protos, &["."])?;
     Ok(())
 }

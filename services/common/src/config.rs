@@ -132,6 +132,15 @@ pub struct ImageConfig {
     pub socket: String,
     pub socket_mode: String,
     pub metrics_listen: String,
+    /// `registry=url` pairs: mirrors tried in order before the registry itself, e.g.
+    /// `docker.io=http://127.0.0.1:5000`. A path in the URL prefixes the repository.
+    pub mirrors: Vec<String>,
+    /// Registries reached over plain HTTP (`host` or `host:port`). Loopback always is.
+    pub insecure_registries: Vec<String>,
+    /// A docker-style `config.json` with per-registry credentials; empty means none.
+    pub credentials_file: String,
+    /// A pull that receives nothing for this long is cancelled.
+    pub pull_progress_timeout_seconds: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -171,8 +180,47 @@ const INTERNAL_SOCKET_MODE: &str = "0600";
 
 impl Default for ImageConfig {
     fn default() -> Self {
-        Self { socket: String::new(), socket_mode: INTERNAL_SOCKET_MODE.into(), metrics_listen: String::new() }
+        Self {
+            socket: String::new(),
+            socket_mode: INTERNAL_SOCKET_MODE.into(),
+            metrics_listen: String::new(),
+            mirrors: Vec::new(),
+            insecure_registries: Vec::new(),
+            credentials_file: String::new(),
+            pull_progress_timeout_seconds: 60,
+        }
     }
+}
+
+impl ImageConfig {
+    /// The mirrors configured for `registry`, in order, as `(scheme, host, path prefix)`.
+    pub fn mirrors_of(&self, registry: &str) -> Vec<MirrorEndpoint> {
+        self.mirrors.iter().filter_map(|entry| parse_mirror(entry)).filter(|(name, _)| name == registry).map(|(_, mirror)| mirror).collect()
+    }
+}
+
+/// One mirror of a registry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MirrorEndpoint {
+    pub plain_http: bool,
+    /// `host` or `host:port`.
+    pub host: String,
+    /// Repository prefix (no leading or trailing `/`), often empty.
+    pub prefix: String,
+}
+
+fn parse_mirror(entry: &str) -> Option<(String, MirrorEndpoint)> {
+    let (registry, url) = entry.split_once('=')?;
+    let (plain_http, rest) = match url.trim().split_once("://")? {
+        ("http", rest) => (true, rest),
+        ("https", rest) => (false, rest),
+        _ => return None,
+    };
+    let (host, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if registry.trim().is_empty() || host.is_empty() {
+        return None;
+    }
+    Some((registry.trim().to_string(), MirrorEndpoint { plain_http, host: host.to_string(), prefix: prefix.trim_matches('/').to_string() }))
 }
 
 impl Default for StorageConfig {
@@ -540,6 +588,14 @@ fn validate(config: &Config, provenance: &Provenance) -> Result<(), ConfigError>
     if !["text", "json"].contains(&config.telemetry.log_format.as_str()) {
         return Err(bad("telemetry.log_format", "`text` or `json`", &config.telemetry.log_format));
     }
+    for mirror in &config.image.mirrors {
+        if parse_mirror(mirror).is_none() {
+            return Err(bad("image.mirrors", "entries `registry=http://host[:port][/prefix]` (or https://)", mirror));
+        }
+    }
+    if config.image.pull_progress_timeout_seconds == 0 {
+        return Err(bad("image.pull_progress_timeout_seconds", "at least 1", "0"));
+    }
     let sections = [
         ("gateway", &config.gateway.socket, &config.gateway.socket_mode, &config.gateway.metrics_listen),
         ("runtime", &config.runtime.socket, &config.runtime.socket_mode, &config.runtime.metrics_listen),
@@ -677,6 +733,19 @@ mod tests {
             let (section, field) = key.split_once('.').expect("dotted");
             assert!(text.get(section).and_then(|s| s.get(field)).is_some(), "deploy/trellis.toml does not list {key}");
         }
+    }
+
+    #[test]
+    fn mirrors_parse_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write(dir.path(), "trellis.toml", "[image]\nmirrors = [\"docker.io=http://127.0.0.1:5000\", \"quay.io=https://m.example/quay/\", \"docker.io=https://b\"]\n");
+        let config = load(&file, &[], &[]).expect("load");
+        let docker = config.image.mirrors_of("docker.io");
+        assert_eq!(docker.len(), 2);
+        assert_eq!(docker[0], MirrorEndpoint { plain_http: true, host: "127.0.0.1:5000".into(), prefix: String::new() });
+        assert_eq!(config.image.mirrors_of("quay.io")[0].prefix, "quay");
+        let message = load(&file, &[("TRELLIS_IMAGE_MIRRORS", "docker.io=ftp://x")], &[]).expect_err("bad scheme").to_string();
+        assert!(message.contains("TRELLIS_IMAGE_MIRRORS") && message.contains("registry=http://host"), "{message}");
     }
 
     #[test]

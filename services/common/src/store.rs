@@ -29,6 +29,8 @@ pub trait Table: Send + Sync {
     fn delete(&self, key: &[u8]) -> Result<(), StoreError>;
     /// The record with the smallest key.
     fn first(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError>;
+    /// Every record, in key order.
+    fn scan(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -106,6 +108,10 @@ impl Table for SledTable {
 
     fn first(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
         Ok(self.tree.first().map_err(|e| self.error(e))?.map(|(k, v)| (k.to_vec(), v.to_vec())))
+    }
+
+    fn scan(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.tree.iter().map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(|e| self.error(e))).collect()
     }
 
     fn len(&self) -> usize {

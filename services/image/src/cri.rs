@@ -1,36 +1,148 @@
-//! The CRI ImageService as the image service answers it.
+//! The CRI ImageService as the image service answers it. Image records live in the
+//! storage service; this service resolves names, pulls, and translates.
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use k8s_cri::v1::*;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
-use trellis_common::grpc_service_impl;
+use tonic::{Code, Request, Response, Status};
+use trellis_common::bus::EventBus;
+use trellis_common::reference::{self, ImageRef};
 use trellis_common::telemetry::inject_grpc_context;
-use trellis_proto::storage::v1::FsUsageRequest;
+use trellis_proto::events::v1::{ImageEvent, event::Payload, image_event};
 use trellis_proto::storage::v1::storage_client::StorageClient;
+use trellis_proto::storage::v1::{self as storage, FsUsageRequest, GetImageRequest};
+
+use crate::pull::Puller;
 
 pub struct ImageService {
     storage: Channel,
+    puller: Arc<Puller>,
+    bus: EventBus,
+}
+
+fn storage_request<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    inject_grpc_context(request.metadata_mut());
+    request
+}
+
+fn image_name(spec: Option<&ImageSpec>, rpc: &str) -> Result<String, Status> {
+    match spec.map(|s| s.image.trim()) {
+        Some(name) if !name.is_empty() => Ok(name.to_string()),
+        _ => Err(Status::invalid_argument(format!("{rpc} needs an image name (ImageSpec.image is empty)"))),
+    }
+}
+
+/// The CRI view of a stored image.
+fn to_cri(image: storage::Image) -> Image {
+    let user = image.config.as_ref().map(|c| c.user.clone()).unwrap_or_default();
+    let user_part = user.split(':').next().unwrap_or_default();
+    let (uid, username) = match user_part.parse::<i64>() {
+        Ok(uid) => (Some(Int64Value { value: uid }), String::new()),
+        Err(_) => (None, user_part.to_string()),
+    };
+    Image {
+        id: image.id.clone(),
+        repo_tags: image.repo_tags,
+        repo_digests: image.repo_digests,
+        size: image.size,
+        uid,
+        username,
+        spec: Some(ImageSpec { image: image.id, ..Default::default() }),
+        pinned: false,
+    }
+}
+
+fn image_event(kind: image_event::Kind, image: &storage::Image) -> Payload {
+    Payload::Image(ImageEvent {
+        kind: kind.into(),
+        image_id: image.id.clone(),
+        repo_tags: image.repo_tags.clone(),
+        repo_digests: image.repo_digests.clone(),
+        size_bytes: image.size,
+    })
 }
 
 impl ImageService {
-    pub fn new(storage: Channel) -> Self {
-        Self { storage }
+    pub fn new(storage: Channel, puller: Arc<Puller>, bus: EventBus) -> Self {
+        Self { storage, puller, bus }
+    }
+
+    fn storage(&self) -> StorageClient<Channel> {
+        StorageClient::new(self.storage.clone()).max_decoding_message_size(trellis_common::grpc::MAX_MESSAGE_BYTES)
+    }
+
+    async fn find(&self, reference: &str) -> Result<Option<storage::Image>, Status> {
+        match self.storage().get_image(storage_request(GetImageRequest { reference: reference.to_string() })).await {
+            Ok(image) => Ok(Some(image.into_inner())),
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(status),
+        }
+    }
+
+    fn publish(&self, payload: Payload) {
+        if let Err(error) = self.bus.publish(payload) {
+            tracing::error!(%error, "cannot record an image event");
+        }
     }
 }
 
-grpc_service_impl! {
-    impl image_service_server::ImageService, for ImageService, service "image";
-    unimplemented {
-        list_images(ListImagesRequest) -> ListImagesResponse,
-        image_status(ImageStatusRequest) -> ImageStatusResponse,
-        pull_image(PullImageRequest) -> PullImageResponse,
-        remove_image(RemoveImageRequest) -> RemoveImageResponse,
+#[tonic::async_trait]
+impl image_service_server::ImageService for ImageService {
+    async fn list_images(&self, request: Request<ListImagesRequest>) -> Result<Response<ListImagesResponse>, Status> {
+        let filter = request.into_inner().filter.and_then(|f| f.image).map(|spec| spec.image).filter(|name| !name.is_empty());
+        let images = match filter {
+            Some(name) => self.find(&name).await?.into_iter().collect(),
+            None => self.storage().list_images(storage_request(storage::ListImagesRequest {})).await?.into_inner().images,
+        };
+        Ok(Response::new(ListImagesResponse { images: images.into_iter().map(to_cri).collect() }))
+    }
+
+    async fn image_status(&self, request: Request<ImageStatusRequest>) -> Result<Response<ImageStatusResponse>, Status> {
+        let request = request.into_inner();
+        let name = image_name(request.image.as_ref(), "ImageStatus")?;
+        let Some(image) = self.find(&name).await? else { return Ok(Response::new(ImageStatusResponse::default())) };
+        let mut info = HashMap::new();
+        if request.verbose {
+            let verbose = serde_json::json!({
+                "chainIds": image.chain_ids,
+                "config": serde_json::from_str::<serde_json::Value>(&image.config_json).unwrap_or_default(),
+                "pulledUnixNano": image.pulled_unix_nano,
+            });
+            info.insert("info".to_string(), verbose.to_string());
+        }
+        Ok(Response::new(ImageStatusResponse { image: Some(to_cri(image)), info }))
+    }
+
+    async fn pull_image(&self, request: Request<PullImageRequest>) -> Result<Response<PullImageResponse>, Status> {
+        let request = request.into_inner();
+        let name = image_name(request.image.as_ref(), "PullImage")?;
+        let named = match reference::parse(&name).map_err(|e| Status::invalid_argument(e.to_string()))? {
+            ImageRef::Named(named) => named,
+            ImageRef::Id(id) => return Err(Status::invalid_argument(format!("cannot pull an image id ({id}); give a name with a tag or digest"))),
+        };
+        let image = self.puller.pull(named, request.auth.as_ref()).await?;
+        tracing::info!(image = %name, id = %image.id, "pulled");
+        self.publish(image_event(image_event::Kind::Pulled, &image));
+        Ok(Response::new(PullImageResponse { image_ref: image.id }))
+    }
+
+    async fn remove_image(&self, request: Request<RemoveImageRequest>) -> Result<Response<RemoveImageResponse>, Status> {
+        let name = image_name(request.get_ref().image.as_ref(), "RemoveImage")?;
+        let before = self.find(&name).await?;
+        let removal = self.storage().remove_image(storage_request(storage::RemoveImageRequest { reference: name })).await?.into_inner();
+        if removal.deleted
+            && let Some(image) = before
+        {
+            self.publish(image_event(image_event::Kind::Removed, &image));
+        }
+        Ok(Response::new(RemoveImageResponse {}))
     }
 
     async fn image_fs_info(&self, _request: Request<ImageFsInfoRequest>) -> Result<Response<ImageFsInfoResponse>, Status> {
-        let mut request = Request::new(FsUsageRequest {});
-        inject_grpc_context(request.metadata_mut());
-        let usage = StorageClient::new(self.storage.clone()).fs_usage(request).await?.into_inner();
+        let usage = self.storage().fs_usage(storage_request(FsUsageRequest {})).await?.into_inner();
         let filesystem = FilesystemUsage {
             timestamp: usage.timestamp_unix_nano,
             fs_id: Some(FilesystemIdentifier { mountpoint: usage.mountpoint }),

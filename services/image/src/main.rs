@@ -1,8 +1,14 @@
 //! trellis-image: registry access, pull policy, auth and mirrors, serving the CRI
-//! ImageService on its internal socket for the gateway.
+//! ImageService on its internal socket for the gateway. Stateless: image records live
+//! in the storage service, so several replicas can run.
 #![deny(unsafe_code)]
 
 mod cri;
+mod error;
+mod pull;
+mod registry;
+
+use std::sync::Arc;
 
 use k8s_cri::v1::image_service_server::ImageServiceServer;
 use trellis_common::ServiceKind;
@@ -10,10 +16,15 @@ use trellis_common::grpc::MAX_MESSAGE_BYTES;
 use trellis_common::transport::unix_channel;
 
 fn main() -> anyhow::Result<()> {
+    // oci-client's TLS is rustls without a chosen crypto provider; ring it is.
+    if rustls::crypto::ring::default_provider().install_default().is_err() {
+        anyhow::bail!("a TLS crypto provider was already installed");
+    }
     trellis_common::service::run(ServiceKind::Image, async |context| {
         let storage = unix_channel(&context.config.endpoint(ServiceKind::Storage).socket);
+        let puller = Arc::new(pull::Puller::new(context.config.image.clone(), storage.clone(), &mut context.registry)?);
         Ok(tonic::service::Routes::new(
-            ImageServiceServer::new(cri::ImageService::new(storage))
+            ImageServiceServer::new(cri::ImageService::new(storage, puller, context.bus.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         ))

@@ -2,17 +2,32 @@
 //! root filesystems.
 #![deny(unsafe_code)]
 
+mod error;
+mod extract;
+mod images;
+mod layers;
+mod rootfs;
+mod service;
 mod usage;
 
 use trellis_common::ServiceKind;
+use trellis_common::grpc::MAX_MESSAGE_BYTES;
 use trellis_proto::storage::v1::storage_server::StorageServer;
 
 fn main() -> anyhow::Result<()> {
     trellis_common::service::run(ServiceKind::Storage, async |context| {
-        let store_path = context.config.state_dir(ServiceKind::Storage).join("layers");
-        std::fs::create_dir_all(&store_path)
-            .map_err(|source| usage::StorageError::Io { what: format!("cannot create the layer store {}", store_path.display()), source })?;
-        Ok(tonic::service::Routes::new(StorageServer::new(usage::StorageService::new(store_path))))
+        let state = context.config.state_dir(ServiceKind::Storage);
+        let store = context.store.clone().ok_or("the storage service needs its record store")?;
+        let service = tokio::task::spawn_blocking(move || -> Result<_, error::StorageError> {
+            let layers = layers::LayerStore::open(state.join("layers"), store.as_ref())?;
+            let images = images::ImageStore::open(store.as_ref())?;
+            let rootfs = rootfs::RootfsStore::open(state.join("containers"), store.as_ref())?;
+            Ok(service::StorageService::new(layers, images, rootfs))
+        })
+        .await??;
+        Ok(tonic::service::Routes::new(
+            StorageServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES),
+        ))
     })?;
     Ok(())
 }

@@ -4,35 +4,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tonic::{Request, Response, Status};
-use trellis_proto::storage::v1::storage_server::Storage;
-use trellis_proto::storage::v1::{FsUsageRequest, FsUsageResponse};
+use trellis_proto::storage::v1::FsUsageResponse;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StorageError {
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl From<StorageError> for Status {
-    fn from(error: StorageError) -> Self {
-        Status::internal(error.to_string())
-    }
-}
-
-pub struct StorageService {
-    store_path: PathBuf,
-}
-
-impl StorageService {
-    pub fn new(store_path: PathBuf) -> Self {
-        Self { store_path }
-    }
-}
+use crate::error::StorageError;
 
 #[derive(Debug, Default, PartialEq)]
 pub struct Usage {
@@ -48,7 +22,7 @@ pub fn measure(root: &Path) -> Result<Usage, StorageError> {
     let mut pending = vec![root.to_path_buf()];
     while let Some(path) = pending.pop() {
         let metadata = std::fs::symlink_metadata(&path)
-            .map_err(|source| StorageError::Io { what: format!("cannot stat {}", path.display()), source })?;
+            .map_err(|source| StorageError::io(format!("cannot stat {}", path.display()), source))?;
         if metadata.nlink() > 1 && !metadata.is_dir() && !seen.insert((metadata.dev(), metadata.ino())) {
             continue;
         }
@@ -56,9 +30,9 @@ pub fn measure(root: &Path) -> Result<Usage, StorageError> {
         usage.inodes += 1;
         if metadata.is_dir() {
             let entries = std::fs::read_dir(&path)
-                .map_err(|source| StorageError::Io { what: format!("cannot list {}", path.display()), source })?;
+                .map_err(|source| StorageError::io(format!("cannot list {}", path.display()), source))?;
             for entry in entries {
-                let entry = entry.map_err(|source| StorageError::Io { what: format!("cannot list {}", path.display()), source })?;
+                let entry = entry.map_err(|source| StorageError::io(format!("cannot list {}", path.display()), source))?;
                 pending.push(entry.path());
             }
         }
@@ -70,7 +44,7 @@ pub fn measure(root: &Path) -> Result<Usage, StorageError> {
 /// /proc/self/mountinfo that is a prefix of it.
 pub fn mountpoint_of(path: &Path) -> Result<PathBuf, StorageError> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|source| StorageError::Io { what: "cannot read /proc/self/mountinfo".into(), source })?;
+        .map_err(|source| StorageError::io("cannot read /proc/self/mountinfo", source))?;
     let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     Ok(mountinfo
         .lines()
@@ -81,21 +55,19 @@ pub fn mountpoint_of(path: &Path) -> Result<PathBuf, StorageError> {
         .unwrap_or_else(|| PathBuf::from("/")))
 }
 
-#[tonic::async_trait]
-impl Storage for StorageService {
-    async fn fs_usage(&self, _request: Request<FsUsageRequest>) -> Result<Response<FsUsageResponse>, Status> {
-        let store_path = self.store_path.clone();
-        let (usage, mountpoint) = tokio::task::spawn_blocking(move || Ok::<_, StorageError>((measure(&store_path)?, mountpoint_of(&store_path)?)))
-            .await
-            .map_err(|e| Status::internal(format!("usage scan stopped: {e}")))??;
-        Ok(Response::new(FsUsageResponse {
-            store_path: self.store_path.display().to_string(),
-            mountpoint: mountpoint.display().to_string(),
-            used_bytes: usage.bytes,
-            inodes_used: usage.inodes,
-            timestamp_unix_nano: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or_default(),
-        }))
-    }
+/// Usage of the store at `store_path`, walked on a blocking thread.
+pub async fn fs_usage(store_path: PathBuf) -> Result<FsUsageResponse, StorageError> {
+    let path = store_path.clone();
+    let (usage, mountpoint) = tokio::task::spawn_blocking(move || Ok::<_, StorageError>((measure(&path)?, mountpoint_of(&path)?)))
+        .await
+        .map_err(|e| StorageError::io("usage scan stopped", std::io::Error::other(e.to_string())))??;
+    Ok(FsUsageResponse {
+        store_path: store_path.display().to_string(),
+        mountpoint: mountpoint.display().to_string(),
+        used_bytes: usage.bytes,
+        inodes_used: usage.inodes,
+        timestamp_unix_nano: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or_default(),
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,309 @@
+//! Pulling an image: manifest and config from the first source that has them, each
+//! missing layer streamed to the storage service (which verifies and unpacks it),
+//! then the image recorded. Concurrent pulls of one image share one download, and
+//! pulls of different images share a blob they both need.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use oci_client::errors::OciDistributionError;
+use oci_client::manifest::OciDescriptor;
+use oci_client::secrets::RegistryAuth;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use trellis_common::config::ImageConfig;
+use trellis_common::metrics::RpcLabels;
+use trellis_common::reference::{NamedRef, chain_id};
+use trellis_common::telemetry::inject_grpc_context;
+use trellis_proto::storage::v1::storage_client::StorageClient;
+use trellis_proto::storage::v1::{HasLayerRequest, Image, ImageConfig as StoredConfig, ImportLayerChunk, LayerHeader, PutImageRequest, import_layer_chunk::Part};
+
+use crate::error::ImageError;
+use crate::registry::{Source, auth_for, client_for, sources};
+
+/// Layers downloaded at once for one image.
+const PARALLEL_LAYERS: usize = 3;
+
+type SharedPull = Shared<BoxFuture<'static, Result<Image, (Code, String)>>>;
+
+pub struct Puller {
+    config: ImageConfig,
+    storage: Channel,
+    credentials: HashMap<String, RegistryAuth>,
+    pulls: Mutex<HashMap<String, SharedPull>>,
+    blobs: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    metrics: PullMetrics,
+}
+
+#[derive(Clone)]
+struct PullMetrics {
+    bytes: Counter,
+    duration: Family<RpcLabels, Histogram>,
+    layer_import: Histogram,
+}
+
+impl PullMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let bytes = Counter::default();
+        let duration = Family::<RpcLabels, Histogram>::new_with_constructor(|| Histogram::new([0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]));
+        let layer_import = Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]);
+        registry.register("image_pull_bytes", "Compressed bytes downloaded from registries", bytes.clone());
+        registry.register("image_pull_duration_seconds", "Time to pull an image, by outcome (method=ok|error)", duration.clone());
+        registry.register("image_layer_import_duration_seconds", "Time to download, verify and unpack one layer", layer_import.clone());
+        Self { bytes, duration, layer_import }
+    }
+}
+
+/// A source failed; `code` says how, for the final answer.
+struct SourceFailure {
+    message: String,
+    code: Code,
+    /// Bad content rather than an unreachable or empty source: stop, do not try others.
+    fatal: bool,
+}
+
+impl From<Status> for SourceFailure {
+    fn from(status: Status) -> Self {
+        Self { fatal: status.code() == Code::DataLoss || status.code() == Code::InvalidArgument, code: status.code(), message: format!("storage: {}", status.message()) }
+    }
+}
+
+fn classify(error: OciDistributionError) -> SourceFailure {
+    let code = match &error {
+        OciDistributionError::AuthenticationFailure(_) | OciDistributionError::UnauthorizedError { .. } => Code::Unauthenticated,
+        OciDistributionError::ImageManifestNotFoundError(_) => Code::NotFound,
+        OciDistributionError::DigestError(_) => Code::DataLoss,
+        OciDistributionError::RegistryError { envelope, .. } if envelope.errors.iter().any(|e| format!("{:?}", e.code).contains("Unauthorized")) => Code::Unauthenticated,
+        OciDistributionError::ServerError { code: 401, .. } => Code::Unauthenticated,
+        OciDistributionError::ServerError { code: 404, .. } => Code::NotFound,
+        _ => Code::Unavailable,
+    };
+    SourceFailure { fatal: code == Code::DataLoss, code, message: error.to_string() }
+}
+
+fn storage_request<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    inject_grpc_context(request.metadata_mut());
+    request
+}
+
+fn auth_fingerprint(auth: &RegistryAuth) -> String {
+    let secret = match auth {
+        RegistryAuth::Anonymous => return "anonymous".into(),
+        RegistryAuth::Basic(user, password) => format!("basic:{user}:{password}"),
+        RegistryAuth::Bearer(token) => format!("bearer:{token}"),
+    };
+    hex::encode(&Sha256::digest(secret.as_bytes())[..8])
+}
+
+impl Puller {
+    pub fn new(config: ImageConfig, storage: Channel, registry: &mut Registry) -> Result<Self, ImageError> {
+        let credentials = crate::registry::load_credentials(&config.credentials_file)?;
+        Ok(Self { config, storage, credentials, pulls: Mutex::default(), blobs: Mutex::default(), metrics: PullMetrics::register(registry) })
+    }
+
+    fn storage(&self) -> StorageClient<Channel> {
+        StorageClient::new(self.storage.clone()).max_decoding_message_size(trellis_common::grpc::MAX_MESSAGE_BYTES)
+    }
+
+    /// Pulls `image` (or waits for the same pull already under way) and returns it.
+    pub async fn pull(self: &Arc<Self>, image: NamedRef, request_auth: Option<&k8s_cri::v1::AuthConfig>) -> Result<Image, Status> {
+        let auth = auth_for(request_auth, &self.credentials, &image.registry)?;
+        let key = format!("{image}|{}", auth_fingerprint(&auth));
+        let pull = {
+            let mut pulls = self.pulls.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            pulls
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    let this = self.clone();
+                    async move {
+                        let started = Instant::now();
+                        let result = this.pull_from_sources(&image, &auth).await.map_err(|error| {
+                            let status = Status::from(error);
+                            (status.code(), status.message().to_string())
+                        });
+                        let outcome = if result.is_ok() { "ok" } else { "error" };
+                        this.metrics.duration.get_or_create(&RpcLabels { method: outcome.into() }).observe(started.elapsed().as_secs_f64());
+                        result
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        let result = pull.clone().await;
+        let mut pulls = self.pulls.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if pulls.get(&key).is_some_and(|current| current.ptr_eq(&pull)) {
+            pulls.remove(&key);
+        }
+        result.map_err(|(code, message)| Status::new(code, message))
+    }
+
+    async fn pull_from_sources(&self, image: &NamedRef, auth: &RegistryAuth) -> Result<Image, ImageError> {
+        let mut failures = Vec::new();
+        let mut code = Code::Unavailable;
+        for source in sources(&self.config, image) {
+            match self.pull_from(image, &source, auth).await {
+                Ok(pulled) => return Ok(pulled),
+                Err(failure) => {
+                    tracing::warn!(image = %image, source = %source.label, error = %failure.message, "pull source failed");
+                    failures.push(format!("{}: {}", source.label, failure.message));
+                    code = failure.code;
+                    if failure.fatal {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(ImageError::Registry { image: image.to_string(), failures: failures.join("; "), code })
+    }
+
+    async fn pull_from(&self, image: &NamedRef, source: &Source, auth: &RegistryAuth) -> Result<Image, SourceFailure> {
+        let timeout = Duration::from_secs(self.config.pull_progress_timeout_seconds);
+        let client = client_for(source, timeout);
+        let (manifest, manifest_digest, list_digest) = client.pull_image_manifest_and_list_digest(&source.reference, auth).await.map_err(classify)?;
+        let mut config_bytes = Vec::new();
+        client.pull_blob(&source.reference, &manifest.config, &mut config_bytes).await.map_err(classify)?;
+        let config_digest = manifest.config.digest.clone();
+        let bad_config = |reason: String| SourceFailure {
+            message: ImageError::BadConfig { image: image.to_string(), digest: config_digest.clone(), reason }.to_string(),
+            code: Code::DataLoss,
+            fatal: true,
+        };
+        let config: serde_json::Value = serde_json::from_slice(&config_bytes).map_err(|e| bad_config(format!("not JSON: {e}")))?;
+        let diff_ids: Vec<String> = config
+            .pointer("/rootfs/diff_ids")
+            .and_then(|v| v.as_array())
+            .map(|ids| ids.iter().filter_map(|id| id.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        if diff_ids.len() != manifest.layers.len() {
+            return Err(bad_config(format!("{} diff ids for {} layers", diff_ids.len(), manifest.layers.len())));
+        }
+        let mut chain_ids: Vec<String> = Vec::with_capacity(diff_ids.len());
+        for diff_id in &diff_ids {
+            chain_ids.push(chain_id(chain_ids.last().map(String::as_str), diff_id));
+        }
+
+        let image_name = image.to_string();
+        let mut imports = Vec::with_capacity(manifest.layers.len());
+        for (i, layer) in manifest.layers.iter().enumerate() {
+            let header = LayerHeader {
+                digest: layer.digest.clone(),
+                media_type: layer.media_type.clone(),
+                size: layer.size,
+                diff_id: diff_ids[i].clone(),
+                chain_id: chain_ids[i].clone(),
+                parent_chain_id: if i == 0 { String::new() } else { chain_ids[i - 1].clone() },
+                image: image_name.clone(),
+            };
+            imports.push(self.import_layer(&client, source, layer, header, timeout));
+        }
+        futures::stream::iter(imports).buffer_unordered(PARALLEL_LAYERS).try_collect::<Vec<()>>().await?;
+
+        let repo_digest = image.with_digest(list_digest.as_deref().unwrap_or(&manifest_digest));
+        let record = Image {
+            id: config_digest,
+            repo_tags: image.tagged().into_iter().collect(),
+            repo_digests: vec![repo_digest],
+            size: manifest.layers.iter().map(|l| l.size.max(0) as u64).sum::<u64>() + manifest.config.size.max(0) as u64,
+            chain_ids,
+            config: Some(stored_config(&config)),
+            config_json: String::from_utf8_lossy(&config_bytes).into_owned(),
+            pulled_unix_nano: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or_default(),
+        };
+        let stored = self.storage().put_image(storage_request(PutImageRequest { image: Some(record) })).await?.into_inner();
+        stored.image.ok_or_else(|| SourceFailure { message: "storage returned no image".into(), code: Code::Internal, fatal: true })
+    }
+
+    fn blob_lock(&self, digest: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut blobs = self.blobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        blobs.retain(|_, lock| Arc::strong_count(lock) > 1);
+        blobs.entry(digest.to_string()).or_default().clone()
+    }
+
+    async fn has_layer(&self, chain_id: &str) -> Result<bool, SourceFailure> {
+        Ok(self.storage().has_layer(storage_request(HasLayerRequest { chain_id: chain_id.to_string() })).await?.into_inner().present)
+    }
+
+    /// Streams one layer from the source into the storage service, unless present.
+    async fn import_layer(&self, client: &oci_client::Client, source: &Source, layer: &OciDescriptor, header: LayerHeader, timeout: Duration) -> Result<(), SourceFailure> {
+        if self.has_layer(&header.chain_id).await? {
+            return Ok(());
+        }
+        let lock = self.blob_lock(&layer.digest);
+        let _downloading = lock.lock().await;
+        if self.has_layer(&header.chain_id).await? {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let blob = client.pull_blob_stream(&source.reference, layer).await.map_err(classify)?;
+        let (chunks, outgoing) = mpsc::channel::<ImportLayerChunk>(16);
+        let digest = header.digest.clone();
+        let image = header.image.clone();
+        if chunks.send(ImportLayerChunk { part: Some(Part::Header(header)) }).await.is_err() {
+            return Err(SourceFailure { message: "storage stream closed".into(), code: Code::Unavailable, fatal: false });
+        }
+        let mut storage = self.storage();
+        let upload = storage.import_layer(storage_request(tokio_stream::wrappers::ReceiverStream::new(outgoing)));
+        let forward = async move {
+            let mut stream = blob.stream;
+            loop {
+                let next = match tokio::time::timeout(timeout, stream.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        let stalled = ImageError::Stalled { image, digest, source_name: source.label.clone(), seconds: timeout.as_secs() };
+                        return Err(SourceFailure { message: stalled.to_string(), code: Code::DeadlineExceeded, fatal: false });
+                    }
+                };
+                match next {
+                    None => return Ok(()),
+                    Some(Ok(bytes)) => {
+                        self.metrics.bytes.inc_by(bytes.len() as u64);
+                        if chunks.send(ImportLayerChunk { part: Some(Part::Data(bytes)) }).await.is_err() {
+                            // Storage stopped reading: its answer says why.
+                            return Ok(());
+                        }
+                    }
+                    Some(Err(error)) => return Err(SourceFailure { message: format!("downloading {digest}: {error}"), code: Code::Unavailable, fatal: false }),
+                }
+            }
+        };
+        let (forwarded, uploaded) = tokio::join!(forward, upload);
+        // Storage's verdict (digest, size, unsafe entries) is the more precise one.
+        uploaded?;
+        forwarded?;
+        self.metrics.layer_import.observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+}
+
+/// What the runtime needs from the image config.
+fn stored_config(config: &serde_json::Value) -> StoredConfig {
+    let inner = config.get("config").cloned().unwrap_or_default();
+    let string = |key: &str| inner.get(key).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+    let strings = |key: &str| -> Vec<String> { inner.get(key).and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect()).unwrap_or_default() };
+    let keys = |key: &str| -> Vec<String> { inner.get(key).and_then(|v| v.as_object()).map(|o| o.keys().cloned().collect()).unwrap_or_default() };
+    StoredConfig {
+        user: string("User"),
+        env: strings("Env"),
+        entrypoint: strings("Entrypoint"),
+        cmd: strings("Cmd"),
+        working_dir: string("WorkingDir"),
+        volumes: keys("Volumes"),
+        stop_signal: string("StopSignal"),
+        labels: inner
+            .get("Labels")
+            .and_then(|v| v.as_object())
+            .map(|o| o.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string()))).collect())
+            .unwrap_or_default(),
+    }
+}

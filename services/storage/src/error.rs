@@ -1,0 +1,63 @@
+use tonic::Status;
+use trellis_common::store::StoreError;
+
+use crate::extract::ExtractError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Extract(#[from] ExtractError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("a stored record is unreadable: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("pulling {image}: blob {digest} does not match its digest (got {actual})")]
+    DigestMismatch { image: String, digest: String, actual: String },
+    #[error("pulling {image}: blob {digest} is {actual} bytes, the manifest says {expected}")]
+    SizeMismatch { image: String, digest: String, expected: u64, actual: u64 },
+    #[error("pulling {image}: layer {digest} unpacks to {actual}, the image config says {expected}")]
+    DiffIdMismatch { image: String, digest: String, expected: String, actual: String },
+    #[error("{0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("image {image} is in use by container {container}")]
+    InUse { image: String, container: String },
+    #[error("cannot {action} {target}: {source}")]
+    Mount {
+        action: &'static str,
+        target: String,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+impl StorageError {
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io { what: what.into(), source }
+    }
+}
+
+impl From<StorageError> for Status {
+    fn from(error: StorageError) -> Self {
+        let message = error.to_string();
+        match error {
+            StorageError::InvalidArgument(_) => Status::invalid_argument(message),
+            StorageError::NotFound(_) => Status::not_found(message),
+            StorageError::InUse { .. } => Status::failed_precondition(message),
+            // Bad content from a registry: the caller's input was wrong, not us.
+            StorageError::DigestMismatch { .. } | StorageError::SizeMismatch { .. } | StorageError::DiffIdMismatch { .. } | StorageError::Extract(_) | StorageError::Corrupt(_) => {
+                Status::data_loss(message)
+            }
+            _ => Status::internal(message),
+        }
+    }
+}

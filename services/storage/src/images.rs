@@ -1,0 +1,182 @@
+//! Image records and the references (tags, digests) that name them.
+//!
+//! A reference names at most one image: recording an image under a tag another image
+//! holds moves the tag. Removing a tag leaves the image's other tags; the image goes
+//! with its last tag. Removing by id removes every reference.
+
+use std::sync::{Arc, Mutex};
+
+use prost::Message;
+use trellis_common::reference::{self, ImageRef};
+use trellis_common::store::{Store, Table};
+use trellis_proto::storage::v1::Image;
+
+use crate::error::StorageError;
+use crate::layers::valid_digest;
+
+const IMAGES: &str = "images";
+const REFERENCES: &str = "image-references";
+
+pub struct ImageStore {
+    images: Arc<dyn Table>,
+    references: Arc<dyn Table>,
+    // Updates touch several records; one writer at a time keeps them consistent.
+    write: Mutex<()>,
+}
+
+/// What a removal did.
+#[derive(Debug, Default, PartialEq)]
+pub struct Removal {
+    pub image_id: String,
+    pub deleted: Option<Image>,
+}
+
+impl ImageStore {
+    pub fn open(store: &dyn Store) -> Result<Self, StorageError> {
+        Ok(Self { images: store.table(IMAGES)?, references: store.table(REFERENCES)?, write: Mutex::new(()) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.write.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn load(&self, id: &str) -> Result<Option<Image>, StorageError> {
+        self.images.get(id.as_bytes())?.map(|raw| Image::decode(raw.as_slice()).map_err(StorageError::from)).transpose()
+    }
+
+    fn save(&self, image: &Image) -> Result<(), StorageError> {
+        self.images.put(image.id.as_bytes(), &image.encode_to_vec()).map_err(StorageError::from)
+    }
+
+    pub fn list(&self) -> Result<Vec<Image>, StorageError> {
+        self.images.scan()?.into_iter().map(|(_, raw)| Image::decode(raw.as_slice()).map_err(StorageError::from)).collect()
+    }
+
+    /// The image a reference (id, tag or digest form) names, if any.
+    pub fn resolve(&self, reference: &str) -> Result<Option<Image>, StorageError> {
+        match reference::parse(reference).map_err(|e| StorageError::InvalidArgument(e.to_string()))? {
+            ImageRef::Id(id) => self.load(&id),
+            ImageRef::Named(named) => {
+                let key = match (&named.digest, named.tagged()) {
+                    (Some(digest), _) => named.with_digest(digest),
+                    (None, Some(tagged)) => tagged,
+                    (None, None) => return Ok(None),
+                };
+                match self.references.get(key.as_bytes())? {
+                    Some(id) => self.load(&String::from_utf8_lossy(&id)),
+                    None => Ok(None),
+                }
+            }
+        }
+    }
+
+    /// Records an image, taking its references from whichever image held them.
+    pub fn put(&self, mut image: Image) -> Result<Image, StorageError> {
+        if !valid_digest(&image.id) {
+            return Err(StorageError::InvalidArgument(format!("image id `{}` is not sha256:<64 hex>", image.id)));
+        }
+        let _write = self.lock();
+        if let Some(existing) = self.load(&image.id)? {
+            merge_unique(&mut image.repo_tags, existing.repo_tags);
+            merge_unique(&mut image.repo_digests, existing.repo_digests);
+        }
+        for name in image.repo_tags.iter().chain(&image.repo_digests) {
+            if let Some(holder) = self.references.get(name.as_bytes())?
+                && holder != image.id.as_bytes()
+                && let Some(mut previous) = self.load(&String::from_utf8_lossy(&holder))?
+            {
+                previous.repo_tags.retain(|t| t != name);
+                previous.repo_digests.retain(|d| d != name);
+                self.save(&previous)?;
+            }
+            self.references.put(name.as_bytes(), image.id.as_bytes())?;
+        }
+        self.save(&image)?;
+        Ok(image)
+    }
+
+    /// Removes what `reference` names. `in_use` says which container (if any) uses an
+    /// image, and refuses deleting it.
+    pub fn remove(&self, reference: &str, in_use: impl Fn(&str) -> Option<String>) -> Result<Removal, StorageError> {
+        let parsed = reference::parse(reference).map_err(|e| StorageError::InvalidArgument(e.to_string()))?;
+        let _write = self.lock();
+        let Some(mut image) = self.resolve(reference)? else { return Ok(Removal::default()) };
+        let delete_whole = match &parsed {
+            ImageRef::Id(_) => true,
+            ImageRef::Named(named) => {
+                let name = match &named.digest {
+                    Some(digest) => named.with_digest(digest),
+                    None => named.tagged().unwrap_or_default(),
+                };
+                image.repo_tags.retain(|t| *t != name);
+                image.repo_digests.retain(|d| *d != name);
+                // With its last tag gone, nothing but a digest would keep the image; it
+                // goes (kubelet and crictl expect `rmi <tag>` to free the image).
+                image.repo_tags.is_empty()
+            }
+        };
+        if delete_whole {
+            if let Some(container) = in_use(&image.id) {
+                return Err(StorageError::InUse { image: image.id, container });
+            }
+            let original = self.load(&image.id)?.unwrap_or_else(|| image.clone());
+            for name in original.repo_tags.iter().chain(&original.repo_digests) {
+                if self.references.get(name.as_bytes())?.as_deref() == Some(image.id.as_bytes()) {
+                    self.references.delete(name.as_bytes())?;
+                }
+            }
+            self.images.delete(image.id.as_bytes())?;
+            return Ok(Removal { image_id: original.id.clone(), deleted: Some(original) });
+        }
+        if let ImageRef::Named(named) = &parsed {
+            let name = named.digest.as_ref().map(|d| named.with_digest(d)).or_else(|| named.tagged()).unwrap_or_default();
+            self.references.delete(name.as_bytes())?;
+        }
+        self.save(&image)?;
+        Ok(Removal { image_id: image.id, deleted: None })
+    }
+
+    /// Whether any recorded image other than `except` uses a layer chain.
+    pub fn chain_in_use(&self, chain_id: &str) -> Result<bool, StorageError> {
+        Ok(self.list()?.iter().any(|image| image.chain_ids.iter().any(|c| c == chain_id)))
+    }
+}
+
+fn merge_unique(into: &mut Vec<String>, from: Vec<String>) {
+    for item in from {
+        if !into.contains(&item) {
+            into.push(item);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_common::store::SledStore;
+
+    fn image(id_char: char, tags: &[&str]) -> Image {
+        Image { id: format!("sha256:{}", id_char.to_string().repeat(64)), repo_tags: tags.iter().map(|t| t.to_string()).collect(), ..Default::default() }
+    }
+
+    #[test]
+    fn tags_move_and_removal_follows_the_rules() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("store");
+        let images = ImageStore::open(&store).expect("images");
+        let a = images.put(image('a', &["docker.io/library/x:1", "docker.io/library/x:latest"])).expect("put a");
+        let b = images.put(image('b', &["docker.io/library/x:latest"])).expect("put b");
+        assert_eq!(images.resolve("x").expect("resolve").map(|i| i.id), Some(b.id.clone()), "latest moved to b");
+        assert_eq!(images.resolve("x:1").expect("resolve").map(|i| i.repo_tags), Some(vec!["docker.io/library/x:1".to_string()]));
+
+        let removal = images.remove("x:1", |_| None).expect("remove tag");
+        assert_eq!(removal.deleted.map(|i| i.id), Some(a.id.clone()), "a went with its last tag");
+        assert_eq!(images.resolve(&a.id).expect("resolve"), None);
+
+        assert_eq!(images.remove("never-pulled", |_| None).expect("missing is fine"), Removal::default());
+        let refused = images.remove(&b.id, |_| Some("c1".into())).expect_err("in use");
+        assert!(refused.to_string().contains("in use by container c1"));
+        assert!(images.remove(&b.id, |_| None).expect("remove by id").deleted.is_some());
+        assert!(images.list().expect("list").is_empty());
+    }
+}

@@ -1,0 +1,177 @@
+//! Container root filesystems: an overlay of the image's layers under a writable
+//! upper directory, one per container, at `<root>/<container>/merged`.
+//!
+//! The record is written before the mount (Preparing) and after it (Mounted), and
+//! before teardown (Releasing); at start, anything not Mounted is torn down and a
+//! Mounted record whose mount vanished (a reboot) is mounted again.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use nix::mount::{MntFlags, MsFlags};
+use prost::Message;
+use trellis_common::store::{Store, Table};
+
+use crate::error::StorageError;
+
+const TABLE: &str = "rootfs";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum RootfsState {
+    Preparing = 0,
+    Mounted = 1,
+    Releasing = 2,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RootfsRecord {
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+    #[prost(string, tag = "2")]
+    pub image_id: String,
+    #[prost(enumeration = "RootfsState", tag = "3")]
+    pub state: i32,
+    /// Overlay lower directories, top first, as mounted.
+    #[prost(string, repeated, tag = "4")]
+    pub lower_dirs: Vec<String>,
+}
+
+pub struct RootfsStore {
+    root: PathBuf,
+    table: Arc<dyn Table>,
+    write: Mutex<()>,
+}
+
+/// Container ids name directories: a strict alphabet, no path tricks.
+pub fn validate_container_id(id: &str) -> Result<(), StorageError> {
+    let valid = !id.is_empty() && id.len() <= 128 && !id.starts_with('.') && id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if valid { Ok(()) } else { Err(StorageError::InvalidArgument(format!("container id `{id}` must be 1-128 letters, digits, '.', '_' or '-', not starting with '.'"))) }
+}
+
+impl RootfsStore {
+    pub fn open(root: PathBuf, store: &dyn Store) -> Result<Self, StorageError> {
+        std::fs::create_dir_all(&root).map_err(|source| StorageError::io(format!("cannot create {}", root.display()), source))?;
+        let rootfs = Self { root, table: store.table(TABLE)?, write: Mutex::new(()) };
+        rootfs.recover()?;
+        Ok(rootfs)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.write.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn dir(&self, container_id: &str) -> PathBuf {
+        self.root.join(container_id)
+    }
+
+    pub fn mount_path(&self, container_id: &str) -> PathBuf {
+        self.dir(container_id).join("merged")
+    }
+
+    fn records(&self) -> Result<Vec<RootfsRecord>, StorageError> {
+        self.table.scan()?.into_iter().map(|(_, raw)| RootfsRecord::decode(raw.as_slice()).map_err(StorageError::from)).collect()
+    }
+
+    fn save(&self, record: &RootfsRecord) -> Result<(), StorageError> {
+        self.table.put(record.container_id.as_bytes(), &record.encode_to_vec()).map_err(StorageError::from)
+    }
+
+    /// The container using an image, if one does.
+    pub fn user_of(&self, image_id: &str) -> Result<Option<String>, StorageError> {
+        Ok(self.records()?.into_iter().find(|r| r.image_id == image_id).map(|r| r.container_id))
+    }
+
+    /// Mounts (or finds mounted) the root filesystem of a container.
+    pub fn prepare(&self, container_id: &str, image_id: &str, lower_dirs: Vec<PathBuf>) -> Result<PathBuf, StorageError> {
+        validate_container_id(container_id)?;
+        let _write = self.lock();
+        if let Some(raw) = self.table.get(container_id.as_bytes())? {
+            let existing = RootfsRecord::decode(raw.as_slice())?;
+            if existing.image_id != image_id {
+                return Err(StorageError::InvalidArgument(format!("container {container_id} already has a root filesystem of image {}", existing.image_id)));
+            }
+            if existing.state == RootfsState::Mounted as i32 && is_mounted(&self.mount_path(container_id))? {
+                return Ok(self.mount_path(container_id));
+            }
+        }
+        let record = RootfsRecord {
+            container_id: container_id.to_string(),
+            image_id: image_id.to_string(),
+            state: RootfsState::Preparing as i32,
+            lower_dirs: lower_dirs.iter().map(|d| d.display().to_string()).collect(),
+        };
+        self.save(&record)?;
+        if let Err(error) = self.mount(&record) {
+            let _ = self.teardown(container_id);
+            let _ = self.table.delete(container_id.as_bytes());
+            return Err(error);
+        }
+        self.save(&RootfsRecord { state: RootfsState::Mounted as i32, ..record })?;
+        Ok(self.mount_path(container_id))
+    }
+
+    fn mount(&self, record: &RootfsRecord) -> Result<(), StorageError> {
+        let dir = self.dir(&record.container_id);
+        for sub in ["upper", "work", "merged"] {
+            let path = dir.join(sub);
+            std::fs::create_dir_all(&path).map_err(|source| StorageError::io(format!("cannot create {}", path.display()), source))?;
+        }
+        let merged = dir.join("merged");
+        if is_mounted(&merged)? {
+            return Ok(());
+        }
+        let options = format!("lowerdir={},upperdir={},workdir={}", record.lower_dirs.join(":"), dir.join("upper").display(), dir.join("work").display());
+        nix::mount::mount(Some("overlay"), &merged, Some("overlay"), MsFlags::empty(), Some(options.as_str()))
+            .map_err(|source| StorageError::Mount { action: "mount the overlay at", target: merged.display().to_string(), source })
+    }
+
+    /// Unmounts and removes a container's root filesystem; nothing there is fine.
+    pub fn release(&self, container_id: &str) -> Result<(), StorageError> {
+        validate_container_id(container_id)?;
+        let _write = self.lock();
+        if let Some(raw) = self.table.get(container_id.as_bytes())? {
+            let record = RootfsRecord::decode(raw.as_slice())?;
+            self.save(&RootfsRecord { state: RootfsState::Releasing as i32, ..record })?;
+        }
+        self.teardown(container_id)?;
+        self.table.delete(container_id.as_bytes())?;
+        Ok(())
+    }
+
+    fn teardown(&self, container_id: &str) -> Result<(), StorageError> {
+        let merged = self.mount_path(container_id);
+        while is_mounted(&merged)? {
+            nix::mount::umount2(&merged, MntFlags::MNT_DETACH)
+                .map_err(|source| StorageError::Mount { action: "unmount", target: merged.display().to_string(), source })?;
+        }
+        let dir = self.dir(container_id);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StorageError::io(format!("cannot remove {}", dir.display()), source)),
+        }
+    }
+
+    fn recover(&self) -> Result<(), StorageError> {
+        for record in self.records()? {
+            if record.state == RootfsState::Mounted as i32 {
+                if let Err(error) = self.mount(&record) {
+                    tracing::error!(container = %record.container_id, %error, "cannot mount a recorded root filesystem again");
+                }
+            } else {
+                tracing::info!(container = %record.container_id, "finishing a root filesystem operation cut short");
+                self.teardown(&record.container_id)?;
+                self.table.delete(record.container_id.as_bytes())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `path` is a mount point, from /proc/self/mountinfo.
+pub fn is_mounted(path: &Path) -> Result<bool, StorageError> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| StorageError::io("cannot read /proc/self/mountinfo", source))?;
+    let wanted = path.display().to_string().replace(' ', "\\040");
+    Ok(mountinfo.lines().any(|line| line.split_whitespace().nth(4) == Some(wanted.as_str())))
+}

@@ -1,0 +1,175 @@
+//! The storage service's gRPC surface.
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Buf, Bytes};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+use trellis_proto::storage::v1::import_layer_chunk::Part;
+use trellis_proto::storage::v1::storage_server::Storage;
+use trellis_proto::storage::v1::*;
+
+use crate::images::ImageStore;
+use crate::layers::LayerStore;
+use crate::rootfs::RootfsStore;
+
+pub struct StorageService {
+    pub layers: Arc<LayerStore>,
+    pub images: Arc<ImageStore>,
+    pub rootfs: Arc<RootfsStore>,
+    /// One import per chain at a time; a second waits and then finds it present.
+    importing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl StorageService {
+    pub fn new(layers: LayerStore, images: ImageStore, rootfs: RootfsStore) -> Self {
+        Self { layers: Arc::new(layers), images: Arc::new(images), rootfs: Arc::new(rootfs), importing: Mutex::new(HashMap::new()) }
+    }
+
+    fn import_lock(&self, chain_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut importing = self.importing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        importing.retain(|_, lock| Arc::strong_count(lock) > 1);
+        importing.entry(chain_id.to_string()).or_default().clone()
+    }
+
+    fn store_path(&self) -> PathBuf {
+        self.layers.root().to_path_buf()
+    }
+
+    fn user_of(&self, image_id: &str) -> Option<String> {
+        self.rootfs.user_of(image_id).unwrap_or_else(|error| {
+            tracing::error!(%error, "cannot read root filesystem records; treating the image as in use");
+            Some("(unknown: records unreadable)".into())
+        })
+    }
+}
+
+/// Blocking `Read` over chunks sent from the async side.
+struct ChannelReader {
+    chunks: mpsc::Receiver<io::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.chunks.blocking_recv() {
+                Some(Ok(chunk)) => self.current = chunk,
+                Some(Err(error)) => return Err(error),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current.advance(n);
+        Ok(n)
+    }
+}
+
+fn blocking_failed(error: tokio::task::JoinError) -> Status {
+    Status::internal(format!("storage worker stopped: {error}"))
+}
+
+#[tonic::async_trait]
+impl Storage for StorageService {
+    async fn fs_usage(&self, _request: Request<FsUsageRequest>) -> Result<Response<FsUsageResponse>, Status> {
+        Ok(Response::new(crate::usage::fs_usage(self.store_path()).await?))
+    }
+
+    async fn has_layer(&self, request: Request<HasLayerRequest>) -> Result<Response<HasLayerResponse>, Status> {
+        let present = self.layers.get(&request.get_ref().chain_id)?.is_some();
+        Ok(Response::new(HasLayerResponse { present }))
+    }
+
+    async fn import_layer(&self, request: Request<Streaming<ImportLayerChunk>>) -> Result<Response<ImportLayerResponse>, Status> {
+        let mut stream = request.into_inner();
+        let header = match stream.message().await? {
+            Some(ImportLayerChunk { part: Some(Part::Header(header)) }) => header,
+            _ => return Err(Status::invalid_argument("ImportLayer must start with a layer header")),
+        };
+        let present = |layers: &LayerStore| -> Result<Option<ImportLayerResponse>, Status> {
+            Ok(layers.get(&header.chain_id)?.map(|record| ImportLayerResponse { chain_id: record.chain_id, unpacked_bytes: record.unpacked_bytes, already_present: true }))
+        };
+        if let Some(done) = present(&self.layers)? {
+            return Ok(Response::new(done));
+        }
+        let lock = self.import_lock(&header.chain_id);
+        let _importing = lock.lock().await;
+        if let Some(done) = present(&self.layers)? {
+            return Ok(Response::new(done));
+        }
+
+        let (chunks, receiver) = mpsc::channel(32);
+        let layers = self.layers.clone();
+        let unpack_header = header.clone();
+        let unpacking = tokio::task::spawn_blocking(move || layers.import(&unpack_header, ChannelReader { chunks: receiver, current: Bytes::new() }));
+        loop {
+            let chunk = match stream.message().await {
+                Ok(Some(ImportLayerChunk { part: Some(Part::Data(data)) })) => Ok(data),
+                Ok(None) => break,
+                Ok(Some(_)) => Err(io::Error::new(io::ErrorKind::InvalidData, "a second header in one layer stream")),
+                Err(status) => Err(io::Error::other(format!("layer stream from the image service broke: {}", status.message()))),
+            };
+            let failed = chunk.is_err();
+            // The unpacker stopped early (bad content): its error says why.
+            if chunks.send(chunk).await.is_err() || failed {
+                break;
+            }
+        }
+        drop(chunks);
+        let record = unpacking.await.map_err(blocking_failed)??;
+        tracing::info!(chain = %record.chain_id, blob = %record.blob_digest, image = %header.image, bytes = record.unpacked_bytes, "layer unpacked");
+        Ok(Response::new(ImportLayerResponse { chain_id: record.chain_id, unpacked_bytes: record.unpacked_bytes, already_present: false }))
+    }
+
+    async fn put_image(&self, request: Request<PutImageRequest>) -> Result<Response<PutImageResponse>, Status> {
+        let image = request.into_inner().image.ok_or_else(|| Status::invalid_argument("PutImage needs an image"))?;
+        for chain in &image.chain_ids {
+            if self.layers.get(chain)?.is_none() {
+                return Err(Status::failed_precondition(format!("image {}: layer {chain} has not been imported", image.id)));
+            }
+        }
+        let image = self.images.put(image)?;
+        Ok(Response::new(PutImageResponse { image: Some(image) }))
+    }
+
+    async fn get_image(&self, request: Request<GetImageRequest>) -> Result<Response<Image>, Status> {
+        let reference = &request.get_ref().reference;
+        let image = self.images.resolve(reference)?.ok_or_else(|| Status::not_found(format!("image {reference} is not in the store")))?;
+        Ok(Response::new(image))
+    }
+
+    async fn list_images(&self, _request: Request<ListImagesRequest>) -> Result<Response<ListImagesResponse>, Status> {
+        Ok(Response::new(ListImagesResponse { images: self.images.list()? }))
+    }
+
+    async fn remove_image(&self, request: Request<RemoveImageRequest>) -> Result<Response<RemoveImageResponse>, Status> {
+        let removal = self.images.remove(&request.get_ref().reference, |id| self.user_of(id))?;
+        if let Some(image) = &removal.deleted {
+            let unused: Vec<String> = image.chain_ids.iter().filter(|chain| !self.images.chain_in_use(chain).unwrap_or(true)).cloned().collect();
+            let layers = self.layers.clone();
+            tokio::task::spawn_blocking(move || layers.remove_chains(&unused)).await.map_err(blocking_failed)??;
+        }
+        Ok(Response::new(RemoveImageResponse { image_id: removal.image_id, deleted: removal.deleted.is_some() }))
+    }
+
+    async fn prepare_rootfs(&self, request: Request<PrepareRootfsRequest>) -> Result<Response<PrepareRootfsResponse>, Status> {
+        let request = request.into_inner();
+        let image = self.images.resolve(&request.image)?.ok_or_else(|| Status::not_found(format!("image {} is not in the store", request.image)))?;
+        let lower_dirs = self.layers.lower_dirs(&image.chain_ids)?;
+        let rootfs = self.rootfs.clone();
+        let (container, image_id) = (request.container_id.clone(), image.id.clone());
+        let path = tokio::task::spawn_blocking(move || rootfs.prepare(&container, &image_id, lower_dirs)).await.map_err(blocking_failed)??;
+        Ok(Response::new(PrepareRootfsResponse { mount_path: path.display().to_string(), image_id: image.id }))
+    }
+
+    async fn release_rootfs(&self, request: Request<ReleaseRootfsRequest>) -> Result<Response<ReleaseRootfsResponse>, Status> {
+        let rootfs = self.rootfs.clone();
+        let container = request.into_inner().container_id;
+        tokio::task::spawn_blocking(move || rootfs.release(&container)).await.map_err(blocking_failed)??;
+        Ok(Response::new(ReleaseRootfsResponse {}))
+    }
+}
