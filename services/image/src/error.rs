@@ -9,7 +9,7 @@ pub enum ImageError {
     InvalidArgument(String),
     #[error("pulling {image}: {failures}")]
     Registry { image: String, failures: String, code: Code },
-    #[error("pulling {image}: nothing received for {seconds} s while downloading {digest} from {source_name}; cancelled")]
+    #[error("pulling {image}: nothing received for {seconds} s while fetching {digest} from {source_name}; cancelled")]
     Stalled { image: String, digest: String, source_name: String, seconds: u64 },
     #[error("pulling {image}: image config {digest} is not usable: {reason}")]
     BadConfig { image: String, digest: String, reason: String },

@@ -169,10 +169,21 @@ impl Puller {
 
     async fn pull_from(&self, image: &NamedRef, source: &Source, auth: &RegistryAuth) -> Result<Image, SourceFailure> {
         let timeout = Duration::from_secs(self.config.pull_progress_timeout_seconds);
-        let client = client_for(source, timeout);
-        let (manifest, manifest_digest, list_digest) = client.pull_image_manifest_and_list_digest(&source.reference, auth).await.map_err(classify)?;
+        // The HTTP client's own read timeout is a backstop; ours fires first and says what stalled.
+        let client = client_for(source, timeout + Duration::from_secs(5));
+        let stalled = |what: &str| {
+            let error = ImageError::Stalled { image: image.to_string(), digest: what.to_string(), source_name: source.label.clone(), seconds: timeout.as_secs() };
+            SourceFailure { message: error.to_string(), code: Code::DeadlineExceeded, fatal: false }
+        };
+        let (manifest, manifest_digest, list_digest) = tokio::time::timeout(timeout, client.pull_image_manifest_and_list_digest(&source.reference, auth))
+            .await
+            .map_err(|_| stalled("the manifest"))?
+            .map_err(classify)?;
         let mut config_bytes = Vec::new();
-        client.pull_blob(&source.reference, &manifest.config, &mut config_bytes).await.map_err(classify)?;
+        tokio::time::timeout(timeout, client.pull_blob(&source.reference, &manifest.config, &mut config_bytes))
+            .await
+            .map_err(|_| stalled(&manifest.config.digest))?
+            .map_err(classify)?;
         let config_digest = manifest.config.digest.clone();
         let bad_config = |reason: String| SourceFailure {
             message: ImageError::BadConfig { image: image.to_string(), digest: config_digest.clone(), reason }.to_string(),

@@ -143,7 +143,9 @@ impl Storage for StorageService {
     }
 
     async fn list_images(&self, _request: Request<ListImagesRequest>) -> Result<Response<ListImagesResponse>, Status> {
-        Ok(Response::new(ListImagesResponse { images: self.images.list()? }))
+        // The full config is for ImageStatus; a listing of hundreds need not carry it.
+        let images = self.images.list()?.into_iter().map(|image| Image { config_json: String::new(), ..image }).collect();
+        Ok(Response::new(ListImagesResponse { images }))
     }
 
     async fn remove_image(&self, request: Request<RemoveImageRequest>) -> Result<Response<RemoveImageResponse>, Status> {

@@ -6,7 +6,9 @@ use std::time::Duration;
 use k8s_cri::v1::*;
 use tonic::Code;
 use trellis_integration::registry::{BuiltImage, Compression, Entry, Registry, busybox_layer, image, layer};
+use trellis_integration::nats::read_events;
 use trellis_integration::{Node, NodeOptions, kill9, unix_channel};
+use trellis_proto::events::v1::{event::Payload, image_event};
 use trellis_proto::storage::v1::storage_client::StorageClient;
 use trellis_proto::storage::v1::{PrepareRootfsRequest, ReleaseRootfsRequest};
 
@@ -84,6 +86,21 @@ async fn pull_by_tag_and_digest_list_status_remove_and_pull_again() {
 
     let error = pull(&node, "Not A Reference").await.expect_err("bad name");
     assert_eq!(error.code(), Code::InvalidArgument);
+
+    // Every pull and removal is an event on the bus, in order.
+    let bus = node.info("image").await.expect("info").bus.expect("bus").url;
+    let filter = format!("trellis.{}.events.image.>", node.node_name);
+    let events = read_events(&bus, &filter, Duration::from_secs(10), |events| events.len() >= 5).await;
+    let kinds: Vec<(image_event::Kind, String)> = events
+        .iter()
+        .map(|stored| match &stored.event.payload {
+            Some(Payload::Image(event)) => (event.kind(), event.image_id.clone()),
+            other => panic!("not an image event: {other:?}"),
+        })
+        .collect();
+    use image_event::Kind::{Pulled, Removed};
+    let id = built.id();
+    assert_eq!(kinds, vec![(Pulled, id.clone()), (Removed, id.clone()), (Pulled, id.clone()), (Pulled, id.clone()), (Removed, id)]);
     node.stop();
 }
 
@@ -270,7 +287,10 @@ async fn storage_killed_mid_pull_leaves_a_consistent_store() {
     let big: Vec<u8> = (0..150_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
     let built = image(vec![layer(&[Entry::File("big", big)], Compression::None)], &["/x"], "amd64", false);
     registry.push("tests/big", "1", &built).await;
+    let small = small_image("survivor");
+    registry.push("tests/small", "1", &small).await;
     let node = Node::start(NodeOptions::default()).await;
+    pull(&node, &format!("{}/tests/small:1", registry.address)).await.expect("pull small");
     let name = format!("{}/tests/big:1", registry.address);
     let storage_pid = node.info("storage").await.expect("info").pid;
 
@@ -292,11 +312,12 @@ async fn storage_killed_mid_pull_leaves_a_consistent_store() {
     kill9(storage_pid);
     assert!(pulling.await.expect("join").is_err(), "the interrupted pull fails");
     node.wait_restarted("storage", storage_pid, Duration::from_secs(10)).await;
-    assert!(layer_dirs(&node).is_empty(), "the half layer is gone after restart: {:?}", layer_dirs(&node));
-    assert!(list(&node).await.is_empty());
+    let survivors: Vec<String> = list(&node).await.into_iter().map(|i| i.id).collect();
+    assert_eq!(survivors, vec![small.id()], "records survive the kill; the interrupted image is not recorded");
+    assert_eq!(layer_dirs(&node).len(), 2, "only the small image's layers remain: {:?}", layer_dirs(&node));
 
     assert_eq!(pull(&node, &name).await.expect("pull again"), built.id());
-    assert_eq!(layer_dirs(&node).len(), 1);
+    assert_eq!(layer_dirs(&node).len(), 3);
     node.stop();
 }
 
@@ -318,5 +339,25 @@ async fn image_fs_info_agrees_with_du() {
     let du_inodes: f64 = String::from_utf8_lossy(&du_inodes.stdout).split_whitespace().next().and_then(|n| n.parse().ok()).expect("du inodes");
     assert!((used - du_bytes).abs() <= du_bytes * 0.05, "ImageFsInfo {used} vs du {du_bytes}");
     assert!((inodes - du_inodes).abs() <= du_inodes * 0.05, "inodes {inodes} vs du {du_inodes}");
+    node.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pull_that_makes_no_progress_is_cancelled() {
+    // A "registry" that accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = silent.local_addr().expect("address");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming().take(16).flatten() {
+            held.push(stream);
+        }
+    });
+    let node = Node::start(NodeOptions { extra_config: "[image]\npull_progress_timeout_seconds = 1\n".into(), ..Default::default() }).await;
+    let started = std::time::Instant::now();
+    let error = pull(&node, &format!("{address}/tests/stuck:1")).await.expect_err("stalled");
+    assert!(started.elapsed() < Duration::from_secs(5), "cancelled after about a second: {:?}", started.elapsed());
+    assert_eq!(error.code(), Code::DeadlineExceeded, "{}", error.message());
+    assert!(error.message().contains("nothing received for 1 s while fetching the manifest"), "{}", error.message());
     node.stop();
 }

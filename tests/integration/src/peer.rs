@@ -1,0 +1,95 @@
+//! containerd (Debian's package) on its own socket and root, as the peer the
+//! benchmarks measure Trellis against, through the same CRI client.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tonic::transport::Channel;
+
+pub struct Containerd {
+    root: PathBuf,
+    pub socket: PathBuf,
+    child: Option<Child>,
+}
+
+impl Containerd {
+    /// Starts containerd under `dir`, with plain-HTTP mirrors for the given loopback
+    /// registries and the CNI configuration in `cni_conf_dir`.
+    pub async fn start(dir: &Path, registries: &[&str], cni_conf_dir: &Path) -> Containerd {
+        let root = dir.join("containerd");
+        std::fs::create_dir_all(&root).expect("containerd dir");
+        let socket = root.join("containerd.sock");
+        let mut config = format!(
+            "version = 2\nroot = \"{root}/root\"\nstate = \"{root}/state\"\n[grpc]\n  address = \"{socket}\"\n[ttrpc]\n  address = \"{socket}.ttrpc\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable_tcp_service = true\n  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n  sandbox_image = \"registry.k8s.io/pause:3.9\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  default_runtime_name = \"runc\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"/usr/lib/cni\"\n  conf_dir = \"{cni}\"\n",
+            root = root.display(),
+            socket = socket.display(),
+            cni = cni_conf_dir.display(),
+        );
+        for registry in registries {
+            config.push_str(&format!("[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{registry}\"]\n  endpoint = [\"http://{registry}\"]\n"));
+        }
+        std::fs::write(root.join("config.toml"), config).expect("containerd config");
+        let log = std::fs::File::create(root.join("containerd.log")).expect("containerd log");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(root.join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("containerd is not installed (apt-get install containerd)");
+        let containerd = Containerd { root, socket, child: Some(child) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut client = containerd.runtime();
+            if client.version(k8s_cri::v1::VersionRequest::default()).await.is_ok() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "containerd did not start: {}", std::fs::read_to_string(containerd.root.join("containerd.log")).unwrap_or_default());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        containerd
+    }
+
+    pub fn runtime(&self) -> RuntimeServiceClient<Channel> {
+        RuntimeServiceClient::new(crate::unix_channel(&self.socket))
+    }
+
+    pub fn images(&self) -> ImageServiceClient<Channel> {
+        ImageServiceClient::new(crate::unix_channel(&self.socket))
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let _ = child.wait();
+        }
+        // Unmount whatever containerd left mounted under its root before removal.
+        let root = self.root.display().to_string();
+        if let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") {
+            let mut points: Vec<&str> = mounts.lines().filter_map(|line| line.split_whitespace().nth(4)).filter(|p| p.starts_with(&root)).collect();
+            points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+            for point in points {
+                let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}
+
+/// Median, p95 and p99 of a sample, in milliseconds.
+pub fn summary(samples: &mut [Duration]) -> (f64, f64, f64) {
+    samples.sort();
+    let at = |q: f64| samples.get(((samples.len() as f64 - 1.0) * q).round() as usize).map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    (at(0.5), at(0.95), at(0.99))
+}
