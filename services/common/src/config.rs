@@ -121,9 +121,14 @@ pub struct RuntimeConfig {
     pub socket: String,
     pub socket_mode: String,
     pub metrics_listen: String,
-    /// OCI runtime binary (name looked up in PATH, or a path).
+    /// OCI runtime binary (name looked up in PATH, or a path) for the default handler.
     pub oci_runtime: String,
+    /// More runtime handlers, as `name=binary` (e.g. `crun=/usr/bin/crun`), chosen by
+    /// the CRI request's runtime handler.
+    pub runtime_handlers: Vec<String>,
     pub conmon: String,
+    /// Stop timeout (seconds) when the kubelet gives none.
+    pub default_stop_timeout_seconds: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -277,7 +282,9 @@ impl Default for RuntimeConfig {
             socket_mode: INTERNAL_SOCKET_MODE.into(),
             metrics_listen: String::new(),
             oci_runtime: "runc".into(),
+            runtime_handlers: vec!["runc=runc".into(), "crun=crun".into()],
             conmon: "conmon".into(),
+            default_stop_timeout_seconds: 10,
         }
     }
 }
@@ -587,6 +594,11 @@ fn validate(config: &Config, provenance: &Provenance) -> Result<(), ConfigError>
     }
     if !["text", "json"].contains(&config.telemetry.log_format.as_str()) {
         return Err(bad("telemetry.log_format", "`text` or `json`", &config.telemetry.log_format));
+    }
+    for handler in &config.runtime.runtime_handlers {
+        if !handler.split_once('=').is_some_and(|(name, binary)| !name.trim().is_empty() && !binary.trim().is_empty()) {
+            return Err(bad("runtime.runtime_handlers", "entries `name=binary`, e.g. `crun=/usr/bin/crun`", handler));
+        }
     }
     for mirror in &config.image.mirrors {
         if parse_mirror(mirror).is_none() {

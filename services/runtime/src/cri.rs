@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use k8s_cri::v1::*;
 use tonic::{Request, Response, Status};
@@ -9,6 +10,8 @@ use trellis_common::config::RuntimeConfig;
 use trellis_common::grpc::find_executable;
 use trellis_common::grpc_service_impl;
 use trellis_common::service::VERSION;
+
+use crate::runtime::Runtime;
 
 /// The CRI names this runtime to the kubelet.
 pub const RUNTIME_NAME: &str = "trellis";
@@ -19,11 +22,16 @@ const KUBELET_API_VERSION: &str = "0.1.0";
 pub struct RuntimeService {
     oci_runtime: String,
     conmon: String,
+    runtime: Option<Arc<Runtime>>,
 }
 
 impl RuntimeService {
-    pub fn new(config: &RuntimeConfig) -> Self {
-        Self { oci_runtime: config.oci_runtime.clone(), conmon: config.conmon.clone() }
+    pub fn new(config: &RuntimeConfig, runtime: Arc<Runtime>) -> Self {
+        Self { oci_runtime: config.oci_runtime.clone(), conmon: config.conmon.clone(), runtime: Some(runtime) }
+    }
+
+    fn runtime(&self) -> Result<&Runtime, Status> {
+        self.runtime.as_deref().ok_or_else(|| Status::unavailable("the runtime service is starting"))
     }
 
     /// Ready when the programs every container needs are installed.
@@ -47,20 +55,8 @@ type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<ContainerEvent
 grpc_service_impl! {
     impl runtime_service_server::RuntimeService, for RuntimeService, service "runtime";
     unimplemented {
-        run_pod_sandbox(RunPodSandboxRequest) -> RunPodSandboxResponse,
-        stop_pod_sandbox(StopPodSandboxRequest) -> StopPodSandboxResponse,
-        remove_pod_sandbox(RemovePodSandboxRequest) -> RemovePodSandboxResponse,
-        pod_sandbox_status(PodSandboxStatusRequest) -> PodSandboxStatusResponse,
-        list_pod_sandbox(ListPodSandboxRequest) -> ListPodSandboxResponse,
-        create_container(CreateContainerRequest) -> CreateContainerResponse,
-        start_container(StartContainerRequest) -> StartContainerResponse,
-        stop_container(StopContainerRequest) -> StopContainerResponse,
-        remove_container(RemoveContainerRequest) -> RemoveContainerResponse,
-        list_containers(ListContainersRequest) -> ListContainersResponse,
-        container_status(ContainerStatusRequest) -> ContainerStatusResponse,
         update_container_resources(UpdateContainerResourcesRequest) -> UpdateContainerResourcesResponse,
         reopen_container_log(ReopenContainerLogRequest) -> ReopenContainerLogResponse,
-        exec_sync(ExecSyncRequest) -> ExecSyncResponse,
         exec(ExecRequest) -> ExecResponse,
         attach(AttachRequest) -> AttachResponse,
         port_forward(PortForwardRequest) -> PortForwardResponse,
@@ -79,6 +75,71 @@ grpc_service_impl! {
 
     async fn get_container_events(&self, _request: Request<GetEventsRequest>) -> Result<Response<EventStream>, Status> {
         Err(trellis_common::grpc::unimplemented_rpc("runtime", "get_container_events"))
+    }
+
+    async fn run_pod_sandbox(&self, request: Request<RunPodSandboxRequest>) -> Result<Response<RunPodSandboxResponse>, Status> {
+        let request = request.into_inner();
+        let config = request.config.ok_or_else(|| Status::invalid_argument("RunPodSandbox needs a config"))?;
+        let pod_sandbox_id = self.runtime()?.run_pod_sandbox(config, request.runtime_handler).await?;
+        Ok(Response::new(RunPodSandboxResponse { pod_sandbox_id }))
+    }
+
+    async fn stop_pod_sandbox(&self, request: Request<StopPodSandboxRequest>) -> Result<Response<StopPodSandboxResponse>, Status> {
+        self.runtime()?.stop_pod_sandbox(&request.get_ref().pod_sandbox_id).await?;
+        Ok(Response::new(StopPodSandboxResponse {}))
+    }
+
+    async fn remove_pod_sandbox(&self, request: Request<RemovePodSandboxRequest>) -> Result<Response<RemovePodSandboxResponse>, Status> {
+        self.runtime()?.remove_pod_sandbox(&request.get_ref().pod_sandbox_id).await?;
+        Ok(Response::new(RemovePodSandboxResponse {}))
+    }
+
+    async fn pod_sandbox_status(&self, request: Request<PodSandboxStatusRequest>) -> Result<Response<PodSandboxStatusResponse>, Status> {
+        let request = request.get_ref();
+        Ok(Response::new(self.runtime()?.pod_sandbox_status(&request.pod_sandbox_id, request.verbose)?))
+    }
+
+    async fn list_pod_sandbox(&self, request: Request<ListPodSandboxRequest>) -> Result<Response<ListPodSandboxResponse>, Status> {
+        let items = self.runtime()?.list_pod_sandbox(request.into_inner().filter)?;
+        Ok(Response::new(ListPodSandboxResponse { items }))
+    }
+
+    async fn create_container(&self, request: Request<CreateContainerRequest>) -> Result<Response<CreateContainerResponse>, Status> {
+        let request = request.into_inner();
+        let config = request.config.ok_or_else(|| Status::invalid_argument("CreateContainer needs a config"))?;
+        let container_id = self.runtime()?.create_container(&request.pod_sandbox_id, config, request.sandbox_config).await?;
+        Ok(Response::new(CreateContainerResponse { container_id }))
+    }
+
+    async fn start_container(&self, request: Request<StartContainerRequest>) -> Result<Response<StartContainerResponse>, Status> {
+        self.runtime()?.start_container(&request.get_ref().container_id).await?;
+        Ok(Response::new(StartContainerResponse {}))
+    }
+
+    async fn stop_container(&self, request: Request<StopContainerRequest>) -> Result<Response<StopContainerResponse>, Status> {
+        let request = request.get_ref();
+        self.runtime()?.stop_container(&request.container_id, request.timeout).await?;
+        Ok(Response::new(StopContainerResponse {}))
+    }
+
+    async fn remove_container(&self, request: Request<RemoveContainerRequest>) -> Result<Response<RemoveContainerResponse>, Status> {
+        self.runtime()?.remove_container(&request.get_ref().container_id).await?;
+        Ok(Response::new(RemoveContainerResponse {}))
+    }
+
+    async fn container_status(&self, request: Request<ContainerStatusRequest>) -> Result<Response<ContainerStatusResponse>, Status> {
+        let request = request.get_ref();
+        Ok(Response::new(self.runtime()?.container_status(&request.container_id, request.verbose)?))
+    }
+
+    async fn list_containers(&self, request: Request<ListContainersRequest>) -> Result<Response<ListContainersResponse>, Status> {
+        let containers = self.runtime()?.list_containers(request.into_inner().filter)?;
+        Ok(Response::new(ListContainersResponse { containers }))
+    }
+
+    async fn exec_sync(&self, request: Request<ExecSyncRequest>) -> Result<Response<ExecSyncResponse>, Status> {
+        let request = request.into_inner();
+        Ok(Response::new(self.runtime()?.exec_sync(&request.container_id, request.cmd, request.timeout).await?))
     }
 
     async fn version(&self, _request: Request<VersionRequest>) -> Result<Response<VersionResponse>, Status> {
@@ -112,7 +173,7 @@ mod tests {
     use k8s_cri::v1::runtime_service_server::RuntimeService as _;
 
     fn service(oci_runtime: &str, conmon: &str) -> RuntimeService {
-        RuntimeService { oci_runtime: oci_runtime.into(), conmon: conmon.into() }
+        RuntimeService { oci_runtime: oci_runtime.into(), conmon: conmon.into(), runtime: None }
     }
 
     #[tokio::test]
@@ -133,8 +194,8 @@ mod tests {
 
     #[tokio::test]
     async fn rpcs_not_built_yet_answer_unimplemented_by_name() {
-        let error = service("sh", "sh").run_pod_sandbox(Request::new(RunPodSandboxRequest::default())).await.expect_err("unimplemented");
+        let error = service("sh", "sh").port_forward(Request::new(PortForwardRequest::default())).await.expect_err("unimplemented");
         assert_eq!(error.code(), tonic::Code::Unimplemented);
-        assert!(error.message().contains("RunPodSandbox"));
+        assert!(error.message().contains("PortForward"));
     }
 }

@@ -1,0 +1,69 @@
+use tonic::Status;
+use trellis_common::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    System {
+        what: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("a stored record is unreadable: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("{service} service: {status}")]
+    Backend { service: &'static str, status: Status },
+    #[error("{0}")]
+    Oci(String),
+    #[error("{what} timed out after {seconds} s")]
+    Timeout { what: String, seconds: u64 },
+}
+
+impl RuntimeError {
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io { what: what.into(), source }
+    }
+
+    pub fn system(what: impl Into<String>, source: nix::Error) -> Self {
+        Self::System { what: what.into(), source }
+    }
+
+    pub fn storage(status: Status) -> Self {
+        Self::Backend { service: "storage", status }
+    }
+
+    pub fn network(status: Status) -> Self {
+        Self::Backend { service: "network", status }
+    }
+}
+
+impl From<RuntimeError> for Status {
+    fn from(error: RuntimeError) -> Self {
+        let message = error.to_string();
+        match error {
+            RuntimeError::InvalidArgument(_) => Status::invalid_argument(message),
+            RuntimeError::NotFound(_) => Status::not_found(message),
+            RuntimeError::AlreadyExists(_) => Status::already_exists(message),
+            RuntimeError::FailedPrecondition(_) => Status::failed_precondition(message),
+            RuntimeError::Backend { status, .. } => Status::new(status.code(), message),
+            RuntimeError::Timeout { .. } => Status::deadline_exceeded(message),
+            _ => Status::internal(message),
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Containers under conmon and an OCI runtime (runc by default).
+//!
+//! conmon runs `<runtime> create`, reports the container's pid on a sync pipe, then
+//! stays as the container's parent: it writes the CRI log and, when the container
+//! exits, its exit code to `<exits>/<id>`. It outlives a restart of this service.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use crate::error::RuntimeError;
+
+const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
+/// ExecSync output kept per stream; more is cut, as the CRI allows.
+pub const MAX_EXEC_OUTPUT: usize = 16 * 1024 * 1024;
+
+pub struct Oci {
+    conmon: PathBuf,
+    root: PathBuf,
+}
+
+/// What conmon needs to create one container.
+pub struct Launch<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    pub bundle: &'a Path,
+    pub runtime: &'a Path,
+    pub log_path: &'a Path,
+}
+
+#[derive(serde::Deserialize)]
+struct SyncMessage {
+    data: i64,
+    #[serde(default)]
+    message: String,
+}
+
+impl Oci {
+    pub fn new(conmon: PathBuf, root: PathBuf) -> Self {
+        Self { conmon, root }
+    }
+
+    fn runc_root(&self) -> PathBuf {
+        self.root.join("runc")
+    }
+
+    pub fn exits_dir(&self) -> PathBuf {
+        self.root.join("exits")
+    }
+
+    fn exit_file(&self, id: &str) -> PathBuf {
+        self.exits_dir().join(id)
+    }
+
+    /// Creates the container (not started) and returns its pid.
+    pub async fn create(&self, launch: &Launch<'_>) -> Result<u32, RuntimeError> {
+        for dir in [self.exits_dir(), self.runc_root(), self.root.join("attach")] {
+            std::fs::create_dir_all(&dir).map_err(|source| RuntimeError::io(format!("cannot create {}", dir.display()), source))?;
+        }
+        let (sync_read, sync_write): (OwnedFd, OwnedFd) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| RuntimeError::system("cannot create conmon's sync pipe", e))?;
+        let conmon_log = std::fs::File::create(launch.bundle.join("conmon.log")).map_err(|source| RuntimeError::io("cannot create conmon.log", source))?;
+        let mut command = Command::new(&self.conmon);
+        command
+            .args(["--api-version", "1", "--cid", launch.id, "--cuuid", launch.id, "--name", launch.name])
+            .arg("--runtime")
+            .arg(launch.runtime)
+            .arg("--bundle")
+            .arg(launch.bundle)
+            .arg("--container-pidfile")
+            .arg(launch.bundle.join("pidfile"))
+            .arg("--conmon-pidfile")
+            .arg(launch.bundle.join("conmon.pid"))
+            .arg("--log-path")
+            .arg(format!("k8s-file:{}", launch.log_path.display()))
+            .arg("--exit-dir")
+            .arg(self.exits_dir())
+            .arg("--socket-dir-path")
+            .arg(self.root.join("attach"))
+            .arg("--persist-dir")
+            .arg(launch.bundle)
+            .arg("--runtime-arg")
+            .arg(format!("--root={}", self.runc_root().display()))
+            .args(["--log-level", "error", "--syslog"])
+            .env("_OCI_SYNCPIPE", sync_write.as_raw_fd().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(conmon_log)
+            .process_group(0);
+        crate::inherit_fd::keep_open_in_child(&mut command, sync_write.as_raw_fd());
+        let mut child = command.spawn().map_err(|source| RuntimeError::io(format!("cannot start {}", self.conmon.display()), source))?;
+        drop(sync_write);
+        // conmon forks its monitor and the first process exits: reap it.
+        let _ = child.wait().await;
+
+        // conmon keeps the pipe open after reporting, so read its first message only.
+        let reader = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+            let mut lines = std::io::BufReader::new(std::fs::File::from(sync_read));
+            let mut text = String::new();
+            while text.trim().is_empty() {
+                if std::io::BufRead::read_line(&mut lines, &mut text)? == 0 {
+                    break;
+                }
+            }
+            Ok(text)
+        });
+        let text = tokio::time::timeout(CREATE_TIMEOUT, reader)
+            .await
+            .map_err(|_| RuntimeError::Timeout { what: format!("creating container {}", launch.id), seconds: CREATE_TIMEOUT.as_secs() })?
+            .map_err(|e| RuntimeError::Oci(format!("conmon reader stopped: {e}")))?
+            .map_err(|source| RuntimeError::io("cannot read conmon's sync pipe", source))?;
+        let message = text
+            .lines()
+            .filter_map(|line| serde_json::from_str::<SyncMessage>(line).ok())
+            .next()
+            .ok_or_else(|| RuntimeError::Oci(format!("conmon said nothing about container {} ({})", launch.id, conmon_diagnostics(launch.bundle))))?;
+        if message.data <= 0 {
+            return Err(RuntimeError::Oci(format!("creating container {}: {}", launch.id, message.message.trim())));
+        }
+        Ok(message.data as u32)
+    }
+
+    async fn runtime_command(&self, runtime: &Path, args: &[&str]) -> Result<(), RuntimeError> {
+        let output = Command::new(runtime)
+            .arg("--root")
+            .arg(self.runc_root())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|source| RuntimeError::io(format!("cannot run {}", runtime.display()), source))?;
+        if output.status.success() {
+            return Ok(());
+        }
+        Err(RuntimeError::Oci(format!("{} {}: {}", runtime.display(), args.join(" "), String::from_utf8_lossy(&output.stderr).trim())))
+    }
+
+    pub async fn start(&self, runtime: &Path, id: &str) -> Result<(), RuntimeError> {
+        self.runtime_command(runtime, &["start", id]).await
+    }
+
+    /// Sends a signal; a container that is already gone is not an error.
+    pub async fn kill(&self, runtime: &Path, id: &str, signal: &str) -> Result<(), RuntimeError> {
+        match self.runtime_command(runtime, &["kill", id, signal]).await {
+            Err(RuntimeError::Oci(message)) if message.contains("not running") || message.contains("does not exist") || message.contains("process already finished") => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Deletes the runtime's state (and cgroup) of a container; absent is fine.
+    pub async fn delete(&self, runtime: &Path, id: &str) -> Result<(), RuntimeError> {
+        match self.runtime_command(runtime, &["delete", "--force", id]).await {
+            Err(RuntimeError::Oci(message)) if message.contains("does not exist") || message.contains("not found") => Ok(()),
+            other => other,
+        }
+    }
+
+    /// The exit code conmon recorded, with the time it was written.
+    pub fn exit_status(&self, id: &str) -> Option<(i32, i64)> {
+        let path = self.exit_file(id);
+        let code = std::fs::read_to_string(&path).ok()?.trim().parse().ok()?;
+        let finished = std::fs::metadata(&path).ok()?.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos() as i64;
+        Some((code, finished))
+    }
+
+    pub fn forget_exit(&self, id: &str) {
+        let _ = std::fs::remove_file(self.exit_file(id));
+    }
+
+    /// Runs a command in the container and collects its output and exit code.
+    pub async fn exec_sync(&self, runtime: &Path, id: &str, cmd: &[String], timeout: Option<Duration>) -> Result<(Vec<u8>, Vec<u8>, i32), RuntimeError> {
+        let mut child = Command::new(runtime)
+            .arg("--root")
+            .arg(self.runc_root())
+            .args(["exec", id])
+            .args(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| RuntimeError::io(format!("cannot run {}", runtime.display()), source))?;
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let collect = async move {
+            let (out, err) = tokio::join!(read_capped(stdout), read_capped(stderr));
+            let status = child.wait().await.map_err(|source| RuntimeError::io("cannot wait for exec", source))?;
+            Ok::<_, RuntimeError>((out, err, status.code().unwrap_or(-1)))
+        };
+        match timeout {
+            Some(limit) if !limit.is_zero() => tokio::time::timeout(limit, collect)
+                .await
+                .map_err(|_| RuntimeError::Timeout { what: format!("ExecSync {:?} in container {id}", cmd), seconds: limit.as_secs() })?,
+            _ => collect.await,
+        }
+    }
+}
+
+async fn read_capped<R: tokio::io::AsyncRead + Unpin>(stream: Option<R>) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let Some(mut stream) = stream else { return out };
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n) = stream.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        let room = MAX_EXEC_OUTPUT.saturating_sub(out.len());
+        out.extend_from_slice(&buf[..n.min(room)]);
+    }
+    out
+}
+
+fn conmon_diagnostics(bundle: &Path) -> String {
+    std::fs::read_to_string(bundle.join("conmon.log")).map(|s| s.trim().to_string()).unwrap_or_default()
+}

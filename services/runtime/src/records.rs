@@ -1,0 +1,125 @@
+//! What the runtime service remembers about pods and containers, in its store.
+//! Every state change is written (and flushed) before it is acted on or answered.
+
+use std::sync::Arc;
+
+use prost::Message;
+use trellis_common::store::{Store, Table};
+
+use crate::error::RuntimeError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum SandboxState {
+    /// Set-up under way (or cut short: repaired at start).
+    Creating = 0,
+    Ready = 1,
+    NotReady = 2,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SandboxRecord {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(enumeration = "SandboxState", tag = "2")]
+    pub state: i32,
+    /// The CRI PodSandboxConfig as the kubelet sent it.
+    #[prost(bytes = "vec", tag = "3")]
+    pub config: Vec<u8>,
+    #[prost(int64, tag = "4")]
+    pub created_at: i64,
+    #[prost(string, tag = "5")]
+    pub netns_path: String,
+    #[prost(string, repeated, tag = "6")]
+    pub ips: Vec<String>,
+    #[prost(string, tag = "7")]
+    pub runtime_handler: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum ContainerState {
+    /// Being created (or cut short: removed at start).
+    Creating = 0,
+    Created = 1,
+    Running = 2,
+    Exited = 3,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerRecord {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(string, tag = "2")]
+    pub sandbox_id: String,
+    #[prost(enumeration = "ContainerState", tag = "3")]
+    pub state: i32,
+    /// The CRI ContainerConfig as the kubelet sent it.
+    #[prost(bytes = "vec", tag = "4")]
+    pub config: Vec<u8>,
+    #[prost(string, tag = "5")]
+    pub image_id: String,
+    #[prost(string, tag = "6")]
+    pub image_ref: String,
+    #[prost(string, tag = "7")]
+    pub log_path: String,
+    #[prost(int64, tag = "8")]
+    pub created_at: i64,
+    #[prost(int64, tag = "9")]
+    pub started_at: i64,
+    #[prost(int64, tag = "10")]
+    pub finished_at: i64,
+    #[prost(int32, tag = "11")]
+    pub exit_code: i32,
+    #[prost(string, tag = "12")]
+    pub reason: String,
+    #[prost(string, tag = "13")]
+    pub message: String,
+    #[prost(uint32, tag = "14")]
+    pub pid: u32,
+    #[prost(string, tag = "15")]
+    pub oci_runtime: String,
+    #[prost(string, tag = "16")]
+    pub stop_signal: String,
+}
+
+/// A typed table of prost records keyed by id.
+pub struct Records<T> {
+    table: Arc<dyn Table>,
+    _kind: std::marker::PhantomData<T>,
+}
+
+impl<T: Message + Default> Records<T> {
+    pub fn open(store: &dyn Store, name: &str) -> Result<Self, RuntimeError> {
+        Ok(Self { table: store.table(name)?, _kind: std::marker::PhantomData })
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<T>, RuntimeError> {
+        self.table.get(id.as_bytes())?.map(|raw| T::decode(raw.as_slice()).map_err(RuntimeError::from)).transpose()
+    }
+
+    pub fn put(&self, id: &str, record: &T) -> Result<(), RuntimeError> {
+        self.table.put(id.as_bytes(), &record.encode_to_vec()).map_err(RuntimeError::from)
+    }
+
+    pub fn delete(&self, id: &str) -> Result<(), RuntimeError> {
+        self.table.delete(id.as_bytes()).map_err(RuntimeError::from)
+    }
+
+    pub fn all(&self) -> Result<Vec<T>, RuntimeError> {
+        self.table.scan()?.into_iter().map(|(_, raw)| T::decode(raw.as_slice()).map_err(RuntimeError::from)).collect()
+    }
+}
+
+pub fn now_nanos() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or_default()
+}
+
+/// 64 hex characters from the kernel's random source.
+pub fn new_id() -> Result<String, RuntimeError> {
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .map_err(|source| RuntimeError::io("cannot read /dev/urandom for an id", source))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}

@@ -1,0 +1,113 @@
+//! The runtime service's state and the services it calls.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tonic::transport::Channel;
+use trellis_common::bus::EventBus;
+use trellis_common::config::{Config, ServiceKind};
+use trellis_common::grpc::find_executable;
+use trellis_common::store::Store;
+use trellis_common::transport::unix_channel;
+use trellis_proto::events::v1::event::Payload;
+
+use crate::error::RuntimeError;
+use crate::oci::Oci;
+use crate::records::{ContainerRecord, Records, SandboxRecord};
+
+pub struct Runtime {
+    pub config: Config,
+    /// `<run_dir>/runtime`: pods, containers (bundles), runc state, exit files.
+    pub dir: PathBuf,
+    pub sandboxes: Records<SandboxRecord>,
+    pub containers: Records<ContainerRecord>,
+    pub oci: Oci,
+    pub storage: Channel,
+    pub network: Channel,
+    pub bus: EventBus,
+    /// This process's oom_score_adj: containers cannot be given less (no CAP_SYS_RESOURCE).
+    pub oom_score_floor: i32,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Runtime {
+    pub fn new(config: Config, store: &dyn Store, bus: EventBus) -> Result<Self, RuntimeError> {
+        let dir = config.node.run_dir.join("runtime");
+        for sub in ["pods", "containers"] {
+            let path = dir.join(sub);
+            std::fs::create_dir_all(&path).map_err(|source| RuntimeError::io(format!("cannot create {}", path.display()), source))?;
+        }
+        let conmon = find_executable(&config.runtime.conmon).unwrap_or_else(|| PathBuf::from(&config.runtime.conmon));
+        let oom_score_floor = std::fs::read_to_string("/proc/self/oom_score_adj").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+        Ok(Self {
+            oci: Oci::new(conmon, dir.clone()),
+            sandboxes: Records::open(store, "sandboxes")?,
+            containers: Records::open(store, "containers")?,
+            storage: unix_channel(&config.endpoint(ServiceKind::Storage).socket),
+            network: unix_channel(&config.endpoint(ServiceKind::Network).socket),
+            dir,
+            config,
+            bus,
+            oom_score_floor,
+            locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn pod_dir(&self, sandbox_id: &str) -> PathBuf {
+        self.dir.join("pods").join(sandbox_id)
+    }
+
+    pub fn bundle_dir(&self, container_id: &str) -> PathBuf {
+        self.dir.join("containers").join(container_id)
+    }
+
+    /// Serialises operations on one pod or container.
+    pub async fn lock(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+            locks.entry(id.to_string()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+
+    /// The OCI runtime binary for a CRI runtime handler ("" is the default).
+    pub fn oci_runtime(&self, handler: &str) -> Result<PathBuf, RuntimeError> {
+        let binary = if handler.is_empty() {
+            self.config.runtime.oci_runtime.clone()
+        } else {
+            self.config
+                .runtime
+                .runtime_handlers
+                .iter()
+                .filter_map(|entry| entry.split_once('='))
+                .find(|(name, _)| name.trim() == handler)
+                .map(|(_, binary)| binary.trim().to_string())
+                .ok_or_else(|| RuntimeError::InvalidArgument(format!("unknown runtime handler `{handler}`; configured: {}", self.config.runtime.runtime_handlers.join(", "))))?
+        };
+        find_executable(&binary).ok_or_else(|| RuntimeError::FailedPrecondition(format!("OCI runtime `{binary}` for handler `{handler}` is not installed")))
+    }
+
+    pub fn publish(&self, payload: Payload) {
+        if let Err(error) = self.bus.publish(payload) {
+            tracing::error!(%error, "cannot record an event");
+        }
+    }
+
+    /// Finds a record by full id or unique prefix (as crictl users type them).
+    pub fn resolve<T: prost::Message + Default>(&self, records: &Records<T>, id: &str, what: &str, id_of: impl Fn(&T) -> &str) -> Result<T, RuntimeError> {
+        if id.is_empty() {
+            return Err(RuntimeError::InvalidArgument(format!("{what} id is empty")));
+        }
+        if let Some(record) = records.get(id)? {
+            return Ok(record);
+        }
+        let mut matches: Vec<T> = records.all()?.into_iter().filter(|r| id_of(r).starts_with(id)).collect();
+        match matches.len() {
+            1 => Ok(matches.remove(0)),
+            0 => Err(RuntimeError::NotFound(format!("{what} {id} not found"))),
+            n => Err(RuntimeError::InvalidArgument(format!("{what} id prefix {id} matches {n} {what}es"))),
+        }
+    }
+}

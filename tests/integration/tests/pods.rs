@@ -1,0 +1,169 @@
+//! Pods and containers through the CRI socket, run by runc under conmon.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1::*;
+use tonic::Code;
+use trellis_integration::registry::{Registry, busybox_layer, image};
+use trellis_integration::{Node, NodeOptions};
+
+struct Pod {
+    id: String,
+    config: PodSandboxConfig,
+}
+
+fn pod_config(name: &str, log_directory: &str, host_network: bool) -> PodSandboxConfig {
+    let mode = if host_network { NamespaceMode::Node } else { NamespaceMode::Pod };
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata { name: name.into(), namespace: "tests".into(), uid: format!("uid-{name}"), attempt: 0 }),
+        hostname: name.into(),
+        log_directory: log_directory.into(),
+        labels: HashMap::from([("app".to_string(), name.to_string())]),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption { network: mode as i32, pid: NamespaceMode::Container as i32, ipc: NamespaceMode::Pod as i32, ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn container_config(name: &str, image: &str, command: &[&str]) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }),
+        image: Some(ImageSpec { image: image.into(), ..Default::default() }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        labels: HashMap::from([("container".to_string(), name.to_string())]),
+        ..Default::default()
+    }
+}
+
+async fn setup() -> (tempfile::TempDir, Registry, Node, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = Registry::start(dir.path(), None);
+    let built = image(vec![busybox_layer()], &["/bin/sh"], "amd64", false);
+    registry.push("tests/busybox", "1", &built).await;
+    let node = Node::start(NodeOptions { with_cni_config: true, ..Default::default() }).await;
+    let name = format!("{}/tests/busybox:1", registry.address);
+    node.images().pull_image(PullImageRequest { image: Some(ImageSpec { image: name.clone(), ..Default::default() }), ..Default::default() }).await.expect("pull busybox");
+    (dir, registry, node, name)
+}
+
+async fn run_pod(node: &Node, config: PodSandboxConfig) -> Pod {
+    let id = node.runtime().run_pod_sandbox(RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: String::new() }).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    Pod { id, config }
+}
+
+async fn start(node: &Node, pod: &Pod, config: ContainerConfig) -> String {
+    let mut runtime = node.runtime();
+    let id = runtime
+        .create_container(CreateContainerRequest { pod_sandbox_id: pod.id.clone(), config: Some(config), sandbox_config: Some(pod.config.clone()) })
+        .await
+        .expect("CreateContainer")
+        .into_inner()
+        .container_id;
+    runtime.start_container(StartContainerRequest { container_id: id.clone() }).await.expect("StartContainer");
+    id
+}
+
+async fn status(node: &Node, id: &str) -> ContainerStatus {
+    node.runtime().container_status(ContainerStatusRequest { container_id: id.into(), verbose: false }).await.expect("ContainerStatus").into_inner().status.expect("status")
+}
+
+async fn wait_exited(node: &Node, id: &str) -> ContainerStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = status(node, id).await;
+        if status.state == ContainerState::ContainerExited as i32 {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "container {id} did not exit: {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_network_pod_runs_logs_execs_stops_and_is_removed() {
+    let (dir, _registry, node, image) = setup().await;
+    let logs = dir.path().join("pod-logs");
+    let pod = run_pod(&node, pod_config("hostnet", logs.to_str().expect("utf-8"), true)).await;
+
+    let echo = start(&node, &pod, container_config("echo", &image, &["/bin/sh", "-c", "echo hello from trellis; echo oops >&2"])).await;
+    let done = wait_exited(&node, &echo).await;
+    assert_eq!((done.exit_code, done.reason.as_str()), (0, "Completed"));
+    let log = std::fs::read_to_string(logs.join("echo.log")).expect("container log");
+    let stdout_line = log.lines().find(|l| l.ends_with("hello from trellis")).unwrap_or_else(|| panic!("no echo line in {log:?}"));
+    let fields: Vec<&str> = stdout_line.splitn(4, ' ').collect();
+    assert_eq!((fields[1], fields[2]), ("stdout", "F"), "CRI log format: {stdout_line}");
+    assert!(fields[0].contains('T'), "RFC 3339 timestamp: {stdout_line}");
+    assert!(log.lines().any(|l| l.contains(" stderr F oops")), "{log}");
+
+    let failing = start(&node, &pod, container_config("three", &image, &["/bin/sh", "-c", "exit 3"])).await;
+    let failed = wait_exited(&node, &failing).await;
+    assert_eq!((failed.exit_code, failed.reason.as_str()), (3, "Error"));
+
+    let sleeper = start(&node, &pod, container_config("sleeper", &image, &["/bin/sh", "-c", "trap '' TERM; while true; do sleep 1; done"])).await;
+    let mut runtime = node.runtime();
+    let exec = runtime
+        .exec_sync(ExecSyncRequest { container_id: sleeper.clone(), cmd: vec!["/bin/sh".into(), "-c".into(), "hostname; echo err >&2; exit 7".into()], timeout: 10 })
+        .await
+        .expect("ExecSync")
+        .into_inner();
+    assert_eq!(exec.exit_code, 7);
+    assert_eq!(String::from_utf8_lossy(&exec.stderr), "err\n");
+    assert!(!exec.stdout.is_empty(), "hostname printed");
+
+    let running = runtime.list_containers(ListContainersRequest { filter: Some(ContainerFilter { state: Some(ContainerStateValue { state: ContainerState::ContainerRunning as i32 }), ..Default::default() }) }).await.expect("list").into_inner().containers;
+    assert_eq!(running.iter().map(|c| c.id.clone()).collect::<Vec<_>>(), vec![sleeper.clone()]);
+    let by_label = runtime.list_containers(ListContainersRequest { filter: Some(ContainerFilter { label_selector: HashMap::from([("container".into(), "three".into())]), ..Default::default() }) }).await.expect("list").into_inner().containers;
+    assert_eq!(by_label.len(), 1);
+
+    let started = Instant::now();
+    runtime.stop_container(StopContainerRequest { container_id: sleeper.clone(), timeout: 1 }).await.expect("StopContainer");
+    assert!(started.elapsed() >= Duration::from_secs(1) && started.elapsed() < Duration::from_secs(8), "SIGKILL after the timeout: {:?}", started.elapsed());
+    assert_eq!(status(&node, &sleeper).await.state, ContainerState::ContainerExited as i32);
+
+    runtime.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("StopPodSandbox");
+    runtime.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("StopPodSandbox is idempotent");
+    let error = runtime
+        .create_container(CreateContainerRequest { pod_sandbox_id: pod.id.clone(), config: Some(container_config("late", &image, &["true"])), sandbox_config: None })
+        .await
+        .expect_err("stopped pod");
+    assert_eq!(error.code(), Code::FailedPrecondition);
+    runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("RemovePodSandbox");
+    assert!(runtime.list_containers(ListContainersRequest::default()).await.expect("list").into_inner().containers.is_empty());
+    assert!(runtime.list_pod_sandbox(ListPodSandboxRequest::default()).await.expect("list").into_inner().items.is_empty());
+    node.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_a_clear_status() {
+    let (dir, _registry, node, image) = setup().await;
+    let mut runtime = node.runtime();
+    let error = runtime.container_status(ContainerStatusRequest { container_id: "0123456789ab".into(), verbose: false }).await.expect_err("unknown");
+    assert_eq!(error.code(), Code::NotFound);
+    let error = runtime.pod_sandbox_status(PodSandboxStatusRequest { pod_sandbox_id: "feedbeef".into(), verbose: false }).await.expect_err("unknown");
+    assert_eq!(error.code(), Code::NotFound);
+    let error = runtime.run_pod_sandbox(RunPodSandboxRequest { config: Some(pod_config("rel", "relative/logs", true)), runtime_handler: String::new() }).await.expect_err("relative log dir");
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(error.message().contains("relative/logs"), "{}", error.message());
+
+    let logs = dir.path().join("logs");
+    let pod = run_pod(&node, pod_config("dup", logs.to_str().expect("utf-8"), true)).await;
+    let error = runtime.run_pod_sandbox(RunPodSandboxRequest { config: Some(pod.config.clone()), runtime_handler: String::new() }).await.expect_err("duplicate");
+    assert_eq!(error.code(), Code::AlreadyExists);
+    assert!(error.message().contains(&pod.id), "names the existing pod: {}", error.message());
+
+    let mut config = container_config("mount", &image, &["true"]);
+    config.mounts = vec![Mount { container_path: "/data".into(), host_path: "/does/not/exist".into(), ..Default::default() }];
+    let error = runtime.create_container(CreateContainerRequest { pod_sandbox_id: pod.id.clone(), config: Some(config), sandbox_config: None }).await.expect_err("missing mount source");
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(error.message().contains("/does/not/exist"), "{}", error.message());
+    runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("remove");
+    runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("remove is idempotent");
+    node.stop();
+}
