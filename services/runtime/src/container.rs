@@ -357,3 +357,57 @@ impl Runtime {
 
 /// The CRI's container state enum, named apart from our record state.
 use k8s_cri::v1::ContainerState as ContainerState_;
+
+impl Runtime {
+    /// Asks conmon to reopen the log file (after the kubelet rotated it), through the
+    /// control fifo conmon keeps in the bundle ("2" is its reopen-logs event).
+    pub async fn reopen_container_log(&self, id: &str) -> Result<(), RuntimeError> {
+        let record = self.container(id)?;
+        if record.state != ContainerState::Running as i32 {
+            return Err(RuntimeError::FailedPrecondition(format!("container {} is not running", record.id)));
+        }
+        let control = self.bundle_dir(&record.id).join("ctl");
+        let write = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut fifo = std::fs::OpenOptions::new().write(true).custom_flags(nix::libc::O_NONBLOCK).open(&control)?;
+            fifo.write_all(b"2 0 0\n")
+        });
+        use std::os::unix::fs::OpenOptionsExt;
+        write
+            .await
+            .map_err(|e| RuntimeError::Oci(format!("log reopen stopped: {e}")))?
+            .map_err(|source| RuntimeError::io(format!("cannot ask conmon of container {} to reopen its log", record.id), source))?;
+        // conmon reopens asynchronously; answer once the new file exists.
+        let log = PathBuf::from(&record.log_path);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !log.exists() && Instant::now() < deadline {
+            tokio::time::sleep(EXIT_POLL).await;
+        }
+        Ok(())
+    }
+
+    /// At start: undo creations cut short; exits during the outage are read from
+    /// conmon's exit files as each container is next looked at.
+    pub async fn recover(&self) -> Result<(), RuntimeError> {
+        for record in self.containers.all()? {
+            if record.state == ContainerState::Creating as i32 {
+                tracing::info!(container = %record.id, "removing a container whose creation was cut short");
+                self.destroy(&record).await?;
+                self.containers.delete(&record.id)?;
+            } else {
+                self.refresh(record)?;
+            }
+        }
+        for record in self.sandboxes.all()? {
+            if record.state == crate::records::SandboxState::Creating as i32 {
+                tracing::info!(sandbox = %record.id, "removing a pod whose set-up was cut short");
+                for container in self.containers.all()?.into_iter().filter(|c| c.sandbox_id == record.id) {
+                    self.destroy(&container).await?;
+                    self.containers.delete(&container.id)?;
+                }
+                self.remove_pod_sandbox(&record.id).await?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -56,7 +56,6 @@ grpc_service_impl! {
     impl runtime_service_server::RuntimeService, for RuntimeService, service "runtime";
     unimplemented {
         update_container_resources(UpdateContainerResourcesRequest) -> UpdateContainerResourcesResponse,
-        reopen_container_log(ReopenContainerLogRequest) -> ReopenContainerLogResponse,
         exec(ExecRequest) -> ExecResponse,
         attach(AttachRequest) -> AttachResponse,
         port_forward(PortForwardRequest) -> PortForwardResponse,
@@ -135,6 +134,11 @@ grpc_service_impl! {
     async fn list_containers(&self, request: Request<ListContainersRequest>) -> Result<Response<ListContainersResponse>, Status> {
         let containers = self.runtime()?.list_containers(request.into_inner().filter)?;
         Ok(Response::new(ListContainersResponse { containers }))
+    }
+
+    async fn reopen_container_log(&self, request: Request<ReopenContainerLogRequest>) -> Result<Response<ReopenContainerLogResponse>, Status> {
+        self.runtime()?.reopen_container_log(&request.get_ref().container_id).await?;
+        Ok(Response::new(ReopenContainerLogResponse {}))
     }
 
     async fn exec_sync(&self, request: Request<ExecSyncRequest>) -> Result<Response<ExecSyncResponse>, Status> {

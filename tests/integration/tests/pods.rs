@@ -167,3 +167,58 @@ async fn bad_input_gets_a_clear_status() {
     runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("remove is idempotent");
     node.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runtime_killed_with_containers_running_and_being_created_loses_none() {
+    let (dir, _registry, node, image) = setup().await;
+    let logs = dir.path().join("logs");
+    let pod = run_pod(&node, pod_config("survivor", logs.to_str().expect("utf-8"), true)).await;
+    let mut sleepers = Vec::new();
+    for i in 0..20 {
+        sleepers.push(start(&node, &pod, container_config(&format!("sleep{i}"), &image, &["/bin/sleep", "1000"])).await);
+    }
+    let exits = start(&node, &pod, container_config("exits", &image, &["/bin/sh", "-c", "sleep 1; exit 4"])).await;
+    let ticker = start(&node, &pod, container_config("ticker", &image, &["/bin/sh", "-c", "while true; do echo tick; sleep 0.1; done"])).await;
+
+    // Freeze the runtime so the container exits while it is down, then kill it with
+    // five creations in flight.
+    let runtime_pid = node.info("runtime").await.expect("info").pid;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(runtime_pid as i32), nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let creations: Vec<_> = (0..5)
+        .map(|i| {
+            let mut runtime = node.runtime();
+            let request = CreateContainerRequest { pod_sandbox_id: pod.id.clone(), config: Some(container_config(&format!("late{i}"), &image, &["/bin/sleep", "1000"])), sandbox_config: None };
+            tokio::spawn(async move { runtime.create_container(request).await.map(|r| r.into_inner().container_id) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    trellis_integration::kill9(runtime_pid);
+    let mut created = Vec::new();
+    for creation in creations {
+        if let Ok(Ok(id)) = creation.await {
+            created.push(id);
+        }
+    }
+    node.wait_restarted("runtime", runtime_pid, Duration::from_secs(10)).await;
+
+    for id in &sleepers {
+        assert_eq!(status(&node, id).await.state, ContainerState::ContainerRunning as i32, "{id} still running");
+    }
+    let exited = status(&node, &exits).await;
+    assert_eq!((exited.state, exited.exit_code, exited.reason.as_str()), (ContainerState::ContainerExited as i32, 4, "Error"), "the exit during the outage is read back");
+    let mut runtime = node.runtime();
+    let listed = runtime.list_containers(ListContainersRequest::default()).await.expect("list").into_inner().containers;
+    assert_eq!(listed.len(), 22 + created.len(), "every container accounted for; creations cut short are gone, finished ones kept");
+    let bundles = std::fs::read_dir(node.root().join("run/runtime/containers")).expect("bundles").count();
+    assert_eq!(bundles, listed.len(), "no bundle without a container");
+
+    // The kubelet rotates a log: rename, then ReopenContainerLog.
+    let log = logs.join("ticker.log");
+    std::fs::rename(&log, logs.join("ticker.log.1")).expect("rotate");
+    runtime.reopen_container_log(ReopenContainerLogRequest { container_id: ticker.clone() }).await.expect("ReopenContainerLog");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(std::fs::read_to_string(&log).expect("new log").contains("stdout F tick"), "conmon writes to the reopened file");
+
+    runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("remove pod");
+    node.stop();
+}
