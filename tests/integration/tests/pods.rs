@@ -222,3 +222,47 @@ async fn runtime_killed_with_containers_running_and_being_created_loses_none() {
     runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("remove pod");
     node.stop();
 }
+
+/// Container cgroup directories runc made under /trellis, in any hierarchy.
+fn trellis_cgroups() -> Vec<String> {
+    let mut found = Vec::new();
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().filter_map(Result::ok) {
+        for entry in std::fs::read_dir(hierarchy.path().join("trellis")).into_iter().flatten().filter_map(Result::ok) {
+            if entry.path().is_dir() {
+                found.push(entry.path().display().to_string());
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_cycles_leave_nothing_behind() {
+    let (dir, _registry, node, image) = setup().await;
+    let logs = dir.path().join("logs");
+    let mut runtime = node.runtime();
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for cycle in 0..200 {
+        let pod = run_pod(&node, pod_config(&format!("cycle{cycle}"), logs.to_str().expect("utf-8"), true)).await;
+        let container = start(&node, &pod, container_config("work", &image, &["/bin/sleep", "1000"])).await;
+        runtime.stop_container(StopContainerRequest { container_id: container.clone(), timeout: 0 }).await.expect("stop");
+        runtime.remove_container(RemoveContainerRequest { container_id: container.clone() }).await.expect("remove container");
+        runtime.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("stop pod");
+        runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("remove pod");
+        ids.push(container);
+    }
+    eprintln!("200 cycles in {:?}", started.elapsed());
+    assert!(runtime.list_pod_sandbox(ListPodSandboxRequest::default()).await.expect("list").into_inner().items.is_empty());
+    assert!(runtime.list_containers(ListContainersRequest::default()).await.expect("list").into_inner().containers.is_empty());
+    let runtime_dir = node.root().join("run/runtime");
+    for sub in ["pods", "containers", "exits"] {
+        let left: Vec<_> = std::fs::read_dir(runtime_dir.join(sub)).map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default();
+        assert!(left.is_empty(), "left in {sub}: {left:?}");
+    }
+    let cgroups: Vec<String> = trellis_cgroups().into_iter().filter(|path| ids.iter().any(|id| path.ends_with(id.as_str()))).collect();
+    assert!(cgroups.is_empty(), "container cgroups left: {cgroups:?}");
+    let storage_left: Vec<_> = std::fs::read_dir(node.root().join("state/storage/containers")).map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(storage_left.is_empty(), "root filesystems left: {storage_left:?}");
+    node.stop();
+}
