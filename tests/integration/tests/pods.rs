@@ -117,6 +117,17 @@ async fn host_network_pod_runs_logs_execs_stops_and_is_removed() {
     assert_eq!(String::from_utf8_lossy(&exec.stderr), "err\n");
     assert!(!exec.stdout.is_empty(), "hostname printed");
 
+    // A host-network pod sees the host's interfaces.
+    let interfaces = runtime
+        .exec_sync(ExecSyncRequest { container_id: sleeper.clone(), cmd: vec!["/bin/cat".into(), "/proc/net/dev".into()], timeout: 10 })
+        .await
+        .expect("ExecSync cat")
+        .into_inner();
+    let seen = String::from_utf8_lossy(&interfaces.stdout).into_owned();
+    for host_link in std::fs::read_dir("/sys/class/net").expect("host links").filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).take(5) {
+        assert!(seen.contains(&format!("{host_link}:")), "host interface {host_link} not visible: {seen}");
+    }
+
     let running = runtime.list_containers(ListContainersRequest { filter: Some(ContainerFilter { state: Some(ContainerStateValue { state: ContainerState::ContainerRunning as i32 }), ..Default::default() }) }).await.expect("list").into_inner().containers;
     assert_eq!(running.iter().map(|c| c.id.clone()).collect::<Vec<_>>(), vec![sleeper.clone()]);
     let by_label = runtime.list_containers(ListContainersRequest { filter: Some(ContainerFilter { label_selector: HashMap::from([("container".into(), "three".into())]), ..Default::default() }) }).await.expect("list").into_inner().containers;
@@ -264,5 +275,43 @@ async fn two_hundred_cycles_leave_nothing_behind() {
     assert!(cgroups.is_empty(), "container cgroups left: {cgroups:?}");
     let storage_left: Vec<_> = std::fs::read_dir(node.root().join("state/storage/containers")).map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default();
     assert!(storage_left.is_empty(), "root filesystems left: {storage_left:?}");
+    node.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_with_two_containers_shares_its_network_namespace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = Registry::start(dir.path(), None);
+    let built = image(vec![busybox_layer()], &["/bin/sh"], "amd64", false);
+    registry.push("tests/busybox", "1", &built).await;
+    let node = Node::start(NodeOptions::default()).await;
+    let network = trellis_integration::netns::TestNetwork::new(node.root());
+    network.write(&node.cni_dir());
+    let image = format!("{}/tests/busybox:1", registry.address);
+    node.images().pull_image(PullImageRequest { image: Some(ImageSpec { image: image.clone(), ..Default::default() }), ..Default::default() }).await.expect("pull");
+
+    let logs = dir.path().join("logs");
+    let pod = run_pod(&node, pod_config("twins", logs.to_str().expect("utf-8"), false)).await;
+    let status = node.runtime().pod_sandbox_status(PodSandboxStatusRequest { pod_sandbox_id: pod.id.clone(), verbose: false }).await.expect("status").into_inner().status.expect("status");
+    let pod_ip = status.network.expect("pod network").ip;
+    assert!(network.contains(&pod_ip), "{pod_ip} from the configured range");
+    let first = start(&node, &pod, container_config("first", &image, &["/bin/sleep", "1000"])).await;
+    let second = start(&node, &pod, container_config("second", &image, &["/bin/sleep", "1000"])).await;
+    let mut runtime = node.runtime();
+    for id in [&first, &second] {
+        assert_eq!(self::status(&node, id).await.state, ContainerState::ContainerRunning as i32);
+        let out = runtime
+            .exec_sync(ExecSyncRequest { container_id: id.clone(), cmd: vec!["/bin/sh".into(), "-c".into(), "hostname; cat /proc/net/dev; cat /etc/hosts".into()], timeout: 10 })
+            .await
+            .expect("exec")
+            .into_inner();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(text.starts_with("twins\n"), "the pod's hostname: {text}");
+        assert!(text.contains("eth0:"), "the pod's interface: {text}");
+        assert!(text.contains(&format!("{pod_ip}\ttwins")), "/etc/hosts names the pod: {text}");
+    }
+    runtime.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("stop");
+    runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("remove");
+    assert!(network.allocations().is_empty(), "the address is released: {:?}", network.allocations());
     node.stop();
 }
