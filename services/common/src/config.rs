@@ -129,6 +129,9 @@ pub struct RuntimeConfig {
     pub conmon: String,
     /// Stop timeout (seconds) when the kubelet gives none.
     pub default_stop_timeout_seconds: u64,
+    /// Image of the pause process a pod gets when its containers share one PID
+    /// namespace (pulled through the image service when missing).
+    pub pause_image: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -285,6 +288,7 @@ impl Default for RuntimeConfig {
             runtime_handlers: vec!["runc=runc".into(), "crun=crun".into()],
             conmon: "conmon".into(),
             default_stop_timeout_seconds: 10,
+            pause_image: "registry.k8s.io/pause:3.9".into(),
         }
     }
 }

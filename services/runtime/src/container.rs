@@ -60,6 +60,12 @@ impl Runtime {
         if sandbox.state != SandboxState::Ready as i32 {
             return Err(RuntimeError::FailedPrecondition(format!("pod sandbox {} is not ready (stopped or being set up): no new containers", sandbox.id)));
         }
+        self.create_in_pod(&sandbox, config, sandbox_config, false).await
+    }
+
+    /// Creates a container in a pod the caller holds the lock of; `infra` marks the
+    /// pod's own pause process.
+    pub async fn create_in_pod(&self, sandbox: &crate::records::SandboxRecord, config: ContainerConfig, sandbox_config: Option<PodSandboxConfig>, infra: bool) -> Result<String, RuntimeError> {
         let sandbox_config = sandbox_config.map_or_else(|| decode_config(&sandbox), Ok)?;
         let metadata = config.metadata.clone().ok_or_else(|| RuntimeError::InvalidArgument("ContainerConfig.metadata is missing".into()))?;
         if metadata.name.is_empty() {
@@ -84,6 +90,7 @@ impl Runtime {
             log_path: log.display().to_string(),
             created_at: now_nanos(),
             oci_runtime: self.oci_runtime(&sandbox.runtime_handler)?.display().to_string(),
+            infra,
             ..Default::default()
         };
         self.containers.put(&id, &record)?;
@@ -134,6 +141,7 @@ impl Runtime {
         let rootfs = PathBuf::from(rootfs);
         let security = config.linux.as_ref().and_then(|l| l.security_context.as_ref());
         let user = crate::user::resolve(&rootfs, &image_config.user, security)?;
+        let pid_namespace = self.pod_pid_namespace(&record.sandbox_id, record.infra)?;
         let spec = build(&SpecInput {
             container_id: &record.id,
             container: config,
@@ -144,6 +152,7 @@ impl Runtime {
             rootfs: &rootfs,
             user,
             oom_score_floor: self.oom_score_floor,
+            pid_namespace,
         })?;
         std::fs::create_dir_all(bundle).map_err(|source| RuntimeError::io(format!("cannot create {}", bundle.display()), source))?;
         if let Some(parent) = log.parent() {
@@ -194,11 +203,31 @@ impl Runtime {
 
     fn container(&self, id: &str) -> Result<ContainerRecord, RuntimeError> {
         let record = self.resolve(&self.containers, id, "container", |r| &r.id)?;
+        if record.infra {
+            return Err(RuntimeError::NotFound(format!("container {id} not found")));
+        }
         self.refresh(record)
     }
 
+    /// The pause process's PID namespace, for the containers of a pod that shares one.
+    fn pod_pid_namespace(&self, sandbox_id: &str, is_pause: bool) -> Result<Option<PathBuf>, RuntimeError> {
+        if is_pause {
+            return Ok(None);
+        }
+        let Some(sandbox) = self.sandboxes.get(sandbox_id)? else { return Ok(None) };
+        if sandbox.pause_container_id.is_empty() {
+            return Ok(None);
+        }
+        let pause = self.containers.get(&sandbox.pause_container_id)?.ok_or_else(|| RuntimeError::FailedPrecondition(format!("the pause process of pod {sandbox_id} is gone")))?;
+        Ok(Some(PathBuf::from(format!("/proc/{}/ns/pid", pause.pid))))
+    }
+
     pub async fn start_container(&self, id: &str) -> Result<(), RuntimeError> {
-        let mut record = self.container(id)?;
+        let record = self.container(id)?;
+        self.start_record(record).await
+    }
+
+    pub async fn start_record(&self, mut record: ContainerRecord) -> Result<(), RuntimeError> {
         let _guard = self.lock(&record.id).await;
         if record.state != ContainerState::Created as i32 {
             return Err(RuntimeError::FailedPrecondition(format!("container {} is not in the created state", record.id)));
@@ -313,7 +342,7 @@ impl Runtime {
         let filter = filter.unwrap_or_default();
         let mut list = Vec::new();
         for record in self.containers.all()? {
-            if record.state == ContainerState::Creating as i32 {
+            if record.state == ContainerState::Creating as i32 || record.infra {
                 continue;
             }
             let record = self.refresh(record)?;

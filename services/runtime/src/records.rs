@@ -34,6 +34,9 @@ pub struct SandboxRecord {
     pub ips: Vec<String>,
     #[prost(string, tag = "7")]
     pub runtime_handler: String,
+    /// The pause container, for pods whose containers share one PID namespace.
+    #[prost(string, tag = "8")]
+    pub pause_container_id: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
@@ -81,6 +84,9 @@ pub struct ContainerRecord {
     pub oci_runtime: String,
     #[prost(string, tag = "16")]
     pub stop_signal: String,
+    /// The pod's pause process: not shown to the kubelet as a container.
+    #[prost(bool, tag = "17")]
+    pub infra: bool,
 }
 
 /// A typed table of prost records keyed by id.

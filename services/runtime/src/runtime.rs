@@ -25,6 +25,7 @@ pub struct Runtime {
     pub oci: Oci,
     pub storage: Channel,
     pub network: Channel,
+    pub images: Channel,
     pub bus: EventBus,
     /// This process's oom_score_adj: containers cannot be given less (no CAP_SYS_RESOURCE).
     pub oom_score_floor: i32,
@@ -46,6 +47,7 @@ impl Runtime {
             containers: Records::open(store, "containers")?,
             storage: unix_channel(&config.endpoint(ServiceKind::Storage).socket),
             network: unix_channel(&config.endpoint(ServiceKind::Network).socket),
+            images: unix_channel(&config.endpoint(ServiceKind::Image).socket),
             dir,
             config,
             bus,

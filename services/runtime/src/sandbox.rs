@@ -43,9 +43,6 @@ fn validate(config: &PodSandboxConfig) -> Result<&PodSandboxMetadata, RuntimeErr
     if !config.log_directory.is_empty() && !Path::new(&config.log_directory).is_absolute() {
         return Err(RuntimeError::InvalidArgument(format!("log_directory {} must be an absolute path", config.log_directory)));
     }
-    if namespace_options(config).pid == NamespaceMode::Pod as i32 {
-        return Err(RuntimeError::InvalidArgument("a PID namespace shared by the whole pod (NamespaceMode POD) is not supported yet".into()));
-    }
     Ok(metadata)
 }
 
@@ -108,10 +105,8 @@ impl Runtime {
             ..Default::default()
         };
         self.sandboxes.put(&id, &record)?;
-        match self.set_up_pod(&id, &config).await {
-            Ok((netns_path, ips)) => {
-                record.netns_path = netns_path;
-                record.ips = ips;
+        match self.set_up_pod(&mut record, &config).await {
+            Ok(()) => {
                 record.state = SandboxState::Ready as i32;
                 self.sandboxes.put(&id, &record)?;
                 self.publish(sandbox_event(sandbox_event::Kind::Created, &id, &config));
@@ -119,19 +114,67 @@ impl Runtime {
                 Ok(id)
             }
             Err(error) => {
-                if let Err(cleanup) = self.release_pod(&id).await {
+                if let Err(cleanup) = self.tear_down_failed_pod(&id).await {
                     tracing::error!(sandbox = %id, %cleanup, "rolling back a failed RunPodSandbox did not finish; it is retried at start");
-                    return Err(error);
                 }
-                self.sandboxes.delete(&id)?;
-                let _ = std::fs::remove_dir_all(self.pod_dir(&id));
                 Err(error)
             }
         }
     }
 
-    async fn set_up_pod(&self, id: &str, config: &PodSandboxConfig) -> Result<(String, Vec<String>), RuntimeError> {
-        let pod_dir = self.pod_dir(id);
+    /// Undoes a pod whose set-up failed: its containers (the pause process), network,
+    /// namespaces, files and record.
+    async fn tear_down_failed_pod(&self, id: &str) -> Result<(), RuntimeError> {
+        for container in self.containers.all()?.into_iter().filter(|c| c.sandbox_id == id) {
+            self.remove_container_now(&container.id).await?;
+        }
+        self.release_pod(id).await?;
+        let _ = std::fs::remove_dir_all(self.pod_dir(id));
+        self.sandboxes.delete(id)
+    }
+
+    /// The pause image, pulled through the image service when it is not present.
+    async fn ensure_pause_image(&self) -> Result<String, RuntimeError> {
+        use trellis_proto::storage::v1::{GetImageRequest, storage_client::StorageClient};
+        let image = self.config.runtime.pause_image.clone();
+        let mut lookup = tonic::Request::new(GetImageRequest { reference: image.clone() });
+        inject_grpc_context(lookup.metadata_mut());
+        match StorageClient::new(self.storage.clone()).get_image(lookup).await {
+            Ok(_) => return Ok(image),
+            Err(status) if status.code() == tonic::Code::NotFound => {}
+            Err(status) => return Err(RuntimeError::storage(status)),
+        }
+        let mut pull = tonic::Request::new(PullImageRequest { image: Some(ImageSpec { image: image.clone(), ..Default::default() }), ..Default::default() });
+        inject_grpc_context(pull.metadata_mut());
+        image_service_client::ImageServiceClient::new(self.images.clone())
+            .pull_image(pull)
+            .await
+            .map_err(|status| RuntimeError::Backend { service: "image", status })?;
+        Ok(image)
+    }
+
+    /// Starts the pod's pause process: the init of the PID namespace its containers share.
+    async fn start_pause(&self, record: &mut SandboxRecord, config: &PodSandboxConfig) -> Result<(), RuntimeError> {
+        let image = self.ensure_pause_image().await?;
+        let pause = ContainerConfig {
+            metadata: Some(ContainerMetadata { name: "POD".into(), attempt: 0 }),
+            image: Some(ImageSpec { image, ..Default::default() }),
+            linux: Some(LinuxContainerConfig {
+                security_context: Some(LinuxContainerSecurityContext { namespace_options: Some(namespace_options(config)), ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let id = self.create_in_pod(record, pause, Some(config.clone()), true).await?;
+        record.pause_container_id = id.clone();
+        self.sandboxes.put(&record.id, record)?;
+        let pause = self.containers.get(&id)?.ok_or_else(|| RuntimeError::Oci(format!("pause container {id} vanished")))?;
+        self.start_record(pause).await
+    }
+
+    async fn set_up_pod(&self, record: &mut SandboxRecord, config: &PodSandboxConfig) -> Result<(), RuntimeError> {
+        let id = record.id.clone();
+        let pod_dir = self.pod_dir(&id);
         std::fs::create_dir_all(&pod_dir).map_err(|source| RuntimeError::io(format!("cannot create {}", pod_dir.display()), source))?;
         let options = namespace_options(config);
         let host_network = options.network == NamespaceMode::Node as i32;
@@ -149,7 +192,7 @@ impl Runtime {
             .collect();
         let dns = config.dns_config.as_ref().map(|d| network::DnsConfig { servers: d.servers.clone(), searches: d.searches.clone(), options: d.options.clone() });
         let mut request = tonic::Request::new(network::SetUpPodRequest {
-            sandbox_id: id.to_string(),
+            sandbox_id: id.clone(),
             pod_name: metadata.name,
             pod_namespace: metadata.namespace,
             pod_uid: metadata.uid,
@@ -161,9 +204,14 @@ impl Runtime {
         });
         inject_grpc_context(request.metadata_mut());
         let pod_network = self.network_client().set_up_pod(request).await.map_err(RuntimeError::network)?.into_inner();
-        let ips: Vec<String> = pod_network.ips.into_iter().map(|ip| ip.ip).collect();
-        write_pod_files(&pod_dir, config, &ips)?;
-        Ok((pod_network.netns_path, ips))
+        record.ips = pod_network.ips.into_iter().map(|ip| ip.ip).collect();
+        record.netns_path = pod_network.netns_path;
+        self.sandboxes.put(&id, record)?;
+        write_pod_files(&pod_dir, config, &record.ips)?;
+        if options.pid == NamespaceMode::Pod as i32 {
+            self.start_pause(record, config).await?;
+        }
+        Ok(())
     }
 
     /// Undoes everything a pod holds but its record and containers: network,

@@ -92,6 +92,31 @@ pub struct SpecInput<'a> {
     pub user: ResolvedUser,
     /// This service's own oom_score_adj: the floor, since it cannot go lower.
     pub oom_score_floor: i32,
+    /// The PID namespace to join (the pod's pause process's), when the pod shares one.
+    pub pid_namespace: Option<PathBuf>,
+}
+
+/// The cgroupfs path of a container under the pod's cgroup parent: a cgroupfs path
+/// as given, a systemd slice name expanded the way systemd nests slices
+/// (`a-b.slice` → `/a.slice/a-b.slice`), or `/trellis` when there is none.
+pub fn cgroups_path(parent: &str, container_id: &str) -> String {
+    let parent = if let Some(name) = parent.strip_suffix(".slice").filter(|n| !n.contains('/')) {
+        let mut path = String::new();
+        let mut prefix = String::new();
+        for part in name.split('-').filter(|p| !p.is_empty()) {
+            if !prefix.is_empty() {
+                prefix.push('-');
+            }
+            prefix.push_str(part);
+            path.push_str(&format!("/{prefix}.slice"));
+        }
+        path
+    } else if parent.starts_with('/') {
+        parent.trim_end_matches('/').to_string()
+    } else {
+        "/trellis".to_string()
+    };
+    format!("{parent}/{container_id}")
 }
 
 fn invalid(message: String) -> RuntimeError {
@@ -254,7 +279,7 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
     let pin = |kind: &str| Some(crate::namespaces::pin_path(input.pod_dir, kind));
     let mut linux_namespaces = vec![namespace(LinuxNamespaceType::Mount, None)?];
     if namespaces.pid != NamespaceMode::Node as i32 {
-        linux_namespaces.push(namespace(LinuxNamespaceType::Pid, None)?);
+        linux_namespaces.push(namespace(LinuxNamespaceType::Pid, input.pid_namespace.clone())?);
     }
     if namespaces.network != NamespaceMode::Node as i32 {
         linux_namespaces.push(namespace(LinuxNamespaceType::Network, (!input.netns_path.is_empty()).then(|| PathBuf::from(input.netns_path)))?);
@@ -266,7 +291,7 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
         linux_namespaces.push(namespace(LinuxNamespaceType::Uts, pin("uts"))?);
     }
     let parent = input.sandbox.linux.as_ref().map(|l| l.cgroup_parent.clone()).unwrap_or_default();
-    let cgroups_path = if parent.starts_with('/') { format!("{}/{}", parent.trim_end_matches('/'), input.container_id) } else { format!("/trellis/{}", input.container_id) };
+    let cgroups_path = cgroups_path(&parent, input.container_id);
     let resources = container.linux.as_ref().and_then(|l| l.resources.clone()).unwrap_or_default();
     let mut memory = LinuxMemoryBuilder::default();
     if resources.memory_limit_in_bytes > 0 {
@@ -299,4 +324,28 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
     }
     spec.set_linux(Some(built(linux.build(), "linux section")?));
     Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_parents_of_both_kinds() {
+        assert_eq!(cgroups_path("", "c1"), "/trellis/c1");
+        assert_eq!(cgroups_path("/kubepods/besteffort/pod12/", "c1"), "/kubepods/besteffort/pod12/c1");
+        assert_eq!(cgroups_path("kubepods-besteffort-pod12.slice", "c1"), "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod12.slice/c1");
+    }
+
+    #[test]
+    fn command_prefers_the_request_then_the_image() {
+        let image = ImageConfig { entrypoint: vec!["/entry".into()], cmd: vec!["default".into()], ..Default::default() };
+        let plain = ContainerConfig::default();
+        assert_eq!(command(&plain, &image).expect("image"), vec!["/entry", "default"]);
+        let args = ContainerConfig { args: vec!["x".into()], ..Default::default() };
+        assert_eq!(command(&args, &image).expect("args"), vec!["/entry", "x"]);
+        let cmd = ContainerConfig { command: vec!["/bin/sh".into()], ..Default::default() };
+        assert_eq!(command(&cmd, &image).expect("command"), vec!["/bin/sh"]);
+        assert!(command(&plain, &ImageConfig::default()).is_err());
+    }
 }

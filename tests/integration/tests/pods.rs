@@ -315,3 +315,43 @@ async fn a_pod_with_two_containers_shares_its_network_namespace() {
     assert!(network.allocations().is_empty(), "the address is released: {:?}", network.allocations());
     node.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn containers_of_a_pod_sharing_one_pid_namespace_see_its_pause_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = Registry::start(dir.path(), None);
+    let busybox = image(vec![busybox_layer()], &["/bin/sh"], "amd64", false);
+    registry.push("tests/busybox", "1", &busybox).await;
+    let pause = image(vec![busybox_layer()], &["/bin/sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done # pause"], "amd64", false);
+    registry.push("tests/pause", "1", &pause).await;
+    let extra_config = format!("[runtime]\npause_image = \"{}/tests/pause:1\"\n", registry.address);
+    let node = Node::start(NodeOptions { extra_config, ..Default::default() }).await;
+    let image = format!("{}/tests/busybox:1", registry.address);
+    node.images().pull_image(PullImageRequest { image: Some(ImageSpec { image: image.clone(), ..Default::default() }), ..Default::default() }).await.expect("pull");
+
+    let mut config = pod_config("sharedpid", dir.path().join("logs").to_str().expect("utf-8"), true);
+    if let Some(options) = config.linux.as_mut().and_then(|l| l.security_context.as_mut()).and_then(|s| s.namespace_options.as_mut()) {
+        options.pid = NamespaceMode::Pod as i32;
+    }
+    let pod = run_pod(&node, config).await;
+    let first = start(&node, &pod, container_config("first", &image, &["/bin/sleep", "1000"])).await;
+    let second = start(&node, &pod, container_config("second", &image, &["/bin/sleep", "1001"])).await;
+    let mut runtime = node.runtime();
+    let exec = |id: String| {
+        let mut runtime = node.runtime();
+        async move {
+            let out = runtime.exec_sync(ExecSyncRequest { container_id: id, cmd: vec!["/bin/sh".into(), "-c".into(), "cat /proc/1/cmdline; echo; cat /proc/[0-9]*/cmdline".into()], timeout: 10 }).await.expect("exec").into_inner();
+            String::from_utf8_lossy(&out.stdout).replace('\0', " ")
+        }
+    };
+    for id in [first.clone(), second.clone()] {
+        let text = exec(id).await;
+        assert!(text.lines().next().is_some_and(|l| l.contains("# pause")), "PID 1 is the pod's pause process: {text}");
+        assert!(text.contains("sleep 1000") && text.contains("sleep 1001"), "each sees the other's process: {text}");
+    }
+    let listed = runtime.list_containers(ListContainersRequest::default()).await.expect("list").into_inner().containers;
+    assert_eq!(listed.len(), 2, "the pause process is not a container of the kubelet's");
+    runtime.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("stop");
+    runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("remove");
+    node.stop();
+}
