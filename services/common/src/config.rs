@@ -435,7 +435,10 @@ impl ConfigSource {
 
         for (name, value) in env {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
-            if name == CONFIG_FILE_ENV {
+            // Only variables naming one of our sections are configuration; a typo in
+            // a key of a known section is an error, other TRELLIS_ variables are not ours.
+            let names_a_section = rest.split_once('_').is_some_and(|(section, _)| defaults.get(section.to_ascii_lowercase()).is_some());
+            if name == CONFIG_FILE_ENV || !names_a_section {
                 continue;
             }
             let key = env_key(rest, &defaults).ok_or_else(|| ConfigError::UnknownKey {
@@ -721,6 +724,7 @@ mod tests {
         assert!(message.contains("TRELLIS_GATEWAY_BACKEND_RETRY_MS") && message.contains("non-negative integer"), "{message}");
         let message = load(&file, &[("TRELLIS_GATEWAY_NOPE", "1")], &[]).expect_err("must fail").to_string();
         assert!(message.contains("unknown configuration key"), "{message}");
+        load(&file, &[("TRELLIS_BIN_DIR", "/x"), ("TRELLIS", "y")], &[]).expect("variables naming no section are not configuration");
         let message = load(&file, &[], &["gateway.socket_mode=rw"]).expect_err("must fail").to_string();
         assert!(message.contains("--set gateway.socket_mode=rw") && message.contains("octal"), "{message}");
         assert!(matches!(load(&file, &[], &["novalue"]), Err(ConfigError::BadFlag(_))));

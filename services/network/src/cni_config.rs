@@ -19,11 +19,25 @@ pub enum CniError {
     PluginMissing { plugin: String, file: PathBuf, dirs: String },
 }
 
+impl CniError {
+    /// The CamelCase reason reported with NetworkReady false.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoConfig { .. } | Self::ReadDir { .. } => "NoCNIConfiguration",
+            Self::PluginMissing { .. } => "CNIPluginMissing",
+            Self::Invalid { .. } => "InvalidCNIConfiguration",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct CniNetwork {
     pub file: PathBuf,
     pub name: String,
     pub plugins: Vec<String>,
+    /// The configuration as a list (`{"cniVersion", "name", "plugins": [..]}`), a single
+    /// plugin `.conf` wrapped into one: exactly what set-up uses and records.
+    pub config: serde_json::Value,
 }
 
 const EXTENSIONS: [&str; 3] = ["conflist", "conf", "json"];
@@ -61,12 +75,14 @@ fn parse(file: &Path) -> Result<CniNetwork, CniError> {
     let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
     let name = value.get("name").and_then(|n| n.as_str()).filter(|n| !n.is_empty()).ok_or_else(|| invalid("has no \"name\"".into()))?;
     let is_list = file.extension().is_some_and(|e| e == "conflist") || value.get("plugins").is_some();
-    let plugin_values: Vec<&serde_json::Value> = if is_list {
-        let plugins = value.get("plugins").and_then(|p| p.as_array()).ok_or_else(|| invalid("a .conflist needs a \"plugins\" array".into()))?;
-        plugins.iter().collect()
+    let config = if is_list {
+        value.clone()
     } else {
-        vec![&value]
+        let version = value.get("cniVersion").cloned().unwrap_or_else(|| serde_json::Value::String(String::new()));
+        serde_json::json!({ "cniVersion": version, "name": name, "plugins": [value.clone()] })
     };
+    let plugin_values: Vec<&serde_json::Value> =
+        config.get("plugins").and_then(|p| p.as_array()).ok_or_else(|| invalid("a .conflist needs a \"plugins\" array".into()))?.iter().collect();
     if plugin_values.is_empty() {
         return Err(invalid("\"plugins\" is empty".into()));
     }
@@ -77,14 +93,26 @@ fn parse(file: &Path) -> Result<CniNetwork, CniError> {
             plugin.get("type").and_then(|t| t.as_str()).filter(|t| !t.is_empty()).map(str::to_string).ok_or_else(|| invalid(format!("plugin {i} has no \"type\"")))
         })
         .collect::<Result<_, _>>()?;
-    Ok(CniNetwork { file: file.to_path_buf(), name: name.to_string(), plugins })
+    Ok(CniNetwork { file: file.to_path_buf(), name: name.to_string(), plugins, config })
+}
+
+/// The plugin binary `plugin` in the first of `plugin_dirs` that has it.
+pub fn find_plugin(plugin: &str, plugin_dirs: &[PathBuf]) -> Option<PathBuf> {
+    // A type such as "../x" would escape the plugin directories.
+    if plugin.contains('/') {
+        return None;
+    }
+    plugin_dirs.iter().map(|dir| dir.join(plugin)).find(|path| path.is_file())
+}
+
+pub fn describe_dirs(plugin_dirs: &[PathBuf]) -> String {
+    plugin_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
 fn check_plugins(network: &CniNetwork, plugin_dirs: &[PathBuf]) -> Result<(), CniError> {
     for plugin in &network.plugins {
-        if !plugin_dirs.iter().any(|dir| dir.join(plugin).is_file()) {
-            let dirs = plugin_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ");
-            return Err(CniError::PluginMissing { plugin: plugin.clone(), file: network.file.clone(), dirs });
+        if find_plugin(plugin, plugin_dirs).is_none() {
+            return Err(CniError::PluginMissing { plugin: plugin.clone(), file: network.file.clone(), dirs: describe_dirs(plugin_dirs) });
         }
     }
     Ok(())
@@ -122,11 +150,22 @@ mod tests {
         let network = load_network(&conf, &bins).expect("ready");
         assert_eq!(network.name, "net");
         assert_eq!(network.plugins, vec!["bridge", "portmap"]);
+        assert_eq!(network.config["plugins"][1]["type"], "portmap");
 
         std::fs::remove_file(conf.join("10-net.conflist")).expect("rm");
         std::fs::remove_file(conf.join("20-other.conf")).expect("rm");
         let message = load_network(&conf, &bins).expect_err("only broken").to_string();
         assert!(message.contains("00-broken.conflist") && message.contains("not valid JSON"), "{message}");
+    }
+
+    #[test]
+    fn single_plugin_conf_becomes_a_list() {
+        let (_root, conf, bins) = setup();
+        std::fs::write(conf.join("10-one.conf"), r#"{"cniVersion":"0.4.0","name":"one","type":"bridge","bridge":"br9"}"#).expect("write");
+        let network = load_network(&conf, &bins).expect("ready");
+        assert_eq!(network.config["cniVersion"], "0.4.0");
+        assert_eq!(network.config["name"], "one");
+        assert_eq!(network.config["plugins"][0]["bridge"], "br9");
     }
 
     #[test]

@@ -89,6 +89,8 @@ impl Oci {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(conmon_log)
+            // conmon writes some files (the `oom` marker) relative to where it runs.
+            .current_dir(launch.bundle)
             .process_group(0);
         crate::inherit_fd::keep_open_in_child(&mut command, sync_write.as_raw_fd());
         let mut child = command.spawn().map_err(|source| RuntimeError::io(format!("cannot start {}", self.conmon.display()), source))?;
@@ -172,10 +174,27 @@ impl Oci {
 
     /// Runs a command in the container and collects its output and exit code.
     pub async fn exec_sync(&self, runtime: &Path, id: &str, cmd: &[String], timeout: Option<Duration>) -> Result<(Vec<u8>, Vec<u8>, i32), RuntimeError> {
+        // The runtime writes the exec'd process's pid here, so a timeout can kill it
+        // inside the container (killing `runc exec` alone would leave it running).
+        let pid_file = self.exits_dir().join(format!("exec-{}", crate::records::new_id()?));
+        let result = self.exec_with_pid_file(runtime, id, cmd, timeout, &pid_file).await;
+        if matches!(result, Err(RuntimeError::Timeout { .. }))
+            && let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = std::fs::remove_file(&pid_file);
+        result
+    }
+
+    async fn exec_with_pid_file(&self, runtime: &Path, id: &str, cmd: &[String], timeout: Option<Duration>, pid_file: &Path) -> Result<(Vec<u8>, Vec<u8>, i32), RuntimeError> {
         let mut child = Command::new(runtime)
             .arg("--root")
             .arg(self.runc_root())
-            .args(["exec", id])
+            .arg("exec")
+            .arg("--pid-file")
+            .arg(pid_file)
+            .arg(id)
             .args(cmd)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

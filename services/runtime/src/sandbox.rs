@@ -46,8 +46,28 @@ fn validate(config: &PodSandboxConfig) -> Result<&PodSandboxMetadata, RuntimeErr
     Ok(metadata)
 }
 
-fn hostname_of(config: &PodSandboxConfig) -> String {
-    if config.hostname.is_empty() { config.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default() } else { config.hostname.clone() }
+/// The pod's hostname: the requested one, else the pod's name, cut to the 63
+/// characters the kernel (and DNS) allow, as the kubelet does.
+pub fn hostname_of(config: &PodSandboxConfig) -> String {
+    let name = if config.hostname.is_empty() { config.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or_default() } else { config.hostname.as_str() };
+    let mut hostname: String = name.chars().take(63).collect();
+    while hostname.ends_with(['-', '.']) {
+        hostname.pop();
+    }
+    hostname
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_pod_names_make_valid_hostnames() {
+        let long = PodSandboxConfig { metadata: Some(PodSandboxMetadata { name: format!("{}-{}", "a".repeat(62), "tail"), ..Default::default() }), ..Default::default() };
+        assert_eq!(hostname_of(&long), "a".repeat(62));
+        let given = PodSandboxConfig { hostname: "web-0".into(), ..long };
+        assert_eq!(hostname_of(&given), "web-0");
+    }
 }
 
 fn write_pod_files(pod_dir: &Path, config: &PodSandboxConfig, ips: &[String]) -> Result<(), RuntimeError> {

@@ -193,10 +193,13 @@ fn bind(destination: &str, source: &Path, options: &[&str]) -> Result<Mount, Run
 pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
     let container = input.container;
     let security = container.linux.as_ref().and_then(|l| l.security_context.as_ref());
+    if security.is_some_and(|s| s.run_as_group.is_some() && s.run_as_user.is_none() && s.run_as_username.is_empty()) {
+        return Err(invalid("run_as_group needs run_as_user or run_as_username".into()));
+    }
     let pod_security = input.sandbox.linux.as_ref().and_then(|l| l.security_context.as_ref());
     let namespaces = security.and_then(|s| s.namespace_options.clone()).or_else(|| pod_security.and_then(|s| s.namespace_options.clone())).unwrap_or_default();
     let privileged = security.is_some_and(|s| s.privileged);
-    let hostname = if input.sandbox.hostname.is_empty() { input.sandbox.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default() } else { input.sandbox.hostname.clone() };
+    let hostname = crate::sandbox::hostname_of(input.sandbox);
 
     let mut spec = Spec::default();
     spec.set_hostname((namespaces.network != NamespaceMode::Node as i32).then(|| hostname.clone()));

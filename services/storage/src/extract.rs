@@ -49,6 +49,10 @@ fn nix_error(entry: &Path) -> impl Fn(nix::Error) -> ExtractError + '_ {
 
 /// The entry's path as a relative path of normal components, or a refusal.
 fn sanitize(raw: &Path) -> Result<PathBuf, ExtractError> {
+    // `/` alone (umoci writes it) names the layer's root, which is not an escape.
+    if raw.components().all(|c| matches!(c, Component::RootDir | Component::CurDir)) {
+        return Ok(PathBuf::new());
+    }
     let mut clean = PathBuf::new();
     for component in raw.components() {
         match component {
@@ -109,7 +113,18 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<u64, ExtractError> {
     // not stop its own entries from being written.
     let mut directories = Vec::new();
     for entry in archive.entries().map_err(ExtractError::Tar)? {
-        let mut entry = entry.map_err(ExtractError::Tar)?;
+        let mut entry = match entry {
+            Ok(entry) => entry,
+            // Some image builders end the stream right after the last entry's data,
+            // without padding or the end-of-archive blocks; Go's reader (containerd)
+            // accepts that, and the diff id still vouches for every byte. A stream
+            // cut inside an entry's data fails where that data is read instead.
+            Err(error) if error.to_string().contains("unexpected EOF during skip") => {
+                tracing::debug!("layer ends without its end-of-archive blocks");
+                break;
+            }
+            Err(error) => return Err(ExtractError::Tar(error)),
+        };
         let raw = entry.path().map_err(ExtractError::Tar)?.into_owned();
         let relative = sanitize(&raw)?;
         if relative.as_os_str().is_empty() {
@@ -155,7 +170,11 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<u64, ExtractError> {
                     .mode(0o600)
                     .open(&target)
                     .map_err(io_error(&raw))?;
-                written += io::copy(&mut entry, &mut file).map_err(io_error(&raw))?;
+                let copied = io::copy(&mut entry, &mut file).map_err(io_error(&raw))?;
+                if copied != header.size().map_err(ExtractError::Tar)? {
+                    return Err(refused(&raw, "the layer ends inside this file's data"));
+                }
+                written += copied;
             }
             tar::EntryType::Symlink => {
                 let link = entry.link_name().map_err(ExtractError::Tar)?.ok_or_else(|| refused(&raw, "symlink without a target"))?;
@@ -283,6 +302,7 @@ mod tests {
     fn regular_layer_with_links_and_whiteouts() {
         use tar::EntryType::*;
         let (dir, result) = unpack_into(&[
+            ("/", Directory, None, b""),
             ("etc/", Directory, None, b""),
             ("etc/hostname", Regular, None, b"box\n"),
             ("etc/alias", Link, Some("etc/hostname"), b""),
@@ -299,6 +319,19 @@ mod tests {
         assert!(whiteout.file_type().is_char_device() && whiteout.rdev() == 0);
         assert_eq!(xattr::get(layer.join("opt"), OPAQUE_XATTR).expect("xattr"), Some(b"y".to_vec()));
         assert_eq!(std::fs::metadata(layer.join("etc")).expect("dir").mode() & 0o777, 0o755);
+    }
+
+    #[test]
+    fn a_stream_without_its_trailer_still_unpacks_but_a_cut_file_does_not() {
+        let full = archive(&[("a", tar::EntryType::Regular, None, b"12345"), ("b", tar::EntryType::Regular, None, b"678")]);
+        // Headers and data of both entries, no padding after b, no trailer.
+        let without_trailer = &full[..512 + 512 + 512 + 3];
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(unpack(without_trailer, dir.path()).expect("accepted"), 8);
+        assert_eq!(std::fs::read(dir.path().join("b")).expect("b"), b"678");
+        let cut_inside = &full[..512 + 512 + 512 + 2];
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(unpack(cut_inside, dir.path()).is_err(), "a file cut short is an error");
     }
 
     #[test]

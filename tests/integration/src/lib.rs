@@ -19,24 +19,25 @@ use trellis_proto::service::v1::InfoResponse;
 use trellis_proto::service::v1::service_info_client::ServiceInfoClient;
 
 pub mod nats;
+pub mod netns;
 pub mod otlp;
+pub mod peer;
+pub mod registry;
 
 pub const SERVICES: [&str; 5] = ["storage", "network", "image", "runtime", "gateway"];
 
 /// Where the built binaries are: `$TRELLIS_BIN_DIR`, or the cargo target directory
-/// this test binary was built into (`target/<profile>/deps/..`).
+/// this executable was built into (`target/<profile>` for a bench binary,
+/// `target/<profile>/deps` for a test).
 pub fn bin_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("TRELLIS_BIN_DIR") {
         return PathBuf::from(dir);
     }
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
-    assert!(
-        dir.join("trellis").is_file(),
-        "no trellis binary in {}: build the binaries first (`cargo build --bins`) or set TRELLIS_BIN_DIR",
-        dir.display()
-    );
-    dir
+    let exe = std::env::current_exe().expect("executable path");
+    let candidates: Vec<PathBuf> = exe.ancestors().skip(1).take(2).map(Path::to_path_buf).collect();
+    candidates.iter().find(|dir| dir.join("trellis").is_file()).cloned().unwrap_or_else(|| {
+        panic!("no trellis binary beside {}: build the binaries first (`cargo build --bins`) or set TRELLIS_BIN_DIR", exe.display())
+    })
 }
 
 pub fn binary(name: &str) -> PathBuf {
@@ -50,6 +51,14 @@ pub fn unix_channel(socket: &Path) -> Channel {
         let socket = socket.clone();
         async move { tokio::net::UnixStream::connect(socket).await.map(hyper_util::rt::TokioIo::new) }
     }))
+}
+
+/// oci-client's rustls needs a crypto provider chosen once per process.
+pub fn install_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; fine for tests).
@@ -244,6 +253,24 @@ impl Drop for Node {
         for pid in processes_mentioning(self.root()) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
+        release_containers_and_mounts(self.root());
+    }
+}
+
+/// After a failed test: containers runc still knows under this root are deleted
+/// (their processes killed, their cgroups removed), then every mount under the root
+/// is detached, deepest first.
+fn release_containers_and_mounts(root: &Path) {
+    let runc_root = root.join("run/runtime/runc");
+    for container in std::fs::read_dir(&runc_root).into_iter().flatten().filter_map(Result::ok) {
+        let _ = Command::new("runc").arg("--root").arg(&runc_root).args(["delete", "--force"]).arg(container.file_name()).output();
+    }
+    let root_text = root.display().to_string();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<&str> = mounts.lines().filter_map(|line| line.split_whitespace().nth(4)).filter(|p| p.starts_with(&root_text)).collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for point in points {
+        let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 

@@ -43,12 +43,12 @@ async fn version_and_status_fan_in() {
 #[tokio::test(flavor = "multi_thread")]
 async fn rpcs_not_built_yet_are_unimplemented_by_name() {
     let node = Node::start(NodeOptions::default()).await;
-    let error = node.runtime().run_pod_sandbox(RunPodSandboxRequest::default()).await.expect_err("not built yet");
+    let error = node.runtime().port_forward(PortForwardRequest::default()).await.expect_err("not built yet");
     assert_eq!(error.code(), tonic::Code::Unimplemented);
-    assert!(error.message().contains("RunPodSandbox"), "{}", error.message());
-    let error = node.images().pull_image(PullImageRequest::default()).await.expect_err("not built yet");
+    assert!(error.message().contains("PortForward"), "{}", error.message());
+    let error = node.runtime().list_container_stats(ListContainerStatsRequest::default()).await.expect_err("not built yet");
     assert_eq!(error.code(), tonic::Code::Unimplemented);
-    assert!(error.message().contains("PullImage"), "{}", error.message());
+    assert!(error.message().contains("ListContainerStats"), "{}", error.message());
 
     // ImageFsInfo is served end to end: gateway → image → storage.
     let info = node.images().image_fs_info(ImageFsInfoRequest::default()).await.expect("ImageFsInfo").into_inner();

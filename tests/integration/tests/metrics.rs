@@ -19,14 +19,14 @@ async fn gateway_reports_latency_and_errors_per_method() {
     let mut runtime = node.runtime();
     runtime.version(VersionRequest::default()).await.expect("Version");
     runtime.version(VersionRequest::default()).await.expect("Version");
-    runtime.run_pod_sandbox(RunPodSandboxRequest::default()).await.expect_err("not built yet");
+    runtime.run_pod_sandbox(RunPodSandboxRequest::default()).await.expect_err("no config");
 
     let address = node.info("gateway").await.expect("info").metrics_address;
     assert!(address.starts_with("127.0.0.1:"), "{address}");
     let body = scrape(&address);
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
     assert!(body.contains("trellis_gateway_request_duration_seconds_count{method=\"Version\"} 2"), "{body}");
-    assert!(body.contains("trellis_gateway_request_errors_total{method=\"RunPodSandbox\",code=\"Unimplemented\"} 1"), "{body}");
+    assert!(body.contains("trellis_gateway_request_errors_total{method=\"RunPodSandbox\",code=\"InvalidArgument\"} 1"), "{body}");
     assert!(body.contains("trellis_bus_connected"), "{body}");
     // The other services were not asked for a metrics listener, so have none.
     assert!(node.info("runtime").await.expect("info").metrics_address.is_empty());

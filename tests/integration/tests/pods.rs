@@ -128,6 +128,19 @@ async fn host_network_pod_runs_logs_execs_stops_and_is_removed() {
         assert!(seen.contains(&format!("{host_link}:")), "host interface {host_link} not visible: {seen}");
     }
 
+    // A command that outlives its timeout is killed inside the container too.
+    let error = runtime
+        .exec_sync(ExecSyncRequest { container_id: sleeper.clone(), cmd: vec!["/bin/sleep".into(), "4321".into()], timeout: 1 })
+        .await
+        .expect_err("timed out");
+    assert_eq!(error.code(), Code::DeadlineExceeded);
+    let left = runtime
+        .exec_sync(ExecSyncRequest { container_id: sleeper.clone(), cmd: vec!["/bin/sh".into(), "-c".into(), "cat /proc/[0-9]*/cmdline | tr '\\0' ' '".into()], timeout: 10 })
+        .await
+        .expect("exec")
+        .into_inner();
+    assert!(!String::from_utf8_lossy(&left.stdout).contains("4321"), "the timed-out process is gone");
+
     let running = runtime.list_containers(ListContainersRequest { filter: Some(ContainerFilter { state: Some(ContainerStateValue { state: ContainerState::ContainerRunning as i32 }), ..Default::default() }) }).await.expect("list").into_inner().containers;
     assert_eq!(running.iter().map(|c| c.id.clone()).collect::<Vec<_>>(), vec![sleeper.clone()]);
     let by_label = runtime.list_containers(ListContainersRequest { filter: Some(ContainerFilter { label_selector: HashMap::from([("container".into(), "three".into())]), ..Default::default() }) }).await.expect("list").into_inner().containers;

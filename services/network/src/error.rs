@@ -1,0 +1,78 @@
+//! The network service's one error type, and how each error is told to a caller.
+
+use trellis_common::store::StoreError;
+
+use crate::cni::CniExecError;
+use crate::cni::result::CODE_TRY_AGAIN_LATER;
+use crate::cni_config::CniError;
+use crate::netns::NetnsError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
+    #[error("the pod network is not ready ({reason}): {source}")]
+    NotReady {
+        reason: &'static str,
+        #[source]
+        source: CniError,
+    },
+    #[error(transparent)]
+    Plugin(#[from] CniExecError),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("records of sandbox {sandbox_id}: {source}")]
+    PodStore {
+        sandbox_id: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("record of sandbox {sandbox_id} in table {table} cannot be (de)serialised: {source}")]
+    Record {
+        sandbox_id: String,
+        table: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("sandbox {sandbox_id}: the CNI result of network {network} is unusable: {message}")]
+    BadResult { sandbox_id: String, network: String, message: String },
+    #[error("sandbox {0} has no pod network")]
+    NotFound(String),
+    #[error("{error}; rolling back sandbox {sandbox_id} also failed: {rollback} (TearDownPod retries it)")]
+    RollbackFailed { sandbox_id: String, error: Box<NetworkError>, rollback: Box<NetworkError> },
+}
+
+impl NetworkError {
+    pub fn not_ready(source: CniError) -> Self {
+        Self::NotReady { reason: source.reason(), source }
+    }
+
+    /// The plugin that failed, for the failure counter.
+    pub fn plugin(&self) -> &str {
+        match self {
+            Self::Plugin(error) => error.plugin(),
+            Self::RollbackFailed { error, .. } => error.plugin(),
+            Self::Netns(_) => "netns",
+            _ => "",
+        }
+    }
+
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Self::InvalidArgument(_) => tonic::Code::InvalidArgument,
+            Self::NotReady { .. } => tonic::Code::FailedPrecondition,
+            Self::NotFound(_) => tonic::Code::NotFound,
+            Self::Plugin(error) if error.cni_code() == Some(CODE_TRY_AGAIN_LATER) => tonic::Code::Unavailable,
+            Self::RollbackFailed { error, .. } => error.code(),
+            _ => tonic::Code::Internal,
+        }
+    }
+}
+
+impl From<NetworkError> for tonic::Status {
+    fn from(error: NetworkError) -> Self {
+        tonic::Status::new(error.code(), error.to_string())
+    }
+}
