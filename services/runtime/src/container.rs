@@ -32,7 +32,7 @@ fn container_event(kind: container_event::Kind, record: &ContainerRecord) -> Pay
     Payload::Container(ContainerEvent { kind: kind.into(), container_id: record.id.clone(), sandbox_id: record.sandbox_id.clone(), exit_code: record.exit_code })
 }
 
-fn decode(record: &ContainerRecord) -> Result<ContainerConfig, RuntimeError> {
+pub fn decode(record: &ContainerRecord) -> Result<ContainerConfig, RuntimeError> {
     ContainerConfig::decode(record.config.as_slice()).map_err(RuntimeError::from)
 }
 
@@ -154,6 +154,7 @@ impl Runtime {
             oom_score_floor: self.oom_score_floor,
             pid_namespace,
         })?;
+        record.cgroup_path = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()).map(|p| p.display().to_string()).unwrap_or_default();
         std::fs::create_dir_all(bundle).map_err(|source| RuntimeError::io(format!("cannot create {}", bundle.display()), source))?;
         if let Some(parent) = log.parent() {
             std::fs::create_dir_all(parent).map_err(|source| RuntimeError::io(format!("cannot create log directory {}", parent.display()), source))?;

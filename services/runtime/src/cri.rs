@@ -59,10 +59,6 @@ grpc_service_impl! {
         exec(ExecRequest) -> ExecResponse,
         attach(AttachRequest) -> AttachResponse,
         port_forward(PortForwardRequest) -> PortForwardResponse,
-        container_stats(ContainerStatsRequest) -> ContainerStatsResponse,
-        list_container_stats(ListContainerStatsRequest) -> ListContainerStatsResponse,
-        pod_sandbox_stats(PodSandboxStatsRequest) -> PodSandboxStatsResponse,
-        list_pod_sandbox_stats(ListPodSandboxStatsRequest) -> ListPodSandboxStatsResponse,
         update_runtime_config(UpdateRuntimeConfigRequest) -> UpdateRuntimeConfigResponse,
         checkpoint_container(CheckpointContainerRequest) -> CheckpointContainerResponse,
         list_metric_descriptors(ListMetricDescriptorsRequest) -> ListMetricDescriptorsResponse,
@@ -139,6 +135,26 @@ grpc_service_impl! {
     async fn reopen_container_log(&self, request: Request<ReopenContainerLogRequest>) -> Result<Response<ReopenContainerLogResponse>, Status> {
         self.runtime()?.reopen_container_log(&request.get_ref().container_id).await?;
         Ok(Response::new(ReopenContainerLogResponse {}))
+    }
+
+    async fn container_stats(&self, request: Request<ContainerStatsRequest>) -> Result<Response<ContainerStatsResponse>, Status> {
+        let stats = self.runtime()?.container_stats(&request.get_ref().container_id).await?;
+        Ok(Response::new(ContainerStatsResponse { stats: Some(stats) }))
+    }
+
+    async fn list_container_stats(&self, request: Request<ListContainerStatsRequest>) -> Result<Response<ListContainerStatsResponse>, Status> {
+        let stats = self.runtime()?.list_container_stats(request.into_inner().filter).await?;
+        Ok(Response::new(ListContainerStatsResponse { stats }))
+    }
+
+    async fn pod_sandbox_stats(&self, request: Request<PodSandboxStatsRequest>) -> Result<Response<PodSandboxStatsResponse>, Status> {
+        let stats = self.runtime()?.pod_sandbox_stats(&request.get_ref().pod_sandbox_id).await?;
+        Ok(Response::new(PodSandboxStatsResponse { stats: Some(stats) }))
+    }
+
+    async fn list_pod_sandbox_stats(&self, request: Request<ListPodSandboxStatsRequest>) -> Result<Response<ListPodSandboxStatsResponse>, Status> {
+        let stats = self.runtime()?.list_pod_sandbox_stats(request.into_inner().filter).await?;
+        Ok(Response::new(ListPodSandboxStatsResponse { stats }))
     }
 
     async fn exec_sync(&self, request: Request<ExecSyncRequest>) -> Result<Response<ExecSyncResponse>, Status> {

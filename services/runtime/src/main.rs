@@ -13,6 +13,7 @@ mod records;
 mod runtime;
 mod sandbox;
 mod spec;
+mod stats;
 mod user;
 
 use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;

@@ -87,6 +87,9 @@ pub struct ContainerRecord {
     /// The pod's pause process: not shown to the kubelet as a container.
     #[prost(bool, tag = "17")]
     pub infra: bool,
+    /// The container's cgroup, relative to each hierarchy's root.
+    #[prost(string, tag = "18")]
+    pub cgroup_path: String,
 }
 
 /// A typed table of prost records keyed by id.

@@ -30,6 +30,8 @@ pub struct Runtime {
     /// This process's oom_score_adj: containers cannot be given less (no CAP_SYS_RESOURCE).
     pub oom_score_floor: i32,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The last CPU reading per container, (usage ns, at ns), for usage rates.
+    pub cpu_samples: Mutex<HashMap<String, (u64, i64)>>,
 }
 
 impl Runtime {
@@ -53,6 +55,7 @@ impl Runtime {
             bus,
             oom_score_floor,
             locks: Mutex::new(HashMap::new()),
+            cpu_samples: Mutex::new(HashMap::new()),
         })
     }
 

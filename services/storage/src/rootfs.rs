@@ -65,6 +65,11 @@ impl RootfsStore {
         self.root.join(container_id)
     }
 
+    /// The writable (upper) directory of a container's root filesystem.
+    pub fn upper_dir(&self, container_id: &str) -> PathBuf {
+        self.dir(container_id).join("upper")
+    }
+
     pub fn mount_path(&self, container_id: &str) -> PathBuf {
         self.dir(container_id).join("merged")
     }

@@ -168,6 +168,30 @@ impl Storage for StorageService {
         Ok(Response::new(PrepareRootfsResponse { mount_path: path.display().to_string(), image_id: image.id }))
     }
 
+    async fn writable_layer_usage(&self, request: Request<WritableLayerUsageRequest>) -> Result<Response<WritableLayerUsageResponse>, Status> {
+        let rootfs = self.rootfs.clone();
+        let ids = request.into_inner().container_ids;
+        let usages = tokio::task::spawn_blocking(move || {
+            let mut usages = Vec::new();
+            for id in ids {
+                if crate::rootfs::validate_container_id(&id).is_err() {
+                    continue;
+                }
+                let upper = rootfs.upper_dir(&id);
+                if !upper.is_dir() {
+                    continue;
+                }
+                let usage = crate::usage::measure(&upper)?;
+                let mountpoint = crate::usage::mountpoint_of(&upper)?.display().to_string();
+                usages.push(WritableLayerUsage { container_id: id, used_bytes: usage.bytes, inodes_used: usage.inodes, mountpoint });
+            }
+            Ok::<_, crate::error::StorageError>(usages)
+        })
+        .await
+        .map_err(blocking_failed)??;
+        Ok(Response::new(WritableLayerUsageResponse { usages, timestamp_unix_nano: crate::now_nanos() }))
+    }
+
     async fn release_rootfs(&self, request: Request<ReleaseRootfsRequest>) -> Result<Response<ReleaseRootfsResponse>, Status> {
         let rootfs = self.rootfs.clone();
         let container = request.into_inner().container_id;

@@ -2,7 +2,6 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use trellis_proto::storage::v1::FsUsageResponse;
 
@@ -66,7 +65,7 @@ pub async fn fs_usage(store_path: PathBuf) -> Result<FsUsageResponse, StorageErr
         mountpoint: mountpoint.display().to_string(),
         used_bytes: usage.bytes,
         inodes_used: usage.inodes,
-        timestamp_unix_nano: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or_default(),
+        timestamp_unix_nano: crate::now_nanos(),
     })
 }
 

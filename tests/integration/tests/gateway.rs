@@ -46,9 +46,9 @@ async fn rpcs_not_built_yet_are_unimplemented_by_name() {
     let error = node.runtime().port_forward(PortForwardRequest::default()).await.expect_err("not built yet");
     assert_eq!(error.code(), tonic::Code::Unimplemented);
     assert!(error.message().contains("PortForward"), "{}", error.message());
-    let error = node.runtime().list_container_stats(ListContainerStatsRequest::default()).await.expect_err("not built yet");
+    let error = node.runtime().attach(AttachRequest::default()).await.expect_err("not built yet");
     assert_eq!(error.code(), tonic::Code::Unimplemented);
-    assert!(error.message().contains("ListContainerStats"), "{}", error.message());
+    assert!(error.message().contains("Attach"), "{}", error.message());
 
     // ImageFsInfo is served end to end: gateway → image → storage.
     let info = node.images().image_fs_info(ImageFsInfoRequest::default()).await.expect("ImageFsInfo").into_inner();

@@ -368,3 +368,45 @@ async fn containers_of_a_pod_sharing_one_pid_namespace_see_its_pause_process() {
     runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("remove");
     node.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stats_show_memory_and_cpu_and_pods_sum_their_containers() {
+    let (dir, _registry, node, image) = setup().await;
+    let logs = dir.path().join("logs");
+    let pod = run_pod(&node, pod_config("stats", logs.to_str().expect("utf-8"), true)).await;
+    let hog = start(&node, &pod, container_config("hog", &image, &["/bin/sh", "-c", "x=$(head -c 52428800 /dev/zero | tr '\\0' a); echo ready; sleep 1000"])).await;
+    let spin = start(&node, &pod, container_config("spin", &image, &["/bin/sh", "-c", "while true; do :; done"])).await;
+    let mut runtime = node.runtime();
+    let stats_of = |id: String| {
+        let mut runtime = node.runtime();
+        async move { runtime.container_stats(ContainerStatsRequest { container_id: id }).await.expect("ContainerStats").into_inner().stats.expect("stats") }
+    };
+    let value = |v: &Option<UInt64Value>| v.as_ref().map_or(0, |v| v.value);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let memory = stats_of(hog.clone()).await.memory.expect("memory");
+        if value(&memory.working_set_bytes) >= 50 * 1024 * 1024 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "working set never reached 50 MiB: {memory:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before = value(&stats_of(spin.clone()).await.cpu.expect("cpu").usage_core_nano_seconds);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = stats_of(spin.clone()).await;
+    let cpu = after.cpu.expect("cpu");
+    assert!(value(&cpu.usage_core_nano_seconds) > before + 100_000_000, "a spinning container uses CPU: {before} → {cpu:?}");
+    assert!(value(&cpu.usage_nano_cores) > 100_000_000, "a rate of at least a tenth of a core: {cpu:?}");
+    assert!(after.writable_layer.is_some(), "writable layer reported");
+
+    let pod_stats = runtime.pod_sandbox_stats(PodSandboxStatsRequest { pod_sandbox_id: pod.id.clone() }).await.expect("PodSandboxStats").into_inner().stats.expect("stats");
+    let linux = pod_stats.linux.expect("linux");
+    assert_eq!(linux.containers.len(), 2);
+    let summed: u64 = linux.containers.iter().map(|c| value(&c.memory.as_ref().expect("memory").working_set_bytes)).sum();
+    assert_eq!(value(&linux.memory.expect("memory").working_set_bytes), summed, "pod memory is the sum of its containers'");
+    let listed = runtime.list_container_stats(ListContainerStatsRequest { filter: Some(ContainerStatsFilter { pod_sandbox_id: pod.id.clone(), ..Default::default() }) }).await.expect("list").into_inner().stats;
+    assert_eq!(listed.len(), 2);
+    runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("remove");
+    node.stop();
+}
