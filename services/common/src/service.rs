@@ -26,6 +26,9 @@ use crate::transport::OwnedSocket;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// How long calls in flight may take to finish once a stop is asked for.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The flags every service binary and `trellis` share.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ConfigArgs {
@@ -136,11 +139,24 @@ where
     // Every connection goes through the authority shim: Go clients dialling a socket
     // path would otherwise be refused by the HTTP/2 server (see `authority`).
     let incoming = UnixListenerStream::new(listener).map(|accepted| accepted.map(crate::authority::normalize));
-    let result = tonic::transport::Server::builder()
-        .trace_fn(grpc_server_span)
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, shutdown_signal())
-        .await;
+    let (stopping, stop) = tokio::sync::watch::channel(false);
+    let server = tonic::transport::Server::builder().trace_fn(grpc_server_span).add_routes(routes).serve_with_incoming_shutdown(incoming, async move {
+        let mut stop = stop;
+        let _ = stop.wait_for(|stopping| *stopping).await;
+    });
+    // In-flight calls get a grace period after the signal; streams that never end (a
+    // kubelet's GetContainerEvents) must not hold the process past it.
+    let result = tokio::select! {
+        result = server => result,
+        _ = async {
+            shutdown_signal().await;
+            let _ = stopping.send(true);
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "calls still open after the grace period are cut");
+            Ok(())
+        }
+    };
 
     tracing::info!("{process} shutting down");
     publish_lifecycle(&bus, service_event::Kind::Stopping);

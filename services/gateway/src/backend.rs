@@ -187,8 +187,8 @@ macro_rules! forwarding_impl {
         impl $trait for $ty {
             $(
                 async fn $method(&self, request: tonic::Request<$req>) -> Result<tonic::Response<$resp>, tonic::Status> {
-                    self.0
-                        .forward($name, &self.0.$backend, $crate::backend::Retry::$retry, request, |channel, request| async move {
+                    self.backends()
+                        .forward($name, &self.backends().$backend, $crate::backend::Retry::$retry, request, |channel, request| async move {
                             $client::new(channel)
                                 .max_decoding_message_size(trellis_common::grpc::MAX_MESSAGE_BYTES)
                                 .max_encoding_message_size(trellis_common::grpc::MAX_MESSAGE_BYTES)

@@ -9,6 +9,12 @@ use crate::backend::{Backends, forwarding_impl};
 
 pub struct Gateway(pub Arc<Backends>);
 
+impl Gateway {
+    fn backends(&self) -> &Backends {
+        &self.0
+    }
+}
+
 forwarding_impl! {
     impl image_service_server::ImageService, for Gateway, client ImageServiceClient, backend image;
     forward {

@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 mod backend;
+mod events;
 mod image_service;
 mod runtime_service;
 mod status;
@@ -23,7 +24,8 @@ fn main() -> anyhow::Result<()> {
     trellis_common::service::run(ServiceKind::Gateway, async |context| {
         let metrics = RpcMetrics::register(&mut context.registry, "gateway");
         let backends = Arc::new(Backends::new(&context.config, Duration::from_millis(context.config.gateway.backend_retry_ms), metrics));
-        let runtime = RuntimeServiceServer::new(runtime_service::Gateway(backends.clone()))
+        let gateway = runtime_service::Gateway { backends: backends.clone(), bus: context.bus.client().cloned(), node: context.node.clone() };
+        let runtime = RuntimeServiceServer::new(gateway)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let image = ImageServiceServer::new(image_service::Gateway(backends))

@@ -1,7 +1,6 @@
 //! The CRI RuntimeService on the kubelet's socket: calls go to the runtime service,
 //! except Status, which also asks the network service (see `status`).
 
-use std::pin::Pin;
 use std::sync::Arc;
 
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
@@ -9,10 +8,19 @@ use k8s_cri::v1::*;
 use tonic::{Request, Response, Status};
 
 use crate::backend::{Backends, forwarding_impl};
+use crate::events::EventStream;
 
-pub struct Gateway(pub Arc<Backends>);
+pub struct Gateway {
+    pub backends: Arc<Backends>,
+    pub bus: Option<async_nats::Client>,
+    pub node: String,
+}
 
-type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<ContainerEventResponse, Status>> + Send>>;
+impl Gateway {
+    fn backends(&self) -> &Backends {
+        &self.backends
+    }
+}
 
 forwarding_impl! {
     impl runtime_service_server::RuntimeService, for Gateway, client RuntimeServiceClient, backend runtime;
@@ -49,10 +57,10 @@ forwarding_impl! {
     type GetContainerEventsStream = EventStream;
 
     async fn get_container_events(&self, _request: Request<GetEventsRequest>) -> Result<Response<EventStream>, Status> {
-        Err(Status::unimplemented("GetContainerEvents is not implemented by trellis-gateway yet"))
+        Ok(Response::new(crate::events::subscribe(self.backends.clone(), self.bus.clone(), &self.node).await?))
     }
 
     async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        crate::status::fan_in(&self.0, request).await
+        crate::status::fan_in(&self.backends, request).await
     }
 }

@@ -410,3 +410,54 @@ async fn stats_show_memory_and_cpu_and_pods_sum_their_containers() {
     runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("remove");
     node.stop();
 }
+
+async fn next_events(stream: &mut tonic::Streaming<ContainerEventResponse>, count: usize) -> Vec<ContainerEventResponse> {
+    let mut events = Vec::new();
+    while events.len() < count {
+        match tokio::time::timeout(Duration::from_secs(20), stream.message()).await {
+            Ok(Ok(Some(event))) => events.push(event),
+            other => panic!("event stream ended or stalled after {events:?}: {other:?}"),
+        }
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn container_events_reach_every_subscriber_in_order() {
+    let (dir, _registry, node, image) = setup().await;
+    let mut runtime = node.runtime();
+    let mut first = runtime.get_container_events(GetEventsRequest {}).await.expect("subscribe").into_inner();
+    let mut second = node.runtime().get_container_events(GetEventsRequest {}).await.expect("subscribe").into_inner();
+
+    let pod = run_pod(&node, pod_config("events", dir.path().join("logs").to_str().expect("utf-8"), true)).await;
+    let container = start(&node, &pod, container_config("once", &image, &["/bin/true"])).await;
+    wait_exited(&node, &container).await;
+    runtime.remove_container(RemoveContainerRequest { container_id: container.clone() }).await.expect("remove");
+    let mut late = node.runtime().get_container_events(GetEventsRequest {}).await.expect("subscribe late").into_inner();
+    runtime.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("stop");
+    runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("remove");
+
+    use ContainerEventType::*;
+    let expected = vec![
+        (pod.id.clone(), ContainerCreatedEvent),
+        (pod.id.clone(), ContainerStartedEvent),
+        (container.clone(), ContainerCreatedEvent),
+        (container.clone(), ContainerStartedEvent),
+        (container.clone(), ContainerStoppedEvent),
+        (container.clone(), ContainerDeletedEvent),
+        (pod.id.clone(), ContainerStoppedEvent),
+        (pod.id.clone(), ContainerDeletedEvent),
+    ];
+    for stream in [&mut first, &mut second] {
+        let events = next_events(stream, expected.len()).await;
+        let seen: Vec<(String, ContainerEventType)> = events.iter().map(|e| (e.container_id.clone(), e.container_event_type())).collect();
+        assert_eq!(seen, expected, "every event, in order");
+        let started = &events[3];
+        assert_eq!(started.pod_sandbox_status.as_ref().map(|s| s.id.clone()), Some(pod.id.clone()), "with the pod's status");
+        assert!(started.containers_statuses.iter().any(|s| s.id == container), "and its containers' statuses");
+    }
+    let after = next_events(&mut late, 2).await;
+    let seen: Vec<(String, ContainerEventType)> = after.iter().map(|e| (e.container_id.clone(), e.container_event_type())).collect();
+    assert_eq!(seen, expected[6..].to_vec(), "a later subscriber gets only what follows");
+    node.stop();
+}
