@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod metrics;
+pub mod mounts;
 pub mod reference;
 pub mod service;
 pub mod store;

@@ -81,11 +81,9 @@ pub fn unmount_shm(pod_dir: &Path) -> Result<(), RuntimeError> {
     unmount_all(&shm_path(pod_dir))
 }
 
-/// Whether `path` is a mount point (from /proc/self/mountinfo).
+/// Whether `path` is a mount point.
 pub fn is_mounted(path: &Path) -> Result<bool, RuntimeError> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| RuntimeError::io("cannot read /proc/self/mountinfo", source))?;
-    let wanted = path.display().to_string().replace(' ', "\\040");
-    Ok(mountinfo.lines().any(|line| line.split_whitespace().nth(4) == Some(wanted.as_str())))
+    trellis_common::mounts::is_mounted(path).map_err(|source| RuntimeError::io("cannot read /proc/self/mountinfo", source))
 }
 
 fn unmount_all(target: &Path) -> Result<(), RuntimeError> {

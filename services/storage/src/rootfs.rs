@@ -174,9 +174,7 @@ impl RootfsStore {
     }
 }
 
-/// Whether `path` is a mount point, from /proc/self/mountinfo.
+/// Whether `path` is a mount point.
 pub fn is_mounted(path: &Path) -> Result<bool, StorageError> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| StorageError::io("cannot read /proc/self/mountinfo", source))?;
-    let wanted = path.display().to_string().replace(' ', "\\040");
-    Ok(mountinfo.lines().any(|line| line.split_whitespace().nth(4) == Some(wanted.as_str())))
+    trellis_common::mounts::is_mounted(path).map_err(|source| StorageError::io("cannot read /proc/self/mountinfo", source))
 }
