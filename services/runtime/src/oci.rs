@@ -172,28 +172,17 @@ impl Oci {
         let _ = std::fs::remove_file(self.exit_file(id));
     }
 
-    /// Runs a command in the container and collects its output and exit code.
+    /// Runs a command in the container and collects its output and exit code. On
+    /// timeout the command is killed inside the container first, so that `runc exec`,
+    /// its parent, reaps it (killing `runc exec` first would leave a zombie behind).
     pub async fn exec_sync(&self, runtime: &Path, id: &str, cmd: &[String], timeout: Option<Duration>) -> Result<(Vec<u8>, Vec<u8>, i32), RuntimeError> {
-        // The runtime writes the exec'd process's pid here, so a timeout can kill it
-        // inside the container (killing `runc exec` alone would leave it running).
         let pid_file = self.exits_dir().join(format!("exec-{}", crate::records::new_id()?));
-        let result = self.exec_with_pid_file(runtime, id, cmd, timeout, &pid_file).await;
-        if matches!(result, Err(RuntimeError::Timeout { .. }))
-            && let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<i32>().ok())
-        {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        }
-        let _ = std::fs::remove_file(&pid_file);
-        result
-    }
-
-    async fn exec_with_pid_file(&self, runtime: &Path, id: &str, cmd: &[String], timeout: Option<Duration>, pid_file: &Path) -> Result<(Vec<u8>, Vec<u8>, i32), RuntimeError> {
         let mut child = Command::new(runtime)
             .arg("--root")
             .arg(self.runc_root())
             .arg("exec")
             .arg("--pid-file")
-            .arg(pid_file)
+            .arg(&pid_file)
             .arg(id)
             .args(cmd)
             .stdin(Stdio::null())
@@ -202,19 +191,27 @@ impl Oci {
             .kill_on_drop(true)
             .spawn()
             .map_err(|source| RuntimeError::io(format!("cannot run {}", runtime.display()), source))?;
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
-        let collect = async move {
-            let (out, err) = tokio::join!(read_capped(stdout), read_capped(stderr));
-            let status = child.wait().await.map_err(|source| RuntimeError::io("cannot wait for exec", source))?;
-            Ok::<_, RuntimeError>((out, err, status.code().unwrap_or(-1)))
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let output = tokio::spawn(async move { tokio::join!(read_capped(stdout), read_capped(stderr)) });
+        let limit = timeout.filter(|t| !t.is_zero()).unwrap_or(Duration::MAX);
+        let result = tokio::select! {
+            status = child.wait() => {
+                let status = status.map_err(|source| RuntimeError::io("cannot wait for exec", source))?;
+                let (out, err) = output.await.map_err(|e| RuntimeError::Oci(format!("exec output reader stopped: {e}")))?;
+                Ok((out, err, status.code().unwrap_or(-1)))
+            }
+            _ = tokio::time::sleep(limit) => {
+                if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                }
+                if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+                    let _ = child.start_kill();
+                }
+                Err(RuntimeError::Timeout { what: format!("ExecSync {cmd:?} in container {id}"), seconds: limit.as_secs() })
+            }
         };
-        match timeout {
-            Some(limit) if !limit.is_zero() => tokio::time::timeout(limit, collect)
-                .await
-                .map_err(|_| RuntimeError::Timeout { what: format!("ExecSync {:?} in container {id}", cmd), seconds: limit.as_secs() })?,
-            _ => collect.await,
-        }
+        let _ = std::fs::remove_file(&pid_file);
+        result
     }
 }
 

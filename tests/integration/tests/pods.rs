@@ -135,11 +135,12 @@ async fn host_network_pod_runs_logs_execs_stops_and_is_removed() {
         .expect_err("timed out");
     assert_eq!(error.code(), Code::DeadlineExceeded);
     let left = runtime
-        .exec_sync(ExecSyncRequest { container_id: sleeper.clone(), cmd: vec!["/bin/sh".into(), "-c".into(), "cat /proc/[0-9]*/cmdline | tr '\\0' ' '".into()], timeout: 10 })
+        .exec_sync(ExecSyncRequest { container_id: sleeper.clone(), cmd: vec!["/bin/sh".into(), "-c".into(), "cat /proc/[0-9]*/stat".into()], timeout: 10 })
         .await
         .expect("exec")
         .into_inner();
-    assert!(!String::from_utf8_lossy(&left.stdout).contains("4321"), "the timed-out process is gone");
+    let processes = String::from_utf8_lossy(&left.stdout).into_owned();
+    assert!(!processes.contains(") Z "), "the timed-out process is gone, not even a zombie: {processes}");
 
     let running = runtime.list_containers(ListContainersRequest { filter: Some(ContainerFilter { state: Some(ContainerStateValue { state: ContainerState::ContainerRunning as i32 }), ..Default::default() }) }).await.expect("list").into_inner().containers;
     assert_eq!(running.iter().map(|c| c.id.clone()).collect::<Vec<_>>(), vec![sleeper.clone()]);
