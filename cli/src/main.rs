@@ -1,6 +1,7 @@
 //! `trellis`: the all-in-one node supervisor (`trellis up`) and the operator's CLI.
 #![deny(unsafe_code)]
 
+mod bench;
 mod child;
 mod probe;
 mod status;
@@ -25,6 +26,8 @@ enum Command {
     Up,
     /// Show each service's health, version, pid, socket and bus connection.
     Status,
+    /// Time pod and container lifecycles against a CRI endpoint (this node's, or another runtime's).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,6 +36,10 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Up => runtime.block_on(up::run(&cli.config, config))?,
+        Command::Bench(args) => {
+            let socket = config.endpoint(trellis_common::ServiceKind::Gateway).socket;
+            runtime.block_on(bench::run(args, socket))?;
+        }
         Command::Status => {
             let healthy = runtime.block_on(status::run(&config));
             if !healthy {

@@ -19,20 +19,21 @@ pub struct Containerd {
 
 impl Containerd {
     /// Starts containerd under `dir`, with plain-HTTP mirrors for the given loopback
-    /// registries and the CNI configuration in `cni_conf_dir`.
-    pub async fn start(dir: &Path, registries: &[&str], cni_conf_dir: &Path) -> Containerd {
+    /// registries, the CNI configuration in `cni_conf_dir` and the given pause image.
+    pub async fn start(dir: &Path, registries: &[&str], cni_conf_dir: &Path, sandbox_image: &str) -> Containerd {
         let root = dir.join("containerd");
         std::fs::create_dir_all(&root).expect("containerd dir");
         let socket = root.join("containerd.sock");
         let mut config = format!(
             "version = 2\nroot = \"{root}/root\"\nstate = \"{root}/state\"\n[grpc]\n  address = \"{socket}\"\n[ttrpc]\n  address = \"{socket}.ttrpc\"\n\
-             [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable_tcp_service = true\n  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n  sandbox_image = \"registry.k8s.io/pause:3.9\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable_tcp_service = true\n  restrict_oom_score_adj = true\n  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n  sandbox_image = \"{sandbox_image}\"\n\
              [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  default_runtime_name = \"runc\"\n\
              [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
              [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"/usr/lib/cni\"\n  conf_dir = \"{cni}\"\n",
             root = root.display(),
             socket = socket.display(),
             cni = cni_conf_dir.display(),
+            sandbox_image = sandbox_image,
         );
         for registry in registries {
             config.push_str(&format!("[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{registry}\"]\n  endpoint = [\"http://{registry}\"]\n"));

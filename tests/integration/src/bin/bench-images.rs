@@ -64,7 +64,7 @@ async fn main() {
     let node = Node::start(NodeOptions::default()).await;
     let cni = dir.path().join("cni");
     std::fs::create_dir_all(&cni).expect("cni dir");
-    let containerd = Containerd::start(dir.path(), &[&registry.address], &cni).await;
+    let containerd = Containerd::start(dir.path(), &[&registry.address], &cni, "registry.k8s.io/pause:3.9").await;
     let (mut trellis, mut peer) = (node.images(), containerd.images());
 
     eprintln!("building and pushing {runs} images of {LAYERS} x {} MiB ...", LAYER_BYTES >> 20);

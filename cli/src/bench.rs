@@ -1,0 +1,161 @@
+//! `trellis bench`: a CRI workload against any CRI endpoint (Trellis's or another
+//! runtime's), timing each lifecycle call, sequentially and N at once.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::*;
+use tonic::transport::Channel;
+use trellis_common::transport::unix_channel;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// CRI endpoint, e.g. unix:///run/containerd/containerd.sock [default: this node's gateway]
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// Image of the benchmark's containers (pulled first); it must have `sleep`.
+    #[arg(long, default_value = "127.0.0.1:5000/busybox:latest")]
+    pub image: String,
+    /// Pod+container cycles run one after another.
+    #[arg(long, default_value_t = 50)]
+    pub iterations: usize,
+    /// Cycles run at once in the concurrent phase (0 skips it).
+    #[arg(long, default_value_t = 10)]
+    pub concurrency: usize,
+    /// Rounds of the concurrent phase.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Give pods the host's network (no CNI) instead of their own.
+    #[arg(long)]
+    pub host_network: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("endpoint {0} is not unix:///<path>")]
+    Endpoint(String),
+    #[error("{call} failed: {status}")]
+    Call { call: &'static str, status: tonic::Status },
+}
+
+const OPERATIONS: [&str; 9] = [
+    "RunPodSandbox",
+    "CreateContainer",
+    "StartContainer",
+    "StopContainer",
+    "RemoveContainer",
+    "StopPodSandbox",
+    "RemovePodSandbox",
+    "pod+container start",
+    "whole cycle",
+];
+
+type Timings = BTreeMap<&'static str, Vec<Duration>>;
+
+fn check<T>(call: &'static str, result: Result<tonic::Response<T>, tonic::Status>) -> Result<T, BenchError> {
+    result.map(tonic::Response::into_inner).map_err(|status| BenchError::Call { call, status })
+}
+
+/// One pod with one container, created, started, stopped and removed.
+async fn cycle(mut runtime: RuntimeServiceClient<Channel>, args: BenchArgs, name: String) -> Result<Vec<(&'static str, Duration)>, BenchError> {
+    let mode = if args.host_network { NamespaceMode::Node } else { NamespaceMode::Pod };
+    let pod_config = PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata { name: name.clone(), namespace: "trellis-bench".into(), uid: name.clone(), attempt: 0 }),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption { network: mode as i32, pid: NamespaceMode::Container as i32, ipc: NamespaceMode::Pod as i32, ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let container_config = ContainerConfig {
+        metadata: Some(ContainerMetadata { name: "work".into(), attempt: 0 }),
+        image: Some(ImageSpec { image: args.image.clone(), ..Default::default() }),
+        command: vec!["sleep".into(), "3600".into()],
+        ..Default::default()
+    };
+    let mut timings = Vec::new();
+    let cycle_start = Instant::now();
+    let mut timed = Instant::now();
+    let mut lap = |name: &'static str, timings: &mut Vec<(&'static str, Duration)>| {
+        timings.push((name, timed.elapsed()));
+        timed = Instant::now();
+    };
+    let pod = check("RunPodSandbox", runtime.run_pod_sandbox(RunPodSandboxRequest { config: Some(pod_config.clone()), runtime_handler: String::new() }).await)?.pod_sandbox_id;
+    lap("RunPodSandbox", &mut timings);
+    let request = CreateContainerRequest { pod_sandbox_id: pod.clone(), config: Some(container_config), sandbox_config: Some(pod_config) };
+    let container = check("CreateContainer", runtime.create_container(request).await)?.container_id;
+    lap("CreateContainer", &mut timings);
+    check("StartContainer", runtime.start_container(StartContainerRequest { container_id: container.clone() }).await)?;
+    lap("StartContainer", &mut timings);
+    timings.push(("pod+container start", cycle_start.elapsed()));
+    check("StopContainer", runtime.stop_container(StopContainerRequest { container_id: container.clone(), timeout: 0 }).await)?;
+    lap("StopContainer", &mut timings);
+    check("RemoveContainer", runtime.remove_container(RemoveContainerRequest { container_id: container }).await)?;
+    lap("RemoveContainer", &mut timings);
+    check("StopPodSandbox", runtime.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await)?;
+    lap("StopPodSandbox", &mut timings);
+    check("RemovePodSandbox", runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod }).await)?;
+    lap("RemovePodSandbox", &mut timings);
+    timings.push(("whole cycle", cycle_start.elapsed()));
+    Ok(timings)
+}
+
+fn record(into: &mut Timings, cycle: Vec<(&'static str, Duration)>) {
+    for (name, took) in cycle {
+        into.entry(name).or_default().push(took);
+    }
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> f64 {
+    sorted.get(((sorted.len() as f64 - 1.0) * q).round() as usize).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+fn print(title: &str, timings: &mut Timings) {
+    println!("{title}");
+    println!("  {:<22} {:>9} {:>9} {:>9} {:>6}", "operation (ms)", "p50", "p95", "p99", "n");
+    for name in OPERATIONS {
+        let Some(samples) = timings.get_mut(name) else { continue };
+        samples.sort();
+        println!("  {:<22} {:>9.1} {:>9.1} {:>9.1} {:>6}", name, percentile(samples, 0.5), percentile(samples, 0.95), percentile(samples, 0.99), samples.len());
+    }
+}
+
+pub async fn run(args: BenchArgs, default_socket: PathBuf) -> Result<(), BenchError> {
+    let socket = match &args.endpoint {
+        Some(endpoint) => PathBuf::from(endpoint.strip_prefix("unix://").ok_or_else(|| BenchError::Endpoint(endpoint.clone()))?),
+        None => default_socket,
+    };
+    let channel = unix_channel(&socket);
+    let runtime = RuntimeServiceClient::new(channel.clone());
+    let version = check("Version", runtime.clone().version(VersionRequest::default()).await)?;
+    let pull = PullImageRequest { image: Some(ImageSpec { image: args.image.clone(), ..Default::default() }), ..Default::default() };
+    check("PullImage", ImageServiceClient::new(channel).pull_image(pull).await)?;
+    println!("{} {} on {}: image {}, {} network", version.runtime_name, version.runtime_version, socket.display(), args.image, if args.host_network { "host" } else { "pod (CNI)" });
+
+    let mut sequential = Timings::new();
+    for i in 0..args.iterations {
+        record(&mut sequential, cycle(runtime.clone(), args.clone(), format!("bench-seq-{i}-{}", std::process::id())).await?);
+    }
+    print(&format!("sequential, {} cycles", args.iterations), &mut sequential);
+
+    if args.concurrency > 0 {
+        let mut concurrent = Timings::new();
+        for round in 0..args.rounds {
+            let cycles = (0..args.concurrency).map(|i| tokio::spawn(cycle(runtime.clone(), args.clone(), format!("bench-par-{round}-{i}-{}", std::process::id()))));
+            for handle in futures::future::join_all(cycles).await {
+                match handle {
+                    Ok(result) => record(&mut concurrent, result?),
+                    Err(error) => eprintln!("a benchmark cycle stopped: {error}"),
+                }
+            }
+        }
+        print(&format!("{} at once, {} rounds", args.concurrency, args.rounds), &mut concurrent);
+    }
+    Ok(())
+}
