@@ -84,6 +84,9 @@ pub async fn subscribe(backends: Arc<Backends>, bus: Option<async_nats::Client>,
         .subscribe(format!("trellis.{node}.events.>"))
         .await
         .map_err(|e| Status::unavailable(format!("cannot subscribe to the event bus: {e}")))?;
+    // SUB is sent asynchronously; the PING/PONG of a flush proves the server has it,
+    // so no event raised after this call returns can miss the subscriber.
+    bus.flush().await.map_err(|e| Status::unavailable(format!("cannot reach the event bus: {e}")))?;
     // Delivery through the services' outboxes lags a little: an event raised before
     // this moment may still arrive after it, and is not this subscriber's.
     let subscribed_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or_default();

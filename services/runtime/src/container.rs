@@ -182,10 +182,17 @@ impl Runtime {
         Ok(())
     }
 
-    /// The record, with an exit conmon reported since it was last written.
-    pub fn refresh(&self, mut record: ContainerRecord) -> Result<ContainerRecord, RuntimeError> {
-        let live = record.state == ContainerState::Running as i32 || record.state == ContainerState::Created as i32;
-        if live && let Some((code, finished)) = self.oci.exit_status(&record.id) {
+    /// The record, with an exit conmon reported since it was last written. Callers
+    /// race (status polls, event statuses, list): the record is read again under one
+    /// lock, so an exit is recorded, and announced, once.
+    pub fn refresh(&self, record: ContainerRecord) -> Result<ContainerRecord, RuntimeError> {
+        let is_live = |r: &ContainerRecord| r.state == ContainerState::Running as i32 || r.state == ContainerState::Created as i32;
+        if !is_live(&record) || self.oci.exit_status(&record.id).is_none() {
+            return Ok(record);
+        }
+        let _exits = self.exit_detection.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(mut record) = self.containers.get(&record.id)? else { return Ok(record) };
+        if is_live(&record) && let Some((code, finished)) = self.oci.exit_status(&record.id) {
             record.state = ContainerState::Exited as i32;
             record.exit_code = code;
             record.finished_at = finished;

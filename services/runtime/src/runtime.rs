@@ -32,6 +32,8 @@ pub struct Runtime {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The last CPU reading per container, (usage ns, at ns), for usage rates.
     pub cpu_samples: Mutex<HashMap<String, (u64, i64)>>,
+    /// Held while an exit found in conmon's exit file is recorded.
+    pub exit_detection: Mutex<()>,
 }
 
 impl Runtime {
@@ -56,6 +58,7 @@ impl Runtime {
             oom_score_floor,
             locks: Mutex::new(HashMap::new()),
             cpu_samples: Mutex::new(HashMap::new()),
+            exit_detection: Mutex::new(()),
         })
     }
 
