@@ -128,6 +128,13 @@ pub fn inject_grpc_context(metadata: &mut tonic::metadata::MetadataMap) {
     opentelemetry::global::get_text_map_propagator(|propagator| propagator.inject_context(&context, &mut MetadataInjector(metadata)));
 }
 
+/// A request carrying the current span's trace context, for a call to another service.
+pub fn traced_request<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    inject_grpc_context(request.metadata_mut());
+    request
+}
+
 /// The current span's trace context as header pairs (for NATS messages).
 pub fn current_trace_headers() -> HashMap<String, String> {
     let context = tracing::Span::current().context();

@@ -9,7 +9,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 use trellis_common::bus::EventBus;
 use trellis_common::reference::{self, ImageRef};
-use trellis_common::telemetry::inject_grpc_context;
+use trellis_common::telemetry::traced_request;
 use trellis_proto::events::v1::{ImageEvent, event::Payload, image_event};
 use trellis_proto::storage::v1::storage_client::StorageClient;
 use trellis_proto::storage::v1::{self as storage, FsUsageRequest, GetImageRequest};
@@ -22,11 +22,6 @@ pub struct ImageService {
     bus: EventBus,
 }
 
-fn storage_request<T>(message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    inject_grpc_context(request.metadata_mut());
-    request
-}
 
 fn image_name(spec: Option<&ImageSpec>, rpc: &str) -> Result<String, Status> {
     match spec.map(|s| s.image.trim()) {
@@ -75,7 +70,7 @@ impl ImageService {
     }
 
     async fn find(&self, reference: &str) -> Result<Option<storage::Image>, Status> {
-        match self.storage().get_image(storage_request(GetImageRequest { reference: reference.to_string() })).await {
+        match self.storage().get_image(traced_request(GetImageRequest { reference: reference.to_string() })).await {
             Ok(image) => Ok(Some(image.into_inner())),
             Err(status) if status.code() == Code::NotFound => Ok(None),
             Err(status) => Err(status),
@@ -95,7 +90,7 @@ impl image_service_server::ImageService for ImageService {
         let filter = request.into_inner().filter.and_then(|f| f.image).map(|spec| spec.image).filter(|name| !name.is_empty());
         let images = match filter {
             Some(name) => self.find(&name).await?.into_iter().collect(),
-            None => self.storage().list_images(storage_request(storage::ListImagesRequest {})).await?.into_inner().images,
+            None => self.storage().list_images(traced_request(storage::ListImagesRequest {})).await?.into_inner().images,
         };
         Ok(Response::new(ListImagesResponse { images: images.into_iter().map(to_cri).collect() }))
     }
@@ -132,7 +127,7 @@ impl image_service_server::ImageService for ImageService {
     async fn remove_image(&self, request: Request<RemoveImageRequest>) -> Result<Response<RemoveImageResponse>, Status> {
         let name = image_name(request.get_ref().image.as_ref(), "RemoveImage")?;
         let before = self.find(&name).await?;
-        let removal = self.storage().remove_image(storage_request(storage::RemoveImageRequest { reference: name })).await?.into_inner();
+        let removal = self.storage().remove_image(traced_request(storage::RemoveImageRequest { reference: name })).await?.into_inner();
         if removal.deleted
             && let Some(image) = before
         {
@@ -142,7 +137,7 @@ impl image_service_server::ImageService for ImageService {
     }
 
     async fn image_fs_info(&self, _request: Request<ImageFsInfoRequest>) -> Result<Response<ImageFsInfoResponse>, Status> {
-        let usage = self.storage().fs_usage(storage_request(FsUsageRequest {})).await?.into_inner();
+        let usage = self.storage().fs_usage(traced_request(FsUsageRequest {})).await?.into_inner();
         let filesystem = FilesystemUsage {
             timestamp: usage.timestamp_unix_nano,
             fs_id: Some(FilesystemIdentifier { mountpoint: usage.mountpoint }),

@@ -23,7 +23,7 @@ use tonic::{Code, Status};
 use trellis_common::config::ImageConfig;
 use trellis_common::metrics::RpcLabels;
 use trellis_common::reference::{NamedRef, chain_id};
-use trellis_common::telemetry::inject_grpc_context;
+use trellis_common::telemetry::traced_request;
 use trellis_proto::storage::v1::storage_client::StorageClient;
 use trellis_proto::storage::v1::{HasLayerRequest, Image, ImageConfig as StoredConfig, ImportLayerChunk, LayerHeader, PutImageRequest, import_layer_chunk::Part};
 
@@ -90,11 +90,6 @@ fn classify(error: OciDistributionError) -> SourceFailure {
     SourceFailure { fatal: code == Code::DataLoss, code, message: error.to_string() }
 }
 
-fn storage_request<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    inject_grpc_context(request.metadata_mut());
-    request
-}
 
 fn auth_fingerprint(auth: &RegistryAuth) -> String {
     let secret = match auth {
@@ -231,7 +226,7 @@ impl Puller {
             config_json: String::from_utf8_lossy(&config_bytes).into_owned(),
             pulled_unix_nano: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or_default(),
         };
-        let stored = self.storage().put_image(storage_request(PutImageRequest { image: Some(record) })).await?.into_inner();
+        let stored = self.storage().put_image(traced_request(PutImageRequest { image: Some(record) })).await?.into_inner();
         stored.image.ok_or_else(|| SourceFailure { message: "storage returned no image".into(), code: Code::Internal, fatal: true })
     }
 
@@ -242,7 +237,7 @@ impl Puller {
     }
 
     async fn has_layer(&self, chain_id: &str) -> Result<bool, SourceFailure> {
-        Ok(self.storage().has_layer(storage_request(HasLayerRequest { chain_id: chain_id.to_string() })).await?.into_inner().present)
+        Ok(self.storage().has_layer(traced_request(HasLayerRequest { chain_id: chain_id.to_string() })).await?.into_inner().present)
     }
 
     /// Streams one layer from the source into the storage service, unless present.
@@ -264,7 +259,7 @@ impl Puller {
             return Err(SourceFailure { message: "storage stream closed".into(), code: Code::Unavailable, fatal: false });
         }
         let mut storage = self.storage();
-        let upload = storage.import_layer(storage_request(tokio_stream::wrappers::ReceiverStream::new(outgoing)));
+        let upload = storage.import_layer(traced_request(tokio_stream::wrappers::ReceiverStream::new(outgoing)));
         let forward = async move {
             let mut stream = blob.stream;
             loop {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1::*;
 use prost::Message;
-use trellis_common::telemetry::inject_grpc_context;
+use trellis_common::telemetry::traced_request;
 use trellis_proto::events::v1::{ContainerEvent, container_event, event::Payload};
 use trellis_proto::storage::v1 as storage;
 use trellis_proto::storage::v1::storage_client::StorageClient;
@@ -22,11 +22,6 @@ use crate::spec::{SpecInput, build};
 const KILL_WAIT: Duration = Duration::from_secs(10);
 const EXIT_POLL: Duration = Duration::from_millis(25);
 
-fn request<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    inject_grpc_context(request.metadata_mut());
-    request
-}
 
 fn container_event(kind: container_event::Kind, record: &ContainerRecord) -> Payload {
     Payload::Container(ContainerEvent { kind: kind.into(), container_id: record.id.clone(), sandbox_id: record.sandbox_id.clone(), exit_code: record.exit_code })
@@ -123,7 +118,7 @@ impl Runtime {
         bundle: &Path,
         log: &Path,
     ) -> Result<(), RuntimeError> {
-        let stored = match self.storage_client().get_image(request(storage::GetImageRequest { reference: image.to_string() })).await {
+        let stored = match self.storage_client().get_image(traced_request(storage::GetImageRequest { reference: image.to_string() })).await {
             Ok(stored) => stored.into_inner(),
             Err(status) if status.code() == tonic::Code::NotFound => return Err(RuntimeError::NotFound(format!("image {image} is not present: pull it first"))),
             Err(status) => return Err(RuntimeError::storage(status)),
@@ -133,7 +128,7 @@ impl Runtime {
         record.stop_signal = image_config.stop_signal.clone();
         let rootfs = self
             .storage_client()
-            .prepare_rootfs(request(storage::PrepareRootfsRequest { container_id: record.id.clone(), image: stored.id.clone() }))
+            .prepare_rootfs(traced_request(storage::PrepareRootfsRequest { container_id: record.id.clone(), image: stored.id.clone() }))
             .await
             .map_err(RuntimeError::storage)?
             .into_inner()
@@ -171,7 +166,7 @@ impl Runtime {
         let runtime = PathBuf::from(&record.oci_runtime);
         self.oci.kill(&runtime, &record.id, "KILL").await?;
         self.oci.delete(&runtime, &record.id).await?;
-        self.storage_client().release_rootfs(request(storage::ReleaseRootfsRequest { container_id: record.id.clone() })).await.map_err(RuntimeError::storage)?;
+        self.storage_client().release_rootfs(traced_request(storage::ReleaseRootfsRequest { container_id: record.id.clone() })).await.map_err(RuntimeError::storage)?;
         let bundle = self.bundle_dir(&record.id);
         match std::fs::remove_dir_all(&bundle) {
             Ok(()) => {}

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use k8s_cri::v1::*;
 use prost::Message;
-use trellis_common::telemetry::inject_grpc_context;
+use trellis_common::telemetry::traced_request;
 use trellis_proto::events::v1::{SandboxEvent, event::Payload, sandbox_event};
 use trellis_proto::network::v1 as network;
 use trellis_proto::network::v1::network_client::NetworkClient;
@@ -157,15 +157,12 @@ impl Runtime {
     async fn ensure_pause_image(&self) -> Result<String, RuntimeError> {
         use trellis_proto::storage::v1::{GetImageRequest, storage_client::StorageClient};
         let image = self.config.runtime.pause_image.clone();
-        let mut lookup = tonic::Request::new(GetImageRequest { reference: image.clone() });
-        inject_grpc_context(lookup.metadata_mut());
-        match StorageClient::new(self.storage.clone()).get_image(lookup).await {
+        match StorageClient::new(self.storage.clone()).get_image(traced_request(GetImageRequest { reference: image.clone() })).await {
             Ok(_) => return Ok(image),
             Err(status) if status.code() == tonic::Code::NotFound => {}
             Err(status) => return Err(RuntimeError::storage(status)),
         }
-        let mut pull = tonic::Request::new(PullImageRequest { image: Some(ImageSpec { image: image.clone(), ..Default::default() }), ..Default::default() });
-        inject_grpc_context(pull.metadata_mut());
+        let pull = traced_request(PullImageRequest { image: Some(ImageSpec { image: image.clone(), ..Default::default() }), ..Default::default() });
         image_service_client::ImageServiceClient::new(self.images.clone())
             .pull_image(pull)
             .await
@@ -211,7 +208,7 @@ impl Runtime {
             .map(|p| network::PortMapping { protocol: p.protocol, container_port: p.container_port, host_port: p.host_port, host_ip: p.host_ip.clone() })
             .collect();
         let dns = config.dns_config.as_ref().map(|d| network::DnsConfig { servers: d.servers.clone(), searches: d.searches.clone(), options: d.options.clone() });
-        let mut request = tonic::Request::new(network::SetUpPodRequest {
+        let request = traced_request(network::SetUpPodRequest {
             sandbox_id: id.clone(),
             pod_name: metadata.name,
             pod_namespace: metadata.namespace,
@@ -222,7 +219,6 @@ impl Runtime {
             annotations: config.annotations.clone(),
             ..Default::default()
         });
-        inject_grpc_context(request.metadata_mut());
         let pod_network = self.network_client().set_up_pod(request).await.map_err(RuntimeError::network)?.into_inner();
         record.ips = pod_network.ips.into_iter().map(|ip| ip.ip).collect();
         record.netns_path = pod_network.netns_path;
@@ -237,9 +233,7 @@ impl Runtime {
     /// Undoes everything a pod holds but its record and containers: network,
     /// namespaces, /dev/shm. Each step tolerates what is already gone.
     async fn release_pod(&self, id: &str) -> Result<(), RuntimeError> {
-        let mut request = tonic::Request::new(network::TearDownPodRequest { sandbox_id: id.to_string() });
-        inject_grpc_context(request.metadata_mut());
-        self.network_client().tear_down_pod(request).await.map_err(RuntimeError::network)?;
+        self.network_client().tear_down_pod(traced_request(network::TearDownPodRequest { sandbox_id: id.to_string() })).await.map_err(RuntimeError::network)?;
         let pod_dir = self.pod_dir(id);
         namespaces::unpin(&pod_dir)?;
         namespaces::unmount_shm(&pod_dir)?;

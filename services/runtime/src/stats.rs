@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use k8s_cri::v1::*;
-use trellis_common::telemetry::inject_grpc_context;
+use trellis_common::telemetry::traced_request;
 use trellis_proto::storage::v1::WritableLayerUsageRequest;
 use trellis_proto::storage::v1::storage_client::StorageClient;
 
@@ -67,8 +67,7 @@ impl Runtime {
     }
 
     async fn writable_layers(&self, ids: Vec<String>) -> Result<HashMap<String, FilesystemUsage>, RuntimeError> {
-        let mut request = tonic::Request::new(WritableLayerUsageRequest { container_ids: ids });
-        inject_grpc_context(request.metadata_mut());
+        let request = traced_request(WritableLayerUsageRequest { container_ids: ids });
         let response = StorageClient::new(self.storage.clone()).writable_layer_usage(request).await.map_err(RuntimeError::storage)?.into_inner();
         Ok(response
             .usages
