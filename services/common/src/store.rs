@@ -43,6 +43,9 @@ pub trait Store: Send + Sync {
     fn next_id(&self) -> Result<u64, StoreError>;
 }
 
+/// How long an open waits for a lock that a closing handle still holds.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub struct SledStore {
     db: sled::Db,
     path: PathBuf,
@@ -50,12 +53,20 @@ pub struct SledStore {
 
 impl SledStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::LowSpace)
-            .open()
-            .map_err(|source| StoreError::Open { path: path.to_path_buf(), source })?;
-        Ok(Self { db, path: path.to_path_buf() })
+        // sled lets go of its file lock a moment after the last handle is dropped (its
+        // flusher thread holds one), so an open right after a close in the same process
+        // may find it still held. A live owner in another process keeps it: that still
+        // fails, once the short wait is over.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match sled::Config::new().path(path).mode(sled::Mode::LowSpace).open() {
+                Ok(db) => return Ok(Self { db, path: path.to_path_buf() }),
+                Err(sled::Error::Io(error)) if error.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(source) => return Err(StoreError::Open { path: path.to_path_buf(), source }),
+            }
+        }
     }
 
     fn engine_error(&self, table: &str) -> impl Fn(sled::Error) -> StoreError + use<'_> {
