@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_nats::jetstream;
 use prost::Message;
@@ -142,7 +142,7 @@ impl EventBus {
         };
         let (area, kind) = subject_parts(&payload);
         let subject = format!("trellis.{}.events.{area}.{kind}", inner.node);
-        let time = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or_default();
+        let time = crate::clock::now_nanos();
         let headers = current_trace_headers();
         let _order = inner.enqueue.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let sequence = store.next_id()?;

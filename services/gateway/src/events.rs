@@ -89,7 +89,7 @@ pub async fn subscribe(backends: Arc<Backends>, bus: Option<async_nats::Client>,
     bus.flush().await.map_err(|e| Status::unavailable(format!("cannot reach the event bus: {e}")))?;
     // Delivery through the services' outboxes lags a little: an event raised before
     // this moment may still arrive after it, and is not this subscriber's.
-    let subscribed_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or_default();
+    let subscribed_at = trellis_common::clock::now_nanos();
     let (events, receiver) = mpsc::channel(SUBSCRIBER_BUFFER);
     tokio::spawn(async move {
         while let Some(message) = subscription.next().await {

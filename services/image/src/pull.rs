@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt, TryStreamExt};
@@ -224,7 +224,7 @@ impl Puller {
             chain_ids,
             config: Some(stored_config(&config)),
             config_json: String::from_utf8_lossy(&config_bytes).into_owned(),
-            pulled_unix_nano: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or_default(),
+            pulled_unix_nano: trellis_common::clock::now_nanos(),
         };
         let stored = self.storage().put_image(traced_request(PutImageRequest { image: Some(record) })).await?.into_inner();
         stored.image.ok_or_else(|| SourceFailure { message: "storage returned no image".into(), code: Code::Internal, fatal: true })

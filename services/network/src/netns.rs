@@ -98,9 +98,7 @@ pub async fn remove(pin: &Path, sandbox_id: &str) -> Result<(), NetnsError> {
 
 /// Whether `pin` holds a namespace (is a mount point), as opposed to a bare file.
 pub fn is_pinned(pin: &Path) -> bool {
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
-    let target = pin.display().to_string();
-    mounts.lines().any(|line| line.split(' ').nth(4) == Some(target.as_str()))
+    trellis_common::mounts::is_mounted(pin).unwrap_or(false)
 }
 
 #[cfg(test)]

@@ -120,9 +120,7 @@ impl<T: Message + Default> Records<T> {
     }
 }
 
-pub fn now_nanos() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or_default()
-}
+pub use trellis_common::clock::now_nanos;
 
 /// 64 hex characters from the kernel's random source.
 pub fn new_id() -> Result<String, RuntimeError> {

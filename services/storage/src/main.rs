@@ -14,10 +14,7 @@ use trellis_common::ServiceKind;
 use trellis_common::grpc::MAX_MESSAGE_BYTES;
 use trellis_proto::storage::v1::storage_server::StorageServer;
 
-/// Now, in nanoseconds since the epoch (CRI timestamps).
-pub fn now_nanos() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or_default()
-}
+pub use trellis_common::clock::now_nanos;
 
 fn main() -> anyhow::Result<()> {
     trellis_common::service::run(ServiceKind::Storage, async |context| {
