@@ -132,6 +132,9 @@ pub struct RuntimeConfig {
     /// Image of the pause process a pod gets when its containers share one PID
     /// namespace (pulled through the image service when missing).
     pub pause_image: String,
+    /// Where the streaming server (Exec, Attach, PortForward URLs) listens, `host:port`;
+    /// port 0 picks a free one. Bound on the first streaming request.
+    pub streaming_address: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -289,6 +292,7 @@ impl Default for RuntimeConfig {
             conmon: "conmon".into(),
             default_stop_timeout_seconds: 10,
             pause_image: "registry.k8s.io/pause:3.9".into(),
+            streaming_address: "127.0.0.1:0".into(),
         }
     }
 }
