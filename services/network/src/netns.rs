@@ -73,8 +73,47 @@ fn unshare_and_pin(pin: &Path, sandbox_id: &str) -> Result<(), NetnsError> {
         move |source| NetnsError::Sys { sandbox_id, what, path, source }
     };
     nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(sys("unshare a network namespace for", pin))?;
+    // While this thread is inside: a netlink socket opened here talks to the new namespace.
+    loopback_up().map_err(sys("bring up the loopback of", pin))?;
     let own_namespace = Path::new("/proc/thread-self/ns/net");
     nix::mount::mount(Some(own_namespace), pin, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(sys("bind-mount the namespace on", pin))
+}
+
+/// Sets `lo` up in the calling thread's network namespace with one rtnetlink request,
+/// which is what the stock `loopback` CNI plugin does, without starting a process
+/// (about 5 ms per pod). A new namespace's loopback is always interface index 1.
+fn loopback_up() -> Result<(), Errno> {
+    use nix::sys::socket::{AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType};
+    const RTM_NEWLINK: u16 = 16;
+    const NLM_F_REQUEST_ACK: u16 = 0x1 | 0x4;
+    const NLMSG_ERROR: u16 = 2;
+    const LOOPBACK_INDEX: i32 = 1;
+    const IFF_UP: u32 = 1;
+    let socket = nix::sys::socket::socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkRoute)?;
+    nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&socket), &NetlinkAddr::new(0, 0))?;
+    let mut request = Vec::with_capacity(32);
+    // struct nlmsghdr: length, type, flags, sequence, port id.
+    request.extend_from_slice(&32u32.to_ne_bytes());
+    request.extend_from_slice(&RTM_NEWLINK.to_ne_bytes());
+    request.extend_from_slice(&NLM_F_REQUEST_ACK.to_ne_bytes());
+    request.extend_from_slice(&1u32.to_ne_bytes());
+    request.extend_from_slice(&0u32.to_ne_bytes());
+    // struct ifinfomsg: family (AF_UNSPEC), padding, type, index, flags, change mask.
+    request.extend_from_slice(&[0, 0, 0, 0]);
+    request.extend_from_slice(&LOOPBACK_INDEX.to_ne_bytes());
+    request.extend_from_slice(&IFF_UP.to_ne_bytes());
+    request.extend_from_slice(&IFF_UP.to_ne_bytes());
+    nix::sys::socket::send(std::os::fd::AsRawFd::as_raw_fd(&socket), &request, MsgFlags::empty())?;
+    let mut answer = [0u8; 256];
+    let length = nix::sys::socket::recv(std::os::fd::AsRawFd::as_raw_fd(&socket), &mut answer, MsgFlags::empty())?;
+    // The acknowledgement is an NLMSG_ERROR message whose error field is 0, or -errno.
+    if length < 20 || u16::from_ne_bytes([answer[4], answer[5]]) != NLMSG_ERROR {
+        return Err(Errno::EPROTO);
+    }
+    match i32::from_ne_bytes([answer[16], answer[17], answer[18], answer[19]]) {
+        0 => Ok(()),
+        negative => Err(Errno::from_raw(-negative)),
+    }
 }
 
 /// Unmounts and removes the pin; a pin (or mount) already gone is fine.
@@ -119,6 +158,16 @@ mod tests {
         let pinned = std::fs::metadata(&pin).expect("pinned netns");
         use std::os::unix::fs::MetadataExt;
         assert_ne!(ours.ino(), pinned.ino(), "a namespace of its own");
+        let pin_for_thread = pin.clone();
+        let loopback_works = std::thread::spawn(move || {
+            let namespace = std::fs::File::open(&pin_for_thread).expect("open the pin");
+            nix::sched::setns(namespace, CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind on the loopback");
+            std::net::TcpStream::connect(listener.local_addr().expect("address")).is_ok()
+        })
+        .join()
+        .expect("thread");
+        assert!(loopback_works, "lo is up in the new namespace");
         // Creating again replaces it.
         create(&pin, "sandbox-1").await.expect("create again");
         remove(&pin, "sandbox-1").await.expect("remove");

@@ -118,12 +118,11 @@ impl Pods {
         }
     }
 
-    /// Namespace, loopback, ADD chain; the result is kept in `record` as soon as there
+    /// Namespace (with its loopback up), ADD chain; the result is kept in `record` as soon as there
     /// is one, so a roll-back hands it to DEL.
     async fn attach(&self, record: &mut PodRecord) -> Result<Vec<PodAddress>, NetworkError> {
         let Some(attachment) = record.attachment.as_ref() else { return Ok(Vec::new()) };
         netns::create(&attachment.netns, &attachment.sandbox_id).await?;
-        cni::loopback_up(attachment, &self.plugin_dirs).await?;
         let result = cni::add(attachment, &self.plugin_dirs).await?;
         record.result = Some(result.clone());
         addresses(record)

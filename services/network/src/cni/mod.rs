@@ -47,13 +47,6 @@ pub fn kubernetes_args(pod_namespace: &str, pod_name: &str, sandbox_id: &str, po
     format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={pod_namespace};K8S_POD_NAME={pod_name};K8S_POD_INFRA_CONTAINER_ID={sandbox_id};K8S_POD_UID={pod_uid}")
 }
 
-/// Brings the namespace's loopback up, as CRI-O does, with the stock `loopback` plugin.
-pub async fn loopback_up(attachment: &Attachment, plugin_dirs: &[PathBuf]) -> Result<(), CniExecError> {
-    let network = serde_json::json!({"cniVersion": "1.0.0", "name": "trellis-loopback", "plugins": [{"type": "loopback"}]});
-    let loopback = Attachment { network, runtime_config: Map::new(), ..attachment.clone() };
-    add_chain(&loopback, "lo", plugin_dirs).await.map(drop)
-}
-
 /// ADD through the whole list; the last plugin's result.
 pub async fn add(attachment: &Attachment, plugin_dirs: &[PathBuf]) -> Result<Value, CniExecError> {
     add_chain(attachment, POD_INTERFACE, plugin_dirs).await
