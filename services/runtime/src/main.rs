@@ -3,15 +3,21 @@
 #![deny(unsafe_code)]
 // Only `inherit_fd` may use unsafe (a pre_exec hook); it says why.
 
+mod apparmor;
+mod capabilities;
 mod container;
 mod cri;
+mod devices;
 mod error;
 mod inherit_fd;
 mod namespaces;
 mod oci;
+mod propagation;
 mod records;
 mod runtime;
 mod sandbox;
+mod seccomp;
+mod seccomp_default;
 mod spec;
 mod stats;
 mod user;

@@ -5,73 +5,13 @@ use std::path::{Path, PathBuf};
 
 use k8s_cri::v1::{ContainerConfig, NamespaceMode, PodSandboxConfig};
 use oci_spec::runtime::{
-    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType,
-    LinuxResourcesBuilder, Mount, MountBuilder, RootBuilder, Spec, UserBuilder,
+    LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType,
+    LinuxResourcesBuilder, Mount, RootBuilder, Spec, UserBuilder,
 };
 use trellis_proto::storage::v1::ImageConfig;
 
 use crate::error::RuntimeError;
-
-/// Capabilities a container gets unless its security context says otherwise (the
-/// same set CRI-O and containerd give).
-const DEFAULT_CAPABILITIES: [Capability; 11] = [
-    Capability::Chown,
-    Capability::DacOverride,
-    Capability::Fsetid,
-    Capability::Fowner,
-    Capability::Setgid,
-    Capability::Setuid,
-    Capability::Setpcap,
-    Capability::NetBindService,
-    Capability::Kill,
-    Capability::SysChroot,
-    Capability::Mknod,
-];
-
-/// Every capability, for privileged containers and `add: [ALL]`.
-const ALL_CAPABILITIES: [Capability; 41] = [
-    Capability::AuditControl,
-    Capability::AuditRead,
-    Capability::AuditWrite,
-    Capability::BlockSuspend,
-    Capability::Bpf,
-    Capability::CheckpointRestore,
-    Capability::Chown,
-    Capability::DacOverride,
-    Capability::DacReadSearch,
-    Capability::Fowner,
-    Capability::Fsetid,
-    Capability::IpcLock,
-    Capability::IpcOwner,
-    Capability::Kill,
-    Capability::Lease,
-    Capability::LinuxImmutable,
-    Capability::MacAdmin,
-    Capability::MacOverride,
-    Capability::Mknod,
-    Capability::NetAdmin,
-    Capability::NetBindService,
-    Capability::NetBroadcast,
-    Capability::NetRaw,
-    Capability::Perfmon,
-    Capability::Setgid,
-    Capability::Setfcap,
-    Capability::Setpcap,
-    Capability::Setuid,
-    Capability::SysAdmin,
-    Capability::SysBoot,
-    Capability::SysChroot,
-    Capability::SysModule,
-    Capability::SysNice,
-    Capability::SysPacct,
-    Capability::SysPtrace,
-    Capability::SysRawio,
-    Capability::SysResource,
-    Capability::SysTime,
-    Capability::SysTtyConfig,
-    Capability::Syslog,
-    Capability::WakeAlarm,
-];
+use crate::propagation::bind;
 
 /// The identity the container's process runs as.
 #[derive(Debug, Clone, PartialEq)]
@@ -165,29 +105,12 @@ fn environment(container: &ContainerConfig, image: &ImageConfig, hostname: &str)
     order.into_iter().map(|key| format!("{key}={}", values[&key])).collect()
 }
 
-fn parse_capability(name: &str) -> Result<Capability, RuntimeError> {
-    let upper = name.trim().to_ascii_uppercase();
-    upper.trim_start_matches("CAP_").parse().map_err(|_| invalid(format!("unknown capability `{name}`")))
-}
-
 fn namespace(kind: LinuxNamespaceType, path: Option<PathBuf>) -> Result<LinuxNamespace, RuntimeError> {
     let mut builder = LinuxNamespaceBuilder::default().typ(kind);
     if let Some(path) = path {
         builder = builder.path(path);
     }
     built(builder.build(), "namespace")
-}
-
-fn bind(destination: &str, source: &Path, options: &[&str]) -> Result<Mount, RuntimeError> {
-    built(
-        MountBuilder::default()
-            .destination(destination)
-            .typ("bind")
-            .source(source)
-            .options(options.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .build(),
-        "mount",
-    )
 }
 
 pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
@@ -199,6 +122,9 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
     let pod_security = input.sandbox.linux.as_ref().and_then(|l| l.security_context.as_ref());
     let namespaces = security.and_then(|s| s.namespace_options.clone()).or_else(|| pod_security.and_then(|s| s.namespace_options.clone())).unwrap_or_default();
     let privileged = security.is_some_and(|s| s.privileged);
+    if privileged && !pod_security.is_some_and(|s| s.privileged) {
+        return Err(invalid("a privileged container needs a privileged pod sandbox (linux.security_context.privileged)".into()));
+    }
     let hostname = crate::sandbox::hostname_of(input.sandbox);
 
     let mut spec = Spec::default();
@@ -221,27 +147,8 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
     process.set_no_new_privileges(Some(security.is_some_and(|s| s.no_new_privs)));
     let requested_oom = container.linux.as_ref().and_then(|l| l.resources.as_ref()).map(|r| r.oom_score_adj as i32).unwrap_or(0);
     process.set_oom_score_adj(Some(requested_oom.max(input.oom_score_floor)));
-    let capabilities: HashSet<Capability> = if privileged {
-        ALL_CAPABILITIES.into_iter().collect()
-    } else {
-        let mut set: HashSet<Capability> = DEFAULT_CAPABILITIES.into_iter().collect();
-        if let Some(requested) = security.and_then(|s| s.capabilities.as_ref()) {
-            if requested.add_capabilities.iter().any(|c| c.eq_ignore_ascii_case("ALL")) {
-                set = ALL_CAPABILITIES.into_iter().collect();
-            } else {
-                for name in &requested.add_capabilities {
-                    set.insert(parse_capability(name)?);
-                }
-            }
-            if requested.drop_capabilities.iter().any(|c| c.eq_ignore_ascii_case("ALL")) {
-                set.clear();
-            }
-            for name in requested.drop_capabilities.iter().filter(|c| !c.eq_ignore_ascii_case("ALL")) {
-                set.remove(&parse_capability(name)?);
-            }
-        }
-        set
-    };
+    let capabilities = crate::capabilities::resolve(security, privileged, crate::capabilities::host())?;
+    process.set_apparmor_profile(crate::apparmor::for_container(security, privileged)?);
     process.set_capabilities(Some(built(
         LinuxCapabilitiesBuilder::default()
             .bounding(capabilities.clone())
@@ -253,29 +160,23 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
         "capabilities",
     )?));
 
-    // Mounts: the defaults, the pod's files and /dev/shm, then the request's own.
+    // Mounts: the defaults (sysfs and cgroupfs writable when privileged), the pod's
+    // files and /dev/shm, then the request's own.
     let mut mounts: Vec<Mount> = spec.mounts().clone().unwrap_or_default().into_iter().filter(|m| m.destination() != Path::new("/dev/shm")).collect();
+    if privileged {
+        for mount in mounts.iter_mut().filter(|m| matches!(m.typ().as_deref(), Some("sysfs" | "cgroup"))) {
+            let options = mount.options().clone().unwrap_or_default().into_iter().filter(|o| o != "ro").collect();
+            mount.set_options(Some(options));
+        }
+    }
     let shm = if namespaces.ipc == NamespaceMode::Node as i32 { PathBuf::from("/dev/shm") } else { crate::namespaces::shm_path(input.pod_dir) };
-    mounts.push(bind("/dev/shm", &shm, &["rbind", "rw"])?);
+    mounts.push(bind(Path::new("/dev/shm"), &shm, &["rbind", "rw"])?);
     for file in ["hostname", "hosts", "resolv.conf"] {
-        mounts.push(bind(&format!("/etc/{file}"), &input.pod_dir.join(file), &["rbind", "rw"])?);
+        mounts.push(bind(&Path::new("/etc").join(file), &input.pod_dir.join(file), &["rbind", "rw"])?);
     }
-    for mount in &container.mounts {
-        let source = Path::new(&mount.host_path);
-        if !source.is_absolute() || !source.exists() {
-            return Err(invalid(format!("mount source {} does not exist (or is not an absolute path)", mount.host_path)));
-        }
-        if !mount.container_path.starts_with('/') {
-            return Err(invalid(format!("mount destination {} must be an absolute path", mount.container_path)));
-        }
-        let propagation = match mount.propagation {
-            1 => "rslave",
-            2 => "rshared",
-            _ => "rprivate",
-        };
-        let access = if mount.readonly { "ro" } else { "rw" };
-        mounts.push(bind(&mount.container_path, source, &["rbind", access, propagation])?);
-    }
+    let requested = crate::propagation::container_mounts(&container.mounts)?;
+    let rootfs_propagation = requested.rootfs_propagation;
+    mounts.extend(requested.mounts);
     spec.set_mounts(Some(mounts));
 
     // Namespaces, cgroup, resources.
@@ -310,8 +211,19 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
     if resources.cpu_period > 0 {
         cpu = cpu.period(resources.cpu_period as u64);
     }
+    // Devices: every host device when privileged, else none but the OCI runtime's
+    // few; the request's own in both cases.
+    let mut devices = if privileged { crate::devices::privileged()? } else { crate::devices::Devices { rules: vec![crate::devices::deny_all()?], ..Default::default() } };
+    let requested = crate::devices::requested(&container.devices)?;
+    devices.nodes.retain(|n| !requested.nodes.iter().any(|r| r.path() == n.path()));
+    devices.nodes.extend(requested.nodes);
+    devices.rules.extend(requested.rules);
     let linux_resources = built(
-        LinuxResourcesBuilder::default().memory(built(memory.build(), "memory limits")?).cpu(built(cpu.build(), "cpu limits")?).build(),
+        LinuxResourcesBuilder::default()
+            .memory(built(memory.build(), "memory limits")?)
+            .cpu(built(cpu.build(), "cpu limits")?)
+            .devices(devices.rules)
+            .build(),
         "resources",
     )?;
     let defaults = spec.linux().clone().unwrap_or_default();
@@ -319,12 +231,24 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
         .namespaces(linux_namespaces)
         .cgroups_path(PathBuf::from(cgroups_path))
         .resources(linux_resources)
-        .sysctl(input.sandbox.linux.as_ref().map(|l| l.sysctls.clone()).unwrap_or_default());
-    if !privileged {
+        .sysctl(input.sandbox.linux.as_ref().map(|l| l.sysctls.clone()).unwrap_or_default())
+        .devices(devices.nodes);
+    if let Some(propagation) = rootfs_propagation {
+        linux = linux.rootfs_propagation(propagation);
+    }
+    if let Some(seccomp) = crate::seccomp::for_container(security, privileged, &capabilities)? {
+        linux = linux.seccomp(seccomp);
+    }
+    // The builder starts from the default masked and read-only paths: a privileged
+    // container has none.
+    let (masked, readonly) = if privileged {
+        (Vec::new(), Vec::new())
+    } else {
         let masked = security.map(|s| s.masked_paths.clone()).filter(|p| !p.is_empty()).or_else(|| defaults.masked_paths().clone()).unwrap_or_default();
         let readonly = security.map(|s| s.readonly_paths.clone()).filter(|p| !p.is_empty()).or_else(|| defaults.readonly_paths().clone()).unwrap_or_default();
-        linux = linux.masked_paths(masked).readonly_paths(readonly);
-    }
+        (masked, readonly)
+    };
+    linux = linux.masked_paths(masked).readonly_paths(readonly);
     spec.set_linux(Some(built(linux.build(), "linux section")?));
     Ok(spec)
 }
@@ -350,5 +274,99 @@ mod tests {
         let cmd = ContainerConfig { command: vec!["/bin/sh".into()], ..Default::default() };
         assert_eq!(command(&cmd, &image).expect("command"), vec!["/bin/sh"]);
         assert!(command(&plain, &ImageConfig::default()).is_err());
+    }
+
+    fn spec_of(container: ContainerConfig, pod_privileged: bool) -> Result<Spec, RuntimeError> {
+        let sandbox = PodSandboxConfig {
+            linux: Some(k8s_cri::v1::LinuxPodSandboxConfig {
+                security_context: Some(k8s_cri::v1::LinuxSandboxSecurityContext { privileged: pod_privileged, ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let container = ContainerConfig { command: vec!["/bin/sh".into()], ..container };
+        build(&SpecInput {
+            container_id: "c1",
+            container: &container,
+            sandbox: &sandbox,
+            pod_dir: Path::new("/run/pod"),
+            netns_path: "",
+            image: &ImageConfig::default(),
+            rootfs: Path::new("/rootfs"),
+            user: ResolvedUser { uid: 0, gid: 0, additional_gids: Vec::new() },
+            oom_score_floor: 0,
+            pid_namespace: None,
+        })
+    }
+
+    fn with_security(security: k8s_cri::v1::LinuxContainerSecurityContext) -> ContainerConfig {
+        ContainerConfig { linux: Some(k8s_cri::v1::LinuxContainerConfig { security_context: Some(security), ..Default::default() }), ..Default::default() }
+    }
+
+    fn privileged() -> ContainerConfig {
+        with_security(k8s_cri::v1::LinuxContainerSecurityContext { privileged: true, seccomp: Some(Default::default()), ..Default::default() })
+    }
+
+    #[test]
+    fn privileged_containers_get_everything_the_host_has() {
+        let spec = spec_of(privileged(), true).expect("privileged spec");
+        let process = spec.process().clone().expect("process");
+        let bounding = process.capabilities().clone().expect("caps").bounding().clone().expect("bounding");
+        assert_eq!(&bounding, crate::capabilities::host());
+        let linux = spec.linux().clone().expect("linux");
+        assert!(linux.seccomp().is_none(), "privileged ignores its seccomp profile");
+        assert!(linux.masked_paths().as_ref().is_none_or(Vec::is_empty) && linux.readonly_paths().as_ref().is_none_or(Vec::is_empty));
+        let devices = linux.devices().clone().expect("host devices");
+        assert!(devices.iter().any(|d| d.path() == Path::new("/dev/null")), "{devices:?}");
+        let rules = linux.resources().clone().expect("resources").devices().clone().expect("rules");
+        assert!(rules[0].allow() && rules[0].access().as_deref() == Some("rwm") && rules[0].typ().is_none());
+        let sys = spec.mounts().clone().expect("mounts").into_iter().find(|m| m.destination() == Path::new("/sys")).expect("/sys");
+        assert!(!sys.options().clone().unwrap_or_default().contains(&"ro".to_string()), "{sys:?}");
+    }
+
+    #[test]
+    fn privileged_containers_need_a_privileged_pod() {
+        let error = spec_of(privileged(), false).expect_err("unprivileged pod");
+        assert!(matches!(error, RuntimeError::InvalidArgument(ref m) if m.contains("privileged pod")), "{error}");
+    }
+
+    #[test]
+    fn ordinary_containers_are_confined() {
+        let spec = spec_of(with_security(k8s_cri::v1::LinuxContainerSecurityContext { seccomp: Some(Default::default()), ..Default::default() }), false).expect("spec");
+        let linux = spec.linux().clone().expect("linux");
+        let seccomp = linux.seccomp().clone().expect("RuntimeDefault filter");
+        assert_eq!(seccomp.default_action(), oci_spec::runtime::LinuxSeccompAction::ScmpActErrno);
+        assert!(linux.devices().as_ref().is_none_or(Vec::is_empty));
+        let rules = linux.resources().clone().expect("resources").devices().clone().expect("rules");
+        assert_eq!(rules.len(), 1);
+        assert!(!rules[0].allow(), "all devices denied but the runtime's defaults");
+        assert!(linux.masked_paths().as_ref().is_some_and(|p| p.contains(&"/proc/kcore".to_string())));
+        let sys = spec.mounts().clone().expect("mounts").into_iter().find(|m| m.destination() == Path::new("/sys")).expect("/sys");
+        assert!(sys.options().clone().unwrap_or_default().contains(&"ro".to_string()));
+        assert!(linux.rootfs_propagation().is_none());
+
+        let unconfined = spec_of(ContainerConfig::default(), false).expect("no profile");
+        assert!(unconfined.linux().clone().expect("linux").seccomp().is_none(), "no profile asked: unconfined");
+    }
+
+    #[test]
+    fn requested_devices_and_mounts_reach_the_spec() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = ContainerConfig {
+            devices: vec![k8s_cri::v1::Device { host_path: "/dev/zero".into(), container_path: "/dev/myzero".into(), permissions: "r".into() }],
+            mounts: vec![k8s_cri::v1::Mount { host_path: dir.path().display().to_string(), container_path: "/data".into(), readonly: true, ..Default::default() }],
+            ..Default::default()
+        };
+        let spec = spec_of(config, false).expect("spec");
+        let linux = spec.linux().clone().expect("linux");
+        let devices = linux.devices().clone().expect("devices");
+        assert_eq!(devices.iter().map(|d| (d.path().clone(), d.major(), d.minor())).collect::<Vec<_>>(), vec![(PathBuf::from("/dev/myzero"), 1, 5)]);
+        let rules = linux.resources().clone().expect("resources").devices().clone().expect("rules");
+        assert_eq!((rules[1].allow(), rules[1].major(), rules[1].minor(), rules[1].access().as_deref()), (true, Some(1), Some(5), Some("r")));
+        let data = spec.mounts().clone().expect("mounts").into_iter().find(|m| m.destination() == Path::new("/data")).expect("/data");
+        assert_eq!(data.options().clone().expect("options"), vec!["rbind", "ro", "rprivate"]);
+
+        let missing = ContainerConfig { devices: vec![k8s_cri::v1::Device { host_path: "/dev/nope".into(), container_path: "/dev/nope".into(), permissions: "rw".into() }], ..Default::default() };
+        assert!(matches!(spec_of(missing, false), Err(RuntimeError::InvalidArgument(ref m)) if m.contains("/dev/nope")));
     }
 }
