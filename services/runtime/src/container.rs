@@ -158,7 +158,8 @@ impl Runtime {
         spec.save(bundle.join("config.json")).map_err(|e| RuntimeError::Oci(format!("cannot write {}/config.json: {e}", bundle.display())))?;
         let name = config.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or_default();
         let runtime = PathBuf::from(&record.oci_runtime);
-        record.pid = self.oci.create(&Launch { id: &record.id, name, bundle, runtime: &runtime, log_path: log }).await?;
+        let launch = Launch { id: &record.id, name, bundle, runtime: &runtime, log_path: log, stdin: config.stdin, stdin_once: config.stdin_once, tty: config.tty };
+        record.pid = self.oci.create(&launch).await?;
         Ok(())
     }
 

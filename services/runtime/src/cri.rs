@@ -12,6 +12,7 @@ use trellis_common::grpc_service_impl;
 use trellis_common::service::VERSION;
 
 use crate::runtime::Runtime;
+use crate::streaming::StreamingServer;
 
 /// The CRI names this runtime to the kubelet.
 pub const RUNTIME_NAME: &str = "trellis";
@@ -23,15 +24,20 @@ pub struct RuntimeService {
     oci_runtime: String,
     conmon: String,
     runtime: Option<Arc<Runtime>>,
+    streaming: Option<StreamingServer>,
 }
 
 impl RuntimeService {
     pub fn new(config: &RuntimeConfig, runtime: Arc<Runtime>) -> Self {
-        Self { oci_runtime: config.oci_runtime.clone(), conmon: config.conmon.clone(), runtime: Some(runtime) }
+        Self { oci_runtime: config.oci_runtime.clone(), conmon: config.conmon.clone(), streaming: Some(StreamingServer::new(runtime.clone())), runtime: Some(runtime) }
     }
 
     fn runtime(&self) -> Result<&Runtime, Status> {
         self.runtime.as_deref().ok_or_else(|| Status::unavailable("the runtime service is starting"))
+    }
+
+    fn streaming(&self) -> Result<&StreamingServer, Status> {
+        self.streaming.as_ref().ok_or_else(|| Status::unavailable("the runtime service is starting"))
     }
 
     /// Ready when the programs every container needs are installed.
@@ -56,9 +62,6 @@ grpc_service_impl! {
     impl runtime_service_server::RuntimeService, for RuntimeService, service "runtime";
     unimplemented {
         update_container_resources(UpdateContainerResourcesRequest) -> UpdateContainerResourcesResponse,
-        exec(ExecRequest) -> ExecResponse,
-        attach(AttachRequest) -> AttachResponse,
-        port_forward(PortForwardRequest) -> PortForwardResponse,
         update_runtime_config(UpdateRuntimeConfigRequest) -> UpdateRuntimeConfigResponse,
         checkpoint_container(CheckpointContainerRequest) -> CheckpointContainerResponse,
         list_metric_descriptors(ListMetricDescriptorsRequest) -> ListMetricDescriptorsResponse,
@@ -162,6 +165,21 @@ grpc_service_impl! {
         Ok(Response::new(self.runtime()?.exec_sync(&request.container_id, request.cmd, request.timeout).await?))
     }
 
+    async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
+        let url = self.streaming()?.exec(request.into_inner()).await?;
+        Ok(Response::new(ExecResponse { url }))
+    }
+
+    async fn attach(&self, request: Request<AttachRequest>) -> Result<Response<AttachResponse>, Status> {
+        let url = self.streaming()?.attach(request.into_inner()).await?;
+        Ok(Response::new(AttachResponse { url }))
+    }
+
+    async fn port_forward(&self, request: Request<PortForwardRequest>) -> Result<Response<PortForwardResponse>, Status> {
+        let url = self.streaming()?.port_forward(request.into_inner()).await?;
+        Ok(Response::new(PortForwardResponse { url }))
+    }
+
     async fn version(&self, _request: Request<VersionRequest>) -> Result<Response<VersionResponse>, Status> {
         Ok(Response::new(VersionResponse {
             version: KUBELET_API_VERSION.into(),
@@ -193,7 +211,7 @@ mod tests {
     use k8s_cri::v1::runtime_service_server::RuntimeService as _;
 
     fn service(oci_runtime: &str, conmon: &str) -> RuntimeService {
-        RuntimeService { oci_runtime: oci_runtime.into(), conmon: conmon.into(), runtime: None }
+        RuntimeService { oci_runtime: oci_runtime.into(), conmon: conmon.into(), runtime: None, streaming: None }
     }
 
     #[tokio::test]
@@ -214,8 +232,14 @@ mod tests {
 
     #[tokio::test]
     async fn rpcs_not_built_yet_answer_unimplemented_by_name() {
-        let error = service("sh", "sh").port_forward(Request::new(PortForwardRequest::default())).await.expect_err("unimplemented");
+        let error = service("sh", "sh").checkpoint_container(Request::new(CheckpointContainerRequest::default())).await.expect_err("unimplemented");
         assert_eq!(error.code(), tonic::Code::Unimplemented);
-        assert!(error.message().contains("PortForward"));
+        assert!(error.message().contains("CheckpointContainer"), "{}", error.message());
+    }
+
+    #[tokio::test]
+    async fn streaming_rpcs_wait_for_the_runtime() {
+        let error = service("sh", "sh").port_forward(Request::new(PortForwardRequest::default())).await.expect_err("no runtime yet");
+        assert_eq!(error.code(), tonic::Code::Unavailable);
     }
 }

@@ -33,6 +33,9 @@ pub enum RuntimeError {
     Oci(String),
     #[error("{what} timed out after {seconds} s")]
     Timeout { what: String, seconds: u64 },
+    /// A streaming (exec, attach, port-forward) session failed.
+    #[error("streaming: {0}")]
+    Streaming(String),
 }
 
 impl RuntimeError {

@@ -20,6 +20,7 @@ mod seccomp;
 mod seccomp_default;
 mod spec;
 mod stats;
+mod streaming;
 mod user;
 
 use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;

@@ -29,6 +29,12 @@ pub struct Launch<'a> {
     pub bundle: &'a Path,
     pub runtime: &'a Path,
     pub log_path: &'a Path,
+    /// CRI `stdin`: conmon keeps a pipe to the container's stdin for Attach.
+    pub stdin: bool,
+    /// CRI `stdin_once`: the first attach that ends closes that stdin.
+    pub stdin_once: bool,
+    /// CRI `tty`: conmon allocates the terminal (the spec sets process.terminal).
+    pub tty: bool,
 }
 
 #[derive(serde::Deserialize)]
@@ -43,7 +49,7 @@ impl Oci {
         Self { conmon, root }
     }
 
-    fn runc_root(&self) -> PathBuf {
+    pub fn runc_root(&self) -> PathBuf {
         self.root.join("runc")
     }
 
@@ -85,6 +91,9 @@ impl Oci {
             .arg("--runtime-arg")
             .arg(format!("--root={}", self.runc_root().display()))
             .args(["--log-level", "error", "--syslog"])
+            .args(launch.tty.then_some("--terminal"))
+            .args(launch.stdin.then_some("--stdin"))
+            .args((launch.stdin && !launch.stdin_once).then_some("--leave-stdin-open"))
             .env("_OCI_SYNCPIPE", sync_write.as_raw_fd().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
