@@ -18,6 +18,7 @@ use tonic::transport::{Channel, Endpoint};
 use trellis_proto::service::v1::InfoResponse;
 use trellis_proto::service::v1::service_info_client::ServiceInfoClient;
 
+pub mod cri;
 pub mod nats;
 pub mod netns;
 pub mod otlp;

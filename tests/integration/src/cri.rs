@@ -1,0 +1,108 @@
+//! Pods and containers through a node's CRI socket, for tests: a node with a
+//! busybox image pulled, pod and container configs, create/start and ExecSync.
+
+use std::collections::HashMap;
+
+use k8s_cri::v1::*;
+
+use crate::registry::{Registry, busybox_layer, image};
+use crate::{Node, NodeOptions};
+
+/// A node with a busybox image in a registry of its own.
+pub struct BusyboxNode {
+    pub node: Node,
+    pub image: String,
+    pub registry: Registry,
+    pub dir: tempfile::TempDir,
+}
+
+impl BusyboxNode {
+    pub async fn start() -> BusyboxNode {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = Registry::start(dir.path(), None);
+        registry.push("tests/busybox", "1", &image(vec![busybox_layer()], &["/bin/sh"], "amd64", false)).await;
+        let node = Node::start(NodeOptions { with_cni_config: true, ..Default::default() }).await;
+        let image = format!("{}/tests/busybox:1", registry.address);
+        node.images().pull_image(PullImageRequest { image: Some(ImageSpec { image: image.clone(), ..Default::default() }), ..Default::default() }).await.expect("pull busybox");
+        BusyboxNode { node, image, registry, dir }
+    }
+
+    /// A container of the busybox image running `command`.
+    pub fn container(&self, name: &str, command: &[&str]) -> ContainerConfig {
+        ContainerConfig {
+            metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }),
+            image: Some(ImageSpec { image: self.image.clone(), ..Default::default() }),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            labels: HashMap::from([("container".to_string(), name.to_string())]),
+            ..Default::default()
+        }
+    }
+}
+
+/// A pod as created, with the config it was created from.
+pub struct Pod {
+    pub id: String,
+    pub config: PodSandboxConfig,
+}
+
+/// A host-network pod (so no CNI work), privileged or not.
+pub fn host_network_pod(name: &str, privileged: bool) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata { name: name.into(), namespace: "tests".into(), uid: format!("uid-{name}"), attempt: 0 }),
+        hostname: name.into(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption { network: NamespaceMode::Node as i32, pid: NamespaceMode::Container as i32, ipc: NamespaceMode::Pod as i32, ..Default::default() }),
+                privileged,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub async fn run_pod(node: &Node, config: PodSandboxConfig) -> Pod {
+    let request = RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: String::new() };
+    let id = node.runtime().run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    Pod { id, config }
+}
+
+/// Stops and removes pods (and so their containers), which a node must have done
+/// before `Node::stop`.
+pub async fn remove_pods(node: &Node, pods: &[&Pod]) {
+    for pod in pods {
+        node.runtime().remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("RemovePodSandbox");
+    }
+}
+
+pub async fn create(node: &Node, pod: &Pod, config: ContainerConfig) -> Result<String, tonic::Status> {
+    let request = CreateContainerRequest { pod_sandbox_id: pod.id.clone(), config: Some(config), sandbox_config: Some(pod.config.clone()) };
+    node.runtime().create_container(request).await.map(|r| r.into_inner().container_id)
+}
+
+/// Creates and starts a container, which must succeed.
+pub async fn start(node: &Node, pod: &Pod, config: ContainerConfig) -> String {
+    let id = create(node, pod, config).await.expect("CreateContainer");
+    node.runtime().start_container(StartContainerRequest { container_id: id.clone() }).await.expect("StartContainer");
+    id
+}
+
+/// What a command run in a container printed, and its exit code.
+#[derive(Debug)]
+pub struct Exec {
+    pub stdout: String,
+    pub stderr: String,
+    pub code: i32,
+}
+
+pub async fn exec(node: &Node, container: &str, cmd: &[&str]) -> Exec {
+    let request = ExecSyncRequest { container_id: container.into(), cmd: cmd.iter().map(|s| s.to_string()).collect(), timeout: 20 };
+    let out = node.runtime().exec_sync(request).await.unwrap_or_else(|e| panic!("ExecSync {cmd:?}: {e}")).into_inner();
+    Exec { stdout: String::from_utf8_lossy(&out.stdout).into_owned(), stderr: String::from_utf8_lossy(&out.stderr).into_owned(), code: out.exit_code }
+}
+
+/// `sh -c script` in a container.
+pub async fn shell(node: &Node, container: &str, script: &str) -> Exec {
+    exec(node, container, &["/bin/sh", "-c", script]).await
+}
