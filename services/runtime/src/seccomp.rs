@@ -26,57 +26,42 @@ pub enum Selected {
 /// one syscall (`name`) or several (`names`) and be conditional (`includes`,
 /// `excludes`); architectures may be listed plainly or through `archMap`.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct Profile {
     pub default_action: String,
-    #[serde(default)]
     pub default_errno_ret: Option<u32>,
-    #[serde(default)]
     pub architectures: Vec<String>,
-    #[serde(default)]
     pub arch_map: Vec<ArchMap>,
-    #[serde(default)]
     pub syscalls: Vec<Rule>,
-    #[serde(default)]
     pub flags: Vec<String>,
-    #[serde(default)]
     pub listener_path: Option<PathBuf>,
-    #[serde(default)]
     pub listener_metadata: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct ArchMap {
     pub architecture: String,
-    #[serde(default)]
     pub sub_architectures: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct Rule {
-    #[serde(default)]
     pub name: Option<String>,
-    #[serde(default)]
     pub names: Vec<String>,
     pub action: String,
-    #[serde(default)]
     pub errno_ret: Option<u32>,
-    #[serde(default)]
     pub args: Vec<Arg>,
-    #[serde(default)]
     pub includes: Filter,
-    #[serde(default)]
     pub excludes: Filter,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct Arg {
     pub index: usize,
     pub value: u64,
-    #[serde(default)]
     pub value_two: u64,
     pub op: String,
 }
@@ -84,13 +69,10 @@ pub struct Arg {
 /// A rule's condition: capabilities the container holds (all of them), its
 /// architecture (any of them), the lowest kernel version ("major.minor").
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct Filter {
-    #[serde(default)]
     pub caps: Vec<String>,
-    #[serde(default)]
     pub arches: Vec<String>,
-    #[serde(default)]
     pub min_kernel: Option<String>,
 }
 
@@ -146,7 +128,11 @@ pub fn select(security: Option<&LinuxContainerSecurityContext>) -> Result<Select
 /// Reads a Localhost profile; one that is missing or malformed is refused with its path.
 pub fn read(path: &Path) -> Result<Profile, RuntimeError> {
     let text = std::fs::read(path).map_err(|e| invalid(format!("cannot read the seccomp profile {}: {e}", path.display())))?;
-    serde_json::from_slice(&text).map_err(|e| invalid(format!("the seccomp profile {} is not valid JSON of a seccomp profile: {e}", path.display())))
+    let profile: Profile = serde_json::from_slice(&text).map_err(|e| invalid(format!("the seccomp profile {} is not valid JSON of a seccomp profile: {e}", path.display())))?;
+    if profile.default_action.is_empty() {
+        return Err(invalid(format!("the seccomp profile {} has no defaultAction", path.display())));
+    }
+    Ok(profile)
 }
 
 /// A name from a profile as one of the OCI spec's enumerations (they spell them
@@ -261,13 +247,12 @@ pub fn for_container(security: Option<&LinuxContainerSecurityContext>, privilege
     if privileged {
         return Ok(None);
     }
-    let profile = match select(security)? {
-        Selected::Unconfined => return Ok(None),
-        Selected::RuntimeDefault => crate::seccomp_default::profile(),
-        Selected::Localhost(path) => read(&path)?,
-    };
     let target = Target { capabilities, arch: native_arch(), kernel: kernel_version() };
-    profile.to_oci(&target).map(Some)
+    match select(security)? {
+        Selected::Unconfined => Ok(None),
+        Selected::RuntimeDefault => crate::seccomp_default::profile().to_oci(&target).map(Some),
+        Selected::Localhost(path) => read(&path)?.to_oci(&target).map(Some).map_err(|e| invalid(format!("the seccomp profile {}: {e}", path.display()))),
+    }
 }
 
 #[cfg(test)]
@@ -308,6 +293,14 @@ mod tests {
         std::fs::write(&malformed, b"{\"syscalls\": 3").expect("write");
         let error = read(&malformed).expect_err("malformed");
         assert!(matches!(error, RuntimeError::InvalidArgument(ref m) if m.contains("bad.json")), "{error}");
+        let no_default = dir.path().join("no-default.json");
+        std::fs::write(&no_default, b"{\"syscalls\": []}").expect("write");
+        assert!(matches!(read(&no_default), Err(RuntimeError::InvalidArgument(ref m)) if m.contains("no-default.json")));
+        let bad_action = dir.path().join("bad-action.json");
+        std::fs::write(&bad_action, br#"{"defaultAction": "SCMP_ACT_PERHAPS"}"#).expect("write");
+        let asking = context(profile(ProfileType::Localhost, bad_action.to_str().expect("utf-8")), "");
+        let error = for_container(Some(&asking), false, &HashSet::new()).expect_err("bad action");
+        assert!(matches!(error, RuntimeError::InvalidArgument(ref m) if m.contains("bad-action.json") && m.contains("SCMP_ACT_PERHAPS")), "{error}");
     }
 
     #[test]
