@@ -237,7 +237,7 @@ impl Runtime {
         if record.state != ContainerState::Created as i32 {
             return Err(RuntimeError::FailedPrecondition(format!("container {} is not in the created state", record.id)));
         }
-        self.oci.start(Path::new(&record.oci_runtime), &record.id).await?;
+        self.oci.start(Path::new(&record.oci_runtime), &record.id, record.pid).await?;
         record.state = ContainerState::Running as i32;
         record.started_at = now_nanos();
         self.containers.put(&record.id, &record)?;

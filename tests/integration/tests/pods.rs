@@ -470,3 +470,32 @@ async fn container_events_reach_every_subscriber_in_order() {
     assert_eq!(seen(&after), expected[6..].to_vec(), "a later subscriber gets only what follows");
     node.stop();
 }
+
+/// StartContainer opens the exec fifo itself; when the created container's process is
+/// gone it must not wait for a writer that never comes, and must say so.
+#[tokio::test(flavor = "multi_thread")]
+async fn starting_a_container_whose_process_died_fails_promptly() {
+    let (dir, _registry, node, image) = setup().await;
+    let logs = dir.path().join("logs");
+    let pod = run_pod(&node, pod_config("dead-init", logs.to_str().expect("utf-8"), true)).await;
+    let mut runtime = node.runtime();
+    let config = container_config("dead", &image, &["sleep", "60"]);
+    let id = runtime
+        .create_container(CreateContainerRequest { pod_sandbox_id: pod.id.clone(), config: Some(config), sandbox_config: Some(pod.config.clone()) })
+        .await
+        .expect("CreateContainer")
+        .into_inner()
+        .container_id;
+    let state = std::process::Command::new("runc").arg("--root").arg(node.root().join("run/runtime/runc")).args(["state", &id]).output().expect("runc state");
+    let state: serde_json::Value = serde_json::from_slice(&state.stdout).expect("runc state JSON");
+    let pid = state["pid"].as_u64().expect("pid") as u32;
+    trellis_integration::kill9(pid);
+
+    let started = Instant::now();
+    let error = runtime.start_container(StartContainerRequest { container_id: id.clone() }).await.expect_err("its process is gone");
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(error.message().contains("stopped") || error.message().contains("dead"), "{}", error.message());
+    assert_eq!(wait_exited(&node, &id).await.state, ContainerState::ContainerExited as i32);
+    runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("remove");
+    node.stop();
+}
