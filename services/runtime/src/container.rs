@@ -119,22 +119,25 @@ impl Runtime {
         bundle: &Path,
         log: &Path,
     ) -> Result<(), RuntimeError> {
-        let stored = match self.storage_client().get_image(traced_request(storage::GetImageRequest { reference: image.to_string() })).await {
-            Ok(stored) => stored.into_inner(),
-            Err(status) if status.code() == tonic::Code::NotFound => return Err(RuntimeError::NotFound(format!("image {image} is not present: pull it first"))),
-            Err(status) => return Err(RuntimeError::storage(status)),
+        // Storage resolves the reference for both calls, so they go out together.
+        let (mut images_client, mut rootfs_client) = (self.storage_client(), self.storage_client());
+        let (stored, prepared) = tokio::join!(
+            images_client.get_image(traced_request(storage::GetImageRequest { reference: image.to_string() })),
+            rootfs_client.prepare_rootfs(traced_request(storage::PrepareRootfsRequest { container_id: record.id.clone(), image: image.to_string() })),
+        );
+        let not_present = |status: tonic::Status| {
+            if status.code() == tonic::Code::NotFound { RuntimeError::NotFound(format!("image {image} is not present: pull it first")) } else { RuntimeError::storage(status) }
         };
+        let prepared = prepared.map_err(not_present)?.into_inner();
+        let mut stored = stored.map_err(not_present)?.into_inner();
+        if stored.id != prepared.image_id {
+            // The tag moved between the two answers: the root filesystem's image wins.
+            stored = self.storage_client().get_image(traced_request(storage::GetImageRequest { reference: prepared.image_id.clone() })).await.map_err(not_present)?.into_inner();
+        }
         let image_config = stored.config.clone().unwrap_or_default();
         record.image_id = stored.id.clone();
         record.stop_signal = image_config.stop_signal.clone();
-        let rootfs = self
-            .storage_client()
-            .prepare_rootfs(traced_request(storage::PrepareRootfsRequest { container_id: record.id.clone(), image: stored.id.clone() }))
-            .await
-            .map_err(RuntimeError::storage)?
-            .into_inner()
-            .mount_path;
-        let rootfs = PathBuf::from(rootfs);
+        let rootfs = PathBuf::from(prepared.mount_path);
         let security = config.linux.as_ref().and_then(|l| l.security_context.as_ref());
         let user = crate::user::resolve(&rootfs, &image_config.user, security)?;
         let pid_namespace = self.pod_pid_namespace(&record.sandbox_id, record.infra)?;

@@ -196,10 +196,14 @@ impl Runtime {
         let options = namespace_options(config);
         let host_network = options.network == NamespaceMode::Node as i32;
         let own = OwnNamespaces { ipc: options.ipc != NamespaceMode::Node as i32, uts: !host_network };
-        if own.ipc {
-            namespaces::mount_shm(&pod_dir)?;
-        }
-        namespaces::pin(&pod_dir, &hostname_of(config), own)?;
+        // The pod's own namespaces are made while the network service sets its network up.
+        let (namespaces_dir, hostname) = (pod_dir.clone(), hostname_of(config));
+        let pod_namespaces = tokio::task::spawn_blocking(move || {
+            if own.ipc {
+                namespaces::mount_shm(&namespaces_dir)?;
+            }
+            namespaces::pin(&namespaces_dir, &hostname, own)
+        });
 
         let metadata = config.metadata.clone().unwrap_or_default();
         let port_mappings = config
@@ -219,7 +223,9 @@ impl Runtime {
             annotations: config.annotations.clone(),
             ..Default::default()
         });
-        let pod_network = self.network_client().set_up_pod(request).await.map_err(RuntimeError::network)?.into_inner();
+        let pod_network = self.network_client().set_up_pod(request).await.map_err(RuntimeError::network);
+        pod_namespaces.await.map_err(|e| RuntimeError::Oci(format!("setting up the pod's namespaces stopped: {e}")))??;
+        let pod_network = pod_network?.into_inner();
         record.ips = pod_network.ips.into_iter().map(|ip| ip.ip).collect();
         record.netns_path = pod_network.netns_path;
         self.sandboxes.put(&id, record)?;
