@@ -10,7 +10,7 @@
 //! the 108 bytes of `sun_path`, so it is reached through `/proc/self/fd/<dir>/attach`.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -92,7 +92,7 @@ fn connect(bundle: &Path) -> Result<UnixStream, RuntimeError> {
     let socket = rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, rustix::net::SocketFlags::CLOEXEC, None).map_err(not_attachable)?;
     let address = SocketAddrUnix::new(path.as_str()).map_err(not_attachable)?;
     rustix::net::connect(&socket, &address).map_err(not_attachable)?;
-    let socket = std::os::unix::net::UnixStream::from(OwnedFd::from(socket));
+    let socket = std::os::unix::net::UnixStream::from(socket);
     socket.set_nonblocking(true).map_err(|source| RuntimeError::io("attach socket", source))?;
     UnixStream::from_std(socket).map_err(|source| RuntimeError::io("cannot poll the attach socket", source))
 }

@@ -68,7 +68,11 @@ async fn forward(netns: Option<PathBuf>, error: Stream, mut data: Stream) {
                 let (from_pod, to_pod) = socket.into_split();
                 let mut upload = std::mem::replace(&mut data.data, tokio::sync::mpsc::channel(1).1);
                 tokio::spawn(async move { copy_from_stream(&mut upload, to_pod).await });
-                copy_to_stream(from_pod, &data.writer).await
+                match copy_to_stream(from_pod, &data.writer).await {
+                    // A server that closes with input unread resets: still an end.
+                    Err(RuntimeError::Io { source, .. }) if source.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+                    other => other,
+                }
             }
         },
     };
