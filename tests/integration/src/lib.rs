@@ -24,6 +24,7 @@ pub mod netns;
 pub mod otlp;
 pub mod peer;
 pub mod registry;
+pub mod spdy_client;
 
 pub const SERVICES: [&str; 5] = ["storage", "network", "image", "runtime", "gateway"];
 

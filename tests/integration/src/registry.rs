@@ -241,7 +241,7 @@ pub fn layer(entries: &[Entry], compression: Compression) -> BuiltLayer {
 pub fn busybox_layer() -> BuiltLayer {
     let busybox = std::fs::read("/bin/busybox").expect("busybox-static is not installed (apt-get install busybox-static)");
     let mut entries = vec![Entry::Dir("bin"), Entry::File("bin/busybox", busybox), Entry::Dir("etc"), Entry::Dir("tmp")];
-    for applet in ["sh", "echo", "cat", "ls", "sleep", "true", "false", "id", "env", "hostname", "ps", "touch", "mkdir", "rm", "head", "tail", "tr", "dd", "grep", "wc", "cut", "sed", "yes", "mount", "ip"] {
+    for applet in ["sh", "echo", "cat", "ls", "sleep", "true", "false", "id", "env", "hostname", "ps", "touch", "mkdir", "rm", "head", "tail", "tr", "dd", "grep", "wc", "cut", "sed", "yes", "mount", "ip", "nc", "stty"] {
         entries.push(Entry::Symlink(Box::leak(format!("bin/{applet}").into_boxed_str()), "busybox"));
     }
     entries.push(Entry::File("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n".to_vec()));

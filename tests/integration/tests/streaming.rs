@@ -1,0 +1,306 @@
+//! Exec, Attach and PortForward through the streaming server, with a SPDY client
+//! speaking as client-go does (remotecommand v4, portforward.k8s.io).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use k8s_cri::v1::*;
+use tonic::Code;
+use trellis_integration::registry::{Registry, busybox_layer, image};
+use trellis_integration::spdy_client::{Received, SpdyClient};
+use trellis_integration::{Node, NodeOptions, free_port};
+
+const V4: &str = "v4.channel.k8s.io";
+const LIMIT: Duration = Duration::from_secs(30);
+
+struct Pod {
+    id: String,
+    config: PodSandboxConfig,
+}
+
+async fn setup() -> (tempfile::TempDir, Registry, Node, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = Registry::start(dir.path(), None);
+    let built = image(vec![busybox_layer()], &["/bin/sh"], "amd64", false);
+    registry.push("tests/busybox", "1", &built).await;
+    let node = Node::start(NodeOptions { with_cni_config: true, ..Default::default() }).await;
+    let name = format!("{}/tests/busybox:1", registry.address);
+    node.images().pull_image(PullImageRequest { image: Some(ImageSpec { image: name.clone(), ..Default::default() }), ..Default::default() }).await.expect("pull busybox");
+    (dir, registry, node, name)
+}
+
+async fn run_pod(node: &Node, name: &str, host_network: bool) -> Pod {
+    let mode = if host_network { NamespaceMode::Node } else { NamespaceMode::Pod };
+    let config = PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata { name: name.into(), namespace: "streaming".into(), uid: format!("uid-{name}"), attempt: 0 }),
+        hostname: name.into(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption { network: mode as i32, pid: NamespaceMode::Container as i32, ipc: NamespaceMode::Pod as i32, ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let id = node.runtime().run_pod_sandbox(RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: String::new() }).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    Pod { id, config }
+}
+
+async fn start(node: &Node, pod: &Pod, config: ContainerConfig) -> String {
+    let mut runtime = node.runtime();
+    let id = runtime
+        .create_container(CreateContainerRequest { pod_sandbox_id: pod.id.clone(), config: Some(config), sandbox_config: Some(pod.config.clone()) })
+        .await
+        .expect("CreateContainer")
+        .into_inner()
+        .container_id;
+    runtime.start_container(StartContainerRequest { container_id: id.clone() }).await.expect("StartContainer");
+    id
+}
+
+fn container(name: &str, image: &str, command: &[&str]) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }),
+        image: Some(ImageSpec { image: image.into(), ..Default::default() }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn exec_request(container_id: &str, cmd: &[&str], stdin: bool, tty: bool) -> ExecRequest {
+    ExecRequest { container_id: container_id.into(), cmd: cmd.iter().map(|s| s.to_string()).collect(), stdin, stdout: true, stderr: !tty, tty }
+}
+
+/// A remotecommand session as client-go's v4 streamer opens it: error first, then
+/// stdin, stdout, stderr and resize as asked.
+struct Session {
+    client: SpdyClient,
+    ids: HashMap<&'static str, u32>,
+}
+
+impl Session {
+    async fn open(url: &str, kinds: &[&'static str]) -> Session {
+        let mut client = SpdyClient::connect(url, &["v5.channel.k8s.io", V4, "v3.channel.k8s.io", "v2.channel.k8s.io", "channel.k8s.io"]).await.expect("upgrade");
+        assert_eq!(client.protocol, V4);
+        let mut ids = HashMap::new();
+        for kind in kinds {
+            ids.insert(*kind, client.open(&[("streamtype", kind)]).await);
+        }
+        Session { client, ids }
+    }
+
+    fn id(&self, kind: &str) -> u32 {
+        self.ids[kind]
+    }
+
+    /// Reads until the error stream is finished: the session is over.
+    async fn finish(&mut self) -> Received {
+        let error = self.id("error");
+        self.client.read_until(LIMIT, |_, finished| finished.contains(&error)).await
+    }
+
+    fn status(&self, received: &Received) -> serde_json::Value {
+        serde_json::from_str(&received.text(self.id("error"))).expect("a metav1.Status on the error stream")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_runs_commands_with_pipes_and_with_a_terminal() {
+    let (_dir, _registry, node, image) = setup().await;
+    let pod = run_pod(&node, "exec", false).await;
+    let sleeper = start(&node, &pod, container("sleeper", &image, &["/bin/sleep", "3600"])).await;
+    let mut runtime = node.runtime();
+
+    // echo: stdout, then Success on the error stream.
+    let url = runtime.exec(exec_request(&sleeper, &["echo", "hello"], false, false)).await.expect("Exec").into_inner().url;
+    assert!(url.starts_with("http://127.0.0.1:") && url.contains("/exec/"), "{url}");
+    let mut session = Session::open(&url, &["error", "stdout", "stderr"]).await;
+    let received = session.finish().await;
+    assert_eq!(received.text(session.id("stdout")), "hello\n");
+    assert_eq!(received.text(session.id("stderr")), "");
+    assert!(received.finished.contains(&session.id("stdout")) && received.finished.contains(&session.id("stderr")), "output streams closed first");
+    assert_eq!(session.status(&received)["status"], "Success");
+
+    // A non-zero exit: Failure, NonZeroExitCode, with the code as the ExitCode cause.
+    let url = runtime.exec(exec_request(&sleeper, &["sh", "-c", "echo oops >&2; exit 7"], false, false)).await.expect("Exec").into_inner().url;
+    let mut session = Session::open(&url, &["error", "stdout", "stderr"]).await;
+    let received = session.finish().await;
+    assert_eq!(received.text(session.id("stderr")), "oops\n");
+    let status = session.status(&received);
+    assert_eq!((status["status"].as_str(), status["reason"].as_str()), (Some("Failure"), Some("NonZeroExitCode")), "{status}");
+    assert_eq!(status["details"]["causes"][0]["reason"], "ExitCode");
+    assert_eq!(status["details"]["causes"][0]["message"], "7");
+
+    // stdin: cat echoes it back and ends when the client closes its side.
+    let url = runtime.exec(exec_request(&sleeper, &["cat"], true, false)).await.expect("Exec").into_inner().url;
+    let mut session = Session::open(&url, &["error", "stdin", "stdout", "stderr"]).await;
+    session.client.send(session.id("stdin"), b"line one\n", false).await;
+    session.client.send(session.id("stdin"), b"line two\n", true).await;
+    let received = session.finish().await;
+    assert_eq!(received.text(session.id("stdout")), "line one\nline two\n");
+    assert_eq!(session.status(&received)["status"], "Success");
+
+    // A terminal: resized before the command looks, stdin and stdout through the pty.
+    let url = runtime.exec(exec_request(&sleeper, &["sh", "-c", "sleep 1; stty size; read line; echo got $line; exit 3"], true, true)).await.expect("Exec").into_inner().url;
+    let mut session = Session::open(&url, &["error", "stdin", "stdout", "resize"]).await;
+    session.client.send(session.id("resize"), br#"{"Width":100,"Height":40}"#, false).await;
+    session.client.send(session.id("stdin"), b"typed\r", false).await;
+    let received = session.finish().await;
+    let output = received.text(session.id("stdout"));
+    assert!(output.contains("40 100"), "terminal size seen by the command: {output:?}");
+    assert!(output.contains("got typed"), "terminal input: {output:?}");
+    assert_eq!(session.status(&received)["details"]["causes"][0]["message"], "3");
+
+    // Requests the kubelet would refuse, refused the same way.
+    let code = |result: Result<tonic::Response<ExecResponse>, tonic::Status>| result.expect_err("refused").code();
+    let mut tty_stderr = exec_request(&sleeper, &["true"], false, true);
+    tty_stderr.stderr = true;
+    assert_eq!(code(runtime.exec(tty_stderr).await), Code::InvalidArgument);
+    let mut silent = exec_request(&sleeper, &["true"], false, false);
+    (silent.stdout, silent.stderr) = (false, false);
+    assert_eq!(code(runtime.exec(silent).await), Code::InvalidArgument);
+    assert_eq!(code(runtime.exec(exec_request("0123456789abcdef", &["true"], false, false)).await), Code::NotFound);
+    let done = start(&node, &pod, container("done", &image, &["true"])).await;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let state = runtime.container_status(ContainerStatusRequest { container_id: done.clone(), verbose: false }).await.expect("status").into_inner().status.expect("status").state;
+        if state == ContainerState::ContainerExited as i32 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "container `done` did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(code(runtime.exec(exec_request(&done, &["true"], false, false)).await), Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn urls_are_single_use() {
+    let (_dir, _registry, node, image) = setup().await;
+    let pod = run_pod(&node, "tokens", false).await;
+    let sleeper = start(&node, &pod, container("sleeper", &image, &["/bin/sleep", "3600"])).await;
+    let url = node.runtime().exec(exec_request(&sleeper, &["true"], false, false)).await.expect("Exec").into_inner().url;
+    let mut session = Session::open(&url, &["error", "stdout", "stderr"]).await;
+    let received = session.finish().await;
+    assert_eq!(session.status(&received)["status"], "Success");
+    let again = SpdyClient::connect(&url, &[V4]).await.err().expect("a used token is refused");
+    assert_eq!(again.status, 404, "{}", again.head);
+    let forged = url.rsplit_once('/').map(|(base, _)| format!("{base}/{}", "0".repeat(64))).expect("token");
+    assert_eq!(SpdyClient::connect(&forged, &[V4]).await.err().expect("unknown token").status, 404);
+    // An exec URL is not a port-forward URL.
+    let url = node.runtime().exec(exec_request(&sleeper, &["true"], false, false)).await.expect("Exec").into_inner().url;
+    assert_eq!(SpdyClient::connect(&url.replace("/exec/", "/portforward/"), &["portforward.k8s.io"]).await.err().expect("wrong kind").status, 404);
+    let url = node.runtime().exec(exec_request(&sleeper, &["true"], false, false)).await.expect("Exec").into_inner().url;
+    assert_eq!(SpdyClient::connect(&url, &["v9.channel.k8s.io"]).await.err().expect("no common protocol").status, 403);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn attach_joins_the_containers_stdio() {
+    let (_dir, _registry, node, image) = setup().await;
+    let pod = run_pod(&node, "attach", false).await;
+    let mut runtime = node.runtime();
+
+    // As critest does: a shell on stdin (stdin_once), no terminal.
+    let shell = start(&node, &pod, ContainerConfig { stdin: true, stdin_once: true, ..container("shell", &image, &["/bin/sh"]) }).await;
+    let request = AttachRequest { container_id: shell.clone(), stdin: true, stdout: true, stderr: true, tty: false };
+    let url = runtime.attach(request).await.expect("Attach").into_inner().url;
+    assert!(url.contains("/attach/"), "{url}");
+    let mut session = Session::open(&url, &["error", "stdin", "stdout", "stderr"]).await;
+    let stdout = session.id("stdout");
+    session.client.send(session.id("stdin"), b"echo hello; echo oops >&2\n", false).await;
+    let received = session.client.read_until(LIMIT, |data, _| data.get(&stdout).is_some_and(|d| d.ends_with(b"hello\n"))).await;
+    assert_eq!(received.text(stdout), "hello\n");
+    // Closing stdin ends the shell (stdin_once), and with it the session.
+    session.client.send(session.id("stdin"), b"", true).await;
+    let received = session.finish().await;
+    assert_eq!(session.status(&received)["status"], "Success");
+    assert!(received.text(session.id("stderr")).contains("oops"), "{:?}", received.text(session.id("stderr")));
+
+    // A terminal: output through conmon's pty, input typed into it.
+    // (Not an interactive shell: its line editor queries the terminal and eats input.)
+    let reader = ["/bin/sh", "-c", "while read line; do echo got $line; stty size; done"];
+    let terminal = start(&node, &pod, ContainerConfig { stdin: true, tty: true, ..container("terminal", &image, &reader) }).await;
+    let request = AttachRequest { container_id: terminal.clone(), stdin: true, stdout: true, stderr: false, tty: true };
+    let url = runtime.attach(request).await.expect("Attach").into_inner().url;
+    let mut session = Session::open(&url, &["error", "stdin", "stdout", "resize"]).await;
+    let stdout = session.id("stdout");
+    session.client.send(session.id("resize"), br#"{"Width":120,"Height":50}"#, false).await;
+    let seen = |data: &HashMap<u32, Vec<u8>>, text: &str| data.get(&stdout).is_some_and(|d| String::from_utf8_lossy(d).contains(text));
+    // The resize reaches conmon by its control fifo, the input by the socket: type
+    // again until the size shows.
+    let mut output = String::new();
+    for _ in 0..20 {
+        session.client.send(session.id("stdin"), b"typed\r", false).await;
+        let received = session.client.read_for(Duration::from_secs(1), |data, _| seen(data, "50 120")).await;
+        output.push_str(&received.text(stdout));
+        if !received.timed_out {
+            break;
+        }
+    }
+    assert!(output.contains("got typed\r\n50 120"), "{output:?}");
+
+    // A terminal and stderr do not go together; tty must match the container's.
+    let refused = runtime.attach(AttachRequest { container_id: terminal.clone(), stdin: true, stdout: true, stderr: true, tty: true }).await.expect_err("tty+stderr");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+}
+
+/// Port-forwards one connection to `port` of the pod and returns what the server said.
+async fn forward_once(url: &str, port: u16, request_id: &str) -> (String, String) {
+    let mut client = SpdyClient::connect(url, &["portforward.k8s.io"]).await.expect("upgrade");
+    assert_eq!(client.protocol, "portforward.k8s.io");
+    let port = port.to_string();
+    let error = client.open(&[("streamtype", "error"), ("port", &port), ("requestid", request_id)]).await;
+    client.send(error, b"", true).await;
+    let data = client.open(&[("streamtype", "data"), ("port", &port), ("requestid", request_id)]).await;
+    client.send(data, b"ping\n", false).await;
+    let received = client.read_until(LIMIT, |_, finished| finished.contains(&error)).await;
+    (received.text(data), received.text(error))
+}
+
+async fn wait_listening(node: &Node, container_id: &str, port: u16) {
+    let hex = format!(":{port:04X} ");
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let request = ExecSyncRequest { container_id: container_id.into(), cmd: vec!["cat".into(), "/proc/net/tcp".into(), "/proc/net/tcp6".into()], timeout: 10 };
+        let output = node.runtime().exec_sync(request).await.expect("ExecSync").into_inner().stdout;
+        if String::from_utf8_lossy(&output).lines().any(|l| l.split_whitespace().nth(1).is_some_and(|local| format!("{local} ").ends_with(&hex)) && l.split_whitespace().nth(3) == Some("0A")) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nothing listens on {port}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn port_forward_reaches_the_pods_loopback() {
+    let (_dir, _registry, node, image) = setup().await;
+    let mut runtime = node.runtime();
+
+    // A pod with its own network namespace: port 8080 there is not the host's.
+    let pod = run_pod(&node, "forward", false).await;
+    let server = start(&node, &pod, container("server", &image, &["nc", "-ll", "-p", "8080", "-e", "echo", "hi from the pod"])).await;
+    wait_listening(&node, &server, 8080).await;
+    let url = runtime.port_forward(PortForwardRequest { pod_sandbox_id: pod.id.clone(), port: vec![8080] }).await.expect("PortForward").into_inner().url;
+    assert!(url.contains("/portforward/"), "{url}");
+    let (said, error) = forward_once(&url, 8080, "0").await;
+    assert_eq!((said.as_str(), error.as_str()), ("hi from the pod\n", ""));
+
+    // Nothing listens on another port: the error stream says so.
+    let url = runtime.port_forward(PortForwardRequest { pod_sandbox_id: pod.id.clone(), port: vec![] }).await.expect("PortForward").into_inner().url;
+    let (said, error) = forward_once(&url, 8081, "1").await;
+    assert_eq!(said, "");
+    assert!(error.contains("8081"), "{error}");
+
+    // A host-network pod is reached on the host's loopback.
+    let port = free_port();
+    let host_pod = run_pod(&node, "forward-host", true).await;
+    let port_text = port.to_string();
+    let host_server = start(&node, &host_pod, container("server", &image, &["nc", "-ll", "-p", &port_text, "-e", "echo", "hi from the host"])).await;
+    wait_listening(&node, &host_server, port).await;
+    let url = runtime.port_forward(PortForwardRequest { pod_sandbox_id: host_pod.id.clone(), port: vec![] }).await.expect("PortForward").into_inner().url;
+    let (said, error) = forward_once(&url, port, "0").await;
+    assert_eq!((said.as_str(), error.as_str()), ("hi from the host\n", ""));
+
+    let unknown = runtime.port_forward(PortForwardRequest { pod_sandbox_id: "0123456789abcdef".into(), port: vec![] }).await.expect_err("unknown pod");
+    assert_eq!(unknown.code(), Code::NotFound);
+}
