@@ -50,7 +50,7 @@ cleanup() {
     for state in "$root"/run/runtime/runc/*/; do
         [ -d "$state" ] && runc --root "$root/run/runtime/runc" delete --force "$(basename "$state")" 2>/dev/null || true
     done
-    grep " $root" /proc/self/mountinfo | awk '{print $5}' | sort -r | while read -r mnt; do umount -l "$mnt" 2>/dev/null || true; done
+    { grep " $root" /proc/self/mountinfo || true; } | awk '{print $5}' | sort -r | while read -r mnt; do umount -l "$mnt" 2>/dev/null || true; done
     ip link del "$bridge" 2>/dev/null || true
     rm -rf "$root"
 }
