@@ -209,7 +209,7 @@ impl Runtime {
         Ok(record)
     }
 
-    fn container(&self, id: &str) -> Result<ContainerRecord, RuntimeError> {
+    pub(crate) fn container(&self, id: &str) -> Result<ContainerRecord, RuntimeError> {
         let record = self.resolve(&self.containers, id, "container", |r| &r.id)?;
         if record.infra {
             return Err(RuntimeError::NotFound(format!("container {id} not found")));
@@ -337,6 +337,7 @@ impl Runtime {
             annotations: config.annotations.clone(),
             mounts: config.mounts.clone(),
             log_path: record.log_path.clone(),
+            resources: Self::reported_resources(&config),
             ..Default::default()
         };
         let mut info = HashMap::new();

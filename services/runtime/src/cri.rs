@@ -61,7 +61,6 @@ type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<ContainerEvent
 grpc_service_impl! {
     impl runtime_service_server::RuntimeService, for RuntimeService, service "runtime";
     unimplemented {
-        update_container_resources(UpdateContainerResourcesRequest) -> UpdateContainerResourcesResponse,
         update_runtime_config(UpdateRuntimeConfigRequest) -> UpdateRuntimeConfigResponse,
         checkpoint_container(CheckpointContainerRequest) -> CheckpointContainerResponse,
         list_metric_descriptors(ListMetricDescriptorsRequest) -> ListMetricDescriptorsResponse,
@@ -112,6 +111,12 @@ grpc_service_impl! {
     async fn start_container(&self, request: Request<StartContainerRequest>) -> Result<Response<StartContainerResponse>, Status> {
         self.runtime()?.start_container(&request.get_ref().container_id).await?;
         Ok(Response::new(StartContainerResponse {}))
+    }
+
+    async fn update_container_resources(&self, request: Request<UpdateContainerResourcesRequest>) -> Result<Response<UpdateContainerResourcesResponse>, Status> {
+        let request = request.into_inner();
+        self.runtime()?.update_container_resources(&request.container_id, request.linux).await?;
+        Ok(Response::new(UpdateContainerResourcesResponse {}))
     }
 
     async fn stop_container(&self, request: Request<StopContainerRequest>) -> Result<Response<StopContainerResponse>, Status> {

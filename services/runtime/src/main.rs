@@ -6,6 +6,7 @@
 mod apparmor;
 mod capabilities;
 mod container;
+mod container_update;
 mod cri;
 mod devices;
 mod error;
@@ -14,6 +15,7 @@ mod namespaces;
 mod oci;
 mod propagation;
 mod records;
+mod resources;
 mod runtime;
 mod sandbox;
 mod seccomp;

@@ -165,6 +165,29 @@ impl Oci {
         }
     }
 
+    /// Applies new cgroup limits (OCI `LinuxResources` as JSON) to a container.
+    pub async fn update(&self, runtime: &Path, id: &str, resources_json: &[u8]) -> Result<(), RuntimeError> {
+        use tokio::io::AsyncWriteExt;
+        let mut child = Command::new(runtime)
+            .arg("--root")
+            .arg(self.runc_root())
+            .args(["update", "--resources", "-", id])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| RuntimeError::io(format!("cannot run {}", runtime.display()), source))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(resources_json).await.map_err(|source| RuntimeError::io(format!("cannot hand the resources of container {id} to {}", runtime.display()), source))?;
+        }
+        let output = child.wait_with_output().await.map_err(|source| RuntimeError::io(format!("cannot wait for {} update", runtime.display()), source))?;
+        if output.status.success() {
+            return Ok(());
+        }
+        Err(RuntimeError::Oci(format!("{} update {id}: {}", runtime.display(), String::from_utf8_lossy(&output.stderr).trim())))
+    }
+
     /// Sends a signal; a container that is already gone is not an error.
     pub async fn kill(&self, runtime: &Path, id: &str, signal: &str) -> Result<(), RuntimeError> {
         match self.runtime_command(runtime, &["kill", id, signal]).await {

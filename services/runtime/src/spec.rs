@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use k8s_cri::v1::{ContainerConfig, NamespaceMode, PodSandboxConfig};
 use oci_spec::runtime::{
-    LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType,
-    LinuxResourcesBuilder, Mount, RootBuilder, Spec, UserBuilder,
+    LinuxBuilder, LinuxCapabilitiesBuilder, LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType,
+    Mount, RootBuilder, Spec, UserBuilder,
 };
 use trellis_proto::storage::v1::ImageConfig;
 
@@ -63,7 +63,7 @@ fn invalid(message: String) -> RuntimeError {
     RuntimeError::InvalidArgument(message)
 }
 
-fn built<T, E: std::fmt::Display>(result: Result<T, E>, what: &str) -> Result<T, RuntimeError> {
+pub(crate) fn built<T, E: std::fmt::Display>(result: Result<T, E>, what: &str) -> Result<T, RuntimeError> {
     result.map_err(|e| RuntimeError::Oci(format!("cannot build the OCI {what}: {e}")))
 }
 
@@ -197,20 +197,6 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
     let parent = input.sandbox.linux.as_ref().map(|l| l.cgroup_parent.clone()).unwrap_or_default();
     let cgroups_path = cgroups_path(&parent, input.container_id);
     let resources = container.linux.as_ref().and_then(|l| l.resources.clone()).unwrap_or_default();
-    let mut memory = LinuxMemoryBuilder::default();
-    if resources.memory_limit_in_bytes > 0 {
-        memory = memory.limit(resources.memory_limit_in_bytes);
-    }
-    let mut cpu = LinuxCpuBuilder::default();
-    if resources.cpu_shares > 0 {
-        cpu = cpu.shares(resources.cpu_shares as u64);
-    }
-    if resources.cpu_quota > 0 {
-        cpu = cpu.quota(resources.cpu_quota);
-    }
-    if resources.cpu_period > 0 {
-        cpu = cpu.period(resources.cpu_period as u64);
-    }
     // Devices: every host device when privileged, else none but the OCI runtime's
     // few; the request's own in both cases.
     let mut devices = if privileged { crate::devices::privileged()? } else { crate::devices::Devices { rules: vec![crate::devices::deny_all()?], ..Default::default() } };
@@ -218,14 +204,7 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
     devices.nodes.retain(|n| !requested.nodes.iter().any(|r| r.path() == n.path()));
     devices.nodes.extend(requested.nodes);
     devices.rules.extend(requested.rules);
-    let linux_resources = built(
-        LinuxResourcesBuilder::default()
-            .memory(built(memory.build(), "memory limits")?)
-            .cpu(built(cpu.build(), "cpu limits")?)
-            .devices(devices.rules)
-            .build(),
-        "resources",
-    )?;
+    let linux_resources = crate::resources::linux_resources(&resources, devices.rules)?;
     let defaults = spec.linux().clone().unwrap_or_default();
     let mut linux = LinuxBuilder::default()
         .namespaces(linux_namespaces)
