@@ -25,11 +25,14 @@ pub struct RuntimeService {
     conmon: String,
     runtime: Option<Arc<Runtime>>,
     streaming: Option<StreamingServer>,
+    /// The node's pod CIDR as the kubelet last gave it (UpdateRuntimeConfig); the CNI
+    /// configuration allocates addresses, so it is kept for Status to report.
+    pod_cidr: std::sync::Mutex<String>,
 }
 
 impl RuntimeService {
     pub fn new(config: &RuntimeConfig, runtime: Arc<Runtime>) -> Self {
-        Self { oci_runtime: config.oci_runtime.clone(), conmon: config.conmon.clone(), streaming: Some(StreamingServer::new(runtime.clone())), runtime: Some(runtime) }
+        Self { oci_runtime: config.oci_runtime.clone(), conmon: config.conmon.clone(), streaming: Some(StreamingServer::new(runtime.clone())), runtime: Some(runtime), pod_cidr: Default::default() }
     }
 
     fn runtime(&self) -> Result<&Runtime, Status> {
@@ -61,11 +64,9 @@ type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<ContainerEvent
 grpc_service_impl! {
     impl runtime_service_server::RuntimeService, for RuntimeService, service "runtime";
     unimplemented {
-        update_runtime_config(UpdateRuntimeConfigRequest) -> UpdateRuntimeConfigResponse,
         checkpoint_container(CheckpointContainerRequest) -> CheckpointContainerResponse,
         list_metric_descriptors(ListMetricDescriptorsRequest) -> ListMetricDescriptorsResponse,
         list_pod_sandbox_metrics(ListPodSandboxMetricsRequest) -> ListPodSandboxMetricsResponse,
-        runtime_config(RuntimeConfigRequest) -> RuntimeConfigResponse,
     }
 
     type GetContainerEventsStream = EventStream;
@@ -194,11 +195,30 @@ grpc_service_impl! {
         }))
     }
 
+    /// The kubelet (KubeletCgroupDriverFromCRI) takes its cgroup driver from here:
+    /// containers' cgroups are made by the OCI runtime through cgroupfs.
+    async fn runtime_config(&self, _request: Request<RuntimeConfigRequest>) -> Result<Response<RuntimeConfigResponse>, Status> {
+        Ok(Response::new(RuntimeConfigResponse { linux: Some(LinuxRuntimeConfiguration { cgroup_driver: CgroupDriver::Cgroupfs as i32 }) }))
+    }
+
+    async fn update_runtime_config(&self, request: Request<UpdateRuntimeConfigRequest>) -> Result<Response<UpdateRuntimeConfigResponse>, Status> {
+        let cidr = request.into_inner().runtime_config.and_then(|c| c.network_config).map(|n| n.pod_cidr).unwrap_or_default();
+        if !cidr.is_empty() && !is_cidr(&cidr) {
+            return Err(Status::invalid_argument(format!("pod CIDR {cidr:?} is not an address range like 10.88.0.0/16")));
+        }
+        tracing::info!(pod_cidr = %cidr, "the kubelet set the node's pod CIDR");
+        if let Ok(mut current) = self.pod_cidr.lock() {
+            *current = cidr;
+        }
+        Ok(Response::new(UpdateRuntimeConfigResponse {}))
+    }
+
     async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let condition = self.runtime_condition();
         let mut info = HashMap::new();
         if request.get_ref().verbose {
-            let config = serde_json::json!({ "ociRuntime": self.oci_runtime, "conmon": self.conmon });
+            let pod_cidr = self.pod_cidr.lock().map(|c| c.clone()).unwrap_or_default();
+            let config = serde_json::json!({ "ociRuntime": self.oci_runtime, "conmon": self.conmon, "podCIDR": pod_cidr, "cgroupDriver": "cgroupfs" });
             info.insert("config".to_string(), config.to_string());
         }
         // NetworkReady is the network service's to say; the gateway adds it.
@@ -210,13 +230,23 @@ grpc_service_impl! {
     }
 }
 
+fn is_cidr(text: &str) -> bool {
+    let Some((address, prefix)) = text.split_once('/') else { return false };
+    let Ok(prefix) = prefix.parse::<u8>() else { return false };
+    match address.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => prefix <= 32,
+        Ok(std::net::IpAddr::V6(_)) => prefix <= 128,
+        Err(_) => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use k8s_cri::v1::runtime_service_server::RuntimeService as _;
 
     fn service(oci_runtime: &str, conmon: &str) -> RuntimeService {
-        RuntimeService { oci_runtime: oci_runtime.into(), conmon: conmon.into(), runtime: None, streaming: None }
+        RuntimeService { oci_runtime: oci_runtime.into(), conmon: conmon.into(), runtime: None, streaming: None, pod_cidr: Default::default() }
     }
 
     #[tokio::test]
@@ -233,6 +263,19 @@ mod tests {
         assert!(!condition.status);
         assert_eq!(condition.reason, "RuntimeBinaryMissing");
         assert!(condition.message.contains("/nonexistent/runc"), "{}", condition.message);
+    }
+
+    #[tokio::test]
+    async fn runtime_config_names_the_cgroup_driver_and_pod_cidrs_are_checked() {
+        let service = service("sh", "sh");
+        let config = service.runtime_config(Request::new(RuntimeConfigRequest {})).await.expect("RuntimeConfig").into_inner();
+        assert_eq!(config.linux.expect("linux").cgroup_driver, CgroupDriver::Cgroupfs as i32);
+        let update = |cidr: &str| UpdateRuntimeConfigRequest { runtime_config: Some(k8s_cri::v1::RuntimeConfig { network_config: Some(NetworkConfig { pod_cidr: cidr.into() }) }) };
+        service.update_runtime_config(Request::new(update("10.244.1.0/24"))).await.expect("a CIDR");
+        let error = service.update_runtime_config(Request::new(update("10.244.1.0/99"))).await.expect_err("no such prefix");
+        assert_eq!(error.code(), tonic::Code::InvalidArgument);
+        let status = service.status(Request::new(StatusRequest { verbose: true })).await.expect("status").into_inner();
+        assert!(status.info["config"].contains("10.244.1.0/24"), "{:?}", status.info);
     }
 
     #[tokio::test]
