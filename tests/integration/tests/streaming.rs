@@ -6,66 +6,20 @@ use std::time::Duration;
 
 use k8s_cri::v1::*;
 use tonic::Code;
-use trellis_integration::registry::{Registry, busybox_layer, image};
+use trellis_integration::cri::{BusyboxNode, exec, host_network_pod, run_pod, start};
+use trellis_integration::{Node, free_port};
 use trellis_integration::spdy_client::{Received, SpdyClient};
-use trellis_integration::{Node, NodeOptions, free_port};
 
 const V4: &str = "v4.channel.k8s.io";
 const LIMIT: Duration = Duration::from_secs(30);
 
-struct Pod {
-    id: String,
-    config: PodSandboxConfig,
-}
-
-async fn setup() -> (tempfile::TempDir, Registry, Node, String) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let registry = Registry::start(dir.path(), None);
-    let built = image(vec![busybox_layer()], &["/bin/sh"], "amd64", false);
-    registry.push("tests/busybox", "1", &built).await;
-    let node = Node::start(NodeOptions { with_cni_config: true, ..Default::default() }).await;
-    let name = format!("{}/tests/busybox:1", registry.address);
-    node.images().pull_image(PullImageRequest { image: Some(ImageSpec { image: name.clone(), ..Default::default() }), ..Default::default() }).await.expect("pull busybox");
-    (dir, registry, node, name)
-}
-
-async fn run_pod(node: &Node, name: &str, host_network: bool) -> Pod {
-    let mode = if host_network { NamespaceMode::Node } else { NamespaceMode::Pod };
-    let config = PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata { name: name.into(), namespace: "streaming".into(), uid: format!("uid-{name}"), attempt: 0 }),
-        hostname: name.into(),
-        linux: Some(LinuxPodSandboxConfig {
-            security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption { network: mode as i32, pid: NamespaceMode::Container as i32, ipc: NamespaceMode::Pod as i32, ..Default::default() }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let id = node.runtime().run_pod_sandbox(RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: String::new() }).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
-    Pod { id, config }
-}
-
-async fn start(node: &Node, pod: &Pod, config: ContainerConfig) -> String {
-    let mut runtime = node.runtime();
-    let id = runtime
-        .create_container(CreateContainerRequest { pod_sandbox_id: pod.id.clone(), config: Some(config), sandbox_config: Some(pod.config.clone()) })
-        .await
-        .expect("CreateContainer")
-        .into_inner()
-        .container_id;
-    runtime.start_container(StartContainerRequest { container_id: id.clone() }).await.expect("StartContainer");
-    id
-}
-
-fn container(name: &str, image: &str, command: &[&str]) -> ContainerConfig {
-    ContainerConfig {
-        metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }),
-        image: Some(ImageSpec { image: image.into(), ..Default::default() }),
-        command: command.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
+/// A pod with its own network namespace, or the host's.
+fn pod_config(name: &str, host_network: bool) -> PodSandboxConfig {
+    let mut config = host_network_pod(name, false);
+    if !host_network && let Some(options) = config.linux.as_mut().and_then(|l| l.security_context.as_mut()).and_then(|s| s.namespace_options.as_mut()) {
+        options.network = NamespaceMode::Pod as i32;
     }
+    config
 }
 
 fn exec_request(container_id: &str, cmd: &[&str], stdin: bool, tty: bool) -> ExecRequest {
@@ -107,9 +61,10 @@ impl Session {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn exec_runs_commands_with_pipes_and_with_a_terminal() {
-    let (_dir, _registry, node, image) = setup().await;
-    let pod = run_pod(&node, "exec", false).await;
-    let sleeper = start(&node, &pod, container("sleeper", &image, &["/bin/sleep", "3600"])).await;
+    let busybox = BusyboxNode::start().await;
+    let node = &busybox.node;
+    let pod = run_pod(node, pod_config("exec", false)).await;
+    let sleeper = start(node, &pod, busybox.container("sleeper", &["/bin/sleep", "3600"])).await;
     let mut runtime = node.runtime();
 
     // echo: stdout, then Success on the error stream.
@@ -161,7 +116,7 @@ async fn exec_runs_commands_with_pipes_and_with_a_terminal() {
     (silent.stdout, silent.stderr) = (false, false);
     assert_eq!(code(runtime.exec(silent).await), Code::InvalidArgument);
     assert_eq!(code(runtime.exec(exec_request("0123456789abcdef", &["true"], false, false)).await), Code::NotFound);
-    let done = start(&node, &pod, container("done", &image, &["true"])).await;
+    let done = start(node, &pod, busybox.container("done", &["true"])).await;
     let deadline = tokio::time::Instant::now() + LIMIT;
     loop {
         let state = runtime.container_status(ContainerStatusRequest { container_id: done.clone(), verbose: false }).await.expect("status").into_inner().status.expect("status").state;
@@ -176,9 +131,10 @@ async fn exec_runs_commands_with_pipes_and_with_a_terminal() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn urls_are_single_use() {
-    let (_dir, _registry, node, image) = setup().await;
-    let pod = run_pod(&node, "tokens", false).await;
-    let sleeper = start(&node, &pod, container("sleeper", &image, &["/bin/sleep", "3600"])).await;
+    let busybox = BusyboxNode::start().await;
+    let node = &busybox.node;
+    let pod = run_pod(node, pod_config("tokens", false)).await;
+    let sleeper = start(node, &pod, busybox.container("sleeper", &["/bin/sleep", "3600"])).await;
     let url = node.runtime().exec(exec_request(&sleeper, &["true"], false, false)).await.expect("Exec").into_inner().url;
     let mut session = Session::open(&url, &["error", "stdout", "stderr"]).await;
     let received = session.finish().await;
@@ -196,12 +152,13 @@ async fn urls_are_single_use() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn attach_joins_the_containers_stdio() {
-    let (_dir, _registry, node, image) = setup().await;
-    let pod = run_pod(&node, "attach", false).await;
+    let busybox = BusyboxNode::start().await;
+    let node = &busybox.node;
+    let pod = run_pod(node, pod_config("attach", false)).await;
     let mut runtime = node.runtime();
 
     // As critest does: a shell on stdin (stdin_once), no terminal.
-    let shell = start(&node, &pod, ContainerConfig { stdin: true, stdin_once: true, ..container("shell", &image, &["/bin/sh"]) }).await;
+    let shell = start(node, &pod, ContainerConfig { stdin: true, stdin_once: true, ..busybox.container("shell", &["/bin/sh"]) }).await;
     let request = AttachRequest { container_id: shell.clone(), stdin: true, stdout: true, stderr: true, tty: false };
     let url = runtime.attach(request).await.expect("Attach").into_inner().url;
     assert!(url.contains("/attach/"), "{url}");
@@ -219,7 +176,7 @@ async fn attach_joins_the_containers_stdio() {
     // A terminal: output through conmon's pty, input typed into it.
     // (Not an interactive shell: its line editor queries the terminal and eats input.)
     let reader = ["/bin/sh", "-c", "while read line; do echo got $line; stty size; done"];
-    let terminal = start(&node, &pod, ContainerConfig { stdin: true, tty: true, ..container("terminal", &image, &reader) }).await;
+    let terminal = start(node, &pod, ContainerConfig { stdin: true, tty: true, ..busybox.container("terminal", &reader) }).await;
     let request = AttachRequest { container_id: terminal.clone(), stdin: true, stdout: true, stderr: false, tty: true };
     let url = runtime.attach(request).await.expect("Attach").into_inner().url;
     let mut session = Session::open(&url, &["error", "stdin", "stdout", "resize"]).await;
@@ -261,9 +218,8 @@ async fn wait_listening(node: &Node, container_id: &str, port: u16) {
     let hex = format!(":{port:04X} ");
     let deadline = tokio::time::Instant::now() + LIMIT;
     loop {
-        let request = ExecSyncRequest { container_id: container_id.into(), cmd: vec!["cat".into(), "/proc/net/tcp".into(), "/proc/net/tcp6".into()], timeout: 10 };
-        let output = node.runtime().exec_sync(request).await.expect("ExecSync").into_inner().stdout;
-        if String::from_utf8_lossy(&output).lines().any(|l| l.split_whitespace().nth(1).is_some_and(|local| format!("{local} ").ends_with(&hex)) && l.split_whitespace().nth(3) == Some("0A")) {
+        let output = exec(node, container_id, &["cat", "/proc/net/tcp", "/proc/net/tcp6"]).await.stdout;
+        if output.lines().any(|l| l.split_whitespace().nth(1).is_some_and(|local| format!("{local} ").ends_with(&hex)) && l.split_whitespace().nth(3) == Some("0A")) {
             return;
         }
         assert!(tokio::time::Instant::now() < deadline, "nothing listens on {port}");
@@ -273,13 +229,14 @@ async fn wait_listening(node: &Node, container_id: &str, port: u16) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn port_forward_reaches_the_pods_loopback() {
-    let (_dir, _registry, node, image) = setup().await;
+    let busybox = BusyboxNode::start().await;
+    let node = &busybox.node;
     let mut runtime = node.runtime();
 
     // A pod with its own network namespace: port 8080 there is not the host's.
-    let pod = run_pod(&node, "forward", false).await;
-    let server = start(&node, &pod, container("server", &image, &["nc", "-ll", "-p", "8080", "-e", "echo", "hi from the pod"])).await;
-    wait_listening(&node, &server, 8080).await;
+    let pod = run_pod(node, pod_config("forward", false)).await;
+    let server = start(node, &pod, busybox.container("server", &["nc", "-ll", "-p", "8080", "-e", "echo", "hi from the pod"])).await;
+    wait_listening(node, &server, 8080).await;
     let url = runtime.port_forward(PortForwardRequest { pod_sandbox_id: pod.id.clone(), port: vec![8080] }).await.expect("PortForward").into_inner().url;
     assert!(url.contains("/portforward/"), "{url}");
     let (said, error) = forward_once(&url, 8080, "0").await;
@@ -293,10 +250,10 @@ async fn port_forward_reaches_the_pods_loopback() {
 
     // A host-network pod is reached on the host's loopback.
     let port = free_port();
-    let host_pod = run_pod(&node, "forward-host", true).await;
+    let host_pod = run_pod(node, pod_config("forward-host", true)).await;
     let port_text = port.to_string();
-    let host_server = start(&node, &host_pod, container("server", &image, &["nc", "-ll", "-p", &port_text, "-e", "echo", "hi from the host"])).await;
-    wait_listening(&node, &host_server, port).await;
+    let host_server = start(node, &host_pod, busybox.container("server", &["nc", "-ll", "-p", &port_text, "-e", "echo", "hi from the host"])).await;
+    wait_listening(node, &host_server, port).await;
     let url = runtime.port_forward(PortForwardRequest { pod_sandbox_id: host_pod.id.clone(), port: vec![] }).await.expect("PortForward").into_inner().url;
     let (said, error) = forward_once(&url, port, "0").await;
     assert_eq!((said.as_str(), error.as_str()), ("hi from the host\n", ""));

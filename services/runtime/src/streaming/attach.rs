@@ -20,8 +20,8 @@ use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 
-use super::remotecommand::{self, Options, Outcome, TerminalSize};
-use super::spdy::{Connection, StreamWriter};
+use super::remotecommand::{self, Options, Outcome, Streams, TerminalSize};
+use super::spdy::{Connection, Gone, StreamWriter};
 use crate::error::RuntimeError;
 
 const STDOUT_PIPE: u8 = 2;
@@ -40,43 +40,33 @@ pub struct AttachSession {
     pub options: Options,
 }
 
-pub async fn serve(session: AttachSession, mut connection: Connection, protocol: &'static str) {
-    let mut streams = match remotecommand::accept_streams(&mut connection, protocol, &session.options).await {
-        Ok(streams) => streams,
-        Err(error) => {
-            tracing::warn!(%error, "attach: the client's streams did not arrive");
-            connection.close().await;
-            return;
-        }
-    };
-    let outcome = match connect(&session.bundle) {
-        Ok(socket) => {
-            let (from_conmon, to_conmon) = socket.into_split();
-            // Without stdin our sending side stays open: closing it would end the
-            // container's stdin for everyone (stdin_once).
-            let (input, _keep_open) = match streams.stdin.take() {
-                Some(from) => (Some(tokio::spawn(send_input(from, to_conmon))), None),
-                None => (None, Some(to_conmon)),
-            };
-            let resizes = streams.resize.take().map(|data| tokio::spawn(apply_resizes(remotecommand::resize_events(data), session.bundle.join("ctl"))));
-            let output = pass_output(from_conmon, streams.stdout.clone(), streams.stderr.clone());
-            let result = tokio::select! {
-                result = output => result,
-                () = connection.gone() => Ok(()),
-            };
-            for task in [input, resizes].into_iter().flatten() {
-                task.abort();
-            }
-            match result {
-                Ok(()) => Outcome::Exited(0),
-                Err(error) => Outcome::Failed(error.to_string()),
-            }
-        }
+pub async fn serve(session: AttachSession, connection: Connection, protocol: &'static str) {
+    let Some((connection, mut streams)) = remotecommand::open(connection, protocol, &session.options).await else { return };
+    let outcome = match pass_through(&session, &mut streams, connection.gone()).await {
+        Ok(()) => Outcome::Exited(0),
         Err(error) => Outcome::Failed(error.to_string()),
     };
-    tracing::debug!(?outcome, "attach finished");
-    streams.finish(outcome).await;
-    connection.close().await;
+    remotecommand::close(connection, streams, outcome).await;
+}
+
+/// Joins the client's streams to conmon's until the container or the client is gone.
+async fn pass_through(session: &AttachSession, streams: &mut Streams, gone: Gone) -> Result<(), RuntimeError> {
+    let (from_conmon, to_conmon) = connect(&session.bundle)?.into_split();
+    // Without stdin our sending side stays open: closing it would end the
+    // container's stdin for everyone (stdin_once).
+    let (input, _keep_open) = match streams.stdin.take() {
+        Some(from) => (Some(tokio::spawn(send_input(from, to_conmon))), None),
+        None => (None, Some(to_conmon)),
+    };
+    let resizes = streams.resize.take().map(|data| tokio::spawn(apply_resizes(remotecommand::resize_events(data), session.bundle.join("ctl"))));
+    let result = tokio::select! {
+        result = pass_output(from_conmon, streams.stdout.clone(), streams.stderr.clone()) => result,
+        () = gone => Ok(()),
+    };
+    for task in [input, resizes].into_iter().flatten() {
+        task.abort();
+    }
+    result
 }
 
 /// A connected SOCK_SEQPACKET socket: tokio's stream type serves it, each read

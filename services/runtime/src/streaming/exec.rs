@@ -1,11 +1,10 @@
 //! Exec: `runc exec` in the container, its stdio wired to the client's streams.
-//! Without a TTY through pipes; with one through a pty of ours (see `pty`). The exit code of `runc exec` is the command's, and goes back on the error
-//! stream.
-
-use std::path::PathBuf;
-use std::process::Stdio;
+//! Without a TTY through pipes; with one through a pty of ours (see `pty`). The exit
+//! code of `runc exec` is the command's, and goes back on the error stream.
 
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::Stdio;
 
 use tokio::process::{Child, Command};
 
@@ -25,23 +24,10 @@ pub struct ExecSession {
     pub options: Options,
 }
 
-pub async fn serve(session: ExecSession, mut connection: Connection, protocol: &'static str) {
-    let mut streams = match remotecommand::accept_streams(&mut connection, protocol, &session.options).await {
-        Ok(streams) => streams,
-        Err(error) => {
-            tracing::warn!(%error, "exec: the client's streams did not arrive");
-            connection.close().await;
-            return;
-        }
-    };
-    let outcome = if session.options.tty { run_with_tty(&session, &mut streams).await } else { run_with_pipes(&session, &mut streams).await };
-    let outcome = outcome.unwrap_or_else(|error| {
-        tracing::warn!(%error, "exec failed");
-        Outcome::Failed(error.to_string())
-    });
-    tracing::debug!(?outcome, "exec finished");
-    streams.finish(outcome).await;
-    connection.close().await;
+pub async fn serve(session: ExecSession, connection: Connection, protocol: &'static str) {
+    let Some((connection, mut streams)) = remotecommand::open(connection, protocol, &session.options).await else { return };
+    let result = if session.options.tty { run_with_tty(&session, &mut streams).await } else { run_with_pipes(&session, &mut streams).await };
+    remotecommand::close(connection, streams, result.unwrap_or_else(|error| Outcome::Failed(error.to_string()))).await;
 }
 
 fn runc_exec(session: &ExecSession) -> Command {

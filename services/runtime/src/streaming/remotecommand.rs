@@ -49,6 +49,29 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// Starts a session: the client's streams, or `None` (and the connection closed)
+/// when they do not come.
+pub async fn open(mut connection: Connection, protocol: &'static str, options: &Options) -> Option<(Connection, Streams)> {
+    match accept_streams(&mut connection, protocol, options).await {
+        Ok(streams) => Some((connection, streams)),
+        Err(error) => {
+            tracing::warn!(%error, "the client's streams did not arrive");
+            connection.close().await;
+            None
+        }
+    }
+}
+
+/// Ends a session: tells the client how it ended and closes the connection.
+pub async fn close(connection: Connection, streams: Streams, outcome: Outcome) {
+    if let Outcome::Failed(error) = &outcome {
+        tracing::warn!(%error, "session failed");
+    }
+    tracing::debug!(?outcome, "session finished");
+    streams.finish(outcome).await;
+    connection.close().await;
+}
+
 /// Waits until the client has opened every stream the options call for.
 pub async fn accept_streams(connection: &mut Connection, protocol: &'static str, options: &Options) -> Result<Streams, RuntimeError> {
     let resize_wanted = options.tty && protocol != "v2.channel.k8s.io" && protocol != "channel.k8s.io";

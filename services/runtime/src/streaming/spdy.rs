@@ -30,6 +30,9 @@ const STREAM_QUEUE: usize = 64;
 /// After closing, how long the client may take to close its end.
 const LINGER: Duration = Duration::from_secs(5);
 
+/// See [`Connection::gone`].
+pub type Gone = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
 enum Out {
     Frame(Frame),
     /// Say GOAWAY, flush and close the socket's write side.
@@ -102,9 +105,9 @@ impl Connection {
     }
 
     /// Resolves once the client has closed the connection (or it broke).
-    pub fn gone(&self) -> impl Future<Output = ()> + Send + 'static {
+    pub fn gone(&self) -> Gone {
         let mut gone = self.gone.clone();
-        async move { while gone.changed().await.is_ok() {} }
+        Box::pin(async move { while gone.changed().await.is_ok() {} })
     }
 
     /// The next stream the client opens; `None` once the connection is gone.
