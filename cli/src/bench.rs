@@ -31,6 +31,12 @@ pub struct BenchArgs {
     /// Give pods the host's network (no CNI) instead of their own.
     #[arg(long)]
     pub host_network: bool,
+    /// Running containers (in pods of ten) over which the stats calls are timed (0 skips).
+    #[arg(long, default_value_t = 100)]
+    pub stats_containers: usize,
+    /// Calls of each stats RPC timed.
+    #[arg(long, default_value_t = 30)]
+    pub stats_calls: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +47,7 @@ pub enum BenchError {
     Call { call: &'static str, status: tonic::Status },
 }
 
-const OPERATIONS: [&str; 9] = [
+const OPERATIONS: [&str; 13] = [
     "RunPodSandbox",
     "CreateContainer",
     "StartContainer",
@@ -51,6 +57,10 @@ const OPERATIONS: [&str; 9] = [
     "RemovePodSandbox",
     "pod+container start",
     "whole cycle",
+    "ListContainerStats",
+    "ListPodSandboxStats",
+    "ContainerStats",
+    "ListContainers",
 ];
 
 type Timings = BTreeMap<&'static str, Vec<Duration>>;
@@ -59,11 +69,10 @@ fn check<T>(call: &'static str, result: Result<tonic::Response<T>, tonic::Status
     result.map(tonic::Response::into_inner).map_err(|status| BenchError::Call { call, status })
 }
 
-/// One pod with one container, created, started, stopped and removed.
-async fn cycle(mut runtime: RuntimeServiceClient<Channel>, args: BenchArgs, name: String) -> Result<Vec<(&'static str, Duration)>, BenchError> {
+fn pod_config(args: &BenchArgs, name: &str) -> PodSandboxConfig {
     let mode = if args.host_network { NamespaceMode::Node } else { NamespaceMode::Pod };
-    let pod_config = PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata { name: name.clone(), namespace: "trellis-bench".into(), uid: name.clone(), attempt: 0 }),
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata { name: name.into(), namespace: "trellis-bench".into(), uid: name.into(), attempt: 0 }),
         linux: Some(LinuxPodSandboxConfig {
             security_context: Some(LinuxSandboxSecurityContext {
                 namespace_options: Some(NamespaceOption { network: mode as i32, pid: NamespaceMode::Container as i32, ipc: NamespaceMode::Pod as i32, ..Default::default() }),
@@ -72,13 +81,22 @@ async fn cycle(mut runtime: RuntimeServiceClient<Channel>, args: BenchArgs, name
             ..Default::default()
         }),
         ..Default::default()
-    };
-    let container_config = ContainerConfig {
-        metadata: Some(ContainerMetadata { name: "work".into(), attempt: 0 }),
+    }
+}
+
+fn container_config(args: &BenchArgs, name: &str) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }),
         image: Some(ImageSpec { image: args.image.clone(), ..Default::default() }),
         command: vec!["sleep".into(), "3600".into()],
         ..Default::default()
-    };
+    }
+}
+
+/// One pod with one container, created, started, stopped and removed.
+async fn cycle(mut runtime: RuntimeServiceClient<Channel>, args: BenchArgs, name: String) -> Result<Vec<(&'static str, Duration)>, BenchError> {
+    let pod_config = pod_config(&args, &name);
+    let container_config = container_config(&args, "work");
     let mut timings = Vec::new();
     let cycle_start = Instant::now();
     let mut timed = Instant::now();
@@ -103,6 +121,82 @@ async fn cycle(mut runtime: RuntimeServiceClient<Channel>, args: BenchArgs, name
     check("RemovePodSandbox", runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod }).await)?;
     lap("RemovePodSandbox", &mut timings);
     timings.push(("whole cycle", cycle_start.elapsed()));
+    Ok(timings)
+}
+
+const CONTAINERS_PER_POD: usize = 10;
+
+/// Pods of ten running containers, `total` containers in all; the pods made so far
+/// when a call fails, so that they can be removed.
+async fn fill(runtime: &mut RuntimeServiceClient<Channel>, args: &BenchArgs, total: usize, pods: &mut Vec<String>) -> Result<(), BenchError> {
+    for p in 0..total.div_ceil(CONTAINERS_PER_POD) {
+        let config = pod_config(args, &format!("bench-stats-{p}-{}", std::process::id()));
+        let pod = check("RunPodSandbox", runtime.run_pod_sandbox(RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: String::new() }).await)?.pod_sandbox_id;
+        pods.push(pod.clone());
+        let in_this_pod = CONTAINERS_PER_POD.min(total - p * CONTAINERS_PER_POD);
+        let starts = (0..in_this_pod).map(|c| {
+            let (mut runtime, pod, sandbox_config) = (runtime.clone(), pod.clone(), config.clone());
+            let container = container_config(args, &format!("work-{c}"));
+            async move {
+                let request = CreateContainerRequest { pod_sandbox_id: pod, config: Some(container), sandbox_config: Some(sandbox_config) };
+                let id = check("CreateContainer", runtime.create_container(request).await)?.container_id;
+                check("StartContainer", runtime.start_container(StartContainerRequest { container_id: id }).await).map(drop)
+            }
+        });
+        futures::future::try_join_all(starts).await?;
+    }
+    Ok(())
+}
+
+/// Times the stats calls (and ListContainers) over `args.stats_containers` running containers.
+async fn stats(runtime: &mut RuntimeServiceClient<Channel>, args: &BenchArgs) -> Result<Timings, BenchError> {
+    let mut pods = Vec::new();
+    let filled = fill(runtime, args, args.stats_containers, &mut pods).await;
+    let measured = match filled {
+        Ok(()) => time_stats(runtime, args).await,
+        Err(error) => Err(error),
+    };
+    for pod in pods {
+        if let Err(status) = runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.clone() }).await {
+            eprintln!("could not remove benchmark pod {pod}: {status}");
+        }
+    }
+    measured
+}
+
+/// Times one call into `timings`; a failure is kept (the first per call) rather than
+/// ending the benchmark, since runtimes differ in which stats calls they answer.
+async fn timed<T>(timings: &mut Timings, failures: &mut BTreeMap<&'static str, String>, call: &'static str, answer: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>) -> Option<T> {
+    let started = Instant::now();
+    match answer.await {
+        Ok(response) => {
+            timings.entry(call).or_default().push(started.elapsed());
+            Some(response.into_inner())
+        }
+        Err(status) => {
+            failures.entry(call).or_insert_with(|| status.message().to_string());
+            None
+        }
+    }
+}
+
+async fn time_stats(runtime: &mut RuntimeServiceClient<Channel>, args: &BenchArgs) -> Result<Timings, BenchError> {
+    let mut timings = Timings::new();
+    let mut failures = BTreeMap::new();
+    let containers = check("ListContainers", runtime.list_containers(ListContainersRequest::default()).await)?.containers;
+    let one = containers.first().map(|c| c.id.clone()).unwrap_or_default();
+    for _ in 0..args.stats_calls {
+        let listed = timed(&mut timings, &mut failures, "ListContainerStats", runtime.clone().list_container_stats(ListContainerStatsRequest::default())).await;
+        if let Some(listed) = listed.filter(|l| l.stats.len() < args.stats_containers) {
+            failures.entry("ListContainerStats").or_insert_with(|| format!("{} stats for {} containers", listed.stats.len(), args.stats_containers));
+        }
+        timed(&mut timings, &mut failures, "ListPodSandboxStats", runtime.clone().list_pod_sandbox_stats(ListPodSandboxStatsRequest::default())).await;
+        timed(&mut timings, &mut failures, "ContainerStats", runtime.clone().container_stats(ContainerStatsRequest { container_id: one.clone() })).await;
+        timed(&mut timings, &mut failures, "ListContainers", runtime.clone().list_containers(ListContainersRequest::default())).await;
+    }
+    for (call, message) in failures {
+        println!("  {call}: {message}");
+    }
     Ok(timings)
 }
 
@@ -156,6 +250,12 @@ pub async fn run(args: BenchArgs, default_socket: PathBuf) -> Result<(), BenchEr
             }
         }
         print(&format!("{} at once, {} rounds", args.concurrency, args.rounds), &mut concurrent);
+    }
+
+    if args.stats_containers > 0 {
+        let mut runtime = runtime.clone();
+        let mut timings = stats(&mut runtime, &args).await?;
+        print(&format!("stats over {} running containers, {} calls each", args.stats_containers, args.stats_calls), &mut timings);
     }
     Ok(())
 }

@@ -84,8 +84,7 @@ impl Runtime {
             .collect())
     }
 
-    fn container_stats_of(&self, record: &ContainerRecord, layers: &HashMap<String, FilesystemUsage>) -> Result<ContainerStats, RuntimeError> {
-        let config = crate::container::decode(record)?;
+    fn container_stats_of(&self, record: &ContainerRecord, config: ContainerConfig, layers: &HashMap<String, FilesystemUsage>) -> Result<ContainerStats, RuntimeError> {
         let at = now_nanos();
         let reading = read_cgroup(Path::new(CGROUP_ROOT), &record.cgroup_path).unwrap_or_default();
         Ok(ContainerStats {
@@ -104,28 +103,34 @@ impl Runtime {
     pub async fn container_stats(&self, id: &str) -> Result<ContainerStats, RuntimeError> {
         let record = self.resolve(&self.containers, id, "container", |r| &r.id)?;
         let layers = self.writable_layers(vec![record.id.clone()]).await?;
-        self.container_stats_of(&record, &layers)
+        self.container_stats_of(&record, crate::container::decode(&record)?, &layers)
     }
 
     pub async fn list_container_stats(&self, filter: Option<ContainerStatsFilter>) -> Result<Vec<ContainerStats>, RuntimeError> {
+        Ok(self.container_stats_with_pods(filter).await?.into_iter().map(|(_, stats)| stats).collect())
+    }
+
+    /// The stats of the containers `filter` picks, each with its pod's id.
+    async fn container_stats_with_pods(&self, filter: Option<ContainerStatsFilter>) -> Result<Vec<(String, ContainerStats)>, RuntimeError> {
         let filter = filter.unwrap_or_default();
         let mut chosen = Vec::new();
         for record in self.visible_containers()? {
-            let labels = crate::container::decode(&record)?.labels;
-            if (filter.id.is_empty() || record.id.starts_with(&filter.id))
-                && (filter.pod_sandbox_id.is_empty() || record.sandbox_id.starts_with(&filter.pod_sandbox_id))
-                && filter.label_selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-            {
-                chosen.push(record);
+            if !(filter.id.is_empty() || record.id.starts_with(&filter.id)) || !(filter.pod_sandbox_id.is_empty() || record.sandbox_id.starts_with(&filter.pod_sandbox_id)) {
+                continue;
+            }
+            let config = crate::container::decode(&record)?;
+            if filter.label_selector.iter().all(|(k, v)| config.labels.get(k) == Some(v)) {
+                chosen.push((record, config));
             }
         }
-        let layers = self.writable_layers(chosen.iter().map(|r| r.id.clone()).collect()).await?;
-        chosen.iter().map(|record| self.container_stats_of(record, &layers)).collect()
+        let layers = self.writable_layers(chosen.iter().map(|(r, _)| r.id.clone()).collect()).await?;
+        chosen.into_iter().map(|(record, config)| Ok((record.sandbox_id.clone(), self.container_stats_of(&record, config, &layers)?))).collect()
     }
 
-    async fn pod_stats_of(&self, sandbox: &crate::records::SandboxRecord) -> Result<PodSandboxStats, RuntimeError> {
+    /// A pod's figures from its containers' stats (taken by the caller, so that a list
+    /// of pods reads every container once).
+    fn pod_stats_of(sandbox: &crate::records::SandboxRecord, containers: Vec<ContainerStats>) -> Result<PodSandboxStats, RuntimeError> {
         let config = crate::sandbox::decode_config(sandbox)?;
-        let containers = self.list_container_stats(Some(ContainerStatsFilter { pod_sandbox_id: sandbox.id.clone(), ..Default::default() })).await?;
         let at = now_nanos();
         let sum = |pick: &dyn Fn(&ContainerStats) -> u64| containers.iter().map(pick).sum::<u64>();
         let cpu = CpuUsage {
@@ -148,19 +153,26 @@ impl Runtime {
 
     pub async fn pod_sandbox_stats(&self, id: &str) -> Result<PodSandboxStats, RuntimeError> {
         let sandbox = self.resolve(&self.sandboxes, id, "pod sandbox", |r| &r.id)?;
-        self.pod_stats_of(&sandbox).await
+        let containers = self.list_container_stats(Some(ContainerStatsFilter { pod_sandbox_id: sandbox.id.clone(), ..Default::default() })).await?;
+        Self::pod_stats_of(&sandbox, containers)
     }
 
     pub async fn list_pod_sandbox_stats(&self, filter: Option<PodSandboxStatsFilter>) -> Result<Vec<PodSandboxStats>, RuntimeError> {
         let filter = filter.unwrap_or_default();
-        let mut stats = Vec::new();
+        let mut chosen = Vec::new();
         for sandbox in self.sandboxes.all()? {
             let labels = crate::sandbox::decode_config(&sandbox)?.labels;
             if (filter.id.is_empty() || sandbox.id.starts_with(&filter.id)) && filter.label_selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
-                stats.push(self.pod_stats_of(&sandbox).await?);
+                chosen.push(sandbox);
             }
         }
-        Ok(stats)
+        let mut by_pod: HashMap<String, Vec<ContainerStats>> = HashMap::new();
+        if !chosen.is_empty() {
+            for (sandbox_id, stats) in self.container_stats_with_pods(None).await? {
+                by_pod.entry(sandbox_id).or_default().push(stats);
+            }
+        }
+        chosen.iter().map(|sandbox| Self::pod_stats_of(sandbox, by_pod.remove(&sandbox.id).unwrap_or_default())).collect()
     }
 }
 

@@ -22,11 +22,14 @@ pub struct StorageService {
     pub rootfs: Arc<RootfsStore>,
     /// One import per chain at a time; a second waits and then finds it present.
     importing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The mount point holding the writable layers, found once: reading mountinfo,
+    /// long with a hundred overlays in it, cost more than the layers' own walk.
+    writable_mountpoint: Arc<std::sync::OnceLock<String>>,
 }
 
 impl StorageService {
     pub fn new(layers: LayerStore, images: ImageStore, rootfs: RootfsStore) -> Self {
-        Self { layers: Arc::new(layers), images: Arc::new(images), rootfs: Arc::new(rootfs), importing: Mutex::new(HashMap::new()) }
+        Self { layers: Arc::new(layers), images: Arc::new(images), rootfs: Arc::new(rootfs), importing: Mutex::new(HashMap::new()), writable_mountpoint: Arc::default() }
     }
 
     fn import_lock(&self, chain_id: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -171,6 +174,7 @@ impl Storage for StorageService {
     async fn writable_layer_usage(&self, request: Request<WritableLayerUsageRequest>) -> Result<Response<WritableLayerUsageResponse>, Status> {
         let rootfs = self.rootfs.clone();
         let ids = request.into_inner().container_ids;
+        let known_mountpoint = self.writable_mountpoint.clone();
         let usages = tokio::task::spawn_blocking(move || {
             let mut usages = Vec::new();
             for id in ids {
@@ -182,7 +186,14 @@ impl Storage for StorageService {
                     continue;
                 }
                 let usage = crate::usage::measure(&upper)?;
-                let mountpoint = crate::usage::mountpoint_of(&upper)?.display().to_string();
+                let mountpoint = match known_mountpoint.get() {
+                    Some(known) => known.clone(),
+                    None => {
+                        let found = crate::usage::mountpoint_of(&upper)?.display().to_string();
+                        let _ = known_mountpoint.set(found.clone());
+                        found
+                    }
+                };
                 usages.push(WritableLayerUsage { container_id: id, used_bytes: usage.bytes, inodes_used: usage.inodes, mountpoint });
             }
             Ok::<_, crate::error::StorageError>(usages)

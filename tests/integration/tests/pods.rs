@@ -410,6 +410,11 @@ async fn stats_show_memory_and_cpu_and_pods_sum_their_containers() {
     assert_eq!(value(&linux.memory.expect("memory").working_set_bytes), summed, "pod memory is the sum of its containers'");
     let listed = runtime.list_container_stats(ListContainerStatsRequest { filter: Some(ContainerStatsFilter { pod_sandbox_id: pod.id.clone(), ..Default::default() }) }).await.expect("list").into_inner().stats;
     assert_eq!(listed.len(), 2);
+    let layer = listed[0].writable_layer.as_ref().expect("writable layer");
+    assert!(layer.fs_id.as_ref().is_some_and(|fs| !fs.mountpoint.is_empty()), "the layer's filesystem is named: {layer:?}");
+    let all_pods = runtime.list_pod_sandbox_stats(ListPodSandboxStatsRequest::default()).await.expect("ListPodSandboxStats").into_inner().stats;
+    let listed_pod = all_pods.iter().find(|p| p.attributes.as_ref().is_some_and(|a| a.id == pod.id)).expect("our pod listed");
+    assert_eq!(listed_pod.linux.as_ref().expect("linux").containers.len(), 2, "each pod lists its own containers");
     runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("remove");
     node.stop();
 }
