@@ -43,12 +43,12 @@ async fn version_and_status_fan_in() {
 #[tokio::test(flavor = "multi_thread")]
 async fn rpcs_not_built_yet_are_unimplemented_by_name() {
     let node = Node::start(NodeOptions::default()).await;
-    let error = node.runtime().port_forward(PortForwardRequest::default()).await.expect_err("not built yet");
+    let error = node.runtime().checkpoint_container(CheckpointContainerRequest::default()).await.expect_err("not built yet");
     assert_eq!(error.code(), tonic::Code::Unimplemented);
-    assert!(error.message().contains("PortForward"), "{}", error.message());
-    let error = node.runtime().attach(AttachRequest::default()).await.expect_err("not built yet");
+    assert!(error.message().contains("CheckpointContainer"), "{}", error.message());
+    let error = node.runtime().list_metric_descriptors(ListMetricDescriptorsRequest::default()).await.expect_err("not built yet");
     assert_eq!(error.code(), tonic::Code::Unimplemented);
-    assert!(error.message().contains("Attach"), "{}", error.message());
+    assert!(error.message().contains("ListMetricDescriptors"), "{}", error.message());
 
     // ImageFsInfo is served end to end: gateway → image → storage.
     let info = node.images().image_fs_info(ImageFsInfoRequest::default()).await.expect("ImageFsInfo").into_inner();

@@ -494,12 +494,25 @@ async fn starting_a_container_whose_process_died_fails_promptly() {
     let state = std::process::Command::new("runc").arg("--root").arg(node.root().join("run/runtime/runc")).args(["state", &id]).output().expect("runc state");
     let state: serde_json::Value = serde_json::from_slice(&state.stdout).expect("runc state JSON");
     let pid = state["pid"].as_u64().expect("pid") as u32;
+    // conmon, held still, can neither reap the process nor record its exit: the start
+    // itself must notice that the process it waits for is gone.
+    let conmon_pid_file = node.root().join("run/runtime/containers").join(&id).join("conmon.pid");
+    let conmon = nix::unistd::Pid::from_raw(std::fs::read_to_string(&conmon_pid_file).expect("conmon.pid").trim().parse().expect("a pid"));
+    nix::sys::signal::kill(conmon, nix::sys::signal::Signal::SIGSTOP).expect("stop conmon");
+    struct Resume(nix::unistd::Pid);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+    let resume = Resume(conmon);
     trellis_integration::kill9(pid);
 
     let started = Instant::now();
     let error = runtime.start_container(StartContainerRequest { container_id: id.clone() }).await.expect_err("its process is gone");
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
-    assert!(error.message().contains("stopped") || error.message().contains("dead"), "{}", error.message());
+    assert!(error.message().contains("stopped"), "{}", error.message());
+    drop(resume);
     assert_eq!(wait_exited(&node, &id).await.state, ContainerState::ContainerExited as i32);
     runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("remove");
     node.stop();
