@@ -135,6 +135,9 @@ pub struct RuntimeConfig {
     /// Where the streaming server (Exec, Attach, PortForward URLs) listens, `host:port`;
     /// port 0 picks a free one. Bound on the first streaming request.
     pub streaming_address: String,
+    /// OCI runtime creates run at once at most; more wait their turn, first come first
+    /// served. 0 = one per CPU.
+    pub max_parallel_creates: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -170,6 +173,9 @@ pub struct NetworkConfig {
     pub metrics_listen: String,
     pub cni_config_dir: PathBuf,
     pub cni_plugin_dirs: Vec<PathBuf>,
+    /// CNI plugin chains (ADD or DEL) run at once at most; more wait their turn, first
+    /// come first served. 0 = one per CPU.
+    pub max_parallel_cni: u64,
 }
 
 impl Default for Config {
@@ -293,6 +299,7 @@ impl Default for RuntimeConfig {
             default_stop_timeout_seconds: 10,
             pause_image: "registry.k8s.io/pause:3.9".into(),
             streaming_address: "127.0.0.1:0".into(),
+            max_parallel_creates: 0,
         }
     }
 }
@@ -305,7 +312,17 @@ impl Default for NetworkConfig {
             metrics_listen: String::new(),
             cni_config_dir: PathBuf::from("/etc/cni/net.d"),
             cni_plugin_dirs: vec![PathBuf::from("/usr/lib/cni"), PathBuf::from("/opt/cni/bin")],
+            max_parallel_cni: 0,
         }
+    }
+}
+
+/// How many of a heavy operation run at once: `configured`, or one per CPU for 0.
+/// Bounding them to the cores finishes most of a burst early instead of all of it late.
+pub fn parallelism(configured: u64) -> usize {
+    match configured {
+        0 => std::thread::available_parallelism().map_or(2, usize::from),
+        n => usize::try_from(n).unwrap_or(usize::MAX).min(tokio::sync::Semaphore::MAX_PERMITS),
     }
 }
 

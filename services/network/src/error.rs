@@ -11,6 +11,8 @@ use crate::netns::NetnsError;
 pub enum NetworkError {
     #[error("invalid request: {0}")]
     InvalidArgument(String),
+    #[error("the network service is stopping")]
+    ShuttingDown,
     #[error("the pod network is not ready ({reason}): {source}")]
     NotReady {
         reason: &'static str,
@@ -64,6 +66,7 @@ impl NetworkError {
             Self::InvalidArgument(_) => tonic::Code::InvalidArgument,
             Self::NotReady { .. } => tonic::Code::FailedPrecondition,
             Self::NotFound(_) => tonic::Code::NotFound,
+            Self::ShuttingDown => tonic::Code::Unavailable,
             Self::Plugin(error) if error.cni_code() == Some(CODE_TRY_AGAIN_LATER) => tonic::Code::Unavailable,
             Self::RollbackFailed { error, .. } => error.code(),
             _ => tonic::Code::Internal,

@@ -36,6 +36,8 @@ pub struct Pods {
     locks: SandboxLocks,
     bus: EventBus,
     metrics: NetworkMetrics,
+    /// Turns for CNI plugin chains (see `network.max_parallel_cni`).
+    cni_slots: tokio::sync::Semaphore,
 }
 
 impl Pods {
@@ -48,6 +50,7 @@ impl Pods {
             locks: SandboxLocks::default(),
             bus,
             metrics,
+            cni_slots: tokio::sync::Semaphore::new(trellis_common::config::parallelism(config.network.max_parallel_cni)),
         })
     }
 
@@ -122,10 +125,15 @@ impl Pods {
     /// is one, so a roll-back hands it to DEL.
     async fn attach(&self, record: &mut PodRecord) -> Result<Vec<PodAddress>, NetworkError> {
         let Some(attachment) = record.attachment.as_ref() else { return Ok(Vec::new()) };
+        let _turn = self.cni_turn().await?;
         netns::create(&attachment.netns, &attachment.sandbox_id).await?;
         let result = cni::add(attachment, &self.plugin_dirs).await?;
         record.result = Some(result.clone());
         addresses(record)
+    }
+
+    async fn cni_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, NetworkError> {
+        self.cni_slots.acquire().await.map_err(|_| NetworkError::ShuttingDown)
     }
 
     /// Tears the pod's network down; a pod with none is fine.
@@ -155,6 +163,7 @@ impl Pods {
         self.records.begin_removal(&record)?;
         if let Some(attachment) = &record.attachment {
             let netns_exists = netns::is_pinned(&attachment.netns);
+            let _turn = self.cni_turn().await?;
             cni::del(attachment, record.result.as_ref(), netns_exists, &self.plugin_dirs).await?;
             netns::remove(&attachment.netns, &record.sandbox_id).await?;
         }

@@ -162,6 +162,7 @@ impl Runtime {
         let name = config.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or_default();
         let runtime = PathBuf::from(&record.oci_runtime);
         let launch = Launch { id: &record.id, name, bundle, runtime: &runtime, log_path: log, stdin: config.stdin, stdin_once: config.stdin_once, tty: config.tty };
+        let _turn = self.create_slots.acquire().await.map_err(|_| RuntimeError::Oci("the runtime service is stopping".into()))?;
         record.pid = self.oci.create(&launch).await?;
         Ok(())
     }

@@ -34,6 +34,9 @@ pub struct Runtime {
     pub cpu_samples: Mutex<HashMap<String, (u64, i64)>>,
     /// Held while an exit found in conmon's exit file is recorded.
     pub exit_detection: Mutex<()>,
+    /// Turns for `runc create`, the costliest step of a pod start (see
+    /// `runtime.max_parallel_creates`).
+    pub create_slots: tokio::sync::Semaphore,
 }
 
 impl Runtime {
@@ -44,6 +47,7 @@ impl Runtime {
             std::fs::create_dir_all(&path).map_err(|source| RuntimeError::io(format!("cannot create {}", path.display()), source))?;
         }
         let conmon = find_executable(&config.runtime.conmon).unwrap_or_else(|| PathBuf::from(&config.runtime.conmon));
+        let create_turns = trellis_common::config::parallelism(config.runtime.max_parallel_creates);
         let oom_score_floor = std::fs::read_to_string("/proc/self/oom_score_adj").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
         Ok(Self {
             oci: Oci::new(conmon, dir.clone()),
@@ -59,6 +63,7 @@ impl Runtime {
             locks: Mutex::new(HashMap::new()),
             cpu_samples: Mutex::new(HashMap::new()),
             exit_detection: Mutex::new(()),
+            create_slots: tokio::sync::Semaphore::new(create_turns),
         })
     }
 

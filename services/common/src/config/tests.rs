@@ -136,3 +136,14 @@ fn explicit_missing_file_is_an_error() {
     let message = load(&missing, &[], &[]).expect_err("must fail").to_string();
     assert!(message.contains("absent.toml"), "{message}");
 }
+
+#[test]
+fn parallelism_is_the_cores_unless_configured() {
+    assert!(parallelism(0) >= 1);
+    assert_eq!(parallelism(3), 3);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("trellis.toml");
+    std::fs::write(&file, "[runtime]\nmax_parallel_creates = 4\n").expect("write");
+    let set = load(&file, &[("TRELLIS_NETWORK_MAX_PARALLEL_CNI", "2")], &[]).expect("valid");
+    assert_eq!((set.runtime.max_parallel_creates, set.network.max_parallel_cni), (4, 2));
+}
