@@ -3,9 +3,10 @@
 # throwaway Trellis node with its own root, sockets, CNI bridge and subnet, then stops
 # the node and removes what it created.
 #
-# usage: scripts/critest.sh [-n N] [critest/ginkgo flags, e.g. --ginkgo.focus='Streaming']
-#   -n N   instance number 1..200: picks bridge trellisct<N> and subnet 10.<100+N>.0.0/16,
-#          so several runs can go at once (default 1).
+# usage: scripts/critest.sh [-n N] [--benchmark] [critest/ginkgo flags, e.g. --ginkgo.focus='Streaming']
+#   -n N         instance number 1..200: picks bridge trellisct<N> and subnet 10.<100+N>.0.0/16,
+#                so several runs can go at once (default 1).
+#   --benchmark  the kit's benchmark run (run-benchmark.sh) instead of validation.
 # Needs: the kit set up (LAB_DIR=/opt/lab, registry on 127.0.0.1:5000, critest in
 # /opt/lab/bin) and release binaries (cargo build --release --bins).
 # Report: $OUT (default /tmp/critest-<N>), node log in $OUT/node.log.
@@ -13,6 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 instance=1
 if [ "${1:-}" = "-n" ]; then instance=$2; shift 2; fi
+suite=run-validation.sh
+if [ "${1:-}" = "--benchmark" ]; then suite=run-benchmark.sh; shift; fi
 LAB_DIR=${LAB_DIR:-/opt/lab}
 OUT=${OUT:-/tmp/critest-$instance}
 root=$(mktemp -d "/tmp/trellis-critest-$instance.XXXXXX")
@@ -63,7 +66,7 @@ for _ in $(seq 1 200); do
     sleep 0.1
 done
 set +e
-EP="unix://$root/run/trellis.sock" OUT="$OUT" "$LAB_DIR/run-validation.sh" "$@"
+EP="unix://$root/run/trellis.sock" OUT="$OUT" "$LAB_DIR/$suite" "$@"
 rc=$?
 set -e
 exit $rc
