@@ -174,7 +174,7 @@ pub struct NetworkConfig {
     pub cni_config_dir: PathBuf,
     pub cni_plugin_dirs: Vec<PathBuf>,
     /// CNI plugin chains (ADD or DEL) run at once at most; more wait their turn, first
-    /// come first served. 0 = one per CPU.
+    /// come first served. 0 = two per CPU (plugins also wait on the network and locks).
     pub max_parallel_cni: u64,
 }
 
@@ -317,11 +317,11 @@ impl Default for NetworkConfig {
     }
 }
 
-/// How many of a heavy operation run at once: `configured`, or one per CPU for 0.
-/// Bounding them to the cores finishes most of a burst early instead of all of it late.
-pub fn parallelism(configured: u64) -> usize {
+/// How many of a heavy operation run at once: `configured`, or `per_cpu` per CPU for 0.
+/// Bounding them near the cores finishes most of a burst early instead of all of it late.
+pub fn parallelism(configured: u64, per_cpu: usize) -> usize {
     match configured {
-        0 => std::thread::available_parallelism().map_or(2, usize::from),
+        0 => std::thread::available_parallelism().map_or(2, usize::from).saturating_mul(per_cpu.max(1)),
         n => usize::try_from(n).unwrap_or(usize::MAX).min(tokio::sync::Semaphore::MAX_PERMITS),
     }
 }

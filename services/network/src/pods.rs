@@ -50,7 +50,7 @@ impl Pods {
             locks: SandboxLocks::default(),
             bus,
             metrics,
-            cni_slots: tokio::sync::Semaphore::new(trellis_common::config::parallelism(config.network.max_parallel_cni)),
+            cni_slots: tokio::sync::Semaphore::new(trellis_common::config::parallelism(config.network.max_parallel_cni, 2)),
         })
     }
 

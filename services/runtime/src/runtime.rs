@@ -47,7 +47,7 @@ impl Runtime {
             std::fs::create_dir_all(&path).map_err(|source| RuntimeError::io(format!("cannot create {}", path.display()), source))?;
         }
         let conmon = find_executable(&config.runtime.conmon).unwrap_or_else(|| PathBuf::from(&config.runtime.conmon));
-        let create_turns = trellis_common::config::parallelism(config.runtime.max_parallel_creates);
+        let create_turns = trellis_common::config::parallelism(config.runtime.max_parallel_creates, 1);
         let oom_score_floor = std::fs::read_to_string("/proc/self/oom_score_adj").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
         Ok(Self {
             oci: Oci::new(conmon, dir.clone()),

@@ -139,8 +139,9 @@ fn explicit_missing_file_is_an_error() {
 
 #[test]
 fn parallelism_is_the_cores_unless_configured() {
-    assert!(parallelism(0) >= 1);
-    assert_eq!(parallelism(3), 3);
+    assert!(parallelism(0, 1) >= 1);
+    assert_eq!(parallelism(0, 2), 2 * parallelism(0, 1));
+    assert_eq!(parallelism(3, 2), 3);
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("trellis.toml");
     std::fs::write(&file, "[runtime]\nmax_parallel_creates = 4\n").expect("write");
