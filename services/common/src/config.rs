@@ -53,7 +53,7 @@ pub enum ConfigError {
     Merge(String),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Default, Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub node: NodeConfig,
@@ -176,21 +176,6 @@ pub struct NetworkConfig {
     /// CNI plugin chains (ADD or DEL) run at once at most; more wait their turn, first
     /// come first served. 0 = two per CPU (plugins also wait on the network and locks).
     pub max_parallel_cni: u64,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            node: NodeConfig::default(),
-            bus: BusConfig::default(),
-            telemetry: TelemetryConfig::default(),
-            gateway: GatewayConfig::default(),
-            runtime: RuntimeConfig::default(),
-            image: ImageConfig::default(),
-            storage: StorageConfig::default(),
-            network: NetworkConfig::default(),
-        }
-    }
 }
 
 const INTERNAL_SOCKET_MODE: &str = "0600";

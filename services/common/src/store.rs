@@ -23,14 +23,17 @@ pub enum StoreError {
 }
 
 /// Key-ordered records. Keys sort as bytes, so big-endian integers iterate in order.
+/// One record: its key and its value.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
 pub trait Table: Send + Sync {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     fn put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
     fn delete(&self, key: &[u8]) -> Result<(), StoreError>;
     /// The record with the smallest key.
-    fn first(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn first(&self) -> Result<Option<Entry>, StoreError>;
     /// Every record, in key order.
-    fn scan(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan(&self) -> Result<Vec<Entry>, StoreError>;
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -117,11 +120,11 @@ impl Table for SledTable {
         self.flush()
     }
 
-    fn first(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn first(&self) -> Result<Option<Entry>, StoreError> {
         Ok(self.tree.first().map_err(|e| self.error(e))?.map(|(k, v)| (k.to_vec(), v.to_vec())))
     }
 
-    fn scan(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan(&self) -> Result<Vec<Entry>, StoreError> {
         self.tree.iter().map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(|e| self.error(e))).collect()
     }
 

@@ -33,7 +33,7 @@ impl From<ImageError> for Status {
             ImageError::Registry { code, .. } => Status::new(code, message),
             ImageError::Stalled { .. } => Status::deadline_exceeded(message),
             ImageError::BadConfig { .. } => Status::data_loss(message),
-            ImageError::Storage(status) => Status::new(status.code(), format!("{message}")),
+            ImageError::Storage(status) => Status::new(status.code(), message),
             ImageError::Credentials { .. } => Status::failed_precondition(message),
         }
     }

@@ -62,7 +62,7 @@ impl Runtime {
     /// Creates a container in a pod the caller holds the lock of; `infra` marks the
     /// pod's own pause process.
     pub async fn create_in_pod(&self, sandbox: &crate::records::SandboxRecord, config: ContainerConfig, sandbox_config: Option<PodSandboxConfig>, infra: bool) -> Result<String, RuntimeError> {
-        let sandbox_config = sandbox_config.map_or_else(|| decode_config(&sandbox), Ok)?;
+        let sandbox_config = sandbox_config.map_or_else(|| decode_config(sandbox), Ok)?;
         let metadata = config.metadata.clone().ok_or_else(|| RuntimeError::InvalidArgument("ContainerConfig.metadata is missing".into()))?;
         if metadata.name.is_empty() {
             return Err(RuntimeError::InvalidArgument("ContainerConfig.metadata.name is empty".into()));

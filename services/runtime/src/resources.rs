@@ -128,7 +128,7 @@ mod tests {
         let resources = linux_resources(&cri, Vec::new()).expect("valid");
         let cpu = resources.cpu().clone().expect("cpu");
         assert_eq!((cpu.quota(), cpu.period(), cpu.shares(), cpu.cpus().clone()), (Some(50_000), Some(100_000), Some(512), Some("0-1".to_string())));
-        assert_eq!(resources.memory().clone().expect("memory").limit(), Some(64 << 20));
+        assert_eq!(resources.memory().expect("memory").limit(), Some(64 << 20));
         assert_eq!(resources.hugepage_limits().clone().expect("hugepages")[0].page_size(), "2MB");
     }
 

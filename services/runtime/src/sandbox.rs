@@ -57,19 +57,6 @@ pub fn hostname_of(config: &PodSandboxConfig) -> String {
     hostname
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn long_pod_names_make_valid_hostnames() {
-        let long = PodSandboxConfig { metadata: Some(PodSandboxMetadata { name: format!("{}-{}", "a".repeat(62), "tail"), ..Default::default() }), ..Default::default() };
-        assert_eq!(hostname_of(&long), "a".repeat(62));
-        let given = PodSandboxConfig { hostname: "web-0".into(), ..long };
-        assert_eq!(hostname_of(&given), "web-0");
-    }
-}
-
 fn write_pod_files(pod_dir: &Path, config: &PodSandboxConfig, ips: &[String]) -> Result<(), RuntimeError> {
     let hostname = hostname_of(config);
     let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
@@ -340,5 +327,18 @@ impl Runtime {
             }
         }
         Ok(pods)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_pod_names_make_valid_hostnames() {
+        let long = PodSandboxConfig { metadata: Some(PodSandboxMetadata { name: format!("{}-{}", "a".repeat(62), "tail"), ..Default::default() }), ..Default::default() };
+        assert_eq!(hostname_of(&long), "a".repeat(62));
+        let given = PodSandboxConfig { hostname: "web-0".into(), ..long };
+        assert_eq!(hostname_of(&given), "web-0");
     }
 }

@@ -337,7 +337,8 @@ mod tests {
     #[test]
     fn hostile_entries_are_refused_by_name() {
         use tar::EntryType::*;
-        let cases: [(&[(&str, tar::EntryType, Option<&str>, &[u8])], &str); 5] = [
+        type Case<'a> = (&'a [(&'a str, tar::EntryType, Option<&'a str>, &'a [u8])], &'a str);
+        let cases: [Case; 5] = [
             (&[("../escape", Regular, None, b"x")], "`..`"),
             (&[("/etc/evil", Regular, None, b"x")], "absolute path"),
             (&[("link", Symlink, Some("/etc"), b""), ("link/passwd", Regular, None, b"x")], "writes through the symlink `link`"),

@@ -440,7 +440,7 @@ async fn container_events_reach_every_subscriber_in_order() {
     let pod = run_pod(&node, pod_config("events", dir.path().join("logs").to_str().expect("utf-8"), true)).await;
     let container = start(&node, &pod, container_config("once", &image, &["/bin/sleep", "1000"])).await;
     use ContainerEventType::*;
-    let expected = vec![
+    let expected = [
         (pod.id.clone(), ContainerCreatedEvent),
         (pod.id.clone(), ContainerStartedEvent),
         (container.clone(), ContainerCreatedEvent),
