@@ -59,12 +59,18 @@ impl Session {
     }
 }
 
+/// A busybox node with a pod named `name` whose container `sleeper` sleeps.
+async fn sleeper_pod(name: &str) -> (BusyboxNode, trellis_integration::cri::Pod, String) {
+    let busybox = BusyboxNode::start().await;
+    let pod = run_pod(&busybox.node, pod_config(name, false)).await;
+    let sleeper = start(&busybox.node, &pod, busybox.container("sleeper", &["/bin/sleep", "3600"])).await;
+    (busybox, pod, sleeper)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn exec_runs_commands_with_pipes_and_with_a_terminal() {
-    let busybox = BusyboxNode::start().await;
+    let (busybox, pod, sleeper) = sleeper_pod("exec").await;
     let node = &busybox.node;
-    let pod = run_pod(node, pod_config("exec", false)).await;
-    let sleeper = start(node, &pod, busybox.container("sleeper", &["/bin/sleep", "3600"])).await;
     let mut runtime = node.runtime();
 
     // echo: stdout, then Success on the error stream.
@@ -260,4 +266,39 @@ async fn port_forward_reaches_the_pods_loopback() {
 
     let unknown = runtime.port_forward(PortForwardRequest { pod_sandbox_id: "0123456789abcdef".into(), port: vec![] }).await.expect_err("unknown pod");
     assert_eq!(unknown.code(), Code::NotFound);
+}
+
+/// The lines of `ps` in a container that show `sleep 300` (or a zombie sleep).
+async fn sleeps_left(node: &Node, container_id: &str) -> Vec<String> {
+    let ps = exec(node, container_id, &["ps"]).await;
+    assert_eq!(ps.code, 0, "ps: {}", ps.stderr);
+    ps.stdout.lines().filter(|l| l.contains("sleep 300") || l.contains("[sleep]")).map(str::to_string).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_is_killed_when_the_client_goes_away() {
+    let (busybox, _, sleeper) = sleeper_pod("hangup").await;
+    let node = &busybox.node;
+    let mut runtime = node.runtime();
+    for tty in [false, true] {
+        let url = runtime.exec(exec_request(&sleeper, &["sleep", "300"], tty, tty)).await.expect("Exec").into_inner().url;
+        let kinds: &[&'static str] = if tty { &["error", "stdin", "stdout", "resize"] } else { &["error", "stdout", "stderr"] };
+        let session = Session::open(&url, kinds).await;
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        while sleeps_left(node, &sleeper).await.is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "tty={tty}: `sleep 300` never ran");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The connection closes with the client, mid-command.
+        drop(session);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = sleeps_left(node, &sleeper).await;
+            if left.is_empty() {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "tty={tty}: still running after the client left: {left:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }

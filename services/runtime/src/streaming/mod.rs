@@ -89,6 +89,7 @@ impl StreamingServer {
             container_id: record.id,
             cmd: request.cmd,
             options,
+            pid_dir: self.runtime.oci.exits_dir(),
         };
         self.url(Session::Exec(session)).await
     }
