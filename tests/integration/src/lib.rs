@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{ListPodSandboxRequest, RemovePodSandboxRequest};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tonic::transport::{Channel, Endpoint};
@@ -204,6 +205,7 @@ impl Node {
     /// SIGTERM to `trellis up`, then checks that it stopped every child and left no
     /// process, socket or mount behind.
     pub fn stop(mut self) {
+        self.remove_every_pod();
         let status = self.terminate_up(Duration::from_secs(30));
         assert!(status.is_some_and(|s| s.success()), "trellis up did not exit cleanly ({status:?}):\n{}", self.log_tail());
         let leftovers = leftovers(self.root());
@@ -213,6 +215,33 @@ impl Node {
     /// The pid of the `trellis up` process.
     pub fn up_pid(&self) -> Option<u32> {
         self.up.as_ref().map(Child::id)
+    }
+
+    /// Removes whatever pods a test left, through the CRI, so that their networks are
+    /// torn down by CNI DEL: the plugins keep address allocations and NAT rules outside
+    /// the node's root, which killing the node would leave behind.
+    fn remove_every_pod(&self) {
+        let socket = self.socket("gateway");
+        if self.up.is_none() || !socket.exists() {
+            return;
+        }
+        // A runtime of its own, on a thread of its own: this also runs in Drop, inside
+        // or outside a test's runtime.
+        let removal = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            runtime.block_on(async move {
+                let mut client = RuntimeServiceClient::new(unix_channel(&socket));
+                let listing = tokio::time::timeout(Duration::from_secs(5), client.list_pod_sandbox(ListPodSandboxRequest::default())).await;
+                let Ok(Ok(pods)) = listing else { return };
+                for pod in pods.into_inner().items {
+                    let removal = client.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() });
+                    if !matches!(tokio::time::timeout(Duration::from_secs(15), removal).await, Ok(Ok(_))) {
+                        eprintln!("could not remove pod {} left by the test", pod.id);
+                    }
+                }
+            });
+        });
+        let _ = removal.join();
     }
 
     fn terminate_up(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
@@ -250,6 +279,7 @@ fn terminate(child: &mut Child, grace: Duration) -> Option<std::process::ExitSta
 
 impl Drop for Node {
     fn drop(&mut self) {
+        self.remove_every_pod();
         self.terminate_up(Duration::from_secs(20));
         // Whatever a failed test left running under this root: end it, by pid.
         for pid in processes_mentioning(self.root()) {
