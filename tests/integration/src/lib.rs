@@ -78,15 +78,18 @@ pub struct NodeOptions {
     pub env: Vec<(String, String)>,
     /// Extra TOML appended to the generated configuration.
     pub extra_config: String,
-    /// Install the default CNI conflist in the node's CNI directory.
+    /// Give the node a CNI network of its own (bridge, /24, allocations under its root).
     pub with_cni_config: bool,
 }
 
 pub struct Node {
-    root: tempfile::TempDir,
     pub config_path: PathBuf,
     pub node_name: String,
     up: Option<Child>,
+    /// The pod network of `with_cni_config`: its bridge goes when the node does (fields
+    /// drop after `Drop::drop`, so after the node has stopped).
+    _network: Option<netns::TestNetwork>,
+    root: tempfile::TempDir,
 }
 
 impl Node {
@@ -97,9 +100,13 @@ impl Node {
         for dir in ["run", "state", "cni"] {
             std::fs::create_dir_all(path.join(dir)).expect("node dirs");
         }
-        if options.with_cni_config {
-            install_cni_config(&path.join("cni"));
-        }
+        // A network of this node's own (bridge, subnet, address allocations under its
+        // root), not the default one, so that parallel tests share nothing on the host.
+        let network = options.with_cni_config.then(|| {
+            let network = netns::TestNetwork::new(path);
+            network.write(&path.join("cni"));
+            network
+        });
         let bus = options.bus_url.as_deref().map(|url| format!("[bus]\nurl = \"{url}\"\n")).unwrap_or_default();
         let config = format!(
             "[node]\nname = \"{node_name}\"\nstate_dir = \"{state}\"\nrun_dir = \"{run}\"\n[network]\ncni_config_dir = \"{cni}\"\n[telemetry]\nlog_level = \"info\"\n{bus}{extra}",
@@ -112,7 +119,7 @@ impl Node {
         std::fs::write(&config_path, config).expect("write config");
         let config_arg = config_path.to_str().expect("utf-8 temp path");
         let up = spawn_logged("trellis", &["--config", config_arg, "up"], &options.env, &path.join("node.log"));
-        let mut node = Node { root, config_path, node_name, up: Some(up) };
+        let mut node = Node { root, config_path, node_name, up: Some(up), _network: network };
         node.wait_ready(Duration::from_secs(30)).await;
         node
     }

@@ -25,7 +25,9 @@ async fn version_and_status_fan_in() {
     assert!(status.info.contains_key("config"), "verbose info from the runtime service: {status:?}");
 
     // No CNI configuration: NetworkReady turns false, with the reason and the directory.
-    std::fs::remove_file(node.cni_dir().join("10-trellis.conflist")).expect("remove conflist");
+    for conflist in std::fs::read_dir(node.cni_dir()).expect("CNI dir") {
+        std::fs::remove_file(conflist.expect("entry").path()).expect("remove conflist");
+    }
     let status = runtime.status(StatusRequest::default()).await.expect("Status").into_inner();
     let network = condition(&status, "NetworkReady");
     assert!(!network.status);
