@@ -9,16 +9,22 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::process::Command;
+use tokio::process::{Child, Command};
 
 use crate::error::RuntimeError;
 
 const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a start waiting on the exec fifo checks that the init process lives.
 const INIT_CHECK: Duration = Duration::from_millis(100);
+/// After an exec is to be ended: how long runc may take to start the command (write
+/// its pid) and then to exit once the command is killed, before runc itself is killed.
+const EXEC_KILL_GRACE: Duration = Duration::from_secs(5);
+/// How often the exec's pid file is looked for meanwhile.
+const EXEC_PID_POLL: Duration = Duration::from_millis(50);
 /// ExecSync output kept per stream; more is cut, as the CRI allows.
 pub const MAX_EXEC_OUTPUT: usize = 16 * 1024 * 1024;
 
+#[derive(Debug, Clone)]
 pub struct Oci {
     conmon: PathBuf,
     root: PathBuf,
@@ -51,7 +57,7 @@ impl Oci {
         Self { conmon, root }
     }
 
-    pub fn runc_root(&self) -> PathBuf {
+    fn runc_root(&self) -> PathBuf {
         self.root.join("runc")
     }
 
@@ -137,14 +143,26 @@ impl Oci {
     }
 
     async fn runtime_command(&self, runtime: &Path, args: &[&str]) -> Result<(), RuntimeError> {
-        let output = Command::new(runtime)
+        self.runtime_command_with_input(runtime, args, None).await
+    }
+
+    /// Runs the OCI runtime with `--root`, handing it `input` on stdin when given.
+    async fn runtime_command_with_input(&self, runtime: &Path, args: &[&str], input: Option<&[u8]>) -> Result<(), RuntimeError> {
+        use tokio::io::AsyncWriteExt;
+        let mut child = Command::new(runtime)
             .arg("--root")
             .arg(self.runc_root())
             .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .await
+            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
             .map_err(|source| RuntimeError::io(format!("cannot run {}", runtime.display()), source))?;
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin.write_all(input).await.map_err(|source| RuntimeError::io(format!("cannot write to {} {}", runtime.display(), args.join(" ")), source))?;
+        }
+        let output = child.wait_with_output().await.map_err(|source| RuntimeError::io(format!("cannot wait for {}", runtime.display()), source))?;
         if output.status.success() {
             return Ok(());
         }
@@ -167,25 +185,7 @@ impl Oci {
 
     /// Applies new cgroup limits (OCI `LinuxResources` as JSON) to a container.
     pub async fn update(&self, runtime: &Path, id: &str, resources_json: &[u8]) -> Result<(), RuntimeError> {
-        use tokio::io::AsyncWriteExt;
-        let mut child = Command::new(runtime)
-            .arg("--root")
-            .arg(self.runc_root())
-            .args(["update", "--resources", "-", id])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| RuntimeError::io(format!("cannot run {}", runtime.display()), source))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(resources_json).await.map_err(|source| RuntimeError::io(format!("cannot hand the resources of container {id} to {}", runtime.display()), source))?;
-        }
-        let output = child.wait_with_output().await.map_err(|source| RuntimeError::io(format!("cannot wait for {} update", runtime.display()), source))?;
-        if output.status.success() {
-            return Ok(());
-        }
-        Err(RuntimeError::Oci(format!("{} update {id}: {}", runtime.display(), String::from_utf8_lossy(&output.stderr).trim())))
+        self.runtime_command_with_input(runtime, &["update", "--resources", "-", id], Some(resources_json)).await
     }
 
     /// Sends a signal; a container that is already gone is not an error.
@@ -220,42 +220,83 @@ impl Oci {
     /// timeout the command is killed inside the container first, so that `runc exec`,
     /// its parent, reaps it (killing `runc exec` first would leave a zombie behind).
     pub async fn exec_sync(&self, runtime: &Path, id: &str, cmd: &[String], timeout: Option<Duration>) -> Result<(Vec<u8>, Vec<u8>, i32), RuntimeError> {
-        let pid_file = self.exits_dir().join(format!("exec-{}", crate::records::new_id()?));
-        let mut child = Command::new(runtime)
-            .arg("--root")
-            .arg(self.runc_root())
-            .arg("exec")
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .arg(id)
-            .args(cmd)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| RuntimeError::io(format!("cannot run {}", runtime.display()), source))?;
-        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let mut exec = self.spawn_exec(runtime, id, cmd, &[], |command| {
+            command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            Ok(())
+        })?;
+        let (stdout, stderr) = (exec.child.stdout.take(), exec.child.stderr.take());
         let output = tokio::spawn(async move { tokio::join!(read_capped(stdout), read_capped(stderr)) });
         let limit = timeout.filter(|t| !t.is_zero()).unwrap_or(Duration::MAX);
-        let result = tokio::select! {
-            status = child.wait() => {
+        tokio::select! {
+            status = exec.child.wait() => {
                 let status = status.map_err(|source| RuntimeError::io("cannot wait for exec", source))?;
                 let (out, err) = output.await.map_err(|e| RuntimeError::Oci(format!("exec output reader stopped: {e}")))?;
                 Ok((out, err, status.code().unwrap_or(-1)))
             }
             _ = tokio::time::sleep(limit) => {
-                if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-                }
-                if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
-                    let _ = child.start_kill();
-                }
+                exec.kill_command().await;
                 Err(RuntimeError::Timeout { what: format!("ExecSync {cmd:?} in container {id}"), seconds: limit.as_secs() })
             }
-        };
-        let _ = std::fs::remove_file(&pid_file);
-        result
+        }
+    }
+
+    /// Starts `cmd` in container `id` with `<runtime> exec`; `flags` go before the id
+    /// (`--tty`), `stdio` sets the child's stdio.
+    pub fn spawn_exec(&self, runtime: &Path, id: &str, cmd: &[String], flags: &[&str], stdio: impl FnOnce(&mut Command) -> Result<(), RuntimeError>) -> Result<ExecProcess, RuntimeError> {
+        let pid_file = self.exits_dir().join(format!("exec-{}", crate::records::new_id()?));
+        let mut command = Command::new(runtime);
+        command.arg("--root").arg(self.runc_root()).arg("exec").arg("--pid-file").arg(&pid_file).args(flags).arg(id).args(cmd).kill_on_drop(true);
+        stdio(&mut command)?;
+        let child = command.spawn().map_err(|source| RuntimeError::io(format!("cannot run {}", runtime.display()), source))?;
+        Ok(ExecProcess { child, pid_file })
+    }
+}
+
+/// A `runc exec` under way, and the file it writes the started command's pid to:
+/// that command is what must be killed to end the exec (killing `runc exec` would
+/// leave it running); `runc exec` then reaps it, so no zombie is left.
+pub struct ExecProcess {
+    pub child: Child,
+    pid_file: PathBuf,
+}
+
+impl ExecProcess {
+    /// SIGKILL to the command in the container once runc has said its pid; runc itself
+    /// when that does not end it within [`EXEC_KILL_GRACE`]. Returns runc's exit code.
+    pub async fn kill_command(&mut self) -> i32 {
+        let deadline = tokio::time::Instant::now() + EXEC_KILL_GRACE;
+        let mut killed = false;
+        loop {
+            if !killed && let Some(pid) = self.command_pid() {
+                if let Err(error) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL) {
+                    tracing::debug!(pid, %error, "cannot kill the exec'd command");
+                }
+                killed = true;
+            }
+            let wait = if killed { deadline.saturating_duration_since(tokio::time::Instant::now()) } else { EXEC_PID_POLL };
+            if let Ok(status) = tokio::time::timeout(wait, self.child.wait()).await {
+                return status.ok().and_then(|s| s.code()).unwrap_or(-1);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+        }
+        tracing::warn!("runc exec did not end with its command: killing it");
+        let _ = self.child.start_kill();
+        match tokio::time::timeout(EXEC_KILL_GRACE, self.child.wait()).await {
+            Ok(Ok(status)) => status.code().unwrap_or(-1),
+            _ => -1,
+        }
+    }
+
+    fn command_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(&self.pid_file).ok()?.trim().parse().ok().filter(|pid| *pid > 0)
+    }
+}
+
+impl Drop for ExecProcess {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.pid_file);
     }
 }
 

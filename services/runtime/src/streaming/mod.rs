@@ -85,11 +85,10 @@ impl StreamingServer {
         let record = self.running_container(&request.container_id)?;
         let session = ExecSession {
             runtime: record.oci_runtime.clone().into(),
-            runtime_root: self.runtime.oci.runc_root(),
             container_id: record.id,
             cmd: request.cmd,
             options,
-            pid_dir: self.runtime.oci.exits_dir(),
+            oci: self.runtime.oci.clone(),
         };
         self.url(Session::Exec(session)).await
     }
