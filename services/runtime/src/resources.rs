@@ -8,10 +8,6 @@ use crate::error::RuntimeError;
 
 use crate::spec::built;
 
-fn invalid(message: String) -> RuntimeError {
-    RuntimeError::InvalidArgument(message)
-}
-
 /// A cpuset list as the kernel takes it: "0-3,7".
 fn validate_cpuset(field: &str, value: &str) -> Result<(), RuntimeError> {
     let well_formed = value.split(',').all(|part| {
@@ -23,7 +19,7 @@ fn validate_cpuset(field: &str, value: &str) -> Result<(), RuntimeError> {
             _ => false,
         }
     });
-    if well_formed { Ok(()) } else { Err(invalid(format!("{field} {value:?} is not a CPU or memory node list like \"0-3,7\""))) }
+    if well_formed { Ok(()) } else { Err(RuntimeError::InvalidArgument(format!("{field} {value:?} is not a CPU or memory node list like \"0-3,7\""))) }
 }
 
 /// Checks what the kernel would refuse, so the caller gets InvalidArgument and a
@@ -37,17 +33,17 @@ pub fn validate(resources: &LinuxContainerResources) -> Result<(), RuntimeError>
         ("memory_swap_limit_in_bytes", resources.memory_swap_limit_in_bytes),
     ] {
         if value < 0 {
-            return Err(invalid(format!("resources.{field} is {value}; it cannot be negative")));
+            return Err(RuntimeError::InvalidArgument(format!("resources.{field} is {value}; it cannot be negative")));
         }
     }
     if resources.cpu_period > 0 && !(1000..=1_000_000).contains(&resources.cpu_period) {
-        return Err(invalid(format!("resources.cpu_period is {}; the kernel takes 1000 to 1000000 µs", resources.cpu_period)));
+        return Err(RuntimeError::InvalidArgument(format!("resources.cpu_period is {}; the kernel takes 1000 to 1000000 µs", resources.cpu_period)));
     }
     if resources.cpu_quota > 0 && resources.cpu_quota < 1000 {
-        return Err(invalid(format!("resources.cpu_quota is {}; the kernel takes at least 1000 µs", resources.cpu_quota)));
+        return Err(RuntimeError::InvalidArgument(format!("resources.cpu_quota is {}; the kernel takes at least 1000 µs", resources.cpu_quota)));
     }
     if resources.memory_swap_limit_in_bytes > 0 && resources.memory_limit_in_bytes > 0 && resources.memory_swap_limit_in_bytes < resources.memory_limit_in_bytes {
-        return Err(invalid(format!(
+        return Err(RuntimeError::InvalidArgument(format!(
             "resources.memory_swap_limit_in_bytes ({}) is below memory_limit_in_bytes ({}); it counts memory and swap together",
             resources.memory_swap_limit_in_bytes, resources.memory_limit_in_bytes
         )));
@@ -62,7 +58,7 @@ pub fn validate(resources: &LinuxContainerResources) -> Result<(), RuntimeError>
         let size = hugepage.page_size.trim_end_matches('B');
         let digits = size.trim_end_matches(['K', 'M', 'G']);
         if digits.is_empty() || digits.parse::<u64>().is_err() || size.len() == digits.len() {
-            return Err(invalid(format!("resources.hugepage_limits page size {:?} is not like \"2MB\" or \"1GB\"", hugepage.page_size)));
+            return Err(RuntimeError::InvalidArgument(format!("resources.hugepage_limits page size {:?} is not like \"2MB\" or \"1GB\"", hugepage.page_size)));
         }
     }
     Ok(())

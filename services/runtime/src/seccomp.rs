@@ -84,23 +84,19 @@ pub struct Target<'a> {
     pub kernel: (u32, u32),
 }
 
-fn invalid(message: String) -> RuntimeError {
-    RuntimeError::InvalidArgument(message)
-}
-
 fn from_profile(profile: &SecurityProfile, field: &str) -> Result<Selected, RuntimeError> {
     match ProfileType::try_from(profile.profile_type) {
         Ok(ProfileType::RuntimeDefault) => Ok(Selected::RuntimeDefault),
         Ok(ProfileType::Unconfined) => Ok(Selected::Unconfined),
         Ok(ProfileType::Localhost) => localhost(&profile.localhost_ref, field),
-        Err(_) => Err(invalid(format!("{field}: unknown profile type {}", profile.profile_type))),
+        Err(_) => Err(RuntimeError::InvalidArgument(format!("{field}: unknown profile type {}", profile.profile_type))),
     }
 }
 
 fn localhost(path: &str, field: &str) -> Result<Selected, RuntimeError> {
     let path = Path::new(path);
     if !path.is_absolute() {
-        return Err(invalid(format!("{field}: the Localhost seccomp profile `{}` must be an absolute path", path.display())));
+        return Err(RuntimeError::InvalidArgument(format!("{field}: the Localhost seccomp profile `{}` must be an absolute path", path.display())));
     }
     Ok(Selected::Localhost(path.to_path_buf()))
 }
@@ -120,17 +116,17 @@ pub fn select(security: Option<&LinuxContainerSecurityContext>) -> Result<Select
         "runtime/default" | "docker/default" => Ok(Selected::RuntimeDefault),
         other => match other.strip_prefix("localhost/") {
             Some(path) => localhost(path, "seccomp_profile_path"),
-            None => Err(invalid(format!("seccomp_profile_path `{other}`: expected runtime/default, docker/default, unconfined or localhost/<path>"))),
+            None => Err(RuntimeError::InvalidArgument(format!("seccomp_profile_path `{other}`: expected runtime/default, docker/default, unconfined or localhost/<path>"))),
         },
     }
 }
 
 /// Reads a Localhost profile; one that is missing or malformed is refused with its path.
 pub fn read(path: &Path) -> Result<Profile, RuntimeError> {
-    let text = std::fs::read(path).map_err(|e| invalid(format!("cannot read the seccomp profile {}: {e}", path.display())))?;
-    let profile: Profile = serde_json::from_slice(&text).map_err(|e| invalid(format!("the seccomp profile {} is not valid JSON of a seccomp profile: {e}", path.display())))?;
+    let text = std::fs::read(path).map_err(|e| RuntimeError::InvalidArgument(format!("cannot read the seccomp profile {}: {e}", path.display())))?;
+    let profile: Profile = serde_json::from_slice(&text).map_err(|e| RuntimeError::InvalidArgument(format!("the seccomp profile {} is not valid JSON of a seccomp profile: {e}", path.display())))?;
     if profile.default_action.is_empty() {
-        return Err(invalid(format!("the seccomp profile {} has no defaultAction", path.display())));
+        return Err(RuntimeError::InvalidArgument(format!("the seccomp profile {} has no defaultAction", path.display())));
     }
     Ok(profile)
 }
@@ -138,7 +134,7 @@ pub fn read(path: &Path) -> Result<Profile, RuntimeError> {
 /// A name from a profile as one of the OCI spec's enumerations (they spell them
 /// as the profile does: `SCMP_ACT_ERRNO`, `SCMP_ARCH_X86_64`, `SCMP_CMP_EQ`...).
 fn named<T: serde::de::DeserializeOwned>(value: &str, what: &str) -> Result<T, RuntimeError> {
-    serde_json::from_value(serde_json::Value::String(value.to_string())).map_err(|_| invalid(format!("unknown seccomp {what} `{value}`")))
+    serde_json::from_value(serde_json::Value::String(value.to_string())).map_err(|_| RuntimeError::InvalidArgument(format!("unknown seccomp {what} `{value}`")))
 }
 
 /// The seccomp architecture of this machine, as profiles name it.
@@ -172,7 +168,7 @@ impl Filter {
         let has_caps = self.caps.iter().all(|c| crate::capabilities::parse(c).is_ok_and(|c| target.capabilities.contains(&c)));
         let arch = self.arches.is_empty() || self.arches.iter().any(|a| a == target.arch);
         let kernel = match &self.min_kernel {
-            Some(minimum) => target.kernel >= parse_version(minimum).ok_or_else(|| invalid(format!("seccomp minKernel `{minimum}` is not major.minor")))?,
+            Some(minimum) => target.kernel >= parse_version(minimum).ok_or_else(|| RuntimeError::InvalidArgument(format!("seccomp minKernel `{minimum}` is not major.minor")))?,
             None => true,
         };
         Ok(has_caps && arch && kernel)
@@ -205,7 +201,7 @@ impl Profile {
             }
             let names: Vec<String> = rule.name.iter().chain(&rule.names).cloned().collect();
             if names.is_empty() {
-                return Err(invalid(format!("a seccomp rule with action {} names no syscall", rule.action)));
+                return Err(RuntimeError::InvalidArgument(format!("a seccomp rule with action {} names no syscall", rule.action)));
             }
             let args = rule
                 .args
@@ -251,7 +247,7 @@ pub fn for_container(security: Option<&LinuxContainerSecurityContext>, privilege
     match select(security)? {
         Selected::Unconfined => Ok(None),
         Selected::RuntimeDefault => crate::seccomp_default::profile().to_oci(&target).map(Some),
-        Selected::Localhost(path) => read(&path)?.to_oci(&target).map(Some).map_err(|e| invalid(format!("the seccomp profile {}: {e}", path.display()))),
+        Selected::Localhost(path) => read(&path)?.to_oci(&target).map(Some).map_err(|e| RuntimeError::InvalidArgument(format!("the seccomp profile {}: {e}", path.display()))),
     }
 }
 

@@ -59,10 +59,6 @@ pub fn cgroups_path(parent: &str, container_id: &str) -> String {
     format!("{parent}/{container_id}")
 }
 
-fn invalid(message: String) -> RuntimeError {
-    RuntimeError::InvalidArgument(message)
-}
-
 pub(crate) fn built<T, E: std::fmt::Display>(result: Result<T, E>, what: &str) -> Result<T, RuntimeError> {
     result.map_err(|e| RuntimeError::Oci(format!("cannot build the OCI {what}: {e}")))
 }
@@ -79,7 +75,7 @@ pub fn command(container: &ContainerConfig, image: &ImageConfig) -> Result<Vec<S
     };
     let command: Vec<String> = entrypoint.into_iter().chain(args).collect();
     if command.is_empty() {
-        return Err(invalid("the container has no command: neither the request nor the image names one".into()));
+        return Err(RuntimeError::InvalidArgument("the container has no command: neither the request nor the image names one".into()));
     }
     Ok(command)
 }
@@ -117,13 +113,13 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
     let container = input.container;
     let security = container.linux.as_ref().and_then(|l| l.security_context.as_ref());
     if security.is_some_and(|s| s.run_as_group.is_some() && s.run_as_user.is_none() && s.run_as_username.is_empty()) {
-        return Err(invalid("run_as_group needs run_as_user or run_as_username".into()));
+        return Err(RuntimeError::InvalidArgument("run_as_group needs run_as_user or run_as_username".into()));
     }
     let pod_security = input.sandbox.linux.as_ref().and_then(|l| l.security_context.as_ref());
     let namespaces = security.and_then(|s| s.namespace_options.clone()).or_else(|| pod_security.and_then(|s| s.namespace_options.clone())).unwrap_or_default();
     let privileged = security.is_some_and(|s| s.privileged);
     if privileged && !pod_security.is_some_and(|s| s.privileged) {
-        return Err(invalid("a privileged container needs a privileged pod sandbox (linux.security_context.privileged)".into()));
+        return Err(RuntimeError::InvalidArgument("a privileged container needs a privileged pod sandbox (linux.security_context.privileged)".into()));
     }
     let hostname = crate::sandbox::hostname_of(input.sandbox);
 

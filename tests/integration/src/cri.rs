@@ -2,6 +2,7 @@
 //! busybox image pulled, pod and container configs, create/start and ExecSync.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use k8s_cri::v1::*;
 
@@ -105,4 +106,22 @@ pub async fn exec(node: &Node, container: &str, cmd: &[&str]) -> Exec {
 /// `sh -c script` in a container.
 pub async fn shell(node: &Node, container: &str, script: &str) -> Exec {
     exec(node, container, &["/bin/sh", "-c", script]).await
+}
+
+pub async fn container_status(node: &Node, id: &str) -> ContainerStatus {
+    let request = ContainerStatusRequest { container_id: id.into(), verbose: false };
+    node.runtime().container_status(request).await.expect("ContainerStatus").into_inner().status.expect("status")
+}
+
+/// The container's status once it has exited, which it must within `within`.
+pub async fn wait_exited(node: &Node, id: &str, within: Duration) -> ContainerStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        let status = container_status(node, id).await;
+        if status.state == ContainerState::ContainerExited as i32 {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "container {id} did not exit: {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

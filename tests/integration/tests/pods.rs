@@ -58,32 +58,23 @@ async fn run_pod(node: &Node, config: PodSandboxConfig) -> Pod {
     Pod { id, config }
 }
 
+async fn create(node: &Node, pod: &Pod, config: ContainerConfig) -> String {
+    let request = CreateContainerRequest { pod_sandbox_id: pod.id.clone(), config: Some(config), sandbox_config: Some(pod.config.clone()) };
+    node.runtime().create_container(request).await.expect("CreateContainer").into_inner().container_id
+}
+
 async fn start(node: &Node, pod: &Pod, config: ContainerConfig) -> String {
-    let mut runtime = node.runtime();
-    let id = runtime
-        .create_container(CreateContainerRequest { pod_sandbox_id: pod.id.clone(), config: Some(config), sandbox_config: Some(pod.config.clone()) })
-        .await
-        .expect("CreateContainer")
-        .into_inner()
-        .container_id;
-    runtime.start_container(StartContainerRequest { container_id: id.clone() }).await.expect("StartContainer");
+    let id = create(node, pod, config).await;
+    node.runtime().start_container(StartContainerRequest { container_id: id.clone() }).await.expect("StartContainer");
     id
 }
 
 async fn status(node: &Node, id: &str) -> ContainerStatus {
-    node.runtime().container_status(ContainerStatusRequest { container_id: id.into(), verbose: false }).await.expect("ContainerStatus").into_inner().status.expect("status")
+    trellis_integration::cri::container_status(node, id).await
 }
 
 async fn wait_exited(node: &Node, id: &str) -> ContainerStatus {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = status(node, id).await;
-        if status.state == ContainerState::ContainerExited as i32 {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "container {id} did not exit: {status:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    trellis_integration::cri::wait_exited(node, id, Duration::from_secs(20)).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -484,13 +475,7 @@ async fn starting_a_container_whose_process_died_fails_promptly() {
     let logs = dir.path().join("logs");
     let pod = run_pod(&node, pod_config("dead-init", logs.to_str().expect("utf-8"), true)).await;
     let mut runtime = node.runtime();
-    let config = container_config("dead", &image, &["sleep", "60"]);
-    let id = runtime
-        .create_container(CreateContainerRequest { pod_sandbox_id: pod.id.clone(), config: Some(config), sandbox_config: Some(pod.config.clone()) })
-        .await
-        .expect("CreateContainer")
-        .into_inner()
-        .container_id;
+    let id = create(&node, &pod, container_config("dead", &image, &["sleep", "60"])).await;
     let state = std::process::Command::new("runc").arg("--root").arg(node.root().join("run/runtime/runc")).args(["state", &id]).output().expect("runc state");
     let state: serde_json::Value = serde_json::from_slice(&state.stdout).expect("runc state JSON");
     let pid = state["pid"].as_u64().expect("pid") as u32;

@@ -1,11 +1,11 @@
 //! Container resources through the CRI socket: limits at creation, UpdateContainerResources
 //! on a running container, and a container killed for exceeding its memory limit.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_cri::v1::*;
 use tonic::Code;
-use trellis_integration::cri::{BusyboxNode, create, host_network_pod, remove_pods, run_pod, shell, start};
+use trellis_integration::cri::{BusyboxNode, container_status, create, host_network_pod, remove_pods, run_pod, shell, start, wait_exited};
 
 const MIB: i64 = 1024 * 1024;
 
@@ -15,11 +15,6 @@ fn limited(mut config: ContainerConfig, memory: i64) -> ContainerConfig {
         ..Default::default()
     });
     config
-}
-
-async fn status(node: &trellis_integration::Node, id: &str) -> ContainerStatus {
-    let request = ContainerStatusRequest { container_id: id.into(), verbose: false };
-    node.runtime().container_status(request).await.expect("ContainerStatus").into_inner().status.expect("status")
 }
 
 /// The memory limit as the container itself sees it in its cgroup (v1 or v2).
@@ -42,7 +37,7 @@ async fn limits_apply_at_creation_and_change_while_running() {
     let resized = LinuxContainerResources { memory_limit_in_bytes: 96 * MIB, cpu_period: 100_000, cpu_quota: 150_000, cpu_shares: 256, ..Default::default() };
     runtime.update_container_resources(UpdateContainerResourcesRequest { container_id: id.clone(), linux: Some(resized), ..Default::default() }).await.expect("UpdateContainerResources");
     assert_eq!(memory_limit_inside(node, &id).await, 96 * MIB);
-    let reported = status(node, &id).await.resources.and_then(|r| r.linux).expect("ContainerStatus reports resources");
+    let reported = container_status(node, &id).await.resources.and_then(|r| r.linux).expect("ContainerStatus reports resources");
     assert_eq!((reported.memory_limit_in_bytes, reported.cpu_quota, reported.cpu_shares), (96 * MIB, 150_000, 256));
 
     let negative = LinuxContainerResources { memory_limit_in_bytes: -5, ..Default::default() };
@@ -69,15 +64,7 @@ async fn a_container_over_its_memory_limit_is_reported_oom_killed() {
     let hog = busybox.container("hog", &["dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1"]);
     let id = create(node, &pod, limited(hog, 32 * MIB)).await.expect("CreateContainer");
     node.runtime().start_container(StartContainerRequest { container_id: id.clone() }).await.expect("StartContainer");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let exited = loop {
-        let status = status(node, &id).await;
-        if status.state == ContainerState::ContainerExited as i32 {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the hog never exited: {status:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let exited = wait_exited(node, &id, Duration::from_secs(30)).await;
     assert_eq!(exited.reason, "OOMKilled", "{exited:?}");
     assert_eq!(exited.exit_code, 137, "{exited:?}");
     remove_pods(node, &[&pod]).await;
