@@ -6,6 +6,7 @@ pub mod authority;
 pub mod bus;
 pub mod clock;
 pub mod config;
+pub mod dirs;
 pub mod error;
 pub mod grpc;
 pub mod metrics;
@@ -14,6 +15,7 @@ pub mod reference;
 pub mod service;
 pub mod store;
 pub mod telemetry;
+pub mod text;
 pub mod transport;
 
 pub use config::{Config, ConfigSource, ServiceKind};

@@ -101,6 +101,9 @@ where
     let mut socket = OwnedSocket::bind(&endpoint.socket, endpoint.socket_mode)?;
 
     let store: Option<Arc<dyn Store>> = if kind.is_stateful() {
+        // The state directory holds image layers and container files: root only.
+        crate::dirs::ensure_private_dir(&config.node.state_dir)
+            .map_err(|source| CommonError::Io { what: format!("cannot make the state directory {} private (0700)", config.node.state_dir.display()), source })?;
         let path = config.state_dir(kind).join("db");
         Some(Arc::new(SledStore::open(&path)?))
     } else {

@@ -1,25 +1,41 @@
 //! Unpacking one layer's tar stream into a fresh directory, safely.
 //!
-//! Nothing an entry says can make us write outside `dest`: paths with `..` or a
-//! leading `/` are refused, as are hard links whose target is absolute or escapes,
-//! and an entry whose parent (inside the layer) is a symlink, since writing there
-//! would follow it. Symlinks themselves are created as they are and never followed.
-//! OCI whiteouts become overlayfs whiteouts: `.wh.<name>` a 0:0 character device,
-//! `.wh..wh..opq` the `trusted.overlay.opaque` attribute on its directory.
+//! A layer is hostile input. Every call here is made relative to a directory
+//! descriptor reached from the layer's root one plain name at a time, with
+//! `O_NOFOLLOW` (or `openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), and
+//! every metadata change (owner, mode, times, xattrs) acts on the entry itself,
+//! through a descriptor of it or with `AT_SYMLINK_NOFOLLOW`. So nothing an entry
+//! says, in whatever order entries come, can touch a file outside the layer or go
+//! through a symlink: not while writing, and not when directory modes are applied
+//! at the end (a directory that a later entry replaced by a symlink is skipped).
+//!
+//! Paths with `..` or a leading `/` are refused, as are hard links whose source is
+//! outside the layer. OCI whiteouts become overlayfs whiteouts: `.wh.<name>` a 0:0
+//! character device, `.wh..wh..opq` the `trusted.overlay.opaque` attribute on its
+//! directory. `trusted.*` attributes of the layer itself are dropped: overlayfs reads
+//! its own instructions there (`redirect`, `opaque`, `metacopy`), and an image must
+//! not give it any.
 
-use std::fs::OpenOptions;
+use std::collections::BTreeMap;
 use std::io::{self, Read};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Component, Path, PathBuf};
 
-use nix::sys::stat::{Mode, SFlag, mknod};
-use nix::sys::time::TimeSpec;
-use nix::unistd::{Gid, Uid};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps, XattrFlags};
+use trellis_common::text::excerpt;
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 const XATTR_PAX_PREFIX: &str = "SCHILY.xattr.";
+/// Attributes of this namespace are the kernel's and overlayfs's, never an image's.
+const PRIVILEGED_XATTR_PREFIX: &str = "trusted.";
+/// The longest entry path taken (Linux's PATH_MAX): it also bounds the tree's depth.
+const MAX_PATH_BYTES: usize = 4096;
+
+const DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::NOFOLLOW).union(OFlags::CLOEXEC);
+const BENEATH: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS).union(ResolveFlags::NO_XDEV);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExtractError {
@@ -31,24 +47,47 @@ pub enum ExtractError {
         #[source]
         source: io::Error,
     },
+    /// The stream is not tar, or a header field is garbage; the message quotes at most
+    /// an excerpt of it.
     #[error("layer is not a readable tar stream: {0}")]
-    Tar(#[source] io::Error),
+    Tar(String),
+}
+
+impl ExtractError {
+    /// The I/O error underneath, for callers that tell a full disk from bad content.
+    pub fn io_source(&self) -> Option<&io::Error> {
+        match self {
+            Self::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+fn shown(entry: &Path) -> String {
+    excerpt(&entry.display().to_string())
 }
 
 fn refused(entry: &Path, reason: impl Into<String>) -> ExtractError {
-    ExtractError::Refused { entry: entry.display().to_string(), reason: reason.into() }
+    ExtractError::Refused { entry: shown(entry), reason: reason.into() }
 }
 
 fn io_error(entry: &Path) -> impl Fn(io::Error) -> ExtractError + '_ {
-    move |source| ExtractError::Io { entry: entry.display().to_string(), source }
+    move |source| ExtractError::Io { entry: shown(entry), source }
 }
 
-fn nix_error(entry: &Path) -> impl Fn(nix::Error) -> ExtractError + '_ {
-    move |errno| ExtractError::Io { entry: entry.display().to_string(), source: io::Error::from(errno) }
+fn errno_error(entry: &Path) -> impl Fn(rustix::io::Errno) -> ExtractError + '_ {
+    move |errno| ExtractError::Io { entry: shown(entry), source: io::Error::from(errno) }
+}
+
+fn tar_error(error: io::Error) -> ExtractError {
+    ExtractError::Tar(excerpt(&error.to_string()))
 }
 
 /// The entry's path as a relative path of normal components, or a refusal.
 fn sanitize(raw: &Path) -> Result<PathBuf, ExtractError> {
+    if raw.as_os_str().len() > MAX_PATH_BYTES {
+        return Err(refused(raw, format!("path longer than {MAX_PATH_BYTES} bytes")));
+    }
     // `/` alone (umoci writes it) names the layer's root, which is not an escape.
     if raw.components().all(|c| matches!(c, Component::RootDir | Component::CurDir)) {
         return Ok(PathBuf::new());
@@ -65,54 +104,206 @@ fn sanitize(raw: &Path) -> Result<PathBuf, ExtractError> {
     Ok(clean)
 }
 
-/// Makes sure every ancestor of `relative` inside `dest` is a real directory,
-/// creating missing ones, and refusing to go through a symlink or a file.
-fn prepare_parents(dest: &Path, relative: &Path, entry: &Path) -> Result<(), ExtractError> {
-    let mut current = dest.to_path_buf();
-    let Some(parent) = relative.parent() else { return Ok(()) };
-    for component in parent.components() {
-        current.push(component);
-        match std::fs::symlink_metadata(&current) {
-            Ok(meta) if meta.is_dir() => {}
-            Ok(meta) if meta.file_type().is_symlink() => {
-                let inside = current.strip_prefix(dest).unwrap_or(&current);
-                return Err(refused(entry, format!("writes through the symlink `{}`", inside.display())));
-            }
-            Ok(_) => return Err(refused(entry, "a parent is not a directory")),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::create_dir(&current).map_err(io_error(entry))?,
-            Err(e) => return Err(io_error(entry)(e)),
+/// A directory or a plain name inside it: `relative` split into parent and name.
+fn split(relative: &Path) -> (&Path, &std::ffi::OsStr) {
+    (relative.parent().unwrap_or(Path::new("")), relative.file_name().unwrap_or_default())
+}
+
+/// Opens `name` (one plain component) in `dir` as a directory, never through a symlink.
+fn open_child_dir(dir: BorrowedFd<'_>, name: &std::ffi::OsStr) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::openat(dir, name, DIR_FLAGS, Mode::empty())
+}
+
+/// The layer being written: its root, and the directory the last entry went into
+/// (entries come grouped by directory, so most need no walk).
+struct Layer {
+    root: OwnedFd,
+    last_parent: Option<(PathBuf, OwnedFd)>,
+}
+
+impl Layer {
+    fn open(dest: &Path) -> Result<Self, ExtractError> {
+        let root = rustix::fs::open(dest, DIR_FLAGS, Mode::empty()).map_err(errno_error(dest))?;
+        Ok(Self { root, last_parent: None })
+    }
+
+    /// The directory `relative` inside the layer, made (0755) where missing; refused
+    /// when a component is a symlink or not a directory.
+    fn dir(&mut self, relative: &Path, entry: &Path) -> Result<BorrowedFd<'_>, ExtractError> {
+        let cached = self.last_parent.as_ref().is_some_and(|(path, _)| path == relative);
+        if !cached {
+            let fd = self.walk(relative, entry)?;
+            self.last_parent = Some((relative.to_path_buf(), fd));
+        }
+        match &self.last_parent {
+            Some((_, fd)) => Ok(fd.as_fd()),
+            None => Err(refused(entry, "internal: no parent directory")),
         }
     }
-    Ok(())
-}
 
-/// Removes whatever an earlier entry left at `target` (a later entry wins), except a
-/// directory that the new entry keeps as a directory.
-fn clear(target: &Path, keep_dir: bool, entry: &Path) -> Result<(), ExtractError> {
-    match std::fs::symlink_metadata(target) {
-        Ok(meta) if meta.is_dir() && keep_dir => Ok(()),
-        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(target).map_err(io_error(entry)),
-        Ok(_) => std::fs::remove_file(target).map_err(io_error(entry)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_error(entry)(e)),
+    fn walk(&self, relative: &Path, entry: &Path) -> Result<OwnedFd, ExtractError> {
+        if relative.as_os_str().is_empty() {
+            return rustix::io::dup(&self.root).map_err(errno_error(entry));
+        }
+        // One call when the whole path is already there, as it usually is.
+        if let Ok(fd) = rustix::fs::openat2(&self.root, relative, DIR_FLAGS, Mode::empty(), BENEATH) {
+            return Ok(fd);
+        }
+        let mut current = rustix::io::dup(&self.root).map_err(errno_error(entry))?;
+        let mut walked = PathBuf::new();
+        for component in relative.components() {
+            let name = component.as_os_str();
+            walked.push(name);
+            current = match open_child_dir(current.as_fd(), name) {
+                Ok(fd) => fd,
+                Err(rustix::io::Errno::NOENT) => {
+                    match rustix::fs::mkdirat(&current, name, Mode::from_raw_mode(0o755)) {
+                        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                        Err(errno) => return Err(errno_error(entry)(errno)),
+                    }
+                    open_child_dir(current.as_fd(), name).map_err(errno_error(entry))?
+                }
+                Err(errno) => {
+                    let kind = rustix::fs::statat(&current, name, AtFlags::SYMLINK_NOFOLLOW).map(|stat| FileType::from_raw_mode(stat.st_mode));
+                    return Err(match kind {
+                        Ok(FileType::Symlink) => refused(entry, format!("writes through the symlink `{}`", shown(&walked))),
+                        Ok(kind) if kind != FileType::Directory => refused(entry, format!("a parent, `{}`, is not a directory", shown(&walked))),
+                        _ => errno_error(entry)(errno),
+                    });
+                }
+            };
+        }
+        Ok(current)
+    }
+
+    /// An existing directory inside the layer, or none when something else (a later
+    /// entry's symlink or file) is there now.
+    fn existing_dir(&self, relative: &Path) -> Option<OwnedFd> {
+        if relative.as_os_str().is_empty() {
+            return rustix::io::dup(&self.root).ok();
+        }
+        rustix::fs::openat2(&self.root, relative, DIR_FLAGS, Mode::empty(), BENEATH).ok()
+    }
+
+    /// Forgets the cached directory: a removal may have taken it out of the tree.
+    fn forget_cached(&mut self) {
+        self.last_parent = None;
     }
 }
 
-struct DeferredDir {
-    path: PathBuf,
+/// Removes `name` in `dir` and, for a directory, everything under it, without
+/// following any symlink.
+fn remove_tree(dir: BorrowedFd<'_>, name: &std::ffi::OsStr) -> rustix::io::Result<()> {
+    let stat = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::Directory {
+        return rustix::fs::unlinkat(dir, name, AtFlags::empty());
+    }
+    let child = open_child_dir(dir, name)?;
+    let mut names = Vec::new();
+    for item in rustix::fs::Dir::read_from(&child)? {
+        let item = item?;
+        let item_name = item.file_name().to_bytes();
+        if item_name != b"." && item_name != b".." {
+            names.push(std::ffi::OsString::from_vec(item_name.to_vec()));
+        }
+    }
+    for item_name in names {
+        remove_tree(child.as_fd(), &item_name)?;
+    }
+    rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
+}
+
+/// Removes whatever an earlier entry left at `name` (a later entry wins), except a
+/// directory that the new entry keeps as a directory. Returns whether a directory
+/// was removed.
+fn clear(dir: BorrowedFd<'_>, name: &std::ffi::OsStr, keep_dir: bool, entry: &Path) -> Result<bool, ExtractError> {
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(stat) if FileType::from_raw_mode(stat.st_mode) == FileType::Directory => {
+            if keep_dir {
+                return Ok(false);
+            }
+            remove_tree(dir, name).map_err(errno_error(entry))?;
+            Ok(true)
+        }
+        Ok(_) => rustix::fs::unlinkat(dir, name, AtFlags::empty()).map(|()| false).map_err(errno_error(entry)),
+        Err(rustix::io::Errno::NOENT) => Ok(false),
+        Err(errno) => Err(errno_error(entry)(errno)),
+    }
+}
+
+/// What an entry became, held so that its metadata is set on it and nothing else.
+enum Written {
+    /// A regular file, open for writing.
+    File(OwnedFd),
+    /// A directory, open; its mode and time are applied at the end.
+    Dir(OwnedFd),
+    /// A device node or FIFO, held by an `O_PATH` descriptor (opening one for real
+    /// could block or have effects).
+    Special(OwnedFd),
+    /// A symlink, set through its parent with `AT_SYMLINK_NOFOLLOW`.
+    Symlink,
+}
+
+/// The mode, owner and time of an entry, from its header.
+struct Metadata {
     mode: u32,
+    uid: u32,
+    gid: u32,
     mtime: i64,
+}
+
+fn metadata(header: &tar::Header, entry: &Path) -> Result<Metadata, ExtractError> {
+    let id = |value: u64, what: &str| -> Result<u32, ExtractError> {
+        // -1 means "unchanged" to chown: no entry may ask for it.
+        u32::try_from(value).ok().filter(|id| *id != u32::MAX).ok_or_else(|| refused(entry, format!("{what} {value} is out of range")))
+    };
+    Ok(Metadata {
+        mode: header.mode().map_err(tar_error)? & 0o7777,
+        uid: id(header.uid().map_err(tar_error)?, "uid")?,
+        gid: id(header.gid().map_err(tar_error)?, "gid")?,
+        mtime: i64::try_from(header.mtime().map_err(tar_error)?).unwrap_or(i64::MAX),
+    })
+}
+
+fn timestamps(mtime: i64) -> Timestamps {
+    let time = Timespec { tv_sec: mtime, tv_nsec: 0 };
+    Timestamps { last_access: time, last_modification: time }
+}
+
+/// `/proc/self/fd/<n>`: a path that reaches exactly the inode an `O_PATH` descriptor
+/// holds (the kernel jumps to it; nothing is looked up by name).
+fn proc_path(fd: &OwnedFd) -> String {
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
+}
+
+/// Device numbers of a char or block device entry. GNU tar leaves the fields of
+/// other entries as NULs, which read as 0.
+fn device_numbers(header: &tar::Header, entry: &Path) -> Result<(u32, u32), ExtractError> {
+    let raw = header.as_bytes();
+    // ustar and GNU headers keep devmajor and devminor at the same offsets.
+    let field = |range: std::ops::Range<usize>, what: &str| -> Result<u32, ExtractError> {
+        let bytes = &raw[range];
+        let text: String = bytes.iter().take_while(|b| **b != 0).map(|b| char::from(*b)).collect();
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(0);
+        }
+        u32::from_str_radix(text, 8).map_err(|_| refused(entry, format!("{what} `{}` is not an octal number", excerpt(text))))
+    };
+    Ok((field(329..337, "device major")?, field(337..345, "device minor")?))
 }
 
 /// Unpacks the tar stream into `dest` (which must exist and be empty) and returns
 /// the bytes of file content written.
 pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<u64, ExtractError> {
     let mut archive = tar::Archive::new(reader);
+    let mut layer = Layer::open(dest)?;
     let mut written = 0u64;
     // Directory modes and times are applied last, so that a read-only directory does
-    // not stop its own entries from being written.
-    let mut directories = Vec::new();
-    for entry in archive.entries().map_err(ExtractError::Tar)? {
+    // not stop its own entries from being written, and creating entries does not
+    // change a directory's time after it was set. A later entry for the same path wins.
+    let mut directories: BTreeMap<PathBuf, (u32, i64)> = BTreeMap::new();
+    for entry in archive.entries().map_err(tar_error)? {
         let mut entry = match entry {
             Ok(entry) => entry,
             // Some image builders end the stream right after the last entry's data,
@@ -123,233 +314,203 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<u64, ExtractError> {
                 tracing::debug!("layer ends without its end-of-archive blocks");
                 break;
             }
-            Err(error) => return Err(ExtractError::Tar(error)),
+            Err(error) => return Err(tar_error(error)),
         };
-        let raw = entry.path().map_err(ExtractError::Tar)?.into_owned();
+        let raw = entry.path().map_err(tar_error)?.into_owned();
         let relative = sanitize(&raw)?;
         if relative.as_os_str().is_empty() {
             continue;
         }
-        prepare_parents(dest, &relative, &raw)?;
-        let target = dest.join(&relative);
-        let name = relative.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let (parent_path, name) = split(&relative);
+        let name = name.to_os_string();
+        let name_text = name.to_str().unwrap_or_default();
 
-        if name == OPAQUE_MARKER {
-            let dir = target.parent().unwrap_or(dest);
-            xattr::set(dir, OPAQUE_XATTR, b"y").map_err(io_error(&raw))?;
+        if name_text == OPAQUE_MARKER {
+            let dir = layer.dir(parent_path, &raw)?;
+            rustix::fs::fsetxattr(dir, OPAQUE_XATTR, b"y", XattrFlags::empty()).map_err(errno_error(&raw))?;
             continue;
         }
-        if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
-            if hidden.is_empty() || hidden == "." || hidden == ".." || hidden.contains('/') {
+        if let Some(hidden) = name_text.strip_prefix(WHITEOUT_PREFIX) {
+            if hidden.is_empty() || hidden == "." || hidden == ".." {
                 return Err(refused(&raw, "malformed whiteout"));
             }
-            let whiteout = target.with_file_name(hidden);
-            clear(&whiteout, false, &raw)?;
-            mknod(&whiteout, SFlag::S_IFCHR, Mode::empty(), 0).map_err(nix_error(&raw))?;
+            let dir = layer.dir(parent_path, &raw)?;
+            let removed_dir = clear(dir, hidden.as_ref(), false, &raw)?;
+            rustix::fs::mknodat(dir, hidden, FileType::CharacterDevice, Mode::empty(), 0).map_err(errno_error(&raw))?;
+            if removed_dir {
+                layer.forget_cached();
+            }
             continue;
         }
 
         let header = entry.header().clone();
         let kind = header.entry_type();
-        let mode = header.mode().map_err(ExtractError::Tar)? & 0o7777;
-        let mtime = header.mtime().map_err(ExtractError::Tar)? as i64;
-        match kind {
+        if matches!(kind, tar::EntryType::Link) {
+            link(&mut layer, &mut entry, parent_path, &name, &raw)?;
+            // A hard link shares the inode: ownership and mode are already set.
+            continue;
+        }
+        let meta = metadata(&header, &raw)?;
+        let dir = layer.dir(parent_path, &raw)?;
+        let keep_dir = matches!(kind, tar::EntryType::Directory);
+        let mut removed_dir = false;
+        let made = match kind {
             tar::EntryType::Directory => {
-                clear(&target, true, &raw)?;
-                if !target.is_dir() {
-                    std::fs::create_dir(&target).map_err(io_error(&raw))?;
+                clear(dir, &name, true, &raw)?;
+                match rustix::fs::mkdirat(dir, &name, Mode::from_raw_mode(0o700)) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    Err(errno) => return Err(errno_error(&raw)(errno)),
                 }
-                directories.push(DeferredDir { path: target.clone(), mode, mtime });
+                directories.insert(relative.clone(), (meta.mode, meta.mtime));
+                Written::Dir(open_child_dir(dir, &name).map_err(errno_error(&raw))?)
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                clear(&target, false, &raw)?;
-                let mut file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .custom_flags(nix::libc::O_NOFOLLOW)
-                    .mode(0o600)
-                    .open(&target)
-                    .map_err(io_error(&raw))?;
+                removed_dir = clear(dir, &name, keep_dir, &raw)?;
+                let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+                let fd = rustix::fs::openat(dir, &name, flags, Mode::from_raw_mode(0o600)).map_err(errno_error(&raw))?;
+                let mut file = std::fs::File::from(fd);
                 let copied = io::copy(&mut entry, &mut file).map_err(io_error(&raw))?;
-                if copied != header.size().map_err(ExtractError::Tar)? {
+                if copied != header.size().map_err(tar_error)? {
                     return Err(refused(&raw, "the layer ends inside this file's data"));
                 }
                 written += copied;
+                Written::File(OwnedFd::from(file))
             }
             tar::EntryType::Symlink => {
-                let link = entry.link_name().map_err(ExtractError::Tar)?.ok_or_else(|| refused(&raw, "symlink without a target"))?;
-                clear(&target, false, &raw)?;
-                std::os::unix::fs::symlink(&link, &target).map_err(io_error(&raw))?;
-            }
-            tar::EntryType::Link => {
-                let link = entry.link_name().map_err(ExtractError::Tar)?.ok_or_else(|| refused(&raw, "hard link without a target"))?;
-                if link.is_absolute() {
-                    return Err(refused(&raw, format!("hard link to the absolute path `{}`", link.display())));
-                }
-                let source_relative = sanitize(&link).map_err(|_| refused(&raw, format!("hard link to `{}` leaves the layer", link.display())))?;
-                prepare_parents(dest, &source_relative, &raw)?;
-                let source = dest.join(&source_relative);
-                match std::fs::symlink_metadata(&source) {
-                    Ok(meta) if meta.is_dir() => return Err(refused(&raw, "hard link to a directory")),
-                    Ok(_) => {}
-                    Err(_) => return Err(refused(&raw, format!("hard link to `{}`, which is not in this layer", link.display()))),
-                }
-                clear(&target, false, &raw)?;
-                std::fs::hard_link(&source, &target).map_err(io_error(&raw))?;
-                // A hard link shares the inode: ownership and mode are already set.
-                continue;
+                let target = entry.link_name().map_err(tar_error)?.ok_or_else(|| refused(&raw, "symlink without a target"))?;
+                removed_dir = clear(dir, &name, keep_dir, &raw)?;
+                rustix::fs::symlinkat(target.as_ref(), dir, &name).map_err(errno_error(&raw))?;
+                Written::Symlink
             }
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
-                let flag = match kind {
-                    tar::EntryType::Char => SFlag::S_IFCHR,
-                    tar::EntryType::Block => SFlag::S_IFBLK,
-                    _ => SFlag::S_IFIFO,
+                let (file_type, device) = match kind {
+                    tar::EntryType::Fifo => (FileType::Fifo, 0),
+                    other => {
+                        let (major, minor) = device_numbers(&header, &raw)?;
+                        let file_type = if other == tar::EntryType::Char { FileType::CharacterDevice } else { FileType::BlockDevice };
+                        (file_type, rustix::fs::makedev(major, minor))
+                    }
                 };
-                let major = u64::from(header.device_major().map_err(ExtractError::Tar)?.unwrap_or(0));
-                let minor = u64::from(header.device_minor().map_err(ExtractError::Tar)?.unwrap_or(0));
-                clear(&target, false, &raw)?;
-                mknod(&target, flag, Mode::from_bits_truncate(mode), nix::sys::stat::makedev(major, minor)).map_err(nix_error(&raw))?;
+                removed_dir = clear(dir, &name, keep_dir, &raw)?;
+                rustix::fs::mknodat(dir, &name, file_type, Mode::empty(), device).map_err(errno_error(&raw))?;
+                let fd = rustix::fs::openat(dir, &name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()).map_err(errno_error(&raw))?;
+                Written::Special(fd)
             }
             // PAX and GNU long-name headers are folded into entries by the tar crate;
             // anything else (sockets, sparse oddities) has no place in an image.
             other => {
-                tracing::debug!(entry = %raw.display(), ?other, "skipping tar entry of an unsupported type");
+                tracing::debug!(entry = %shown(&raw), ?other, "skipping tar entry of an unsupported type");
                 continue;
             }
-        }
-
-        let uid = header.uid().map_err(ExtractError::Tar)? as u32;
-        let gid = header.gid().map_err(ExtractError::Tar)? as u32;
-        nix::unistd::fchownat(nix::fcntl::AT_FDCWD, &target, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
-            .map_err(nix_error(&raw))?;
-        if let Some(extensions) = entry.pax_extensions().map_err(ExtractError::Tar)? {
-            for extension in extensions {
-                let extension = extension.map_err(ExtractError::Tar)?;
-                if let Ok(key) = extension.key()
-                    && let Some(name) = key.strip_prefix(XATTR_PAX_PREFIX)
-                {
-                    xattr::set(&target, name, extension.value_bytes()).map_err(io_error(&raw))?;
-                }
-            }
-        }
-        if kind != tar::EntryType::Symlink && kind != tar::EntryType::Directory {
-            // After chown, which clears set-id bits.
-            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode)).map_err(io_error(&raw))?;
-        }
-        if kind != tar::EntryType::Directory {
-            set_mtime(&target, mtime, &raw)?;
+        };
+        let xattrs = xattrs_of(&mut entry, &raw)?;
+        let dir = layer.dir(parent_path, &raw)?;
+        apply(dir, &name, &made, &meta, &xattrs, &raw)?;
+        if removed_dir {
+            layer.forget_cached();
         }
     }
-    for dir in directories.iter().rev() {
-        std::fs::set_permissions(&dir.path, std::fs::Permissions::from_mode(dir.mode)).map_err(io_error(&dir.path))?;
-        set_mtime(&dir.path, dir.mtime, &dir.path)?;
+    // Deepest first; a directory that a later entry replaced (by a symlink, say) is
+    // no longer reachable as a directory, and its mode belongs to nothing.
+    let mut deferred: Vec<(PathBuf, (u32, i64))> = directories.into_iter().collect();
+    deferred.sort_by_key(|(path, _)| std::cmp::Reverse(path.components().count()));
+    for (path, (mode, mtime)) in deferred {
+        let Some(fd) = layer.existing_dir(&path) else {
+            tracing::debug!(entry = %shown(&path), "a later entry replaced this directory; its mode is not applied");
+            continue;
+        };
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(errno_error(&path))?;
+        rustix::fs::futimens(&fd, &timestamps(mtime)).map_err(errno_error(&path))?;
     }
     Ok(written)
 }
 
-fn set_mtime(path: &Path, mtime: i64, entry: &Path) -> Result<(), ExtractError> {
-    let time = TimeSpec::new(mtime, 0);
-    nix::sys::stat::utimensat(nix::fcntl::AT_FDCWD, path, &time, &time, nix::sys::stat::UtimensatFlags::NoFollowSymlink).map_err(nix_error(entry))
+/// A hard link to an entry earlier in this layer (never to a directory).
+fn link<R: Read>(layer: &mut Layer, entry: &mut tar::Entry<'_, R>, parent: &Path, name: &std::ffi::OsStr, raw: &Path) -> Result<(), ExtractError> {
+    let source = entry.link_name().map_err(tar_error)?.ok_or_else(|| refused(raw, "hard link without a target"))?.into_owned();
+    if source.is_absolute() {
+        return Err(refused(raw, format!("hard link to the absolute path `{}`", shown(&source))));
+    }
+    let source_relative = sanitize(&source).map_err(|_| refused(raw, format!("hard link to `{}` leaves the layer", shown(&source))))?;
+    let not_here = || refused(raw, format!("hard link to `{}`, which is not in this layer", shown(&source)));
+    let (source_parent, source_name) = split(&source_relative);
+    let source_dir = layer.existing_dir(source_parent).ok_or_else(not_here)?;
+    match rustix::fs::statat(&source_dir, source_name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(stat) if FileType::from_raw_mode(stat.st_mode) == FileType::Directory => return Err(refused(raw, "hard link to a directory")),
+        Ok(_) => {}
+        Err(_) => return Err(not_here()),
+    }
+    let dir = layer.dir(parent, raw)?;
+    let removed_dir = clear(dir, name, false, raw)?;
+    // No AT_SYMLINK_FOLLOW: a link to a symlink links the symlink itself.
+    rustix::fs::linkat(&source_dir, source_name, dir, name, AtFlags::empty()).map_err(errno_error(raw))?;
+    if removed_dir {
+        layer.forget_cached();
+    }
+    Ok(())
+}
+
+/// The entry's extended attributes, without the privileged ones.
+fn xattrs_of<R: Read>(entry: &mut tar::Entry<'_, R>, raw: &Path) -> Result<Vec<(String, Vec<u8>)>, ExtractError> {
+    let mut xattrs = Vec::new();
+    let Some(extensions) = entry.pax_extensions().map_err(tar_error)? else { return Ok(xattrs) };
+    for extension in extensions {
+        let extension = extension.map_err(tar_error)?;
+        let Ok(key) = extension.key() else { continue };
+        let Some(name) = key.strip_prefix(XATTR_PAX_PREFIX) else { continue };
+        if name.starts_with(PRIVILEGED_XATTR_PREFIX) {
+            tracing::debug!(entry = %shown(raw), xattr = %excerpt(name), "dropping a trusted.* attribute from a layer");
+            continue;
+        }
+        xattrs.push((name.to_string(), extension.value_bytes().to_vec()));
+    }
+    Ok(xattrs)
+}
+
+/// Owner, attributes, mode and time, on the entry itself. Owner first: chown clears
+/// set-id bits, which the mode then sets. Directory modes and times wait for the end.
+fn apply(dir: BorrowedFd<'_>, name: &std::ffi::OsStr, made: &Written, meta: &Metadata, xattrs: &[(String, Vec<u8>)], raw: &Path) -> Result<(), ExtractError> {
+    let fail = errno_error(raw);
+    let (uid, gid) = (Some(rustix::fs::Uid::from_raw(meta.uid)), Some(rustix::fs::Gid::from_raw(meta.gid)));
+    match made {
+        Written::File(fd) | Written::Dir(fd) => {
+            rustix::fs::fchown(fd, uid, gid).map_err(&fail)?;
+            for (key, value) in xattrs {
+                set_xattr(rustix::fs::fsetxattr(fd, key.as_str(), value, XattrFlags::empty()), key, raw)?;
+            }
+            if matches!(made, Written::File(_)) {
+                rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode)).map_err(&fail)?;
+                rustix::fs::futimens(fd, &timestamps(meta.mtime)).map_err(&fail)?;
+            }
+        }
+        Written::Special(fd) => {
+            rustix::fs::chownat(fd, "", uid, gid, AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW).map_err(&fail)?;
+            // chmod and utimes have no descriptor form for O_PATH: the /proc link
+            // leads to this very node. Attributes on device nodes are not kept.
+            let path = proc_path(fd);
+            rustix::fs::chmodat(rustix::fs::CWD, path.as_str(), Mode::from_raw_mode(meta.mode), AtFlags::empty()).map_err(&fail)?;
+            rustix::fs::utimensat(rustix::fs::CWD, path.as_str(), &timestamps(meta.mtime), AtFlags::empty()).map_err(&fail)?;
+        }
+        Written::Symlink => {
+            rustix::fs::chownat(dir, name, uid, gid, AtFlags::SYMLINK_NOFOLLOW).map_err(&fail)?;
+            rustix::fs::utimensat(dir, name, &timestamps(meta.mtime), AtFlags::SYMLINK_NOFOLLOW).map_err(&fail)?;
+        }
+    }
+    Ok(())
+}
+
+/// A file system without extended attributes loses them with a warning; any other
+/// failure fails the layer.
+fn set_xattr(result: rustix::io::Result<()>, key: &str, raw: &Path) -> Result<(), ExtractError> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::NOTSUP) => {
+            tracing::warn!(entry = %shown(raw), xattr = %excerpt(key), "the layer store's file system keeps no such attribute; dropped");
+            Ok(())
+        }
+        Err(errno) => Err(errno_error(raw)(errno)),
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-
-    use super::*;
-
-    fn header(kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
-        let mut header = tar::Header::new_gnu();
-        header.set_entry_type(kind);
-        header.set_size(size);
-        header.set_mode(mode);
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_mtime(1_700_000_000);
-        header
-    }
-
-    /// Writes the raw name bytes, bypassing the tar crate's own path checks, so that
-    /// hostile archives can be built.
-    fn append_raw(builder: &mut tar::Builder<Vec<u8>>, mut header: tar::Header, name: &str, link: Option<&str>, data: &[u8]) {
-        let gnu = header.as_gnu_mut().expect("gnu header");
-        gnu.name[..name.len()].copy_from_slice(name.as_bytes());
-        if let Some(link) = link {
-            gnu.linkname[..link.len()].copy_from_slice(link.as_bytes());
-        }
-        header.set_cksum();
-        builder.append(&header, data).expect("append");
-    }
-
-    fn archive(entries: &[(&str, tar::EntryType, Option<&str>, &[u8])]) -> Vec<u8> {
-        let mut builder = tar::Builder::new(Vec::new());
-        for (name, kind, link, data) in entries {
-            let mode = if *kind == tar::EntryType::Directory { 0o755 } else { 0o644 };
-            append_raw(&mut builder, header(*kind, data.len() as u64, mode), name, *link, data);
-        }
-        builder.into_inner().expect("finish")
-    }
-
-    fn unpack_into(entries: &[(&str, tar::EntryType, Option<&str>, &[u8])]) -> (tempfile::TempDir, Result<u64, ExtractError>) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let dest = dir.path().join("layer");
-        std::fs::create_dir(&dest).expect("mkdir");
-        let result = unpack(archive(entries).as_slice(), &dest);
-        (dir, result)
-    }
-
-    #[test]
-    fn regular_layer_with_links_and_whiteouts() {
-        use tar::EntryType::*;
-        let (dir, result) = unpack_into(&[
-            ("/", Directory, None, b""),
-            ("etc/", Directory, None, b""),
-            ("etc/hostname", Regular, None, b"box\n"),
-            ("etc/alias", Link, Some("etc/hostname"), b""),
-            ("bin/sh", Symlink, Some("/bin/busybox"), b""),
-            ("var/.wh.cache", Regular, None, b""),
-            ("opt/.wh..wh..opq", Regular, None, b""),
-        ]);
-        assert_eq!(result.expect("unpacks"), 4);
-        let layer = dir.path().join("layer");
-        assert_eq!(std::fs::read_to_string(layer.join("etc/hostname")).expect("file"), "box\n");
-        assert_eq!(std::fs::metadata(layer.join("etc/alias")).expect("link").ino(), std::fs::metadata(layer.join("etc/hostname")).expect("file").ino());
-        assert_eq!(std::fs::read_link(layer.join("bin/sh")).expect("symlink"), PathBuf::from("/bin/busybox"));
-        let whiteout = std::fs::symlink_metadata(layer.join("var/cache")).expect("whiteout");
-        assert!(whiteout.file_type().is_char_device() && whiteout.rdev() == 0);
-        assert_eq!(xattr::get(layer.join("opt"), OPAQUE_XATTR).expect("xattr"), Some(b"y".to_vec()));
-        assert_eq!(std::fs::metadata(layer.join("etc")).expect("dir").mode() & 0o777, 0o755);
-    }
-
-    #[test]
-    fn a_stream_without_its_trailer_still_unpacks_but_a_cut_file_does_not() {
-        let full = archive(&[("a", tar::EntryType::Regular, None, b"12345"), ("b", tar::EntryType::Regular, None, b"678")]);
-        // Headers and data of both entries, no padding after b, no trailer.
-        let without_trailer = &full[..512 + 512 + 512 + 3];
-        let dir = tempfile::tempdir().expect("tempdir");
-        assert_eq!(unpack(without_trailer, dir.path()).expect("accepted"), 8);
-        assert_eq!(std::fs::read(dir.path().join("b")).expect("b"), b"678");
-        let cut_inside = &full[..512 + 512 + 512 + 2];
-        let dir = tempfile::tempdir().expect("tempdir");
-        assert!(unpack(cut_inside, dir.path()).is_err(), "a file cut short is an error");
-    }
-
-    #[test]
-    fn hostile_entries_are_refused_by_name() {
-        use tar::EntryType::*;
-        type Case<'a> = (&'a [(&'a str, tar::EntryType, Option<&'a str>, &'a [u8])], &'a str);
-        let cases: [Case; 5] = [
-            (&[("../escape", Regular, None, b"x")], "`..`"),
-            (&[("/etc/evil", Regular, None, b"x")], "absolute path"),
-            (&[("link", Symlink, Some("/etc"), b""), ("link/passwd", Regular, None, b"x")], "writes through the symlink `link`"),
-            (&[("passwd", Link, Some("/etc/passwd"), b"")], "hard link to the absolute path `/etc/passwd`"),
-            (&[("passwd", Link, Some("../../etc/passwd"), b"")], "leaves the layer"),
-        ];
-        for (entries, expected) in cases {
-            let (dir, result) = unpack_into(entries);
-            let message = result.expect_err("must be refused").to_string();
-            assert!(message.contains(expected), "{message} should say {expected}");
-            assert!(!dir.path().join("escape").exists() && !dir.path().join("etc").exists(), "nothing written outside");
-        }
-    }
-}
+mod tests;

@@ -132,6 +132,11 @@ impl LayerStore {
         Ok(record)
     }
 
+    /// Every recorded chain id.
+    pub fn chain_ids(&self) -> Result<Vec<String>, StorageError> {
+        Ok(self.records()?.into_iter().map(|r| r.chain_id).collect())
+    }
+
     fn records(&self) -> Result<Vec<LayerRecord>, StorageError> {
         self.table.scan()?.into_iter().map(|(_, raw)| LayerRecord::decode(raw.as_slice()).map_err(StorageError::from)).collect()
     }

@@ -128,6 +128,24 @@ impl Storage for StorageService {
         Ok(Response::new(ImportLayerResponse { chain_id: record.chain_id, unpacked_bytes: record.unpacked_bytes, already_present: false }))
     }
 
+    async fn prune_layers(&self, request: Request<PruneLayersRequest>) -> Result<Response<PruneLayersResponse>, Status> {
+        let named = request.into_inner().chain_ids;
+        let candidates = if named.is_empty() { self.layers.chain_ids()? } else { named };
+        let mut unused = Vec::new();
+        for chain in candidates {
+            if !self.images.chain_in_use(&chain)? && self.layers.get(&chain)?.is_some() {
+                unused.push(chain);
+            }
+        }
+        if !unused.is_empty() {
+            tracing::info!(layers = unused.len(), "removing layers no image uses (a pull that failed or was abandoned)");
+            let layers = self.layers.clone();
+            let chains = unused.clone();
+            tokio::task::spawn_blocking(move || layers.remove_chains(&chains)).await.map_err(blocking_failed)??;
+        }
+        Ok(Response::new(PruneLayersResponse { removed: unused }))
+    }
+
     async fn put_image(&self, request: Request<PutImageRequest>) -> Result<Response<PutImageResponse>, Status> {
         let image = request.into_inner().image.ok_or_else(|| Status::invalid_argument("PutImage needs an image"))?;
         for chain in &image.chain_ids {

@@ -1,0 +1,68 @@
+//! Directories that hold image or container content: reachable by root only.
+//!
+//! Image layers carry setuid binaries and device nodes, and containers plant files in
+//! their writable layers; a host user who can walk into those directories can run or
+//! open them. Every such tree hangs under a 0700 directory, as containers/storage
+//! does, set when the directory is made and again at every start (for nodes made
+//! before this rule).
+
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+
+/// The mode of a private directory.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+
+/// Creates `path` (and missing parents) and makes it 0700 and owned by this process's
+/// user. A symlink in its place is refused rather than followed.
+pub fn ensure_private_dir(path: &Path) -> io::Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(PRIVATE_DIR_MODE).create(path) {
+        Ok(()) => {}
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(error) => return Err(error),
+    }
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.is_dir() {
+        return Err(io::Error::other(format!("{} is not a directory (a symlink or file is in its place)", path.display())));
+    }
+    if meta.permissions().mode() & 0o7777 != PRIVATE_DIR_MODE {
+        // The path was just checked not to be a symlink, and its parents are ours.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(PRIVATE_DIR_MODE))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[test]
+    fn new_and_existing_directories_become_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fresh = dir.path().join("a/b/state");
+        ensure_private_dir(&fresh).expect("create");
+        assert_eq!(std::fs::metadata(&fresh).expect("meta").mode() & 0o7777, 0o700);
+        let old = dir.path().join("old");
+        std::fs::create_dir(&old).expect("mkdir");
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        ensure_private_dir(&old).expect("tighten");
+        assert_eq!(std::fs::metadata(&old).expect("meta").mode() & 0o7777, 0o700);
+    }
+
+    #[test]
+    fn a_symlink_in_place_is_refused_and_its_target_untouched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("target");
+        std::fs::create_dir(&target).expect("mkdir");
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        assert!(ensure_private_dir(&link).is_err());
+        assert_eq!(std::fs::metadata(&target).expect("meta").mode() & 0o7777, 0o755);
+    }
+}
