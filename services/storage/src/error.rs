@@ -23,6 +23,8 @@ pub enum StorageError {
     SizeMismatch { image: String, digest: String, expected: u64, actual: u64 },
     #[error("pulling {image}: layer {digest} unpacks to {actual}, the image config says {expected}")]
     DiffIdMismatch { image: String, digest: String, expected: String, actual: String },
+    #[error("pulling {image}: layer {digest} refused: {reason}")]
+    TooLarge { image: String, digest: String, reason: String },
     #[error("{0}")]
     Corrupt(String),
     #[error("{0}")]
@@ -44,12 +46,28 @@ impl StorageError {
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         Self::Io { what: what.into(), source }
     }
+
+    /// A full disk or quota: the caller may retry once space is freed.
+    fn is_out_of_space(&self) -> bool {
+        let source = match self {
+            Self::Io { source, .. } => Some(source),
+            Self::Extract(error) => error.io_source(),
+            _ => None,
+        };
+        source.is_some_and(|e| matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded))
+    }
 }
 
 impl From<StorageError> for Status {
     fn from(error: StorageError) -> Self {
         let message = error.to_string();
+        if error.is_out_of_space() {
+            return Status::resource_exhausted(message);
+        }
         match error {
+            StorageError::TooLarge { .. } => Status::resource_exhausted(message),
+            // An entry that would reach out of its layer: the image is unacceptable.
+            StorageError::Extract(ExtractError::Refused { .. }) => Status::invalid_argument(message),
             StorageError::InvalidArgument(_) => Status::invalid_argument(message),
             StorageError::NotFound(_) => Status::not_found(message),
             StorageError::InUse { .. } => Status::failed_precondition(message),

@@ -257,12 +257,23 @@ fn metadata(header: &tar::Header, entry: &Path) -> Result<Metadata, ExtractError
         // -1 means "unchanged" to chown: no entry may ask for it.
         u32::try_from(value).ok().filter(|id| *id != u32::MAX).ok_or_else(|| refused(entry, format!("{what} {value} is out of range")))
     };
+    let raw = header.as_bytes();
     Ok(Metadata {
-        mode: header.mode().map_err(tar_error)? & 0o7777,
-        uid: id(header.uid().map_err(tar_error)?, "uid")?,
-        gid: id(header.gid().map_err(tar_error)?, "gid")?,
-        mtime: i64::try_from(header.mtime().map_err(tar_error)?).unwrap_or(i64::MAX),
+        mode: lenient(header.mode().map(u64::from), &raw[100..108])? as u32 & 0o7777,
+        uid: id(lenient(header.uid(), &raw[108..116])?, "uid")?,
+        gid: id(lenient(header.gid(), &raw[116..124])?, "gid")?,
+        mtime: i64::try_from(lenient(header.mtime(), &raw[136..148])?).unwrap_or(i64::MAX),
     })
+}
+
+/// A numeric header field that some writers leave as NULs or spaces reads as 0, as
+/// Go's archive/tar (containerd) reads it.
+fn lenient(parsed: io::Result<u64>, field: &[u8]) -> Result<u64, ExtractError> {
+    match parsed {
+        Ok(value) => Ok(value),
+        Err(_) if field.iter().all(|b| *b == 0 || *b == b' ') => Ok(0),
+        Err(error) => Err(tar_error(error)),
+    }
 }
 
 fn timestamps(mtime: i64) -> Timestamps {
@@ -276,21 +287,13 @@ fn proc_path(fd: &OwnedFd) -> String {
     format!("/proc/self/fd/{}", fd.as_raw_fd())
 }
 
-/// Device numbers of a char or block device entry. GNU tar leaves the fields of
-/// other entries as NULs, which read as 0.
-fn device_numbers(header: &tar::Header, entry: &Path) -> Result<(u32, u32), ExtractError> {
+/// Device numbers of a char or block device entry (ustar and GNU headers keep them
+/// at the same offsets). GNU tar leaves the fields of other entries as NULs.
+fn device_numbers(header: &tar::Header) -> Result<(u32, u32), ExtractError> {
     let raw = header.as_bytes();
-    // ustar and GNU headers keep devmajor and devminor at the same offsets.
-    let field = |range: std::ops::Range<usize>, what: &str| -> Result<u32, ExtractError> {
-        let bytes = &raw[range];
-        let text: String = bytes.iter().take_while(|b| **b != 0).map(|b| char::from(*b)).collect();
-        let text = text.trim();
-        if text.is_empty() {
-            return Ok(0);
-        }
-        u32::from_str_radix(text, 8).map_err(|_| refused(entry, format!("{what} `{}` is not an octal number", excerpt(text))))
-    };
-    Ok((field(329..337, "device major")?, field(337..345, "device minor")?))
+    let major = lenient(header.device_major().map(|v| u64::from(v.unwrap_or(0))), &raw[329..337])?;
+    let minor = lenient(header.device_minor().map(|v| u64::from(v.unwrap_or(0))), &raw[337..345])?;
+    Ok((u32::try_from(major).unwrap_or(u32::MAX), u32::try_from(minor).unwrap_or(u32::MAX)))
 }
 
 /// Unpacks the tar stream into `dest` (which must exist and be empty) and returns
@@ -386,7 +389,7 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<u64, ExtractError> {
                 let (file_type, device) = match kind {
                     tar::EntryType::Fifo => (FileType::Fifo, 0),
                     other => {
-                        let (major, minor) = device_numbers(&header, &raw)?;
+                        let (major, minor) = device_numbers(&header)?;
                         let file_type = if other == tar::EntryType::Char { FileType::CharacterDevice } else { FileType::BlockDevice };
                         (file_type, rustix::fs::makedev(major, minor))
                     }

@@ -51,7 +51,9 @@ pub fn validate_container_id(id: &str) -> Result<(), StorageError> {
 
 impl RootfsStore {
     pub fn open(root: PathBuf, store: &dyn Store) -> Result<Self, StorageError> {
-        std::fs::create_dir_all(&root).map_err(|source| StorageError::io(format!("cannot create {}", root.display()), source))?;
+        // Writable layers hold what containers planted (setuid files among them): no
+        // host user may walk in.
+        trellis_common::dirs::ensure_private_dir(&root).map_err(|source| StorageError::io(format!("cannot make {} private (0700)", root.display()), source))?;
         let rootfs = Self { root, table: store.table(TABLE)?, write: Mutex::new(()) };
         rootfs.recover()?;
         Ok(rootfs)
@@ -126,9 +128,7 @@ impl RootfsStore {
         if is_mounted(&merged)? {
             return Ok(());
         }
-        let options = format!("lowerdir={},upperdir={},workdir={}", record.lower_dirs.join(":"), dir.join("upper").display(), dir.join("work").display());
-        nix::mount::mount(Some("overlay"), &merged, Some("overlay"), MsFlags::empty(), Some(options.as_str()))
-            .map_err(|source| StorageError::Mount { action: "mount the overlay at", target: merged.display().to_string(), source })
+        mount_overlay(&record.lower_dirs, &dir.join("upper"), &dir.join("work"), &merged)
     }
 
     /// Unmounts and removes a container's root filesystem; nothing there is fine.
@@ -172,6 +172,44 @@ impl RootfsStore {
         }
         Ok(())
     }
+}
+
+/// The kernel's limit on a mount's options: one page.
+const MOUNT_OPTIONS_MAX: usize = 4095;
+
+/// Mounts an overlay of `lower_dirs` (layer directories, top first, all in one layer
+/// store) at `merged`. The lower directories are named by their short links, relative
+/// to the layer store, so that many layers fit in the kernel's one page of options;
+/// the mount is made from a thread of its own whose working directory is the store
+/// (`unshare(CLONE_FS)` gives the thread a working directory of its own).
+fn mount_overlay(lower_dirs: &[String], upper: &Path, work: &Path, merged: &Path) -> Result<(), StorageError> {
+    let mount_error = |source| StorageError::Mount { action: "mount the overlay at", target: merged.display().to_string(), source };
+    let store = lower_dirs.first().and_then(|dir| Path::new(dir).parent()).ok_or_else(|| StorageError::InvalidArgument("an image needs at least one layer".into()))?;
+    let mut lowers = Vec::with_capacity(lower_dirs.len());
+    for dir in lower_dirs {
+        let dir = Path::new(dir);
+        let hex = dir.file_name().and_then(|name| name.to_str()).filter(|_| dir.parent() == Some(store));
+        let hex = hex.ok_or_else(|| StorageError::Corrupt(format!("lower directory {} is not in the layer store {}", dir.display(), store.display())))?;
+        lowers.push(crate::links::ensure(store, hex).map_err(|source| StorageError::io(format!("cannot make the short link of layer {hex}"), source))?);
+    }
+    let options = format!("lowerdir={},upperdir={},workdir={}", lowers.join(":"), upper.display(), work.display());
+    if options.len() > MOUNT_OPTIONS_MAX {
+        return Err(StorageError::InvalidArgument(format!(
+            "an image of {} layers does not fit in one overlay mount: its options take {} bytes, the kernel takes {MOUNT_OPTIONS_MAX}",
+            lower_dirs.len(),
+            options.len()
+        )));
+    }
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS).map_err(mount_error)?;
+                nix::unistd::chdir(store).map_err(mount_error)?;
+                nix::mount::mount(Some("overlay"), merged, Some("overlay"), MsFlags::empty(), Some(options.as_str())).map_err(mount_error)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(StorageError::io(format!("cannot mount the overlay at {}", merged.display()), std::io::Error::other("the mounting thread panicked"))))
+    })
 }
 
 /// Whether `path` is a mount point.

@@ -32,10 +32,12 @@ fn storage(node: &Node) -> StorageClient<tonic::transport::Channel> {
     StorageClient::new(unix_channel(&node.socket("storage")))
 }
 
-/// Nothing half-done in the layer store: no `tmp-` directory, every directory a layer.
+/// Nothing half-done in the layer store: no `tmp-` directory, every directory a layer
+/// (beside `l`, the layers' short links).
 fn layer_dirs(node: &Node) -> Vec<String> {
     let dir = node.root().join("state/storage/layers");
-    let mut names: Vec<String> = std::fs::read_dir(&dir).map(|d| d.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+    let names: Vec<String> = std::fs::read_dir(&dir).map(|d| d.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+    let mut names: Vec<String> = names.into_iter().filter(|name: &String| name != "l").collect();
     names.sort();
     names
 }
