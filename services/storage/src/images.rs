@@ -7,6 +7,7 @@
 use std::sync::{Arc, Mutex};
 
 use prost::Message;
+use trellis_common::text::excerpt;
 use trellis_common::reference::{self, ImageRef};
 use trellis_common::store::{Store, Table};
 use trellis_proto::storage::v1::Image;
@@ -73,7 +74,7 @@ impl ImageStore {
     /// Records an image, taking its references from whichever image held them.
     pub fn put(&self, mut image: Image) -> Result<Image, StorageError> {
         if !valid_digest(&image.id) {
-            return Err(StorageError::InvalidArgument(format!("image id `{}` is not sha256:<64 hex>", image.id)));
+            return Err(StorageError::InvalidArgument(format!("image id `{}` is not sha256:<64 hex>", excerpt(&image.id))));
         }
         let _write = self.lock();
         if let Some(existing) = self.load(&image.id)? {

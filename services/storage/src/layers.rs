@@ -97,7 +97,7 @@ impl LayerStore {
             .iter()
             .rev()
             .map(|chain| {
-                let record = self.get(chain)?.ok_or_else(|| StorageError::NotFound(format!("layer {chain} is not in the store")))?;
+                let record = self.get(chain)?.ok_or_else(|| StorageError::NotFound(format!("layer {} is not in the store", excerpt(chain))))?;
                 Ok(self.dir_of(&record.diff_id))
             })
             .collect()

@@ -46,7 +46,7 @@ pub struct RootfsStore {
 /// Container ids name directories: a strict alphabet, no path tricks.
 pub fn validate_container_id(id: &str) -> Result<(), StorageError> {
     let valid = !id.is_empty() && id.len() <= 128 && !id.starts_with('.') && id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    if valid { Ok(()) } else { Err(StorageError::InvalidArgument(format!("container id `{id}` must be 1-128 letters, digits, '.', '_' or '-', not starting with '.'"))) }
+    if valid { Ok(()) } else { Err(StorageError::InvalidArgument(format!("container id `{}` must be 1-128 letters, digits, '.', '_' or '-', not starting with '.'", trellis_common::text::excerpt(id)))) }
 }
 
 impl RootfsStore {

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use bytes::{Buf, Bytes};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
+use trellis_common::text::excerpt;
 use trellis_proto::storage::v1::import_layer_chunk::Part;
 use trellis_proto::storage::v1::storage_server::Storage;
 use trellis_proto::storage::v1::*;
@@ -150,7 +151,7 @@ impl Storage for StorageService {
         let image = request.into_inner().image.ok_or_else(|| Status::invalid_argument("PutImage needs an image"))?;
         for chain in &image.chain_ids {
             if self.layers.get(chain)?.is_none() {
-                return Err(Status::failed_precondition(format!("image {}: layer {chain} has not been imported", image.id)));
+                return Err(Status::failed_precondition(format!("image {}: layer {} has not been imported", excerpt(&image.id), excerpt(chain))));
             }
         }
         let image = self.images.put(image)?;
@@ -159,7 +160,7 @@ impl Storage for StorageService {
 
     async fn get_image(&self, request: Request<GetImageRequest>) -> Result<Response<Image>, Status> {
         let reference = &request.get_ref().reference;
-        let image = self.images.resolve(reference)?.ok_or_else(|| Status::not_found(format!("image {reference} is not in the store")))?;
+        let image = self.images.resolve(reference)?.ok_or_else(|| Status::not_found(format!("image {} is not in the store", excerpt(reference))))?;
         Ok(Response::new(image))
     }
 
@@ -181,7 +182,7 @@ impl Storage for StorageService {
 
     async fn prepare_rootfs(&self, request: Request<PrepareRootfsRequest>) -> Result<Response<PrepareRootfsResponse>, Status> {
         let request = request.into_inner();
-        let image = self.images.resolve(&request.image)?.ok_or_else(|| Status::not_found(format!("image {} is not in the store", request.image)))?;
+        let image = self.images.resolve(&request.image)?.ok_or_else(|| Status::not_found(format!("image {} is not in the store", excerpt(&request.image))))?;
         let lower_dirs = self.layers.lower_dirs(&image.chain_ids)?;
         let rootfs = self.rootfs.clone();
         let (container, image_id) = (request.container_id.clone(), image.id.clone());
