@@ -13,6 +13,7 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
+pub use trellis_test_tar::RawEntry;
 
 pub struct Registry {
     pub address: String,
@@ -187,107 +188,9 @@ impl BuiltImage {
     }
 }
 
-/// One tar entry written as given, for hostile layers: any name bytes, mode, owner,
-/// device numbers and PAX extended attributes.
-#[derive(Clone, Debug)]
-pub struct RawEntry {
-    pub kind: tar::EntryType,
-    pub name: String,
-    pub link: Option<String>,
-    pub data: Vec<u8>,
-    pub mode: u32,
-    pub device: Option<(u32, u32)>,
-    pub xattrs: Vec<(String, Vec<u8>)>,
-}
-
-impl RawEntry {
-    pub fn new(kind: tar::EntryType, name: &str) -> RawEntry {
-        let mode = if kind == tar::EntryType::Directory { 0o755 } else { 0o644 };
-        RawEntry { kind, name: name.to_string(), link: None, data: Vec::new(), mode, device: None, xattrs: Vec::new() }
-    }
-
-    pub fn link(mut self, target: &str) -> RawEntry {
-        self.link = Some(target.to_string());
-        self
-    }
-
-    pub fn data(mut self, data: &[u8]) -> RawEntry {
-        self.data = data.to_vec();
-        self
-    }
-
-    pub fn mode(mut self, mode: u32) -> RawEntry {
-        self.mode = mode;
-        self
-    }
-
-    pub fn device(mut self, major: u32, minor: u32) -> RawEntry {
-        self.device = Some((major, minor));
-        self
-    }
-
-    pub fn xattr(mut self, name: &str, value: &[u8]) -> RawEntry {
-        self.xattrs.push((name.to_string(), value.to_vec()));
-        self
-    }
-}
-
-/// A PAX record: "<length> <key>=<value>\n", the length counting itself.
-fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
-    let body_len = key.len() + value.len() + 3;
-    let mut length = body_len + 1;
-    while format!("{length}").len() + body_len != length {
-        length += 1;
-    }
-    let mut record = format!("{length} {key}=").into_bytes();
-    record.extend_from_slice(value);
-    record.push(b'\n');
-    record
-}
-
-fn plain_header(kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
-    let mut header = tar::Header::new_gnu();
-    header.set_entry_type(kind);
-    header.set_size(size);
-    header.set_mode(mode);
-    header.set_uid(0);
-    header.set_gid(0);
-    header.set_mtime(1_700_000_000);
-    header
-}
-
-/// Writes a tar entry with raw name bytes, so tests can build hostile archives the
-/// tar crate itself would refuse to write.
-fn append_raw(builder: &mut tar::Builder<Vec<u8>>, entry: &RawEntry) {
-    if !entry.xattrs.is_empty() {
-        let records: Vec<u8> = entry.xattrs.iter().flat_map(|(key, value)| pax_record(&format!("SCHILY.xattr.{key}"), value)).collect();
-        let mut pax = plain_header(tar::EntryType::XHeader, records.len() as u64, 0o644);
-        pax.set_path("PaxHeaders/entry").expect("pax name");
-        pax.set_cksum();
-        builder.append(&pax, records.as_slice()).expect("tar append");
-    }
-    let mut header = plain_header(entry.kind, entry.data.len() as u64, entry.mode);
-    if let Some((major, minor)) = entry.device {
-        header.set_device_major(major).expect("major");
-        header.set_device_minor(minor).expect("minor");
-    }
-    let gnu = header.as_gnu_mut().expect("gnu header");
-    assert!(entry.name.len() < 100, "test entry names stay short");
-    gnu.name[..entry.name.len()].copy_from_slice(entry.name.as_bytes());
-    if let Some(link) = &entry.link {
-        gnu.linkname[..link.len()].copy_from_slice(link.as_bytes());
-    }
-    header.set_cksum();
-    builder.append(&header, entry.data.as_slice()).expect("tar append");
-}
-
 /// A layer of raw entries.
 pub fn raw_layer(entries: &[RawEntry], compression: Compression) -> BuiltLayer {
-    let mut builder = tar::Builder::new(Vec::new());
-    for entry in entries {
-        append_raw(&mut builder, entry);
-    }
-    layer_of_tar(builder.into_inner().expect("tar"), compression)
+    layer_of_tar(trellis_test_tar::tar_of(entries).expect("tar"), compression)
 }
 
 pub fn layer(entries: &[Entry], compression: Compression) -> BuiltLayer {

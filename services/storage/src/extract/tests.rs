@@ -2,71 +2,18 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 
 use super::*;
 
-fn header(kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
-    let mut header = tar::Header::new_gnu();
-    header.set_entry_type(kind);
-    header.set_size(size);
-    header.set_mode(mode);
-    header.set_uid(0);
-    header.set_gid(0);
-    header.set_mtime(1_700_000_000);
-    header
-}
+use trellis_test_tar::{RawEntry, header};
 
-/// One entry of a test archive: name, type, link target, data, mode.
-struct Item<'a> {
-    name: &'a str,
-    kind: tar::EntryType,
-    link: Option<&'a str>,
-    data: &'a [u8],
-    mode: u32,
-    xattrs: &'a [(&'a str, &'a [u8])],
-}
-
-fn item<'a>(name: &'a str, kind: tar::EntryType, link: Option<&'a str>, data: &'a [u8]) -> Item<'a> {
-    let mode = if kind == tar::EntryType::Directory { 0o755 } else { 0o644 };
-    Item { name, kind, link, data, mode, xattrs: &[] }
-}
-
-/// A PAX record: "<length> <key>=<value>\n", the length counting itself.
-fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
-    let body_len = key.len() + value.len() + 3;
-    let mut length = body_len + 1;
-    while format!("{length}").len() + body_len != length {
-        length += 1;
+fn item(name: &str, kind: tar::EntryType, link: Option<&str>, data: &[u8]) -> RawEntry {
+    let entry = RawEntry::new(kind, name).data(data);
+    match link {
+        Some(target) => entry.link(target),
+        None => entry,
     }
-    let mut record = format!("{length} {key}=").into_bytes();
-    record.extend_from_slice(value);
-    record.push(b'\n');
-    record
 }
 
-/// Writes the raw name bytes, bypassing the tar crate's own path checks, so that
-/// hostile archives can be built.
-fn append(builder: &mut tar::Builder<Vec<u8>>, entry: &Item) {
-    if !entry.xattrs.is_empty() {
-        let data: Vec<u8> = entry.xattrs.iter().flat_map(|(key, value)| pax_record(&format!("SCHILY.xattr.{key}"), value)).collect();
-        let mut pax = header(tar::EntryType::XHeader, data.len() as u64, 0o644);
-        pax.set_path("PaxHeaders/x").expect("pax name");
-        pax.set_cksum();
-        builder.append(&pax, data.as_slice()).expect("append pax");
-    }
-    let mut header = header(entry.kind, entry.data.len() as u64, entry.mode);
-    let gnu = header.as_gnu_mut().expect("gnu header");
-    gnu.name[..entry.name.len()].copy_from_slice(entry.name.as_bytes());
-    if let Some(link) = entry.link {
-        gnu.linkname[..link.len()].copy_from_slice(link.as_bytes());
-    }
-    header.set_cksum();
-    builder.append(&header, entry.data).expect("append");
-}
-
-fn archive(entries: &[Item]) -> Vec<u8> {
-    let mut builder = tar::Builder::new(Vec::new());
-    for entry in entries {
-        append(&mut builder, entry);
-    }
-    builder.into_inner().expect("finish")
+fn archive(entries: &[RawEntry]) -> Vec<u8> {
+    trellis_test_tar::tar_of(entries).expect("tar")
 }
 
 /// A temporary directory with `layer/` to unpack into and `host/` standing for the
@@ -91,7 +38,7 @@ impl Scene {
         self.dir.path().join("host").join(name)
     }
 
-    fn unpack(&self, entries: &[Item]) -> Result<u64, ExtractError> {
+    fn unpack(&self, entries: &[RawEntry]) -> Result<u64, ExtractError> {
         unpack(archive(entries).as_slice(), &self.layer())
     }
 }
@@ -141,7 +88,7 @@ fn a_stream_without_its_trailer_still_unpacks_but_a_cut_file_does_not() {
 #[test]
 fn hostile_entries_are_refused_by_name() {
     use tar::EntryType::*;
-    let cases: Vec<(Vec<Item>, &str)> = vec![
+    let cases: Vec<(Vec<RawEntry>, &str)> = vec![
         (vec![item("../escape", Regular, None, b"x")], "`..`"),
         (vec![item("/etc/evil", Regular, None, b"x")], "absolute path"),
         (vec![item("link", Symlink, Some("/etc"), b""), item("link/passwd", Regular, None, b"x")], "writes through the symlink `link`"),
@@ -176,7 +123,7 @@ fn deferred_directory_modes_never_reach_through_a_later_symlink() {
         }
         std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         let target_text = target.display().to_string();
-        let dir = Item { mode: 0o6777, ..item("d/", Directory, None, b"") };
+        let dir = item("d/", Directory, None, b"").mode(0o6777);
         scene.unpack(&[dir, item("d", Symlink, Some(&target_text), b"")]).expect("a symlink may replace a directory");
         assert_eq!(mode_of(&target), 0o600, "the host's {} kept its mode", if target_is_file { "file" } else { "directory" });
         assert_eq!(std::fs::read_link(scene.layer().join("d")).expect("symlink stays"), target);
@@ -197,11 +144,11 @@ fn entries_after_a_symlink_replace_it_rather_than_follow_it() {
     scene
         .unpack(&[
             item("d", Symlink, Some(&dir_text), b""),
-            Item { mode: 0o777, ..item("d/", Directory, None, b"") },
+            item("d/", Directory, None, b"").mode(0o777),
             item("f", Symlink, Some(&file_text), b""),
-            Item { mode: 0o6777, ..item("f", Regular, None, b"layer") },
+            item("f", Regular, None, b"layer").mode(0o6777),
             item("c", Symlink, Some(&file_text), b""),
-            Item { mode: 0o666, ..item("c", Char, None, b"") },
+            item("c", Char, None, b"").mode(0o666),
         ])
         .expect("unpacks");
     assert_eq!(mode_of(&host_dir), 0o700);
@@ -238,8 +185,8 @@ fn replacing_a_directory_removes_its_tree_without_following_symlinks_in_it() {
 fn trusted_attributes_are_dropped_and_others_kept() {
     use tar::EntryType::*;
     let scene = Scene::new();
-    let redirect: &[(&str, &[u8])] = &[("trusted.overlay.redirect", b"/bin"), ("trusted.overlay.opaque", b"y"), ("user.note", b"kept")];
-    scene.unpack(&[Item { xattrs: redirect, ..item("r/", Directory, None, b"") }, Item { xattrs: &[("user.note", b"file")], ..item("f", Regular, None, b"x") }]).expect("unpacks");
+    let redirect = item("r/", Directory, None, b"").xattr("trusted.overlay.redirect", b"/bin").xattr("trusted.overlay.opaque", b"y").xattr("user.note", b"kept");
+    scene.unpack(&[redirect, item("f", Regular, None, b"x").xattr("user.note", b"file")]).expect("unpacks");
     let dir = scene.layer().join("r");
     assert_eq!(xattr::get(&dir, "trusted.overlay.redirect").expect("read"), None);
     assert_eq!(xattr::get(&dir, "trusted.overlay.opaque").expect("read"), None);
@@ -255,7 +202,7 @@ fn file_capabilities_are_kept() {
     // A v2 capability set: CAP_NET_BIND_SERVICE permitted and effective.
     let capability: &[u8] = &[0, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     let scene = Scene::new();
-    let result = scene.unpack(&[Item { xattrs: &[("security.capability", capability)], mode: 0o755, ..item("ping", Regular, None, b"#!/bin/true\n") }]);
+    let result = scene.unpack(&[item("ping", Regular, None, b"#!/bin/true\n").xattr("security.capability", capability).mode(0o755)]);
     result.expect("unpacks");
     assert_eq!(xattr::get(scene.layer().join("ping"), "security.capability").expect("read").as_deref(), Some(capability));
 }
