@@ -50,19 +50,21 @@ impl Runtime {
         StorageClient::new(self.storage.clone())
     }
 
-    pub async fn create_container(&self, sandbox_id: &str, config: ContainerConfig, sandbox_config: Option<PodSandboxConfig>) -> Result<String, RuntimeError> {
+    pub async fn create_container(&self, sandbox_id: &str, config: ContainerConfig) -> Result<String, RuntimeError> {
         let sandbox = self.resolve(&self.sandboxes, sandbox_id, "pod sandbox", |r| &r.id)?;
         let _pod = self.lock(&sandbox.id).await;
         if sandbox.state != SandboxState::Ready as i32 {
             return Err(RuntimeError::FailedPrecondition(format!("pod sandbox {} is not ready (stopped or being set up): no new containers", sandbox.id)));
         }
-        self.create_in_pod(&sandbox, config, sandbox_config, false).await
+        self.create_in_pod(&sandbox, config, false).await
     }
 
     /// Creates a container in a pod the caller holds the lock of; `infra` marks the
-    /// pod's own pause process.
-    pub async fn create_in_pod(&self, sandbox: &crate::records::SandboxRecord, config: ContainerConfig, sandbox_config: Option<PodSandboxConfig>, infra: bool) -> Result<String, RuntimeError> {
-        let sandbox_config = sandbox_config.map_or_else(|| decode_config(sandbox), Ok)?;
+    /// pod's own pause process. Everything that is the pod's (namespaces, cgroup
+    /// parent, privileges, sysctls, log directory, hostname) comes from the pod's own
+    /// record: CreateContainer's copy of the pod config is the caller's word only.
+    pub async fn create_in_pod(&self, sandbox: &crate::records::SandboxRecord, config: ContainerConfig, infra: bool) -> Result<String, RuntimeError> {
+        let sandbox_config = decode_config(sandbox)?;
         let metadata = config.metadata.clone().ok_or_else(|| RuntimeError::InvalidArgument("ContainerConfig.metadata is missing".into()))?;
         if metadata.name.is_empty() {
             return Err(RuntimeError::InvalidArgument("ContainerConfig.metadata.name is empty".into()));

@@ -105,7 +105,10 @@ grpc_service_impl! {
     async fn create_container(&self, request: Request<CreateContainerRequest>) -> Result<Response<CreateContainerResponse>, Status> {
         let request = request.into_inner();
         let config = request.config.ok_or_else(|| Status::invalid_argument("CreateContainer needs a config"))?;
-        let container_id = self.runtime()?.create_container(&request.pod_sandbox_id, config, request.sandbox_config).await?;
+        // `request.sandbox_config` is ignored: the pod's config is the one it was run
+        // with, from its record (as containerd and CRI-O do), or any caller could ask
+        // for the host's namespaces or privileges in someone else's pod.
+        let container_id = self.runtime()?.create_container(&request.pod_sandbox_id, config).await?;
         Ok(Response::new(CreateContainerResponse { container_id }))
     }
 

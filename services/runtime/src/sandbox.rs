@@ -169,7 +169,7 @@ impl Runtime {
             }),
             ..Default::default()
         };
-        let id = self.create_in_pod(record, pause, Some(config.clone()), true).await?;
+        let id = self.create_in_pod(record, pause, true).await?;
         record.pause_container_id = id.clone();
         self.sandboxes.put(&record.id, record)?;
         let pause = self.containers.get(&id)?.ok_or_else(|| RuntimeError::Oci(format!("pause container {id} vanished")))?;
