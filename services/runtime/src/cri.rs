@@ -207,7 +207,7 @@ grpc_service_impl! {
     async fn update_runtime_config(&self, request: Request<UpdateRuntimeConfigRequest>) -> Result<Response<UpdateRuntimeConfigResponse>, Status> {
         let cidr = request.into_inner().runtime_config.and_then(|c| c.network_config).map(|n| n.pod_cidr).unwrap_or_default();
         if !cidr.is_empty() && !is_cidr(&cidr) {
-            return Err(Status::invalid_argument(format!("pod CIDR {cidr:?} is not an address range like 10.88.0.0/16")));
+            return Err(Status::invalid_argument(format!("pod CIDR `{}` is not an address range like 10.88.0.0/16", trellis_common::text::excerpt(&cidr))));
         }
         tracing::info!(pod_cidr = %cidr, "the kubelet set the node's pod CIDR");
         if let Ok(mut current) = self.pod_cidr.lock() {

@@ -10,6 +10,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
+use trellis_common::text::excerpt;
 
 use crate::error::RuntimeError;
 
@@ -235,7 +236,7 @@ impl Oci {
             }
             _ = tokio::time::sleep(limit) => {
                 exec.kill_command().await;
-                Err(RuntimeError::Timeout { what: format!("ExecSync {cmd:?} in container {id}"), seconds: limit.as_secs() })
+                Err(RuntimeError::Timeout { what: format!("ExecSync `{}` in container {id}", excerpt(&cmd.join(" "))), seconds: limit.as_secs() })
             }
         }
     }
