@@ -43,6 +43,10 @@ pub struct Runtime {
 impl Runtime {
     pub fn new(config: Config, store: &dyn Store, bus: EventBus) -> Result<Self, RuntimeError> {
         let dir = config.node.run_dir.join("runtime");
+        // Bundles hold each container's environment (its secrets) in config.json, and
+        // the pods' files, runc's state and the exit codes live beside them: root only,
+        // made so again at every start for nodes that made the directory before.
+        trellis_common::dirs::ensure_private_dir(&dir).map_err(|source| RuntimeError::io(format!("cannot make {} private (0700)", dir.display()), source))?;
         for sub in ["pods", "containers"] {
             let path = dir.join(sub);
             std::fs::create_dir_all(&path).map_err(|source| RuntimeError::io(format!("cannot create {}", path.display()), source))?;
