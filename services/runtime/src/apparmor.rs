@@ -10,6 +10,7 @@ use std::path::Path;
 
 use k8s_cri::v1::LinuxContainerSecurityContext;
 use k8s_cri::v1::security_profile::ProfileType;
+use trellis_common::text::excerpt;
 
 use crate::error::RuntimeError;
 
@@ -61,11 +62,11 @@ pub fn for_container(security: Option<&LinuxContainerSecurityContext>, privilege
 fn check(name: &str, enabled: &Path, profiles: &Path) -> Result<(), RuntimeError> {
     let on = std::fs::read_to_string(enabled).is_ok_and(|v| v.trim() == "Y");
     if !on {
-        return Err(RuntimeError::FailedPrecondition(format!("AppArmor profile {name} cannot be applied: AppArmor is not enabled on this host")));
+        return Err(RuntimeError::FailedPrecondition(format!("AppArmor profile {} cannot be applied: AppArmor is not enabled on this host", excerpt(name))));
     }
-    let list = std::fs::read_to_string(profiles).map_err(|e| RuntimeError::FailedPrecondition(format!("AppArmor profile {name}: cannot read {}: {e}", profiles.display())))?;
+    let list = std::fs::read_to_string(profiles).map_err(|e| RuntimeError::FailedPrecondition(format!("AppArmor profile {}: cannot read {}: {e}", excerpt(name), profiles.display())))?;
     if !loaded(&list, name) {
-        return Err(RuntimeError::InvalidArgument(format!("AppArmor profile {name} is not loaded")));
+        return Err(RuntimeError::InvalidArgument(format!("AppArmor profile {} is not loaded", excerpt(name))));
     }
     Ok(())
 }

@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 
 use k8s_cri::v1::LinuxContainerSecurityContext;
 use oci_spec::runtime::Capability;
+use trellis_common::text::excerpt;
 
 use crate::error::RuntimeError;
 
@@ -95,7 +96,7 @@ pub fn available(last: Option<u32>, bounding: Option<u64>) -> HashSet<Capability
 /// A capability by name, with or without `CAP_`, any case.
 pub fn parse(name: &str) -> Result<Capability, RuntimeError> {
     let upper = name.trim().to_ascii_uppercase();
-    upper.trim_start_matches("CAP_").parse().map_err(|_| RuntimeError::InvalidArgument(format!("unknown capability `{name}`")))
+    upper.trim_start_matches("CAP_").parse().map_err(|_| RuntimeError::InvalidArgument(format!("unknown capability `{}`", excerpt(name))))
 }
 
 /// The set a container runs with: everything `host` has when privileged, else the
@@ -115,7 +116,7 @@ pub fn resolve(security: Option<&LinuxContainerSecurityContext>, privileged: boo
     for name in requested.add_capabilities.iter().filter(|name| !is_all(name)) {
         let capability = parse(name)?;
         if !host.contains(&capability) {
-            return Err(RuntimeError::FailedPrecondition(format!("capability {name} cannot be given: the runtime does not hold it on this host")));
+            return Err(RuntimeError::FailedPrecondition(format!("capability {} cannot be given: the runtime does not hold it on this host", excerpt(name))));
         }
         set.insert(capability);
     }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::*;
 use prost::Message;
 use trellis_common::telemetry::traced_request;
+use trellis_common::text::excerpt;
 use trellis_proto::events::v1::{ContainerEvent, container_event, event::Payload};
 use trellis_proto::storage::v1 as storage;
 use trellis_proto::storage::v1::storage_client::StorageClient;
@@ -40,7 +41,7 @@ fn log_path(log_directory: &str, relative: &str, bundle: &Path) -> Result<PathBu
     }
     let relative_path = Path::new(relative);
     if relative_path.components().any(|c| !matches!(c, Component::Normal(_))) {
-        return Err(RuntimeError::InvalidArgument(format!("log_path {relative} must be relative to the pod's log directory, without `..`")));
+        return Err(RuntimeError::InvalidArgument(format!("ContainerConfig.log_path `{}` must be relative to the pod's log directory, without `..`", excerpt(relative))));
     }
     Ok(Path::new(log_directory).join(relative_path))
 }
@@ -50,23 +51,23 @@ impl Runtime {
         StorageClient::new(self.storage.clone())
     }
 
-    pub async fn create_container(&self, sandbox_id: &str, config: ContainerConfig, sandbox_config: Option<PodSandboxConfig>) -> Result<String, RuntimeError> {
+    pub async fn create_container(&self, sandbox_id: &str, config: ContainerConfig) -> Result<String, RuntimeError> {
         let sandbox = self.resolve(&self.sandboxes, sandbox_id, "pod sandbox", |r| &r.id)?;
         let _pod = self.lock(&sandbox.id).await;
         if sandbox.state != SandboxState::Ready as i32 {
             return Err(RuntimeError::FailedPrecondition(format!("pod sandbox {} is not ready (stopped or being set up): no new containers", sandbox.id)));
         }
-        self.create_in_pod(&sandbox, config, sandbox_config, false).await
+        self.create_in_pod(&sandbox, config, false).await
     }
 
     /// Creates a container in a pod the caller holds the lock of; `infra` marks the
-    /// pod's own pause process.
-    pub async fn create_in_pod(&self, sandbox: &crate::records::SandboxRecord, config: ContainerConfig, sandbox_config: Option<PodSandboxConfig>, infra: bool) -> Result<String, RuntimeError> {
-        let sandbox_config = sandbox_config.map_or_else(|| decode_config(sandbox), Ok)?;
+    /// pod's own pause process. Everything that is the pod's (namespaces, cgroup
+    /// parent, privileges, sysctls, log directory, hostname) comes from the pod's own
+    /// record: CreateContainer's copy of the pod config is the caller's word only.
+    pub async fn create_in_pod(&self, sandbox: &crate::records::SandboxRecord, config: ContainerConfig, infra: bool) -> Result<String, RuntimeError> {
+        let sandbox_config = decode_config(sandbox)?;
         let metadata = config.metadata.clone().ok_or_else(|| RuntimeError::InvalidArgument("ContainerConfig.metadata is missing".into()))?;
-        if metadata.name.is_empty() {
-            return Err(RuntimeError::InvalidArgument("ContainerConfig.metadata.name is empty".into()));
-        }
+        crate::validate::container_name(&metadata.name)?;
         let image = config.image.as_ref().map(|i| i.image.clone()).filter(|i| !i.is_empty()).ok_or_else(|| RuntimeError::InvalidArgument("ContainerConfig.image is empty".into()))?;
         for existing in self.containers.all()?.into_iter().filter(|c| c.sandbox_id == sandbox.id) {
             let other = decode(&existing)?.metadata.unwrap_or_default();
@@ -126,7 +127,7 @@ impl Runtime {
             rootfs_client.prepare_rootfs(traced_request(storage::PrepareRootfsRequest { container_id: record.id.clone(), image: image.to_string() })),
         );
         let not_present = |status: tonic::Status| {
-            if status.code() == tonic::Code::NotFound { RuntimeError::NotFound(format!("image {image} is not present: pull it first")) } else { RuntimeError::storage(status) }
+            if status.code() == tonic::Code::NotFound { RuntimeError::NotFound(format!("image {} is not present: pull it first", excerpt(image))) } else { RuntimeError::storage(status) }
         };
         let prepared = prepared.map_err(not_present)?.into_inner();
         let mut stored = stored.map_err(not_present)?.into_inner();
@@ -156,7 +157,7 @@ impl Runtime {
         record.cgroup_path = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()).map(|p| p.display().to_string()).unwrap_or_default();
         std::fs::create_dir_all(bundle).map_err(|source| RuntimeError::io(format!("cannot create {}", bundle.display()), source))?;
         if let Some(parent) = log.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| RuntimeError::io(format!("cannot create log directory {}", parent.display()), source))?;
+            std::fs::create_dir_all(parent).map_err(|source| RuntimeError::io(format!("cannot create log directory {}", excerpt(&parent.to_string_lossy())), source))?;
         }
         spec.save(bundle.join("config.json")).map_err(|e| RuntimeError::Oci(format!("cannot write {}/config.json: {e}", bundle.display())))?;
         let name = config.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or_default();
@@ -213,7 +214,7 @@ impl Runtime {
     pub(crate) fn container(&self, id: &str) -> Result<ContainerRecord, RuntimeError> {
         let record = self.resolve(&self.containers, id, "container", |r| &r.id)?;
         if record.infra {
-            return Err(RuntimeError::NotFound(format!("container {id} not found")));
+            return Err(RuntimeError::NotFound(format!("container {} not found", excerpt(id))));
         }
         self.refresh(record)
     }

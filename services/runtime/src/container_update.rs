@@ -14,7 +14,7 @@ impl Runtime {
         let resources = resources.ok_or_else(|| RuntimeError::InvalidArgument("UpdateContainerResources needs linux resources".into()))?;
         let record = self.container(id)?;
         let _guard = self.lock(&record.id).await;
-        let record = self.refresh(self.containers.get(&record.id)?.ok_or_else(|| RuntimeError::NotFound(format!("container {id} not found")))?)?;
+        let record = self.refresh(self.containers.get(&record.id)?.ok_or_else(|| RuntimeError::NotFound(format!("container {} not found", record.id)))?)?;
         if record.state != ContainerState::Created as i32 && record.state != ContainerState::Running as i32 {
             return Err(RuntimeError::FailedPrecondition(format!("container {} has exited: its resources can no longer change", record.id)));
         }

@@ -105,7 +105,10 @@ grpc_service_impl! {
     async fn create_container(&self, request: Request<CreateContainerRequest>) -> Result<Response<CreateContainerResponse>, Status> {
         let request = request.into_inner();
         let config = request.config.ok_or_else(|| Status::invalid_argument("CreateContainer needs a config"))?;
-        let container_id = self.runtime()?.create_container(&request.pod_sandbox_id, config, request.sandbox_config).await?;
+        // `request.sandbox_config` is ignored: the pod's config is the one it was run
+        // with, from its record (as containerd and CRI-O do), or any caller could ask
+        // for the host's namespaces or privileges in someone else's pod.
+        let container_id = self.runtime()?.create_container(&request.pod_sandbox_id, config).await?;
         Ok(Response::new(CreateContainerResponse { container_id }))
     }
 
@@ -204,7 +207,7 @@ grpc_service_impl! {
     async fn update_runtime_config(&self, request: Request<UpdateRuntimeConfigRequest>) -> Result<Response<UpdateRuntimeConfigResponse>, Status> {
         let cidr = request.into_inner().runtime_config.and_then(|c| c.network_config).map(|n| n.pod_cidr).unwrap_or_default();
         if !cidr.is_empty() && !is_cidr(&cidr) {
-            return Err(Status::invalid_argument(format!("pod CIDR {cidr:?} is not an address range like 10.88.0.0/16")));
+            return Err(Status::invalid_argument(format!("pod CIDR `{}` is not an address range like 10.88.0.0/16", trellis_common::text::excerpt(&cidr))));
         }
         tracing::info!(pod_cidr = %cidr, "the kubelet set the node's pod CIDR");
         if let Ok(mut current) = self.pod_cidr.lock() {

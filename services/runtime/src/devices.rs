@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_cri::v1::Device;
 use oci_spec::runtime::{LinuxDevice, LinuxDeviceBuilder, LinuxDeviceCgroup, LinuxDeviceCgroupBuilder, LinuxDeviceType};
+use trellis_common::text::excerpt;
 
 use crate::error::RuntimeError;
 
@@ -107,7 +108,7 @@ fn permissions(device: &Device) -> Result<String, RuntimeError> {
         return Ok("rwm".into());
     }
     if device.permissions.chars().any(|c| !"rwm".contains(c)) {
-        return Err(RuntimeError::InvalidArgument(format!("device {}: permissions `{}` may only use r, w and m", device.host_path, device.permissions)));
+        return Err(RuntimeError::InvalidArgument(format!("device {}: permissions `{}` may only use r, w and m", excerpt(&device.host_path), excerpt(&device.permissions))));
     }
     Ok(device.permissions.clone())
 }
@@ -121,10 +122,10 @@ pub fn requested(devices: &[Device]) -> Result<Devices, RuntimeError> {
         let host = Path::new(&device.host_path);
         let container = if device.container_path.is_empty() { PathBuf::from(&device.host_path) } else { PathBuf::from(&device.container_path) };
         if !host.is_absolute() || !container.is_absolute() {
-            return Err(RuntimeError::InvalidArgument(format!("device {} → {}: both paths must be absolute", device.host_path, container.display())));
+            return Err(RuntimeError::InvalidArgument(format!("device {} → {}: both paths must be absolute", excerpt(&device.host_path), excerpt(&container.to_string_lossy()))));
         }
         let access = permissions(device)?;
-        let missing = |source: std::io::Error| RuntimeError::InvalidArgument(format!("device {} cannot be used: {source}", device.host_path));
+        let missing = |source: std::io::Error| RuntimeError::InvalidArgument(format!("device {} cannot be used: {source}", excerpt(&device.host_path)));
         let mut nodes = Vec::new();
         if std::fs::metadata(host).map_err(missing)?.is_dir() {
             devices_under(host, &container, &[], &mut nodes).map_err(missing)?;
@@ -132,7 +133,7 @@ pub fn requested(devices: &[Device]) -> Result<Devices, RuntimeError> {
             nodes.push(node);
         }
         if nodes.is_empty() {
-            return Err(RuntimeError::InvalidArgument(format!("device {} is not a device node (nor a directory of them)", device.host_path)));
+            return Err(RuntimeError::InvalidArgument(format!("device {} is not a device node (nor a directory of them)", excerpt(&device.host_path))));
         }
         for node in nodes {
             found.rules.push(rule(true, Some(&node), &access)?);

@@ -24,6 +24,7 @@ mod spec;
 mod stats;
 mod streaming;
 mod user;
+mod validate;
 
 use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 use trellis_common::ServiceKind;

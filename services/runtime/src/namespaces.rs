@@ -39,7 +39,7 @@ pub fn pin(pod_dir: &Path, hostname: &str, own: OwnNamespaces) -> Result<(), Run
         let flags = kinds.iter().fold(CloneFlags::empty(), |all, (_, flag)| all | *flag);
         nix::sched::unshare(flags).map_err(|e| RuntimeError::system("cannot create the pod's namespaces", e))?;
         if own.uts {
-            nix::unistd::sethostname(&hostname).map_err(|e| RuntimeError::system(format!("cannot set hostname {hostname}"), e))?;
+            nix::unistd::sethostname(&hostname).map_err(|e| RuntimeError::system(format!("cannot set hostname {}", trellis_common::text::excerpt(&hostname)), e))?;
         }
         for (kind, _) in &kinds {
             let target = pin_path(&pod_dir, kind);

@@ -10,6 +10,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
+use trellis_common::grpc::MAX_MESSAGE_BYTES;
+use trellis_common::text::excerpt;
 
 use crate::error::RuntimeError;
 
@@ -21,8 +23,11 @@ const INIT_CHECK: Duration = Duration::from_millis(100);
 const EXEC_KILL_GRACE: Duration = Duration::from_secs(5);
 /// How often the exec's pid file is looked for meanwhile.
 const EXEC_PID_POLL: Duration = Duration::from_millis(50);
-/// ExecSync output kept per stream; more is cut, as the CRI allows.
-pub const MAX_EXEC_OUTPUT: usize = 16 * 1024 * 1024;
+/// ExecSync output kept per stream; more is read and dropped, and a note at the end
+/// of stderr says how much. Both streams and the note fit one CRI message
+/// ([`MAX_MESSAGE_BYTES`], which the gateway and the kubelet take at most), with
+/// room to spare for its framing.
+pub const MAX_EXEC_OUTPUT: usize = MAX_MESSAGE_BYTES / 2 - 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct Oci {
@@ -225,17 +230,21 @@ impl Oci {
             Ok(())
         })?;
         let (stdout, stderr) = (exec.child.stdout.take(), exec.child.stderr.take());
-        let output = tokio::spawn(async move { tokio::join!(read_capped(stdout), read_capped(stderr)) });
+        let output = tokio::spawn(async move { tokio::join!(read_capped(stdout, MAX_EXEC_OUTPUT), read_capped(stderr, MAX_EXEC_OUTPUT)) });
         let limit = timeout.filter(|t| !t.is_zero()).unwrap_or(Duration::MAX);
         tokio::select! {
             status = exec.child.wait() => {
                 let status = status.map_err(|source| RuntimeError::io("cannot wait for exec", source))?;
                 let (out, err) = output.await.map_err(|e| RuntimeError::Oci(format!("exec output reader stopped: {e}")))?;
-                Ok((out, err, status.code().unwrap_or(-1)))
+                let (stdout, mut stderr) = (out.kept, err.kept);
+                if let Some(note) = cut_note(out.total, err.total) {
+                    stderr.extend_from_slice(note.as_bytes());
+                }
+                Ok((stdout, stderr, status.code().unwrap_or(-1)))
             }
             _ = tokio::time::sleep(limit) => {
                 exec.kill_command().await;
-                Err(RuntimeError::Timeout { what: format!("ExecSync {cmd:?} in container {id}"), seconds: limit.as_secs() })
+                Err(RuntimeError::Timeout { what: format!("ExecSync `{}` in container {id}", excerpt(&cmd.join(" "))), seconds: limit.as_secs() })
             }
         }
     }
@@ -343,21 +352,67 @@ fn process_is_alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-async fn read_capped<R: tokio::io::AsyncRead + Unpin>(stream: Option<R>) -> Vec<u8> {
+/// One stream of an ExecSync: its first [`MAX_EXEC_OUTPUT`] bytes and how many the
+/// command wrote in all.
+#[derive(Debug, Default)]
+struct Captured {
+    kept: Vec<u8>,
+    total: u64,
+}
+
+/// Reads the whole stream, so the command never blocks on a full pipe, keeping the
+/// first `limit` bytes.
+async fn read_capped<R: tokio::io::AsyncRead + Unpin>(stream: Option<R>, limit: usize) -> Captured {
     use tokio::io::AsyncReadExt;
-    let mut out = Vec::new();
-    let Some(mut stream) = stream else { return out };
+    let mut captured = Captured::default();
+    let Some(mut stream) = stream else { return captured };
     let mut buf = vec![0u8; 64 * 1024];
     while let Ok(n) = stream.read(&mut buf).await {
         if n == 0 {
             break;
         }
-        let room = MAX_EXEC_OUTPUT.saturating_sub(out.len());
-        out.extend_from_slice(&buf[..n.min(room)]);
+        captured.total += n as u64;
+        let room = limit.saturating_sub(captured.kept.len());
+        captured.kept.extend_from_slice(&buf[..n.min(room)]);
     }
-    out
+    captured
+}
+
+/// The line appended to stderr when output was cut, naming what was kept of each
+/// stream; none when nothing was.
+fn cut_note(stdout_total: u64, stderr_total: u64) -> Option<String> {
+    let limit = MAX_EXEC_OUTPUT as u64;
+    if stdout_total <= limit && stderr_total <= limit {
+        return None;
+    }
+    let stream = |name: &str, total: u64| if total > limit { format!("{name} {total} bytes, first {limit} kept") } else { format!("{name} {total} bytes") };
+    Some(format!(
+        "\n[trellis: ExecSync output cut to fit one CRI message: {}; {}. Use Exec for larger output.]\n",
+        stream("stdout", stdout_total),
+        stream("stderr", stderr_total)
+    ))
 }
 
 fn conmon_diagnostics(bundle: &Path) -> String {
     std::fs::read_to_string(bundle.join("conmon.log")).map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn exec_output_is_cut_to_fit_one_message_and_says_so() {
+        let big = vec![b'x'; MAX_EXEC_OUTPUT + 1000];
+        let captured = read_capped(Some(big.as_slice()), MAX_EXEC_OUTPUT).await;
+        assert_eq!((captured.kept.len(), captured.total), (MAX_EXEC_OUTPUT, big.len() as u64));
+        let small = read_capped(Some(&b"ok"[..]), MAX_EXEC_OUTPUT).await;
+        assert_eq!((small.kept.as_slice(), small.total), (&b"ok"[..], 2));
+        assert_eq!(cut_note(MAX_EXEC_OUTPUT as u64, 0), None, "nothing cut, nothing said");
+        let note = cut_note(20 << 20, 3).expect("a note");
+        assert!(note.contains("stdout 20971520 bytes, first") && note.contains("stderr 3 bytes"), "{note}");
+        // Both streams at their limit plus the note, with the protobuf framing, fit.
+        let response = k8s_cri::v1::ExecSyncResponse { stdout: captured.kept.clone(), stderr: [captured.kept, note.into_bytes()].concat(), exit_code: 0 };
+        assert!(prost::Message::encoded_len(&response) < MAX_MESSAGE_BYTES);
+    }
 }

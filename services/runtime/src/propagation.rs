@@ -14,6 +14,7 @@ use std::path::{Component, Path, PathBuf};
 
 use k8s_cri::v1::{Mount as CriMount, MountPropagation};
 use oci_spec::runtime::{Mount, MountBuilder};
+use trellis_common::text::excerpt;
 
 use crate::error::RuntimeError;
 
@@ -77,7 +78,7 @@ fn check_source(source: &Path, propagation: MountPropagation, mounts: &[MountPoi
     if propagation == MountPropagation::PropagationPrivate {
         return Ok(());
     }
-    let mount = mount_of(source, mounts).ok_or_else(|| RuntimeError::FailedPrecondition(format!("no mount holds {} in /proc/self/mountinfo", source.display())))?;
+    let mount = mount_of(source, mounts).ok_or_else(|| RuntimeError::FailedPrecondition(format!("no mount holds {} in /proc/self/mountinfo", excerpt(&source.to_string_lossy()))))?;
     let (ok, needed) = match propagation {
         MountPropagation::PropagationBidirectional => (mount.shared, "shared"),
         _ => (mount.shared || mount.slave, "shared or slave"),
@@ -88,7 +89,7 @@ fn check_source(source: &Path, propagation: MountPropagation, mounts: &[MountPoi
     Err(RuntimeError::FailedPrecondition(format!(
         "mount propagation {}: {} is on mount {}, which is not a {needed} mount (make it one, e.g. `mount --make-rshared {}`)",
         propagation.as_str_name(),
-        source.display(),
+        excerpt(&source.to_string_lossy()),
         mount.point.display(),
         mount.point.display()
     )))
@@ -126,15 +127,15 @@ pub fn container_mounts(requested: &[CriMount]) -> Result<Mounts, RuntimeError> 
     for mount in requested {
         let source = Path::new(&mount.host_path);
         if !source.is_absolute() || !source.exists() {
-            return Err(RuntimeError::InvalidArgument(format!("mount source {} does not exist (or is not an absolute path)", mount.host_path)));
+            return Err(RuntimeError::InvalidArgument(format!("mount source {} does not exist (or is not an absolute path)", excerpt(&mount.host_path))));
         }
         let destination = Path::new(&mount.container_path);
         if !destination.is_absolute() || destination.components().any(|c| c == Component::ParentDir) {
-            return Err(RuntimeError::InvalidArgument(format!("mount destination {} must be an absolute path without `..`", mount.container_path)));
+            return Err(RuntimeError::InvalidArgument(format!("mount destination {} must be an absolute path without `..`", excerpt(&mount.container_path))));
         }
         let propagation = MountPropagation::try_from(mount.propagation)
-            .map_err(|_| RuntimeError::InvalidArgument(format!("mount {}: unknown propagation {}", mount.container_path, mount.propagation)))?;
-        let resolved = source.canonicalize().map_err(|e| RuntimeError::io(format!("cannot resolve mount source {}", source.display()), e))?;
+            .map_err(|_| RuntimeError::InvalidArgument(format!("mount {}: unknown propagation {}", excerpt(&mount.container_path), mount.propagation)))?;
+        let resolved = source.canonicalize().map_err(|e| RuntimeError::io(format!("cannot resolve mount source {}", excerpt(&source.to_string_lossy())), e))?;
         check_source(&resolved, propagation, &mountinfo)?;
         let option = match propagation {
             MountPropagation::PropagationPrivate => "rprivate",

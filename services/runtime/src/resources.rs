@@ -3,6 +3,7 @@
 
 use k8s_cri::v1::LinuxContainerResources;
 use oci_spec::runtime::{LinuxCpuBuilder, LinuxDeviceCgroup, LinuxHugepageLimitBuilder, LinuxMemoryBuilder, LinuxResources, LinuxResourcesBuilder};
+use trellis_common::text::excerpt;
 
 use crate::error::RuntimeError;
 
@@ -19,7 +20,7 @@ fn validate_cpuset(field: &str, value: &str) -> Result<(), RuntimeError> {
             _ => false,
         }
     });
-    if well_formed { Ok(()) } else { Err(RuntimeError::InvalidArgument(format!("{field} {value:?} is not a CPU or memory node list like \"0-3,7\""))) }
+    if well_formed { Ok(()) } else { Err(RuntimeError::InvalidArgument(format!("{field} `{}` is not a CPU or memory node list like \"0-3,7\"", excerpt(value)))) }
 }
 
 /// Checks what the kernel would refuse, so the caller gets InvalidArgument and a
@@ -58,7 +59,7 @@ pub fn validate(resources: &LinuxContainerResources) -> Result<(), RuntimeError>
         let size = hugepage.page_size.trim_end_matches('B');
         let digits = size.trim_end_matches(['K', 'M', 'G']);
         if digits.is_empty() || digits.parse::<u64>().is_err() || size.len() == digits.len() {
-            return Err(RuntimeError::InvalidArgument(format!("resources.hugepage_limits page size {:?} is not like \"2MB\" or \"1GB\"", hugepage.page_size)));
+            return Err(RuntimeError::InvalidArgument(format!("resources.hugepage_limits page size `{}` is not like \"2MB\" or \"1GB\"", excerpt(&hugepage.page_size))));
         }
     }
     Ok(())

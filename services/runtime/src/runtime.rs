@@ -9,6 +9,7 @@ use trellis_common::bus::EventBus;
 use trellis_common::config::{Config, ServiceKind};
 use trellis_common::grpc::find_executable;
 use trellis_common::store::Store;
+use trellis_common::text::excerpt;
 use trellis_common::transport::unix_channel;
 use trellis_proto::events::v1::event::Payload;
 
@@ -42,6 +43,10 @@ pub struct Runtime {
 impl Runtime {
     pub fn new(config: Config, store: &dyn Store, bus: EventBus) -> Result<Self, RuntimeError> {
         let dir = config.node.run_dir.join("runtime");
+        // Bundles hold each container's environment (its secrets) in config.json, and
+        // the pods' files, runc's state and the exit codes live beside them: root only,
+        // made so again at every start for nodes that made the directory before.
+        trellis_common::dirs::ensure_private_dir(&dir).map_err(|source| RuntimeError::io(format!("cannot make {} private (0700)", dir.display()), source))?;
         for sub in ["pods", "containers"] {
             let path = dir.join(sub);
             std::fs::create_dir_all(&path).map_err(|source| RuntimeError::io(format!("cannot create {}", path.display()), source))?;
@@ -97,9 +102,9 @@ impl Runtime {
                 .filter_map(|entry| entry.split_once('='))
                 .find(|(name, _)| name.trim() == handler)
                 .map(|(_, binary)| binary.trim().to_string())
-                .ok_or_else(|| RuntimeError::InvalidArgument(format!("unknown runtime handler `{handler}`; configured: {}", self.config.runtime.runtime_handlers.join(", "))))?
+                .ok_or_else(|| RuntimeError::InvalidArgument(format!("unknown runtime handler `{}`; configured: {}", excerpt(handler), self.config.runtime.runtime_handlers.join(", "))))?
         };
-        find_executable(&binary).ok_or_else(|| RuntimeError::FailedPrecondition(format!("OCI runtime `{binary}` for handler `{handler}` is not installed")))
+        find_executable(&binary).ok_or_else(|| RuntimeError::FailedPrecondition(format!("OCI runtime `{binary}` for handler `{}` is not installed", excerpt(handler))))
     }
 
     pub fn publish(&self, payload: Payload) {
@@ -110,17 +115,15 @@ impl Runtime {
 
     /// Finds a record by full id or unique prefix (as crictl users type them).
     pub fn resolve<T: prost::Message + Default>(&self, records: &Records<T>, id: &str, what: &str, id_of: impl Fn(&T) -> &str) -> Result<T, RuntimeError> {
-        if id.is_empty() {
-            return Err(RuntimeError::InvalidArgument(format!("{what} id is empty")));
-        }
+        crate::validate::lookup_id(what, id)?;
         if let Some(record) = records.get(id)? {
             return Ok(record);
         }
         let mut matches: Vec<T> = records.all()?.into_iter().filter(|r| id_of(r).starts_with(id)).collect();
         match matches.len() {
             1 => Ok(matches.remove(0)),
-            0 => Err(RuntimeError::NotFound(format!("{what} {id} not found"))),
-            n => Err(RuntimeError::InvalidArgument(format!("{what} id prefix {id} matches {n} {what}es"))),
+            0 => Err(RuntimeError::NotFound(format!("{what} {} not found", excerpt(id)))),
+            n => Err(RuntimeError::InvalidArgument(format!("{what} id prefix {} matches {n} {what} ids", excerpt(id)))),
         }
     }
 }

@@ -11,6 +11,7 @@ use std::path::Path;
 use k8s_cri::v1::*;
 use prost::Message;
 use trellis_common::telemetry::traced_request;
+use trellis_common::text::excerpt;
 use trellis_proto::events::v1::{SandboxEvent, event::Payload, sandbox_event};
 use trellis_proto::network::v1 as network;
 use trellis_proto::network::v1::network_client::NetworkClient;
@@ -33,24 +34,14 @@ fn namespace_options(config: &PodSandboxConfig) -> NamespaceOption {
     config.linux.as_ref().and_then(|l| l.security_context.as_ref()).and_then(|s| s.namespace_options.clone()).unwrap_or_default()
 }
 
-fn validate(config: &PodSandboxConfig) -> Result<&PodSandboxMetadata, RuntimeError> {
-    let metadata = config.metadata.as_ref().ok_or_else(|| RuntimeError::InvalidArgument("PodSandboxConfig.metadata is missing".into()))?;
-    for (field, value) in [("name", &metadata.name), ("namespace", &metadata.namespace)] {
-        if value.is_empty() {
-            return Err(RuntimeError::InvalidArgument(format!("PodSandboxConfig.metadata.{field} is empty")));
-        }
-    }
-    if !config.log_directory.is_empty() && !Path::new(&config.log_directory).is_absolute() {
-        return Err(RuntimeError::InvalidArgument(format!("log_directory {} must be an absolute path", config.log_directory)));
-    }
-    Ok(metadata)
-}
-
-/// The pod's hostname: the requested one, else the pod's name, cut to the 63
-/// characters the kernel (and DNS) allow, as the kubelet does.
+/// The pod's hostname: the requested one (checked at RunPodSandbox), else the pod's
+/// name, cut to the 63 characters the kernel (and DNS) allow, as the kubelet does.
 pub fn hostname_of(config: &PodSandboxConfig) -> String {
-    let name = if config.hostname.is_empty() { config.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or_default() } else { config.hostname.as_str() };
-    let mut hostname: String = name.chars().take(63).collect();
+    if !config.hostname.is_empty() {
+        return config.hostname.clone();
+    }
+    let name = config.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or_default();
+    let mut hostname: String = name.trim_start_matches(['-', '.']).chars().take(63).collect();
     while hostname.ends_with(['-', '.']) {
         hostname.pop();
     }
@@ -92,14 +83,14 @@ impl Runtime {
     }
 
     pub async fn run_pod_sandbox(&self, config: PodSandboxConfig, handler: String) -> Result<String, RuntimeError> {
-        let metadata = validate(&config)?.clone();
+        let metadata = crate::validate::pod_config(&config)?.clone();
         self.oci_runtime(&handler)?;
         let key = format!("{}/{}/{}/{}", metadata.namespace, metadata.name, metadata.uid, metadata.attempt);
         let _guard = self.lock(&format!("pod-name:{key}")).await;
         for existing in self.sandboxes.all()? {
             let other = decode_config(&existing)?.metadata.unwrap_or_default();
             if (other.namespace.as_str(), other.name.as_str(), other.uid.as_str(), other.attempt) == (metadata.namespace.as_str(), metadata.name.as_str(), metadata.uid.as_str(), metadata.attempt) {
-                return Err(RuntimeError::AlreadyExists(format!("pod {key} already exists as sandbox {}", existing.id)));
+                return Err(RuntimeError::AlreadyExists(format!("pod {} already exists as sandbox {}", excerpt(&key), existing.id)));
             }
         }
         let id = new_id()?;
@@ -169,7 +160,7 @@ impl Runtime {
             }),
             ..Default::default()
         };
-        let id = self.create_in_pod(record, pause, Some(config.clone()), true).await?;
+        let id = self.create_in_pod(record, pause, true).await?;
         record.pause_container_id = id.clone();
         self.sandboxes.put(&record.id, record)?;
         let pause = self.containers.get(&id)?.ok_or_else(|| RuntimeError::Oci(format!("pause container {id} vanished")))?;

@@ -11,6 +11,7 @@ use k8s_cri::v1::security_profile::ProfileType;
 use k8s_cri::v1::{LinuxContainerSecurityContext, SecurityProfile};
 use oci_spec::runtime::{Arch, Capability, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArgBuilder, LinuxSeccompFilterFlag, LinuxSeccompOperator, LinuxSyscall};
 use serde::Deserialize;
+use trellis_common::text::excerpt;
 
 use crate::error::RuntimeError;
 
@@ -96,7 +97,7 @@ fn from_profile(profile: &SecurityProfile, field: &str) -> Result<Selected, Runt
 fn localhost(path: &str, field: &str) -> Result<Selected, RuntimeError> {
     let path = Path::new(path);
     if !path.is_absolute() {
-        return Err(RuntimeError::InvalidArgument(format!("{field}: the Localhost seccomp profile `{}` must be an absolute path", path.display())));
+        return Err(RuntimeError::InvalidArgument(format!("{field}: the Localhost seccomp profile `{}` must be an absolute path", excerpt(&path.to_string_lossy()))));
     }
     Ok(Selected::Localhost(path.to_path_buf()))
 }
@@ -116,17 +117,17 @@ pub fn select(security: Option<&LinuxContainerSecurityContext>) -> Result<Select
         "runtime/default" | "docker/default" => Ok(Selected::RuntimeDefault),
         other => match other.strip_prefix("localhost/") {
             Some(path) => localhost(path, "seccomp_profile_path"),
-            None => Err(RuntimeError::InvalidArgument(format!("seccomp_profile_path `{other}`: expected runtime/default, docker/default, unconfined or localhost/<path>"))),
+            None => Err(RuntimeError::InvalidArgument(format!("seccomp_profile_path `{}`: expected runtime/default, docker/default, unconfined or localhost/<path>", excerpt(other)))),
         },
     }
 }
 
 /// Reads a Localhost profile; one that is missing or malformed is refused with its path.
 pub fn read(path: &Path) -> Result<Profile, RuntimeError> {
-    let text = std::fs::read(path).map_err(|e| RuntimeError::InvalidArgument(format!("cannot read the seccomp profile {}: {e}", path.display())))?;
-    let profile: Profile = serde_json::from_slice(&text).map_err(|e| RuntimeError::InvalidArgument(format!("the seccomp profile {} is not valid JSON of a seccomp profile: {e}", path.display())))?;
+    let text = std::fs::read(path).map_err(|e| RuntimeError::InvalidArgument(format!("cannot read the seccomp profile {}: {e}", excerpt(&path.to_string_lossy()))))?;
+    let profile: Profile = serde_json::from_slice(&text).map_err(|e| RuntimeError::InvalidArgument(format!("the seccomp profile {} is not valid JSON of a seccomp profile: {}", excerpt(&path.to_string_lossy()), excerpt(&e.to_string()))))?;
     if profile.default_action.is_empty() {
-        return Err(RuntimeError::InvalidArgument(format!("the seccomp profile {} has no defaultAction", path.display())));
+        return Err(RuntimeError::InvalidArgument(format!("the seccomp profile {} has no defaultAction", excerpt(&path.to_string_lossy()))));
     }
     Ok(profile)
 }
@@ -134,7 +135,7 @@ pub fn read(path: &Path) -> Result<Profile, RuntimeError> {
 /// A name from a profile as one of the OCI spec's enumerations (they spell them
 /// as the profile does: `SCMP_ACT_ERRNO`, `SCMP_ARCH_X86_64`, `SCMP_CMP_EQ`...).
 fn named<T: serde::de::DeserializeOwned>(value: &str, what: &str) -> Result<T, RuntimeError> {
-    serde_json::from_value(serde_json::Value::String(value.to_string())).map_err(|_| RuntimeError::InvalidArgument(format!("unknown seccomp {what} `{value}`")))
+    serde_json::from_value(serde_json::Value::String(value.to_string())).map_err(|_| RuntimeError::InvalidArgument(format!("unknown seccomp {what} `{}`", excerpt(value))))
 }
 
 /// The seccomp architecture of this machine, as profiles name it.
@@ -168,7 +169,7 @@ impl Filter {
         let has_caps = self.caps.iter().all(|c| crate::capabilities::parse(c).is_ok_and(|c| target.capabilities.contains(&c)));
         let arch = self.arches.is_empty() || self.arches.iter().any(|a| a == target.arch);
         let kernel = match &self.min_kernel {
-            Some(minimum) => target.kernel >= parse_version(minimum).ok_or_else(|| RuntimeError::InvalidArgument(format!("seccomp minKernel `{minimum}` is not major.minor")))?,
+            Some(minimum) => target.kernel >= parse_version(minimum).ok_or_else(|| RuntimeError::InvalidArgument(format!("seccomp minKernel `{}` is not major.minor", excerpt(minimum))))?,
             None => true,
         };
         Ok(has_caps && arch && kernel)
@@ -201,7 +202,7 @@ impl Profile {
             }
             let names: Vec<String> = rule.name.iter().chain(&rule.names).cloned().collect();
             if names.is_empty() {
-                return Err(RuntimeError::InvalidArgument(format!("a seccomp rule with action {} names no syscall", rule.action)));
+                return Err(RuntimeError::InvalidArgument(format!("a seccomp rule with action `{}` names no syscall", excerpt(&rule.action))));
             }
             let args = rule
                 .args
@@ -247,7 +248,7 @@ pub fn for_container(security: Option<&LinuxContainerSecurityContext>, privilege
     match select(security)? {
         Selected::Unconfined => Ok(None),
         Selected::RuntimeDefault => crate::seccomp_default::profile().to_oci(&target).map(Some),
-        Selected::Localhost(path) => read(&path)?.to_oci(&target).map(Some).map_err(|e| RuntimeError::InvalidArgument(format!("the seccomp profile {}: {e}", path.display()))),
+        Selected::Localhost(path) => read(&path)?.to_oci(&target).map(Some).map_err(|e| RuntimeError::InvalidArgument(format!("the seccomp profile {}: {e}", excerpt(&path.to_string_lossy())))),
     }
 }
 

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use k8s_cri::v1::{ContainerConfig, NamespaceMode, PodSandboxConfig};
+use k8s_cri::v1::{ContainerConfig, NamespaceMode, NamespaceOption, PodSandboxConfig};
 use oci_spec::runtime::{
     LinuxBuilder, LinuxCapabilitiesBuilder, LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType,
     Mount, RootBuilder, Spec, UserBuilder,
@@ -57,6 +57,29 @@ pub fn cgroups_path(parent: &str, container_id: &str) -> String {
         "/trellis".to_string()
     };
     format!("{parent}/{container_id}")
+}
+
+/// The namespaces of a container: the pod's network and IPC, and the PID mode the
+/// container asks for (its own, the pod's, a target's) unless its pod uses the host's.
+/// The host's namespaces are the pod's to ask for at RunPodSandbox: a container asking
+/// for one its pod does not have is refused, not given it.
+pub fn namespaces_of(pod: Option<&NamespaceOption>, container: Option<&NamespaceOption>) -> Result<NamespaceOption, RuntimeError> {
+    let pod = pod.cloned().unwrap_or_default();
+    let node = NamespaceMode::Node as i32;
+    if let Some(asked) = container {
+        for (kind, asked, has) in [("network", asked.network, pod.network), ("pid", asked.pid, pod.pid), ("ipc", asked.ipc, pod.ipc)] {
+            if asked == node && has != node {
+                return Err(RuntimeError::InvalidArgument(format!(
+                    "ContainerConfig.linux.security_context.namespace_options.{kind} is NODE but the pod does not use the host's {kind} namespace: host namespaces are set for the whole pod at RunPodSandbox"
+                )));
+            }
+        }
+    }
+    let pid = match container {
+        Some(asked) if pod.pid != node && NamespaceMode::try_from(asked.pid).is_ok() => asked.pid,
+        _ => pod.pid,
+    };
+    Ok(NamespaceOption { pid, ..pod })
 }
 
 pub(crate) fn built<T, E: std::fmt::Display>(result: Result<T, E>, what: &str) -> Result<T, RuntimeError> {
@@ -116,7 +139,7 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
         return Err(RuntimeError::InvalidArgument("run_as_group needs run_as_user or run_as_username".into()));
     }
     let pod_security = input.sandbox.linux.as_ref().and_then(|l| l.security_context.as_ref());
-    let namespaces = security.and_then(|s| s.namespace_options.clone()).or_else(|| pod_security.and_then(|s| s.namespace_options.clone())).unwrap_or_default();
+    let namespaces = namespaces_of(pod_security.and_then(|s| s.namespace_options.as_ref()), security.and_then(|s| s.namespace_options.as_ref()))?;
     let privileged = security.is_some_and(|s| s.privileged);
     if privileged && !pod_security.is_some_and(|s| s.privileged) {
         return Err(RuntimeError::InvalidArgument("a privileged container needs a privileged pod sandbox (linux.security_context.privileged)".into()));
@@ -249,6 +272,22 @@ mod tests {
         let cmd = ContainerConfig { command: vec!["/bin/sh".into()], ..Default::default() };
         assert_eq!(command(&cmd, &image).expect("command"), vec!["/bin/sh"]);
         assert!(command(&plain, &ImageConfig::default()).is_err());
+    }
+
+    #[test]
+    fn host_namespaces_are_the_pods_to_ask_for() {
+        let (node, pod, own) = (NamespaceMode::Node as i32, NamespaceMode::Pod as i32, NamespaceMode::Container as i32);
+        let options = |network, pid, ipc| NamespaceOption { network, pid, ipc, ..Default::default() };
+        let pod_network = options(pod, pod, pod);
+        assert_eq!(namespaces_of(Some(&pod_network), None).expect("the pod's"), pod_network);
+        assert_eq!(namespaces_of(Some(&pod_network), Some(&options(pod, own, pod))).expect("a PID namespace of its own").pid, own);
+        for (kind, asked) in [("network", options(node, pod, pod)), ("pid", options(pod, node, pod)), ("ipc", options(pod, pod, node))] {
+            let error = namespaces_of(Some(&pod_network), Some(&asked)).expect_err(kind);
+            assert!(matches!(error, RuntimeError::InvalidArgument(ref m) if m.contains(&format!("namespace_options.{kind}"))), "{error}");
+        }
+        assert!(namespaces_of(None, Some(&options(node, pod, pod))).is_err(), "no pod options: no host namespace");
+        let host = options(node, node, node);
+        assert_eq!(namespaces_of(Some(&host), Some(&options(pod, own, pod))).expect("the pod's host namespaces"), host, "the pod decides");
     }
 
     fn spec_of(container: ContainerConfig, pod_privileged: bool) -> Result<Spec, RuntimeError> {

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use k8s_cri::v1::LinuxContainerSecurityContext;
+use trellis_common::text::excerpt;
 
 use crate::error::RuntimeError;
 use crate::spec::ResolvedUser;
@@ -50,7 +51,7 @@ pub fn resolve(rootfs: &Path, image_user: &str, security: Option<&LinuxContainer
     let entries = passwd(rootfs);
     let (image_name, image_group) = image_user.split_once(':').map_or((image_user, None), |(u, g)| (u, Some(g)));
     let by_name = |name: &str| {
-        entries.iter().find(|e| e.name == name).ok_or_else(|| RuntimeError::InvalidArgument(format!("user `{name}` is not in the image's /etc/passwd")))
+        entries.iter().find(|e| e.name == name).ok_or_else(|| RuntimeError::InvalidArgument(format!("user `{}` is not in the image's /etc/passwd", excerpt(name))))
     };
     let (uid, name) = match (security.and_then(|s| s.run_as_user.as_ref()), security.map(|s| s.run_as_username.as_str()).filter(|n| !n.is_empty())) {
         (Some(uid), _) => (u32::try_from(uid.value).map_err(|_| RuntimeError::InvalidArgument(format!("run_as_user {} is out of range", uid.value)))?, None),
@@ -74,7 +75,7 @@ pub fn resolve(rootfs: &Path, image_user: &str, security: Option<&LinuxContainer
         (Some(gid), _) => u32::try_from(gid.value).map_err(|_| RuntimeError::InvalidArgument(format!("run_as_group {} is out of range", gid.value)))?,
         (None, Some(group)) => match group.parse::<u32>() {
             Ok(gid) => gid,
-            Err(_) => all_groups.iter().find(|(n, _, _)| n == group).map(|(_, gid, _)| *gid).ok_or_else(|| RuntimeError::InvalidArgument(format!("group `{group}` is not in the image's /etc/group")))?,
+            Err(_) => all_groups.iter().find(|(n, _, _)| n == group).map(|(_, gid, _)| *gid).ok_or_else(|| RuntimeError::InvalidArgument(format!("group `{}` is not in the image's /etc/group", excerpt(group))))?,
         },
         (None, None) => entry.map_or(0, |e| e.gid),
     };

@@ -29,6 +29,7 @@ use k8s_cri::v1::{AttachRequest, ExecRequest, PortForwardRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
+use trellis_common::text::excerpt;
 
 use self::attach::AttachSession;
 use self::exec::ExecSession;
@@ -119,7 +120,7 @@ impl StreamingServer {
     fn running_container(&self, id: &str) -> Result<ContainerRecord, RuntimeError> {
         let record = self.runtime.resolve(&self.runtime.containers, id, "container", |r| &r.id)?;
         if record.infra {
-            return Err(RuntimeError::NotFound(format!("container {id} not found")));
+            return Err(RuntimeError::NotFound(format!("container {} not found", excerpt(id))));
         }
         let record = self.runtime.refresh(record)?;
         if record.state != ContainerState::Running as i32 {
@@ -198,7 +199,7 @@ async fn serve_connection(mut socket: TcpStream, pending: Pending) -> Result<(),
     };
     let Some(session) = session else {
         respond(&mut socket, "404 Not Found", &[], "unknown or expired streaming token").await;
-        return Err(RuntimeError::NotFound(format!("streaming token for {kind} unknown or expired")));
+        return Err(RuntimeError::NotFound(format!("streaming token for `{}` unknown or expired", excerpt(kind))));
     };
     if !request.spdy {
         respond(&mut socket, "400 Bad Request", &[], "this endpoint only speaks SPDY/3.1 (Upgrade: SPDY/3.1)").await;
@@ -208,7 +209,7 @@ async fn serve_connection(mut socket: TcpStream, pending: Pending) -> Result<(),
     let Some(protocol) = request.protocols.iter().find_map(|p| supported.iter().find(|s| **s == p.as_str()).copied()) else {
         let accepted = supported.join(", ");
         respond(&mut socket, "403 Forbidden", &[("X-Accepted-Stream-Protocol-Versions", &accepted)], "no supported stream protocol version").await;
-        return Err(RuntimeError::InvalidArgument(format!("the client offers {:?}; supported: {accepted}", request.protocols)));
+        return Err(RuntimeError::InvalidArgument(format!("the client offers `{}`; supported: {accepted}", excerpt(&request.protocols.join(", ")))));
     };
     let switching = format!("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: {protocol}\r\n\r\n");
     socket.write_all(switching.as_bytes()).await.map_err(|source| RuntimeError::io("cannot answer the upgrade", source))?;

@@ -13,6 +13,8 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use trellis_common::text::excerpt;
+
 use super::spdy::{Connection, Stream, copy_from_stream, copy_to_stream};
 use crate::error::RuntimeError;
 
@@ -61,7 +63,7 @@ async fn forward(netns: Option<PathBuf>, error: Stream, mut data: Stream) {
     let Stream { writer: error_writer, .. } = error;
     let port = data.header("port").and_then(|p| p.parse::<u16>().ok()).filter(|p| *p > 0);
     let result = match port {
-        None => Err(RuntimeError::InvalidArgument(format!("port-forward: bad port header {:?}", data.header("port")))),
+        None => Err(RuntimeError::InvalidArgument(format!("port-forward: bad port header `{}`", excerpt(data.header("port").unwrap_or_default())))),
         Some(port) => match connect(netns, port).await {
             Err(error) => Err(error),
             Ok(socket) => {
