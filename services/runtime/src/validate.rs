@@ -86,12 +86,13 @@ fn label_ok(label: &str, underscore: bool) -> bool {
         && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || (underscore && c == '_'))
 }
 
-/// An RFC 1123 host name as the kernel takes it: dot-separated labels of at most 63
-/// characters, 64 in all.
+/// A host name as the kernel takes it: dot-separated labels of at most 63 characters,
+/// 64 in all. RFC 1123 letters, digits and inner `-`, and `_` too: containerd and
+/// CRI-O take it, and crictl's own sample pod is `crictl_host`.
 pub fn hostname(value: &str) -> Result<(), RuntimeError> {
-    if value.len() > MAX_HOSTNAME || !value.split('.').all(|label| label_ok(label, false)) {
+    if value.len() > MAX_HOSTNAME || !value.split('.').all(|label| label_ok(label, true)) {
         return Err(invalid(format!(
-            "PodSandboxConfig.hostname `{}` is not a host name (dot-separated labels of letters, digits and inner `-`, at most {MAX_LABEL} each and {MAX_HOSTNAME} in all)",
+            "PodSandboxConfig.hostname `{}` is not a host name (dot-separated labels of letters, digits, `_` and inner `-`, at most {MAX_LABEL} each and {MAX_HOSTNAME} in all)",
             excerpt(value)
         )));
     }
@@ -216,13 +217,14 @@ mod tests {
     fn what_the_kubelet_sends_is_taken() {
         pod_config(&pod()).expect("a kubelet's pod");
         hostname(&format!("{}.{}", "a".repeat(31), "b".repeat(32))).expect("64 characters in all");
+        hostname("crictl_host").expect("crictl's sample pod");
         let bare = PodSandboxConfig { metadata: pod().metadata, ..Default::default() };
         pod_config(&bare).expect("nothing optional");
     }
 
     #[test]
     fn line_breaks_and_spaces_never_reach_the_pod_files() {
-        for bad in ["web\n10.0.0.1 evil", "web 0", "web\t", "-web", "web-", "a..b", "", "web_0", &"a".repeat(64), &format!("{}.{}", "a".repeat(32), "b".repeat(32))] {
+        for bad in ["web\n10.0.0.1 evil", "web 0", "web\t", "-web", "web-", "a..b", "", "web/0", &"a".repeat(64), &format!("{}.{}", "a".repeat(32), "b".repeat(32))] {
             let config = PodSandboxConfig { hostname: bad.into(), ..pod() };
             if bad.is_empty() {
                 pod_config(&config).expect("no hostname: the pod's name");
