@@ -108,22 +108,39 @@ impl InFlight {
         self.prune_gate.clone().try_write_owned().ok()
     }
 
-    /// What pull `id` started importing that neither `kept` nor any other pull under
-    /// way needs. Call with [`Self::pruning`] held.
-    pub fn leftovers(&self, id: u64, kept: &[String]) -> Vec<String> {
-        let chains = lock(&self.chains);
-        let Some(started) = chains.started.get(&id) else { return Vec::new() };
+    /// What pull `id` leaves: the chains it needed or started importing that neither
+    /// `kept` (its image's) nor any other pull under way needs. A chain it needed is
+    /// its to prune too: the pull that imported it may have ended first and spared it
+    /// for this one.
+    fn leftovers(chains: &Chains, id: u64, kept: &[String]) -> Vec<String> {
         let others: HashSet<&String> = chains.needed.iter().filter(|(pull, _)| **pull != id).flat_map(|(_, needed)| needed).collect();
-        let mut leftovers: Vec<String> = started.iter().filter(|chain| !kept.contains(chain) && !others.contains(chain)).cloned().collect();
+        let own = chains.needed.get(&id).into_iter().chain(chains.started.get(&id)).flatten();
+        let mut leftovers: Vec<String> = own.filter(|chain| !kept.contains(chain) && !others.contains(chain)).cloned().collect();
         leftovers.sort();
+        leftovers.dedup();
         leftovers
     }
 
-    /// Pull `id` and its leftovers are dealt with.
-    pub fn forget(&self, id: u64) {
+    /// Forgets pull `id` when it leaves nothing; whether it did.
+    pub fn forget_if_clean(&self, id: u64, kept: &[String]) -> bool {
         let mut chains = lock(&self.chains);
+        let clean = Self::leftovers(&chains, id, kept).is_empty();
+        if clean {
+            chains.needed.remove(&id);
+            chains.started.remove(&id);
+        }
+        clean
+    }
+
+    /// Forgets pull `id` and returns what it leaves, at once: of two pulls sharing a
+    /// chain and ending together, the one deciding second sees the first gone. Call
+    /// with [`Self::pruning`] held until the chains are pruned.
+    pub fn settle(&self, id: u64, kept: &[String]) -> Vec<String> {
+        let mut chains = lock(&self.chains);
+        let leftovers = Self::leftovers(&chains, id, kept);
         chains.needed.remove(&id);
         chains.started.remove(&id);
+        leftovers
     }
 
     #[cfg(test)]
@@ -211,12 +228,16 @@ mod tests {
         for chain in ["a", "b", "c"] {
             inflight.importing(1, chain);
         }
-        assert_eq!(inflight.leftovers(1, &[]), chains(&["b", "c"]), "pull 2 still needs a");
-        assert_eq!(inflight.leftovers(1, &chains(&["c"])), chains(&["b"]));
-        inflight.forget(2);
-        assert_eq!(inflight.leftovers(1, &[]), chains(&["a", "b", "c"]));
-        inflight.forget(1);
-        assert!(inflight.leftovers(1, &[]).is_empty());
+        inflight.importing(1, "from-a-failed-source");
+        assert!(!inflight.forget_if_clean(1, &chains(&["a", "b", "c"])), "the chain of a failed source is left");
+        assert!(inflight.forget_if_clean(1, &chains(&["a", "b", "c", "from-a-failed-source"])), "nothing left");
+        assert_eq!(inflight.settle(1, &[]), Vec::<String>::new(), "forgotten");
+
+        inflight.need(1, &chains(&["a", "b", "c"])).await;
+        inflight.importing(1, "a");
+        assert_eq!(inflight.settle(1, &chains(&["c"])), chains(&["b"]), "pull 2 still needs a; c is kept");
+        // Pull 1 spared `a` for pull 2, which now ends without its image: `a` is its to prune.
+        assert_eq!(inflight.settle(2, &[]), chains(&["a", "d"]));
     }
 
     #[tokio::test]
@@ -230,9 +251,10 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!declaring.is_finished(), "waits for the prune");
         inflight.importing(1, "x");
-        assert_eq!(inflight.leftovers(1, &[]), chains(&["x"]), "decided before pull 7 declared");
+        assert_eq!(inflight.settle(1, &[]), chains(&["x"]), "decided before pull 7 declared");
         drop(gate);
         declaring.await.expect("declared");
-        assert!(inflight.leftovers(1, &[]).is_empty());
+        inflight.importing(3, "x");
+        assert!(inflight.settle(3, &[]).is_empty(), "pull 7 needs x now");
     }
 }

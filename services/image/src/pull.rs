@@ -206,7 +206,6 @@ impl Puller {
             _ => Vec::new(),
         };
         self.prune_leftovers(id, &image, &kept).await;
-        self.inflight.forget(id);
         let label = match &ended {
             Some(Ok(_)) => "ok",
             Some(Err(_)) => "error",
@@ -218,11 +217,15 @@ impl Puller {
         }
     }
 
-    /// Removes the layers pull `id` imported that neither its image (`kept`) nor any
-    /// other pull under way needs.
+    /// Forgets pull `id`, removing the layers it needed or imported that neither its
+    /// image (`kept`) nor any other pull under way needs.
     async fn prune_leftovers(&self, id: u64, image: &NamedRef, kept: &[String]) {
+        // The usual case, a pull that got its image, need not wait for other prunes.
+        if self.inflight.forget_if_clean(id, kept) {
+            return;
+        }
         let _gate = self.inflight.pruning().await;
-        let chains = self.inflight.leftovers(id, kept);
+        let chains = self.inflight.settle(id, kept);
         if chains.is_empty() {
             return;
         }
