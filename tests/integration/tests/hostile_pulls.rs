@@ -43,11 +43,12 @@ fn slow_image() -> BuiltImage {
     image(vec![layer(&[Entry::File("small", b"small".to_vec())], Compression::Gzip), layer(&[Entry::File("big", big)], Compression::None)], &["/x"], "amd64", false)
 }
 
-/// Waits until the pull is mid-way: the small layer stored, the big one unpacking.
-async fn wait_mid_pull(node: &Node, proxy: &TrickleProxy) {
+/// Waits until the pull is mid-way: the small layer stored (one more than the
+/// `stored_before` layers), the big one unpacking.
+async fn wait_mid_pull(node: &Node, proxy: &TrickleProxy, stored_before: usize) {
     let midway = eventually(Duration::from_secs(30), || {
         let dirs = layer_dirs(node);
-        dirs.iter().any(|d| d.starts_with("tmp-")) && dirs.iter().any(|d| !d.starts_with("tmp-"))
+        dirs.iter().any(|d| d.starts_with("tmp-")) && dirs.iter().filter(|d| !d.starts_with("tmp-")).count() > stored_before
     })
     .await;
     assert!(midway, "never caught the pull mid-way: layers {:?}, {} bytes through the proxy\n{}", layer_dirs(node), proxy.forwarded(), node.log_tail());
@@ -125,7 +126,7 @@ async fn an_abandoned_pull_stops_and_leaves_no_layer() {
         let name = name.clone();
         async move { images.pull_image(PullImageRequest { image: spec(&name), ..Default::default() }).await }
     });
-    wait_mid_pull(&node, &proxy).await;
+    wait_mid_pull(&node, &proxy, 0).await;
     call.abort();
     assert_stopped_and_cleaned(&node, &proxy, "client gone").await;
 
@@ -160,7 +161,7 @@ async fn layers_a_killed_image_service_left_are_pruned_when_it_starts_again() {
         let name = format!("{}/tests/slow:1", proxy.address);
         async move { images.pull_image(PullImageRequest { image: spec(&name), ..Default::default() }).await }
     });
-    wait_mid_pull(&node, &proxy).await;
+    wait_mid_pull(&node, &proxy, 1).await;
     kill9(image_pid);
     assert!(call.await.expect("join").is_err(), "the interrupted pull fails");
     node.wait_restarted("image", image_pid, Duration::from_secs(15)).await;
