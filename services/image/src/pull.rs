@@ -22,6 +22,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use trellis_common::config::ImageConfig;
@@ -161,7 +162,9 @@ impl Puller {
         let auth = auth_for(request_auth, &self.credentials, &image.registry)?;
         let key = format!("{image}|{}", auth_fingerprint(&auth));
         let mut waiter = self.inflight.join(&key, |start| {
-            tokio::spawn(self.clone().run(key.clone(), image.clone(), auth, start));
+            // A child of the first caller's span, so storage calls stay in its trace.
+            let span = tracing::info_span!("pull", image = %image);
+            tokio::spawn(self.clone().run(key.clone(), image.clone(), auth, start).instrument(span));
         });
         match waiter.outcome().await {
             Some(Ok(pulled)) => Ok(pulled),
@@ -177,7 +180,7 @@ impl Puller {
         let mut worker = tokio::spawn({
             let this = self.clone();
             let image = image.clone();
-            async move { this.pull_from_sources(id, &image, &auth).await }
+            async move { this.pull_from_sources(id, &image, &auth).await }.in_current_span()
         });
         let ended: Option<Outcome> = tokio::select! {
             joined = &mut worker => Some(match joined {
