@@ -413,3 +413,27 @@ fn stored_config(config: &serde_json::Value) -> StoredConfig {
             .unwrap_or_default(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_refusing_the_content_ends_the_pull_with_its_code() {
+        for code in [Code::DataLoss, Code::InvalidArgument, Code::ResourceExhausted] {
+            let failure = SourceFailure::from(Status::new(code, "layer over the size limit"));
+            assert!(failure.fatal, "{code:?}: no other source is tried");
+            assert_eq!(failure.code, code, "passed through");
+        }
+        for code in [Code::Unavailable, Code::DeadlineExceeded, Code::Internal] {
+            assert!(!SourceFailure::from(Status::new(code, "down")).fatal, "{code:?}: another source may do");
+        }
+    }
+
+    #[test]
+    fn registry_text_is_quoted_short() {
+        let failure = classify(OciDistributionError::AuthenticationFailure(format!("denied\n{}", "x".repeat(20_000))));
+        assert_eq!(failure.code, Code::Unauthenticated);
+        assert!(failure.message.len() < REGISTRY_TEXT_CHARS + 60 && !failure.message.contains('\n'), "{}", failure.message);
+    }
+}
