@@ -118,6 +118,8 @@ impl image_service_server::ImageService for ImageService {
             ImageRef::Named(named) => named,
             ImageRef::Id(id) => return Err(Status::invalid_argument(format!("cannot pull an image id ({id}); give a name with a tag or digest"))),
         };
+        // tonic's server drops this call at the caller's `grpc-timeout`, as when the
+        // caller hangs up; either way this caller withdraws from the pull.
         let image = self.puller.pull(named, request.auth.as_ref()).await?;
         tracing::info!(image = %name, id = %image.id, "pulled");
         self.publish(image_event(image_event::Kind::Pulled, &image));

@@ -5,6 +5,7 @@
 
 mod cri;
 mod error;
+mod inflight;
 mod pull;
 mod registry;
 
@@ -23,6 +24,7 @@ fn main() -> anyhow::Result<()> {
     trellis_common::service::run(ServiceKind::Image, async |context| {
         let storage = unix_channel(&context.config.endpoint(ServiceKind::Storage).socket);
         let puller = Arc::new(pull::Puller::new(context.config.image.clone(), storage.clone(), &mut context.registry)?);
+        puller.prune_at_start();
         Ok(tonic::service::Routes::new(
             ImageServiceServer::new(cri::ImageService::new(storage, puller, context.bus.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

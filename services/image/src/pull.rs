@@ -2,13 +2,17 @@
 //! missing layer streamed to the storage service (which verifies and unpacks it),
 //! then the image recorded. Concurrent pulls of one image share one download, and
 //! pulls of different images share a blob they both need.
+//!
+//! Each pull runs in a task of its own, watched by another: a panic in the registry
+//! client (hostile registries have found some) fails that pull for its waiters and
+//! nothing else, and a pull nobody waits for any more is dropped there, which stops
+//! its downloads and its streams to storage. Whatever the way a pull ended without
+//! its image, the layers it imported and nobody needs are pruned.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::{BoxFuture, Shared};
-use futures::{FutureExt, StreamExt, TryStreamExt};
+use futures::{StreamExt, TryStreamExt};
 use oci_client::errors::OciDistributionError;
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
@@ -18,29 +22,36 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use trellis_common::config::ImageConfig;
 use trellis_common::metrics::RpcLabels;
 use trellis_common::reference::{NamedRef, chain_id};
 use trellis_common::telemetry::traced_request;
+use trellis_common::text::excerpt_to;
 use trellis_proto::storage::v1::storage_client::StorageClient;
-use trellis_proto::storage::v1::{HasLayerRequest, Image, ImageConfig as StoredConfig, ImportLayerChunk, LayerHeader, PutImageRequest, import_layer_chunk::Part};
+use trellis_proto::storage::v1::{HasLayerRequest, Image, ImageConfig as StoredConfig, ImportLayerChunk, LayerHeader, PruneLayersRequest, PutImageRequest, import_layer_chunk::Part};
 
 use crate::error::ImageError;
+use crate::inflight::{InFlight, Outcome, Start};
 use crate::registry::{Source, auth_for, client_for, sources};
 
 /// Layers downloaded at once for one image.
 const PARALLEL_LAYERS: usize = 3;
-
-type SharedPull = Shared<BoxFuture<'static, Result<Image, (Code, String)>>>;
+/// How long a prune may take before pulls stop waiting for it.
+const PRUNE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the prune at start waits for a storage service that is not up yet.
+const STARTUP_PRUNE_PATIENCE: Duration = Duration::from_secs(30);
+/// How much of a registry's own error text a message quotes.
+const REGISTRY_TEXT_CHARS: usize = 300;
 
 pub struct Puller {
     config: ImageConfig,
     storage: Channel,
-    credentials: HashMap<String, RegistryAuth>,
-    pulls: Mutex<HashMap<String, SharedPull>>,
-    blobs: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    credentials: std::collections::HashMap<String, RegistryAuth>,
+    inflight: Arc<InFlight>,
+    blobs: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     metrics: PullMetrics,
 }
 
@@ -57,7 +68,7 @@ impl PullMetrics {
         let duration = Family::<RpcLabels, Histogram>::new_with_constructor(|| Histogram::new([0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]));
         let layer_import = Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]);
         registry.register("image_pull_bytes", "Compressed bytes downloaded from registries", bytes.clone());
-        registry.register("image_pull_duration_seconds", "Time to pull an image, by outcome (method=ok|error)", duration.clone());
+        registry.register("image_pull_duration_seconds", "Time to pull an image, by outcome (method=ok|error|abandoned)", duration.clone());
         registry.register("image_layer_import_duration_seconds", "Time to download, verify and unpack one layer", layer_import.clone());
         Self { bytes, duration, layer_import }
     }
@@ -73,7 +84,10 @@ struct SourceFailure {
 
 impl From<Status> for SourceFailure {
     fn from(status: Status) -> Self {
-        Self { fatal: status.code() == Code::DataLoss || status.code() == Code::InvalidArgument, code: status.code(), message: format!("storage: {}", status.message()) }
+        // Storage refusing the content (bad bytes, unsafe entries, over its size limits)
+        // would refuse it from any source.
+        let fatal = matches!(status.code(), Code::DataLoss | Code::InvalidArgument | Code::ResourceExhausted);
+        Self { fatal, code: status.code(), message: format!("storage: {}", status.message()) }
     }
 }
 
@@ -87,9 +101,9 @@ fn classify(error: OciDistributionError) -> SourceFailure {
         OciDistributionError::ServerError { code: 404, .. } => Code::NotFound,
         _ => Code::Unavailable,
     };
-    SourceFailure { fatal: code == Code::DataLoss, code, message: error.to_string() }
+    // The text can hold whatever a registry or token endpoint chose to answer.
+    SourceFailure { fatal: code == Code::DataLoss, code, message: excerpt_to(&error.to_string(), REGISTRY_TEXT_CHARS) }
 }
-
 
 fn auth_fingerprint(auth: &RegistryAuth) -> String {
     let secret = match auth {
@@ -100,54 +114,137 @@ fn auth_fingerprint(auth: &RegistryAuth) -> String {
     hex::encode(&Sha256::digest(secret.as_bytes())[..8])
 }
 
+/// What a panic inside a pull said, for the log (its text may come from a registry).
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_default();
+    excerpt_to(&text, REGISTRY_TEXT_CHARS)
+}
+
 impl Puller {
     pub fn new(config: ImageConfig, storage: Channel, registry: &mut Registry) -> Result<Self, ImageError> {
         let credentials = crate::registry::load_credentials(&config.credentials_file)?;
-        Ok(Self { config, storage, credentials, pulls: Mutex::default(), blobs: Mutex::default(), metrics: PullMetrics::register(registry) })
+        Ok(Self { config, storage, credentials, inflight: Arc::default(), blobs: Default::default(), metrics: PullMetrics::register(registry) })
     }
 
     fn storage(&self) -> StorageClient<Channel> {
         StorageClient::new(self.storage.clone()).max_decoding_message_size(trellis_common::grpc::MAX_MESSAGE_BYTES)
     }
 
+    /// Removes every layer no image uses: what pulls cut short by a crash or a kill of
+    /// this service left. Called once, before any pull: none can declare a layer it
+    /// needs until this is done, so none loses one to it.
+    pub fn prune_at_start(self: &Arc<Self>) {
+        let Some(gate) = self.inflight.pruning_now() else { return };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _gate = gate;
+            let deadline = Instant::now() + STARTUP_PRUNE_PATIENCE;
+            loop {
+                let request = traced_request(PruneLayersRequest { chain_ids: Vec::new() });
+                match tokio::time::timeout(PRUNE_TIMEOUT, this.storage().prune_layers(request)).await {
+                    Ok(Ok(response)) => {
+                        let removed = response.into_inner().removed.len();
+                        tracing::info!(removed, "layers no image uses removed at start");
+                        return;
+                    }
+                    Ok(Err(status)) if status.code() == Code::Unavailable && Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(250)).await,
+                    Ok(Err(status)) => return tracing::warn!(error = %status.message(), "cannot remove the layers no image uses at start"),
+                    Err(_) => return tracing::warn!(seconds = PRUNE_TIMEOUT.as_secs(), "the storage service did not finish removing the layers no image uses"),
+                }
+            }
+        });
+    }
+
     /// Pulls `image` (or waits for the same pull already under way) and returns it.
+    /// Dropping the returned future withdraws this caller; the pull stops when no
+    /// caller is left.
     pub async fn pull(self: &Arc<Self>, image: NamedRef, request_auth: Option<&k8s_cri::v1::AuthConfig>) -> Result<Image, Status> {
         let auth = auth_for(request_auth, &self.credentials, &image.registry)?;
         let key = format!("{image}|{}", auth_fingerprint(&auth));
-        let pull = {
-            let mut pulls = self.pulls.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            pulls
-                .entry(key.clone())
-                .or_insert_with(|| {
-                    let this = self.clone();
-                    async move {
-                        let started = Instant::now();
-                        let result = this.pull_from_sources(&image, &auth).await.map_err(|error| {
-                            let status = Status::from(error);
-                            (status.code(), status.message().to_string())
-                        });
-                        let outcome = if result.is_ok() { "ok" } else { "error" };
-                        this.metrics.duration.get_or_create(&RpcLabels { method: outcome.into() }).observe(started.elapsed().as_secs_f64());
-                        result
-                    }
-                    .boxed()
-                    .shared()
-                })
-                .clone()
-        };
-        let result = pull.clone().await;
-        let mut pulls = self.pulls.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if pulls.get(&key).is_some_and(|current| current.ptr_eq(&pull)) {
-            pulls.remove(&key);
+        let mut waiter = self.inflight.join(&key, |start| {
+            // A child of the first caller's span, so storage calls stay in its trace.
+            let span = tracing::info_span!("pull", image = %image);
+            tokio::spawn(self.clone().run(key.clone(), image.clone(), auth, start).instrument(span));
+        });
+        match waiter.outcome().await {
+            Some(Ok(pulled)) => Ok(pulled),
+            Some(Err((code, message))) => Err(Status::new(code, message)),
+            None => Err(Status::internal(format!("pulling {image}: the pull stopped without an answer"))),
         }
-        result.map_err(|(code, message)| Status::new(code, message))
     }
 
-    async fn pull_from_sources(&self, image: &NamedRef, auth: &RegistryAuth) -> Result<Image, ImageError> {
+    /// Runs one pull to its end, answers its waiters, and removes what it left.
+    async fn run(self: Arc<Self>, key: String, image: NamedRef, auth: RegistryAuth, start: Start) {
+        let Start { id, abandoned, outcome } = start;
+        let started = Instant::now();
+        let mut worker = tokio::spawn({
+            let this = self.clone();
+            let image = image.clone();
+            async move { this.pull_from_sources(id, &image, &auth).await }.in_current_span()
+        });
+        let ended: Option<Outcome> = tokio::select! {
+            joined = &mut worker => Some(match joined {
+                Ok(Ok(pulled)) => Ok(pulled),
+                Ok(Err(error)) => {
+                    let status = Status::from(error);
+                    Err((status.code(), status.message().to_string()))
+                }
+                Err(error) if error.is_panic() => {
+                    tracing::error!(image = %image, panic = %panic_text(&error.into_panic()), "the registry client panicked; the pull fails, the service goes on");
+                    Err((Code::Internal, format!("pulling {image}: the registry client failed (it panicked; the image service log says where)")))
+                }
+                Err(_) => Err((Code::Aborted, format!("pulling {image}: the pull was cancelled"))),
+            }),
+            _ = abandoned => {
+                worker.abort();
+                // Returns once the pull is dropped, so its streams to storage are closed.
+                let _ = worker.await;
+                tracing::info!(image = %image, "pull abandoned by every caller: stopped");
+                None
+            }
+        };
+        self.inflight.finished(&key, id);
+        let kept = match &ended {
+            Some(Ok(pulled)) => pulled.chain_ids.clone(),
+            _ => Vec::new(),
+        };
+        self.prune_leftovers(id, &image, &kept).await;
+        let label = match &ended {
+            Some(Ok(_)) => "ok",
+            Some(Err(_)) => "error",
+            None => "abandoned",
+        };
+        self.metrics.duration.get_or_create(&RpcLabels { method: label.into() }).observe(started.elapsed().as_secs_f64());
+        if let Some(ended) = ended {
+            outcome.send_replace(Some(ended));
+        }
+    }
+
+    /// Forgets pull `id`, removing the layers it needed or imported that neither its
+    /// image (`kept`) nor any other pull under way needs.
+    async fn prune_leftovers(&self, id: u64, image: &NamedRef, kept: &[String]) {
+        // The usual case, a pull that got its image, need not wait for other prunes.
+        if self.inflight.forget_if_clean(id, kept) {
+            return;
+        }
+        let _gate = self.inflight.pruning().await;
+        let chains = self.inflight.settle(id, kept);
+        if chains.is_empty() {
+            return;
+        }
+        let request = traced_request(PruneLayersRequest { chain_ids: chains.clone() });
+        match tokio::time::timeout(PRUNE_TIMEOUT, self.storage().prune_layers(request)).await {
+            Ok(Ok(response)) => tracing::info!(image = %image, removed = response.into_inner().removed.len(), "layers a pull left without its image removed"),
+            Ok(Err(status)) => tracing::warn!(image = %image, layers = chains.len(), error = %status.message(), "cannot remove the layers a pull left; the next start of the image service will"),
+            Err(_) => tracing::warn!(image = %image, layers = chains.len(), "removing the layers a pull left timed out; the next start of the image service will"),
+        }
+    }
+
+    async fn pull_from_sources(&self, id: u64, image: &NamedRef, auth: &RegistryAuth) -> Result<Image, ImageError> {
         let mut failures = Vec::new();
         let mut code = Code::Unavailable;
         for source in sources(&self.config, image) {
-            match self.pull_from(image, &source, auth).await {
+            match self.pull_from(id, image, &source, auth).await {
                 Ok(pulled) => return Ok(pulled),
                 Err(failure) => {
                     tracing::warn!(image = %image, source = %source.label, error = %failure.message, "pull source failed");
@@ -162,7 +259,7 @@ impl Puller {
         Err(ImageError::Registry { image: image.to_string(), failures: failures.join("; "), code })
     }
 
-    async fn pull_from(&self, image: &NamedRef, source: &Source, auth: &RegistryAuth) -> Result<Image, SourceFailure> {
+    async fn pull_from(&self, id: u64, image: &NamedRef, source: &Source, auth: &RegistryAuth) -> Result<Image, SourceFailure> {
         let timeout = Duration::from_secs(self.config.pull_progress_timeout_seconds);
         // The HTTP client's own read timeout is a backstop; ours fires first and says what stalled.
         let client = client_for(source, timeout + Duration::from_secs(5));
@@ -198,6 +295,7 @@ impl Puller {
         for diff_id in &diff_ids {
             chain_ids.push(chain_id(chain_ids.last().map(String::as_str), diff_id));
         }
+        self.inflight.need(id, &chain_ids).await;
 
         let image_name = image.to_string();
         let mut imports = Vec::with_capacity(manifest.layers.len());
@@ -211,7 +309,7 @@ impl Puller {
                 parent_chain_id: if i == 0 { String::new() } else { chain_ids[i - 1].clone() },
                 image: image_name.clone(),
             };
-            imports.push(self.import_layer(&client, source, layer, header, timeout));
+            imports.push(self.import_layer(id, &client, source, layer, header, timeout));
         }
         futures::stream::iter(imports).buffer_unordered(PARALLEL_LAYERS).try_collect::<Vec<()>>().await?;
 
@@ -241,7 +339,7 @@ impl Puller {
     }
 
     /// Streams one layer from the source into the storage service, unless present.
-    async fn import_layer(&self, client: &oci_client::Client, source: &Source, layer: &OciDescriptor, header: LayerHeader, timeout: Duration) -> Result<(), SourceFailure> {
+    async fn import_layer(&self, id: u64, client: &oci_client::Client, source: &Source, layer: &OciDescriptor, header: LayerHeader, timeout: Duration) -> Result<(), SourceFailure> {
         if self.has_layer(&header.chain_id).await? {
             return Ok(());
         }
@@ -250,6 +348,8 @@ impl Puller {
         if self.has_layer(&header.chain_id).await? {
             return Ok(());
         }
+        // From here storage may end up with the layer, whatever happens to this pull.
+        self.inflight.importing(id, &header.chain_id);
         let started = Instant::now();
         let blob = client.pull_blob_stream(&source.reference, layer).await.map_err(classify)?;
         let (chunks, outgoing) = mpsc::channel::<ImportLayerChunk>(16);
@@ -311,5 +411,29 @@ fn stored_config(config: &serde_json::Value) -> StoredConfig {
             .and_then(|v| v.as_object())
             .map(|o| o.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string()))).collect())
             .unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_refusing_the_content_ends_the_pull_with_its_code() {
+        for code in [Code::DataLoss, Code::InvalidArgument, Code::ResourceExhausted] {
+            let failure = SourceFailure::from(Status::new(code, "layer over the size limit"));
+            assert!(failure.fatal, "{code:?}: no other source is tried");
+            assert_eq!(failure.code, code, "passed through");
+        }
+        for code in [Code::Unavailable, Code::DeadlineExceeded, Code::Internal] {
+            assert!(!SourceFailure::from(Status::new(code, "down")).fatal, "{code:?}: another source may do");
+        }
+    }
+
+    #[test]
+    fn registry_text_is_quoted_short() {
+        let failure = classify(OciDistributionError::AuthenticationFailure(format!("denied\n{}", "x".repeat(20_000))));
+        assert_eq!(failure.code, Code::Unauthenticated);
+        assert!(failure.message.len() < REGISTRY_TEXT_CHARS + 60 && !failure.message.contains('\n'), "{}", failure.message);
     }
 }

@@ -9,6 +9,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use trellis_common::config::ImageConfig;
 use trellis_common::reference::NamedRef;
+use trellis_common::text::excerpt;
 
 use crate::error::ImageError;
 
@@ -64,32 +65,79 @@ pub fn client_for(source: &Source, read_timeout: std::time::Duration) -> Client 
     })
 }
 
+/// Longest credential field taken: well above real tokens (JWTs of a few KB), well
+/// below what would bloat every request to the registry.
+const CREDENTIAL_MAX_BYTES: usize = 16 * 1024;
+
+/// What a credential field is used as, for the checks it must pass.
+#[derive(Clone, Copy)]
+enum Secret {
+    Username,
+    Password,
+    /// Sent as is in `Authorization: Bearer …`.
+    Token,
+}
+
+/// Why `value` cannot be used as `kind`, in words that never quote it: a secret
+/// does not belong in an error message or a log.
+fn check_secret(value: &str, kind: Secret) -> Result<(), String> {
+    if value.len() > CREDENTIAL_MAX_BYTES {
+        return Err(format!("is {} bytes, more than {CREDENTIAL_MAX_BYTES}", value.len()));
+    }
+    match kind {
+        // A header value cannot hold control characters (the HTTP client would panic
+        // building it), and RFC 6750 tokens are printable ASCII without spaces.
+        Secret::Token if !value.bytes().all(|b| b.is_ascii_graphic()) => Err("holds a control character, a space or a non-ASCII character, which a bearer token cannot".into()),
+        Secret::Username | Secret::Password if value.chars().any(char::is_control) => Err("holds a control character".into()),
+        // Basic authentication joins them as `user:password`: a ':' in the user would move the split.
+        Secret::Username if value.contains(':') => Err("holds ':', which separates user and password".into()),
+        _ => Ok(()),
+    }
+}
+
 /// Credentials from the CRI request, else from the credentials file for `registry`.
+/// Every field the request sets is checked, used or not: it is hostile until then.
 pub fn auth_for(request: Option<&k8s_cri::v1::AuthConfig>, file: &HashMap<String, RegistryAuth>, registry: &str) -> Result<RegistryAuth, ImageError> {
-    if let Some(auth) = request {
-        if !auth.username.is_empty() {
-            return Ok(RegistryAuth::Basic(auth.username.clone(), auth.password.clone()));
-        }
-        if !auth.auth.is_empty() {
-            return decode_basic(&auth.auth).ok_or_else(|| ImageError::InvalidArgument("AuthConfig.auth is not base64 of `user:password`".into()));
-        }
-        for token in [&auth.registry_token, &auth.identity_token] {
-            if !token.is_empty() {
-                return Ok(RegistryAuth::Bearer(token.clone()));
-            }
+    let Some(auth) = request else { return Ok(file.get(registry).cloned().unwrap_or(RegistryAuth::Anonymous)) };
+    let refuse = |field: &str, problem: String| ImageError::InvalidArgument(format!("AuthConfig.{field} {problem} (its value is not shown)"));
+    for (field, value, kind) in [
+        ("username", &auth.username, Secret::Username),
+        ("password", &auth.password, Secret::Password),
+        ("registry_token", &auth.registry_token, Secret::Token),
+        ("identity_token", &auth.identity_token, Secret::Token),
+    ] {
+        check_secret(value, kind).map_err(|problem| refuse(field, problem))?;
+    }
+    let decoded = if auth.auth.is_empty() { None } else { Some(decode_basic(&auth.auth).map_err(|problem| refuse("auth", problem))?) };
+    if !auth.username.is_empty() {
+        return Ok(RegistryAuth::Basic(auth.username.clone(), auth.password.clone()));
+    }
+    if let Some((user, password)) = decoded {
+        return Ok(RegistryAuth::Basic(user, password));
+    }
+    for token in [&auth.registry_token, &auth.identity_token] {
+        if !token.is_empty() {
+            return Ok(RegistryAuth::Bearer(token.clone()));
         }
     }
     Ok(file.get(registry).cloned().unwrap_or(RegistryAuth::Anonymous))
 }
 
-fn decode_basic(encoded: &str) -> Option<RegistryAuth> {
-    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
-    let text = String::from_utf8(decoded).ok()?;
-    let (user, password) = text.split_once(':')?;
-    Some(RegistryAuth::Basic(user.to_string(), password.to_string()))
+/// `base64(user:password)`, checked like the separate fields.
+fn decode_basic(encoded: &str) -> Result<(String, String), String> {
+    let encoded = encoded.trim();
+    check_secret(encoded, Secret::Token)?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded).map_err(|_| "is not base64".to_string())?;
+    let text = String::from_utf8(decoded).map_err(|_| "is not base64 of UTF-8 text".to_string())?;
+    let (user, password) = text.split_once(':').ok_or_else(|| "is not base64 of `user:password`".to_string())?;
+    check_secret(user, Secret::Username).map_err(|problem| format!("decodes to a user name that {problem}"))?;
+    check_secret(password, Secret::Password).map_err(|problem| format!("decodes to a password that {problem}"))?;
+    Ok((user.to_string(), password.to_string()))
 }
 
 /// Reads a docker-style config.json: `{"auths": {"registry": {"auth": "..."} | {"username", "password"}}}`.
+/// An entry that could not be sent as it is stops the service from starting, naming
+/// the entry and the field, not the secret.
 pub fn load_credentials(path: &str) -> Result<HashMap<String, RegistryAuth>, ImageError> {
     if path.is_empty() {
         return Ok(HashMap::new());
@@ -99,11 +147,18 @@ pub fn load_credentials(path: &str) -> Result<HashMap<String, RegistryAuth>, Ima
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
     let mut credentials = HashMap::new();
     for (registry, entry) in json.get("auths").and_then(|a| a.as_object()).into_iter().flatten() {
+        let entry_name = excerpt(registry);
         let field = |name: &str| entry.get(name).and_then(|v| v.as_str()).unwrap_or_default().to_string();
         let auth = if !field("username").is_empty() {
+            for (name, kind) in [("username", Secret::Username), ("password", Secret::Password)] {
+                check_secret(&field(name), kind).map_err(|problem| bad(format!("entry {entry_name}: {name} {problem}")))?;
+            }
             RegistryAuth::Basic(field("username"), field("password"))
+        } else if !field("auth").is_empty() {
+            let (user, password) = decode_basic(&field("auth")).map_err(|problem| bad(format!("entry {entry_name}: auth {problem}")))?;
+            RegistryAuth::Basic(user, password)
         } else {
-            decode_basic(&field("auth")).ok_or_else(|| bad(format!("entry {registry} has neither username/password nor a valid auth")))?
+            return Err(bad(format!("entry {entry_name} has neither username/password nor auth")));
         };
         let host = registry.trim_start_matches("https://").trim_start_matches("http://").trim_end_matches('/').split('/').next().unwrap_or_default();
         credentials.insert(host.to_string(), auth);
@@ -154,5 +209,56 @@ mod tests {
         assert!(matches!(auth_for(Some(&request), &from_file, "reg.example:5000").expect("auth"), RegistryAuth::Basic(u, _) if u == "x"));
         assert!(matches!(auth_for(None, &from_file, "other.example").expect("auth"), RegistryAuth::Basic(u, _) if u == "a"));
         assert!(matches!(auth_for(None, &from_file, "nowhere").expect("auth"), RegistryAuth::Anonymous));
+    }
+
+    #[test]
+    fn request_credentials_are_checked_by_field_without_echoing_them() {
+        let none = HashMap::new();
+        let refused = |auth: k8s_cri::v1::AuthConfig| auth_for(Some(&auth), &none, "reg.example").expect_err("refused").to_string();
+        let secret = "s3cret-\u{1}-value";
+        let cases = [
+            ("registry_token", k8s_cri::v1::AuthConfig { registry_token: format!("tok\n{secret}"), ..Default::default() }),
+            ("registry_token", k8s_cri::v1::AuthConfig { registry_token: format!("tok {secret}"), ..Default::default() }),
+            ("identity_token", k8s_cri::v1::AuthConfig { identity_token: format!("tok\r{secret}"), ..Default::default() }),
+            ("identity_token", k8s_cri::v1::AuthConfig { identity_token: format!("tók{secret}"), ..Default::default() }),
+            ("username", k8s_cri::v1::AuthConfig { username: format!("a:{secret}"), password: "p".into(), ..Default::default() }),
+            ("username", k8s_cri::v1::AuthConfig { username: format!("a\n{secret}"), ..Default::default() }),
+            ("password", k8s_cri::v1::AuthConfig { username: "u".into(), password: format!("p\u{7f}{secret}"), ..Default::default() }),
+            // Checked even when another field would be used.
+            ("registry_token", k8s_cri::v1::AuthConfig { username: "u".into(), password: "p".into(), registry_token: format!("\n{secret}"), ..Default::default() }),
+            ("auth", k8s_cri::v1::AuthConfig { auth: base64::engine::general_purpose::STANDARD.encode(format!("u:p\n{secret}")), ..Default::default() }),
+            ("auth", k8s_cri::v1::AuthConfig { auth: format!("not base64 {secret}"), ..Default::default() }),
+            ("registry_token", k8s_cri::v1::AuthConfig { registry_token: "t".repeat(CREDENTIAL_MAX_BYTES + 1), ..Default::default() }),
+        ];
+        for (field, auth) in cases {
+            let message = refused(auth);
+            assert!(message.starts_with(&format!("AuthConfig.{field} ")), "{field}: {message}");
+            assert!(!message.contains("s3cret") && !message.contains("ttttt"), "the secret stays out of the message: {message}");
+            let status = tonic::Status::from(ImageError::InvalidArgument(message));
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        }
+        let fine = k8s_cri::v1::AuthConfig { registry_token: "eyJhbGciOi.J9-_~+/=".into(), ..Default::default() };
+        assert!(matches!(auth_for(Some(&fine), &none, "r").expect("a JWT-like token"), RegistryAuth::Bearer(t) if t == "eyJhbGciOi.J9-_~+/="));
+        let spaced = k8s_cri::v1::AuthConfig { username: "u".into(), password: "pass word:ünïcode".into(), ..Default::default() };
+        assert!(matches!(auth_for(Some(&spaced), &none, "r").expect("printable passwords"), RegistryAuth::Basic(_, p) if p == "pass word:ünïcode"));
+    }
+
+    #[test]
+    fn credentials_file_entries_are_checked_by_entry_and_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("config.json");
+        let path = file.to_str().expect("utf-8");
+        let cases = [
+            (r#"{"auths":{"reg.example":{"username":"u","password":"p\u0001s3cret"}}}"#, "entry reg.example: password holds a control character"),
+            (r#"{"auths":{"reg.example":{"username":"u:s3cret","password":"p"}}}"#, "entry reg.example: username holds ':'"),
+            (r#"{"auths":{"reg.example":{"auth":"dTpwCnMzY3JldA=="}}}"#, "entry reg.example: auth decodes to a password that holds a control character"),
+            (r#"{"auths":{"reg\nforged.example":{"auth":"!!s3cret"}}}"#, "entry reg\\nforged.example: auth is not base64"),
+        ];
+        for (json, expected) in cases {
+            std::fs::write(&file, json).expect("write");
+            let message = load_credentials(path).expect_err("refused").to_string();
+            assert!(message.contains(expected), "{expected}: {message}");
+            assert!(!message.contains("s3cret"), "{message}");
+        }
     }
 }

@@ -27,17 +27,42 @@ impl Registry {
     /// authentication (htpasswd).
     pub fn start(dir: &Path, auth: Option<(&str, &str)>) -> Registry {
         let root = dir.join("registry");
-        std::fs::create_dir_all(root.join("data")).expect("registry dir");
-        let address = format!("127.0.0.1:{}", crate::free_port());
-        let mut config = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {address}\nhealth:\n  storagedriver:\n    enabled: false\n",
-            root.join("data").display()
-        );
-        if let Some((user, password)) = auth {
+        std::fs::create_dir_all(&root).expect("registry dir");
+        let auth_config = auth.map(|(user, password)| {
             let hash = bcrypt::hash(password, 4).expect("bcrypt");
             std::fs::write(root.join("htpasswd"), format!("{user}:{hash}\n")).expect("htpasswd");
-            config.push_str(&format!("auth:\n  htpasswd:\n    realm: trellis-test\n    path: {}\n", root.join("htpasswd").display()));
-        }
+            format!("auth:\n  htpasswd:\n    realm: trellis-test\n    path: {}\n", root.join("htpasswd").display())
+        });
+        Self::serve(root, auth_config.unwrap_or_default(), auth.map(|(u, p)| (u.to_string(), p.to_string())))
+    }
+
+    /// Starts a registry storing under `dir` that sends clients for a bearer token to
+    /// `realm` (docker's token authentication). It trusts a throwaway certificate, so
+    /// no token is ever good: the tests use it to reach what the realm answers.
+    pub fn start_token_auth(dir: &Path, realm: &str) -> Registry {
+        let root = dir.join("registry");
+        std::fs::create_dir_all(&root).expect("registry dir");
+        let (key, cert) = (root.join("token-key.pem"), root.join("token-cert.pem"));
+        let openssl = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=trellis-test"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl is not installed");
+        assert!(openssl.status.success(), "openssl: {}", String::from_utf8_lossy(&openssl.stderr));
+        let auth_config = format!("auth:\n  token:\n    realm: {realm}\n    service: trellis-test\n    issuer: trellis-test\n    rootcertbundle: {}\n", cert.display());
+        Self::serve(root, auth_config, None)
+    }
+
+    fn serve(root: PathBuf, auth_config: String, auth: Option<(String, String)>) -> Registry {
+        std::fs::create_dir_all(root.join("data")).expect("registry dir");
+        let address = format!("127.0.0.1:{}", crate::free_port());
+        let config = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {address}\nhealth:\n  storagedriver:\n    enabled: false\n{auth_config}",
+            root.join("data").display()
+        );
         std::fs::write(root.join("config.yml"), config).expect("registry config");
         let log = std::fs::File::create(root.join("registry.log")).expect("registry log");
         let child = Command::new("docker-registry")
@@ -48,13 +73,18 @@ impl Registry {
             .stderr(log)
             .spawn()
             .expect("docker-registry is not installed (apt-get install docker-registry)");
-        let registry = Registry { address, root, child: Some(child), auth: auth.map(|(u, p)| (u.to_string(), p.to_string())) };
+        let registry = Registry { address, root, child: Some(child), auth };
         let deadline = Instant::now() + Duration::from_secs(15);
         while std::net::TcpStream::connect(&registry.address).is_err() {
             assert!(Instant::now() < deadline, "registry did not start: {}", registry.log());
             std::thread::sleep(Duration::from_millis(20));
         }
         registry
+    }
+
+    /// The requests the registry served (its access log lines).
+    pub fn requests(&self) -> Vec<String> {
+        self.log().lines().filter(|line| line.contains("\"GET ") || line.contains("\"HEAD ") || line.contains("\"PUT ") || line.contains("\"POST ")).map(str::to_string).collect()
     }
 
     pub fn log(&self) -> String {
