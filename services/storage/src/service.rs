@@ -100,8 +100,7 @@ impl Storage for StorageService {
         if let Some(done) = present(&self.layers)? {
             return Ok(Response::new(done));
         }
-        let lock = self.import_lock(&header.chain_id);
-        let _importing = lock.lock().await;
+        let importing = self.import_lock(&header.chain_id).lock_owned().await;
         if let Some(done) = present(&self.layers)? {
             return Ok(Response::new(done));
         }
@@ -109,7 +108,12 @@ impl Storage for StorageService {
         let (chunks, receiver) = mpsc::channel(32);
         let layers = self.layers.clone();
         let unpack_header = header.clone();
-        let unpacking = tokio::task::spawn_blocking(move || layers.import(&unpack_header, ChannelReader { chunks: receiver, current: Bytes::new() }));
+        // The unpack holds the chain's lock until it ends, even when this call is dropped
+        // (its client gone): a prune or another import of the chain waits for it.
+        let unpacking = tokio::task::spawn_blocking(move || {
+            let _importing = importing;
+            layers.import(&unpack_header, ChannelReader { chunks: receiver, current: Bytes::new() })
+        });
         loop {
             let chunk = match stream.message().await {
                 Ok(Some(ImportLayerChunk { part: Some(Part::Data(data)) })) => Ok(data),
@@ -131,7 +135,17 @@ impl Storage for StorageService {
 
     async fn prune_layers(&self, request: Request<PruneLayersRequest>) -> Result<Response<PruneLayersResponse>, Status> {
         let named = request.into_inner().chain_ids;
-        let candidates = if named.is_empty() { self.layers.chain_ids()? } else { named };
+        let mut candidates = if named.is_empty() { self.layers.chain_ids()? } else { named };
+        // Locks are taken in one order, so that two prunes cannot wait on each other.
+        candidates.sort();
+        candidates.dedup();
+        // An import of a candidate still under way (its puller gone, its unpack not yet
+        // noticed) finishes first: else it would record its layer after this prune.
+        let mut importing = Vec::new();
+        for chain in &candidates {
+            let lock = self.import_lock(chain);
+            importing.push(lock.lock_owned().await);
+        }
         let mut unused = Vec::new();
         for chain in candidates {
             if !self.images.chain_in_use(&chain)? && self.layers.get(&chain)?.is_some() {

@@ -138,6 +138,17 @@ impl Node {
         self.root().join("cni")
     }
 
+    /// What the layer store holds, sorted: one directory per layer (named by its diff
+    /// id's hex), and `tmp-…` ones while layers are unpacked; not `l`, the layers'
+    /// short links.
+    pub fn layer_dirs(&self) -> Vec<String> {
+        let dir = self.root().join("state/storage/layers");
+        let names = std::fs::read_dir(&dir).into_iter().flatten().filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned());
+        let mut names: Vec<String> = names.filter(|name| name != "l").collect();
+        names.sort();
+        names
+    }
+
     /// The node's log (all services), for assertions.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.root().join("node.log")).unwrap_or_default()

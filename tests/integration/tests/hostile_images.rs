@@ -56,8 +56,7 @@ impl Scene {
 
     /// Whatever an import left half-done: `tmp-` directories in the layer store.
     fn temporary_layers(&self) -> Vec<String> {
-        let names = std::fs::read_dir(self.state().join("storage/layers")).into_iter().flatten().filter_map(Result::ok);
-        names.map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("tmp-")).collect()
+        self.node.layer_dirs().into_iter().filter(|name| name.starts_with("tmp-")).collect()
     }
 
     async fn pod(&self, name: &str) -> Pod {

@@ -18,13 +18,6 @@ async fn pull(node: &Node, image: &str) -> Result<String, tonic::Status> {
     node.images().pull_image(PullImageRequest { image: spec(image), ..Default::default() }).await.map(|r| r.into_inner().image_ref)
 }
 
-fn layer_dirs(node: &Node) -> Vec<String> {
-    let dir = node.root().join("state/storage/layers");
-    let mut names: Vec<String> = std::fs::read_dir(&dir).map(|d| d.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
-    names.sort();
-    names
-}
-
 /// Polls `condition` every 20 ms for up to `within`.
 async fn eventually(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;
@@ -47,18 +40,18 @@ fn slow_image() -> BuiltImage {
 /// `stored_before` layers), the big one unpacking.
 async fn wait_mid_pull(node: &Node, proxy: &TrickleProxy, stored_before: usize) {
     let midway = eventually(Duration::from_secs(30), || {
-        let dirs = layer_dirs(node);
+        let dirs = node.layer_dirs();
         dirs.iter().any(|d| d.starts_with("tmp-")) && dirs.iter().filter(|d| !d.starts_with("tmp-")).count() > stored_before
     })
     .await;
-    assert!(midway, "never caught the pull mid-way: layers {:?}, {} bytes through the proxy\n{}", layer_dirs(node), proxy.forwarded(), node.log_tail());
+    assert!(midway, "never caught the pull mid-way: layers {:?}, {} bytes through the proxy\n{}", node.layer_dirs(), proxy.forwarded(), node.log_tail());
 }
 
 /// An abandoned pull stops: no connection to the registry, no half or orphan layer.
 async fn assert_stopped_and_cleaned(node: &Node, proxy: &TrickleProxy, how: &str) {
     assert!(eventually(Duration::from_secs(5), || proxy.open_connections() == 0).await, "{how}: the download goes on ({} connections open)", proxy.open_connections());
     let passed = proxy.forwarded();
-    assert!(eventually(Duration::from_secs(5), || layer_dirs(node).is_empty()).await, "{how}: layers left behind: {:?}\n{}", layer_dirs(node), node.log_tail());
+    assert!(eventually(Duration::from_secs(5), || node.layer_dirs().is_empty()).await, "{how}: layers left behind: {:?}\n{}", node.layer_dirs(), node.log_tail());
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(proxy.forwarded(), passed, "{how}: nothing more is downloaded");
 }
@@ -139,7 +132,7 @@ async fn an_abandoned_pull_stops_and_leaves_no_layer() {
 
     proxy.full_speed();
     assert_eq!(pull(&node, &name).await.expect("a full pull afterwards"), built.id());
-    assert_eq!(layer_dirs(&node).len(), 2, "both layers, nothing else: {:?}", layer_dirs(&node));
+    assert_eq!(node.layer_dirs().len(), 2, "both layers, nothing else: {:?}", node.layer_dirs());
     node.stop();
 }
 
@@ -165,7 +158,7 @@ async fn layers_a_killed_image_service_left_are_pruned_when_it_starts_again() {
     kill9(image_pid);
     assert!(call.await.expect("join").is_err(), "the interrupted pull fails");
     node.wait_restarted("image", image_pid, Duration::from_secs(15)).await;
-    assert!(eventually(Duration::from_secs(5), || layer_dirs(&node).len() == 1).await, "only the kept image's layer remains: {:?}\n{}", layer_dirs(&node), node.log_tail());
+    assert!(eventually(Duration::from_secs(5), || node.layer_dirs().len() == 1).await, "only the kept image's layer remains: {:?}\n{}", node.layer_dirs(), node.log_tail());
     let images = node.images().list_images(ListImagesRequest::default()).await.expect("ListImages").into_inner().images;
     assert_eq!(images.into_iter().map(|i| i.id).collect::<Vec<_>>(), vec![kept.id()]);
     node.stop();

@@ -32,16 +32,6 @@ fn storage(node: &Node) -> StorageClient<tonic::transport::Channel> {
     StorageClient::new(unix_channel(&node.socket("storage")))
 }
 
-/// Nothing half-done in the layer store: no `tmp-` directory, every directory a layer
-/// (beside `l`, the layers' short links).
-fn layer_dirs(node: &Node) -> Vec<String> {
-    let dir = node.root().join("state/storage/layers");
-    let names: Vec<String> = std::fs::read_dir(&dir).map(|d| d.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
-    let mut names: Vec<String> = names.into_iter().filter(|name: &String| name != "l").collect();
-    names.sort();
-    names
-}
-
 fn small_image(marker: &'static str) -> BuiltImage {
     image(vec![busybox_layer(), layer(&[Entry::File(marker, marker.as_bytes().to_vec())], Compression::Gzip)], &["/bin/sh"], "amd64", false)
 }
@@ -75,7 +65,7 @@ async fn pull_by_tag_and_digest_list_status_remove_and_pull_again() {
 
     node.images().remove_image(RemoveImageRequest { image: spec(&tagged) }).await.expect("remove by tag");
     assert!(list(&node).await.is_empty());
-    assert!(layer_dirs(&node).is_empty(), "layers go with the last image using them: {:?}", layer_dirs(&node));
+    assert!(node.layer_dirs().is_empty(), "layers go with the last image using them: {:?}", node.layer_dirs());
     node.images().remove_image(RemoveImageRequest { image: spec(&tagged) }).await.expect("removing a missing image is not an error");
 
     assert_eq!(pull(&node, &by_digest).await.expect("pull by digest"), built.id());
@@ -247,10 +237,10 @@ async fn hostile_or_corrupt_layers_fail_by_name_and_leave_nothing() {
     // A failed layer cancels its siblings; storage removes their partial unpack as
     // soon as it sees the stream end, which may be just after the pull answered.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while layer_dirs(&node).iter().any(|name| name.starts_with("tmp-")) && std::time::Instant::now() < deadline {
+    while node.layer_dirs().iter().any(|name| name.starts_with("tmp-")) && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let layers = layer_dirs(&node);
+    let layers = node.layer_dirs();
     assert!(layers.iter().all(|name| !name.starts_with("tmp-")), "no half layer: {layers:?}");
     assert!(layers.len() <= 1, "at most the good busybox layer of the corrupt image: {layers:?}");
     assert!(!Path::new("/escape-abs").exists() && !Path::new("/etc/trellis-escape").exists());
@@ -316,10 +306,10 @@ async fn storage_killed_mid_pull_leaves_a_consistent_store() {
     node.wait_restarted("storage", storage_pid, Duration::from_secs(10)).await;
     let survivors: Vec<String> = list(&node).await.into_iter().map(|i| i.id).collect();
     assert_eq!(survivors, vec![small.id()], "records survive the kill; the interrupted image is not recorded");
-    assert_eq!(layer_dirs(&node).len(), 2, "only the small image's layers remain: {:?}", layer_dirs(&node));
+    assert_eq!(node.layer_dirs().len(), 2, "only the small image's layers remain: {:?}", node.layer_dirs());
 
     assert_eq!(pull(&node, &name).await.expect("pull again"), built.id());
-    assert_eq!(layer_dirs(&node).len(), 3);
+    assert_eq!(node.layer_dirs().len(), 3);
     node.stop();
 }
 
