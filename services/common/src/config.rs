@@ -47,6 +47,13 @@ pub enum ConfigError {
         expected: String,
         value: String,
     },
+    #[error("{source_name}: key `{key}` names {path}, which {problem}")]
+    BadFile {
+        source_name: String,
+        key: String,
+        path: String,
+        problem: String,
+    },
     #[error("{0}: expected `section.key=value`")]
     BadFlag(String),
     #[error("configuration does not form a valid whole: {0}")]
@@ -92,6 +99,17 @@ pub struct BusConfig {
     pub publish_timeout_ms: u64,
     /// `nats-server` binary for the private bus of `trellis up`.
     pub nats_server: String,
+    /// A NATS credentials file (user JWT and seed, `.creds`) for an external bus.
+    pub credentials_file: String,
+    /// A file holding an nkey user seed (`SU...`) for an external bus; `trellis up`
+    /// hands each service of its private bus one of its own through this key.
+    pub nkey_seed_file: String,
+    /// PEM CA certificates the bus's server certificate must chain to; setting any
+    /// `tls_*` key makes TLS mandatory.
+    pub tls_ca_file: String,
+    /// PEM client certificate for servers that verify clients (with `tls_key_file`).
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -251,6 +269,11 @@ impl Default for BusConfig {
             outbox_max_events: 100_000,
             publish_timeout_ms: 5_000,
             nats_server: "nats-server".into(),
+            credentials_file: String::new(),
+            nkey_seed_file: String::new(),
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }
@@ -592,12 +615,11 @@ fn validate(config: &Config, provenance: &Provenance) -> Result<(), ConfigError>
             return Err(bad(key, "an absolute path", &path.display().to_string()));
         }
     }
-    let url = &config.bus.url;
-    if !url.is_empty() && !["nats://", "tls://", "ws://", "wss://"].iter().any(|scheme| url.starts_with(scheme)) {
-        return Err(bad("bus.url", "empty (private bus) or a nats:// or tls:// URL", url));
-    }
-    if config.bus.stream.is_empty() || config.bus.stream.contains(['.', ' ', '*', '>']) {
-        return Err(bad("bus.stream", "a JetStream stream name without '.', '*', '>' or spaces", &config.bus.stream));
+    bus_auth::validate(&config.bus, provenance)?;
+    // The stream name goes into JetStream API subjects and the generated server
+    // configuration: no token separators, wildcards or quotes.
+    if config.bus.stream.is_empty() || sanitize_subject_token(&config.bus.stream) != config.bus.stream {
+        return Err(bad("bus.stream", "a JetStream stream name of letters, digits, '-' and '_'", &config.bus.stream));
     }
     if config.bus.outbox_max_events == 0 {
         return Err(bad("bus.outbox_max_events", "at least 1", "0"));
@@ -641,6 +663,8 @@ fn validate(config: &Config, provenance: &Provenance) -> Result<(), ConfigError>
     }
     Ok(())
 }
+
+mod bus_auth;
 
 #[cfg(test)]
 mod tests;
