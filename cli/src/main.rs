@@ -3,6 +3,7 @@
 
 mod bench;
 mod child;
+mod private_bus;
 mod probe;
 mod status;
 mod up;
