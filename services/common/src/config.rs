@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use bus::BusConfig;
+
 /// The default configuration file; a missing default file is not an error.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/trellis/trellis.toml";
 /// Environment variable naming the configuration file (like `--config`).
@@ -82,34 +84,6 @@ pub struct NodeConfig {
     pub run_dir: PathBuf,
     /// Where `trellis up` finds the service binaries; empty means beside `trellis`.
     pub bin_dir: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct BusConfig {
-    /// NATS URL. Empty: `trellis up` starts a private nats-server and hands its URL
-    /// to the services; a service started alone then runs without a bus and keeps
-    /// its events in the outbox.
-    pub url: String,
-    /// JetStream stream holding recent events.
-    pub stream: String,
-    pub stream_max_age_seconds: u64,
-    /// Events kept on disk while the bus is unreachable; beyond it the oldest go.
-    pub outbox_max_events: u64,
-    pub publish_timeout_ms: u64,
-    /// `nats-server` binary for the private bus of `trellis up`.
-    pub nats_server: String,
-    /// A NATS credentials file (user JWT and seed, `.creds`) for an external bus.
-    pub credentials_file: String,
-    /// A file holding an nkey user seed (`SU...`) for an external bus; `trellis up`
-    /// hands each service of its private bus one of its own through this key.
-    pub nkey_seed_file: String,
-    /// PEM CA certificates the bus's server certificate must chain to; setting any
-    /// `tls_*` key makes TLS mandatory.
-    pub tls_ca_file: String,
-    /// PEM client certificate for servers that verify clients (with `tls_key_file`).
-    pub tls_cert_file: String,
-    pub tls_key_file: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -256,24 +230,6 @@ impl Default for NodeConfig {
             state_dir: PathBuf::from("/var/lib/trellis"),
             run_dir: PathBuf::from("/run/trellis"),
             bin_dir: String::new(),
-        }
-    }
-}
-
-impl Default for BusConfig {
-    fn default() -> Self {
-        Self {
-            url: String::new(),
-            stream: "TRELLIS_EVENTS".into(),
-            stream_max_age_seconds: 24 * 3600,
-            outbox_max_events: 100_000,
-            publish_timeout_ms: 5_000,
-            nats_server: "nats-server".into(),
-            credentials_file: String::new(),
-            nkey_seed_file: String::new(),
-            tls_ca_file: String::new(),
-            tls_cert_file: String::new(),
-            tls_key_file: String::new(),
         }
     }
 }
@@ -615,15 +571,7 @@ fn validate(config: &Config, provenance: &Provenance) -> Result<(), ConfigError>
             return Err(bad(key, "an absolute path", &path.display().to_string()));
         }
     }
-    bus_auth::validate(&config.bus, provenance)?;
-    // The stream name goes into JetStream API subjects and the generated server
-    // configuration: no token separators, wildcards or quotes.
-    if config.bus.stream.is_empty() || sanitize_subject_token(&config.bus.stream) != config.bus.stream {
-        return Err(bad("bus.stream", "a JetStream stream name of letters, digits, '-' and '_'", &config.bus.stream));
-    }
-    if config.bus.outbox_max_events == 0 {
-        return Err(bad("bus.outbox_max_events", "at least 1", "0"));
-    }
+    bus::validate(&config.bus, provenance)?;
     if tracing_subscriber::EnvFilter::try_new(&config.telemetry.log_level).is_err() {
         return Err(bad("telemetry.log_level", "a tracing filter such as `info` or `warn,trellis_gateway=debug`", &config.telemetry.log_level));
     }
@@ -664,7 +612,7 @@ fn validate(config: &Config, provenance: &Provenance) -> Result<(), ConfigError>
     Ok(())
 }
 
-mod bus_auth;
+mod bus;
 
 #[cfg(test)]
 mod tests;

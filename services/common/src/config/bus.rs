@@ -1,4 +1,4 @@
-//! Checks of the bus URL, credentials and TLS files, at load time.
+//! The `[bus]` section, and its checks at load time.
 //!
 //! A service connects to the bus in the background and retries for ever: a missing,
 //! unreadable or malformed credentials file would only show as a bus that never
@@ -11,8 +11,56 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use super::{BusConfig, ConfigError, Provenance};
+use serde::{Deserialize, Serialize};
+
+use super::{ConfigError, Provenance, sanitize_subject_token};
 use crate::text::excerpt;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusConfig {
+    /// NATS URL. Empty: `trellis up` starts a private nats-server and hands its URL
+    /// to the services; a service started alone then runs without a bus and keeps
+    /// its events in the outbox.
+    pub url: String,
+    /// JetStream stream holding recent events.
+    pub stream: String,
+    pub stream_max_age_seconds: u64,
+    /// Events kept on disk while the bus is unreachable; beyond it the oldest go.
+    pub outbox_max_events: u64,
+    pub publish_timeout_ms: u64,
+    /// `nats-server` binary for the private bus of `trellis up`.
+    pub nats_server: String,
+    /// A NATS credentials file (user JWT and seed, `.creds`) for an external bus.
+    pub credentials_file: String,
+    /// A file holding an nkey user seed (`SU...`) for an external bus; `trellis up`
+    /// hands each service of its private bus one of its own through this key.
+    pub nkey_seed_file: String,
+    /// PEM CA certificates the bus's server certificate must chain to; setting any
+    /// `tls_*` key makes TLS mandatory.
+    pub tls_ca_file: String,
+    /// PEM client certificate for servers that verify clients (with `tls_key_file`).
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            stream: "TRELLIS_EVENTS".into(),
+            stream_max_age_seconds: 24 * 3600,
+            outbox_max_events: 100_000,
+            publish_timeout_ms: 5_000,
+            nats_server: "nats-server".into(),
+            credentials_file: String::new(),
+            nkey_seed_file: String::new(),
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+        }
+    }
+}
 
 const SCHEMES: [&str; 4] = ["nats://", "tls://", "ws://", "wss://"];
 
@@ -49,6 +97,14 @@ pub(super) fn validate(bus: &BusConfig, provenance: &Provenance) -> Result<(), C
             let shown = format!("{}***@{host}", &url[..url.len() - rest.len()]);
             return Err(bad("bus.url", "a URL without user or password (put credentials in bus.credentials_file or bus.nkey_seed_file: the URL is shown by `trellis status` and in logs)", &shown));
         }
+    }
+    // The stream name goes into JetStream API subjects and the generated server
+    // configuration: no token separators, wildcards or quotes.
+    if bus.stream.is_empty() || sanitize_subject_token(&bus.stream) != bus.stream {
+        return Err(bad("bus.stream", "a JetStream stream name of letters, digits, '-' and '_'", &bus.stream));
+    }
+    if bus.outbox_max_events == 0 {
+        return Err(bad("bus.outbox_max_events", "at least 1", "0"));
     }
     let files = [
         ("bus.credentials_file", &bus.credentials_file, Content::Creds),

@@ -41,7 +41,9 @@ impl Files {
     fn load(&self, bus: &[(&str, &str)]) -> Result<crate::config::Config, ConfigError> {
         let mut text = String::from("[bus]\n");
         for (key, value) in bus {
-            let value = if value.starts_with(['/', '.']) || value.contains("://") || value.is_empty() { value.to_string() } else { self.path(value).display().to_string() };
+            // File keys name files of this test's directory unless given a path.
+            let in_dir = key.ends_with("_file") && !value.starts_with(['/', '.']) && !value.is_empty();
+            let value = if in_dir { self.path(value).display().to_string() } else { value.to_string() };
             text.push_str(&format!("{key} = \"{value}\"\n"));
         }
         let file = self.path("trellis.toml");
@@ -144,4 +146,14 @@ fn environment_sets_each_service_its_own_seed_file() {
     std::fs::set_permissions(files.path("user.nk"), std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let message = ConfigSource::default().load_with_env(&env).expect_err("readable by others").to_string();
     assert!(message.contains("environment variable TRELLIS_BUS_NKEY_SEED_FILE") && message.contains("bus.nkey_seed_file"), "{message}");
+}
+
+#[test]
+fn a_stream_name_that_could_leave_its_subject_or_quotes_is_refused() {
+    let files = Files::new();
+    for stream in ["EVENTS.>", "EV\\\"ENTS", "A B"] {
+        let message = files.error(&[("stream", stream)]);
+        assert!(message.contains("bus.stream") && message.contains("letters, digits"), "{message}");
+    }
+    files.load(&[("stream", "TRELLIS_EVENTS-2")]).expect("a plain name");
 }
