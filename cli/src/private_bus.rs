@@ -23,6 +23,7 @@ use crate::up::UpError;
 /// The variable naming a service's seed file (the configuration key `bus.nkey_seed_file`).
 const SEED_FILE_ENV: &str = "TRELLIS_BUS_NKEY_SEED_FILE";
 const URL_ENV: &str = "TRELLIS_BUS_URL";
+pub const SERVER_CONFIG_FILE: &str = "nats-server.conf";
 
 pub struct PrivateBus {
     pub spec: ChildSpec,
@@ -44,19 +45,7 @@ impl PrivateBus {
         let store = config.node.state_dir.join("nats");
         std::fs::create_dir_all(&store).map_err(|source| UpError::CreateDir { path: store.clone(), source })?;
 
-        let node = config.node_name();
-        let mut users = Vec::new();
-        for kind in ServiceKind::START_ORDER {
-            let pair = nkeys::KeyPair::new_user();
-            let seed = pair.seed().map_err(|e| UpError::Credentials(format!("cannot encode the nkey seed of {}: {e}", kind.name())))?;
-            let path = seed_file(&dir, kind);
-            write_private_file(&path, format!("{seed}\n").as_bytes()).map_err(|source| UpError::WriteFile { path, source })?;
-            users.push(NatsUser { public_key: pair.public_key(), permissions: permissions::for_service(kind, &node, &config.bus.stream) });
-        }
-        let server = ServerConfig { listen: address, store_dir: store, users, tls: None };
-        let text = server.render().map_err(|e| UpError::Credentials(e.to_string()))?;
-        let conf = dir.join("nats-server.conf");
-        write_private_file(&conf, text.as_bytes()).map_err(|source| UpError::WriteFile { path: conf.clone(), source })?;
+        let conf = write_credentials(&dir, &config.node_name(), &config.bus.stream, ServerConfig { listen: address, store_dir: store, users: Vec::new(), tls: None })?;
         let args = vec!["-c".to_string(), conf.display().to_string()];
         Ok(PrivateBus { spec: ChildSpec { name: "nats".into(), program, args, env: Vec::new() }, address, dir })
     }
@@ -67,7 +56,23 @@ impl PrivateBus {
     }
 }
 
-fn seed_file(dir: &Path, kind: ServiceKind) -> PathBuf {
+/// Writes a fresh nkey seed per service into `dir` (which must be private) and the
+/// server configuration `server` with their users added; returns that file's path.
+pub fn write_credentials(dir: &Path, node: &str, stream: &str, mut server: ServerConfig) -> Result<PathBuf, UpError> {
+    for kind in ServiceKind::START_ORDER {
+        let pair = nkeys::KeyPair::new_user();
+        let seed = pair.seed().map_err(|e| UpError::Credentials(format!("cannot encode the nkey seed of {}: {e}", kind.name())))?;
+        let path = seed_file(dir, kind);
+        write_private_file(&path, format!("{seed}\n").as_bytes()).map_err(|source| UpError::WriteFile { path, source })?;
+        server.users.push(NatsUser { public_key: pair.public_key(), permissions: permissions::for_service(kind, node, stream) });
+    }
+    let text = server.render().map_err(|e| UpError::Credentials(e.to_string()))?;
+    let conf = dir.join(SERVER_CONFIG_FILE);
+    write_private_file(&conf, text.as_bytes()).map_err(|source| UpError::WriteFile { path: conf.clone(), source })?;
+    Ok(conf)
+}
+
+pub fn seed_file(dir: &Path, kind: ServiceKind) -> PathBuf {
     dir.join(format!("{}.nk", kind.name()))
 }
 

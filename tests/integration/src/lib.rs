@@ -380,7 +380,12 @@ pub struct ServiceProcess {
 
 impl ServiceProcess {
     pub fn spawn(binary_name: &str, args: &[&str], log: &Path) -> ServiceProcess {
-        ServiceProcess { child: spawn_logged(binary_name, args, &[], log) }
+        Self::spawn_with_env(binary_name, args, &[], log)
+    }
+
+    /// [`ServiceProcess::spawn`] with extra environment, as a systemd unit gives it.
+    pub fn spawn_with_env(binary_name: &str, args: &[&str], env: &[(String, String)], log: &Path) -> ServiceProcess {
+        ServiceProcess { child: spawn_logged(binary_name, args, env, log) }
     }
 }
 

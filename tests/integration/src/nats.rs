@@ -46,6 +46,14 @@ impl NatsServer {
         server
     }
 
+    /// Starts with a configuration file made elsewhere (`trellis bus-credentials`),
+    /// which listens on `port`.
+    pub fn start_with_file(dir: &Path, port: u16, config: &Path) -> NatsServer {
+        let mut server = NatsServer { port, store: dir.join("nats-store"), log: dir.join("nats.log"), config: Some(config.to_path_buf()), child: None };
+        server.restart();
+        server
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }

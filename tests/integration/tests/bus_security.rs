@@ -19,7 +19,7 @@ use trellis_integration::cri::{host_network_pod, remove_pods, run_pod, start};
 use trellis_integration::nats::{NatsServer, StoredEvent, read_events_with};
 use trellis_integration::pki::Pki;
 use trellis_integration::registry::{Registry, busybox_layer, image};
-use trellis_integration::{Node, NodeOptions, SERVICES};
+use trellis_integration::{Node, NodeOptions, SERVICES, ServiceProcess};
 use trellis_proto::events::v1::{ContainerEvent, Event, container_event, event::Payload};
 
 /// The private bus's URL, as the services report it.
@@ -273,4 +273,57 @@ async fn an_external_bus_is_reached_with_the_configured_nkey_and_tls() {
     assert!(no_certificate.is_err(), "a client without a certificate is refused");
     assert!(nats.log().contains("client didn't provide a certificate"), "refused for its missing certificate:\n{}", nats.log());
     node.stop();
+}
+
+/// The systemd and compose way: `trellis bus-credentials` writes the users, nats-server
+/// runs its configuration, and each service, started on its own, is given its own seed
+/// file; every service connects and its events are heard.
+#[tokio::test(flavor = "multi_thread")]
+async fn services_started_on_their_own_use_the_users_bus_credentials_writes() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let path = root.path();
+    let name = trellis_integration::new_node_name();
+    let config = path.join("trellis.toml");
+    std::fs::write(&config, format!("[node]\nname = \"{name}\"\nstate_dir = \"{0}/state\"\nrun_dir = \"{0}/run\"\n[network]\ncni_config_dir = \"{0}/cni\"\n", path.display())).expect("config");
+    std::fs::create_dir_all(path.join("cni")).expect("cni dir");
+    let config = config.to_str().expect("utf-8");
+    let port = trellis_integration::free_port();
+    let bus = path.join("bus");
+    let written = std::process::Command::new(trellis_integration::binary("trellis"))
+        .args(["--config", config, "bus-credentials", "--listen", &format!("127.0.0.1:{port}"), "--dir"])
+        .arg(&bus)
+        .output()
+        .expect("trellis bus-credentials");
+    assert!(written.status.success(), "{}", String::from_utf8_lossy(&written.stderr));
+    let nats = NatsServer::start_with_file(path, port, &bus.join("nats-server.conf"));
+    let seed_of = |service: &str| std::fs::read_to_string(bus.join(format!("{service}.nk"))).expect("seed").trim().to_string();
+    let (gateway, _errors) = connect_as(&nats.url(), ConnectOptions::with_nkey(seed_of("gateway"))).await;
+    let mut heard = gateway.subscribe(format!("trellis.{name}.events.service.started")).await.expect("subscribe");
+    gateway.flush().await.expect("flush");
+
+    let mut services = Vec::new();
+    for service in SERVICES {
+        let env = [("TRELLIS_BUS_URL".to_string(), nats.url()), ("TRELLIS_BUS_NKEY_SEED_FILE".to_string(), bus.join(format!("{service}.nk")).display().to_string())];
+        services.push(ServiceProcess::spawn_with_env(&format!("trellis-{service}"), &["--config", config], &env, &path.join(format!("{service}.log"))));
+        let socket = path.join("run").join(if service == "gateway" { "trellis.sock".to_string() } else { format!("{service}.sock") });
+        let mut info = trellis_proto::service::v1::service_info_client::ServiceInfoClient::new(trellis_integration::unix_channel(&socket));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let bus = info.info(trellis_proto::service::v1::InfoRequest {}).await.ok().and_then(|r| r.into_inner().bus);
+            if bus.as_ref().is_some_and(|bus| bus.connected) {
+                break;
+            }
+            let log = std::fs::read_to_string(path.join(format!("{service}.log"))).unwrap_or_default();
+            assert!(std::time::Instant::now() < deadline, "{service} not connected: {bus:?}\n{log}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let mut publishers = std::collections::BTreeSet::new();
+    while publishers.len() < 4 {
+        let message = tokio::time::timeout(Duration::from_secs(20), heard.next()).await.unwrap_or_else(|_| panic!("heard only {publishers:?}")).expect("subscription");
+        publishers.insert(Event::decode(message.payload).expect("event").service);
+    }
+    assert_eq!(publishers.into_iter().collect::<Vec<_>>(), ["image", "network", "runtime", "storage"]);
+    assert!(!nats.log().contains("Violation"), "{}", nats.log());
+    drop(services);
 }

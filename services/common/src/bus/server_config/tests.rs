@@ -81,3 +81,18 @@ fn values_are_quoted_and_control_characters_refused() {
     let error = config.render().expect_err("a newline cannot be quoted").to_string();
     assert!(error.contains("control characters") && error.contains("\\n"), "{error}");
 }
+
+/// deploy/nats/nats-server.conf shows operators the permissions Trellis needs: they
+/// must be the ones `trellis up` gives its private bus (for node `node1`).
+#[test]
+fn the_shipped_sample_grants_what_the_services_need() {
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/nats/nats-server.conf");
+    let text = std::fs::read_to_string(&sample).expect("read deploy/nats/nats-server.conf");
+    for kind in ServiceKind::START_ORDER {
+        let user = NatsUser { public_key: format!("<{}_PUBLIC_KEY>", kind.name().to_ascii_uppercase()), permissions: for_service(kind, "node1", "TRELLIS_EVENTS") };
+        let config = ServerConfig { listen: "127.0.0.1:4222".parse().expect("address"), store_dir: "/var/lib/trellis/nats".into(), users: vec![user], tls: None };
+        let rendered = config.render().expect("render");
+        let line = rendered.lines().find(|line| line.contains("nkey:")).expect("user line");
+        assert!(text.contains(line.trim()), "deploy/nats/nats-server.conf lacks, for {}:\n{}", kind.name(), line.trim());
+    }
+}
