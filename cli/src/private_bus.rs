@@ -11,6 +11,8 @@
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use trellis_common::bus::permissions;
 use trellis_common::bus::server_config::{NatsUser, ServerConfig};
 use trellis_common::config::{Config, ServiceKind};
@@ -29,6 +31,9 @@ pub struct PrivateBus {
     pub spec: ChildSpec,
     pub address: SocketAddr,
     dir: PathBuf,
+    /// Held while the node runs: a second `trellis up` over the same state directory
+    /// would otherwise replace the seeds of the services already running.
+    _lock: Flock<std::fs::File>,
 }
 
 impl PrivateBus {
@@ -42,18 +47,28 @@ impl PrivateBus {
         let dir = config.node.state_dir.join("bus");
         ensure_private_dir(&config.node.state_dir).map_err(|source| UpError::CreateDir { path: config.node.state_dir.clone(), source })?;
         ensure_private_dir(&dir).map_err(|source| UpError::CreateDir { path: dir.clone(), source })?;
+        let lock = lock(&dir.join("lock"))?;
         let store = config.node.state_dir.join("nats");
         std::fs::create_dir_all(&store).map_err(|source| UpError::CreateDir { path: store.clone(), source })?;
 
         let conf = write_credentials(&dir, &config.node_name(), &config.bus.stream, ServerConfig { listen: address, store_dir: store, users: Vec::new(), tls: None })?;
         let args = vec!["-c".to_string(), conf.display().to_string()];
-        Ok(PrivateBus { spec: ChildSpec { name: "nats".into(), program, args, env: Vec::new() }, address, dir })
+        Ok(PrivateBus { spec: ChildSpec { name: "nats".into(), program, args, env: Vec::new() }, address, dir, _lock: lock })
     }
 
     /// What `kind` is started with to reach this bus as its own user.
     pub fn env(&self, kind: ServiceKind) -> Vec<(String, String)> {
         vec![(URL_ENV.to_string(), format!("nats://{}", self.address)), (SEED_FILE_ENV.to_string(), seed_file(&self.dir, kind).display().to_string())]
     }
+}
+
+fn lock(path: &Path) -> Result<Flock<std::fs::File>, UpError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(path).map_err(|source| UpError::WriteFile { path: path.to_path_buf(), source })?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| match errno {
+        Errno::EWOULDBLOCK => UpError::Credentials(format!("another `trellis up` runs over this state directory (it holds {})", path.display())),
+        errno => UpError::WriteFile { path: path.to_path_buf(), source: errno.into() },
+    })
 }
 
 /// Writes a fresh nkey seed per service into `dir` (which must be private) and the
@@ -104,6 +119,10 @@ mod tests {
         assert!(env.iter().any(|(k, v)| k == SEED_FILE_ENV && v.ends_with("bus/runtime.nk")), "{env:?}");
         assert!(first.spec.args.iter().all(|arg| !arg.contains(seed.trim())), "no secret in argv");
 
+        let refused = PrivateBus::prepare(&config).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(refused.contains("another `trellis up`"), "a second node over the same state is refused: {refused}");
+        assert_eq!(std::fs::read_to_string(seed_file(&first.dir, ServiceKind::Runtime)).expect("seed"), seed, "and leaves the seeds alone");
+        drop(first);
         let second = PrivateBus::prepare(&config).expect("prepare again");
         assert_ne!(std::fs::read_to_string(seed_file(&second.dir, ServiceKind::Runtime)).expect("seed"), seed, "a new seed at every start");
     }

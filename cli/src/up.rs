@@ -93,7 +93,7 @@ async fn supervise_node(args: &ConfigArgs, config: &Config) -> Result<(), UpErro
     let mut running: Vec<Supervised> = Vec::new();
 
     let startup = async {
-        let mut bus = None;
+        let mut bus: Option<PrivateBus> = None;
         if config.bus.url.is_empty() {
             let private = PrivateBus::prepare(config)?;
             running.push(start(private.spec.clone(), Readiness::Tcp(private.address)).await?);
@@ -108,7 +108,7 @@ async fn supervise_node(args: &ConfigArgs, config: &Config) -> Result<(), UpErro
             let spec = ChildSpec { name: kind.name().to_string(), program, args: args.to_args(), env };
             running.push(start(spec, Readiness::Grpc(config.endpoint(kind).socket)).await?);
         }
-        Ok(())
+        Ok(bus)
     };
     let started = tokio::select! {
         result = startup => result,
@@ -134,7 +134,8 @@ async fn supervise_node(args: &ConfigArgs, config: &Config) -> Result<(), UpErro
             tracing::info!("stopped during start-up");
             Ok(())
         }
-        other => other,
+        // The private bus (its lock) is let go only once every child has stopped.
+        other => other.map(drop),
     }
 }
 

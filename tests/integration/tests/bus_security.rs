@@ -96,7 +96,7 @@ async fn the_private_bus_refuses_strangers_and_confines_each_service() {
         assert_eq!((meta.mode() & 0o7777, meta.uid()), (0o600, 0), "{}", path.display());
         files += 1;
     }
-    assert_eq!(files, SERVICES.len() + 1, "a seed per service and the server configuration");
+    assert_eq!(files, SERVICES.len() + 2, "a seed per service, the server configuration and the node's lock");
     let conf = std::fs::read_to_string(dir.join("nats-server.conf")).expect("conf");
     assert!(seeds.iter().all(|seed| !conf.contains(seed.as_str())), "no seed in the server configuration");
 
