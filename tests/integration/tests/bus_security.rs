@@ -125,6 +125,10 @@ async fn the_private_bus_refuses_strangers_and_confines_each_service() {
     gateway.flush().await.expect("flush");
     expect_violation(&mut errors, &format!("trellis.{name}.events.service.started")).await;
 
+    // The server logs each violation (what the absence of one elsewhere relies on).
+    let log = node.log();
+    assert!(log.contains("Publish Violation") && log.contains("Subscription Violation"), "{}", node.log_tail());
+
     // Nothing shown of the bus holds a secret.
     let status = std::process::Command::new(trellis_integration::binary("trellis")).arg("--config").arg(&node.config_path).arg("status").output().expect("trellis status");
     let mut shown = format!("{}{}", String::from_utf8_lossy(&status.stdout), String::from_utf8_lossy(&status.stderr));
