@@ -89,13 +89,15 @@ pub(super) fn validate(bus: &BusConfig, provenance: &Provenance) -> Result<(), C
     // async-nats takes a comma-separated list of servers.
     let urls: Vec<&str> = if bus.url.is_empty() { Vec::new() } else { bus.url.split(',').map(str::trim).collect() };
     for url in &urls {
-        let Some(rest) = SCHEMES.iter().find_map(|scheme| url.strip_prefix(scheme)) else {
-            return Err(bad("bus.url", "empty (private bus) or nats://, tls://, ws:// or wss:// URLs, comma-separated", url));
-        };
+        // Whatever the scheme, a user or password in the URL is a secret not to quote.
+        let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
         let authority = rest.split('/').next().unwrap_or_default();
         if let Some((_, host)) = authority.rsplit_once('@') {
-            let shown = format!("{}***@{host}", &url[..url.len() - rest.len()]);
+            let shown = format!("{scheme}://***@{host}");
             return Err(bad("bus.url", "a URL without user or password (put credentials in bus.credentials_file or bus.nkey_seed_file: the URL is shown by `trellis status` and in logs)", &shown));
+        }
+        if !SCHEMES.iter().any(|known| url.starts_with(known)) {
+            return Err(bad("bus.url", "empty (private bus) or nats://, tls://, ws:// or wss:// URLs, comma-separated", url));
         }
     }
     // The stream name goes into JetStream API subjects and the generated server

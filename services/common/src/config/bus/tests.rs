@@ -135,6 +135,8 @@ fn a_password_in_the_url_is_refused_and_not_quoted() {
     assert!(!message.contains("hunter2"), "{message}");
     let message = files.error(&[("url", "http://b:4222")]);
     assert!(message.contains("nats://, tls://"), "{message}");
+    let message = files.error(&[("url", "http://trellis:hunter2@b:4222")]);
+    assert!(message.contains("http://***@b:4222") && !message.contains("hunter2"), "a bad scheme does not quote the password either: {message}");
 }
 
 #[test]
