@@ -2,7 +2,9 @@
 #![deny(unsafe_code)]
 
 mod bench;
+mod bus_credentials;
 mod child;
+mod private_bus;
 mod probe;
 mod status;
 mod up;
@@ -28,6 +30,9 @@ enum Command {
     Status,
     /// Time pod and container lifecycles against a CRI endpoint (this node's, or another runtime's).
     Bench(bench::BenchArgs),
+    /// Write this node's credentials for a bus outside `trellis up`: an nkey seed per
+    /// service and a nats-server configuration with their users and permissions.
+    BusCredentials(bus_credentials::BusCredentialsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,6 +45,7 @@ fn main() -> anyhow::Result<()> {
             let socket = config.endpoint(trellis_common::ServiceKind::Gateway).socket;
             runtime.block_on(bench::run(args, socket))?;
         }
+        Command::BusCredentials(args) => bus_credentials::run(&args, &config)?,
         Command::Status => {
             let healthy = runtime.block_on(status::run(&config));
             if !healthy {

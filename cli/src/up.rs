@@ -1,6 +1,6 @@
 //! `trellis up`: the all-in-one node supervisor.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -9,10 +9,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic_health::pb::health_check_response::ServingStatus;
 use trellis_common::config::{Config, ServiceKind};
-use trellis_common::grpc::find_executable;
 use trellis_common::service::ConfigArgs;
 
 use crate::child::{ChildError, ChildSpec, describe, terminate};
+use crate::private_bus::PrivateBus;
 use crate::probe;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +29,14 @@ pub enum UpError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot write {path}: {source}")]
+    WriteFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("private bus credentials: {0}")]
+    Credentials(String),
     #[error("{name} {reason} while starting (see its log above)")]
     StartFailed { name: String, reason: String },
     #[error("{name} did not become healthy within {timeout:?}: {last}")]
@@ -85,21 +93,22 @@ async fn supervise_node(args: &ConfigArgs, config: &Config) -> Result<(), UpErro
     let mut running: Vec<Supervised> = Vec::new();
 
     let startup = async {
-        let mut env = Vec::new();
+        let mut bus: Option<PrivateBus> = None;
         if config.bus.url.is_empty() {
-            let (spec, address) = private_bus(config)?;
-            env.push(("TRELLIS_BUS_URL".to_string(), format!("nats://{address}")));
-            running.push(start(spec, Readiness::Tcp(address)).await?);
+            let private = PrivateBus::prepare(config)?;
+            running.push(start(private.spec.clone(), Readiness::Tcp(private.address)).await?);
+            bus = Some(private);
         }
         for kind in ServiceKind::START_ORDER {
             let program = bin_dir.join(kind.binary());
             if !program.is_file() {
                 return Err(UpError::MissingProgram { program: program.display().to_string(), hint: " (build with `cargo build --release`, or set node.bin_dir)".into() });
             }
-            let spec = ChildSpec { name: kind.name().to_string(), program, args: args.to_args(), env: env.clone() };
+            let env = bus.as_ref().map(|bus| bus.env(kind)).unwrap_or_default();
+            let spec = ChildSpec { name: kind.name().to_string(), program, args: args.to_args(), env };
             running.push(start(spec, Readiness::Grpc(config.endpoint(kind).socket)).await?);
         }
-        Ok(())
+        Ok(bus)
     };
     let started = tokio::select! {
         result = startup => result,
@@ -125,7 +134,8 @@ async fn supervise_node(args: &ConfigArgs, config: &Config) -> Result<(), UpErro
             tracing::info!("stopped during start-up");
             Ok(())
         }
-        other => other,
+        // The private bus (its lock) is let go only once every child has stopped.
+        other => other.map(drop),
     }
 }
 
@@ -201,20 +211,6 @@ fn binary_dir(config: &Config) -> PathBuf {
         return PathBuf::from(&config.node.bin_dir);
     }
     std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from("/usr/local/bin"))
-}
-
-/// A nats-server with JetStream on a free loopback port, its store under the state
-/// directory, for a node that names no bus of its own.
-fn private_bus(config: &Config) -> Result<(ChildSpec, SocketAddr), UpError> {
-    let program = find_executable(&config.bus.nats_server).ok_or_else(|| UpError::MissingProgram {
-        program: config.bus.nats_server.clone(),
-        hint: " (apt-get install nats-server, or set bus.url to a NATS server)".into(),
-    })?;
-    let address = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).and_then(|l| l.local_addr()).map_err(UpError::Port)?;
-    let store = config.node.state_dir.join("nats");
-    std::fs::create_dir_all(&store).map_err(|source| UpError::CreateDir { path: store.clone(), source })?;
-    let args = ["-js", "-a", "127.0.0.1", "-p", &address.port().to_string(), "-sd", &store.display().to_string()].map(String::from).to_vec();
-    Ok((ChildSpec { name: "nats".into(), program, args, env: Vec::new() }, address))
 }
 
 #[cfg(test)]

@@ -7,7 +7,12 @@
 //! `Nats-Msg-Id`, so the stream keeps one copy. The outbox is bounded: past
 //! `bus.outbox_max_events` the oldest event is dropped, counted and logged.
 
+mod connect;
+pub mod permissions;
+pub mod server_config;
+
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -29,6 +34,15 @@ pub enum BusError {
         #[source]
         source: async_nats::ConnectError,
     },
+    #[error("cannot load the bus credentials {path} ({key}): {source}")]
+    Credentials {
+        key: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write a nats-server configuration: {0}")]
+    ServerConfig(String),
     #[error("event outbox: {0}")]
     Outbox(#[from] StoreError),
     #[error("event outbox entry {key} is corrupt: {source}")]
@@ -97,20 +111,7 @@ impl EventBus {
         service: &'static str,
         store: Option<Arc<dyn Store>>,
     ) -> Result<Self, BusError> {
-        let client = if config.url.is_empty() {
-            None
-        } else {
-            let client = async_nats::ConnectOptions::new()
-                .name(format!("trellis-{service}"))
-                .retry_on_initial_connect()
-                .max_reconnects(None)
-                .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 100).min(1_000)))
-                .event_callback(move |event| async move { tracing::info!(%event, "event bus connection") })
-                .connect(config.url.as_str())
-                .await
-                .map_err(|source| BusError::Connect { url: config.url.clone(), source })?;
-            Some(client)
-        };
+        let client = if config.url.is_empty() { None } else { Some(connect::connect(config, &node, service).await?) };
         let outbox = store.as_ref().map(|store| store.table(OUTBOX_TABLE)).transpose()?;
         let bus = Self {
             inner: Arc::new(Inner {
@@ -140,8 +141,7 @@ impl EventBus {
         let (Some(store), Some(outbox)) = (&inner.store, &inner.outbox) else {
             return Ok(String::new());
         };
-        let (area, kind) = subject_parts(&payload);
-        let subject = format!("trellis.{}.events.{area}.{kind}", inner.node);
+        let subject = event_subject(&inner.node, &payload);
         let time = crate::clock::now_nanos();
         let headers = current_trace_headers();
         let _order = inner.enqueue.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -202,7 +202,13 @@ impl EventBus {
     }
 }
 
-/// `trellis.<node>.events.<area>.<kind>`: area from the payload type, kind from its enum.
+/// `trellis.<node>.events.<area>.<kind>`: the one subject an event may travel on.
+pub fn event_subject(node: &str, payload: &Payload) -> String {
+    let (area, kind) = subject_parts(payload);
+    format!("trellis.{node}.events.{area}.{kind}")
+}
+
+/// Area from the payload type, kind from its enum.
 fn subject_parts(payload: &Payload) -> (&'static str, String) {
     let (area, kind) = match payload {
         Payload::ServiceEvent(e) => ("service", e.kind().as_str_name()),

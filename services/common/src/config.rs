@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use bus::BusConfig;
+
 /// The default configuration file; a missing default file is not an error.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/trellis/trellis.toml";
 /// Environment variable naming the configuration file (like `--config`).
@@ -47,6 +49,13 @@ pub enum ConfigError {
         expected: String,
         value: String,
     },
+    #[error("{source_name}: key `{key}` names {path}, which {problem}")]
+    BadFile {
+        source_name: String,
+        key: String,
+        path: String,
+        problem: String,
+    },
     #[error("{0}: expected `section.key=value`")]
     BadFlag(String),
     #[error("configuration does not form a valid whole: {0}")]
@@ -75,23 +84,6 @@ pub struct NodeConfig {
     pub run_dir: PathBuf,
     /// Where `trellis up` finds the service binaries; empty means beside `trellis`.
     pub bin_dir: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct BusConfig {
-    /// NATS URL. Empty: `trellis up` starts a private nats-server and hands its URL
-    /// to the services; a service started alone then runs without a bus and keeps
-    /// its events in the outbox.
-    pub url: String,
-    /// JetStream stream holding recent events.
-    pub stream: String,
-    pub stream_max_age_seconds: u64,
-    /// Events kept on disk while the bus is unreachable; beyond it the oldest go.
-    pub outbox_max_events: u64,
-    pub publish_timeout_ms: u64,
-    /// `nats-server` binary for the private bus of `trellis up`.
-    pub nats_server: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -256,19 +248,6 @@ impl Default for NodeConfig {
             state_dir: PathBuf::from("/var/lib/trellis"),
             run_dir: PathBuf::from("/run/trellis"),
             bin_dir: String::new(),
-        }
-    }
-}
-
-impl Default for BusConfig {
-    fn default() -> Self {
-        Self {
-            url: String::new(),
-            stream: "TRELLIS_EVENTS".into(),
-            stream_max_age_seconds: 24 * 3600,
-            outbox_max_events: 100_000,
-            publish_timeout_ms: 5_000,
-            nats_server: "nats-server".into(),
         }
     }
 }
@@ -610,16 +589,7 @@ fn validate(config: &Config, provenance: &Provenance) -> Result<(), ConfigError>
             return Err(bad(key, "an absolute path", &path.display().to_string()));
         }
     }
-    let url = &config.bus.url;
-    if !url.is_empty() && !["nats://", "tls://", "ws://", "wss://"].iter().any(|scheme| url.starts_with(scheme)) {
-        return Err(bad("bus.url", "empty (private bus) or a nats:// or tls:// URL", url));
-    }
-    if config.bus.stream.is_empty() || config.bus.stream.contains(['.', ' ', '*', '>']) {
-        return Err(bad("bus.stream", "a JetStream stream name without '.', '*', '>' or spaces", &config.bus.stream));
-    }
-    if config.bus.outbox_max_events == 0 {
-        return Err(bad("bus.outbox_max_events", "at least 1", "0"));
-    }
+    bus::validate(&config.bus, provenance)?;
     if tracing_subscriber::EnvFilter::try_new(&config.telemetry.log_level).is_err() {
         return Err(bad("telemetry.log_level", "a tracing filter such as `info` or `warn,trellis_gateway=debug`", &config.telemetry.log_level));
     }
@@ -659,6 +629,8 @@ fn validate(config: &Config, provenance: &Provenance) -> Result<(), ConfigError>
     }
     Ok(())
 }
+
+mod bus;
 
 #[cfg(test)]
 mod tests;

@@ -1,4 +1,5 @@
-//! Directories that hold image or container content: reachable by root only.
+//! Directories that hold image or container content, and files that hold secrets:
+//! reachable by root only.
 //!
 //! Image layers carry setuid binaries and device nodes, and containers plant files in
 //! their writable layers; a host user who can walk into those directories can run or
@@ -35,6 +36,25 @@ pub fn ensure_private_dir(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Writes `contents` to `path` as a file only its owner can read or write (0600),
+/// whatever was there before: the file is made anew beside it and renamed into place,
+/// so that no reader ever sees it half written or with a wider mode.
+pub fn write_private_file(path: &Path, contents: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut name = path.file_name().ok_or_else(|| io::Error::other(format!("{} names no file", path.display())))?.to_owned();
+    name.push(".new");
+    let staging = path.with_file_name(name);
+    match std::fs::remove_file(&staging) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&staging)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    std::fs::rename(&staging, path)
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::MetadataExt;
@@ -52,6 +72,18 @@ mod tests {
         std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         ensure_private_dir(&old).expect("tighten");
         assert_eq!(std::fs::metadata(&old).expect("meta").mode() & 0o7777, 0o700);
+    }
+
+    #[test]
+    fn private_files_are_0600_even_over_a_wider_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("seed");
+        std::fs::write(&path, "old").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        write_private_file(&path, b"new").expect("write private");
+        assert_eq!(std::fs::metadata(&path).expect("meta").mode() & 0o7777, 0o600);
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "new");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("list").count(), 1, "no staging file left");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use k8s_cri::v1::*;
 use prost::Message;
 use tokio::sync::mpsc;
 use tonic::Status;
+use trellis_common::text::excerpt;
 use trellis_proto::events::v1::{Event, container_event, event::Payload, sandbox_event};
 
 use crate::backend::{Backends, Retry};
@@ -46,6 +47,19 @@ fn translate(event: &Event) -> Option<(String, String, ContainerEventType)> {
         }
         _ => None,
     }
+}
+
+/// Whether an event is this node's and came on the one subject its kind travels on.
+/// The bus's permissions already keep other nodes' and other services' users off
+/// these subjects; this is the second line, for a bus configured too loosely.
+fn is_own(event: &Event, subject: &str, node: &str) -> bool {
+    let Some(payload) = event.payload.as_ref() else { return false };
+    let expected = trellis_common::bus::event_subject(node, payload);
+    if event.node == node && subject == expected {
+        return true;
+    }
+    tracing::warn!(subject = %excerpt(subject), event_node = %excerpt(&event.node), %expected, "dropping an event that is not this node's or came on another kind's subject");
+    false
 }
 
 /// The pod's status and its containers' at the time of the event (none once gone).
@@ -90,10 +104,14 @@ pub async fn subscribe(backends: Arc<Backends>, bus: Option<async_nats::Client>,
     // Delivery through the services' outboxes lags a little: an event raised before
     // this moment may still arrive after it, and is not this subscriber's.
     let subscribed_at = trellis_common::clock::now_nanos();
+    let node = node.to_string();
     let (events, receiver) = mpsc::channel(SUBSCRIBER_BUFFER);
     tokio::spawn(async move {
         while let Some(message) = subscription.next().await {
             let Ok(event) = Event::decode(message.payload) else { continue };
+            if !is_own(&event, message.subject.as_str(), &node) {
+                continue;
+            }
             if event.time_unix_nano < subscribed_at {
                 continue;
             }
@@ -107,4 +125,26 @@ pub async fn subscribe(backends: Arc<Backends>, bus: Option<async_nats::Client>,
         }
     });
     Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver)))
+}
+
+#[cfg(test)]
+mod tests {
+    use trellis_proto::events::v1::ContainerEvent;
+
+    use super::*;
+
+    fn stopped(node: &str) -> Event {
+        let payload = Payload::Container(ContainerEvent { kind: container_event::Kind::Stopped.into(), container_id: "c1".into(), ..Default::default() });
+        Event { id: "x".into(), node: node.into(), service: "runtime".into(), time_unix_nano: 1, payload: Some(payload) }
+    }
+
+    #[test]
+    fn only_this_nodes_events_on_their_own_subject_pass() {
+        assert!(is_own(&stopped("n1"), "trellis.n1.events.container.stopped", "n1"));
+        assert!(!is_own(&stopped("n2"), "trellis.n1.events.container.stopped", "n1"), "another node's event");
+        assert!(!is_own(&stopped("n1"), "trellis.n2.events.container.stopped", "n1"), "another node's subject");
+        assert!(!is_own(&stopped("n1"), "trellis.n1.events.service.started", "n1"), "a container event on the service subject");
+        assert!(!is_own(&stopped("n1"), "trellis.n1.events.container.started", "n1"), "kind and subject disagree");
+        assert!(!is_own(&Event { payload: None, ..stopped("n1") }, "trellis.n1.events.container.stopped", "n1"));
+    }
 }

@@ -25,6 +25,7 @@ pub mod nats;
 pub mod netns;
 pub mod otlp;
 pub mod peer;
+pub mod pki;
 pub mod registry;
 pub mod spdy_client;
 
@@ -81,6 +82,13 @@ pub struct NodeOptions {
     pub extra_config: String,
     /// Give the node a CNI network of its own (bridge, /24, allocations under its root).
     pub with_cni_config: bool,
+    /// The node's name (in its bus subjects); none makes a unique one (`new_node_name`).
+    pub node_name: Option<String>,
+}
+
+/// A node name no other test uses at the same time.
+pub fn new_node_name() -> String {
+    format!("it{}", std::process::id() as u64 * 1000 + u64::from(rand_suffix()))
 }
 
 pub struct Node {
@@ -97,7 +105,7 @@ impl Node {
     pub async fn start(options: NodeOptions) -> Node {
         let root = tempfile::Builder::new().prefix("trellis-it-").tempdir().expect("temp root");
         let path = root.path();
-        let node_name = format!("it{}", std::process::id() as u64 * 1000 + u64::from(rand_suffix()));
+        let node_name = options.node_name.clone().unwrap_or_else(new_node_name);
         for dir in ["run", "state", "cni"] {
             std::fs::create_dir_all(path.join(dir)).expect("node dirs");
         }
@@ -384,7 +392,12 @@ pub struct ServiceProcess {
 
 impl ServiceProcess {
     pub fn spawn(binary_name: &str, args: &[&str], log: &Path) -> ServiceProcess {
-        ServiceProcess { child: spawn_logged(binary_name, args, &[], log) }
+        Self::spawn_with_env(binary_name, args, &[], log)
+    }
+
+    /// [`ServiceProcess::spawn`] with extra environment, as a systemd unit gives it.
+    pub fn spawn_with_env(binary_name: &str, args: &[&str], env: &[(String, String)], log: &Path) -> ServiceProcess {
+        ServiceProcess { child: spawn_logged(binary_name, args, env, log) }
     }
 }
 

@@ -1,10 +1,12 @@
 //! A nats-server with JetStream, run by a test so that it can stop and restart it.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use async_nats::jetstream;
 use futures::StreamExt;
 use prost::Message;
+use trellis_common::bus::server_config::ServerConfig;
 use trellis_proto::events::v1::Event;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,13 +18,38 @@ pub struct NatsServer {
     pub port: u16,
     store: PathBuf,
     log: PathBuf,
+    /// A configuration file (users, TLS); none means open to all, on flags alone.
+    config: Option<PathBuf>,
     child: Option<Child>,
 }
 
 impl NatsServer {
-    /// Starts on a free loopback port with its store under `dir`.
+    /// Starts on a free loopback port with its store under `dir`, without
+    /// authentication.
     pub fn start(dir: &Path) -> NatsServer {
-        let mut server = NatsServer { port: crate::free_port(), store: dir.join("nats-store"), log: dir.join("nats.log"), child: None };
+        let mut server = NatsServer { port: crate::free_port(), store: dir.join("nats-store"), log: dir.join("nats.log"), config: None, child: None };
+        server.restart();
+        server
+    }
+
+    /// Starts with the configuration `configure` makes for the chosen loopback port
+    /// and store (the way `trellis up` configures its private bus, here with the test's
+    /// own users and TLS).
+    pub fn start_configured(dir: &Path, configure: impl FnOnce(SocketAddr, PathBuf) -> ServerConfig) -> NatsServer {
+        let port = crate::free_port();
+        let store = dir.join("nats-store");
+        let text = configure(SocketAddr::from(([127, 0, 0, 1], port)), store.clone()).render().expect("render the nats-server configuration");
+        let config = dir.join("nats-server.conf");
+        trellis_common::dirs::write_private_file(&config, text.as_bytes()).expect("write the nats-server configuration");
+        let mut server = NatsServer { port, store, log: dir.join("nats.log"), config: Some(config), child: None };
+        server.restart();
+        server
+    }
+
+    /// Starts with a configuration file made elsewhere (`trellis bus-credentials`),
+    /// which listens on `port`.
+    pub fn start_with_file(dir: &Path, port: u16, config: &Path) -> NatsServer {
+        let mut server = NatsServer { port, store: dir.join("nats-store"), log: dir.join("nats.log"), config: Some(config.to_path_buf()), child: None };
         server.restart();
         server
     }
@@ -31,13 +58,21 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// What the server logged (permission violations, refused clients).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// (Re)starts on the same port and store, and waits until it accepts connections.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("nats log");
-        let child = Command::new(nats_server())
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
-            .arg(&self.store)
+        let mut command = Command::new(nats_server());
+        match &self.config {
+            Some(config) => command.arg("-c").arg(config),
+            None => command.args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"]).arg(&self.store),
+        };
+        let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -84,7 +119,11 @@ pub struct StoredEvent {
 /// Reads the events stream from its start, on subjects matching `filter`, until
 /// `done` says enough has been read; panics after `timeout`.
 pub async fn read_events(url: &str, filter: &str, timeout: Duration, done: impl Fn(&[StoredEvent]) -> bool) -> Vec<StoredEvent> {
-    let client = async_nats::connect(url).await.expect("connect to NATS");
+    read_events_with(async_nats::connect(url).await.expect("connect to NATS"), filter, timeout, done).await
+}
+
+/// [`read_events`] through a client of the caller's (with credentials).
+pub async fn read_events_with(client: async_nats::Client, filter: &str, timeout: Duration, done: impl Fn(&[StoredEvent]) -> bool) -> Vec<StoredEvent> {
     let stream = jetstream::new(client).get_stream("TRELLIS_EVENTS").await.expect("events stream");
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::Config {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use k8s_cri::v1::*;
 use tonic::Code;
 use trellis_integration::registry::{BuiltImage, Compression, Entry, Registry, busybox_layer, image, layer};
-use trellis_integration::nats::read_events;
+use trellis_integration::nats::{NatsServer, read_events};
 use trellis_integration::{Node, NodeOptions, kill9, unix_channel};
 use trellis_proto::events::v1::{event::Payload, image_event};
 use trellis_proto::storage::v1::storage_client::StorageClient;
@@ -42,7 +42,10 @@ async fn pull_by_tag_and_digest_list_status_remove_and_pull_again() {
     let registry = Registry::start(dir.path(), None);
     let built = small_image("marker-1");
     let digest = registry.push("tests/app", "v1", &built).await;
-    let node = Node::start(NodeOptions::default()).await;
+    // A bus of the test's own, open to it: the private bus of `trellis up` lets no one
+    // but the node's services in, and none of them reads the event history.
+    let nats = NatsServer::start(dir.path());
+    let node = Node::start(NodeOptions { bus_url: Some(nats.url()), ..Default::default() }).await;
     let tagged = format!("{}/tests/app:v1", registry.address);
     let by_digest = format!("{}/tests/app@{digest}", registry.address);
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
-use trellis_integration::nats::read_events;
+use trellis_integration::nats::{NatsServer, read_events};
 use trellis_integration::netns::{self, TestNetwork};
 use trellis_integration::{Node, NodeOptions, unix_channel};
 use trellis_proto::events::v1::event::Payload;
@@ -316,7 +316,11 @@ async fn tear_down_after_restart_uses_the_recorded_config() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn set_up_and_tear_down_raise_events_and_metrics() {
-    let options = NodeOptions { env: vec![("TRELLIS_NETWORK_METRICS_LISTEN".into(), "127.0.0.1:0".into())], ..Default::default() };
+    // A bus of the test's own, open to it: the private bus of `trellis up` lets no one
+    // but the node's services in, and none of them reads the event history.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = NatsServer::start(dir.path());
+    let options = NodeOptions { bus_url: Some(nats.url()), env: vec![("TRELLIS_NETWORK_METRICS_LISTEN".into(), "127.0.0.1:0".into())], ..Default::default() };
     let node = Node::start(options).await;
     let network = TestNetwork::new(node.root());
     network.write(&node.cni_dir());
