@@ -11,12 +11,11 @@
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 
-use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use trellis_common::bus::permissions;
 use trellis_common::bus::server_config::{NatsUser, ServerConfig};
 use trellis_common::config::{Config, ServiceKind};
-use trellis_common::dirs::{ensure_private_dir, write_private_file};
+use trellis_common::dirs::{ensure_private_dir, try_lock_file, write_private_file};
 use trellis_common::grpc::find_executable;
 
 use crate::child::ChildSpec;
@@ -63,12 +62,9 @@ impl PrivateBus {
 }
 
 fn lock(path: &Path) -> Result<Flock<std::fs::File>, UpError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(path).map_err(|source| UpError::WriteFile { path: path.to_path_buf(), source })?;
-    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| match errno {
-        Errno::EWOULDBLOCK => UpError::Credentials(format!("another `trellis up` runs over this state directory (it holds {})", path.display())),
-        errno => UpError::WriteFile { path: path.to_path_buf(), source: errno.into() },
-    })
+    try_lock_file(path)
+        .map_err(|source| UpError::WriteFile { path: path.to_path_buf(), source })?
+        .ok_or_else(|| UpError::Credentials(format!("another `trellis up` runs over this state directory (it holds {})", path.display())))
 }
 
 /// Writes a fresh nkey seed per service into `dir` (which must be private) and the

@@ -5,11 +5,15 @@
 //! their writable layers; a host user who can walk into those directories can run or
 //! open them. Every such tree hangs under a 0700 directory, as containers/storage
 //! does, set when the directory is made and again at every start (for nodes made
-//! before this rule).
+//! before this rule). Lock files (one owner at a time of a socket or a state
+//! directory) are made 0600 here too.
 
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
+
+use nix::fcntl::{Flock, FlockArg};
 
 /// The mode of a private directory.
 pub const PRIVATE_DIR_MODE: u32 = 0o700;
@@ -53,6 +57,19 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> io::Result<()> {
     file.write_all(contents)?;
     file.sync_all()?;
     std::fs::rename(&staging, path)
+}
+
+/// An exclusive `flock` on `path` (made 0600 when missing), taken without waiting:
+/// `None` when another process holds it. It is held until the returned value drops,
+/// and the kernel lets it go with the process however that ends.
+pub fn try_lock_file(path: &Path) -> io::Result<Option<Flock<File>>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(path)?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, errno)) => Err(errno.into()),
+    }
 }
 
 #[cfg(test)]

@@ -31,6 +31,12 @@ pub fn excerpt_to(value: &str, max_chars: usize) -> String {
     shown
 }
 
+/// A path from an input (a mount source, a profile, a layer entry) as it may appear
+/// in a message.
+pub fn excerpt_path(path: &std::path::Path) -> String {
+    excerpt(&path.to_string_lossy())
+}
+
 /// Raw bytes (for example a tar header field) as they may appear in a message.
 pub fn excerpt_bytes(value: &[u8]) -> String {
     excerpt(&String::from_utf8_lossy(value))

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use tokio::net::{UnixListener, UnixStream};
 use tonic::transport::{Channel, Endpoint};
 
@@ -66,14 +66,9 @@ impl OwnedSocket {
             std::fs::create_dir_all(parent).map_err(|source| TransportError::CreateDir { path: parent.to_path_buf(), source })?;
         }
         let lock_path = lock_path_of(path);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|source| TransportError::Lock { path: lock_path.clone(), source })?;
-        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
-            .map_err(|_| TransportError::InUse { socket: path.to_path_buf(), lock: lock_path.clone() })?;
+        let lock = crate::dirs::try_lock_file(&lock_path)
+            .map_err(|source| TransportError::Lock { path: lock_path.clone(), source })?
+            .ok_or_else(|| TransportError::InUse { socket: path.to_path_buf(), lock: lock_path.clone() })?;
         match std::fs::remove_file(path) {
             Ok(()) => tracing::info!(socket = %path.display(), "replaced a stale socket left by an earlier instance"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -123,23 +123,24 @@ impl InFlight {
 
     /// Forgets pull `id` when it leaves nothing; whether it did.
     pub fn forget_if_clean(&self, id: u64, kept: &[String]) -> bool {
-        let mut chains = lock(&self.chains);
-        let clean = Self::leftovers(&chains, id, kept).is_empty();
-        if clean {
-            chains.needed.remove(&id);
-            chains.started.remove(&id);
-        }
-        clean
+        self.forget_when(id, kept, |leftovers| leftovers.is_empty()).is_empty()
     }
 
     /// Forgets pull `id` and returns what it leaves, at once: of two pulls sharing a
     /// chain and ending together, the one deciding second sees the first gone. Call
     /// with [`Self::pruning`] held until the chains are pruned.
     pub fn settle(&self, id: u64, kept: &[String]) -> Vec<String> {
+        self.forget_when(id, kept, |_| true)
+    }
+
+    /// What pull `id` leaves; the pull is forgotten when `forget` says so of that.
+    fn forget_when(&self, id: u64, kept: &[String], forget: impl FnOnce(&[String]) -> bool) -> Vec<String> {
         let mut chains = lock(&self.chains);
         let leftovers = Self::leftovers(&chains, id, kept);
-        chains.needed.remove(&id);
-        chains.started.remove(&id);
+        if forget(&leftovers) {
+            chains.needed.remove(&id);
+            chains.started.remove(&id);
+        }
         leftovers
     }
 

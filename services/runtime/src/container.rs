@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::*;
 use prost::Message;
 use trellis_common::telemetry::traced_request;
-use trellis_common::text::excerpt;
+use trellis_common::text::{excerpt, excerpt_path};
 use trellis_proto::events::v1::{ContainerEvent, container_event, event::Payload};
 use trellis_proto::storage::v1 as storage;
 use trellis_proto::storage::v1::storage_client::StorageClient;
@@ -157,7 +157,7 @@ impl Runtime {
         record.cgroup_path = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()).map(|p| p.display().to_string()).unwrap_or_default();
         std::fs::create_dir_all(bundle).map_err(|source| RuntimeError::io(format!("cannot create {}", bundle.display()), source))?;
         if let Some(parent) = log.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| RuntimeError::io(format!("cannot create log directory {}", excerpt(&parent.to_string_lossy())), source))?;
+            std::fs::create_dir_all(parent).map_err(|source| RuntimeError::io(format!("cannot create log directory {}", excerpt_path(parent)), source))?;
         }
         spec.save(bundle.join("config.json")).map_err(|e| RuntimeError::Oci(format!("cannot write {}/config.json: {e}", bundle.display())))?;
         let name = config.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or_default();

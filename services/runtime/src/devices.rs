@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_cri::v1::Device;
 use oci_spec::runtime::{LinuxDevice, LinuxDeviceBuilder, LinuxDeviceCgroup, LinuxDeviceCgroupBuilder, LinuxDeviceType};
-use trellis_common::text::excerpt;
+use trellis_common::text::{excerpt, excerpt_path};
 
 use crate::error::RuntimeError;
 
@@ -122,7 +122,7 @@ pub fn requested(devices: &[Device]) -> Result<Devices, RuntimeError> {
         let host = Path::new(&device.host_path);
         let container = if device.container_path.is_empty() { PathBuf::from(&device.host_path) } else { PathBuf::from(&device.container_path) };
         if !host.is_absolute() || !container.is_absolute() {
-            return Err(RuntimeError::InvalidArgument(format!("device {} → {}: both paths must be absolute", excerpt(&device.host_path), excerpt(&container.to_string_lossy()))));
+            return Err(RuntimeError::InvalidArgument(format!("device {} → {}: both paths must be absolute", excerpt(&device.host_path), excerpt_path(&container))));
         }
         let access = permissions(device)?;
         let missing = |source: std::io::Error| RuntimeError::InvalidArgument(format!("device {} cannot be used: {source}", excerpt(&device.host_path)));

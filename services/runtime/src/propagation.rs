@@ -14,7 +14,7 @@ use std::path::{Component, Path, PathBuf};
 
 use k8s_cri::v1::{Mount as CriMount, MountPropagation};
 use oci_spec::runtime::{Mount, MountBuilder};
-use trellis_common::text::excerpt;
+use trellis_common::text::{excerpt, excerpt_path};
 
 use crate::error::RuntimeError;
 
@@ -78,7 +78,7 @@ fn check_source(source: &Path, propagation: MountPropagation, mounts: &[MountPoi
     if propagation == MountPropagation::PropagationPrivate {
         return Ok(());
     }
-    let mount = mount_of(source, mounts).ok_or_else(|| RuntimeError::FailedPrecondition(format!("no mount holds {} in /proc/self/mountinfo", excerpt(&source.to_string_lossy()))))?;
+    let mount = mount_of(source, mounts).ok_or_else(|| RuntimeError::FailedPrecondition(format!("no mount holds {} in /proc/self/mountinfo", excerpt_path(source))))?;
     let (ok, needed) = match propagation {
         MountPropagation::PropagationBidirectional => (mount.shared, "shared"),
         _ => (mount.shared || mount.slave, "shared or slave"),
@@ -89,7 +89,7 @@ fn check_source(source: &Path, propagation: MountPropagation, mounts: &[MountPoi
     Err(RuntimeError::FailedPrecondition(format!(
         "mount propagation {}: {} is on mount {}, which is not a {needed} mount (make it one, e.g. `mount --make-rshared {}`)",
         propagation.as_str_name(),
-        excerpt(&source.to_string_lossy()),
+        excerpt_path(source),
         mount.point.display(),
         mount.point.display()
     )))
@@ -135,7 +135,7 @@ pub fn container_mounts(requested: &[CriMount]) -> Result<Mounts, RuntimeError> 
         }
         let propagation = MountPropagation::try_from(mount.propagation)
             .map_err(|_| RuntimeError::InvalidArgument(format!("mount {}: unknown propagation {}", excerpt(&mount.container_path), mount.propagation)))?;
-        let resolved = source.canonicalize().map_err(|e| RuntimeError::io(format!("cannot resolve mount source {}", excerpt(&source.to_string_lossy())), e))?;
+        let resolved = source.canonicalize().map_err(|e| RuntimeError::io(format!("cannot resolve mount source {}", excerpt_path(source)), e))?;
         check_source(&resolved, propagation, &mountinfo)?;
         let option = match propagation {
             MountPropagation::PropagationPrivate => "rprivate",

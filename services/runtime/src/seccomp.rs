@@ -11,7 +11,7 @@ use k8s_cri::v1::security_profile::ProfileType;
 use k8s_cri::v1::{LinuxContainerSecurityContext, SecurityProfile};
 use oci_spec::runtime::{Arch, Capability, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArgBuilder, LinuxSeccompFilterFlag, LinuxSeccompOperator, LinuxSyscall};
 use serde::Deserialize;
-use trellis_common::text::excerpt;
+use trellis_common::text::{excerpt, excerpt_path};
 
 use crate::error::RuntimeError;
 
@@ -97,7 +97,7 @@ fn from_profile(profile: &SecurityProfile, field: &str) -> Result<Selected, Runt
 fn localhost(path: &str, field: &str) -> Result<Selected, RuntimeError> {
     let path = Path::new(path);
     if !path.is_absolute() {
-        return Err(RuntimeError::InvalidArgument(format!("{field}: the Localhost seccomp profile `{}` must be an absolute path", excerpt(&path.to_string_lossy()))));
+        return Err(RuntimeError::InvalidArgument(format!("{field}: the Localhost seccomp profile `{}` must be an absolute path", excerpt_path(path))));
     }
     Ok(Selected::Localhost(path.to_path_buf()))
 }
@@ -124,10 +124,10 @@ pub fn select(security: Option<&LinuxContainerSecurityContext>) -> Result<Select
 
 /// Reads a Localhost profile; one that is missing or malformed is refused with its path.
 pub fn read(path: &Path) -> Result<Profile, RuntimeError> {
-    let text = std::fs::read(path).map_err(|e| RuntimeError::InvalidArgument(format!("cannot read the seccomp profile {}: {e}", excerpt(&path.to_string_lossy()))))?;
-    let profile: Profile = serde_json::from_slice(&text).map_err(|e| RuntimeError::InvalidArgument(format!("the seccomp profile {} is not valid JSON of a seccomp profile: {}", excerpt(&path.to_string_lossy()), excerpt(&e.to_string()))))?;
+    let text = std::fs::read(path).map_err(|e| RuntimeError::InvalidArgument(format!("cannot read the seccomp profile {}: {e}", excerpt_path(path))))?;
+    let profile: Profile = serde_json::from_slice(&text).map_err(|e| RuntimeError::InvalidArgument(format!("the seccomp profile {} is not valid JSON of a seccomp profile: {}", excerpt_path(path), excerpt(&e.to_string()))))?;
     if profile.default_action.is_empty() {
-        return Err(RuntimeError::InvalidArgument(format!("the seccomp profile {} has no defaultAction", excerpt(&path.to_string_lossy()))));
+        return Err(RuntimeError::InvalidArgument(format!("the seccomp profile {} has no defaultAction", excerpt_path(path))));
     }
     Ok(profile)
 }
@@ -248,7 +248,7 @@ pub fn for_container(security: Option<&LinuxContainerSecurityContext>, privilege
     match select(security)? {
         Selected::Unconfined => Ok(None),
         Selected::RuntimeDefault => crate::seccomp_default::profile().to_oci(&target).map(Some),
-        Selected::Localhost(path) => read(&path)?.to_oci(&target).map(Some).map_err(|e| RuntimeError::InvalidArgument(format!("the seccomp profile {}: {e}", excerpt(&path.to_string_lossy())))),
+        Selected::Localhost(path) => read(&path)?.to_oci(&target).map(Some).map_err(|e| RuntimeError::InvalidArgument(format!("the seccomp profile {}: {e}", excerpt_path(&path)))),
     }
 }
 

@@ -23,7 +23,7 @@ use std::os::unix::ffi::OsStringExt;
 use std::path::{Component, Path, PathBuf};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps, XattrFlags};
-use trellis_common::text::excerpt;
+use trellis_common::text::{excerpt, excerpt_path};
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
@@ -63,20 +63,16 @@ impl ExtractError {
     }
 }
 
-fn shown(entry: &Path) -> String {
-    excerpt(&entry.display().to_string())
-}
-
 fn refused(entry: &Path, reason: impl Into<String>) -> ExtractError {
-    ExtractError::Refused { entry: shown(entry), reason: reason.into() }
+    ExtractError::Refused { entry: excerpt_path(entry), reason: reason.into() }
 }
 
 fn io_error(entry: &Path) -> impl Fn(io::Error) -> ExtractError + '_ {
-    move |source| ExtractError::Io { entry: shown(entry), source }
+    move |source| ExtractError::Io { entry: excerpt_path(entry), source }
 }
 
 fn errno_error(entry: &Path) -> impl Fn(rustix::io::Errno) -> ExtractError + '_ {
-    move |errno| ExtractError::Io { entry: shown(entry), source: io::Error::from(errno) }
+    move |errno| ExtractError::Io { entry: excerpt_path(entry), source: io::Error::from(errno) }
 }
 
 fn tar_error(error: io::Error) -> ExtractError {
@@ -130,15 +126,11 @@ impl Layer {
     /// The directory `relative` inside the layer, made (0755) where missing; refused
     /// when a component is a symlink or not a directory.
     fn dir(&mut self, relative: &Path, entry: &Path) -> Result<BorrowedFd<'_>, ExtractError> {
-        let cached = self.last_parent.as_ref().is_some_and(|(path, _)| path == relative);
-        if !cached {
-            let fd = self.walk(relative, entry)?;
-            self.last_parent = Some((relative.to_path_buf(), fd));
-        }
-        match &self.last_parent {
-            Some((_, fd)) => Ok(fd.as_fd()),
-            None => Err(refused(entry, "internal: no parent directory")),
-        }
+        let current = match self.last_parent.take() {
+            Some((path, fd)) if path == relative => (path, fd),
+            _ => (relative.to_path_buf(), self.walk(relative, entry)?),
+        };
+        Ok(self.last_parent.insert(current).1.as_fd())
     }
 
     fn walk(&self, relative: &Path, entry: &Path) -> Result<OwnedFd, ExtractError> {
@@ -166,8 +158,8 @@ impl Layer {
                 Err(errno) => {
                     let kind = rustix::fs::statat(&current, name, AtFlags::SYMLINK_NOFOLLOW).map(|stat| FileType::from_raw_mode(stat.st_mode));
                     return Err(match kind {
-                        Ok(FileType::Symlink) => refused(entry, format!("writes through the symlink `{}`", shown(&walked))),
-                        Ok(kind) if kind != FileType::Directory => refused(entry, format!("a parent, `{}`, is not a directory", shown(&walked))),
+                        Ok(FileType::Symlink) => refused(entry, format!("writes through the symlink `{}`", excerpt_path(&walked))),
+                        Ok(kind) if kind != FileType::Directory => refused(entry, format!("a parent, `{}`, is not a directory", excerpt_path(&walked))),
                         _ => errno_error(entry)(errno),
                     });
                 }
@@ -402,12 +394,11 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<u64, ExtractError> {
             // PAX and GNU long-name headers are folded into entries by the tar crate;
             // anything else (sockets, sparse oddities) has no place in an image.
             other => {
-                tracing::debug!(entry = %shown(&raw), ?other, "skipping tar entry of an unsupported type");
+                tracing::debug!(entry = %excerpt_path(&raw), ?other, "skipping tar entry of an unsupported type");
                 continue;
             }
         };
         let xattrs = xattrs_of(&mut entry, &raw)?;
-        let dir = layer.dir(parent_path, &raw)?;
         apply(dir, &name, &made, &meta, &xattrs, &raw)?;
         if removed_dir {
             layer.forget_cached();
@@ -419,7 +410,7 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<u64, ExtractError> {
     deferred.sort_by_key(|(path, _)| std::cmp::Reverse(path.components().count()));
     for (path, (mode, mtime)) in deferred {
         let Some(fd) = layer.existing_dir(&path) else {
-            tracing::debug!(entry = %shown(&path), "a later entry replaced this directory; its mode is not applied");
+            tracing::debug!(entry = %excerpt_path(&path), "a later entry replaced this directory; its mode is not applied");
             continue;
         };
         rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(errno_error(&path))?;
@@ -432,10 +423,10 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<u64, ExtractError> {
 fn link<R: Read>(layer: &mut Layer, entry: &mut tar::Entry<'_, R>, parent: &Path, name: &std::ffi::OsStr, raw: &Path) -> Result<(), ExtractError> {
     let source = entry.link_name().map_err(tar_error)?.ok_or_else(|| refused(raw, "hard link without a target"))?.into_owned();
     if source.is_absolute() {
-        return Err(refused(raw, format!("hard link to the absolute path `{}`", shown(&source))));
+        return Err(refused(raw, format!("hard link to the absolute path `{}`", excerpt_path(&source))));
     }
-    let source_relative = sanitize(&source).map_err(|_| refused(raw, format!("hard link to `{}` leaves the layer", shown(&source))))?;
-    let not_here = || refused(raw, format!("hard link to `{}`, which is not in this layer", shown(&source)));
+    let source_relative = sanitize(&source).map_err(|_| refused(raw, format!("hard link to `{}` leaves the layer", excerpt_path(&source))))?;
+    let not_here = || refused(raw, format!("hard link to `{}`, which is not in this layer", excerpt_path(&source)));
     let (source_parent, source_name) = split(&source_relative);
     let source_dir = layer.existing_dir(source_parent).ok_or_else(not_here)?;
     match rustix::fs::statat(&source_dir, source_name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -462,7 +453,7 @@ fn xattrs_of<R: Read>(entry: &mut tar::Entry<'_, R>, raw: &Path) -> Result<Vec<(
         let Ok(key) = extension.key() else { continue };
         let Some(name) = key.strip_prefix(XATTR_PAX_PREFIX) else { continue };
         if name.starts_with(PRIVILEGED_XATTR_PREFIX) {
-            tracing::debug!(entry = %shown(raw), xattr = %excerpt(name), "dropping a trusted.* attribute from a layer");
+            tracing::debug!(entry = %excerpt_path(raw), xattr = %excerpt(name), "dropping a trusted.* attribute from a layer");
             continue;
         }
         xattrs.push((name.to_string(), extension.value_bytes().to_vec()));
@@ -508,7 +499,7 @@ fn set_xattr(result: rustix::io::Result<()>, key: &str, raw: &Path) -> Result<()
     match result {
         Ok(()) => Ok(()),
         Err(rustix::io::Errno::NOTSUP) => {
-            tracing::warn!(entry = %shown(raw), xattr = %excerpt(key), "the layer store's file system keeps no such attribute; dropped");
+            tracing::warn!(entry = %excerpt_path(raw), xattr = %excerpt(key), "the layer store's file system keeps no such attribute; dropped");
             Ok(())
         }
         Err(errno) => Err(errno_error(raw)(errno)),

@@ -4,6 +4,8 @@
 //! holds moves the tag. Removing a tag leaves the image's other tags; the image goes
 //! with its last tag. Removing by id removes every reference.
 
+use std::collections::HashSet;
+
 use std::sync::{Arc, Mutex};
 
 use prost::Message;
@@ -138,8 +140,9 @@ impl ImageStore {
     }
 
     /// Whether any recorded image other than `except` uses a layer chain.
-    pub fn chain_in_use(&self, chain_id: &str) -> Result<bool, StorageError> {
-        Ok(self.list()?.iter().any(|image| image.chain_ids.iter().any(|c| c == chain_id)))
+    /// Every layer chain some image uses, from one pass over the images.
+    pub fn chains_in_use(&self) -> Result<HashSet<String>, StorageError> {
+        Ok(self.list()?.into_iter().flat_map(|image| image.chain_ids).collect())
     }
 }
 

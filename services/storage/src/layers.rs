@@ -75,6 +75,11 @@ impl LayerStore {
         trellis_common::dirs::ensure_private_dir(&root).map_err(|source| StorageError::io(format!("cannot make the layer store {} private (0700)", root.display()), source))?;
         let layers = Self { root, table: store.table(TABLE)?, limits, imports: AtomicU64::new(0) };
         layers.remove_unrecorded()?;
+        // Nodes from before short links: each recorded layer gets its own.
+        for record in layers.records()? {
+            let hex = record.diff_id.trim_start_matches("sha256:");
+            links::ensure(&layers.root, hex).map_err(|source| StorageError::io(format!("cannot make the short link of layer {}", record.diff_id), source))?;
+        }
         Ok(layers)
     }
 
@@ -181,8 +186,8 @@ impl LayerStore {
         self.remove_unrecorded()
     }
 
-    /// Removes `tmp-` leftovers, layer directories no record points at and their
-    /// short links, and makes the links of recorded layers (nodes from before links).
+    /// Removes `tmp-` leftovers, and layer directories no record points at with their
+    /// short links.
     fn remove_unrecorded(&self) -> Result<(), StorageError> {
         let recorded: HashSet<String> = self.records()?.iter().map(|r| r.diff_id.trim_start_matches("sha256:").to_string()).collect();
         let entries = std::fs::read_dir(&self.root).map_err(|source| StorageError::io(format!("cannot list {}", self.root.display()), source))?;
@@ -195,12 +200,7 @@ impl LayerStore {
             tracing::info!(path = %path.display(), "removing layer content no record uses (a pull cut short, or a removed image)");
             std::fs::remove_dir_all(&path).map_err(|source| StorageError::io(format!("cannot remove {}", path.display()), source))?;
         }
-        let links_failed = |source| StorageError::io(format!("cannot tidy the short links in {}/{}", self.root.display(), links::LINK_DIR), source);
-        links::sweep(&self.root, &recorded).map_err(links_failed)?;
-        for hex in &recorded {
-            links::ensure(&self.root, hex).map_err(links_failed)?;
-        }
-        Ok(())
+        links::sweep(&self.root, &recorded).map_err(|source| StorageError::io(format!("cannot tidy the short links in {}/{}", self.root.display(), links::LINK_DIR), source))
     }
 }
 

@@ -146,9 +146,10 @@ impl Storage for StorageService {
             let lock = self.import_lock(chain);
             importing.push(lock.lock_owned().await);
         }
+        let in_use = self.images.chains_in_use()?;
         let mut unused = Vec::new();
         for chain in candidates {
-            if !self.images.chain_in_use(&chain)? && self.layers.get(&chain)?.is_some() {
+            if !in_use.contains(&chain) && self.layers.get(&chain)?.is_some() {
                 unused.push(chain);
             }
         }
@@ -187,7 +188,12 @@ impl Storage for StorageService {
     async fn remove_image(&self, request: Request<RemoveImageRequest>) -> Result<Response<RemoveImageResponse>, Status> {
         let removal = self.images.remove(&request.get_ref().reference, |id| self.user_of(id))?;
         if let Some(image) = &removal.deleted {
-            let unused: Vec<String> = image.chain_ids.iter().filter(|chain| !self.images.chain_in_use(chain).unwrap_or(true)).cloned().collect();
+            // Records that cannot be read: every layer counts as in use and stays.
+            let in_use = self.images.chains_in_use().unwrap_or_else(|error| {
+                tracing::error!(%error, "cannot read image records; keeping the removed image's layers");
+                image.chain_ids.iter().cloned().collect()
+            });
+            let unused: Vec<String> = image.chain_ids.iter().filter(|chain| !in_use.contains(*chain)).cloned().collect();
             let layers = self.layers.clone();
             tokio::task::spawn_blocking(move || layers.remove_chains(&unused)).await.map_err(blocking_failed)??;
         }

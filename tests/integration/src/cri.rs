@@ -9,6 +9,23 @@ use k8s_cri::v1::*;
 use crate::registry::{Registry, busybox_layer, image};
 use crate::{Node, NodeOptions};
 
+/// An image spec naming `image`.
+pub fn image_spec(image: &str) -> Option<ImageSpec> {
+    Some(ImageSpec { image: image.to_string(), ..Default::default() })
+}
+
+/// PullImage through the node's CRI socket; the pulled image's id.
+pub async fn pull(node: &Node, image: &str) -> Result<String, tonic::Status> {
+    node.images().pull_image(PullImageRequest { image: image_spec(image), ..Default::default() }).await.map(|r| r.into_inner().image_ref)
+}
+
+/// [`pull`] in a task of its own, for tests that interrupt it.
+pub fn pull_in_background(node: &Node, image: &str) -> tokio::task::JoinHandle<Result<String, tonic::Status>> {
+    let mut images = node.images();
+    let request = PullImageRequest { image: image_spec(image), ..Default::default() };
+    tokio::spawn(async move { images.pull_image(request).await.map(|r| r.into_inner().image_ref) })
+}
+
 /// A node with a busybox image in a registry of its own.
 pub struct BusyboxNode {
     pub node: Node,
@@ -24,7 +41,7 @@ impl BusyboxNode {
         registry.push("tests/busybox", "1", &image(vec![busybox_layer()], &["/bin/sh"], "amd64", false)).await;
         let node = Node::start(NodeOptions { with_cni_config: true, ..Default::default() }).await;
         let image = format!("{}/tests/busybox:1", registry.address);
-        node.images().pull_image(PullImageRequest { image: Some(ImageSpec { image: image.clone(), ..Default::default() }), ..Default::default() }).await.expect("pull busybox");
+        pull(&node, &image).await.expect("pull busybox");
         BusyboxNode { node, image, registry, dir }
     }
 

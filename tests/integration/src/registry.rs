@@ -42,17 +42,8 @@ impl Registry {
     pub fn start_token_auth(dir: &Path, realm: &str) -> Registry {
         let root = dir.join("registry");
         std::fs::create_dir_all(&root).expect("registry dir");
-        let (key, cert) = (root.join("token-key.pem"), root.join("token-cert.pem"));
-        let openssl = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=trellis-test"])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .expect("openssl is not installed");
-        assert!(openssl.status.success(), "openssl: {}", String::from_utf8_lossy(&openssl.stderr));
-        let auth_config = format!("auth:\n  token:\n    realm: {realm}\n    service: trellis-test\n    issuer: trellis-test\n    rootcertbundle: {}\n", cert.display());
+        let certificates = crate::pki::Pki::new(&root.join("token-pki"));
+        let auth_config = format!("auth:\n  token:\n    realm: {realm}\n    service: trellis-test\n    issuer: trellis-test\n    rootcertbundle: {}\n", certificates.ca_file.display());
         Self::serve(root, auth_config, None)
     }
 

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use trellis_common::bus::permissions::{Permissions, for_service};
 use trellis_common::bus::server_config::{NatsUser, ServerConfig, ServerTls};
 use trellis_common::config::ServiceKind;
-use trellis_integration::cri::{host_network_pod, remove_pods, run_pod, start};
+use trellis_integration::cri::{host_network_pod, pull, remove_pods, run_pod, start};
 use trellis_integration::nats::{NatsServer, StoredEvent, read_events_with};
 use trellis_integration::pki::Pki;
 use trellis_integration::registry::{Registry, busybox_layer, image};
@@ -185,7 +185,7 @@ async fn every_service_delivers_its_events_through_its_own_permissions() {
     gateway.flush().await.expect("flush");
 
     let busybox = format!("{}/tests/busybox:1", registry.address);
-    node.images().pull_image(PullImageRequest { image: Some(ImageSpec { image: busybox.clone(), ..Default::default() }), ..Default::default() }).await.expect("pull");
+    pull(&node, &busybox).await.expect("pull");
     let mut config = host_network_pod("bus-perms", false);
     if let Some(options) = config.linux.as_mut().and_then(|l| l.security_context.as_mut()).and_then(|s| s.namespace_options.as_mut()) {
         options.network = NamespaceMode::Pod as i32;

@@ -12,7 +12,7 @@ use std::process::Command;
 use k8s_cri::v1::*;
 use tar::EntryType as Kind;
 use tonic::Code;
-use trellis_integration::cri::{Pod, create, exec, host_network_pod, remove_pods, run_pod, shell, start};
+use trellis_integration::cri::{Pod, create, pull, exec, host_network_pod, remove_pods, run_pod, shell, start};
 use trellis_integration::registry::{BuiltLayer, Compression, Entry, RawEntry, Registry, busybox_layer, image, layer, layer_of_tar, raw_layer};
 use trellis_integration::{Node, NodeOptions};
 
@@ -33,9 +33,7 @@ impl Scene {
 
     /// Pushes busybox plus `layers` as `tests/<name>:1` and pulls it through the CRI.
     async fn pull(&self, name: &str, layers: Vec<BuiltLayer>) -> Result<String, tonic::Status> {
-        let reference = self.push(name, layers).await;
-        let request = PullImageRequest { image: Some(ImageSpec { image: reference, ..Default::default() }), ..Default::default() };
-        self.node.images().pull_image(request).await.map(|r| r.into_inner().image_ref)
+        pull(&self.node, &self.push(name, layers).await).await
     }
 
     async fn push(&self, name: &str, layers: Vec<BuiltLayer>) -> String {
@@ -81,6 +79,11 @@ fn victim(path: &Path, dir: bool, mode: u32) -> String {
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
     path.display().to_string()
+}
+
+/// A container of a pulled test image, running the image's own command (a sleep).
+fn sleeper(name: &str, image: String) -> ContainerConfig {
+    ContainerConfig { metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }), image: Some(ImageSpec { image, ..Default::default() }), ..Default::default() }
 }
 
 /// Runs `command` as the unprivileged host user nobody.
@@ -163,12 +166,7 @@ async fn setuid_files_and_devices_of_images_and_containers_are_out_of_reach_of_h
     let layer_hex = privileged.diff_id.trim_start_matches("sha256:").to_string();
     let reference = scene.pull("setuid", vec![privileged]).await.expect("setuid files and devices are allowed in images");
     let pod = scene.pod("setuid").await;
-    let mut config = ContainerConfig {
-        metadata: Some(ContainerMetadata { name: "planter".into(), attempt: 0 }),
-        image: Some(ImageSpec { image: reference, ..Default::default() }),
-        ..Default::default()
-    };
-    config.command = vec!["/bin/sleep".into(), "3600".into()];
+    let config = sleeper("planter", reference);
     let container = start(&scene.node, &pod, config).await;
     let planted = shell(&scene.node, &container, "cp /bin/busybox /planted && chmod 4755 /planted && ls -l /planted /opt/suid").await;
     assert_eq!(planted.code, 0, "{planted:?}");
@@ -217,8 +215,7 @@ async fn overlay_attributes_from_layers_are_dropped_and_file_capabilities_kept()
     assert_eq!(xattr::get(layer_dir.join("bind"), "security.capability").expect("read").as_deref(), Some(capability));
 
     let pod = scene.pod("attributes").await;
-    let mut config = ContainerConfig { metadata: Some(ContainerMetadata { name: "reader".into(), attempt: 0 }), image: Some(ImageSpec { image: reference, ..Default::default() }), ..Default::default() };
-    config.command = vec!["/bin/sleep".into(), "3600".into()];
+    let config = sleeper("reader", reference);
     let container = start(&scene.node, &pod, config).await;
     let redirected = exec(&scene.node, &container, &["/bin/ls", "-A", "/r"]).await;
     assert_eq!((redirected.code, redirected.stdout.trim()), (0, ""), "/r is the layer's empty directory, not /bin");
@@ -240,8 +237,7 @@ async fn fifos_written_by_gnu_tar_unpack() {
     assert_eq!(&tar.stdout[329..345], &[0u8; 16], "the device fields are NULs");
     let reference = scene.pull("fifo", vec![layer_of_tar(tar.stdout, Compression::None)]).await.expect("a FIFO unpacks");
     let pod = scene.pod("fifo").await;
-    let mut config = ContainerConfig { metadata: Some(ContainerMetadata { name: "fifo".into(), attempt: 0 }), image: Some(ImageSpec { image: reference, ..Default::default() }), ..Default::default() };
-    config.command = vec!["/bin/sleep".into(), "3600".into()];
+    let config = sleeper("fifo", reference);
     let container = start(&scene.node, &pod, config).await;
     let fifo = shell(&scene.node, &container, "test -p /pipe && ls -l /pipe").await;
     assert_eq!(fifo.code, 0, "{fifo:?}");
@@ -274,8 +270,7 @@ async fn an_image_of_128_layers_starts() {
     let layers: Vec<BuiltLayer> = (1..128).map(|n| layer(&[Entry::File(Box::leak(format!("layer-{n:03}").into_boxed_str()), vec![b'x'; n])], Compression::Gzip)).collect();
     let reference = scene.pull("tall", layers).await.expect("pull 128 layers");
     let pod = scene.pod("tall").await;
-    let mut config = ContainerConfig { metadata: Some(ContainerMetadata { name: "tall".into(), attempt: 0 }), image: Some(ImageSpec { image: reference, ..Default::default() }), ..Default::default() };
-    config.command = vec!["/bin/sleep".into(), "3600".into()];
+    let config = sleeper("tall", reference);
     let container = create(&scene.node, &pod, config).await.expect("CreateContainer of 128 layers");
     scene.node.runtime().start_container(StartContainerRequest { container_id: container.clone() }).await.expect("StartContainer");
     let listed = shell(&scene.node, &container, "ls / | grep -c '^layer-' && cat /layer-127 | wc -c").await;

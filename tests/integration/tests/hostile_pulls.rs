@@ -8,15 +8,8 @@ use k8s_cri::v1::*;
 use tonic::Code;
 use trellis_integration::hostile::{TokenServer, TrickleProxy};
 use trellis_integration::registry::{BuiltImage, Compression, Entry, Registry, busybox_layer, image, layer};
+use trellis_integration::cri::{image_spec, pull, pull_in_background};
 use trellis_integration::{Node, NodeOptions, kill9};
-
-fn spec(image: &str) -> Option<ImageSpec> {
-    Some(ImageSpec { image: image.to_string(), ..Default::default() })
-}
-
-async fn pull(node: &Node, image: &str) -> Result<String, tonic::Status> {
-    node.images().pull_image(PullImageRequest { image: spec(image), ..Default::default() }).await.map(|r| r.into_inner().image_ref)
-}
 
 /// Polls `condition` every 20 ms for up to `within`.
 async fn eventually(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
@@ -71,7 +64,7 @@ async fn a_bad_registry_token_in_the_request_is_refused_and_the_image_still_pull
         ("identity_token", AuthConfig { identity_token: "secret-two\r".into(), ..Default::default() }),
         ("password", AuthConfig { username: "u".into(), password: "secret-three\u{0}".into(), ..Default::default() }),
     ] {
-        let error = node.images().pull_image(PullImageRequest { image: spec(&name), auth: Some(auth), ..Default::default() }).await.expect_err("refused");
+        let error = node.images().pull_image(PullImageRequest { image: image_spec(&name), auth: Some(auth), ..Default::default() }).await.expect_err("refused");
         assert_eq!(error.code(), Code::InvalidArgument, "{field}: {}", error.message());
         assert!(error.message().contains(&format!("AuthConfig.{field}")), "names the field: {}", error.message());
         assert!(!error.message().contains("secret"), "never echoes the secret: {}", error.message());
@@ -103,28 +96,43 @@ async fn a_token_endpoint_handing_out_a_control_character_fails_the_pull_not_the
     node.stop();
 }
 
+/// A node, and `slow_image` in its registry behind a trickling proxy.
+struct SlowSource {
+    node: Node,
+    registry: Registry,
+    proxy: TrickleProxy,
+    built: BuiltImage,
+    /// The slow image's name, through the proxy.
+    name: String,
+    _dir: tempfile::TempDir,
+}
+
+impl SlowSource {
+    async fn start() -> SlowSource {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = Registry::start(dir.path(), None);
+        let built = slow_image();
+        registry.push("tests/slow", "1", &built).await;
+        let proxy = TrickleProxy::start(&registry.address, 4096, Duration::from_millis(20)).await;
+        let node = Node::start(NodeOptions::default()).await;
+        let name = format!("{}/tests/slow:1", proxy.address);
+        SlowSource { node, registry, proxy, built, name, _dir: dir }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_abandoned_pull_stops_and_leaves_no_layer() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let registry = Registry::start(dir.path(), None);
-    let built = slow_image();
-    registry.push("tests/slow", "1", &built).await;
-    let proxy = TrickleProxy::start(&registry.address, 4096, Duration::from_millis(20)).await;
-    let node = Node::start(NodeOptions::default()).await;
-    let name = format!("{}/tests/slow:1", proxy.address);
+    // Every part is bound: the registry and the directory must live to the end.
+    let SlowSource { node, registry: _registry, proxy, built, name, _dir } = SlowSource::start().await;
 
     // The client hangs up.
-    let call = tokio::spawn({
-        let mut images = node.images();
-        let name = name.clone();
-        async move { images.pull_image(PullImageRequest { image: spec(&name), ..Default::default() }).await }
-    });
+    let call = pull_in_background(&node, &name);
     wait_mid_pull(&node, &proxy, 0).await;
     call.abort();
     assert_stopped_and_cleaned(&node, &proxy, "client gone").await;
 
     // The client's deadline passes.
-    let mut request = tonic::Request::new(PullImageRequest { image: spec(&name), ..Default::default() });
+    let mut request = tonic::Request::new(PullImageRequest { image: image_spec(&name), ..Default::default() });
     request.set_timeout(Duration::from_secs(3));
     let error = node.images().pull_image(request).await.expect_err("deadline");
     assert!(matches!(error.code(), Code::DeadlineExceeded | Code::Cancelled), "{:?}: {}", error.code(), error.message());
@@ -138,22 +146,13 @@ async fn an_abandoned_pull_stops_and_leaves_no_layer() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn layers_a_killed_image_service_left_are_pruned_when_it_starts_again() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let registry = Registry::start(dir.path(), None);
-    let built = slow_image();
-    registry.push("tests/slow", "1", &built).await;
+    let SlowSource { node, registry, proxy, built: _, name, _dir } = SlowSource::start().await;
     let kept = image(vec![busybox_layer()], &["/bin/sh"], "amd64", false);
     registry.push("tests/kept", "1", &kept).await;
-    let proxy = TrickleProxy::start(&registry.address, 4096, Duration::from_millis(20)).await;
-    let node = Node::start(NodeOptions::default()).await;
     pull(&node, &format!("{}/tests/kept:1", registry.address)).await.expect("an image to keep");
     let image_pid = node.info("image").await.expect("info").pid;
 
-    let call = tokio::spawn({
-        let mut images = node.images();
-        let name = format!("{}/tests/slow:1", proxy.address);
-        async move { images.pull_image(PullImageRequest { image: spec(&name), ..Default::default() }).await }
-    });
+    let call = pull_in_background(&node, &name);
     wait_mid_pull(&node, &proxy, 1).await;
     kill9(image_pid);
     assert!(call.await.expect("join").is_err(), "the interrupted pull fails");

@@ -7,21 +7,14 @@ use k8s_cri::v1::*;
 use tonic::Code;
 use trellis_integration::registry::{BuiltImage, Compression, Entry, Registry, busybox_layer, image, layer};
 use trellis_integration::nats::{NatsServer, read_events};
+use trellis_integration::cri::{image_spec, pull, pull_in_background};
 use trellis_integration::{Node, NodeOptions, kill9, unix_channel};
 use trellis_proto::events::v1::{event::Payload, image_event};
 use trellis_proto::storage::v1::storage_client::StorageClient;
 use trellis_proto::storage::v1::{PrepareRootfsRequest, ReleaseRootfsRequest};
 
-fn spec(image: &str) -> Option<ImageSpec> {
-    Some(ImageSpec { image: image.to_string(), ..Default::default() })
-}
-
-async fn pull(node: &Node, image: &str) -> Result<String, tonic::Status> {
-    node.images().pull_image(PullImageRequest { image: spec(image), ..Default::default() }).await.map(|r| r.into_inner().image_ref)
-}
-
 async fn status(node: &Node, image: &str) -> Option<Image> {
-    node.images().image_status(ImageStatusRequest { image: spec(image), verbose: false }).await.expect("ImageStatus").into_inner().image
+    node.images().image_status(ImageStatusRequest { image: image_spec(image), verbose: false }).await.expect("ImageStatus").into_inner().image
 }
 
 async fn list(node: &Node) -> Vec<Image> {
@@ -60,23 +53,23 @@ async fn pull_by_tag_and_digest_list_status_remove_and_pull_again() {
     for name in [&tagged, &by_digest, &built.id()] {
         assert_eq!(status(&node, name).await.map(|i| i.id), Some(built.id()), "ImageStatus by {name}");
     }
-    let verbose = node.images().image_status(ImageStatusRequest { image: spec(&tagged), verbose: true }).await.expect("status").into_inner();
+    let verbose = node.images().image_status(ImageStatusRequest { image: image_spec(&tagged), verbose: true }).await.expect("status").into_inner();
     assert!(verbose.info["info"].contains("diff_ids"), "verbose info has the config: {:?}", verbose.info);
     assert!(status(&node, &format!("{}/tests/other:v1", registry.address)).await.is_none(), "unknown image: no error, no image");
-    let filtered = node.images().list_images(ListImagesRequest { filter: Some(ImageFilter { image: spec(&by_digest) }) }).await.expect("list").into_inner().images;
+    let filtered = node.images().list_images(ListImagesRequest { filter: Some(ImageFilter { image: image_spec(&by_digest) }) }).await.expect("list").into_inner().images;
     assert_eq!(filtered.len(), 1);
 
-    node.images().remove_image(RemoveImageRequest { image: spec(&tagged) }).await.expect("remove by tag");
+    node.images().remove_image(RemoveImageRequest { image: image_spec(&tagged) }).await.expect("remove by tag");
     assert!(list(&node).await.is_empty());
     assert!(node.layer_dirs().is_empty(), "layers go with the last image using them: {:?}", node.layer_dirs());
-    node.images().remove_image(RemoveImageRequest { image: spec(&tagged) }).await.expect("removing a missing image is not an error");
+    node.images().remove_image(RemoveImageRequest { image: image_spec(&tagged) }).await.expect("removing a missing image is not an error");
 
     assert_eq!(pull(&node, &by_digest).await.expect("pull by digest"), built.id());
     let again = status(&node, &by_digest).await.expect("present");
     assert!(again.repo_tags.is_empty(), "pulled by digest: no tag");
     pull(&node, &tagged).await.expect("pull the tag too");
     assert_eq!(list(&node).await.len(), 1, "one image, two names");
-    node.images().remove_image(RemoveImageRequest { image: spec(&built.id()) }).await.expect("remove by id");
+    node.images().remove_image(RemoveImageRequest { image: image_spec(&built.id()) }).await.expect("remove by id");
     assert!(list(&node).await.is_empty());
 
     let error = pull(&node, "Not A Reference").await.expect_err("bad name");
@@ -137,14 +130,14 @@ async fn layers_whiteouts_and_opaque_directories_give_the_expected_rootfs() {
     assert_eq!(std::fs::read_to_string(root.join("d")).expect("d"), "6");
     std::fs::write(root.join("written"), b"upper").expect("the rootfs is writable");
 
-    let refused = node.images().remove_image(RemoveImageRequest { image: spec(&built.id()) }).await.expect_err("in use");
+    let refused = node.images().remove_image(RemoveImageRequest { image: image_spec(&built.id()) }).await.expect_err("in use");
     assert_eq!(refused.code(), Code::FailedPrecondition);
     assert!(refused.message().contains("c1"), "{}", refused.message());
 
     storage(&node).release_rootfs(ReleaseRootfsRequest { container_id: "c1".into() }).await.expect("release");
     storage(&node).release_rootfs(ReleaseRootfsRequest { container_id: "c1".into() }).await.expect("release is idempotent");
     assert!(!root.exists());
-    node.images().remove_image(RemoveImageRequest { image: spec(&built.id()) }).await.expect("remove once released");
+    node.images().remove_image(RemoveImageRequest { image: image_spec(&built.id()) }).await.expect("remove once released");
     node.stop();
 }
 
@@ -182,11 +175,11 @@ async fn basic_auth_registry_needs_credentials() {
     assert_eq!(error.code(), Code::Unauthenticated, "{}", error.message());
     assert!(error.message().to_lowercase().contains("auth"), "{}", error.message());
     let wrong = AuthConfig { username: "tester".into(), password: "wrong".into(), ..Default::default() };
-    let error = node.images().pull_image(PullImageRequest { image: spec(&name), auth: Some(wrong), ..Default::default() }).await.expect_err("bad password");
+    let error = node.images().pull_image(PullImageRequest { image: image_spec(&name), auth: Some(wrong), ..Default::default() }).await.expect_err("bad password");
     assert_eq!(error.code(), Code::Unauthenticated, "{}", error.message());
 
     let auth = AuthConfig { username: "tester".into(), password: "s3cret".into(), ..Default::default() };
-    let pulled = node.images().pull_image(PullImageRequest { image: spec(&name), auth: Some(auth), ..Default::default() }).await.expect("pull with credentials");
+    let pulled = node.images().pull_image(PullImageRequest { image: image_spec(&name), auth: Some(auth), ..Default::default() }).await.expect("pull with credentials");
     assert_eq!(pulled.into_inner().image_ref, built.id());
     node.stop();
 }
@@ -290,11 +283,7 @@ async fn storage_killed_mid_pull_leaves_a_consistent_store() {
     let storage_pid = node.info("storage").await.expect("info").pid;
 
     let layers_dir = node.root().join("state/storage/layers");
-    let pulling = tokio::spawn({
-        let mut images = node.images();
-        let name = name.clone();
-        async move { images.pull_image(PullImageRequest { image: spec(&name), ..Default::default() }).await }
-    });
+    let pulling = pull_in_background(&node, &name);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let unpacking = std::fs::read_dir(&layers_dir).map(|d| d.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().starts_with("tmp-"))).unwrap_or(false);
