@@ -44,7 +44,10 @@ pub enum BenchError {
     #[error("endpoint {0} is not unix:///<path>")]
     Endpoint(String),
     #[error("{call} failed: {status}")]
-    Call { call: &'static str, status: tonic::Status },
+    Call {
+        call: &'static str,
+        status: tonic::Status,
+    },
 }
 
 const OPERATIONS: [&str; 13] = [
@@ -65,17 +68,36 @@ const OPERATIONS: [&str; 13] = [
 
 type Timings = BTreeMap<&'static str, Vec<Duration>>;
 
-fn check<T>(call: &'static str, result: Result<tonic::Response<T>, tonic::Status>) -> Result<T, BenchError> {
-    result.map(tonic::Response::into_inner).map_err(|status| BenchError::Call { call, status })
+fn check<T>(
+    call: &'static str,
+    result: Result<tonic::Response<T>, tonic::Status>,
+) -> Result<T, BenchError> {
+    result
+        .map(tonic::Response::into_inner)
+        .map_err(|status| BenchError::Call { call, status })
 }
 
 fn pod_config(args: &BenchArgs, name: &str) -> PodSandboxConfig {
-    let mode = if args.host_network { NamespaceMode::Node } else { NamespaceMode::Pod };
+    let mode = if args.host_network {
+        NamespaceMode::Node
+    } else {
+        NamespaceMode::Pod
+    };
     PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata { name: name.into(), namespace: "trellis-bench".into(), uid: name.into(), attempt: 0 }),
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            namespace: "trellis-bench".into(),
+            uid: name.into(),
+            attempt: 0,
+        }),
         linux: Some(LinuxPodSandboxConfig {
             security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption { network: mode as i32, pid: NamespaceMode::Container as i32, ipc: NamespaceMode::Pod as i32, ..Default::default() }),
+                namespace_options: Some(NamespaceOption {
+                    network: mode as i32,
+                    pid: NamespaceMode::Container as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -86,15 +108,25 @@ fn pod_config(args: &BenchArgs, name: &str) -> PodSandboxConfig {
 
 fn container_config(args: &BenchArgs, name: &str) -> ContainerConfig {
     ContainerConfig {
-        metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }),
-        image: Some(ImageSpec { image: args.image.clone(), ..Default::default() }),
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: args.image.clone(),
+            ..Default::default()
+        }),
         command: vec!["sleep".into(), "3600".into()],
         ..Default::default()
     }
 }
 
 /// One pod with one container, created, started, stopped and removed.
-async fn cycle(mut runtime: RuntimeServiceClient<Channel>, args: BenchArgs, name: String) -> Result<Vec<(&'static str, Duration)>, BenchError> {
+async fn cycle(
+    mut runtime: RuntimeServiceClient<Channel>,
+    args: BenchArgs,
+    name: String,
+) -> Result<Vec<(&'static str, Duration)>, BenchError> {
     let pod_config = pod_config(&args, &name);
     let container_config = container_config(&args, "work");
     let mut timings = Vec::new();
@@ -104,21 +136,70 @@ async fn cycle(mut runtime: RuntimeServiceClient<Channel>, args: BenchArgs, name
         timings.push((name, timed.elapsed()));
         timed = Instant::now();
     };
-    let pod = check("RunPodSandbox", runtime.run_pod_sandbox(RunPodSandboxRequest { config: Some(pod_config.clone()), runtime_handler: String::new() }).await)?.pod_sandbox_id;
+    let pod = check(
+        "RunPodSandbox",
+        runtime
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(pod_config.clone()),
+                runtime_handler: String::new(),
+            })
+            .await,
+    )?
+    .pod_sandbox_id;
     lap("RunPodSandbox", &mut timings);
-    let request = CreateContainerRequest { pod_sandbox_id: pod.clone(), config: Some(container_config), sandbox_config: Some(pod_config) };
+    let request = CreateContainerRequest {
+        pod_sandbox_id: pod.clone(),
+        config: Some(container_config),
+        sandbox_config: Some(pod_config),
+    };
     let container = check("CreateContainer", runtime.create_container(request).await)?.container_id;
     lap("CreateContainer", &mut timings);
-    check("StartContainer", runtime.start_container(StartContainerRequest { container_id: container.clone() }).await)?;
+    check(
+        "StartContainer",
+        runtime
+            .start_container(StartContainerRequest {
+                container_id: container.clone(),
+            })
+            .await,
+    )?;
     lap("StartContainer", &mut timings);
     timings.push(("pod+container start", cycle_start.elapsed()));
-    check("StopContainer", runtime.stop_container(StopContainerRequest { container_id: container.clone(), timeout: 0 }).await)?;
+    check(
+        "StopContainer",
+        runtime
+            .stop_container(StopContainerRequest {
+                container_id: container.clone(),
+                timeout: 0,
+            })
+            .await,
+    )?;
     lap("StopContainer", &mut timings);
-    check("RemoveContainer", runtime.remove_container(RemoveContainerRequest { container_id: container }).await)?;
+    check(
+        "RemoveContainer",
+        runtime
+            .remove_container(RemoveContainerRequest {
+                container_id: container,
+            })
+            .await,
+    )?;
     lap("RemoveContainer", &mut timings);
-    check("StopPodSandbox", runtime.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await)?;
+    check(
+        "StopPodSandbox",
+        runtime
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await,
+    )?;
     lap("StopPodSandbox", &mut timings);
-    check("RemovePodSandbox", runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod }).await)?;
+    check(
+        "RemovePodSandbox",
+        runtime
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod,
+            })
+            .await,
+    )?;
     lap("RemovePodSandbox", &mut timings);
     timings.push(("whole cycle", cycle_start.elapsed()));
     Ok(timings)
@@ -128,19 +209,44 @@ const CONTAINERS_PER_POD: usize = 10;
 
 /// Pods of ten running containers, `total` containers in all; the pods made so far
 /// when a call fails, so that they can be removed.
-async fn fill(runtime: &mut RuntimeServiceClient<Channel>, args: &BenchArgs, total: usize, pods: &mut Vec<String>) -> Result<(), BenchError> {
+async fn fill(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    args: &BenchArgs,
+    total: usize,
+    pods: &mut Vec<String>,
+) -> Result<(), BenchError> {
     for p in 0..total.div_ceil(CONTAINERS_PER_POD) {
         let config = pod_config(args, &format!("bench-stats-{p}-{}", std::process::id()));
-        let pod = check("RunPodSandbox", runtime.run_pod_sandbox(RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: String::new() }).await)?.pod_sandbox_id;
+        let pod = check(
+            "RunPodSandbox",
+            runtime
+                .run_pod_sandbox(RunPodSandboxRequest {
+                    config: Some(config.clone()),
+                    runtime_handler: String::new(),
+                })
+                .await,
+        )?
+        .pod_sandbox_id;
         pods.push(pod.clone());
         let in_this_pod = CONTAINERS_PER_POD.min(total - p * CONTAINERS_PER_POD);
         let starts = (0..in_this_pod).map(|c| {
             let (mut runtime, pod, sandbox_config) = (runtime.clone(), pod.clone(), config.clone());
             let container = container_config(args, &format!("work-{c}"));
             async move {
-                let request = CreateContainerRequest { pod_sandbox_id: pod, config: Some(container), sandbox_config: Some(sandbox_config) };
-                let id = check("CreateContainer", runtime.create_container(request).await)?.container_id;
-                check("StartContainer", runtime.start_container(StartContainerRequest { container_id: id }).await).map(drop)
+                let request = CreateContainerRequest {
+                    pod_sandbox_id: pod,
+                    config: Some(container),
+                    sandbox_config: Some(sandbox_config),
+                };
+                let id =
+                    check("CreateContainer", runtime.create_container(request).await)?.container_id;
+                check(
+                    "StartContainer",
+                    runtime
+                        .start_container(StartContainerRequest { container_id: id })
+                        .await,
+                )
+                .map(drop)
             }
         });
         futures::future::try_join_all(starts).await?;
@@ -149,7 +255,10 @@ async fn fill(runtime: &mut RuntimeServiceClient<Channel>, args: &BenchArgs, tot
 }
 
 /// Times the stats calls (and ListContainers) over `args.stats_containers` running containers.
-async fn stats(runtime: &mut RuntimeServiceClient<Channel>, args: &BenchArgs) -> Result<Timings, BenchError> {
+async fn stats(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    args: &BenchArgs,
+) -> Result<Timings, BenchError> {
     let mut pods = Vec::new();
     let filled = fill(runtime, args, args.stats_containers, &mut pods).await;
     let measured = match filled {
@@ -157,7 +266,12 @@ async fn stats(runtime: &mut RuntimeServiceClient<Channel>, args: &BenchArgs) ->
         Err(error) => Err(error),
     };
     for pod in pods {
-        if let Err(status) = runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.clone() }).await {
+        if let Err(status) = runtime
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+        {
             eprintln!("could not remove benchmark pod {pod}: {status}");
         }
     }
@@ -166,7 +280,12 @@ async fn stats(runtime: &mut RuntimeServiceClient<Channel>, args: &BenchArgs) ->
 
 /// Times one call into `timings`; a failure is kept (the first per call) rather than
 /// ending the benchmark, since runtimes differ in which stats calls they answer.
-async fn timed<T>(timings: &mut Timings, failures: &mut BTreeMap<&'static str, String>, call: &'static str, answer: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>) -> Option<T> {
+async fn timed<T>(
+    timings: &mut Timings,
+    failures: &mut BTreeMap<&'static str, String>,
+    call: &'static str,
+    answer: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Option<T> {
     let started = Instant::now();
     match answer.await {
         Ok(response) => {
@@ -174,25 +293,74 @@ async fn timed<T>(timings: &mut Timings, failures: &mut BTreeMap<&'static str, S
             Some(response.into_inner())
         }
         Err(status) => {
-            failures.entry(call).or_insert_with(|| status.message().to_string());
+            failures
+                .entry(call)
+                .or_insert_with(|| status.message().to_string());
             None
         }
     }
 }
 
-async fn time_stats(runtime: &mut RuntimeServiceClient<Channel>, args: &BenchArgs) -> Result<Timings, BenchError> {
+async fn time_stats(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    args: &BenchArgs,
+) -> Result<Timings, BenchError> {
     let mut timings = Timings::new();
     let mut failures = BTreeMap::new();
-    let containers = check("ListContainers", runtime.list_containers(ListContainersRequest::default()).await)?.containers;
+    let containers = check(
+        "ListContainers",
+        runtime
+            .list_containers(ListContainersRequest::default())
+            .await,
+    )?
+    .containers;
     let one = containers.first().map(|c| c.id.clone()).unwrap_or_default();
     for _ in 0..args.stats_calls {
-        let listed = timed(&mut timings, &mut failures, "ListContainerStats", runtime.clone().list_container_stats(ListContainerStatsRequest::default())).await;
+        let listed = timed(
+            &mut timings,
+            &mut failures,
+            "ListContainerStats",
+            runtime
+                .clone()
+                .list_container_stats(ListContainerStatsRequest::default()),
+        )
+        .await;
         if let Some(listed) = listed.filter(|l| l.stats.len() < args.stats_containers) {
-            failures.entry("ListContainerStats").or_insert_with(|| format!("{} stats for {} containers", listed.stats.len(), args.stats_containers));
+            failures.entry("ListContainerStats").or_insert_with(|| {
+                format!(
+                    "{} stats for {} containers",
+                    listed.stats.len(),
+                    args.stats_containers
+                )
+            });
         }
-        timed(&mut timings, &mut failures, "ListPodSandboxStats", runtime.clone().list_pod_sandbox_stats(ListPodSandboxStatsRequest::default())).await;
-        timed(&mut timings, &mut failures, "ContainerStats", runtime.clone().container_stats(ContainerStatsRequest { container_id: one.clone() })).await;
-        timed(&mut timings, &mut failures, "ListContainers", runtime.clone().list_containers(ListContainersRequest::default())).await;
+        timed(
+            &mut timings,
+            &mut failures,
+            "ListPodSandboxStats",
+            runtime
+                .clone()
+                .list_pod_sandbox_stats(ListPodSandboxStatsRequest::default()),
+        )
+        .await;
+        timed(
+            &mut timings,
+            &mut failures,
+            "ContainerStats",
+            runtime.clone().container_stats(ContainerStatsRequest {
+                container_id: one.clone(),
+            }),
+        )
+        .await;
+        timed(
+            &mut timings,
+            &mut failures,
+            "ListContainers",
+            runtime
+                .clone()
+                .list_containers(ListContainersRequest::default()),
+        )
+        .await;
     }
     for (call, message) in failures {
         println!("  {call}: {message}");
@@ -207,41 +375,99 @@ fn record(into: &mut Timings, cycle: Vec<(&'static str, Duration)>) {
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> f64 {
-    sorted.get(((sorted.len() as f64 - 1.0) * q).round() as usize).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
 fn print(title: &str, timings: &mut Timings) {
     println!("{title}");
-    println!("  {:<22} {:>9} {:>9} {:>9} {:>6}", "operation (ms)", "p50", "p95", "p99", "n");
+    println!(
+        "  {:<22} {:>9} {:>9} {:>9} {:>6}",
+        "operation (ms)", "p50", "p95", "p99", "n"
+    );
     for name in OPERATIONS {
-        let Some(samples) = timings.get_mut(name) else { continue };
+        let Some(samples) = timings.get_mut(name) else {
+            continue;
+        };
         samples.sort();
-        println!("  {:<22} {:>9.1} {:>9.1} {:>9.1} {:>6}", name, percentile(samples, 0.5), percentile(samples, 0.95), percentile(samples, 0.99), samples.len());
+        println!(
+            "  {:<22} {:>9.1} {:>9.1} {:>9.1} {:>6}",
+            name,
+            percentile(samples, 0.5),
+            percentile(samples, 0.95),
+            percentile(samples, 0.99),
+            samples.len()
+        );
     }
 }
 
 pub async fn run(args: BenchArgs, default_socket: PathBuf) -> Result<(), BenchError> {
     let socket = match &args.endpoint {
-        Some(endpoint) => PathBuf::from(endpoint.strip_prefix("unix://").ok_or_else(|| BenchError::Endpoint(endpoint.clone()))?),
+        Some(endpoint) => PathBuf::from(
+            endpoint
+                .strip_prefix("unix://")
+                .ok_or_else(|| BenchError::Endpoint(endpoint.clone()))?,
+        ),
         None => default_socket,
     };
     let channel = unix_channel(&socket);
     let runtime = RuntimeServiceClient::new(channel.clone());
-    let version = check("Version", runtime.clone().version(VersionRequest::default()).await)?;
-    let pull = PullImageRequest { image: Some(ImageSpec { image: args.image.clone(), ..Default::default() }), ..Default::default() };
-    check("PullImage", ImageServiceClient::new(channel).pull_image(pull).await)?;
-    println!("{} {} on {}: image {}, {} network", version.runtime_name, version.runtime_version, socket.display(), args.image, if args.host_network { "host" } else { "pod (CNI)" });
+    let version = check(
+        "Version",
+        runtime.clone().version(VersionRequest::default()).await,
+    )?;
+    let pull = PullImageRequest {
+        image: Some(ImageSpec {
+            image: args.image.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    check(
+        "PullImage",
+        ImageServiceClient::new(channel).pull_image(pull).await,
+    )?;
+    println!(
+        "{} {} on {}: image {}, {} network",
+        version.runtime_name,
+        version.runtime_version,
+        socket.display(),
+        args.image,
+        if args.host_network {
+            "host"
+        } else {
+            "pod (CNI)"
+        }
+    );
 
     let mut sequential = Timings::new();
     for i in 0..args.iterations {
-        record(&mut sequential, cycle(runtime.clone(), args.clone(), format!("bench-seq-{i}-{}", std::process::id())).await?);
+        record(
+            &mut sequential,
+            cycle(
+                runtime.clone(),
+                args.clone(),
+                format!("bench-seq-{i}-{}", std::process::id()),
+            )
+            .await?,
+        );
     }
-    print(&format!("sequential, {} cycles", args.iterations), &mut sequential);
+    print(
+        &format!("sequential, {} cycles", args.iterations),
+        &mut sequential,
+    );
 
     if args.concurrency > 0 {
         let mut concurrent = Timings::new();
         for round in 0..args.rounds {
-            let cycles = (0..args.concurrency).map(|i| tokio::spawn(cycle(runtime.clone(), args.clone(), format!("bench-par-{round}-{i}-{}", std::process::id()))));
+            let cycles = (0..args.concurrency).map(|i| {
+                tokio::spawn(cycle(
+                    runtime.clone(),
+                    args.clone(),
+                    format!("bench-par-{round}-{i}-{}", std::process::id()),
+                ))
+            });
             for handle in futures::future::join_all(cycles).await {
                 match handle {
                     Ok(result) => record(&mut concurrent, result?),
@@ -249,13 +475,22 @@ pub async fn run(args: BenchArgs, default_socket: PathBuf) -> Result<(), BenchEr
                 }
             }
         }
-        print(&format!("{} at once, {} rounds", args.concurrency, args.rounds), &mut concurrent);
+        print(
+            &format!("{} at once, {} rounds", args.concurrency, args.rounds),
+            &mut concurrent,
+        );
     }
 
     if args.stats_containers > 0 {
         let mut runtime = runtime.clone();
         let mut timings = stats(&mut runtime, &args).await?;
-        print(&format!("stats over {} running containers, {} calls each", args.stats_containers, args.stats_calls), &mut timings);
+        print(
+            &format!(
+                "stats over {} running containers, {} calls each",
+                args.stats_containers, args.stats_calls
+            ),
+            &mut timings,
+        );
     }
     Ok(())
 }

@@ -46,19 +46,51 @@ pub struct BusCredentialsArgs {
 pub fn run(args: &BusCredentialsArgs, config: &Config) -> Result<(), UpError> {
     let conf = args.dir.join(SERVER_CONFIG_FILE);
     if conf.exists() && !args.force {
-        return Err(UpError::Credentials(format!("{} exists: the node's services may be using these credentials (--force replaces them)", conf.display())));
+        return Err(UpError::Credentials(format!(
+            "{} exists: the node's services may be using these credentials (--force replaces them)",
+            conf.display()
+        )));
     }
-    ensure_private_dir(&args.dir).map_err(|source| UpError::CreateDir { path: args.dir.clone(), source })?;
+    ensure_private_dir(&args.dir).map_err(|source| UpError::CreateDir {
+        path: args.dir.clone(),
+        source,
+    })?;
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert_file), Some(key_file)) => Some(ServerTls { cert_file: cert_file.clone(), key_file: key_file.clone(), client_ca_file: args.tls_client_ca.clone() }),
+        (Some(cert_file), Some(key_file)) => Some(ServerTls {
+            cert_file: cert_file.clone(),
+            key_file: key_file.clone(),
+            client_ca_file: args.tls_client_ca.clone(),
+        }),
         _ => None,
     };
-    let store_dir = args.store_dir.clone().unwrap_or_else(|| config.node.state_dir.join("nats"));
+    let store_dir = args
+        .store_dir
+        .clone()
+        .unwrap_or_else(|| config.node.state_dir.join("nats"));
     let node = config.node_name();
-    let conf = write_credentials(&args.dir, &node, &config.bus.stream, ServerConfig { listen: args.listen, store_dir, users: Vec::new(), tls })?;
-    println!("wrote {} (node {node}, stream {}): start nats-server with -c {}", conf.display(), config.bus.stream, conf.display());
+    let conf = write_credentials(
+        &args.dir,
+        &node,
+        &config.bus.stream,
+        ServerConfig {
+            listen: args.listen,
+            store_dir,
+            users: Vec::new(),
+            tls,
+        },
+    )?;
+    println!(
+        "wrote {} (node {node}, stream {}): start nats-server with -c {}",
+        conf.display(),
+        config.bus.stream,
+        conf.display()
+    );
     for kind in ServiceKind::START_ORDER {
-        println!("  {:<8} TRELLIS_BUS_NKEY_SEED_FILE={}", kind.name(), seed_file(&args.dir, kind).display());
+        println!(
+            "  {:<8} TRELLIS_BUS_NKEY_SEED_FILE={}",
+            kind.name(),
+            seed_file(&args.dir, kind).display()
+        );
     }
     Ok(())
 }
@@ -84,25 +116,58 @@ mod tests {
         let mut config = Config::default();
         config.node.name = "n1".into();
         config.node.state_dir = root.path().join("state");
-        let parse = |extra: &[&str]| Cli::parse_from([&["test", "--dir", dir.to_str().expect("utf-8")], extra].concat()).args;
+        let parse = |extra: &[&str]| {
+            Cli::parse_from([&["test", "--dir", dir.to_str().expect("utf-8")], extra].concat()).args
+        };
         run(&parse(&[]), &config).expect("write");
-        assert_eq!(std::fs::metadata(&dir).expect("dir").permissions().mode() & 0o7777, 0o700);
+        assert_eq!(
+            std::fs::metadata(&dir).expect("dir").permissions().mode() & 0o7777,
+            0o700
+        );
         let seed = std::fs::read_to_string(seed_file(&dir, ServiceKind::Gateway)).expect("seed");
         for entry in std::fs::read_dir(&dir).expect("list") {
             let path = entry.expect("entry").path();
-            assert_eq!(std::fs::metadata(&path).expect("meta").permissions().mode() & 0o7777, 0o600, "{}", path.display());
+            assert_eq!(
+                std::fs::metadata(&path).expect("meta").permissions().mode() & 0o7777,
+                0o600,
+                "{}",
+                path.display()
+            );
         }
         let conf = dir.join(SERVER_CONFIG_FILE);
         let text = std::fs::read_to_string(&conf).expect("conf");
-        assert!(text.contains("listen: \"127.0.0.1:4222\"") && text.contains("trellis.n1.events.>") && !text.contains(seed.trim()), "{text}");
-        let program = trellis_common::grpc::find_executable("nats-server").expect("nats-server is not installed");
-        let check = std::process::Command::new(program).arg("-t").arg("-c").arg(&conf).output().expect("nats-server -t");
-        assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+        assert!(
+            text.contains("listen: \"127.0.0.1:4222\"")
+                && text.contains("trellis.n1.events.>")
+                && !text.contains(seed.trim()),
+            "{text}"
+        );
+        let program = trellis_common::grpc::find_executable("nats-server")
+            .expect("nats-server is not installed");
+        let check = std::process::Command::new(program)
+            .arg("-t")
+            .arg("-c")
+            .arg(&conf)
+            .output()
+            .expect("nats-server -t");
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stderr)
+        );
 
-        let error = run(&parse(&[]), &config).expect_err("credentials in use are kept").to_string();
+        let error = run(&parse(&[]), &config)
+            .expect_err("credentials in use are kept")
+            .to_string();
         assert!(error.contains("--force"), "{error}");
-        assert_eq!(std::fs::read_to_string(seed_file(&dir, ServiceKind::Gateway)).expect("seed"), seed);
+        assert_eq!(
+            std::fs::read_to_string(seed_file(&dir, ServiceKind::Gateway)).expect("seed"),
+            seed
+        );
         run(&parse(&["--force", "--listen", "127.0.0.1:4333"]), &config).expect("replace");
-        assert_ne!(std::fs::read_to_string(seed_file(&dir, ServiceKind::Gateway)).expect("seed"), seed);
+        assert_ne!(
+            std::fs::read_to_string(seed_file(&dir, ServiceKind::Gateway)).expect("seed"),
+            seed
+        );
     }
 }

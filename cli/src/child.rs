@@ -34,9 +34,17 @@ pub struct ChildSpec {
 impl ChildSpec {
     pub fn spawn(&self) -> Result<Child, ChildError> {
         let mut command = Command::new(&self.program);
-        command.args(&self.args).envs(self.env.iter().cloned()).stdin(Stdio::null()).process_group(0).kill_on_drop(false);
+        command
+            .args(&self.args)
+            .envs(self.env.iter().cloned())
+            .stdin(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(false);
         parent_death::stop_with_parent(&mut command);
-        command.spawn().map_err(|source| ChildError::Spawn { program: self.program.clone(), source })
+        command.spawn().map_err(|source| ChildError::Spawn {
+            program: self.program.clone(),
+            source,
+        })
     }
 }
 
@@ -48,7 +56,9 @@ mod parent_death {
         // SAFETY: the closure runs in the forked child before exec and only makes the
         // async-signal-safe prctl(2) system call.
         unsafe {
-            command.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from));
+            command.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)
+            });
         }
     }
 }
@@ -64,7 +74,11 @@ pub async fn terminate(name: &str, child: &mut Child, grace: Duration) -> Option
     match tokio::time::timeout(grace, child.wait()).await {
         Ok(status) => status.ok(),
         Err(_) => {
-            tracing::warn!(child = name, ?grace, "did not stop after SIGTERM; killing it");
+            tracing::warn!(
+                child = name,
+                ?grace,
+                "did not stop after SIGTERM; killing it"
+            );
             let _ = child.start_kill();
             child.wait().await.ok()
         }

@@ -7,7 +7,10 @@ use crate::probe;
 
 /// Prints the table; true when every service is serving.
 pub async fn run(config: &Config) -> bool {
-    println!("{:<8} {:<12} {:>8} {:<8} {:<34} BUS", "SERVICE", "HEALTH", "PID", "VERSION", "SOCKET");
+    println!(
+        "{:<8} {:<12} {:>8} {:<8} {:<34} BUS",
+        "SERVICE", "HEALTH", "PID", "VERSION", "SOCKET"
+    );
     let mut all_serving = true;
     for kind in ServiceKind::START_ORDER {
         let socket = config.endpoint(kind).socket;
@@ -24,9 +27,17 @@ pub async fn run(config: &Config) -> bool {
                     Some(bus) => format!(
                         "{} {}, {} pending{}",
                         bus.url,
-                        if bus.connected { "connected" } else { "DISCONNECTED" },
+                        if bus.connected {
+                            "connected"
+                        } else {
+                            "DISCONNECTED"
+                        },
                         bus.outbox_pending,
-                        if bus.outbox_dropped > 0 { format!(", {} dropped", bus.outbox_dropped) } else { String::new() }
+                        if bus.outbox_dropped > 0 {
+                            format!(", {} dropped", bus.outbox_dropped)
+                        } else {
+                            String::new()
+                        }
                     ),
                     None => "-".to_string(),
                 };
@@ -34,7 +45,15 @@ pub async fn run(config: &Config) -> bool {
             }
             Err(error) => ("-".into(), "-".into(), error),
         };
-        println!("{:<8} {:<12} {:>8} {:<8} {:<34} {}", kind.name(), health, pid, version, socket.display(), bus);
+        println!(
+            "{:<8} {:<12} {:>8} {:<8} {:<34} {}",
+            kind.name(),
+            health,
+            pid,
+            version,
+            socket.display(),
+            bus
+        );
     }
     all_serving
 }

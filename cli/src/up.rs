@@ -40,7 +40,11 @@ pub enum UpError {
     #[error("{name} {reason} while starting (see its log above)")]
     StartFailed { name: String, reason: String },
     #[error("{name} did not become healthy within {timeout:?}: {last}")]
-    StartTimeout { name: String, timeout: Duration, last: String },
+    StartTimeout {
+        name: String,
+        timeout: Duration,
+        last: String,
+    },
     #[error("interrupted while starting")]
     Interrupted,
     #[error("cannot install signal handlers: {0}")]
@@ -67,7 +71,10 @@ impl Readiness {
                 ServingStatus::Serving => Ok(()),
                 other => Err(format!("health is {}", other.as_str_name())),
             },
-            Self::Tcp(address) => tokio::net::TcpStream::connect(address).await.map(drop).map_err(|e| e.to_string()),
+            Self::Tcp(address) => tokio::net::TcpStream::connect(address)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
         }
     }
 }
@@ -102,10 +109,18 @@ async fn supervise_node(args: &ConfigArgs, config: &Config) -> Result<(), UpErro
         for kind in ServiceKind::START_ORDER {
             let program = bin_dir.join(kind.binary());
             if !program.is_file() {
-                return Err(UpError::MissingProgram { program: program.display().to_string(), hint: " (build with `cargo build --release`, or set node.bin_dir)".into() });
+                return Err(UpError::MissingProgram {
+                    program: program.display().to_string(),
+                    hint: " (build with `cargo build --release`, or set node.bin_dir)".into(),
+                });
             }
             let env = bus.as_ref().map(|bus| bus.env(kind)).unwrap_or_default();
-            let spec = ChildSpec { name: kind.name().to_string(), program, args: args.to_args(), env };
+            let spec = ChildSpec {
+                name: kind.name().to_string(),
+                program,
+                args: args.to_args(),
+                env,
+            };
             running.push(start(spec, Readiness::Grpc(config.endpoint(kind).socket)).await?);
         }
         Ok(bus)
@@ -146,7 +161,10 @@ async fn start(spec: ChildSpec, readiness: Readiness) -> Result<Supervised, UpEr
     let mut last;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(UpError::StartFailed { name: spec.name.clone(), reason: describe(&Ok(status)) });
+            return Err(UpError::StartFailed {
+                name: spec.name.clone(),
+                reason: describe(&Ok(status)),
+            });
         }
         match readiness.check().await {
             Ok(()) => break,
@@ -154,7 +172,11 @@ async fn start(spec: ChildSpec, readiness: Readiness) -> Result<Supervised, UpEr
         }
         if Instant::now() > deadline {
             terminate(&spec.name, &mut child, STOP_GRACE).await;
-            return Err(UpError::StartTimeout { name: spec.name.clone(), timeout: START_TIMEOUT, last });
+            return Err(UpError::StartTimeout {
+                name: spec.name.clone(),
+                timeout: START_TIMEOUT,
+                last,
+            });
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -167,7 +189,11 @@ async fn start(spec: ChildSpec, readiness: Readiness) -> Result<Supervised, UpEr
 
 /// Restarts the child whenever it dies, with backoff for repeated quick deaths, until
 /// asked to stop; then stops it.
-async fn keep_running(spec: ChildSpec, mut child: tokio::process::Child, mut stop: watch::Receiver<bool>) {
+async fn keep_running(
+    spec: ChildSpec,
+    mut child: tokio::process::Child,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut started = Instant::now();
     let mut quick_deaths: u32 = 0;
     loop {
@@ -178,7 +204,11 @@ async fn keep_running(spec: ChildSpec, mut child: tokio::process::Child, mut sto
                 return;
             }
         };
-        quick_deaths = if started.elapsed() >= STABLE_AFTER { 0 } else { quick_deaths.saturating_add(1) };
+        quick_deaths = if started.elapsed() >= STABLE_AFTER {
+            0
+        } else {
+            quick_deaths.saturating_add(1)
+        };
         loop {
             let delay = backoff(quick_deaths);
             tracing::error!(child = %spec.name, reason = %describe(&status), restart_in = ?delay, "child died; restarting");
@@ -210,7 +240,10 @@ fn binary_dir(config: &Config) -> PathBuf {
     if !config.node.bin_dir.is_empty() {
         return PathBuf::from(&config.node.bin_dir);
     }
-    std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from("/usr/local/bin"))
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("/usr/local/bin"))
 }
 
 #[cfg(test)]

@@ -73,11 +73,15 @@ where
         if !read_or_eof(client, &mut header).await? {
             return Ok(());
         }
-        let len = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+        let len =
+            usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
         let (kind, flags) = (header[3], header[4]);
         let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
         if len > MAX_ACCEPTED_FRAME_LEN {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("frame of {len} bytes"),
+            ));
         }
         let mut payload = vec![0u8; len];
         client.read_exact(&mut payload).await?;
@@ -89,7 +93,12 @@ where
             }
             CONTINUATION => match block.as_mut() {
                 Some((_, _, fragments)) => fragments.extend_from_slice(&payload),
-                None => return Err(io::Error::new(io::ErrorKind::InvalidData, "CONTINUATION without HEADERS")),
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "CONTINUATION without HEADERS",
+                    ));
+                }
             },
             _ => {
                 server.write_all(&header).await?;
@@ -123,7 +132,14 @@ fn header_fragment(payload: &[u8], flags: u8) -> io::Result<&[u8]> {
     let mut fragment = payload;
     if flags & PADDED != 0 {
         let (&pad, rest) = fragment.split_first().ok_or_else(malformed)?;
-        fragment = rest.get(..rest.len().checked_sub(usize::from(pad)).ok_or_else(malformed)?).ok_or_else(malformed)?;
+        fragment = rest
+            .get(
+                ..rest
+                    .len()
+                    .checked_sub(usize::from(pad))
+                    .ok_or_else(malformed)?,
+            )
+            .ok_or_else(malformed)?;
     }
     if flags & PRIORITY != 0 {
         fragment = fragment.get(5..).ok_or_else(malformed)?;
@@ -135,11 +151,12 @@ fn header_fragment(payload: &[u8], flags: u8) -> io::Result<&[u8]> {
 fn encode_plain(headers: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, value) in headers {
-        let value = if name == b":authority" && http::uri::Authority::try_from(value.as_slice()).is_err() {
-            FALLBACK_AUTHORITY.to_vec()
-        } else {
-            value
-        };
+        let value =
+            if name == b":authority" && http::uri::Authority::try_from(value.as_slice()).is_err() {
+                FALLBACK_AUTHORITY.to_vec()
+            } else {
+                value
+            };
         out.push(0x00);
         for string in [&name, &value] {
             // Writing into a Vec cannot fail.
@@ -150,7 +167,12 @@ fn encode_plain(headers: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<u8> {
     out
 }
 
-async fn write_header_block<W: AsyncWrite + Unpin>(server: &mut W, stream: u32, end_stream: u8, block: &[u8]) -> io::Result<()> {
+async fn write_header_block<W: AsyncWrite + Unpin>(
+    server: &mut W,
+    stream: u32,
+    end_stream: u8,
+    block: &[u8],
+) -> io::Result<()> {
     let mut chunks = block.chunks(MAX_FRAME_LEN).peekable();
     let mut kind = HEADERS;
     let mut flags = end_stream;
@@ -159,14 +181,27 @@ async fn write_header_block<W: AsyncWrite + Unpin>(server: &mut W, stream: u32, 
     }
     while let Some(chunk) = chunks.next() {
         let last = chunks.peek().is_none();
-        write_frame(server, kind, if last { flags | END_HEADERS } else { flags }, stream, chunk).await?;
+        write_frame(
+            server,
+            kind,
+            if last { flags | END_HEADERS } else { flags },
+            stream,
+            chunk,
+        )
+        .await?;
         kind = CONTINUATION;
         flags = 0;
     }
     Ok(())
 }
 
-async fn write_frame<W: AsyncWrite + Unpin>(server: &mut W, kind: u8, flags: u8, stream: u32, payload: &[u8]) -> io::Result<()> {
+async fn write_frame<W: AsyncWrite + Unpin>(
+    server: &mut W,
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: &[u8],
+) -> io::Result<()> {
     let len = payload.len().to_be_bytes();
     let mut header = [0u8; FRAME_HEADER_LEN];
     header[..3].copy_from_slice(&len[len.len() - 3..]);
@@ -182,21 +217,32 @@ mod tests {
     use super::*;
 
     fn decode(block: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
-        loona_hpack::Decoder::new().decode(block).expect("decodable")
+        loona_hpack::Decoder::new()
+            .decode(block)
+            .expect("decodable")
     }
 
     #[test]
     fn path_authority_becomes_localhost_and_others_stay() {
         let headers = vec![
-            (b":authority".to_vec(), b"/run/trellis/trellis.sock".to_vec()),
-            (b":path".to_vec(), b"/runtime.v1.RuntimeService/Version".to_vec()),
+            (
+                b":authority".to_vec(),
+                b"/run/trellis/trellis.sock".to_vec(),
+            ),
+            (
+                b":path".to_vec(),
+                b"/runtime.v1.RuntimeService/Version".to_vec(),
+            ),
             (b"grpc-timeout".to_vec(), b"1999m".to_vec()),
         ];
         let decoded = decode(&encode_plain(headers));
         assert_eq!(decoded[0], (b":authority".to_vec(), b"localhost".to_vec()));
         assert_eq!(decoded[1].1, b"/runtime.v1.RuntimeService/Version".to_vec());
         assert_eq!(decoded[2].1, b"1999m".to_vec());
-        let valid = decode(&encode_plain(vec![(b":authority".to_vec(), b"localhost:1234".to_vec())]));
+        let valid = decode(&encode_plain(vec![(
+            b":authority".to_vec(),
+            b"localhost:1234".to_vec(),
+        )]));
         assert_eq!(valid[0].1, b"localhost:1234".to_vec());
     }
 
@@ -204,8 +250,14 @@ mod tests {
     fn padding_and_priority_are_stripped() {
         // pad length 2, priority (5 bytes), fragment "ab", 2 bytes padding
         let payload = [2u8, 0, 0, 0, 1, 16, b'a', b'b', 0, 0];
-        assert_eq!(header_fragment(&payload, PADDED | PRIORITY).expect("fragment"), b"ab");
-        assert!(header_fragment(&[9u8, 1], PADDED).is_err(), "padding longer than the frame");
+        assert_eq!(
+            header_fragment(&payload, PADDED | PRIORITY).expect("fragment"),
+            b"ab"
+        );
+        assert!(
+            header_fragment(&[9u8, 1], PADDED).is_err(),
+            "padding longer than the frame"
+        );
     }
 
     #[tokio::test]
@@ -227,7 +279,9 @@ mod tests {
         input.extend(frame(0x0, END_STREAM, b"data"));
 
         let mut output = Vec::new();
-        rewrite_client_frames(&mut input.as_slice(), &mut output).await.expect("rewrite");
+        rewrite_client_frames(&mut input.as_slice(), &mut output)
+            .await
+            .expect("rewrite");
         assert_eq!(&output[..PREFACE_LEN], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
         let mut rest = &output[PREFACE_LEN..];
         let mut block = Vec::new();
@@ -241,7 +295,14 @@ mod tests {
             }
             rest = &rest[9 + len..];
         }
-        assert_eq!(kinds, vec![(HEADERS, END_STREAM), (CONTINUATION, END_HEADERS), (0x0, END_STREAM)]);
+        assert_eq!(
+            kinds,
+            vec![
+                (HEADERS, END_STREAM),
+                (CONTINUATION, END_HEADERS),
+                (0x0, END_STREAM)
+            ]
+        );
         let decoded = decode(&block);
         assert_eq!(decoded[0].1, b"localhost".to_vec());
         assert_eq!(decoded[1].1, big);

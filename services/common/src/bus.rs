@@ -111,8 +111,15 @@ impl EventBus {
         service: &'static str,
         store: Option<Arc<dyn Store>>,
     ) -> Result<Self, BusError> {
-        let client = if config.url.is_empty() { None } else { Some(connect::connect(config, &node, service).await?) };
-        let outbox = store.as_ref().map(|store| store.table(OUTBOX_TABLE)).transpose()?;
+        let client = if config.url.is_empty() {
+            None
+        } else {
+            Some(connect::connect(config, &node, service).await?)
+        };
+        let outbox = store
+            .as_ref()
+            .map(|store| store.table(OUTBOX_TABLE))
+            .transpose()?;
         let bus = Self {
             inner: Arc::new(Inner {
                 node,
@@ -144,7 +151,10 @@ impl EventBus {
         let subject = event_subject(&inner.node, &payload);
         let time = crate::clock::now_nanos();
         let headers = current_trace_headers();
-        let _order = inner.enqueue.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _order = inner
+            .enqueue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let sequence = store.next_id()?;
         let id = format!("{}-{}-{sequence}", inner.node, inner.service);
         let event = Event {
@@ -154,12 +164,22 @@ impl EventBus {
             time_unix_nano: time,
             payload: Some(payload),
         };
-        let record = OutboxRecord { id: id.clone(), subject, headers, payload: event.encode_to_vec() };
+        let record = OutboxRecord {
+            id: id.clone(),
+            subject,
+            headers,
+            payload: event.encode_to_vec(),
+        };
         while outbox.len() as u64 >= inner.config.outbox_max_events {
-            let Some((oldest, _)) = outbox.first()? else { break };
+            let Some((oldest, _)) = outbox.first()? else {
+                break;
+            };
             outbox.delete(&oldest)?;
             inner.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(limit = inner.config.outbox_max_events, "event outbox full: dropped the oldest undelivered event");
+            tracing::error!(
+                limit = inner.config.outbox_max_events,
+                "event outbox full: dropped the oldest undelivered event"
+            );
         }
         outbox.put(&sequence.to_be_bytes(), &record.encode_to_vec())?;
         inner.wake.notify_one();
@@ -170,8 +190,14 @@ impl EventBus {
         let inner = &self.inner;
         BusStatus {
             url: inner.url.clone(),
-            connected: inner.client.as_ref().is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected),
-            pending: inner.outbox.as_ref().map_or(0, |outbox| outbox.len() as u64),
+            connected: inner
+                .client
+                .as_ref()
+                .is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected),
+            pending: inner
+                .outbox
+                .as_ref()
+                .map_or(0, |outbox| outbox.len() as u64),
             published: inner.published.load(Ordering::Relaxed),
             dropped: inner.dropped.load(Ordering::Relaxed),
         }
@@ -185,7 +211,9 @@ impl EventBus {
     /// Waits up to `timeout` for the outbox to empty (at shutdown). What is not
     /// delivered by then stays on disk for the next run.
     pub async fn drain(&self, timeout: Duration) -> bool {
-        let Some(outbox) = &self.inner.outbox else { return true };
+        let Some(outbox) = &self.inner.outbox else {
+            return true;
+        };
         if self.inner.client.is_none() {
             return outbox.is_empty();
         }
@@ -221,7 +249,9 @@ fn subject_parts(payload: &Payload) -> (&'static str, String) {
 }
 
 async fn deliver(inner: Arc<Inner>) {
-    let (Some(client), Some(outbox)) = (inner.client.clone(), inner.outbox.clone()) else { return };
+    let (Some(client), Some(outbox)) = (inner.client.clone(), inner.outbox.clone()) else {
+        return;
+    };
     let jetstream = jetstream::new(client.clone());
     let mut stream_ready = false;
     let mut failures: u32 = 0;
@@ -243,7 +273,10 @@ async fn deliver(inner: Arc<Inner>) {
         let record = match OutboxRecord::decode(entry.1.as_slice()) {
             Ok(record) => record,
             Err(source) => {
-                let error = BusError::Corrupt { key: format!("{:02x?}", entry.0), source };
+                let error = BusError::Corrupt {
+                    key: format!("{:02x?}", entry.0),
+                    source,
+                };
                 tracing::error!(%error, "discarding an undecodable outbox entry");
                 let _ = outbox.delete(&entry.0);
                 continue;
@@ -296,7 +329,11 @@ async fn ensure_stream(jetstream: &jetstream::Context, config: &BusConfig) -> Re
         .map_err(|e| format!("cannot create or find stream {}: {e}", config.stream))
 }
 
-async fn send(jetstream: &jetstream::Context, record: &OutboxRecord, config: &BusConfig) -> Result<(), String> {
+async fn send(
+    jetstream: &jetstream::Context,
+    record: &OutboxRecord,
+    config: &BusConfig,
+) -> Result<(), String> {
     let mut headers = async_nats::HeaderMap::new();
     for (name, value) in &record.headers {
         headers.insert(name.as_str(), value.as_str());
@@ -307,7 +344,10 @@ async fn send(jetstream: &jetstream::Context, record: &OutboxRecord, config: &Bu
         .message_id(record.id.as_str());
     let timeout = Duration::from_millis(config.publish_timeout_ms);
     let ack = tokio::time::timeout(timeout, async {
-        let ack = jetstream.send_publish(record.subject.clone(), publish).await.map_err(|e| e.to_string())?;
+        let ack = jetstream
+            .send_publish(record.subject.clone(), publish)
+            .await
+            .map_err(|e| e.to_string())?;
         ack.await.map_err(|e| e.to_string())
     })
     .await

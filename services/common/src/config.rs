@@ -199,7 +199,12 @@ impl Default for ImageConfig {
 impl ImageConfig {
     /// The mirrors configured for `registry`, in order, as `(scheme, host, path prefix)`.
     pub fn mirrors_of(&self, registry: &str) -> Vec<MirrorEndpoint> {
-        self.mirrors.iter().filter_map(|entry| parse_mirror(entry)).filter(|(name, _)| name == registry).map(|(_, mirror)| mirror).collect()
+        self.mirrors
+            .iter()
+            .filter_map(|entry| parse_mirror(entry))
+            .filter(|(name, _)| name == registry)
+            .map(|(_, mirror)| mirror)
+            .collect()
     }
 }
 
@@ -224,7 +229,14 @@ fn parse_mirror(entry: &str) -> Option<(String, MirrorEndpoint)> {
     if registry.trim().is_empty() || host.is_empty() {
         return None;
     }
-    Some((registry.trim().to_string(), MirrorEndpoint { plain_http, host: host.to_string(), prefix: prefix.trim_matches('/').to_string() }))
+    Some((
+        registry.trim().to_string(),
+        MirrorEndpoint {
+            plain_http,
+            host: host.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+        },
+    ))
 }
 
 impl Default for StorageConfig {
@@ -254,7 +266,10 @@ impl Default for NodeConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        Self { log_level: "info".into(), log_format: "text".into() }
+        Self {
+            log_level: "info".into(),
+            log_format: "text".into(),
+        }
     }
 }
 
@@ -303,8 +318,12 @@ impl Default for NetworkConfig {
 /// Bounding them near the cores finishes most of a burst early instead of all of it late.
 pub fn parallelism(configured: u64, per_cpu: usize) -> usize {
     match configured {
-        0 => std::thread::available_parallelism().map_or(2, usize::from).saturating_mul(per_cpu.max(1)),
-        n => usize::try_from(n).unwrap_or(usize::MAX).min(tokio::sync::Semaphore::MAX_PERMITS),
+        0 => std::thread::available_parallelism()
+            .map_or(2, usize::from)
+            .saturating_mul(per_cpu.max(1)),
+        n => usize::try_from(n)
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS),
     }
 }
 
@@ -319,8 +338,13 @@ pub enum ServiceKind {
 }
 
 impl ServiceKind {
-    pub const START_ORDER: [ServiceKind; 5] =
-        [Self::Storage, Self::Network, Self::Image, Self::Runtime, Self::Gateway];
+    pub const START_ORDER: [ServiceKind; 5] = [
+        Self::Storage,
+        Self::Network,
+        Self::Image,
+        Self::Runtime,
+        Self::Gateway,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -375,14 +399,38 @@ impl Config {
 
     pub fn endpoint(&self, service: ServiceKind) -> Endpoint {
         let (socket, mode, metrics) = match service {
-            ServiceKind::Gateway => (&self.gateway.socket, &self.gateway.socket_mode, &self.gateway.metrics_listen),
-            ServiceKind::Runtime => (&self.runtime.socket, &self.runtime.socket_mode, &self.runtime.metrics_listen),
-            ServiceKind::Image => (&self.image.socket, &self.image.socket_mode, &self.image.metrics_listen),
-            ServiceKind::Storage => (&self.storage.socket, &self.storage.socket_mode, &self.storage.metrics_listen),
-            ServiceKind::Network => (&self.network.socket, &self.network.socket_mode, &self.network.metrics_listen),
+            ServiceKind::Gateway => (
+                &self.gateway.socket,
+                &self.gateway.socket_mode,
+                &self.gateway.metrics_listen,
+            ),
+            ServiceKind::Runtime => (
+                &self.runtime.socket,
+                &self.runtime.socket_mode,
+                &self.runtime.metrics_listen,
+            ),
+            ServiceKind::Image => (
+                &self.image.socket,
+                &self.image.socket_mode,
+                &self.image.metrics_listen,
+            ),
+            ServiceKind::Storage => (
+                &self.storage.socket,
+                &self.storage.socket_mode,
+                &self.storage.metrics_listen,
+            ),
+            ServiceKind::Network => (
+                &self.network.socket,
+                &self.network.socket_mode,
+                &self.network.metrics_listen,
+            ),
         };
         let socket = if socket.is_empty() {
-            let file = if service == ServiceKind::Gateway { "trellis.sock".to_string() } else { format!("{}.sock", service.name()) };
+            let file = if service == ServiceKind::Gateway {
+                "trellis.sock".to_string()
+            } else {
+                format!("{}.sock", service.name())
+            };
             self.node.run_dir.join(file)
         } else {
             PathBuf::from(socket)
@@ -398,11 +446,21 @@ impl Config {
 
 /// NATS subject tokens may not hold `.`, `*`, `>` or whitespace.
 fn sanitize_subject_token(raw: &str) -> String {
-    raw.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+    raw.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 fn parse_mode(raw: &str) -> Option<u32> {
-    u32::from_str_radix(raw.trim_start_matches("0o"), 8).ok().filter(|mode| *mode <= 0o777)
+    u32::from_str_radix(raw.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|mode| *mode <= 0o777)
 }
 
 /// How the configuration is to be found and overridden.
@@ -421,14 +479,19 @@ impl ConfigSource {
     }
 
     pub fn load_with_env(&self, env: &[(String, String)]) -> Result<Config, ConfigError> {
-        let defaults = toml::Value::try_from(Config::default()).map_err(|e| ConfigError::Merge(e.to_string()))?;
+        let defaults = toml::Value::try_from(Config::default())
+            .map_err(|e| ConfigError::Merge(e.to_string()))?;
         let mut merged = defaults.clone();
         let mut provenance = Provenance::default();
 
         let explicit = self.file.clone().or_else(|| {
-            env.iter().find(|(k, _)| k == CONFIG_FILE_ENV).map(|(_, v)| PathBuf::from(v))
+            env.iter()
+                .find(|(k, _)| k == CONFIG_FILE_ENV)
+                .map(|(_, v)| PathBuf::from(v))
         });
-        let file = explicit.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_FILE));
+        let file = explicit
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_FILE));
         if explicit.is_some() || file.exists() {
             merge_file(&file, &mut merged, &mut provenance)?;
         }
@@ -437,10 +500,14 @@ impl ConfigSource {
         }
 
         for (name, value) in env {
-            let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
             // Only variables naming one of our sections are configuration; a typo in
             // a key of a known section is an error, other TRELLIS_ variables are not ours.
-            let names_a_section = rest.split_once('_').is_some_and(|(section, _)| defaults.get(section.to_ascii_lowercase()).is_some());
+            let names_a_section = rest
+                .split_once('_')
+                .is_some_and(|(section, _)| defaults.get(section.to_ascii_lowercase()).is_some());
             if name == CONFIG_FILE_ENV || !names_a_section {
                 continue;
             }
@@ -449,21 +516,42 @@ impl ConfigSource {
                 key: rest.to_ascii_lowercase(),
                 known: known_keys(&defaults).join(", "),
             })?;
-            apply_override(&mut merged, &defaults, &key, value, &format!("environment variable {name}"), &mut provenance)?;
+            apply_override(
+                &mut merged,
+                &defaults,
+                &key,
+                value,
+                &format!("environment variable {name}"),
+                &mut provenance,
+            )?;
         }
         for flag in &self.overrides {
-            let (key, value) = flag.split_once('=').ok_or_else(|| ConfigError::BadFlag(format!("--set {flag}")))?;
-            apply_override(&mut merged, &defaults, key.trim(), value, &format!("flag --set {flag}"), &mut provenance)?;
+            let (key, value) = flag
+                .split_once('=')
+                .ok_or_else(|| ConfigError::BadFlag(format!("--set {flag}")))?;
+            apply_override(
+                &mut merged,
+                &defaults,
+                key.trim(),
+                value,
+                &format!("flag --set {flag}"),
+                &mut provenance,
+            )?;
         }
 
-        let config: Config = merged.try_into().map_err(|e: toml::de::Error| ConfigError::Merge(e.to_string()))?;
+        let config: Config = merged
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Merge(e.to_string()))?;
         validate(&config, &provenance)?;
         Ok(config)
     }
 }
 
 fn dropins(file: &Path) -> Result<Vec<PathBuf>, ConfigError> {
-    let dir = file.parent().unwrap_or_else(|| Path::new("/")).join("trellis.d");
+    let dir = file
+        .parent()
+        .unwrap_or_else(|| Path::new("/"))
+        .join("trellis.d");
     let entries = match std::fs::read_dir(&dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -471,7 +559,12 @@ fn dropins(file: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     };
     let mut files = Vec::new();
     for entry in entries {
-        let path = entry.map_err(|source| ConfigError::ReadDir { path: dir.clone(), source })?.path();
+        let path = entry
+            .map_err(|source| ConfigError::ReadDir {
+                path: dir.clone(),
+                source,
+            })?
+            .path();
         if path.extension().is_some_and(|ext| ext == "toml") {
             files.push(path);
         }
@@ -486,20 +579,35 @@ struct Provenance(BTreeMap<String, String>);
 
 impl Provenance {
     fn source_of(&self, key: &str) -> String {
-        self.0.get(key).cloned().unwrap_or_else(|| "built-in default".into())
+        self.0
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| "built-in default".into())
     }
 }
 
-fn merge_file(path: &Path, merged: &mut toml::Value, provenance: &mut Provenance) -> Result<(), ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+fn merge_file(
+    path: &Path,
+    merged: &mut toml::Value,
+    provenance: &mut Provenance,
+) -> Result<(), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     // Parsing the file alone as a whole configuration checks its keys and types and
     // gives serde's message (line, column, key, expected type) for this one file.
-    let file_error = |e: toml::de::Error| ConfigError::File { path: path.to_path_buf(), message: e.to_string().trim_end().to_string() };
+    let file_error = |e: toml::de::Error| ConfigError::File {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().to_string(),
+    };
     toml::from_str::<Config>(&text).map_err(file_error)?;
     let table: toml::Table = toml::from_str(&text).map_err(file_error)?;
     let source = format!("configuration file {}", path.display());
     for (section, values) in table {
-        let Some(values) = values.as_table() else { continue };
+        let Some(values) = values.as_table() else {
+            continue;
+        };
         for (key, value) in values {
             let path = format!("{section}.{key}");
             set_path(merged, &path, value.clone());
@@ -554,21 +662,35 @@ fn apply_override(
     let value = match default {
         toml::Value::String(_) => toml::Value::String(raw.to_string()),
         toml::Value::Integer(_) => toml::Value::Integer(
-            raw.trim().parse::<u64>().ok().and_then(|v| i64::try_from(v).ok()).ok_or_else(|| bad("a non-negative integer"))?,
+            raw.trim()
+                .parse::<u64>()
+                .ok()
+                .and_then(|v| i64::try_from(v).ok())
+                .ok_or_else(|| bad("a non-negative integer"))?,
         ),
-        toml::Value::Boolean(_) => toml::Value::Boolean(raw.trim().parse().map_err(|_| bad("true or false"))?),
+        toml::Value::Boolean(_) => {
+            toml::Value::Boolean(raw.trim().parse().map_err(|_| bad("true or false"))?)
+        }
         toml::Value::Array(_) => toml::Value::Array(
-            raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.into())).collect(),
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.into()))
+                .collect(),
         ),
         _ => return Err(bad("a value that can be given as text")),
     };
     set_path(merged, key, value);
-    provenance.0.insert(key.to_string(), source_name.to_string());
+    provenance
+        .0
+        .insert(key.to_string(), source_name.to_string());
     Ok(())
 }
 
 fn set_path(root: &mut toml::Value, key: &str, value: toml::Value) {
-    let Some((section, field)) = key.split_once('.') else { return };
+    let Some((section, field)) = key.split_once('.') else {
+        return;
+    };
     if let Some(table) = root.get_mut(section).and_then(toml::Value::as_table_mut) {
         table.insert(field.to_string(), value);
     }
@@ -581,50 +703,119 @@ fn validate(config: &Config, provenance: &Provenance) -> Result<(), ConfigError>
         expected: expected.to_string(),
         value: value.to_string(),
     };
-    if !config.node.name.is_empty() && sanitize_subject_token(&config.node.name) != config.node.name {
-        return Err(bad("node.name", "letters, digits, '-' and '_' only (it is a NATS subject token)", &config.node.name));
+    if !config.node.name.is_empty() && sanitize_subject_token(&config.node.name) != config.node.name
+    {
+        return Err(bad(
+            "node.name",
+            "letters, digits, '-' and '_' only (it is a NATS subject token)",
+            &config.node.name,
+        ));
     }
-    for (key, path) in [("node.state_dir", &config.node.state_dir), ("node.run_dir", &config.node.run_dir), ("network.cni_config_dir", &config.network.cni_config_dir)] {
+    for (key, path) in [
+        ("node.state_dir", &config.node.state_dir),
+        ("node.run_dir", &config.node.run_dir),
+        ("network.cni_config_dir", &config.network.cni_config_dir),
+    ] {
         if !path.is_absolute() {
             return Err(bad(key, "an absolute path", &path.display().to_string()));
         }
     }
     bus::validate(&config.bus, provenance)?;
     if tracing_subscriber::EnvFilter::try_new(&config.telemetry.log_level).is_err() {
-        return Err(bad("telemetry.log_level", "a tracing filter such as `info` or `warn,trellis_gateway=debug`", &config.telemetry.log_level));
+        return Err(bad(
+            "telemetry.log_level",
+            "a tracing filter such as `info` or `warn,trellis_gateway=debug`",
+            &config.telemetry.log_level,
+        ));
     }
     if !["text", "json"].contains(&config.telemetry.log_format.as_str()) {
-        return Err(bad("telemetry.log_format", "`text` or `json`", &config.telemetry.log_format));
+        return Err(bad(
+            "telemetry.log_format",
+            "`text` or `json`",
+            &config.telemetry.log_format,
+        ));
     }
     for handler in &config.runtime.runtime_handlers {
-        if !handler.split_once('=').is_some_and(|(name, binary)| !name.trim().is_empty() && !binary.trim().is_empty()) {
-            return Err(bad("runtime.runtime_handlers", "entries `name=binary`, e.g. `crun=/usr/bin/crun`", handler));
+        if !handler
+            .split_once('=')
+            .is_some_and(|(name, binary)| !name.trim().is_empty() && !binary.trim().is_empty())
+        {
+            return Err(bad(
+                "runtime.runtime_handlers",
+                "entries `name=binary`, e.g. `crun=/usr/bin/crun`",
+                handler,
+            ));
         }
     }
     for mirror in &config.image.mirrors {
         if parse_mirror(mirror).is_none() {
-            return Err(bad("image.mirrors", "entries `registry=http://host[:port][/prefix]` (or https://)", mirror));
+            return Err(bad(
+                "image.mirrors",
+                "entries `registry=http://host[:port][/prefix]` (or https://)",
+                mirror,
+            ));
         }
     }
     if config.image.pull_progress_timeout_seconds == 0 {
-        return Err(bad("image.pull_progress_timeout_seconds", "at least 1", "0"));
+        return Err(bad(
+            "image.pull_progress_timeout_seconds",
+            "at least 1",
+            "0",
+        ));
     }
     let sections = [
-        ("gateway", &config.gateway.socket, &config.gateway.socket_mode, &config.gateway.metrics_listen),
-        ("runtime", &config.runtime.socket, &config.runtime.socket_mode, &config.runtime.metrics_listen),
-        ("image", &config.image.socket, &config.image.socket_mode, &config.image.metrics_listen),
-        ("storage", &config.storage.socket, &config.storage.socket_mode, &config.storage.metrics_listen),
-        ("network", &config.network.socket, &config.network.socket_mode, &config.network.metrics_listen),
+        (
+            "gateway",
+            &config.gateway.socket,
+            &config.gateway.socket_mode,
+            &config.gateway.metrics_listen,
+        ),
+        (
+            "runtime",
+            &config.runtime.socket,
+            &config.runtime.socket_mode,
+            &config.runtime.metrics_listen,
+        ),
+        (
+            "image",
+            &config.image.socket,
+            &config.image.socket_mode,
+            &config.image.metrics_listen,
+        ),
+        (
+            "storage",
+            &config.storage.socket,
+            &config.storage.socket_mode,
+            &config.storage.metrics_listen,
+        ),
+        (
+            "network",
+            &config.network.socket,
+            &config.network.socket_mode,
+            &config.network.metrics_listen,
+        ),
     ];
     for (section, socket, mode, metrics) in sections {
         if !socket.is_empty() && !Path::new(socket).is_absolute() {
-            return Err(bad(&format!("{section}.socket"), "empty (the default under node.run_dir) or an absolute path", socket));
+            return Err(bad(
+                &format!("{section}.socket"),
+                "empty (the default under node.run_dir) or an absolute path",
+                socket,
+            ));
         }
         if parse_mode(mode).is_none() {
-            return Err(bad(&format!("{section}.socket_mode"), "an octal file mode such as \"0600\"", mode));
+            return Err(bad(
+                &format!("{section}.socket_mode"),
+                "an octal file mode such as \"0600\"",
+                mode,
+            ));
         }
         if !metrics.is_empty() && metrics.parse::<SocketAddr>().is_err() {
-            return Err(bad(&format!("{section}.metrics_listen"), "empty (no metrics listener) or an address such as 127.0.0.1:9460", metrics));
+            return Err(bad(
+                &format!("{section}.metrics_listen"),
+                "empty (no metrics listener) or an address such as 127.0.0.1:9460",
+                metrics,
+            ));
         }
     }
     Ok(())

@@ -24,14 +24,20 @@ pub fn ensure_private_dir(path: &Path) -> io::Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;
     }
-    match std::fs::DirBuilder::new().mode(PRIVATE_DIR_MODE).create(path) {
+    match std::fs::DirBuilder::new()
+        .mode(PRIVATE_DIR_MODE)
+        .create(path)
+    {
         Ok(()) => {}
         Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
         Err(error) => return Err(error),
     }
     let meta = std::fs::symlink_metadata(path)?;
     if !meta.is_dir() {
-        return Err(io::Error::other(format!("{} is not a directory (a symlink or file is in its place)", path.display())));
+        return Err(io::Error::other(format!(
+            "{} is not a directory (a symlink or file is in its place)",
+            path.display()
+        )));
     }
     if meta.permissions().mode() & 0o7777 != PRIVATE_DIR_MODE {
         // The path was just checked not to be a symlink, and its parents are ours.
@@ -46,14 +52,21 @@ pub fn ensure_private_dir(path: &Path) -> io::Result<()> {
 pub fn write_private_file(path: &Path, contents: &[u8]) -> io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut name = path.file_name().ok_or_else(|| io::Error::other(format!("{} names no file", path.display())))?.to_owned();
+    let mut name = path
+        .file_name()
+        .ok_or_else(|| io::Error::other(format!("{} names no file", path.display())))?
+        .to_owned();
     name.push(".new");
     let staging = path.with_file_name(name);
     match std::fs::remove_file(&staging) {
         Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
         _ => {}
     }
-    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&staging)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&staging)?;
     file.write_all(contents)?;
     file.sync_all()?;
     std::fs::rename(&staging, path)
@@ -64,7 +77,12 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> io::Result<()> {
 /// and the kernel lets it go with the process however that ends.
 pub fn try_lock_file(path: &Path) -> io::Result<Option<Flock<File>>> {
     use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(path)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => Ok(Some(lock)),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
@@ -83,12 +101,18 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let fresh = dir.path().join("a/b/state");
         ensure_private_dir(&fresh).expect("create");
-        assert_eq!(std::fs::metadata(&fresh).expect("meta").mode() & 0o7777, 0o700);
+        assert_eq!(
+            std::fs::metadata(&fresh).expect("meta").mode() & 0o7777,
+            0o700
+        );
         let old = dir.path().join("old");
         std::fs::create_dir(&old).expect("mkdir");
         std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         ensure_private_dir(&old).expect("tighten");
-        assert_eq!(std::fs::metadata(&old).expect("meta").mode() & 0o7777, 0o700);
+        assert_eq!(
+            std::fs::metadata(&old).expect("meta").mode() & 0o7777,
+            0o700
+        );
     }
 
     #[test]
@@ -98,9 +122,16 @@ mod tests {
         std::fs::write(&path, "old").expect("write");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
         write_private_file(&path, b"new").expect("write private");
-        assert_eq!(std::fs::metadata(&path).expect("meta").mode() & 0o7777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).expect("meta").mode() & 0o7777,
+            0o600
+        );
         assert_eq!(std::fs::read_to_string(&path).expect("read"), "new");
-        assert_eq!(std::fs::read_dir(dir.path()).expect("list").count(), 1, "no staging file left");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).expect("list").count(),
+            1,
+            "no staging file left"
+        );
     }
 
     #[test]
@@ -112,6 +143,9 @@ mod tests {
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&target, &link).expect("symlink");
         assert!(ensure_private_dir(&link).is_err());
-        assert_eq!(std::fs::metadata(&target).expect("meta").mode() & 0o7777, 0o755);
+        assert_eq!(
+            std::fs::metadata(&target).expect("meta").mode() & 0o7777,
+            0o755
+        );
     }
 }

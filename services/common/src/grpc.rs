@@ -12,10 +12,15 @@ pub fn unimplemented_rpc(service: &str, method: &str) -> tonic::Status {
         .split('_')
         .map(|word| {
             let mut chars = word.chars();
-            chars.next().map(|first| first.to_ascii_uppercase().to_string() + chars.as_str()).unwrap_or_default()
+            chars
+                .next()
+                .map(|first| first.to_ascii_uppercase().to_string() + chars.as_str())
+                .unwrap_or_default()
         })
         .collect();
-    tonic::Status::unimplemented(format!("{name} is not implemented by trellis-{service} yet"))
+    tonic::Status::unimplemented(format!(
+        "{name} is not implemented by trellis-{service} yet"
+    ))
 }
 
 /// Implements a tonic service trait with the listed RPCs answering `Unimplemented`
@@ -45,7 +50,10 @@ macro_rules! grpc_service_impl {
 /// `PATH` does not always hold).
 pub fn find_executable(program: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
-    let is_executable = |path: &Path| path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    let is_executable = |path: &Path| {
+        path.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
     if program.contains('/') {
         let path = PathBuf::from(program);
         return is_executable(&path).then_some(path);
@@ -67,7 +75,10 @@ mod tests {
     fn unimplemented_names_the_rpc_in_cri_spelling() {
         let status = unimplemented_rpc("runtime", "run_pod_sandbox");
         assert_eq!(status.code(), tonic::Code::Unimplemented);
-        assert_eq!(status.message(), "RunPodSandbox is not implemented by trellis-runtime yet");
+        assert_eq!(
+            status.message(),
+            "RunPodSandbox is not implemented by trellis-runtime yet"
+        );
     }
 
     #[test]

@@ -43,41 +43,79 @@ pub struct RpcMetrics {
 impl RpcMetrics {
     pub fn register(registry: &mut Registry, prefix: &str) -> Self {
         let latency = Family::<RpcLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
+            Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ])
         });
         let errors = Family::<RpcErrorLabels, Counter>::default();
-        registry.register(format!("{prefix}_request_duration_seconds"), "Time to answer a request, by method", latency.clone());
-        registry.register(format!("{prefix}_request_errors"), "Requests answered with an error, by method and gRPC code", errors.clone());
+        registry.register(
+            format!("{prefix}_request_duration_seconds"),
+            "Time to answer a request, by method",
+            latency.clone(),
+        );
+        registry.register(
+            format!("{prefix}_request_errors"),
+            "Requests answered with an error, by method and gRPC code",
+            errors.clone(),
+        );
         Self { latency, errors }
     }
 
     pub fn observe(&self, method: &str, elapsed: Duration, error: Option<tonic::Code>) {
-        self.latency.get_or_create(&RpcLabels { method: method.to_string() }).observe(elapsed.as_secs_f64());
+        self.latency
+            .get_or_create(&RpcLabels {
+                method: method.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
         if let Some(code) = error {
-            self.errors.get_or_create(&RpcErrorLabels { method: method.to_string(), code: format!("{code:?}") }).inc();
+            self.errors
+                .get_or_create(&RpcErrorLabels {
+                    method: method.to_string(),
+                    code: format!("{code:?}"),
+                })
+                .inc();
         }
     }
 }
 
 /// Serves `GET /metrics` in the Prometheus text format until the process ends.
 /// Returns the bound address (port 0 picks a free one).
-pub async fn serve(address: SocketAddr, registry: Arc<Registry>) -> Result<SocketAddr, MetricsError> {
-    let listener = TcpListener::bind(address).await.map_err(|source| MetricsError::Bind { address, source })?;
-    let bound = listener.local_addr().map_err(|source| MetricsError::Bind { address, source })?;
+pub async fn serve(
+    address: SocketAddr,
+    registry: Arc<Registry>,
+) -> Result<SocketAddr, MetricsError> {
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|source| MetricsError::Bind { address, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| MetricsError::Bind { address, source })?;
     tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
             let registry = registry.clone();
             tokio::spawn(async move {
                 let mut request = [0u8; 2048];
-                let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut request)).await;
+                let read =
+                    tokio::time::timeout(Duration::from_secs(5), stream.read(&mut request)).await;
                 let Ok(Ok(n)) = read else { return };
                 let head = String::from_utf8_lossy(&request[..n]);
                 let response = if head.starts_with("GET /metrics") {
                     let mut body = String::new();
                     match prometheus_client::encoding::text::encode(&mut body, &registry) {
-                        Ok(()) => http_response("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", &body),
-                        Err(_) => http_response("500 Internal Server Error", "text/plain", "cannot encode metrics\n"),
+                        Ok(()) => http_response(
+                            "200 OK",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            &body,
+                        ),
+                        Err(_) => http_response(
+                            "500 Internal Server Error",
+                            "text/plain",
+                            "cannot encode metrics\n",
+                        ),
                     }
                 } else {
                     http_response("404 Not Found", "text/plain", "metrics are at /metrics\n")
@@ -91,5 +129,8 @@ pub async fn serve(address: SocketAddr, registry: Arc<Registry>) -> Result<Socke
 }
 
 fn http_response(status: &str, content_type: &str, body: &str) -> String {
-    format!("HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }

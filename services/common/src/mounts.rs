@@ -7,7 +7,9 @@ pub fn is_mounted(path: &Path) -> std::io::Result<bool> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
     // mountinfo escapes spaces in paths as \040.
     let wanted = path.display().to_string().replace(' ', "\\040");
-    Ok(mountinfo.lines().any(|line| line.split_whitespace().nth(4) == Some(wanted.as_str())))
+    Ok(mountinfo
+        .lines()
+        .any(|line| line.split_whitespace().nth(4) == Some(wanted.as_str())))
 }
 
 #[cfg(test)]

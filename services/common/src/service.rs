@@ -42,7 +42,10 @@ pub struct ConfigArgs {
 
 impl ConfigArgs {
     pub fn source(&self) -> ConfigSource {
-        ConfigSource { file: self.config.clone(), overrides: self.overrides.clone() }
+        ConfigSource {
+            file: self.config.clone(),
+            overrides: self.overrides.clone(),
+        }
     }
 
     /// The same settings as command-line arguments, for child processes.
@@ -87,7 +90,10 @@ where
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|source| CommonError::Io { what: "cannot start the async runtime".into(), source })?;
+        .map_err(|source| CommonError::Io {
+            what: "cannot start the async runtime".into(),
+            source,
+        })?;
     runtime.block_on(serve(kind, config, build))
 }
 
@@ -102,8 +108,15 @@ where
 
     let store: Option<Arc<dyn Store>> = if kind.is_stateful() {
         // The state directory holds image layers and container files: root only.
-        crate::dirs::ensure_private_dir(&config.node.state_dir)
-            .map_err(|source| CommonError::Io { what: format!("cannot make the state directory {} private (0700)", config.node.state_dir.display()), source })?;
+        crate::dirs::ensure_private_dir(&config.node.state_dir).map_err(|source| {
+            CommonError::Io {
+                what: format!(
+                    "cannot make the state directory {} private (0700)",
+                    config.node.state_dir.display()
+                ),
+                source,
+            }
+        })?;
         let path = config.state_dir(kind).join("db");
         Some(Arc::new(SledStore::open(&path)?))
     } else {
@@ -111,7 +124,14 @@ where
     };
     let node = config.node_name();
     let bus = EventBus::start(&config.bus, node.clone(), kind.name(), store.clone()).await?;
-    let mut context = ServiceContext { kind, config: config.clone(), node: node.clone(), store, bus: bus.clone(), registry: Registry::with_prefix("trellis") };
+    let mut context = ServiceContext {
+        kind,
+        config: config.clone(),
+        node: node.clone(),
+        store,
+        bus: bus.clone(),
+        registry: Registry::with_prefix("trellis"),
+    };
     let routes = build(&mut context).await.map_err(CommonError::Build)?;
 
     register_bus_metrics(&mut context.registry, bus.clone());
@@ -121,16 +141,23 @@ where
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     let info = Info {
         kind,
         node,
         socket: endpoint.socket.clone(),
-        started: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default(),
+        started: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or_default(),
         bus: bus.clone(),
         metrics_address,
     };
-    let routes = routes.add_service(health_service).add_service(ServiceInfoServer::new(info));
+    let routes = routes
+        .add_service(health_service)
+        .add_service(ServiceInfoServer::new(info));
 
     publish_lifecycle(&bus, service_event::Kind::Started);
     tracing::info!(socket = %endpoint.socket.display(), metrics = ?metrics_address, bus = %config.bus.url, pid = std::process::id(), "{process} {VERSION} serving");
@@ -141,12 +168,16 @@ where
     })?;
     // Every connection goes through the authority shim: Go clients dialling a socket
     // path would otherwise be refused by the HTTP/2 server (see `authority`).
-    let incoming = UnixListenerStream::new(listener).map(|accepted| accepted.map(crate::authority::normalize));
+    let incoming =
+        UnixListenerStream::new(listener).map(|accepted| accepted.map(crate::authority::normalize));
     let (stopping, stop) = tokio::sync::watch::channel(false);
-    let server = tonic::transport::Server::builder().trace_fn(grpc_server_span).add_routes(routes).serve_with_incoming_shutdown(incoming, async move {
-        let mut stop = stop;
-        let _ = stop.wait_for(|stopping| *stopping).await;
-    });
+    let server = tonic::transport::Server::builder()
+        .trace_fn(grpc_server_span)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let mut stop = stop;
+            let _ = stop.wait_for(|stopping| *stopping).await;
+        });
     // In-flight calls get a grace period after the signal; streams that never end (a
     // kubelet's GetContainerEvents) must not hold the process past it.
     let result = tokio::select! {
@@ -164,7 +195,10 @@ where
     tracing::info!("{process} shutting down");
     publish_lifecycle(&bus, service_event::Kind::Stopping);
     if !bus.drain(Duration::from_secs(2)).await {
-        tracing::warn!(pending = bus.status().pending, "bus unreachable: undelivered events stay in the outbox for the next start");
+        tracing::warn!(
+            pending = bus.status().pending,
+            "bus unreachable: undelivered events stay in the outbox for the next start"
+        );
     }
     drop(socket);
     telemetry.shutdown();
@@ -172,7 +206,11 @@ where
 }
 
 fn publish_lifecycle(bus: &EventBus, kind: service_event::Kind) {
-    let event = ServiceEvent { kind: kind.into(), pid: std::process::id(), version: VERSION.to_string() };
+    let event = ServiceEvent {
+        kind: kind.into(),
+        pid: std::process::id(),
+        version: VERSION.to_string(),
+    };
     if let Err(error) = bus.publish(Payload::ServiceEvent(event)) {
         tracing::error!(%error, "cannot record a service event");
     }
@@ -180,7 +218,10 @@ fn publish_lifecycle(bus: &EventBus, kind: service_event::Kind) {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };
@@ -195,10 +236,26 @@ fn register_bus_metrics(registry: &mut Registry, bus: EventBus) {
     let published = Gauge::<i64>::default();
     let dropped = Gauge::<i64>::default();
     let connected = Gauge::<i64>::default();
-    registry.register("events_outbox_pending", "Events raised and not yet acknowledged by the bus", pending.clone());
-    registry.register("events_published", "Events delivered to the bus since start", published.clone());
-    registry.register("events_dropped", "Events dropped because the outbox was full", dropped.clone());
-    registry.register("bus_connected", "1 while connected to NATS", connected.clone());
+    registry.register(
+        "events_outbox_pending",
+        "Events raised and not yet acknowledged by the bus",
+        pending.clone(),
+    );
+    registry.register(
+        "events_published",
+        "Events delivered to the bus since start",
+        published.clone(),
+    );
+    registry.register(
+        "events_dropped",
+        "Events dropped because the outbox was full",
+        dropped.clone(),
+    );
+    registry.register(
+        "bus_connected",
+        "1 while connected to NATS",
+        connected.clone(),
+    );
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -223,7 +280,10 @@ struct Info {
 
 #[tonic::async_trait]
 impl ServiceInfo for Info {
-    async fn info(&self, _: tonic::Request<InfoRequest>) -> Result<tonic::Response<InfoResponse>, tonic::Status> {
+    async fn info(
+        &self,
+        _: tonic::Request<InfoRequest>,
+    ) -> Result<tonic::Response<InfoResponse>, tonic::Status> {
         let bus = self.bus.status();
         Ok(tonic::Response::new(InfoResponse {
             service: self.kind.name().to_string(),
@@ -232,8 +292,16 @@ impl ServiceInfo for Info {
             node: self.node.clone(),
             socket: self.socket.display().to_string(),
             started_unix_seconds: self.started,
-            bus: Some(BusInfo { url: bus.url, connected: bus.connected, outbox_pending: bus.pending, outbox_dropped: bus.dropped }),
-            metrics_address: self.metrics_address.map(|a| a.to_string()).unwrap_or_default(),
+            bus: Some(BusInfo {
+                url: bus.url,
+                connected: bus.connected,
+                outbox_pending: bus.pending,
+                outbox_dropped: bus.dropped,
+            }),
+            metrics_address: self
+                .metrics_address
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
         }))
     }
 }

@@ -62,26 +62,51 @@ impl SledStore {
         // fails, once the short wait is over.
         let deadline = std::time::Instant::now() + LOCK_WAIT;
         loop {
-            match sled::Config::new().path(path).mode(sled::Mode::LowSpace).open() {
-                Ok(db) => return Ok(Self { db, path: path.to_path_buf() }),
-                Err(sled::Error::Io(error)) if error.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+            match sled::Config::new()
+                .path(path)
+                .mode(sled::Mode::LowSpace)
+                .open()
+            {
+                Ok(db) => {
+                    return Ok(Self {
+                        db,
+                        path: path.to_path_buf(),
+                    });
+                }
+                Err(sled::Error::Io(error))
+                    if error.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                Err(source) => return Err(StoreError::Open { path: path.to_path_buf(), source }),
+                Err(source) => {
+                    return Err(StoreError::Open {
+                        path: path.to_path_buf(),
+                        source,
+                    });
+                }
             }
         }
     }
 
     fn engine_error(&self, table: &str) -> impl Fn(sled::Error) -> StoreError + use<'_> {
         let table = table.to_string();
-        move |source| StoreError::Engine { path: self.path.clone(), table: table.clone(), source }
+        move |source| StoreError::Engine {
+            path: self.path.clone(),
+            table: table.clone(),
+            source,
+        }
     }
 }
 
 impl Store for SledStore {
     fn table(&self, name: &str) -> Result<Arc<dyn Table>, StoreError> {
         let tree = self.db.open_tree(name).map_err(self.engine_error(name))?;
-        Ok(Arc::new(SledTable { tree, path: self.path.clone(), name: name.to_string() }))
+        Ok(Arc::new(SledTable {
+            tree,
+            path: self.path.clone(),
+            name: name.to_string(),
+        }))
     }
 
     fn next_id(&self) -> Result<u64, StoreError> {
@@ -97,7 +122,11 @@ struct SledTable {
 
 impl SledTable {
     fn error(&self, source: sled::Error) -> StoreError {
-        StoreError::Engine { path: self.path.clone(), table: self.name.clone(), source }
+        StoreError::Engine {
+            path: self.path.clone(),
+            table: self.name.clone(),
+            source,
+        }
     }
 
     fn flush(&self) -> Result<(), StoreError> {
@@ -107,7 +136,11 @@ impl SledTable {
 
 impl Table for SledTable {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.tree.get(key).map_err(|e| self.error(e))?.map(|v| v.to_vec()))
+        Ok(self
+            .tree
+            .get(key)
+            .map_err(|e| self.error(e))?
+            .map(|v| v.to_vec()))
     }
 
     fn put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
@@ -121,11 +154,21 @@ impl Table for SledTable {
     }
 
     fn first(&self) -> Result<Option<Entry>, StoreError> {
-        Ok(self.tree.first().map_err(|e| self.error(e))?.map(|(k, v)| (k.to_vec(), v.to_vec())))
+        Ok(self
+            .tree
+            .first()
+            .map_err(|e| self.error(e))?
+            .map(|(k, v)| (k.to_vec(), v.to_vec())))
     }
 
     fn scan(&self) -> Result<Vec<Entry>, StoreError> {
-        self.tree.iter().map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(|e| self.error(e))).collect()
+        self.tree
+            .iter()
+            .map(|item| {
+                item.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(|e| self.error(e))
+            })
+            .collect()
     }
 
     fn len(&self) -> usize {
@@ -151,17 +194,32 @@ mod tests {
         let store = SledStore::open(dir.path()).expect("reopen");
         let table = store.table("t").expect("table");
         assert_eq!(table.len(), 2);
-        assert_eq!(table.first().expect("first"), Some((1u64.to_be_bytes().to_vec(), b"one".to_vec())));
+        assert_eq!(
+            table.first().expect("first"),
+            Some((1u64.to_be_bytes().to_vec(), b"one".to_vec()))
+        );
         table.delete(&1u64.to_be_bytes()).expect("delete");
-        assert_eq!(table.get(&2u64.to_be_bytes()).expect("get"), Some(b"two".to_vec()));
-        assert!(store.next_id().expect("id") > first_id, "ids keep growing across restarts");
+        assert_eq!(
+            table.get(&2u64.to_be_bytes()).expect("get"),
+            Some(b"two".to_vec())
+        );
+        assert!(
+            store.next_id().expect("id") > first_id,
+            "ids keep growing across restarts"
+        );
     }
 
     #[test]
     fn second_open_of_a_live_store_fails_with_its_path() {
         let dir = tempfile::tempdir().expect("tempdir");
         let _store = SledStore::open(dir.path()).expect("open");
-        let message = SledStore::open(dir.path()).err().expect("must fail").to_string();
-        assert!(message.contains(&dir.path().display().to_string()), "{message}");
+        let message = SledStore::open(dir.path())
+            .err()
+            .expect("must fail")
+            .to_string();
+        assert!(
+            message.contains(&dir.path().display().to_string()),
+            "{message}"
+        );
     }
 }

@@ -32,7 +32,10 @@ pub enum TelemetryError {
     Install(String),
 }
 
-const ENDPOINT_VARS: [&str; 2] = ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"];
+const ENDPOINT_VARS: [&str; 2] = [
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+];
 
 /// Keeps the span exporter alive; `shutdown` flushes what is still buffered.
 pub struct Telemetry {
@@ -45,19 +48,38 @@ impl Telemetry {
     /// is bound to it.
     pub fn init(process: &str, config: &TelemetryConfig) -> Result<Self, TelemetryError> {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-        let filter = EnvFilter::try_new(&config.log_level).map_err(|_| TelemetryError::Filter(config.log_level.clone()))?;
-        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(true);
-        let fmt = if config.log_format == "json" { fmt.json().boxed() } else { fmt.boxed() };
+        let filter = EnvFilter::try_new(&config.log_level)
+            .map_err(|_| TelemetryError::Filter(config.log_level.clone()))?;
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(true);
+        let fmt = if config.log_format == "json" {
+            fmt.json().boxed()
+        } else {
+            fmt.boxed()
+        };
 
-        let endpoint = ENDPOINT_VARS.iter().find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()));
+        let endpoint = ENDPOINT_VARS
+            .iter()
+            .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()));
         let provider = match &endpoint {
             Some(endpoint) => {
                 let exporter = opentelemetry_otlp::SpanExporter::builder()
                     .with_tonic()
                     .build()
-                    .map_err(|source| TelemetryError::Exporter { endpoint: endpoint.clone(), source })?;
-                let resource = opentelemetry_sdk::Resource::builder().with_service_name(process.to_string()).build();
-                Some(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
+                    .map_err(|source| TelemetryError::Exporter {
+                        endpoint: endpoint.clone(),
+                        source,
+                    })?;
+                let resource = opentelemetry_sdk::Resource::builder()
+                    .with_service_name(process.to_string())
+                    .build();
+                Some(
+                    SdkTracerProvider::builder()
+                        .with_batch_exporter(exporter)
+                        .with_resource(resource)
+                        .build(),
+                )
             }
             None => None,
         };
@@ -116,7 +138,9 @@ impl Injector for MetadataInjector<'_> {
 pub fn grpc_server_span(request: &http::Request<()>) -> tracing::Span {
     let path = request.uri().path();
     let span = tracing::info_span!("grpc", otel.name = %path.trim_start_matches('/'), otel.kind = "server", rpc.path = %path);
-    let parent = opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&HeaderExtractor(request.headers())));
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&HeaderExtractor(request.headers()))
+    });
     // Fails only when no OpenTelemetry layer is installed, where there is no trace to join.
     let _ = span.set_parent(parent);
     span
@@ -125,7 +149,9 @@ pub fn grpc_server_span(request: &http::Request<()>) -> tracing::Span {
 /// Puts the current span's trace context into an outgoing gRPC request.
 pub fn inject_grpc_context(metadata: &mut tonic::metadata::MetadataMap) {
     let context = tracing::Span::current().context();
-    opentelemetry::global::get_text_map_propagator(|propagator| propagator.inject_context(&context, &mut MetadataInjector(metadata)));
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut MetadataInjector(metadata))
+    });
 }
 
 /// A request carrying the current span's trace context, for a call to another service.
@@ -139,6 +165,8 @@ pub fn traced_request<T>(message: T) -> tonic::Request<T> {
 pub fn current_trace_headers() -> HashMap<String, String> {
     let context = tracing::Span::current().context();
     let mut headers = HashMap::new();
-    opentelemetry::global::get_text_map_propagator(|propagator| propagator.inject_context(&context, &mut headers));
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut headers)
+    });
     headers
 }

@@ -63,21 +63,50 @@ pub struct OwnedSocket {
 impl OwnedSocket {
     pub fn bind(path: &Path, mode: u32) -> Result<Self, TransportError> {
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| TransportError::CreateDir { path: parent.to_path_buf(), source })?;
+            std::fs::create_dir_all(parent).map_err(|source| TransportError::CreateDir {
+                path: parent.to_path_buf(),
+                source,
+            })?;
         }
         let lock_path = lock_path_of(path);
         let lock = crate::dirs::try_lock_file(&lock_path)
-            .map_err(|source| TransportError::Lock { path: lock_path.clone(), source })?
-            .ok_or_else(|| TransportError::InUse { socket: path.to_path_buf(), lock: lock_path.clone() })?;
+            .map_err(|source| TransportError::Lock {
+                path: lock_path.clone(),
+                source,
+            })?
+            .ok_or_else(|| TransportError::InUse {
+                socket: path.to_path_buf(),
+                lock: lock_path.clone(),
+            })?;
         match std::fs::remove_file(path) {
-            Ok(()) => tracing::info!(socket = %path.display(), "replaced a stale socket left by an earlier instance"),
+            Ok(()) => {
+                tracing::info!(socket = %path.display(), "replaced a stale socket left by an earlier instance")
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(TransportError::RemoveStale { path: path.to_path_buf(), source }),
+            Err(source) => {
+                return Err(TransportError::RemoveStale {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
         }
-        let listener = UnixListener::bind(path).map_err(|source| TransportError::Bind { path: path.to_path_buf(), source })?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-            .map_err(|source| TransportError::Chmod { path: path.to_path_buf(), mode, source })?;
-        Ok(Self { listener: Some(listener), path: path.to_path_buf(), lock_path, _lock: lock })
+        let listener = UnixListener::bind(path).map_err(|source| TransportError::Bind {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
+            |source| TransportError::Chmod {
+                path: path.to_path_buf(),
+                mode,
+                source,
+            },
+        )?;
+        Ok(Self {
+            listener: Some(listener),
+            path: path.to_path_buf(),
+            lock_path,
+            _lock: lock,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -123,11 +152,18 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("sub/dir/svc.sock");
         let first = OwnedSocket::bind(&socket, 0o600).expect("first bind");
-        let mode = std::fs::metadata(&socket).expect("stat").permissions().mode() & 0o777;
+        let mode = std::fs::metadata(&socket)
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
         match OwnedSocket::bind(&socket, 0o600) {
             Err(TransportError::InUse { .. }) => {}
-            other => panic!("second bind must be refused, got {:?}", other.map(|s| s.path().to_path_buf())),
+            other => panic!(
+                "second bind must be refused, got {:?}",
+                other.map(|s| s.path().to_path_buf())
+            ),
         }
         drop(first);
         assert!(!socket.exists(), "clean drop removes the socket");
@@ -137,7 +173,11 @@ mod tests {
         drop(stale);
         assert!(socket.exists());
         let again = OwnedSocket::bind(&socket, 0o660).expect("replace stale");
-        let mode = std::fs::metadata(&socket).expect("stat").permissions().mode() & 0o777;
+        let mode = std::fs::metadata(&socket)
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o660);
         drop(again);
     }

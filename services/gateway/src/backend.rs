@@ -49,7 +49,11 @@ impl Backends {
     pub fn new(config: &Config, retry_budget: Duration, metrics: RpcMetrics) -> Self {
         let backend = |kind| {
             let socket = config.endpoint(kind).socket;
-            Backend { kind, channel: unix_channel(&socket), socket }
+            Backend {
+                kind,
+                channel: unix_channel(&socket),
+                socket,
+            }
         };
         Self {
             runtime: backend(ServiceKind::Runtime),
@@ -61,7 +65,14 @@ impl Backends {
     }
 
     /// Forwards one CRI call and records its latency and outcome.
-    pub async fn forward<Req, Resp, F, Fut>(&self, method: &'static str, backend: &Backend, retry: Retry, request: Request<Req>, call: F) -> Result<Response<Resp>, Status>
+    pub async fn forward<Req, Resp, F, Fut>(
+        &self,
+        method: &'static str,
+        backend: &Backend,
+        retry: Retry,
+        request: Request<Req>,
+        call: F,
+    ) -> Result<Response<Resp>, Status>
     where
         Req: Clone,
         F: Fn(Channel, Request<Req>) -> Fut,
@@ -69,7 +80,9 @@ impl Backends {
     {
         let started = Instant::now();
         let deadline = caller_deadline(&request, started);
-        let result = self.call(backend, retry, deadline, request.into_inner(), call).await;
+        let result = self
+            .call(backend, retry, deadline, request.into_inner(), call)
+            .await;
         self.observe(method, started, result.as_ref().err().map(Status::code));
         result
     }
@@ -82,7 +95,14 @@ impl Backends {
     }
 
     /// One backend call, retried while the backend cannot be reached if `retry` allows.
-    pub async fn call<Req, Resp, F, Fut>(&self, backend: &Backend, retry: Retry, deadline: Option<Instant>, message: Req, call: F) -> Result<Response<Resp>, Status>
+    pub async fn call<Req, Resp, F, Fut>(
+        &self,
+        backend: &Backend,
+        retry: Retry,
+        deadline: Option<Instant>,
+        message: Req,
+        call: F,
+    ) -> Result<Response<Resp>, Status>
     where
         Req: Clone,
         F: Fn(Channel, Request<Req>) -> Fut,
@@ -193,7 +213,10 @@ mod tests {
 
     #[test]
     fn grpc_timeout_units() {
-        assert_eq!(parse_grpc_timeout("1999m"), Some(Duration::from_millis(1999)));
+        assert_eq!(
+            parse_grpc_timeout("1999m"),
+            Some(Duration::from_millis(1999))
+        );
         assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
         assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
         assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));

@@ -23,8 +23,16 @@ use crate::backend::Backends;
 fn main() -> anyhow::Result<()> {
     trellis_common::service::run(ServiceKind::Gateway, async |context| {
         let metrics = RpcMetrics::register(&mut context.registry, "gateway");
-        let backends = Arc::new(Backends::new(&context.config, Duration::from_millis(context.config.gateway.backend_retry_ms), metrics));
-        let gateway = runtime_service::Gateway { backends: backends.clone(), bus: context.bus.client().cloned(), node: context.node.clone() };
+        let backends = Arc::new(Backends::new(
+            &context.config,
+            Duration::from_millis(context.config.gateway.backend_retry_ms),
+            metrics,
+        ));
+        let gateway = runtime_service::Gateway {
+            backends: backends.clone(),
+            bus: context.bus.client().cloned(),
+            node: context.node.clone(),
+        };
         let runtime = RuntimeServiceServer::new(gateway)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);

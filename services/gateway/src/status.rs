@@ -15,34 +15,67 @@ use crate::backend::{Backend, Backends, Retry, caller_deadline};
 const RUNTIME_READY: &str = "RuntimeReady";
 const NETWORK_READY: &str = "NetworkReady";
 
-pub async fn fan_in(backends: &Backends, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+pub async fn fan_in(
+    backends: &Backends,
+    request: Request<StatusRequest>,
+) -> Result<Response<StatusResponse>, Status> {
     let started = Instant::now();
     let deadline = caller_deadline(&request, started);
     let message = request.into_inner();
     let (runtime, network) = tokio::join!(
-        backends.call(&backends.runtime, Retry::Idempotent, deadline, message, |channel, request| async move {
-            RuntimeServiceClient::new(channel).status(request).await
-        }),
-        backends.call(&backends.network, Retry::Idempotent, deadline, NetworkStatusRequest {}, |channel, request| async move {
-            NetworkClient::new(channel).status(request).await
-        }),
-    );
+            backends.call(
+                &backends.runtime,
+                Retry::Idempotent,
+                deadline,
+                message,
+                |channel, request| async move {
+                    RuntimeServiceClient::new(channel).status(request).await
+                }
+            ),
+            backends.call(
+                &backends.network,
+                Retry::Idempotent,
+                deadline,
+                NetworkStatusRequest {},
+                |channel, request| async move { NetworkClient::new(channel).status(request).await }
+            ),
+        );
 
     let mut response = match runtime {
         Ok(response) => response.into_inner(),
         Err(error) => StatusResponse {
-            status: Some(RuntimeStatus { conditions: vec![unreachable(RUNTIME_READY, "RuntimeServiceUnavailable", &backends.runtime, &error)] }),
+            status: Some(RuntimeStatus {
+                conditions: vec![unreachable(
+                    RUNTIME_READY,
+                    "RuntimeServiceUnavailable",
+                    &backends.runtime,
+                    &error,
+                )],
+            }),
             ..Default::default()
         },
     };
     let network_condition = match network {
         Ok(status) => {
             let status = status.into_inner();
-            RuntimeCondition { r#type: NETWORK_READY.into(), status: status.ready, reason: status.reason, message: status.message }
+            RuntimeCondition {
+                r#type: NETWORK_READY.into(),
+                status: status.ready,
+                reason: status.reason,
+                message: status.message,
+            }
         }
-        Err(error) => unreachable(NETWORK_READY, "NetworkServiceUnavailable", &backends.network, &error),
+        Err(error) => unreachable(
+            NETWORK_READY,
+            "NetworkServiceUnavailable",
+            &backends.network,
+            &error,
+        ),
     };
-    let conditions = &mut response.status.get_or_insert_with(Default::default).conditions;
+    let conditions = &mut response
+        .status
+        .get_or_insert_with(Default::default)
+        .conditions;
     conditions.retain(|condition| condition.r#type != NETWORK_READY);
     conditions.push(network_condition);
 
@@ -50,11 +83,21 @@ pub async fn fan_in(backends: &Backends, request: Request<StatusRequest>) -> Res
     Ok(Response::new(response))
 }
 
-fn unreachable(condition: &str, reason: &str, backend: &Backend, error: &Status) -> RuntimeCondition {
+fn unreachable(
+    condition: &str,
+    reason: &str,
+    backend: &Backend,
+    error: &Status,
+) -> RuntimeCondition {
     RuntimeCondition {
         r#type: condition.into(),
         status: false,
         reason: reason.into(),
-        message: format!("trellis-{} on {}: {}", backend.kind.name(), backend.socket.display(), error.message()),
+        message: format!(
+            "trellis-{} on {}: {}",
+            backend.kind.name(),
+            backend.socket.display(),
+            error.message()
+        ),
     }
 }

@@ -22,17 +22,22 @@ pub struct ImageService {
     bus: EventBus,
 }
 
-
 fn image_name(spec: Option<&ImageSpec>, rpc: &str) -> Result<String, Status> {
     match spec.map(|s| s.image.trim()) {
         Some(name) if !name.is_empty() => Ok(name.to_string()),
-        _ => Err(Status::invalid_argument(format!("{rpc} needs an image name (ImageSpec.image is empty)"))),
+        _ => Err(Status::invalid_argument(format!(
+            "{rpc} needs an image name (ImageSpec.image is empty)"
+        ))),
     }
 }
 
 /// The CRI view of a stored image.
 fn to_cri(image: storage::Image) -> Image {
-    let user = image.config.as_ref().map(|c| c.user.clone()).unwrap_or_default();
+    let user = image
+        .config
+        .as_ref()
+        .map(|c| c.user.clone())
+        .unwrap_or_default();
     let user_part = user.split(':').next().unwrap_or_default();
     let (uid, username) = match user_part.parse::<i64>() {
         Ok(uid) => (Some(Int64Value { value: uid }), String::new()),
@@ -45,7 +50,10 @@ fn to_cri(image: storage::Image) -> Image {
         size: image.size,
         uid,
         username,
-        spec: Some(ImageSpec { image: image.id, ..Default::default() }),
+        spec: Some(ImageSpec {
+            image: image.id,
+            ..Default::default()
+        }),
         pinned: false,
     }
 }
@@ -62,15 +70,26 @@ fn image_event(kind: image_event::Kind, image: &storage::Image) -> Payload {
 
 impl ImageService {
     pub fn new(storage: Channel, puller: Arc<Puller>, bus: EventBus) -> Self {
-        Self { storage, puller, bus }
+        Self {
+            storage,
+            puller,
+            bus,
+        }
     }
 
     fn storage(&self) -> StorageClient<Channel> {
-        StorageClient::new(self.storage.clone()).max_decoding_message_size(trellis_common::grpc::MAX_MESSAGE_BYTES)
+        StorageClient::new(self.storage.clone())
+            .max_decoding_message_size(trellis_common::grpc::MAX_MESSAGE_BYTES)
     }
 
     async fn find(&self, reference: &str) -> Result<Option<storage::Image>, Status> {
-        match self.storage().get_image(traced_request(GetImageRequest { reference: reference.to_string() })).await {
+        match self
+            .storage()
+            .get_image(traced_request(GetImageRequest {
+                reference: reference.to_string(),
+            }))
+            .await
+        {
             Ok(image) => Ok(Some(image.into_inner())),
             Err(status) if status.code() == Code::NotFound => Ok(None),
             Err(status) => Err(status),
@@ -86,19 +105,40 @@ impl ImageService {
 
 #[tonic::async_trait]
 impl image_service_server::ImageService for ImageService {
-    async fn list_images(&self, request: Request<ListImagesRequest>) -> Result<Response<ListImagesResponse>, Status> {
-        let filter = request.into_inner().filter.and_then(|f| f.image).map(|spec| spec.image).filter(|name| !name.is_empty());
+    async fn list_images(
+        &self,
+        request: Request<ListImagesRequest>,
+    ) -> Result<Response<ListImagesResponse>, Status> {
+        let filter = request
+            .into_inner()
+            .filter
+            .and_then(|f| f.image)
+            .map(|spec| spec.image)
+            .filter(|name| !name.is_empty());
         let images = match filter {
             Some(name) => self.find(&name).await?.into_iter().collect(),
-            None => self.storage().list_images(traced_request(storage::ListImagesRequest {})).await?.into_inner().images,
+            None => {
+                self.storage()
+                    .list_images(traced_request(storage::ListImagesRequest {}))
+                    .await?
+                    .into_inner()
+                    .images
+            }
         };
-        Ok(Response::new(ListImagesResponse { images: images.into_iter().map(to_cri).collect() }))
+        Ok(Response::new(ListImagesResponse {
+            images: images.into_iter().map(to_cri).collect(),
+        }))
     }
 
-    async fn image_status(&self, request: Request<ImageStatusRequest>) -> Result<Response<ImageStatusResponse>, Status> {
+    async fn image_status(
+        &self,
+        request: Request<ImageStatusRequest>,
+    ) -> Result<Response<ImageStatusResponse>, Status> {
         let request = request.into_inner();
         let name = image_name(request.image.as_ref(), "ImageStatus")?;
-        let Some(image) = self.find(&name).await? else { return Ok(Response::new(ImageStatusResponse::default())) };
+        let Some(image) = self.find(&name).await? else {
+            return Ok(Response::new(ImageStatusResponse::default()));
+        };
         let mut info = HashMap::new();
         if request.verbose {
             let verbose = serde_json::json!({
@@ -108,28 +148,50 @@ impl image_service_server::ImageService for ImageService {
             });
             info.insert("info".to_string(), verbose.to_string());
         }
-        Ok(Response::new(ImageStatusResponse { image: Some(to_cri(image)), info }))
+        Ok(Response::new(ImageStatusResponse {
+            image: Some(to_cri(image)),
+            info,
+        }))
     }
 
-    async fn pull_image(&self, request: Request<PullImageRequest>) -> Result<Response<PullImageResponse>, Status> {
+    async fn pull_image(
+        &self,
+        request: Request<PullImageRequest>,
+    ) -> Result<Response<PullImageResponse>, Status> {
         let request = request.into_inner();
         let name = image_name(request.image.as_ref(), "PullImage")?;
-        let named = match reference::parse(&name).map_err(|e| Status::invalid_argument(e.to_string()))? {
-            ImageRef::Named(named) => named,
-            ImageRef::Id(id) => return Err(Status::invalid_argument(format!("cannot pull an image id ({id}); give a name with a tag or digest"))),
-        };
+        let named =
+            match reference::parse(&name).map_err(|e| Status::invalid_argument(e.to_string()))? {
+                ImageRef::Named(named) => named,
+                ImageRef::Id(id) => {
+                    return Err(Status::invalid_argument(format!(
+                        "cannot pull an image id ({id}); give a name with a tag or digest"
+                    )));
+                }
+            };
         // tonic's server drops this call at the caller's `grpc-timeout`, as when the
         // caller hangs up; either way this caller withdraws from the pull.
         let image = self.puller.pull(named, request.auth.as_ref()).await?;
         tracing::info!(image = %name, id = %image.id, "pulled");
         self.publish(image_event(image_event::Kind::Pulled, &image));
-        Ok(Response::new(PullImageResponse { image_ref: image.id }))
+        Ok(Response::new(PullImageResponse {
+            image_ref: image.id,
+        }))
     }
 
-    async fn remove_image(&self, request: Request<RemoveImageRequest>) -> Result<Response<RemoveImageResponse>, Status> {
+    async fn remove_image(
+        &self,
+        request: Request<RemoveImageRequest>,
+    ) -> Result<Response<RemoveImageResponse>, Status> {
         let name = image_name(request.get_ref().image.as_ref(), "RemoveImage")?;
         let before = self.find(&name).await?;
-        let removal = self.storage().remove_image(traced_request(storage::RemoveImageRequest { reference: name })).await?.into_inner();
+        let removal = self
+            .storage()
+            .remove_image(traced_request(storage::RemoveImageRequest {
+                reference: name,
+            }))
+            .await?
+            .into_inner();
         if removal.deleted
             && let Some(image) = before
         {
@@ -138,16 +200,32 @@ impl image_service_server::ImageService for ImageService {
         Ok(Response::new(RemoveImageResponse {}))
     }
 
-    async fn image_fs_info(&self, _request: Request<ImageFsInfoRequest>) -> Result<Response<ImageFsInfoResponse>, Status> {
-        let usage = self.storage().fs_usage(traced_request(FsUsageRequest {})).await?.into_inner();
+    async fn image_fs_info(
+        &self,
+        _request: Request<ImageFsInfoRequest>,
+    ) -> Result<Response<ImageFsInfoResponse>, Status> {
+        let usage = self
+            .storage()
+            .fs_usage(traced_request(FsUsageRequest {}))
+            .await?
+            .into_inner();
         let filesystem = FilesystemUsage {
             timestamp: usage.timestamp_unix_nano,
-            fs_id: Some(FilesystemIdentifier { mountpoint: usage.mountpoint }),
-            used_bytes: Some(UInt64Value { value: usage.used_bytes }),
-            inodes_used: Some(UInt64Value { value: usage.inodes_used }),
+            fs_id: Some(FilesystemIdentifier {
+                mountpoint: usage.mountpoint,
+            }),
+            used_bytes: Some(UInt64Value {
+                value: usage.used_bytes,
+            }),
+            inodes_used: Some(UInt64Value {
+                value: usage.inodes_used,
+            }),
         };
         // Container writable layers live in the same store until the runtime service
         // reports them separately.
-        Ok(Response::new(ImageFsInfoResponse { image_filesystems: vec![filesystem.clone()], container_filesystems: vec![filesystem] }))
+        Ok(Response::new(ImageFsInfoResponse {
+            image_filesystems: vec![filesystem.clone()],
+            container_filesystems: vec![filesystem],
+        }))
     }
 }

@@ -8,11 +8,26 @@ pub enum ImageError {
     #[error("{0}")]
     InvalidArgument(String),
     #[error("pulling {image}: {failures}")]
-    Registry { image: String, failures: String, code: Code },
-    #[error("pulling {image}: nothing received for {seconds} s while fetching {digest} from {source_name}; cancelled")]
-    Stalled { image: String, digest: String, source_name: String, seconds: u64 },
+    Registry {
+        image: String,
+        failures: String,
+        code: Code,
+    },
+    #[error(
+        "pulling {image}: nothing received for {seconds} s while fetching {digest} from {source_name}; cancelled"
+    )]
+    Stalled {
+        image: String,
+        digest: String,
+        source_name: String,
+        seconds: u64,
+    },
     #[error("pulling {image}: image config {digest} is not usable: {reason}")]
-    BadConfig { image: String, digest: String, reason: String },
+    BadConfig {
+        image: String,
+        digest: String,
+        reason: String,
+    },
     #[error("storage service: {0}")]
     Storage(Status),
     #[error("credentials file {path}: {reason}")]
@@ -29,7 +44,9 @@ impl From<ImageError> for Status {
     fn from(error: ImageError) -> Self {
         let message = error.to_string();
         match error {
-            ImageError::Reference(_) | ImageError::InvalidArgument(_) => Status::invalid_argument(message),
+            ImageError::Reference(_) | ImageError::InvalidArgument(_) => {
+                Status::invalid_argument(message)
+            }
             ImageError::Registry { code, .. } => Status::new(code, message),
             ImageError::Stalled { .. } => Status::deadline_exceeded(message),
             ImageError::BadConfig { .. } => Status::data_loss(message),

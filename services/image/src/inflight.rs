@@ -59,7 +59,9 @@ pub struct InFlight {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl InFlight {
@@ -69,14 +71,36 @@ impl InFlight {
         let mut pulls = lock(&self.pulls);
         if let Some(entry) = pulls.get_mut(key) {
             entry.waiters += 1;
-            return Waiter { inflight: self.clone(), key: key.to_string(), id: entry.id, outcome: entry.outcome.clone() };
+            return Waiter {
+                inflight: self.clone(),
+                key: key.to_string(),
+                id: entry.id,
+                outcome: entry.outcome.clone(),
+            };
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (keep_running, abandoned) = oneshot::channel();
         let (sender, outcome) = watch::channel(None);
-        pulls.insert(key.to_string(), Entry { id, waiters: 1, _keep_running: keep_running, outcome: outcome.clone() });
-        start(Start { id, abandoned, outcome: sender });
-        Waiter { inflight: self.clone(), key: key.to_string(), id, outcome }
+        pulls.insert(
+            key.to_string(),
+            Entry {
+                id,
+                waiters: 1,
+                _keep_running: keep_running,
+                outcome: outcome.clone(),
+            },
+        );
+        start(Start {
+            id,
+            abandoned,
+            outcome: sender,
+        });
+        Waiter {
+            inflight: self.clone(),
+            key: key.to_string(),
+            id,
+            outcome,
+        }
     }
 
     /// The pull `id` ended: later requests for `key` start a new one.
@@ -90,12 +114,20 @@ impl InFlight {
     /// Pull `id` needs these chains: no prune takes them while it runs.
     pub async fn need(&self, id: u64, chains: &[String]) {
         let _not_pruning = self.prune_gate.read().await;
-        lock(&self.chains).needed.entry(id).or_default().extend(chains.iter().cloned());
+        lock(&self.chains)
+            .needed
+            .entry(id)
+            .or_default()
+            .extend(chains.iter().cloned());
     }
 
     /// Pull `id` is about to import `chain`.
     pub fn importing(&self, id: u64, chain: &str) {
-        lock(&self.chains).started.entry(id).or_default().insert(chain.to_string());
+        lock(&self.chains)
+            .started
+            .entry(id)
+            .or_default()
+            .insert(chain.to_string());
     }
 
     /// Holds every pull back from declaring what it needs until the guard is dropped.
@@ -113,9 +145,22 @@ impl InFlight {
     /// its to prune too: the pull that imported it may have ended first and spared it
     /// for this one.
     fn leftovers(chains: &Chains, id: u64, kept: &[String]) -> Vec<String> {
-        let others: HashSet<&String> = chains.needed.iter().filter(|(pull, _)| **pull != id).flat_map(|(_, needed)| needed).collect();
-        let own = chains.needed.get(&id).into_iter().chain(chains.started.get(&id)).flatten();
-        let mut leftovers: Vec<String> = own.filter(|chain| !kept.contains(chain) && !others.contains(chain)).cloned().collect();
+        let others: HashSet<&String> = chains
+            .needed
+            .iter()
+            .filter(|(pull, _)| **pull != id)
+            .flat_map(|(_, needed)| needed)
+            .collect();
+        let own = chains
+            .needed
+            .get(&id)
+            .into_iter()
+            .chain(chains.started.get(&id))
+            .flatten();
+        let mut leftovers: Vec<String> = own
+            .filter(|chain| !kept.contains(chain) && !others.contains(chain))
+            .cloned()
+            .collect();
         leftovers.sort();
         leftovers.dedup();
         leftovers
@@ -123,7 +168,8 @@ impl InFlight {
 
     /// Forgets pull `id` when it leaves nothing; whether it did.
     pub fn forget_if_clean(&self, id: u64, kept: &[String]) -> bool {
-        self.forget_when(id, kept, |leftovers| leftovers.is_empty()).is_empty()
+        self.forget_when(id, kept, |leftovers| leftovers.is_empty())
+            .is_empty()
     }
 
     /// Forgets pull `id` and returns what it leaves, at once: of two pulls sharing a
@@ -134,7 +180,12 @@ impl InFlight {
     }
 
     /// What pull `id` leaves; the pull is forgotten when `forget` says so of that.
-    fn forget_when(&self, id: u64, kept: &[String], forget: impl FnOnce(&[String]) -> bool) -> Vec<String> {
+    fn forget_when(
+        &self,
+        id: u64,
+        kept: &[String],
+        forget: impl FnOnce(&[String]) -> bool,
+    ) -> Vec<String> {
         let mut chains = lock(&self.chains);
         let leftovers = Self::leftovers(&chains, id, kept);
         if forget(&leftovers) {
@@ -146,7 +197,9 @@ impl InFlight {
 
     #[cfg(test)]
     fn registered(&self, key: &str) -> Option<(u64, usize)> {
-        lock(&self.pulls).get(key).map(|entry| (entry.id, entry.waiters))
+        lock(&self.pulls)
+            .get(key)
+            .map(|entry| (entry.id, entry.waiters))
     }
 }
 
@@ -162,14 +215,20 @@ impl Waiter {
     /// How the pull ended; `None` when it stopped without saying (it cannot, short
     /// of a bug: the pull always answers the waiters it has).
     pub async fn outcome(&mut self) -> Option<Outcome> {
-        self.outcome.wait_for(Option::is_some).await.ok().and_then(|outcome| outcome.clone())
+        self.outcome
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|outcome| outcome.clone())
     }
 }
 
 impl Drop for Waiter {
     fn drop(&mut self) {
         let mut pulls = lock(&self.inflight.pulls);
-        let Some(entry) = pulls.get_mut(&self.key).filter(|entry| entry.id == self.id) else { return };
+        let Some(entry) = pulls.get_mut(&self.key).filter(|entry| entry.id == self.id) else {
+            return;
+        };
         entry.waiters -= 1;
         if entry.waiters == 0 {
             pulls.remove(&self.key);
@@ -195,7 +254,13 @@ mod tests {
         assert_eq!(inflight.registered("img"), Some((first.id, 2)));
         let mut start = started.pop().expect("started once");
         drop(first);
-        assert!(start.abandoned.try_recv().is_err_and(|e| e == oneshot::error::TryRecvError::Empty), "one waiter left: still running");
+        assert!(
+            start
+                .abandoned
+                .try_recv()
+                .is_err_and(|e| e == oneshot::error::TryRecvError::Empty),
+            "one waiter left: still running"
+        );
         drop(second);
         assert_eq!(inflight.registered("img"), None);
         assert!(start.abandoned.await.is_err(), "told it is abandoned");
@@ -212,8 +277,16 @@ mod tests {
         let start = started.pop().expect("started");
         inflight.finished("img", start.id);
         assert_eq!(inflight.registered("img"), None);
-        start.outcome.send_replace(Some(Err((Code::Unavailable, "down".into()))));
-        assert_eq!(waiter.outcome().await.map(|o| o.map_err(|(code, _)| code).err()), Some(Some(Code::Unavailable)));
+        start
+            .outcome
+            .send_replace(Some(Err((Code::Unavailable, "down".into()))));
+        assert_eq!(
+            waiter
+                .outcome()
+                .await
+                .map(|o| o.map_err(|(code, _)| code).err()),
+            Some(Some(Code::Unavailable))
+        );
         // Dropping a waiter of a pull already replaced touches nothing.
         let _newer = inflight.join("img", |_| {});
         let newer = inflight.registered("img");
@@ -230,13 +303,23 @@ mod tests {
             inflight.importing(1, chain);
         }
         inflight.importing(1, "from-a-failed-source");
-        assert!(!inflight.forget_if_clean(1, &chains(&["a", "b", "c"])), "the chain of a failed source is left");
-        assert!(inflight.forget_if_clean(1, &chains(&["a", "b", "c", "from-a-failed-source"])), "nothing left");
+        assert!(
+            !inflight.forget_if_clean(1, &chains(&["a", "b", "c"])),
+            "the chain of a failed source is left"
+        );
+        assert!(
+            inflight.forget_if_clean(1, &chains(&["a", "b", "c", "from-a-failed-source"])),
+            "nothing left"
+        );
         assert_eq!(inflight.settle(1, &[]), Vec::<String>::new(), "forgotten");
 
         inflight.need(1, &chains(&["a", "b", "c"])).await;
         inflight.importing(1, "a");
-        assert_eq!(inflight.settle(1, &chains(&["c"])), chains(&["b"]), "pull 2 still needs a; c is kept");
+        assert_eq!(
+            inflight.settle(1, &chains(&["c"])),
+            chains(&["b"]),
+            "pull 2 still needs a; c is kept"
+        );
         // Pull 1 spared `a` for pull 2, which now ends without its image: `a` is its to prune.
         assert_eq!(inflight.settle(2, &[]), chains(&["a", "d"]));
     }
@@ -252,7 +335,11 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!declaring.is_finished(), "waits for the prune");
         inflight.importing(1, "x");
-        assert_eq!(inflight.settle(1, &[]), chains(&["x"]), "decided before pull 7 declared");
+        assert_eq!(
+            inflight.settle(1, &[]),
+            chains(&["x"]),
+            "decided before pull 7 declared"
+        );
         drop(gate);
         declaring.await.expect("declared");
         inflight.importing(3, "x");

@@ -18,12 +18,19 @@ use trellis_common::transport::unix_channel;
 
 fn main() -> anyhow::Result<()> {
     // oci-client's TLS is rustls without a chosen crypto provider; ring it is.
-    if rustls::crypto::ring::default_provider().install_default().is_err() {
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
         anyhow::bail!("a TLS crypto provider was already installed");
     }
     trellis_common::service::run(ServiceKind::Image, async |context| {
         let storage = unix_channel(&context.config.endpoint(ServiceKind::Storage).socket);
-        let puller = Arc::new(pull::Puller::new(context.config.image.clone(), storage.clone(), &mut context.registry)?);
+        let puller = Arc::new(pull::Puller::new(
+            context.config.image.clone(),
+            storage.clone(),
+            &mut context.registry,
+        )?);
         puller.prune_at_start();
         Ok(tonic::service::Routes::new(
             ImageServiceServer::new(cri::ImageService::new(storage, puller, context.bus.clone()))

@@ -22,16 +22,19 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
-use tracing::Instrument;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
+use tracing::Instrument;
 use trellis_common::config::ImageConfig;
 use trellis_common::metrics::RpcLabels;
 use trellis_common::reference::{NamedRef, chain_id};
 use trellis_common::telemetry::traced_request;
 use trellis_common::text::excerpt_to;
 use trellis_proto::storage::v1::storage_client::StorageClient;
-use trellis_proto::storage::v1::{HasLayerRequest, Image, ImageConfig as StoredConfig, ImportLayerChunk, LayerHeader, PruneLayersRequest, PutImageRequest, import_layer_chunk::Part};
+use trellis_proto::storage::v1::{
+    HasLayerRequest, Image, ImageConfig as StoredConfig, ImportLayerChunk, LayerHeader,
+    PruneLayersRequest, PutImageRequest, import_layer_chunk::Part,
+};
 
 use crate::error::ImageError;
 use crate::inflight::{InFlight, Outcome, Start};
@@ -65,12 +68,33 @@ struct PullMetrics {
 impl PullMetrics {
     fn register(registry: &mut Registry) -> Self {
         let bytes = Counter::default();
-        let duration = Family::<RpcLabels, Histogram>::new_with_constructor(|| Histogram::new([0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]));
-        let layer_import = Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]);
-        registry.register("image_pull_bytes", "Compressed bytes downloaded from registries", bytes.clone());
-        registry.register("image_pull_duration_seconds", "Time to pull an image, by outcome (method=ok|error|abandoned)", duration.clone());
-        registry.register("image_layer_import_duration_seconds", "Time to download, verify and unpack one layer", layer_import.clone());
-        Self { bytes, duration, layer_import }
+        let duration = Family::<RpcLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+            ])
+        });
+        let layer_import =
+            Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]);
+        registry.register(
+            "image_pull_bytes",
+            "Compressed bytes downloaded from registries",
+            bytes.clone(),
+        );
+        registry.register(
+            "image_pull_duration_seconds",
+            "Time to pull an image, by outcome (method=ok|error|abandoned)",
+            duration.clone(),
+        );
+        registry.register(
+            "image_layer_import_duration_seconds",
+            "Time to download, verify and unpack one layer",
+            layer_import.clone(),
+        );
+        Self {
+            bytes,
+            duration,
+            layer_import,
+        }
     }
 }
 
@@ -86,23 +110,42 @@ impl From<Status> for SourceFailure {
     fn from(status: Status) -> Self {
         // Storage refusing the content (bad bytes, unsafe entries, over its size limits)
         // would refuse it from any source.
-        let fatal = matches!(status.code(), Code::DataLoss | Code::InvalidArgument | Code::ResourceExhausted);
-        Self { fatal, code: status.code(), message: format!("storage: {}", status.message()) }
+        let fatal = matches!(
+            status.code(),
+            Code::DataLoss | Code::InvalidArgument | Code::ResourceExhausted
+        );
+        Self {
+            fatal,
+            code: status.code(),
+            message: format!("storage: {}", status.message()),
+        }
     }
 }
 
 fn classify(error: OciDistributionError) -> SourceFailure {
     let code = match &error {
-        OciDistributionError::AuthenticationFailure(_) | OciDistributionError::UnauthorizedError { .. } => Code::Unauthenticated,
+        OciDistributionError::AuthenticationFailure(_)
+        | OciDistributionError::UnauthorizedError { .. } => Code::Unauthenticated,
         OciDistributionError::ImageManifestNotFoundError(_) => Code::NotFound,
         OciDistributionError::DigestError(_) => Code::DataLoss,
-        OciDistributionError::RegistryError { envelope, .. } if envelope.errors.iter().any(|e| format!("{:?}", e.code).contains("Unauthorized")) => Code::Unauthenticated,
+        OciDistributionError::RegistryError { envelope, .. }
+            if envelope
+                .errors
+                .iter()
+                .any(|e| format!("{:?}", e.code).contains("Unauthorized")) =>
+        {
+            Code::Unauthenticated
+        }
         OciDistributionError::ServerError { code: 401, .. } => Code::Unauthenticated,
         OciDistributionError::ServerError { code: 404, .. } => Code::NotFound,
         _ => Code::Unavailable,
     };
     // The text can hold whatever a registry or token endpoint chose to answer.
-    SourceFailure { fatal: code == Code::DataLoss, code, message: excerpt_to(&error.to_string(), REGISTRY_TEXT_CHARS) }
+    SourceFailure {
+        fatal: code == Code::DataLoss,
+        code,
+        message: excerpt_to(&error.to_string(), REGISTRY_TEXT_CHARS),
+    }
 }
 
 fn auth_fingerprint(auth: &RegistryAuth) -> String {
@@ -116,40 +159,73 @@ fn auth_fingerprint(auth: &RegistryAuth) -> String {
 
 /// What a panic inside a pull said, for the log (its text may come from a registry).
 fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    let text = payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_default();
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
     excerpt_to(&text, REGISTRY_TEXT_CHARS)
 }
 
 impl Puller {
-    pub fn new(config: ImageConfig, storage: Channel, registry: &mut Registry) -> Result<Self, ImageError> {
+    pub fn new(
+        config: ImageConfig,
+        storage: Channel,
+        registry: &mut Registry,
+    ) -> Result<Self, ImageError> {
         let credentials = crate::registry::load_credentials(&config.credentials_file)?;
-        Ok(Self { config, storage, credentials, inflight: Arc::default(), blobs: Default::default(), metrics: PullMetrics::register(registry) })
+        Ok(Self {
+            config,
+            storage,
+            credentials,
+            inflight: Arc::default(),
+            blobs: Default::default(),
+            metrics: PullMetrics::register(registry),
+        })
     }
 
     fn storage(&self) -> StorageClient<Channel> {
-        StorageClient::new(self.storage.clone()).max_decoding_message_size(trellis_common::grpc::MAX_MESSAGE_BYTES)
+        StorageClient::new(self.storage.clone())
+            .max_decoding_message_size(trellis_common::grpc::MAX_MESSAGE_BYTES)
     }
 
     /// Removes every layer no image uses: what pulls cut short by a crash or a kill of
     /// this service left. Called once, before any pull: none can declare a layer it
     /// needs until this is done, so none loses one to it.
     pub fn prune_at_start(self: &Arc<Self>) {
-        let Some(gate) = self.inflight.pruning_now() else { return };
+        let Some(gate) = self.inflight.pruning_now() else {
+            return;
+        };
         let this = self.clone();
         tokio::spawn(async move {
             let _gate = gate;
             let deadline = Instant::now() + STARTUP_PRUNE_PATIENCE;
             loop {
-                let request = traced_request(PruneLayersRequest { chain_ids: Vec::new() });
-                match tokio::time::timeout(PRUNE_TIMEOUT, this.storage().prune_layers(request)).await {
+                let request = traced_request(PruneLayersRequest {
+                    chain_ids: Vec::new(),
+                });
+                match tokio::time::timeout(PRUNE_TIMEOUT, this.storage().prune_layers(request))
+                    .await
+                {
                     Ok(Ok(response)) => {
                         let removed = response.into_inner().removed.len();
                         tracing::info!(removed, "layers no image uses removed at start");
                         return;
                     }
-                    Ok(Err(status)) if status.code() == Code::Unavailable && Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(250)).await,
-                    Ok(Err(status)) => return tracing::warn!(error = %status.message(), "cannot remove the layers no image uses at start"),
-                    Err(_) => return tracing::warn!(seconds = PRUNE_TIMEOUT.as_secs(), "the storage service did not finish removing the layers no image uses"),
+                    Ok(Err(status))
+                        if status.code() == Code::Unavailable && Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(250)).await
+                    }
+                    Ok(Err(status)) => {
+                        return tracing::warn!(error = %status.message(), "cannot remove the layers no image uses at start");
+                    }
+                    Err(_) => {
+                        return tracing::warn!(
+                            seconds = PRUNE_TIMEOUT.as_secs(),
+                            "the storage service did not finish removing the layers no image uses"
+                        );
+                    }
                 }
             }
         });
@@ -158,24 +234,38 @@ impl Puller {
     /// Pulls `image` (or waits for the same pull already under way) and returns it.
     /// Dropping the returned future withdraws this caller; the pull stops when no
     /// caller is left.
-    pub async fn pull(self: &Arc<Self>, image: NamedRef, request_auth: Option<&k8s_cri::v1::AuthConfig>) -> Result<Image, Status> {
+    pub async fn pull(
+        self: &Arc<Self>,
+        image: NamedRef,
+        request_auth: Option<&k8s_cri::v1::AuthConfig>,
+    ) -> Result<Image, Status> {
         let auth = auth_for(request_auth, &self.credentials, &image.registry)?;
         let key = format!("{image}|{}", auth_fingerprint(&auth));
         let mut waiter = self.inflight.join(&key, |start| {
             // A child of the first caller's span, so storage calls stay in its trace.
             let span = tracing::info_span!("pull", image = %image);
-            tokio::spawn(self.clone().run(key.clone(), image.clone(), auth, start).instrument(span));
+            tokio::spawn(
+                self.clone()
+                    .run(key.clone(), image.clone(), auth, start)
+                    .instrument(span),
+            );
         });
         match waiter.outcome().await {
             Some(Ok(pulled)) => Ok(pulled),
             Some(Err((code, message))) => Err(Status::new(code, message)),
-            None => Err(Status::internal(format!("pulling {image}: the pull stopped without an answer"))),
+            None => Err(Status::internal(format!(
+                "pulling {image}: the pull stopped without an answer"
+            ))),
         }
     }
 
     /// Runs one pull to its end, answers its waiters, and removes what it left.
     async fn run(self: Arc<Self>, key: String, image: NamedRef, auth: RegistryAuth, start: Start) {
-        let Start { id, abandoned, outcome } = start;
+        let Start {
+            id,
+            abandoned,
+            outcome,
+        } = start;
         let started = Instant::now();
         let mut worker = tokio::spawn({
             let this = self.clone();
@@ -214,7 +304,12 @@ impl Puller {
             Some(Err(_)) => "error",
             None => "abandoned",
         };
-        self.metrics.duration.get_or_create(&RpcLabels { method: label.into() }).observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .duration
+            .get_or_create(&RpcLabels {
+                method: label.into(),
+            })
+            .observe(started.elapsed().as_secs_f64());
         if let Some(ended) = ended {
             outcome.send_replace(Some(ended));
         }
@@ -232,15 +327,28 @@ impl Puller {
         if chains.is_empty() {
             return;
         }
-        let request = traced_request(PruneLayersRequest { chain_ids: chains.clone() });
+        let request = traced_request(PruneLayersRequest {
+            chain_ids: chains.clone(),
+        });
         match tokio::time::timeout(PRUNE_TIMEOUT, self.storage().prune_layers(request)).await {
-            Ok(Ok(response)) => tracing::info!(image = %image, removed = response.into_inner().removed.len(), "layers a pull left without its image removed"),
-            Ok(Err(status)) => tracing::warn!(image = %image, layers = chains.len(), error = %status.message(), "cannot remove the layers a pull left; the next start of the image service will"),
-            Err(_) => tracing::warn!(image = %image, layers = chains.len(), "removing the layers a pull left timed out; the next start of the image service will"),
+            Ok(Ok(response)) => {
+                tracing::info!(image = %image, removed = response.into_inner().removed.len(), "layers a pull left without its image removed")
+            }
+            Ok(Err(status)) => {
+                tracing::warn!(image = %image, layers = chains.len(), error = %status.message(), "cannot remove the layers a pull left; the next start of the image service will")
+            }
+            Err(_) => {
+                tracing::warn!(image = %image, layers = chains.len(), "removing the layers a pull left timed out; the next start of the image service will")
+            }
         }
     }
 
-    async fn pull_from_sources(&self, id: u64, image: &NamedRef, auth: &RegistryAuth) -> Result<Image, ImageError> {
+    async fn pull_from_sources(
+        &self,
+        id: u64,
+        image: &NamedRef,
+        auth: &RegistryAuth,
+    ) -> Result<Image, ImageError> {
         let mut failures = Vec::new();
         let mut code = Code::Unavailable;
         for source in sources(&self.config, image) {
@@ -256,40 +364,79 @@ impl Puller {
                 }
             }
         }
-        Err(ImageError::Registry { image: image.to_string(), failures: failures.join("; "), code })
+        Err(ImageError::Registry {
+            image: image.to_string(),
+            failures: failures.join("; "),
+            code,
+        })
     }
 
-    async fn pull_from(&self, id: u64, image: &NamedRef, source: &Source, auth: &RegistryAuth) -> Result<Image, SourceFailure> {
+    async fn pull_from(
+        &self,
+        id: u64,
+        image: &NamedRef,
+        source: &Source,
+        auth: &RegistryAuth,
+    ) -> Result<Image, SourceFailure> {
         let timeout = Duration::from_secs(self.config.pull_progress_timeout_seconds);
         // The HTTP client's own read timeout is a backstop; ours fires first and says what stalled.
         let client = client_for(source, timeout + Duration::from_secs(5));
         let stalled = |what: &str| {
-            let error = ImageError::Stalled { image: image.to_string(), digest: what.to_string(), source_name: source.label.clone(), seconds: timeout.as_secs() };
-            SourceFailure { message: error.to_string(), code: Code::DeadlineExceeded, fatal: false }
+            let error = ImageError::Stalled {
+                image: image.to_string(),
+                digest: what.to_string(),
+                source_name: source.label.clone(),
+                seconds: timeout.as_secs(),
+            };
+            SourceFailure {
+                message: error.to_string(),
+                code: Code::DeadlineExceeded,
+                fatal: false,
+            }
         };
-        let (manifest, manifest_digest, list_digest) = tokio::time::timeout(timeout, client.pull_image_manifest_and_list_digest(&source.reference, auth))
-            .await
-            .map_err(|_| stalled("the manifest"))?
-            .map_err(classify)?;
+        let (manifest, manifest_digest, list_digest) = tokio::time::timeout(
+            timeout,
+            client.pull_image_manifest_and_list_digest(&source.reference, auth),
+        )
+        .await
+        .map_err(|_| stalled("the manifest"))?
+        .map_err(classify)?;
         let mut config_bytes = Vec::new();
-        tokio::time::timeout(timeout, client.pull_blob(&source.reference, &manifest.config, &mut config_bytes))
-            .await
-            .map_err(|_| stalled(&manifest.config.digest))?
-            .map_err(classify)?;
+        tokio::time::timeout(
+            timeout,
+            client.pull_blob(&source.reference, &manifest.config, &mut config_bytes),
+        )
+        .await
+        .map_err(|_| stalled(&manifest.config.digest))?
+        .map_err(classify)?;
         let config_digest = manifest.config.digest.clone();
         let bad_config = |reason: String| SourceFailure {
-            message: ImageError::BadConfig { image: image.to_string(), digest: config_digest.clone(), reason }.to_string(),
+            message: ImageError::BadConfig {
+                image: image.to_string(),
+                digest: config_digest.clone(),
+                reason,
+            }
+            .to_string(),
             code: Code::DataLoss,
             fatal: true,
         };
-        let config: serde_json::Value = serde_json::from_slice(&config_bytes).map_err(|e| bad_config(format!("not JSON: {e}")))?;
+        let config: serde_json::Value = serde_json::from_slice(&config_bytes)
+            .map_err(|e| bad_config(format!("not JSON: {e}")))?;
         let diff_ids: Vec<String> = config
             .pointer("/rootfs/diff_ids")
             .and_then(|v| v.as_array())
-            .map(|ids| ids.iter().filter_map(|id| id.as_str().map(str::to_string)).collect())
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| id.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default();
         if diff_ids.len() != manifest.layers.len() {
-            return Err(bad_config(format!("{} diff ids for {} layers", diff_ids.len(), manifest.layers.len())));
+            return Err(bad_config(format!(
+                "{} diff ids for {} layers",
+                diff_ids.len(),
+                manifest.layers.len()
+            )));
         }
         let mut chain_ids: Vec<String> = Vec::with_capacity(diff_ids.len());
         for diff_id in &diff_ids {
@@ -306,40 +453,80 @@ impl Puller {
                 size: layer.size,
                 diff_id: diff_ids[i].clone(),
                 chain_id: chain_ids[i].clone(),
-                parent_chain_id: if i == 0 { String::new() } else { chain_ids[i - 1].clone() },
+                parent_chain_id: if i == 0 {
+                    String::new()
+                } else {
+                    chain_ids[i - 1].clone()
+                },
                 image: image_name.clone(),
             };
             imports.push(self.import_layer(id, &client, source, layer, header, timeout));
         }
-        futures::stream::iter(imports).buffer_unordered(PARALLEL_LAYERS).try_collect::<Vec<()>>().await?;
+        futures::stream::iter(imports)
+            .buffer_unordered(PARALLEL_LAYERS)
+            .try_collect::<Vec<()>>()
+            .await?;
 
         let repo_digest = image.with_digest(list_digest.as_deref().unwrap_or(&manifest_digest));
         let record = Image {
             id: config_digest,
             repo_tags: image.tagged().into_iter().collect(),
             repo_digests: vec![repo_digest],
-            size: manifest.layers.iter().map(|l| l.size.max(0) as u64).sum::<u64>() + manifest.config.size.max(0) as u64,
+            size: manifest
+                .layers
+                .iter()
+                .map(|l| l.size.max(0) as u64)
+                .sum::<u64>()
+                + manifest.config.size.max(0) as u64,
             chain_ids,
             config: Some(stored_config(&config)),
             config_json: String::from_utf8_lossy(&config_bytes).into_owned(),
             pulled_unix_nano: trellis_common::clock::now_nanos(),
         };
-        let stored = self.storage().put_image(traced_request(PutImageRequest { image: Some(record) })).await?.into_inner();
-        stored.image.ok_or_else(|| SourceFailure { message: "storage returned no image".into(), code: Code::Internal, fatal: true })
+        let stored = self
+            .storage()
+            .put_image(traced_request(PutImageRequest {
+                image: Some(record),
+            }))
+            .await?
+            .into_inner();
+        stored.image.ok_or_else(|| SourceFailure {
+            message: "storage returned no image".into(),
+            code: Code::Internal,
+            fatal: true,
+        })
     }
 
     fn blob_lock(&self, digest: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut blobs = self.blobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut blobs = self
+            .blobs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         blobs.retain(|_, lock| Arc::strong_count(lock) > 1);
         blobs.entry(digest.to_string()).or_default().clone()
     }
 
     async fn has_layer(&self, chain_id: &str) -> Result<bool, SourceFailure> {
-        Ok(self.storage().has_layer(traced_request(HasLayerRequest { chain_id: chain_id.to_string() })).await?.into_inner().present)
+        Ok(self
+            .storage()
+            .has_layer(traced_request(HasLayerRequest {
+                chain_id: chain_id.to_string(),
+            }))
+            .await?
+            .into_inner()
+            .present)
     }
 
     /// Streams one layer from the source into the storage service, unless present.
-    async fn import_layer(&self, id: u64, client: &oci_client::Client, source: &Source, layer: &OciDescriptor, header: LayerHeader, timeout: Duration) -> Result<(), SourceFailure> {
+    async fn import_layer(
+        &self,
+        id: u64,
+        client: &oci_client::Client,
+        source: &Source,
+        layer: &OciDescriptor,
+        header: LayerHeader,
+        timeout: Duration,
+    ) -> Result<(), SourceFailure> {
         if self.has_layer(&header.chain_id).await? {
             return Ok(());
         }
@@ -351,35 +538,71 @@ impl Puller {
         // From here storage may end up with the layer, whatever happens to this pull.
         self.inflight.importing(id, &header.chain_id);
         let started = Instant::now();
-        let blob = client.pull_blob_stream(&source.reference, layer).await.map_err(classify)?;
+        let blob = client
+            .pull_blob_stream(&source.reference, layer)
+            .await
+            .map_err(classify)?;
         let (chunks, outgoing) = mpsc::channel::<ImportLayerChunk>(16);
         let digest = header.digest.clone();
         let image = header.image.clone();
-        if chunks.send(ImportLayerChunk { part: Some(Part::Header(header)) }).await.is_err() {
-            return Err(SourceFailure { message: "storage stream closed".into(), code: Code::Unavailable, fatal: false });
+        if chunks
+            .send(ImportLayerChunk {
+                part: Some(Part::Header(header)),
+            })
+            .await
+            .is_err()
+        {
+            return Err(SourceFailure {
+                message: "storage stream closed".into(),
+                code: Code::Unavailable,
+                fatal: false,
+            });
         }
         let mut storage = self.storage();
-        let upload = storage.import_layer(traced_request(tokio_stream::wrappers::ReceiverStream::new(outgoing)));
+        let upload = storage.import_layer(traced_request(
+            tokio_stream::wrappers::ReceiverStream::new(outgoing),
+        ));
         let forward = async move {
             let mut stream = blob.stream;
             loop {
                 let next = match tokio::time::timeout(timeout, stream.next()).await {
                     Ok(next) => next,
                     Err(_) => {
-                        let stalled = ImageError::Stalled { image, digest, source_name: source.label.clone(), seconds: timeout.as_secs() };
-                        return Err(SourceFailure { message: stalled.to_string(), code: Code::DeadlineExceeded, fatal: false });
+                        let stalled = ImageError::Stalled {
+                            image,
+                            digest,
+                            source_name: source.label.clone(),
+                            seconds: timeout.as_secs(),
+                        };
+                        return Err(SourceFailure {
+                            message: stalled.to_string(),
+                            code: Code::DeadlineExceeded,
+                            fatal: false,
+                        });
                     }
                 };
                 match next {
                     None => return Ok(()),
                     Some(Ok(bytes)) => {
                         self.metrics.bytes.inc_by(bytes.len() as u64);
-                        if chunks.send(ImportLayerChunk { part: Some(Part::Data(bytes)) }).await.is_err() {
+                        if chunks
+                            .send(ImportLayerChunk {
+                                part: Some(Part::Data(bytes)),
+                            })
+                            .await
+                            .is_err()
+                        {
                             // Storage stopped reading: its answer says why.
                             return Ok(());
                         }
                     }
-                    Some(Err(error)) => return Err(SourceFailure { message: format!("downloading {digest}: {error}"), code: Code::Unavailable, fatal: false }),
+                    Some(Err(error)) => {
+                        return Err(SourceFailure {
+                            message: format!("downloading {digest}: {error}"),
+                            code: Code::Unavailable,
+                            fatal: false,
+                        });
+                    }
                 }
             }
         };
@@ -387,7 +610,9 @@ impl Puller {
         // Storage's verdict (digest, size, unsafe entries) is the more precise one.
         uploaded?;
         forwarded?;
-        self.metrics.layer_import.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .layer_import
+            .observe(started.elapsed().as_secs_f64());
         Ok(())
     }
 }
@@ -395,9 +620,31 @@ impl Puller {
 /// What the runtime needs from the image config.
 fn stored_config(config: &serde_json::Value) -> StoredConfig {
     let inner = config.get("config").cloned().unwrap_or_default();
-    let string = |key: &str| inner.get(key).and_then(|v| v.as_str()).unwrap_or_default().to_string();
-    let strings = |key: &str| -> Vec<String> { inner.get(key).and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect()).unwrap_or_default() };
-    let keys = |key: &str| -> Vec<String> { inner.get(key).and_then(|v| v.as_object()).map(|o| o.keys().cloned().collect()).unwrap_or_default() };
+    let string = |key: &str| {
+        inner
+            .get(key)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let strings = |key: &str| -> Vec<String> {
+        inner
+            .get(key)
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let keys = |key: &str| -> Vec<String> {
+        inner
+            .get(key)
+            .and_then(|v| v.as_object())
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    };
     StoredConfig {
         user: string("User"),
         env: strings("Env"),
@@ -409,7 +656,11 @@ fn stored_config(config: &serde_json::Value) -> StoredConfig {
         labels: inner
             .get("Labels")
             .and_then(|v| v.as_object())
-            .map(|o| o.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string()))).collect())
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                    .collect()
+            })
             .unwrap_or_default(),
     }
 }
@@ -420,20 +671,34 @@ mod tests {
 
     #[test]
     fn storage_refusing_the_content_ends_the_pull_with_its_code() {
-        for code in [Code::DataLoss, Code::InvalidArgument, Code::ResourceExhausted] {
+        for code in [
+            Code::DataLoss,
+            Code::InvalidArgument,
+            Code::ResourceExhausted,
+        ] {
             let failure = SourceFailure::from(Status::new(code, "layer over the size limit"));
             assert!(failure.fatal, "{code:?}: no other source is tried");
             assert_eq!(failure.code, code, "passed through");
         }
         for code in [Code::Unavailable, Code::DeadlineExceeded, Code::Internal] {
-            assert!(!SourceFailure::from(Status::new(code, "down")).fatal, "{code:?}: another source may do");
+            assert!(
+                !SourceFailure::from(Status::new(code, "down")).fatal,
+                "{code:?}: another source may do"
+            );
         }
     }
 
     #[test]
     fn registry_text_is_quoted_short() {
-        let failure = classify(OciDistributionError::AuthenticationFailure(format!("denied\n{}", "x".repeat(20_000))));
+        let failure = classify(OciDistributionError::AuthenticationFailure(format!(
+            "denied\n{}",
+            "x".repeat(20_000)
+        )));
         assert_eq!(failure.code, Code::Unauthenticated);
-        assert!(failure.message.len() < REGISTRY_TEXT_CHARS + 60 && !failure.message.contains('\n'), "{}", failure.message);
+        assert!(
+            failure.message.len() < REGISTRY_TEXT_CHARS + 60 && !failure.message.contains('\n'),
+            "{}",
+            failure.message
+        );
     }
 }

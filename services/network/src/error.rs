@@ -39,16 +39,29 @@ pub enum NetworkError {
         source: serde_json::Error,
     },
     #[error("sandbox {sandbox_id}: the CNI result of network {network} is unusable: {message}")]
-    BadResult { sandbox_id: String, network: String, message: String },
+    BadResult {
+        sandbox_id: String,
+        network: String,
+        message: String,
+    },
     #[error("sandbox {0} has no pod network")]
     NotFound(String),
-    #[error("{error}; rolling back sandbox {sandbox_id} also failed: {rollback} (TearDownPod retries it)")]
-    RollbackFailed { sandbox_id: String, error: Box<NetworkError>, rollback: Box<NetworkError> },
+    #[error(
+        "{error}; rolling back sandbox {sandbox_id} also failed: {rollback} (TearDownPod retries it)"
+    )]
+    RollbackFailed {
+        sandbox_id: String,
+        error: Box<NetworkError>,
+        rollback: Box<NetworkError>,
+    },
 }
 
 impl NetworkError {
     pub fn not_ready(source: CniError) -> Self {
-        Self::NotReady { reason: source.reason(), source }
+        Self::NotReady {
+            reason: source.reason(),
+            source,
+        }
     }
 
     /// The plugin that failed, for the failure counter.
@@ -67,7 +80,9 @@ impl NetworkError {
             Self::NotReady { .. } => tonic::Code::FailedPrecondition,
             Self::NotFound(_) => tonic::Code::NotFound,
             Self::ShuttingDown => tonic::Code::Unavailable,
-            Self::Plugin(error) if error.cni_code() == Some(CODE_TRY_AGAIN_LATER) => tonic::Code::Unavailable,
+            Self::Plugin(error) if error.cni_code() == Some(CODE_TRY_AGAIN_LATER) => {
+                tonic::Code::Unavailable
+            }
             Self::RollbackFailed { error, .. } => error.code(),
             _ => tonic::Code::Internal,
         }

@@ -20,21 +20,35 @@ pub struct SandboxGuard<'a> {
 impl SandboxLocks {
     pub async fn lock(&self, sandbox_id: &str) -> SandboxGuard<'_> {
         let mutex = {
-            let mut held = self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut held = self
+                .held
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             held.entry(sandbox_id.to_string()).or_default().clone()
         };
         let guard = mutex.lock_owned().await;
-        SandboxGuard { locks: self, sandbox_id: sandbox_id.to_string(), guard: Some(guard) }
+        SandboxGuard {
+            locks: self,
+            sandbox_id: sandbox_id.to_string(),
+            guard: Some(guard),
+        }
     }
 }
 
 impl Drop for SandboxGuard<'_> {
     fn drop(&mut self) {
         self.guard.take();
-        let mut held = self.locks.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut held = self
+            .locks
+            .held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         // Only the map's own handle left: nobody holds or waits for it; without this
         // the map would grow by one entry per pod ever seen.
-        if held.get(&self.sandbox_id).is_some_and(|mutex| Arc::strong_count(mutex) == 1) {
+        if held
+            .get(&self.sandbox_id)
+            .is_some_and(|mutex| Arc::strong_count(mutex) == 1)
+        {
             held.remove(&self.sandbox_id);
         }
     }
@@ -57,7 +71,10 @@ mod tests {
             })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!waiting.is_finished(), "a second lock on the same sandbox waits");
+        assert!(
+            !waiting.is_finished(),
+            "a second lock on the same sandbox waits"
+        );
         drop(first);
         waiting.await.expect("second lock taken");
         drop(_other);

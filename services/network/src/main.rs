@@ -22,12 +22,22 @@ use crate::pods::Pods;
 
 fn main() -> anyhow::Result<()> {
     trellis_common::service::run(ServiceKind::Network, async |context| {
-        let store = context.store.clone().ok_or("the network service needs its record store")?;
+        let store = context
+            .store
+            .clone()
+            .ok_or("the network service needs its record store")?;
         let metrics = NetworkMetrics::register(&mut context.registry);
-        let pods = Arc::new(Pods::new(&context.config, store.as_ref(), context.bus.clone(), metrics)?);
+        let pods = Arc::new(Pods::new(
+            &context.config,
+            store.as_ref(),
+            context.bus.clone(),
+            metrics,
+        )?);
         // Before serving: a half-done pod must be repaired before anyone asks about it.
         pods.recover().await?;
-        Ok(tonic::service::Routes::new(NetworkServer::new(service::NetworkService::new(pods))))
+        Ok(tonic::service::Routes::new(NetworkServer::new(
+            service::NetworkService::new(pods),
+        )))
     })?;
     Ok(())
 }

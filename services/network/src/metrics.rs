@@ -25,17 +25,35 @@ pub struct NetworkMetrics {
 }
 
 /// Buckets from a fast loopback-only pod to a slow IPAM.
-const BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 impl NetworkMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let add_latency = Histogram::new(BUCKETS);
         let del_latency = Histogram::new(BUCKETS);
         let failures = Family::<FailureLabels, Counter>::default();
-        registry.register("network_pod_add_duration_seconds", "Time to set up a pod network (namespace, loopback, CNI ADD chain)", add_latency.clone());
-        registry.register("network_pod_del_duration_seconds", "Time to tear down a pod network (CNI DEL chain, namespace)", del_latency.clone());
-        registry.register("network_cni_failures", "Failed pod network set-ups and tear-downs, by operation and plugin", failures.clone());
-        Self { add_latency, del_latency, failures }
+        registry.register(
+            "network_pod_add_duration_seconds",
+            "Time to set up a pod network (namespace, loopback, CNI ADD chain)",
+            add_latency.clone(),
+        );
+        registry.register(
+            "network_pod_del_duration_seconds",
+            "Time to tear down a pod network (CNI DEL chain, namespace)",
+            del_latency.clone(),
+        );
+        registry.register(
+            "network_cni_failures",
+            "Failed pod network set-ups and tear-downs, by operation and plugin",
+            failures.clone(),
+        );
+        Self {
+            add_latency,
+            del_latency,
+            failures,
+        }
     }
 
     pub fn observe_add(&self, elapsed: Duration) {
@@ -47,6 +65,11 @@ impl NetworkMetrics {
     }
 
     pub fn failed(&self, operation: &str, plugin: &str) {
-        self.failures.get_or_create(&FailureLabels { operation: operation.to_string(), plugin: plugin.to_string() }).inc();
+        self.failures
+            .get_or_create(&FailureLabels {
+                operation: operation.to_string(),
+                plugin: plugin.to_string(),
+            })
+            .inc();
     }
 }

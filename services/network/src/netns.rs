@@ -41,16 +41,28 @@ pub fn pin_path(run_dir: &Path, sandbox_id: &str) -> PathBuf {
 pub async fn create(pin: &Path, sandbox_id: &str) -> Result<(), NetnsError> {
     let io = |what: &'static str| {
         let (pin, sandbox_id) = (pin.to_path_buf(), sandbox_id.to_string());
-        move |source| NetnsError::Io { sandbox_id, what, path: pin, source }
+        move |source| NetnsError::Io {
+            sandbox_id,
+            what,
+            path: pin,
+            source,
+        }
     };
     if let Some(dir) = pin.parent() {
-        tokio::fs::create_dir_all(dir).await.map_err(io("create the directory of"))?;
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(io("create the directory of"))?;
     }
     // A leftover from an earlier attempt for the same sandbox is replaced.
     if tokio::fs::try_exists(pin).await.unwrap_or(false) {
         remove(pin, sandbox_id).await?;
     }
-    tokio::fs::OpenOptions::new().write(true).create_new(true).open(pin).await.map_err(io("create the pin file"))?;
+    tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(pin)
+        .await
+        .map_err(io("create the pin file"))?;
     let (done, answer) = tokio::sync::oneshot::channel();
     let (thread_pin, thread_id) = (pin.to_path_buf(), sandbox_id.to_string());
     std::thread::Builder::new()
@@ -59,7 +71,11 @@ pub async fn create(pin: &Path, sandbox_id: &str) -> Result<(), NetnsError> {
             let _ = done.send(unshare_and_pin(&thread_pin, &thread_id));
         })
         .map_err(io("start a thread to create"))?;
-    let created = answer.await.unwrap_or_else(|_| Err(NetnsError::ThreadLost { sandbox_id: sandbox_id.to_string() }));
+    let created = answer.await.unwrap_or_else(|_| {
+        Err(NetnsError::ThreadLost {
+            sandbox_id: sandbox_id.to_string(),
+        })
+    });
     if created.is_err() {
         // The pin file alone is harmless but would look like a namespace to a reader.
         let _ = tokio::fs::remove_file(pin).await;
@@ -70,27 +86,50 @@ pub async fn create(pin: &Path, sandbox_id: &str) -> Result<(), NetnsError> {
 fn unshare_and_pin(pin: &Path, sandbox_id: &str) -> Result<(), NetnsError> {
     let sys = |what: &'static str, path: &Path| {
         let (path, sandbox_id) = (path.to_path_buf(), sandbox_id.to_string());
-        move |source| NetnsError::Sys { sandbox_id, what, path, source }
+        move |source| NetnsError::Sys {
+            sandbox_id,
+            what,
+            path,
+            source,
+        }
     };
-    nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(sys("unshare a network namespace for", pin))?;
+    nix::sched::unshare(CloneFlags::CLONE_NEWNET)
+        .map_err(sys("unshare a network namespace for", pin))?;
     // While this thread is inside: a netlink socket opened here talks to the new namespace.
     loopback_up().map_err(sys("bring up the loopback of", pin))?;
     let own_namespace = Path::new("/proc/thread-self/ns/net");
-    nix::mount::mount(Some(own_namespace), pin, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(sys("bind-mount the namespace on", pin))
+    nix::mount::mount(
+        Some(own_namespace),
+        pin,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(sys("bind-mount the namespace on", pin))
 }
 
 /// Sets `lo` up in the calling thread's network namespace with one rtnetlink request,
 /// which is what the stock `loopback` CNI plugin does, without starting a process
 /// (about 5 ms per pod). A new namespace's loopback is always interface index 1.
 fn loopback_up() -> Result<(), Errno> {
-    use nix::sys::socket::{AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType};
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
+    };
     const RTM_NEWLINK: u16 = 16;
     const NLM_F_REQUEST_ACK: u16 = 0x1 | 0x4;
     const NLMSG_ERROR: u16 = 2;
     const LOOPBACK_INDEX: i32 = 1;
     const IFF_UP: u32 = 1;
-    let socket = nix::sys::socket::socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkRoute)?;
-    nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&socket), &NetlinkAddr::new(0, 0))?;
+    let socket = nix::sys::socket::socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )?;
+    nix::sys::socket::bind(
+        std::os::fd::AsRawFd::as_raw_fd(&socket),
+        &NetlinkAddr::new(0, 0),
+    )?;
     let mut request = Vec::with_capacity(32);
     // struct nlmsghdr: length, type, flags, sequence, port id.
     request.extend_from_slice(&32u32.to_ne_bytes());
@@ -103,9 +142,17 @@ fn loopback_up() -> Result<(), Errno> {
     request.extend_from_slice(&LOOPBACK_INDEX.to_ne_bytes());
     request.extend_from_slice(&IFF_UP.to_ne_bytes());
     request.extend_from_slice(&IFF_UP.to_ne_bytes());
-    nix::sys::socket::send(std::os::fd::AsRawFd::as_raw_fd(&socket), &request, MsgFlags::empty())?;
+    nix::sys::socket::send(
+        std::os::fd::AsRawFd::as_raw_fd(&socket),
+        &request,
+        MsgFlags::empty(),
+    )?;
     let mut answer = [0u8; 256];
-    let length = nix::sys::socket::recv(std::os::fd::AsRawFd::as_raw_fd(&socket), &mut answer, MsgFlags::empty())?;
+    let length = nix::sys::socket::recv(
+        std::os::fd::AsRawFd::as_raw_fd(&socket),
+        &mut answer,
+        MsgFlags::empty(),
+    )?;
     // The acknowledgement is an NLMSG_ERROR message whose error field is 0, or -errno.
     if length < 20 || u16::from_ne_bytes([answer[4], answer[5]]) != NLMSG_ERROR {
         return Err(Errno::EPROTO);
@@ -119,18 +166,32 @@ fn loopback_up() -> Result<(), Errno> {
 /// Unmounts and removes the pin; a pin (or mount) already gone is fine.
 pub async fn remove(pin: &Path, sandbox_id: &str) -> Result<(), NetnsError> {
     let (path, id) = (pin.to_path_buf(), sandbox_id.to_string());
-    let unmounted = tokio::task::spawn_blocking(move || match nix::mount::umount2(&path, MntFlags::MNT_DETACH) {
-        // EINVAL: not a mount point (never mounted, or unmounted already).
-        Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => Ok(()),
-        Err(source) => Err(NetnsError::Sys { sandbox_id: id, what: "unmount", path, source }),
+    let unmounted = tokio::task::spawn_blocking(move || {
+        match nix::mount::umount2(&path, MntFlags::MNT_DETACH) {
+            // EINVAL: not a mount point (never mounted, or unmounted already).
+            Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => Ok(()),
+            Err(source) => Err(NetnsError::Sys {
+                sandbox_id: id,
+                what: "unmount",
+                path,
+                source,
+            }),
+        }
     })
     .await
-    .unwrap_or_else(|_| Err(NetnsError::ThreadLost { sandbox_id: sandbox_id.to_string() }));
+    .unwrap_or_else(|_| {
+        Err(NetnsError::ThreadLost {
+            sandbox_id: sandbox_id.to_string(),
+        })
+    });
     unmounted?;
     match tokio::fs::remove_file(pin).await {
-        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-            Err(NetnsError::Io { sandbox_id: sandbox_id.to_string(), what: "remove", path: pin.to_path_buf(), source: error })
-        }
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(NetnsError::Io {
+            sandbox_id: sandbox_id.to_string(),
+            what: "remove",
+            path: pin.to_path_buf(),
+            source: error,
+        }),
         _ => Ok(()),
     }
 }
@@ -162,7 +223,8 @@ mod tests {
         let loopback_works = std::thread::spawn(move || {
             let namespace = std::fs::File::open(&pin_for_thread).expect("open the pin");
             nix::sched::setns(namespace, CloneFlags::CLONE_NEWNET).expect("enter the namespace");
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind on the loopback");
+            let listener =
+                std::net::TcpListener::bind("127.0.0.1:0").expect("bind on the loopback");
             std::net::TcpStream::connect(listener.local_addr().expect("address")).is_ok()
         })
         .join()

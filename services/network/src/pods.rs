@@ -41,7 +41,12 @@ pub struct Pods {
 }
 
 impl Pods {
-    pub fn new(config: &Config, store: &dyn Store, bus: EventBus, metrics: NetworkMetrics) -> Result<Self, NetworkError> {
+    pub fn new(
+        config: &Config,
+        store: &dyn Store,
+        bus: EventBus,
+        metrics: NetworkMetrics,
+    ) -> Result<Self, NetworkError> {
         Ok(Self {
             config_dir: config.network.cni_config_dir.clone(),
             plugin_dirs: config.network.cni_plugin_dirs.clone(),
@@ -50,7 +55,10 @@ impl Pods {
             locks: SandboxLocks::default(),
             bus,
             metrics,
-            cni_slots: tokio::sync::Semaphore::new(trellis_common::config::parallelism(config.network.max_parallel_cni, 2)),
+            cni_slots: tokio::sync::Semaphore::new(trellis_common::config::parallelism(
+                config.network.max_parallel_cni,
+                2,
+            )),
         })
     }
 
@@ -60,7 +68,12 @@ impl Pods {
 
     /// Sets the pod's network up, or answers the one it has. A failed set-up is rolled
     /// back before the error is returned.
-    pub async fn set_up(&self, pod: PodIdentity, host_network: bool, runtime_config: Map<String, Value>) -> Result<PodRecord, NetworkError> {
+    pub async fn set_up(
+        &self,
+        pod: PodIdentity,
+        host_network: bool,
+        runtime_config: Map<String, Value>,
+    ) -> Result<PodRecord, NetworkError> {
         let _serialised = self.locks.lock(&pod.sandbox_id).await;
         match self.records.get(&pod.sandbox_id)? {
             Some(existing) if existing.state == PodState::Ready => return Ok(existing),
@@ -115,7 +128,11 @@ impl Pods {
                 let sandbox_id = record.sandbox_id.clone();
                 match self.detach(record).await {
                     Ok(()) => Err(error),
-                    Err(rollback) => Err(NetworkError::RollbackFailed { sandbox_id, error: Box::new(error), rollback: Box::new(rollback) }),
+                    Err(rollback) => Err(NetworkError::RollbackFailed {
+                        sandbox_id,
+                        error: Box::new(error),
+                        rollback: Box::new(rollback),
+                    }),
                 }
             }
         }
@@ -124,7 +141,9 @@ impl Pods {
     /// Namespace (with its loopback up), ADD chain; the result is kept in `record` as soon as there
     /// is one, so a roll-back hands it to DEL.
     async fn attach(&self, record: &mut PodRecord) -> Result<Vec<PodAddress>, NetworkError> {
-        let Some(attachment) = record.attachment.as_ref() else { return Ok(Vec::new()) };
+        let Some(attachment) = record.attachment.as_ref() else {
+            return Ok(Vec::new());
+        };
         let _turn = self.cni_turn().await?;
         netns::create(&attachment.netns, &attachment.sandbox_id).await?;
         let result = cni::add(attachment, &self.plugin_dirs).await?;
@@ -133,7 +152,10 @@ impl Pods {
     }
 
     async fn cni_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, NetworkError> {
-        self.cni_slots.acquire().await.map_err(|_| NetworkError::ShuttingDown)
+        self.cni_slots
+            .acquire()
+            .await
+            .map_err(|_| NetworkError::ShuttingDown)
     }
 
     /// Tears the pod's network down; a pod with none is fine.
@@ -142,8 +164,11 @@ impl Pods {
         match self.records.get(sandbox_id)? {
             Some(record) => {
                 let started = Instant::now();
-                let event = (record.state == PodState::Ready && !record.host_network).then(|| (record.clone(), addresses(&record).unwrap_or_default()));
-                self.detach(record).await.inspect_err(|error| self.metrics.failed("del", error.plugin()))?;
+                let event = (record.state == PodState::Ready && !record.host_network)
+                    .then(|| (record.clone(), addresses(&record).unwrap_or_default()));
+                self.detach(record)
+                    .await
+                    .inspect_err(|error| self.metrics.failed("del", error.plugin()))?;
                 if let Some((record, addresses)) = event {
                     self.metrics.observe_del(started.elapsed());
                     self.publish(network_event::Kind::TornDown, &record, &addresses);
@@ -151,7 +176,9 @@ impl Pods {
                 Ok(())
             }
             // No record, but perhaps a pin from outside the records' knowledge.
-            None => Ok(netns::remove(&netns::pin_path(&self.run_dir, sandbox_id), sandbox_id).await?),
+            None => {
+                Ok(netns::remove(&netns::pin_path(&self.run_dir, sandbox_id), sandbox_id).await?)
+            }
         }
     }
 
@@ -164,16 +191,29 @@ impl Pods {
         if let Some(attachment) = &record.attachment {
             let netns_exists = netns::is_pinned(&attachment.netns);
             let _turn = self.cni_turn().await?;
-            cni::del(attachment, record.result.as_ref(), netns_exists, &self.plugin_dirs).await?;
+            cni::del(
+                attachment,
+                record.result.as_ref(),
+                netns_exists,
+                &self.plugin_dirs,
+            )
+            .await?;
             netns::remove(&attachment.netns, &record.sandbox_id).await?;
         }
         self.records.forget(&record.sandbox_id)
     }
 
     /// The pod's record; with `check`, the CNI CHECK chain is run against it first.
-    pub async fn status(&self, sandbox_id: &str, check: bool) -> Result<(PodRecord, Vec<PodAddress>), NetworkError> {
+    pub async fn status(
+        &self,
+        sandbox_id: &str,
+        check: bool,
+    ) -> Result<(PodRecord, Vec<PodAddress>), NetworkError> {
         let _serialised = self.locks.lock(sandbox_id).await;
-        let record = self.records.get(sandbox_id)?.ok_or_else(|| NetworkError::NotFound(sandbox_id.to_string()))?;
+        let record = self
+            .records
+            .get(sandbox_id)?
+            .ok_or_else(|| NetworkError::NotFound(sandbox_id.to_string()))?;
         if check
             && record.state == PodState::Ready
             && let (Some(attachment), Some(result)) = (&record.attachment, &record.result)
@@ -198,7 +238,10 @@ impl Pods {
             tracing::warn!(%sandbox_id, state = ?record.state, "repairing a pod network interrupted by a restart");
             if let Err(error) = self.detach(record.clone()).await {
                 tracing::error!(%sandbox_id, %error, "cannot repair the pod network now; TearDownPod will retry");
-                self.records.settle(&PodRecord { state: PodState::Removing, ..record })?;
+                self.records.settle(&PodRecord {
+                    state: PodState::Removing,
+                    ..record
+                })?;
             }
         }
         Ok(())
@@ -208,7 +251,11 @@ impl Pods {
         let event = NetworkEvent {
             kind: kind.into(),
             sandbox_id: record.sandbox_id.clone(),
-            netns_path: record.attachment.as_ref().map(|a| a.netns.display().to_string()).unwrap_or_default(),
+            netns_path: record
+                .attachment
+                .as_ref()
+                .map(|a| a.netns.display().to_string())
+                .unwrap_or_default(),
             ips: addresses.iter().map(|a| a.ip.to_string()).collect(),
         };
         if let Err(error) = self.bus.publish(Payload::Network(event)) {
@@ -219,7 +266,15 @@ impl Pods {
 
 /// The pod's addresses from its recorded result.
 pub fn addresses(record: &PodRecord) -> Result<Vec<PodAddress>, NetworkError> {
-    let Some(result) = record.result.as_ref() else { return Ok(Vec::new()) };
-    let bad = |message: String| NetworkError::BadResult { sandbox_id: record.sandbox_id.clone(), network: record.network_name.clone(), message };
-    CniResult::parse(result).and_then(|r| r.pod_addresses(POD_INTERFACE)).map_err(bad)
+    let Some(result) = record.result.as_ref() else {
+        return Ok(Vec::new());
+    };
+    let bad = |message: String| NetworkError::BadResult {
+        sandbox_id: record.sandbox_id.clone(),
+        network: record.network_name.clone(),
+        message,
+    };
+    CniResult::parse(result)
+        .and_then(|r| r.pod_addresses(POD_INTERFACE))
+        .map_err(bad)
 }

@@ -42,7 +42,10 @@ const IN_FLIGHT: &str = "in_flight";
 
 impl Records {
     pub fn open(store: &dyn Store) -> Result<Self, NetworkError> {
-        Ok(Self { pods: store.table(PODS)?, in_flight: store.table(IN_FLIGHT)? })
+        Ok(Self {
+            pods: store.table(PODS)?,
+            in_flight: store.table(IN_FLIGHT)?,
+        })
     }
 
     /// The newest record of a sandbox: an unfinished operation wins over a finished one.
@@ -55,7 +58,9 @@ impl Records {
 
     /// Intent: an ADD or DEL is about to change the world for this pod.
     pub fn begin(&self, record: &PodRecord) -> Result<(), NetworkError> {
-        self.in_flight.put(record.sandbox_id.as_bytes(), &encode(record)?).map_err(about(&record.sandbox_id))
+        self.in_flight
+            .put(record.sandbox_id.as_bytes(), &encode(record)?)
+            .map_err(about(&record.sandbox_id))
     }
 
     /// Done: the record moves from the intents to the finished records. Written
@@ -63,14 +68,18 @@ impl Records {
     /// `first_in_flight` reports. Also how a repair that failed is parked (as
     /// Removing): start-up moves on and a later TearDownPod finishes it.
     pub fn settle(&self, record: &PodRecord) -> Result<(), NetworkError> {
-        self.pods.put(record.sandbox_id.as_bytes(), &encode(record)?).map_err(about(&record.sandbox_id))?;
+        self.pods
+            .put(record.sandbox_id.as_bytes(), &encode(record)?)
+            .map_err(about(&record.sandbox_id))?;
         self.drop_intent(&record.sandbox_id)
     }
 
     /// Intent to remove: recorded as in flight before the ready record goes.
     pub fn begin_removal(&self, record: &PodRecord) -> Result<(), NetworkError> {
         self.begin(record)?;
-        self.pods.delete(record.sandbox_id.as_bytes()).map_err(about(&record.sandbox_id))
+        self.pods
+            .delete(record.sandbox_id.as_bytes())
+            .map_err(about(&record.sandbox_id))
     }
 
     /// Done: nothing is left of the pod's network. Only the intent is left to drop:
@@ -81,13 +90,17 @@ impl Records {
 
     /// Drops an intent whose operation is known to have completed.
     pub fn drop_intent(&self, sandbox_id: &str) -> Result<(), NetworkError> {
-        self.in_flight.delete(sandbox_id.as_bytes()).map_err(about(sandbox_id))
+        self.in_flight
+            .delete(sandbox_id.as_bytes())
+            .map_err(about(sandbox_id))
     }
 
     /// The unfinished operation with the smallest sandbox id, and whether the pod
     /// also has a finished record.
     pub fn first_in_flight(&self) -> Result<Option<(PodRecord, bool)>, NetworkError> {
-        let Some((key, value)) = self.in_flight.first()? else { return Ok(None) };
+        let Some((key, value)) = self.in_flight.first()? else {
+            return Ok(None);
+        };
         let sandbox_id = String::from_utf8_lossy(&key).into_owned();
         let record = match decode(&sandbox_id, IN_FLIGHT, &value) {
             Ok(record) => record,
@@ -103,8 +116,17 @@ impl Records {
         Ok(Some((record, finished)))
     }
 
-    fn read(&self, table: &Arc<dyn Table>, name: &'static str, sandbox_id: &str) -> Result<Option<PodRecord>, NetworkError> {
-        table.get(sandbox_id.as_bytes()).map_err(about(sandbox_id))?.map(|value| decode(sandbox_id, name, &value)).transpose()
+    fn read(
+        &self,
+        table: &Arc<dyn Table>,
+        name: &'static str,
+        sandbox_id: &str,
+    ) -> Result<Option<PodRecord>, NetworkError> {
+        table
+            .get(sandbox_id.as_bytes())
+            .map_err(about(sandbox_id))?
+            .map(|value| decode(sandbox_id, name, &value))
+            .transpose()
     }
 }
 
@@ -115,11 +137,19 @@ fn about(sandbox_id: &str) -> impl FnOnce(StoreError) -> NetworkError + use<> {
 }
 
 fn encode(record: &PodRecord) -> Result<Vec<u8>, NetworkError> {
-    serde_json::to_vec(record).map_err(|source| NetworkError::Record { sandbox_id: record.sandbox_id.clone(), table: "any", source })
+    serde_json::to_vec(record).map_err(|source| NetworkError::Record {
+        sandbox_id: record.sandbox_id.clone(),
+        table: "any",
+        source,
+    })
 }
 
 fn decode(sandbox_id: &str, table: &'static str, value: &[u8]) -> Result<PodRecord, NetworkError> {
-    serde_json::from_slice(value).map_err(|source| NetworkError::Record { sandbox_id: sandbox_id.to_string(), table, source })
+    serde_json::from_slice(value).map_err(|source| NetworkError::Record {
+        sandbox_id: sandbox_id.to_string(),
+        table,
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -128,7 +158,15 @@ mod tests {
     use trellis_common::store::SledStore;
 
     fn record(id: &str, state: PodState) -> PodRecord {
-        PodRecord { sandbox_id: id.into(), state, host_network: false, config_file: "/c".into(), network_name: "n".into(), attachment: None, result: None }
+        PodRecord {
+            sandbox_id: id.into(),
+            state,
+            host_network: false,
+            config_file: "/c".into(),
+            network_name: "n".into(),
+            attachment: None,
+            result: None,
+        }
     }
 
     #[test]
@@ -136,16 +174,44 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SledStore::open(dir.path()).expect("store");
         let records = Records::open(&store).expect("records");
-        records.begin(&record("b", PodState::Adding)).expect("begin");
-        records.begin(&record("a", PodState::Adding)).expect("begin");
-        assert_eq!(records.first_in_flight().expect("first").map(|(r, done)| (r.sandbox_id, done)), Some(("a".into(), false)));
-        records.settle(&record("a", PodState::Ready)).expect("commit");
-        assert_eq!(records.get("a").expect("get").map(|r| r.state), Some(PodState::Ready));
-        assert_eq!(records.first_in_flight().expect("first").map(|(r, _)| r.sandbox_id), Some("b".into()));
-        records.begin_removal(&record("a", PodState::Removing)).expect("removal");
-        assert_eq!(records.get("a").expect("get").map(|r| r.state), Some(PodState::Removing));
+        records
+            .begin(&record("b", PodState::Adding))
+            .expect("begin");
+        records
+            .begin(&record("a", PodState::Adding))
+            .expect("begin");
+        assert_eq!(
+            records
+                .first_in_flight()
+                .expect("first")
+                .map(|(r, done)| (r.sandbox_id, done)),
+            Some(("a".into(), false))
+        );
+        records
+            .settle(&record("a", PodState::Ready))
+            .expect("commit");
+        assert_eq!(
+            records.get("a").expect("get").map(|r| r.state),
+            Some(PodState::Ready)
+        );
+        assert_eq!(
+            records
+                .first_in_flight()
+                .expect("first")
+                .map(|(r, _)| r.sandbox_id),
+            Some("b".into())
+        );
+        records
+            .begin_removal(&record("a", PodState::Removing))
+            .expect("removal");
+        assert_eq!(
+            records.get("a").expect("get").map(|r| r.state),
+            Some(PodState::Removing)
+        );
         records.forget("a").expect("forget");
-        records.begin_removal(&record("b", PodState::Removing)).expect("removal");
+        records
+            .begin_removal(&record("b", PodState::Removing))
+            .expect("removal");
         records.forget("b").expect("forget");
         assert_eq!(records.get("a").expect("get"), None);
         assert!(records.first_in_flight().expect("first").is_none());

@@ -78,10 +78,17 @@ const BY_NUMBER: [Capability; 41] = [
 pub fn host() -> &'static HashSet<Capability> {
     static HOST: OnceLock<HashSet<Capability>> = OnceLock::new();
     HOST.get_or_init(|| {
-        let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap").ok().and_then(|text| text.trim().parse().ok());
-        let bounding = std::fs::read_to_string("/proc/self/status").ok().and_then(|status| {
-            status.lines().find_map(|line| line.strip_prefix("CapBnd:")).and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
-        });
+        let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|text| text.trim().parse().ok());
+        let bounding = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|line| line.strip_prefix("CapBnd:"))
+                    .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            });
         available(last, bounding)
     })
 }
@@ -90,40 +97,66 @@ pub fn host() -> &'static HashSet<Capability> {
 /// unknown is not a limit.
 pub fn available(last: Option<u32>, bounding: Option<u64>) -> HashSet<Capability> {
     let last = last.map_or(BY_NUMBER.len() - 1, |l| l as usize);
-    BY_NUMBER.iter().enumerate().filter(|(number, _)| *number <= last && bounding.is_none_or(|mask| mask & (1 << number) != 0)).map(|(_, cap)| *cap).collect()
+    BY_NUMBER
+        .iter()
+        .enumerate()
+        .filter(|(number, _)| {
+            *number <= last && bounding.is_none_or(|mask| mask & (1 << number) != 0)
+        })
+        .map(|(_, cap)| *cap)
+        .collect()
 }
 
 /// A capability by name, with or without `CAP_`, any case.
 pub fn parse(name: &str) -> Result<Capability, RuntimeError> {
     let upper = name.trim().to_ascii_uppercase();
-    upper.trim_start_matches("CAP_").parse().map_err(|_| RuntimeError::InvalidArgument(format!("unknown capability `{}`", excerpt(name))))
+    upper.trim_start_matches("CAP_").parse().map_err(|_| {
+        RuntimeError::InvalidArgument(format!("unknown capability `{}`", excerpt(name)))
+    })
 }
 
 /// The set a container runs with: everything `host` has when privileged, else the
 /// defaults with the request's additions (`ALL` for all of `host`) and drops (`ALL`
 /// for every one). Adding a capability the host cannot give is refused here, with its
 /// name, rather than by the OCI runtime.
-pub fn resolve(security: Option<&LinuxContainerSecurityContext>, privileged: bool, host: &HashSet<Capability>) -> Result<HashSet<Capability>, RuntimeError> {
+pub fn resolve(
+    security: Option<&LinuxContainerSecurityContext>,
+    privileged: bool,
+    host: &HashSet<Capability>,
+) -> Result<HashSet<Capability>, RuntimeError> {
     if privileged {
         return Ok(host.clone());
     }
     let mut set: HashSet<Capability> = DEFAULT_CAPABILITIES.into_iter().collect();
-    let Some(requested) = security.and_then(|s| s.capabilities.as_ref()) else { return Ok(set) };
+    let Some(requested) = security.and_then(|s| s.capabilities.as_ref()) else {
+        return Ok(set);
+    };
     let is_all = |name: &String| name.trim().eq_ignore_ascii_case("ALL");
     if requested.add_capabilities.iter().any(is_all) {
         set.clone_from(host);
     }
-    for name in requested.add_capabilities.iter().filter(|name| !is_all(name)) {
+    for name in requested
+        .add_capabilities
+        .iter()
+        .filter(|name| !is_all(name))
+    {
         let capability = parse(name)?;
         if !host.contains(&capability) {
-            return Err(RuntimeError::FailedPrecondition(format!("capability {} cannot be given: the runtime does not hold it on this host", excerpt(name))));
+            return Err(RuntimeError::FailedPrecondition(format!(
+                "capability {} cannot be given: the runtime does not hold it on this host",
+                excerpt(name)
+            )));
         }
         set.insert(capability);
     }
     if requested.drop_capabilities.iter().any(is_all) {
         set.clear();
     }
-    for name in requested.drop_capabilities.iter().filter(|name| !is_all(name)) {
+    for name in requested
+        .drop_capabilities
+        .iter()
+        .filter(|name| !is_all(name))
+    {
         set.remove(&parse(name)?);
     }
     Ok(set)
@@ -136,7 +169,14 @@ mod tests {
 
     fn asking(add: &[&str], drop: &[&str]) -> LinuxContainerSecurityContext {
         let strings = |names: &[&str]| names.iter().map(|n| n.to_string()).collect();
-        LinuxContainerSecurityContext { capabilities: Some(Requested { add_capabilities: strings(add), drop_capabilities: strings(drop), ..Default::default() }), ..Default::default() }
+        LinuxContainerSecurityContext {
+            capabilities: Some(Requested {
+                add_capabilities: strings(add),
+                drop_capabilities: strings(drop),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -146,7 +186,10 @@ mod tests {
         // Root without CAP_SYS_RESOURCE (bit 24), on a kernel that stops at CAP_BPF (39).
         let limited = available(Some(39), Some(0x1ff_feff_ffff));
         assert_eq!(limited.len(), 39);
-        assert!(!limited.contains(&Capability::SysResource) && !limited.contains(&Capability::CheckpointRestore));
+        assert!(
+            !limited.contains(&Capability::SysResource)
+                && !limited.contains(&Capability::CheckpointRestore)
+        );
         assert!(limited.contains(&Capability::SysAdmin) && limited.contains(&Capability::Bpf));
         assert_eq!(available(None, None).len(), BY_NUMBER.len());
     }
@@ -155,8 +198,12 @@ mod tests {
     fn privileged_and_add_all_get_the_host_set() {
         let host = available(Some(40), Some(0x1ff_feff_ffff));
         assert_eq!(resolve(None, true, &host).expect("privileged"), host);
-        assert_eq!(resolve(Some(&asking(&["ALL"], &[])), false, &host).expect("add all"), host);
-        let dropped = resolve(Some(&asking(&["all"], &["NET_RAW"])), false, &host).expect("all but one");
+        assert_eq!(
+            resolve(Some(&asking(&["ALL"], &[])), false, &host).expect("add all"),
+            host
+        );
+        let dropped =
+            resolve(Some(&asking(&["all"], &["NET_RAW"])), false, &host).expect("all but one");
         assert_eq!(dropped.len(), host.len() - 1);
         assert!(!dropped.contains(&Capability::NetRaw));
     }
@@ -167,12 +214,31 @@ mod tests {
         let plain = resolve(None, false, &host).expect("defaults");
         assert_eq!(plain.len(), DEFAULT_CAPABILITIES.len());
         assert!(!plain.contains(&Capability::SysAdmin));
-        let changed = resolve(Some(&asking(&["CAP_SYS_ADMIN", "net_admin"], &["KILL"])), false, &host).expect("add and drop");
-        assert!(changed.contains(&Capability::SysAdmin) && changed.contains(&Capability::NetAdmin) && !changed.contains(&Capability::Kill));
-        assert!(resolve(Some(&asking(&[], &["ALL"])), false, &host).expect("drop all").is_empty());
-        let unknown = resolve(Some(&asking(&["CAP_TELEPORT"], &[])), false, &host).expect_err("unknown");
-        assert!(matches!(unknown, RuntimeError::InvalidArgument(ref m) if m.contains("CAP_TELEPORT")));
-        let missing = resolve(Some(&asking(&["SYS_RESOURCE"], &[])), false, &host).expect_err("not held");
-        assert!(matches!(missing, RuntimeError::FailedPrecondition(ref m) if m.contains("SYS_RESOURCE")));
+        let changed = resolve(
+            Some(&asking(&["CAP_SYS_ADMIN", "net_admin"], &["KILL"])),
+            false,
+            &host,
+        )
+        .expect("add and drop");
+        assert!(
+            changed.contains(&Capability::SysAdmin)
+                && changed.contains(&Capability::NetAdmin)
+                && !changed.contains(&Capability::Kill)
+        );
+        assert!(
+            resolve(Some(&asking(&[], &["ALL"])), false, &host)
+                .expect("drop all")
+                .is_empty()
+        );
+        let unknown =
+            resolve(Some(&asking(&["CAP_TELEPORT"], &[])), false, &host).expect_err("unknown");
+        assert!(
+            matches!(unknown, RuntimeError::InvalidArgument(ref m) if m.contains("CAP_TELEPORT"))
+        );
+        let missing =
+            resolve(Some(&asking(&["SYS_RESOURCE"], &[])), false, &host).expect_err("not held");
+        assert!(
+            matches!(missing, RuntimeError::FailedPrecondition(ref m) if m.contains("SYS_RESOURCE"))
+        );
     }
 }

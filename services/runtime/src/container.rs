@@ -24,9 +24,13 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 /// How often a stop looks for conmon's exit file: a stat, so cheap; it bounds stop latency.
 const EXIT_POLL: Duration = Duration::from_millis(2);
 
-
 fn container_event(kind: container_event::Kind, record: &ContainerRecord) -> Payload {
-    Payload::Container(ContainerEvent { kind: kind.into(), container_id: record.id.clone(), sandbox_id: record.sandbox_id.clone(), exit_code: record.exit_code })
+    Payload::Container(ContainerEvent {
+        kind: kind.into(),
+        container_id: record.id.clone(),
+        sandbox_id: record.sandbox_id.clone(),
+        exit_code: record.exit_code,
+    })
 }
 
 pub fn decode(record: &ContainerRecord) -> Result<ContainerConfig, RuntimeError> {
@@ -40,8 +44,14 @@ fn log_path(log_directory: &str, relative: &str, bundle: &Path) -> Result<PathBu
         return Ok(bundle.join("container.log"));
     }
     let relative_path = Path::new(relative);
-    if relative_path.components().any(|c| !matches!(c, Component::Normal(_))) {
-        return Err(RuntimeError::InvalidArgument(format!("ContainerConfig.log_path `{}` must be relative to the pod's log directory, without `..`", excerpt(relative))));
+    if relative_path
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_)))
+    {
+        return Err(RuntimeError::InvalidArgument(format!(
+            "ContainerConfig.log_path `{}` must be relative to the pod's log directory, without `..`",
+            excerpt(relative)
+        )));
     }
     Ok(Path::new(log_directory).join(relative_path))
 }
@@ -51,11 +61,18 @@ impl Runtime {
         StorageClient::new(self.storage.clone())
     }
 
-    pub async fn create_container(&self, sandbox_id: &str, config: ContainerConfig) -> Result<String, RuntimeError> {
+    pub async fn create_container(
+        &self,
+        sandbox_id: &str,
+        config: ContainerConfig,
+    ) -> Result<String, RuntimeError> {
         let sandbox = self.resolve(&self.sandboxes, sandbox_id, "pod sandbox", |r| &r.id)?;
         let _pod = self.lock(&sandbox.id).await;
         if sandbox.state != SandboxState::Ready as i32 {
-            return Err(RuntimeError::FailedPrecondition(format!("pod sandbox {} is not ready (stopped or being set up): no new containers", sandbox.id)));
+            return Err(RuntimeError::FailedPrecondition(format!(
+                "pod sandbox {} is not ready (stopped or being set up): no new containers",
+                sandbox.id
+            )));
         }
         self.create_in_pod(&sandbox, config, false).await
     }
@@ -64,15 +81,37 @@ impl Runtime {
     /// pod's own pause process. Everything that is the pod's (namespaces, cgroup
     /// parent, privileges, sysctls, log directory, hostname) comes from the pod's own
     /// record: CreateContainer's copy of the pod config is the caller's word only.
-    pub async fn create_in_pod(&self, sandbox: &crate::records::SandboxRecord, config: ContainerConfig, infra: bool) -> Result<String, RuntimeError> {
+    pub async fn create_in_pod(
+        &self,
+        sandbox: &crate::records::SandboxRecord,
+        config: ContainerConfig,
+        infra: bool,
+    ) -> Result<String, RuntimeError> {
         let sandbox_config = decode_config(sandbox)?;
-        let metadata = config.metadata.clone().ok_or_else(|| RuntimeError::InvalidArgument("ContainerConfig.metadata is missing".into()))?;
+        let metadata = config.metadata.clone().ok_or_else(|| {
+            RuntimeError::InvalidArgument("ContainerConfig.metadata is missing".into())
+        })?;
         crate::validate::container_name(&metadata.name)?;
-        let image = config.image.as_ref().map(|i| i.image.clone()).filter(|i| !i.is_empty()).ok_or_else(|| RuntimeError::InvalidArgument("ContainerConfig.image is empty".into()))?;
-        for existing in self.containers.all()?.into_iter().filter(|c| c.sandbox_id == sandbox.id) {
+        let image = config
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .filter(|i| !i.is_empty())
+            .ok_or_else(|| {
+                RuntimeError::InvalidArgument("ContainerConfig.image is empty".into())
+            })?;
+        for existing in self
+            .containers
+            .all()?
+            .into_iter()
+            .filter(|c| c.sandbox_id == sandbox.id)
+        {
             let other = decode(&existing)?.metadata.unwrap_or_default();
             if other.name == metadata.name && other.attempt == metadata.attempt {
-                return Err(RuntimeError::AlreadyExists(format!("container {} (attempt {}) already exists in pod {} as {}", metadata.name, metadata.attempt, sandbox.id, existing.id)));
+                return Err(RuntimeError::AlreadyExists(format!(
+                    "container {} (attempt {}) already exists in pod {} as {}",
+                    metadata.name, metadata.attempt, sandbox.id, existing.id
+                )));
             }
         }
         let id = new_id()?;
@@ -86,12 +125,26 @@ impl Runtime {
             image_ref: image.clone(),
             log_path: log.display().to_string(),
             created_at: now_nanos(),
-            oci_runtime: self.oci_runtime(&sandbox.runtime_handler)?.display().to_string(),
+            oci_runtime: self
+                .oci_runtime(&sandbox.runtime_handler)?
+                .display()
+                .to_string(),
             infra,
             ..Default::default()
         };
         self.containers.put(&id, &record)?;
-        match self.create_in_runtime(&mut record, &config, &sandbox_config, &sandbox.netns_path, &image, &bundle, &log).await {
+        match self
+            .create_in_runtime(
+                &mut record,
+                &config,
+                &sandbox_config,
+                &sandbox.netns_path,
+                &image,
+                &bundle,
+                &log,
+            )
+            .await
+        {
             Ok(()) => {
                 record.state = ContainerState::Created as i32;
                 self.containers.put(&id, &record)?;
@@ -123,23 +176,45 @@ impl Runtime {
         // Storage resolves the reference for both calls, so they go out together.
         let (mut images_client, mut rootfs_client) = (self.storage_client(), self.storage_client());
         let (stored, prepared) = tokio::join!(
-            images_client.get_image(traced_request(storage::GetImageRequest { reference: image.to_string() })),
-            rootfs_client.prepare_rootfs(traced_request(storage::PrepareRootfsRequest { container_id: record.id.clone(), image: image.to_string() })),
+            images_client.get_image(traced_request(storage::GetImageRequest {
+                reference: image.to_string()
+            })),
+            rootfs_client.prepare_rootfs(traced_request(storage::PrepareRootfsRequest {
+                container_id: record.id.clone(),
+                image: image.to_string()
+            })),
         );
         let not_present = |status: tonic::Status| {
-            if status.code() == tonic::Code::NotFound { RuntimeError::NotFound(format!("image {} is not present: pull it first", excerpt(image))) } else { RuntimeError::storage(status) }
+            if status.code() == tonic::Code::NotFound {
+                RuntimeError::NotFound(format!(
+                    "image {} is not present: pull it first",
+                    excerpt(image)
+                ))
+            } else {
+                RuntimeError::storage(status)
+            }
         };
         let prepared = prepared.map_err(not_present)?.into_inner();
         let mut stored = stored.map_err(not_present)?.into_inner();
         if stored.id != prepared.image_id {
             // The tag moved between the two answers: the root filesystem's image wins.
-            stored = self.storage_client().get_image(traced_request(storage::GetImageRequest { reference: prepared.image_id.clone() })).await.map_err(not_present)?.into_inner();
+            stored = self
+                .storage_client()
+                .get_image(traced_request(storage::GetImageRequest {
+                    reference: prepared.image_id.clone(),
+                }))
+                .await
+                .map_err(not_present)?
+                .into_inner();
         }
         let image_config = stored.config.clone().unwrap_or_default();
         record.image_id = stored.id.clone();
         record.stop_signal = image_config.stop_signal.clone();
         let rootfs = PathBuf::from(prepared.mount_path);
-        let security = config.linux.as_ref().and_then(|l| l.security_context.as_ref());
+        let security = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref());
         let user = crate::user::resolve(&rootfs, &image_config.user, security)?;
         let pid_namespace = self.pod_pid_namespace(&record.sandbox_id, record.infra)?;
         let spec = build(&SpecInput {
@@ -154,16 +229,50 @@ impl Runtime {
             oom_score_floor: self.oom_score_floor,
             pid_namespace,
         })?;
-        record.cgroup_path = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()).map(|p| p.display().to_string()).unwrap_or_default();
-        std::fs::create_dir_all(bundle).map_err(|source| RuntimeError::io(format!("cannot create {}", bundle.display()), source))?;
+        record.cgroup_path = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().clone())
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        std::fs::create_dir_all(bundle).map_err(|source| {
+            RuntimeError::io(format!("cannot create {}", bundle.display()), source)
+        })?;
         if let Some(parent) = log.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| RuntimeError::io(format!("cannot create log directory {}", excerpt_path(parent)), source))?;
+            std::fs::create_dir_all(parent).map_err(|source| {
+                RuntimeError::io(
+                    format!("cannot create log directory {}", excerpt_path(parent)),
+                    source,
+                )
+            })?;
         }
-        spec.save(bundle.join("config.json")).map_err(|e| RuntimeError::Oci(format!("cannot write {}/config.json: {e}", bundle.display())))?;
-        let name = config.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or_default();
+        spec.save(bundle.join("config.json")).map_err(|e| {
+            RuntimeError::Oci(format!(
+                "cannot write {}/config.json: {e}",
+                bundle.display()
+            ))
+        })?;
+        let name = config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.as_str())
+            .unwrap_or_default();
         let runtime = PathBuf::from(&record.oci_runtime);
-        let launch = Launch { id: &record.id, name, bundle, runtime: &runtime, log_path: log, stdin: config.stdin, stdin_once: config.stdin_once, tty: config.tty };
-        let _turn = self.create_slots.acquire().await.map_err(|_| RuntimeError::Oci("the runtime service is stopping".into()))?;
+        let launch = Launch {
+            id: &record.id,
+            name,
+            bundle,
+            runtime: &runtime,
+            log_path: log,
+            stdin: config.stdin,
+            stdin_once: config.stdin_once,
+            tty: config.tty,
+        };
+        let _turn = self
+            .create_slots
+            .acquire()
+            .await
+            .map_err(|_| RuntimeError::Oci("the runtime service is stopping".into()))?;
         record.pid = self.oci.create(&launch).await?;
         Ok(())
     }
@@ -173,12 +282,22 @@ impl Runtime {
         let runtime = PathBuf::from(&record.oci_runtime);
         self.oci.kill(&runtime, &record.id, "KILL").await?;
         self.oci.delete(&runtime, &record.id).await?;
-        self.storage_client().release_rootfs(traced_request(storage::ReleaseRootfsRequest { container_id: record.id.clone() })).await.map_err(RuntimeError::storage)?;
+        self.storage_client()
+            .release_rootfs(traced_request(storage::ReleaseRootfsRequest {
+                container_id: record.id.clone(),
+            }))
+            .await
+            .map_err(RuntimeError::storage)?;
         let bundle = self.bundle_dir(&record.id);
         match std::fs::remove_dir_all(&bundle) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(RuntimeError::io(format!("cannot remove {}", bundle.display()), source)),
+            Err(source) => {
+                return Err(RuntimeError::io(
+                    format!("cannot remove {}", bundle.display()),
+                    source,
+                ));
+            }
         }
         self.oci.forget_exit(&record.id);
         Ok(())
@@ -188,13 +307,22 @@ impl Runtime {
     /// race (status polls, event statuses, list): the record is read again under one
     /// lock, so an exit is recorded, and announced, once.
     pub fn refresh(&self, record: ContainerRecord) -> Result<ContainerRecord, RuntimeError> {
-        let is_live = |r: &ContainerRecord| r.state == ContainerState::Running as i32 || r.state == ContainerState::Created as i32;
+        let is_live = |r: &ContainerRecord| {
+            r.state == ContainerState::Running as i32 || r.state == ContainerState::Created as i32
+        };
         if !is_live(&record) || self.oci.exit_status(&record.id).is_none() {
             return Ok(record);
         }
-        let _exits = self.exit_detection.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let Some(mut record) = self.containers.get(&record.id)? else { return Ok(record) };
-        if is_live(&record) && let Some((code, finished)) = self.oci.exit_status(&record.id) {
+        let _exits = self
+            .exit_detection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(mut record) = self.containers.get(&record.id)? else {
+            return Ok(record);
+        };
+        if is_live(&record)
+            && let Some((code, finished)) = self.oci.exit_status(&record.id)
+        {
             record.state = ContainerState::Exited as i32;
             record.exit_code = code;
             record.finished_at = finished;
@@ -214,21 +342,37 @@ impl Runtime {
     pub(crate) fn container(&self, id: &str) -> Result<ContainerRecord, RuntimeError> {
         let record = self.resolve(&self.containers, id, "container", |r| &r.id)?;
         if record.infra {
-            return Err(RuntimeError::NotFound(format!("container {} not found", excerpt(id))));
+            return Err(RuntimeError::NotFound(format!(
+                "container {} not found",
+                excerpt(id)
+            )));
         }
         self.refresh(record)
     }
 
     /// The pause process's PID namespace, for the containers of a pod that shares one.
-    fn pod_pid_namespace(&self, sandbox_id: &str, is_pause: bool) -> Result<Option<PathBuf>, RuntimeError> {
+    fn pod_pid_namespace(
+        &self,
+        sandbox_id: &str,
+        is_pause: bool,
+    ) -> Result<Option<PathBuf>, RuntimeError> {
         if is_pause {
             return Ok(None);
         }
-        let Some(sandbox) = self.sandboxes.get(sandbox_id)? else { return Ok(None) };
+        let Some(sandbox) = self.sandboxes.get(sandbox_id)? else {
+            return Ok(None);
+        };
         if sandbox.pause_container_id.is_empty() {
             return Ok(None);
         }
-        let pause = self.containers.get(&sandbox.pause_container_id)?.ok_or_else(|| RuntimeError::FailedPrecondition(format!("the pause process of pod {sandbox_id} is gone")))?;
+        let pause = self
+            .containers
+            .get(&sandbox.pause_container_id)?
+            .ok_or_else(|| {
+                RuntimeError::FailedPrecondition(format!(
+                    "the pause process of pod {sandbox_id} is gone"
+                ))
+            })?;
         Ok(Some(PathBuf::from(format!("/proc/{}/ns/pid", pause.pid))))
     }
 
@@ -240,9 +384,14 @@ impl Runtime {
     pub async fn start_record(&self, mut record: ContainerRecord) -> Result<(), RuntimeError> {
         let _guard = self.lock(&record.id).await;
         if record.state != ContainerState::Created as i32 {
-            return Err(RuntimeError::FailedPrecondition(format!("container {} is not in the created state", record.id)));
+            return Err(RuntimeError::FailedPrecondition(format!(
+                "container {} is not in the created state",
+                record.id
+            )));
         }
-        self.oci.start(Path::new(&record.oci_runtime), &record.id, record.pid).await?;
+        self.oci
+            .start(Path::new(&record.oci_runtime), &record.id, record.pid)
+            .await?;
         record.state = ContainerState::Running as i32;
         record.started_at = now_nanos();
         self.containers.put(&record.id, &record)?;
@@ -258,23 +407,35 @@ impl Runtime {
     /// The stop signal, then SIGKILL once `timeout` seconds have passed.
     pub async fn stop_container_now(&self, id: &str, timeout: i64) -> Result<(), RuntimeError> {
         let _guard = self.lock(id).await;
-        let Some(record) = self.containers.get(id)? else { return Ok(()) };
+        let Some(record) = self.containers.get(id)? else {
+            return Ok(());
+        };
         let record = self.refresh(record)?;
         if record.state != ContainerState::Running as i32 {
             return Ok(());
         }
         let runtime = PathBuf::from(&record.oci_runtime);
         if timeout > 0 {
-            let signal = if record.stop_signal.is_empty() { "TERM".to_string() } else { record.stop_signal.trim_start_matches("SIG").to_string() };
+            let signal = if record.stop_signal.is_empty() {
+                "TERM".to_string()
+            } else {
+                record.stop_signal.trim_start_matches("SIG").to_string()
+            };
             self.oci.kill(&runtime, id, &signal).await?;
-            if self.wait_exit(id, Duration::from_secs(timeout as u64)).await {
+            if self
+                .wait_exit(id, Duration::from_secs(timeout as u64))
+                .await
+            {
                 self.refresh(record)?;
                 return Ok(());
             }
         }
         self.oci.kill(&runtime, id, "KILL").await?;
         if !self.wait_exit(id, KILL_WAIT).await {
-            return Err(RuntimeError::Timeout { what: format!("container {id} to exit after SIGKILL"), seconds: KILL_WAIT.as_secs() });
+            return Err(RuntimeError::Timeout {
+                what: format!("container {id} to exit after SIGKILL"),
+                seconds: KILL_WAIT.as_secs(),
+            });
         }
         self.refresh(record)?;
         Ok(())
@@ -304,7 +465,9 @@ impl Runtime {
     pub async fn remove_container_now(&self, id: &str) -> Result<(), RuntimeError> {
         self.stop_container_now(id, 0).await?;
         let _guard = self.lock(id).await;
-        let Some(record) = self.containers.get(id)? else { return Ok(()) };
+        let Some(record) = self.containers.get(id)? else {
+            return Ok(());
+        };
         self.destroy(&record).await?;
         self.containers.delete(id)?;
         self.publish(container_event(container_event::Kind::Deleted, &record));
@@ -320,7 +483,11 @@ impl Runtime {
         }
     }
 
-    pub fn container_status(&self, id: &str, verbose: bool) -> Result<ContainerStatusResponse, RuntimeError> {
+    pub fn container_status(
+        &self,
+        id: &str,
+        verbose: bool,
+    ) -> Result<ContainerStatusResponse, RuntimeError> {
         let record = self.container(id)?;
         let config = decode(&record)?;
         let status = ContainerStatus {
@@ -346,10 +513,16 @@ impl Runtime {
         if verbose {
             info.insert("info".into(), serde_json::json!({ "pid": record.pid, "sandboxId": record.sandbox_id, "runtime": record.oci_runtime }).to_string());
         }
-        Ok(ContainerStatusResponse { status: Some(status), info })
+        Ok(ContainerStatusResponse {
+            status: Some(status),
+            info,
+        })
     }
 
-    pub fn list_containers(&self, filter: Option<ContainerFilter>) -> Result<Vec<Container>, RuntimeError> {
+    pub fn list_containers(
+        &self,
+        filter: Option<ContainerFilter>,
+    ) -> Result<Vec<Container>, RuntimeError> {
         let filter = filter.unwrap_or_default();
         let mut list = Vec::new();
         for record in self.containers.all()? {
@@ -360,9 +533,16 @@ impl Runtime {
             let config = decode(&record)?;
             let state = Self::container_cri_state(&record);
             let keep = (filter.id.is_empty() || record.id.starts_with(&filter.id))
-                && (filter.pod_sandbox_id.is_empty() || record.sandbox_id.starts_with(&filter.pod_sandbox_id))
-                && filter.state.as_ref().is_none_or(|s| s.state == state as i32)
-                && filter.label_selector.iter().all(|(k, v)| config.labels.get(k) == Some(v));
+                && (filter.pod_sandbox_id.is_empty()
+                    || record.sandbox_id.starts_with(&filter.pod_sandbox_id))
+                && filter
+                    .state
+                    .as_ref()
+                    .is_none_or(|s| s.state == state as i32)
+                && filter
+                    .label_selector
+                    .iter()
+                    .all(|(k, v)| config.labels.get(k) == Some(v));
             if keep {
                 list.push(Container {
                     id: record.id.clone(),
@@ -381,17 +561,34 @@ impl Runtime {
         Ok(list)
     }
 
-    pub async fn exec_sync(&self, id: &str, cmd: Vec<String>, timeout: i64) -> Result<ExecSyncResponse, RuntimeError> {
+    pub async fn exec_sync(
+        &self,
+        id: &str,
+        cmd: Vec<String>,
+        timeout: i64,
+    ) -> Result<ExecSyncResponse, RuntimeError> {
         let record = self.container(id)?;
         if record.state != ContainerState::Running as i32 {
-            return Err(RuntimeError::FailedPrecondition(format!("container {} is not running", record.id)));
+            return Err(RuntimeError::FailedPrecondition(format!(
+                "container {} is not running",
+                record.id
+            )));
         }
         if cmd.is_empty() {
-            return Err(RuntimeError::InvalidArgument("ExecSync needs a command".into()));
+            return Err(RuntimeError::InvalidArgument(
+                "ExecSync needs a command".into(),
+            ));
         }
         let limit = (timeout > 0).then(|| Duration::from_secs(timeout as u64));
-        let (stdout, stderr, exit_code) = self.oci.exec_sync(Path::new(&record.oci_runtime), &record.id, &cmd, limit).await?;
-        Ok(ExecSyncResponse { stdout, stderr, exit_code })
+        let (stdout, stderr, exit_code) = self
+            .oci
+            .exec_sync(Path::new(&record.oci_runtime), &record.id, &cmd, limit)
+            .await?;
+        Ok(ExecSyncResponse {
+            stdout,
+            stderr,
+            exit_code,
+        })
     }
 }
 
@@ -404,19 +601,33 @@ impl Runtime {
     pub async fn reopen_container_log(&self, id: &str) -> Result<(), RuntimeError> {
         let record = self.container(id)?;
         if record.state != ContainerState::Running as i32 {
-            return Err(RuntimeError::FailedPrecondition(format!("container {} is not running", record.id)));
+            return Err(RuntimeError::FailedPrecondition(format!(
+                "container {} is not running",
+                record.id
+            )));
         }
         let control = self.bundle_dir(&record.id).join("ctl");
         let write = tokio::task::spawn_blocking(move || {
             use std::io::Write;
-            let mut fifo = std::fs::OpenOptions::new().write(true).custom_flags(nix::libc::O_NONBLOCK).open(&control)?;
+            let mut fifo = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_NONBLOCK)
+                .open(&control)?;
             fifo.write_all(b"2 0 0\n")
         });
         use std::os::unix::fs::OpenOptionsExt;
         write
             .await
             .map_err(|e| RuntimeError::Oci(format!("log reopen stopped: {e}")))?
-            .map_err(|source| RuntimeError::io(format!("cannot ask conmon of container {} to reopen its log", record.id), source))?;
+            .map_err(|source| {
+                RuntimeError::io(
+                    format!(
+                        "cannot ask conmon of container {} to reopen its log",
+                        record.id
+                    ),
+                    source,
+                )
+            })?;
         // conmon reopens asynchronously; answer once the new file exists.
         let log = PathBuf::from(&record.log_path);
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -441,7 +652,12 @@ impl Runtime {
         for record in self.sandboxes.all()? {
             if record.state == crate::records::SandboxState::Creating as i32 {
                 tracing::info!(sandbox = %record.id, "removing a pod whose set-up was cut short");
-                for container in self.containers.all()?.into_iter().filter(|c| c.sandbox_id == record.id) {
+                for container in self
+                    .containers
+                    .all()?
+                    .into_iter()
+                    .filter(|c| c.sandbox_id == record.id)
+                {
                     self.destroy(&container).await?;
                     self.containers.delete(&container.id)?;
                 }

@@ -10,31 +10,65 @@ use crate::records::ContainerState;
 use crate::runtime::Runtime;
 
 impl Runtime {
-    pub async fn update_container_resources(&self, id: &str, resources: Option<LinuxContainerResources>) -> Result<(), RuntimeError> {
-        let resources = resources.ok_or_else(|| RuntimeError::InvalidArgument("UpdateContainerResources needs linux resources".into()))?;
+    pub async fn update_container_resources(
+        &self,
+        id: &str,
+        resources: Option<LinuxContainerResources>,
+    ) -> Result<(), RuntimeError> {
+        let resources = resources.ok_or_else(|| {
+            RuntimeError::InvalidArgument("UpdateContainerResources needs linux resources".into())
+        })?;
         let record = self.container(id)?;
         let _guard = self.lock(&record.id).await;
-        let record = self.refresh(self.containers.get(&record.id)?.ok_or_else(|| RuntimeError::NotFound(format!("container {} not found", record.id)))?)?;
-        if record.state != ContainerState::Created as i32 && record.state != ContainerState::Running as i32 {
-            return Err(RuntimeError::FailedPrecondition(format!("container {} has exited: its resources can no longer change", record.id)));
+        let record = self.refresh(self.containers.get(&record.id)?.ok_or_else(|| {
+            RuntimeError::NotFound(format!("container {} not found", record.id))
+        })?)?;
+        if record.state != ContainerState::Created as i32
+            && record.state != ContainerState::Running as i32
+        {
+            return Err(RuntimeError::FailedPrecondition(format!(
+                "container {} has exited: its resources can no longer change",
+                record.id
+            )));
         }
         // Devices are not the kubelet's to change here: the OCI runtime keeps its rules.
         let oci_resources = crate::resources::linux_resources(&resources, Vec::new())?;
-        let json = serde_json::to_vec(&oci_resources).map_err(|e| RuntimeError::Oci(format!("cannot encode the resources of container {}: {e}", record.id)))?;
-        self.oci.update(std::path::Path::new(&record.oci_runtime), &record.id, &json).await?;
+        let json = serde_json::to_vec(&oci_resources).map_err(|e| {
+            RuntimeError::Oci(format!(
+                "cannot encode the resources of container {}: {e}",
+                record.id
+            ))
+        })?;
+        self.oci
+            .update(std::path::Path::new(&record.oci_runtime), &record.id, &json)
+            .await?;
 
         let mut record = record;
         let mut config = crate::container::decode(&record)?;
         let linux = config.linux.get_or_insert_with(Default::default);
         // The oom_score_adj is fixed at creation; keep the one the container has.
-        let oom_score_adj = linux.resources.as_ref().map(|r| r.oom_score_adj).unwrap_or_default();
-        linux.resources = Some(LinuxContainerResources { oom_score_adj, ..resources });
+        let oom_score_adj = linux
+            .resources
+            .as_ref()
+            .map(|r| r.oom_score_adj)
+            .unwrap_or_default();
+        linux.resources = Some(LinuxContainerResources {
+            oom_score_adj,
+            ..resources
+        });
         record.config = config.encode_to_vec();
         self.containers.put(&record.id, &record)
     }
 
     /// What ContainerStatus reports as the container's resources.
     pub fn reported_resources(config: &k8s_cri::v1::ContainerConfig) -> Option<ContainerResources> {
-        config.linux.as_ref().and_then(|l| l.resources.clone()).map(|linux| ContainerResources { linux: Some(linux), ..Default::default() })
+        config
+            .linux
+            .as_ref()
+            .and_then(|l| l.resources.clone())
+            .map(|linux| ContainerResources {
+                linux: Some(linux),
+                ..Default::default()
+            })
     }
 }

@@ -32,15 +32,25 @@ pub struct RuntimeService {
 
 impl RuntimeService {
     pub fn new(config: &RuntimeConfig, runtime: Arc<Runtime>) -> Self {
-        Self { oci_runtime: config.oci_runtime.clone(), conmon: config.conmon.clone(), streaming: Some(StreamingServer::new(runtime.clone())), runtime: Some(runtime), pod_cidr: Default::default() }
+        Self {
+            oci_runtime: config.oci_runtime.clone(),
+            conmon: config.conmon.clone(),
+            streaming: Some(StreamingServer::new(runtime.clone())),
+            runtime: Some(runtime),
+            pod_cidr: Default::default(),
+        }
     }
 
     fn runtime(&self) -> Result<&Runtime, Status> {
-        self.runtime.as_deref().ok_or_else(|| Status::unavailable("the runtime service is starting"))
+        self.runtime
+            .as_deref()
+            .ok_or_else(|| Status::unavailable("the runtime service is starting"))
     }
 
     fn streaming(&self) -> Result<&StreamingServer, Status> {
-        self.streaming.as_ref().ok_or_else(|| Status::unavailable("the runtime service is starting"))
+        self.streaming
+            .as_ref()
+            .ok_or_else(|| Status::unavailable("the runtime service is starting"))
     }
 
     /// Ready when the programs every container needs are installed.
@@ -53,13 +63,18 @@ impl RuntimeService {
         RuntimeCondition {
             r#type: "RuntimeReady".into(),
             status: missing.is_empty(),
-            reason: if missing.is_empty() { String::new() } else { "RuntimeBinaryMissing".into() },
+            reason: if missing.is_empty() {
+                String::new()
+            } else {
+                "RuntimeBinaryMissing".into()
+            },
             message: missing.join("; "),
         }
     }
 }
 
-type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<ContainerEventResponse, Status>> + Send>>;
+type EventStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<ContainerEventResponse, Status>> + Send>>;
 
 grpc_service_impl! {
     impl runtime_service_server::RuntimeService, for RuntimeService, service "runtime";
@@ -234,8 +249,12 @@ grpc_service_impl! {
 }
 
 fn is_cidr(text: &str) -> bool {
-    let Some((address, prefix)) = text.split_once('/') else { return false };
-    let Ok(prefix) = prefix.parse::<u8>() else { return false };
+    let Some((address, prefix)) = text.split_once('/') else {
+        return false;
+    };
+    let Ok(prefix) = prefix.parse::<u8>() else {
+        return false;
+    };
     match address.parse::<std::net::IpAddr>() {
         Ok(std::net::IpAddr::V4(_)) => prefix <= 32,
         Ok(std::net::IpAddr::V6(_)) => prefix <= 128,
@@ -249,48 +268,103 @@ mod tests {
     use k8s_cri::v1::runtime_service_server::RuntimeService as _;
 
     fn service(oci_runtime: &str, conmon: &str) -> RuntimeService {
-        RuntimeService { oci_runtime: oci_runtime.into(), conmon: conmon.into(), runtime: None, streaming: None, pod_cidr: Default::default() }
+        RuntimeService {
+            oci_runtime: oci_runtime.into(),
+            conmon: conmon.into(),
+            runtime: None,
+            streaming: None,
+            pod_cidr: Default::default(),
+        }
     }
 
     #[tokio::test]
     async fn version_names_trellis() {
-        let version = service("sh", "sh").version(Request::new(VersionRequest::default())).await.expect("version").into_inner();
+        let version = service("sh", "sh")
+            .version(Request::new(VersionRequest::default()))
+            .await
+            .expect("version")
+            .into_inner();
         assert_eq!(version.runtime_name, "trellis");
         assert_eq!(version.runtime_api_version, "v1");
     }
 
     #[tokio::test]
     async fn runtime_not_ready_names_the_missing_program() {
-        let status = service("/nonexistent/runc", "sh").status(Request::new(StatusRequest::default())).await.expect("status").into_inner();
+        let status = service("/nonexistent/runc", "sh")
+            .status(Request::new(StatusRequest::default()))
+            .await
+            .expect("status")
+            .into_inner();
         let condition = &status.status.expect("status").conditions[0];
         assert!(!condition.status);
         assert_eq!(condition.reason, "RuntimeBinaryMissing");
-        assert!(condition.message.contains("/nonexistent/runc"), "{}", condition.message);
+        assert!(
+            condition.message.contains("/nonexistent/runc"),
+            "{}",
+            condition.message
+        );
     }
 
     #[tokio::test]
     async fn runtime_config_names_the_cgroup_driver_and_pod_cidrs_are_checked() {
         let service = service("sh", "sh");
-        let config = service.runtime_config(Request::new(RuntimeConfigRequest {})).await.expect("RuntimeConfig").into_inner();
-        assert_eq!(config.linux.expect("linux").cgroup_driver, CgroupDriver::Cgroupfs as i32);
-        let update = |cidr: &str| UpdateRuntimeConfigRequest { runtime_config: Some(k8s_cri::v1::RuntimeConfig { network_config: Some(NetworkConfig { pod_cidr: cidr.into() }) }) };
-        service.update_runtime_config(Request::new(update("10.244.1.0/24"))).await.expect("a CIDR");
-        let error = service.update_runtime_config(Request::new(update("10.244.1.0/99"))).await.expect_err("no such prefix");
+        let config = service
+            .runtime_config(Request::new(RuntimeConfigRequest {}))
+            .await
+            .expect("RuntimeConfig")
+            .into_inner();
+        assert_eq!(
+            config.linux.expect("linux").cgroup_driver,
+            CgroupDriver::Cgroupfs as i32
+        );
+        let update = |cidr: &str| UpdateRuntimeConfigRequest {
+            runtime_config: Some(k8s_cri::v1::RuntimeConfig {
+                network_config: Some(NetworkConfig {
+                    pod_cidr: cidr.into(),
+                }),
+            }),
+        };
+        service
+            .update_runtime_config(Request::new(update("10.244.1.0/24")))
+            .await
+            .expect("a CIDR");
+        let error = service
+            .update_runtime_config(Request::new(update("10.244.1.0/99")))
+            .await
+            .expect_err("no such prefix");
         assert_eq!(error.code(), tonic::Code::InvalidArgument);
-        let status = service.status(Request::new(StatusRequest { verbose: true })).await.expect("status").into_inner();
-        assert!(status.info["config"].contains("10.244.1.0/24"), "{:?}", status.info);
+        let status = service
+            .status(Request::new(StatusRequest { verbose: true }))
+            .await
+            .expect("status")
+            .into_inner();
+        assert!(
+            status.info["config"].contains("10.244.1.0/24"),
+            "{:?}",
+            status.info
+        );
     }
 
     #[tokio::test]
     async fn rpcs_not_built_yet_answer_unimplemented_by_name() {
-        let error = service("sh", "sh").checkpoint_container(Request::new(CheckpointContainerRequest::default())).await.expect_err("unimplemented");
+        let error = service("sh", "sh")
+            .checkpoint_container(Request::new(CheckpointContainerRequest::default()))
+            .await
+            .expect_err("unimplemented");
         assert_eq!(error.code(), tonic::Code::Unimplemented);
-        assert!(error.message().contains("CheckpointContainer"), "{}", error.message());
+        assert!(
+            error.message().contains("CheckpointContainer"),
+            "{}",
+            error.message()
+        );
     }
 
     #[tokio::test]
     async fn streaming_rpcs_wait_for_the_runtime() {
-        let error = service("sh", "sh").port_forward(Request::new(PortForwardRequest::default())).await.expect_err("no runtime yet");
+        let error = service("sh", "sh")
+            .port_forward(Request::new(PortForwardRequest::default()))
+            .await
+            .expect_err("no runtime yet");
         assert_eq!(error.code(), tonic::Code::Unavailable);
     }
 }

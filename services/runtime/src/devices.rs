@@ -6,7 +6,9 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use k8s_cri::v1::Device;
-use oci_spec::runtime::{LinuxDevice, LinuxDeviceBuilder, LinuxDeviceCgroup, LinuxDeviceCgroupBuilder, LinuxDeviceType};
+use oci_spec::runtime::{
+    LinuxDevice, LinuxDeviceBuilder, LinuxDeviceCgroup, LinuxDeviceCgroupBuilder, LinuxDeviceType,
+};
 use trellis_common::text::{excerpt, excerpt_path};
 
 use crate::error::RuntimeError;
@@ -26,10 +28,19 @@ fn built<T, E: std::fmt::Display>(result: Result<T, E>) -> Result<T, RuntimeErro
     result.map_err(|e| RuntimeError::Oci(format!("cannot build an OCI device entry: {e}")))
 }
 
-fn rule(allow: bool, device: Option<&LinuxDevice>, access: &str) -> Result<LinuxDeviceCgroup, RuntimeError> {
-    let mut builder = LinuxDeviceCgroupBuilder::default().allow(allow).access(access);
+fn rule(
+    allow: bool,
+    device: Option<&LinuxDevice>,
+    access: &str,
+) -> Result<LinuxDeviceCgroup, RuntimeError> {
+    let mut builder = LinuxDeviceCgroupBuilder::default()
+        .allow(allow)
+        .access(access);
     if let Some(device) = device {
-        builder = builder.typ(device.typ()).major(device.major()).minor(device.minor());
+        builder = builder
+            .typ(device.typ())
+            .major(device.major())
+            .minor(device.minor());
     }
     built(builder.build())
 }
@@ -62,13 +73,20 @@ fn device_at(host: &Path, container: &Path) -> std::io::Result<Option<LinuxDevic
 
 /// Every device under `dir` (not following links to directories), each at the same
 /// place under `container_dir`.
-fn devices_under(dir: &Path, container_dir: &Path, skip: &[&str], found: &mut Vec<LinuxDevice>) -> std::io::Result<()> {
+fn devices_under(
+    dir: &Path,
+    container_dir: &Path,
+    skip: &[&str],
+    found: &mut Vec<LinuxDevice>,
+) -> std::io::Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)?.filter_map(Result::ok).collect();
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
         let name = entry.file_name();
         let (host, container) = (entry.path(), container_dir.join(&name));
-        let Ok(kind) = entry.file_type() else { continue };
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
         if kind.is_dir() {
             if !skip.iter().any(|s| name == *s) {
                 devices_under(&host, &container, skip, found)?;
@@ -93,8 +111,17 @@ fn devices_under(dir: &Path, container_dir: &Path, skip: &[&str], found: &mut Ve
 /// privileged container gets.
 pub fn privileged() -> Result<Devices, RuntimeError> {
     let mut nodes = Vec::new();
-    devices_under(Path::new("/dev"), Path::new("/dev"), &SKIPPED_DIRS, &mut nodes).map_err(|source| RuntimeError::io("cannot list the host's devices in /dev", source))?;
-    Ok(Devices { nodes, rules: vec![rule(true, None, "rwm")?] })
+    devices_under(
+        Path::new("/dev"),
+        Path::new("/dev"),
+        &SKIPPED_DIRS,
+        &mut nodes,
+    )
+    .map_err(|source| RuntimeError::io("cannot list the host's devices in /dev", source))?;
+    Ok(Devices {
+        nodes,
+        rules: vec![rule(true, None, "rwm")?],
+    })
 }
 
 /// A rule denying every device, which the OCI runtime follows with the few every
@@ -108,7 +135,11 @@ fn permissions(device: &Device) -> Result<String, RuntimeError> {
         return Ok("rwm".into());
     }
     if device.permissions.chars().any(|c| !"rwm".contains(c)) {
-        return Err(RuntimeError::InvalidArgument(format!("device {}: permissions `{}` may only use r, w and m", excerpt(&device.host_path), excerpt(&device.permissions))));
+        return Err(RuntimeError::InvalidArgument(format!(
+            "device {}: permissions `{}` may only use r, w and m",
+            excerpt(&device.host_path),
+            excerpt(&device.permissions)
+        )));
     }
     Ok(device.permissions.clone())
 }
@@ -120,12 +151,25 @@ pub fn requested(devices: &[Device]) -> Result<Devices, RuntimeError> {
     let mut found = Devices::default();
     for device in devices {
         let host = Path::new(&device.host_path);
-        let container = if device.container_path.is_empty() { PathBuf::from(&device.host_path) } else { PathBuf::from(&device.container_path) };
+        let container = if device.container_path.is_empty() {
+            PathBuf::from(&device.host_path)
+        } else {
+            PathBuf::from(&device.container_path)
+        };
         if !host.is_absolute() || !container.is_absolute() {
-            return Err(RuntimeError::InvalidArgument(format!("device {} → {}: both paths must be absolute", excerpt(&device.host_path), excerpt_path(&container))));
+            return Err(RuntimeError::InvalidArgument(format!(
+                "device {} → {}: both paths must be absolute",
+                excerpt(&device.host_path),
+                excerpt_path(&container)
+            )));
         }
         let access = permissions(device)?;
-        let missing = |source: std::io::Error| RuntimeError::InvalidArgument(format!("device {} cannot be used: {source}", excerpt(&device.host_path)));
+        let missing = |source: std::io::Error| {
+            RuntimeError::InvalidArgument(format!(
+                "device {} cannot be used: {source}",
+                excerpt(&device.host_path)
+            ))
+        };
         let mut nodes = Vec::new();
         if std::fs::metadata(host).map_err(missing)?.is_dir() {
             devices_under(host, &container, &[], &mut nodes).map_err(missing)?;
@@ -133,7 +177,10 @@ pub fn requested(devices: &[Device]) -> Result<Devices, RuntimeError> {
             nodes.push(node);
         }
         if nodes.is_empty() {
-            return Err(RuntimeError::InvalidArgument(format!("device {} is not a device node (nor a directory of them)", excerpt(&device.host_path))));
+            return Err(RuntimeError::InvalidArgument(format!(
+                "device {} is not a device node (nor a directory of them)",
+                excerpt(&device.host_path)
+            )));
         }
         for node in nodes {
             found.rules.push(rule(true, Some(&node), &access)?);
@@ -149,7 +196,11 @@ mod tests {
     use super::*;
 
     fn asking(host: &str, container: &str, permissions: &str) -> Device {
-        Device { host_path: host.into(), container_path: container.into(), permissions: permissions.into() }
+        Device {
+            host_path: host.into(),
+            container_path: container.into(),
+            permissions: permissions.into(),
+        }
     }
 
     #[test]
@@ -157,29 +208,62 @@ mod tests {
         let found = requested(&[asking("/dev/null", "/dev/mynull", "rw")]).expect("/dev/null");
         assert_eq!(found.nodes.len(), 1);
         let node = &found.nodes[0];
-        assert_eq!((node.path().as_path(), node.typ(), node.major(), node.minor()), (Path::new("/dev/mynull"), LinuxDeviceType::C, 1, 3));
+        assert_eq!(
+            (
+                node.path().as_path(),
+                node.typ(),
+                node.major(),
+                node.minor()
+            ),
+            (Path::new("/dev/mynull"), LinuxDeviceType::C, 1, 3)
+        );
         let rule = &found.rules[0];
-        assert_eq!((rule.allow(), rule.typ(), rule.major(), rule.minor(), rule.access().as_deref()), (true, Some(LinuxDeviceType::C), Some(1), Some(3), Some("rw")));
+        assert_eq!(
+            (
+                rule.allow(),
+                rule.typ(),
+                rule.major(),
+                rule.minor(),
+                rule.access().as_deref()
+            ),
+            (true, Some(LinuxDeviceType::C), Some(1), Some(3), Some("rw"))
+        );
     }
 
     #[test]
     fn missing_or_wrong_devices_are_refused_by_name() {
         for (device, needle) in [
-            (asking("/dev/no-such-device", "/dev/x", ""), "/dev/no-such-device"),
+            (
+                asking("/dev/no-such-device", "/dev/x", ""),
+                "/dev/no-such-device",
+            ),
             (asking("/etc/hostname", "/dev/x", ""), "/etc/hostname"),
             (asking("/dev/null", "/dev/x", "rwx"), "rwx"),
             (asking("dev/null", "/dev/x", ""), "dev/null"),
         ] {
             let error = requested(&[device]).expect_err(needle);
-            assert!(matches!(error, RuntimeError::InvalidArgument(ref m) if m.contains(needle)), "{error}");
+            assert!(
+                matches!(error, RuntimeError::InvalidArgument(ref m) if m.contains(needle)),
+                "{error}"
+            );
         }
     }
 
     #[test]
     fn privileged_gets_every_host_device_and_all_access() {
         let found = privileged().expect("host devices");
-        assert!(found.nodes.iter().any(|n| n.path() == Path::new("/dev/null")));
-        assert!(!found.nodes.iter().any(|n| n.path().starts_with("/dev/pts") || n.path() == Path::new("/dev/console")));
+        assert!(
+            found
+                .nodes
+                .iter()
+                .any(|n| n.path() == Path::new("/dev/null"))
+        );
+        assert!(
+            !found
+                .nodes
+                .iter()
+                .any(|n| n.path().starts_with("/dev/pts") || n.path() == Path::new("/dev/console"))
+        );
         assert_eq!(found.rules.len(), 1);
         assert!(found.rules[0].allow() && found.rules[0].typ().is_none());
     }

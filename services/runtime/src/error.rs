@@ -28,7 +28,10 @@ pub enum RuntimeError {
     #[error("a stored record is unreadable: {0}")]
     Decode(#[from] prost::DecodeError),
     #[error("{service} service: {status}")]
-    Backend { service: &'static str, status: Status },
+    Backend {
+        service: &'static str,
+        status: Status,
+    },
     #[error("{0}")]
     Oci(String),
     #[error("{what} timed out after {seconds} s")]
@@ -40,19 +43,31 @@ pub enum RuntimeError {
 
 impl RuntimeError {
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
-        Self::Io { what: what.into(), source }
+        Self::Io {
+            what: what.into(),
+            source,
+        }
     }
 
     pub fn system(what: impl Into<String>, source: nix::Error) -> Self {
-        Self::System { what: what.into(), source }
+        Self::System {
+            what: what.into(),
+            source,
+        }
     }
 
     pub fn storage(status: Status) -> Self {
-        Self::Backend { service: "storage", status }
+        Self::Backend {
+            service: "storage",
+            status,
+        }
     }
 
     pub fn network(status: Status) -> Self {
-        Self::Backend { service: "network", status }
+        Self::Backend {
+            service: "network",
+            status,
+        }
     }
 }
 

@@ -12,7 +12,9 @@ pub fn keep_open_in_child(command: &mut tokio::process::Command, fd: RawFd) {
     unsafe {
         command.pre_exec(move || {
             let flags = nix::libc::fcntl(fd, nix::libc::F_GETFD);
-            if flags < 0 || nix::libc::fcntl(fd, nix::libc::F_SETFD, flags & !nix::libc::FD_CLOEXEC) < 0 {
+            if flags < 0
+                || nix::libc::fcntl(fd, nix::libc::F_SETFD, flags & !nix::libc::FD_CLOEXEC) < 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

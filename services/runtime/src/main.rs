@@ -32,8 +32,15 @@ use trellis_common::grpc::MAX_MESSAGE_BYTES;
 
 fn main() -> anyhow::Result<()> {
     trellis_common::service::run(ServiceKind::Runtime, async |context| {
-        let store = context.store.clone().ok_or("the runtime service needs its record store")?;
-        let runtime = std::sync::Arc::new(runtime::Runtime::new(context.config.clone(), store.as_ref(), context.bus.clone())?);
+        let store = context
+            .store
+            .clone()
+            .ok_or("the runtime service needs its record store")?;
+        let runtime = std::sync::Arc::new(runtime::Runtime::new(
+            context.config.clone(),
+            store.as_ref(),
+            context.bus.clone(),
+        )?);
         runtime.recover().await?;
         let service = cri::RuntimeService::new(&context.config.runtime, runtime);
         Ok(tonic::service::Routes::new(

@@ -24,33 +24,64 @@ pub fn pin_path(pod_dir: &Path, kind: &str) -> PathBuf {
 /// new UTS namespace, and pins each with a bind mount under `<pod_dir>/ns/`.
 pub fn pin(pod_dir: &Path, hostname: &str, own: OwnNamespaces) -> Result<(), RuntimeError> {
     let ns_dir = pod_dir.join("ns");
-    std::fs::create_dir_all(&ns_dir).map_err(|source| RuntimeError::io(format!("cannot create {}", ns_dir.display()), source))?;
-    let kinds: Vec<(&str, CloneFlags)> = [("ipc", own.ipc, CloneFlags::CLONE_NEWIPC), ("uts", own.uts, CloneFlags::CLONE_NEWUTS)]
-        .into_iter()
-        .filter(|(_, wanted, _)| *wanted)
-        .map(|(kind, _, flag)| (kind, flag))
-        .collect();
+    std::fs::create_dir_all(&ns_dir).map_err(|source| {
+        RuntimeError::io(format!("cannot create {}", ns_dir.display()), source)
+    })?;
+    let kinds: Vec<(&str, CloneFlags)> = [
+        ("ipc", own.ipc, CloneFlags::CLONE_NEWIPC),
+        ("uts", own.uts, CloneFlags::CLONE_NEWUTS),
+    ]
+    .into_iter()
+    .filter(|(_, wanted, _)| *wanted)
+    .map(|(kind, _, flag)| (kind, flag))
+    .collect();
     if kinds.is_empty() {
         return Ok(());
     }
     let pod_dir = pod_dir.to_path_buf();
     let hostname = hostname.to_string();
     let worker = std::thread::spawn(move || -> Result<(), RuntimeError> {
-        let flags = kinds.iter().fold(CloneFlags::empty(), |all, (_, flag)| all | *flag);
-        nix::sched::unshare(flags).map_err(|e| RuntimeError::system("cannot create the pod's namespaces", e))?;
+        let flags = kinds
+            .iter()
+            .fold(CloneFlags::empty(), |all, (_, flag)| all | *flag);
+        nix::sched::unshare(flags)
+            .map_err(|e| RuntimeError::system("cannot create the pod's namespaces", e))?;
         if own.uts {
-            nix::unistd::sethostname(&hostname).map_err(|e| RuntimeError::system(format!("cannot set hostname {}", trellis_common::text::excerpt(&hostname)), e))?;
+            nix::unistd::sethostname(&hostname).map_err(|e| {
+                RuntimeError::system(
+                    format!(
+                        "cannot set hostname {}",
+                        trellis_common::text::excerpt(&hostname)
+                    ),
+                    e,
+                )
+            })?;
         }
         for (kind, _) in &kinds {
             let target = pin_path(&pod_dir, kind);
-            std::fs::File::create(&target).map_err(|source| RuntimeError::io(format!("cannot create {}", target.display()), source))?;
+            std::fs::File::create(&target).map_err(|source| {
+                RuntimeError::io(format!("cannot create {}", target.display()), source)
+            })?;
             let source = format!("/proc/thread-self/ns/{kind}");
-            nix::mount::mount(Some(source.as_str()), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-                .map_err(|e| RuntimeError::system(format!("cannot pin the {kind} namespace at {}", target.display()), e))?;
+            nix::mount::mount(
+                Some(source.as_str()),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| {
+                RuntimeError::system(
+                    format!("cannot pin the {kind} namespace at {}", target.display()),
+                    e,
+                )
+            })?;
         }
         Ok(())
     });
-    worker.join().map_err(|_| RuntimeError::Oci("the namespace thread panicked".into()))?
+    worker
+        .join()
+        .map_err(|_| RuntimeError::Oci("the namespace thread panicked".into()))?
 }
 
 /// Unmounts and removes the pins; what is not there is fine.
@@ -70,10 +101,23 @@ pub fn shm_path(pod_dir: &Path) -> PathBuf {
 /// A 64 MiB tmpfs for the pod's `/dev/shm`.
 pub fn mount_shm(pod_dir: &Path) -> Result<PathBuf, RuntimeError> {
     let target = shm_path(pod_dir);
-    std::fs::create_dir_all(&target).map_err(|source| RuntimeError::io(format!("cannot create {}", target.display()), source))?;
+    std::fs::create_dir_all(&target).map_err(|source| {
+        RuntimeError::io(format!("cannot create {}", target.display()), source)
+    })?;
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    nix::mount::mount(Some("shm"), &target, Some("tmpfs"), flags, Some("mode=1777,size=67108864"))
-        .map_err(|e| RuntimeError::system(format!("cannot mount the pod's /dev/shm at {}", target.display()), e))?;
+    nix::mount::mount(
+        Some("shm"),
+        &target,
+        Some("tmpfs"),
+        flags,
+        Some("mode=1777,size=67108864"),
+    )
+    .map_err(|e| {
+        RuntimeError::system(
+            format!("cannot mount the pod's /dev/shm at {}", target.display()),
+            e,
+        )
+    })?;
     Ok(target)
 }
 
@@ -83,12 +127,14 @@ pub fn unmount_shm(pod_dir: &Path) -> Result<(), RuntimeError> {
 
 /// Whether `path` is a mount point.
 pub fn is_mounted(path: &Path) -> Result<bool, RuntimeError> {
-    trellis_common::mounts::is_mounted(path).map_err(|source| RuntimeError::io("cannot read /proc/self/mountinfo", source))
+    trellis_common::mounts::is_mounted(path)
+        .map_err(|source| RuntimeError::io("cannot read /proc/self/mountinfo", source))
 }
 
 fn unmount_all(target: &Path) -> Result<(), RuntimeError> {
     while is_mounted(target)? {
-        nix::mount::umount2(target, MntFlags::MNT_DETACH).map_err(|e| RuntimeError::system(format!("cannot unmount {}", target.display()), e))?;
+        nix::mount::umount2(target, MntFlags::MNT_DETACH)
+            .map_err(|e| RuntimeError::system(format!("cannot unmount {}", target.display()), e))?;
     }
     Ok(())
 }
@@ -97,6 +143,9 @@ fn remove_file(path: &Path) -> Result<(), RuntimeError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(RuntimeError::io(format!("cannot remove {}", path.display()), source)),
+        Err(source) => Err(RuntimeError::io(
+            format!("cannot remove {}", path.display()),
+            source,
+        )),
     }
 }

@@ -77,14 +77,27 @@ impl Oci {
     /// Creates the container (not started) and returns its pid.
     pub async fn create(&self, launch: &Launch<'_>) -> Result<u32, RuntimeError> {
         for dir in [self.exits_dir(), self.runc_root(), self.root.join("attach")] {
-            std::fs::create_dir_all(&dir).map_err(|source| RuntimeError::io(format!("cannot create {}", dir.display()), source))?;
+            std::fs::create_dir_all(&dir).map_err(|source| {
+                RuntimeError::io(format!("cannot create {}", dir.display()), source)
+            })?;
         }
         let (sync_read, sync_write): (OwnedFd, OwnedFd) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| RuntimeError::system("cannot create conmon's sync pipe", e))?;
-        let conmon_log = std::fs::File::create(launch.bundle.join("conmon.log")).map_err(|source| RuntimeError::io("cannot create conmon.log", source))?;
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| RuntimeError::system("cannot create conmon's sync pipe", e))?;
+        let conmon_log = std::fs::File::create(launch.bundle.join("conmon.log"))
+            .map_err(|source| RuntimeError::io("cannot create conmon.log", source))?;
         let mut command = Command::new(&self.conmon);
         command
-            .args(["--api-version", "1", "--cid", launch.id, "--cuuid", launch.id, "--name", launch.name])
+            .args([
+                "--api-version",
+                "1",
+                "--cid",
+                launch.id,
+                "--cuuid",
+                launch.id,
+                "--name",
+                launch.name,
+            ])
             .arg("--runtime")
             .arg(launch.runtime)
             .arg("--bundle")
@@ -115,7 +128,9 @@ impl Oci {
             .current_dir(launch.bundle)
             .process_group(0);
         crate::inherit_fd::keep_open_in_child(&mut command, sync_write.as_raw_fd());
-        let mut child = command.spawn().map_err(|source| RuntimeError::io(format!("cannot start {}", self.conmon.display()), source))?;
+        let mut child = command.spawn().map_err(|source| {
+            RuntimeError::io(format!("cannot start {}", self.conmon.display()), source)
+        })?;
         drop(sync_write);
         // conmon forks its monitor and the first process exits: reap it.
         let _ = child.wait().await;
@@ -133,16 +148,29 @@ impl Oci {
         });
         let text = tokio::time::timeout(CREATE_TIMEOUT, reader)
             .await
-            .map_err(|_| RuntimeError::Timeout { what: format!("creating container {}", launch.id), seconds: CREATE_TIMEOUT.as_secs() })?
+            .map_err(|_| RuntimeError::Timeout {
+                what: format!("creating container {}", launch.id),
+                seconds: CREATE_TIMEOUT.as_secs(),
+            })?
             .map_err(|e| RuntimeError::Oci(format!("conmon reader stopped: {e}")))?
             .map_err(|source| RuntimeError::io("cannot read conmon's sync pipe", source))?;
         let message = text
             .lines()
             .filter_map(|line| serde_json::from_str::<SyncMessage>(line).ok())
             .next()
-            .ok_or_else(|| RuntimeError::Oci(format!("conmon said nothing about container {} ({})", launch.id, conmon_diagnostics(launch.bundle))))?;
+            .ok_or_else(|| {
+                RuntimeError::Oci(format!(
+                    "conmon said nothing about container {} ({})",
+                    launch.id,
+                    conmon_diagnostics(launch.bundle)
+                ))
+            })?;
         if message.data <= 0 {
-            return Err(RuntimeError::Oci(format!("creating container {}: {}", launch.id, message.message.trim())));
+            return Err(RuntimeError::Oci(format!(
+                "creating container {}: {}",
+                launch.id,
+                message.message.trim()
+            )));
         }
         Ok(message.data as u32)
     }
@@ -152,26 +180,49 @@ impl Oci {
     }
 
     /// Runs the OCI runtime with `--root`, handing it `input` on stdin when given.
-    async fn runtime_command_with_input(&self, runtime: &Path, args: &[&str], input: Option<&[u8]>) -> Result<(), RuntimeError> {
+    async fn runtime_command_with_input(
+        &self,
+        runtime: &Path,
+        args: &[&str],
+        input: Option<&[u8]>,
+    ) -> Result<(), RuntimeError> {
         use tokio::io::AsyncWriteExt;
         let mut child = Command::new(runtime)
             .arg("--root")
             .arg(self.runc_root())
             .args(args)
-            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|source| RuntimeError::io(format!("cannot run {}", runtime.display()), source))?;
+            .map_err(|source| {
+                RuntimeError::io(format!("cannot run {}", runtime.display()), source)
+            })?;
         if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
-            stdin.write_all(input).await.map_err(|source| RuntimeError::io(format!("cannot write to {} {}", runtime.display(), args.join(" ")), source))?;
+            stdin.write_all(input).await.map_err(|source| {
+                RuntimeError::io(
+                    format!("cannot write to {} {}", runtime.display(), args.join(" ")),
+                    source,
+                )
+            })?;
         }
-        let output = child.wait_with_output().await.map_err(|source| RuntimeError::io(format!("cannot wait for {}", runtime.display()), source))?;
+        let output = child.wait_with_output().await.map_err(|source| {
+            RuntimeError::io(format!("cannot wait for {}", runtime.display()), source)
+        })?;
         if output.status.success() {
             return Ok(());
         }
-        Err(RuntimeError::Oci(format!("{} {}: {}", runtime.display(), args.join(" "), String::from_utf8_lossy(&output.stderr).trim())))
+        Err(RuntimeError::Oci(format!(
+            "{} {}: {}",
+            runtime.display(),
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )))
     }
 
     /// Starts a created container. runc's `start` only opens the container's exec fifo,
@@ -184,27 +235,53 @@ impl Oci {
         match start_through_exec_fifo(&fifo, pid).await {
             Ok(true) => Ok(()),
             Ok(false) => self.runtime_command(runtime, &["start", id]).await,
-            Err(source) => Err(RuntimeError::io(format!("cannot start container {id} through {}", fifo.display()), source)),
+            Err(source) => Err(RuntimeError::io(
+                format!("cannot start container {id} through {}", fifo.display()),
+                source,
+            )),
         }
     }
 
     /// Applies new cgroup limits (OCI `LinuxResources` as JSON) to a container.
-    pub async fn update(&self, runtime: &Path, id: &str, resources_json: &[u8]) -> Result<(), RuntimeError> {
-        self.runtime_command_with_input(runtime, &["update", "--resources", "-", id], Some(resources_json)).await
+    pub async fn update(
+        &self,
+        runtime: &Path,
+        id: &str,
+        resources_json: &[u8],
+    ) -> Result<(), RuntimeError> {
+        self.runtime_command_with_input(
+            runtime,
+            &["update", "--resources", "-", id],
+            Some(resources_json),
+        )
+        .await
     }
 
     /// Sends a signal; a container that is already gone is not an error.
     pub async fn kill(&self, runtime: &Path, id: &str, signal: &str) -> Result<(), RuntimeError> {
         match self.runtime_command(runtime, &["kill", id, signal]).await {
-            Err(RuntimeError::Oci(message)) if message.contains("not running") || message.contains("does not exist") || message.contains("process already finished") => Ok(()),
+            Err(RuntimeError::Oci(message))
+                if message.contains("not running")
+                    || message.contains("does not exist")
+                    || message.contains("process already finished") =>
+            {
+                Ok(())
+            }
             other => other,
         }
     }
 
     /// Deletes the runtime's state (and cgroup) of a container; absent is fine.
     pub async fn delete(&self, runtime: &Path, id: &str) -> Result<(), RuntimeError> {
-        match self.runtime_command(runtime, &["delete", "--force", id]).await {
-            Err(RuntimeError::Oci(message)) if message.contains("does not exist") || message.contains("not found") => Ok(()),
+        match self
+            .runtime_command(runtime, &["delete", "--force", id])
+            .await
+        {
+            Err(RuntimeError::Oci(message))
+                if message.contains("does not exist") || message.contains("not found") =>
+            {
+                Ok(())
+            }
             other => other,
         }
     }
@@ -213,7 +290,13 @@ impl Oci {
     pub fn exit_status(&self, id: &str) -> Option<(i32, i64)> {
         let path = self.exit_file(id);
         let code = std::fs::read_to_string(&path).ok()?.trim().parse().ok()?;
-        let finished = std::fs::metadata(&path).ok()?.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos() as i64;
+        let finished = std::fs::metadata(&path)
+            .ok()?
+            .modified()
+            .ok()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_nanos() as i64;
         Some((code, finished))
     }
 
@@ -224,13 +307,27 @@ impl Oci {
     /// Runs a command in the container and collects its output and exit code. On
     /// timeout the command is killed inside the container first, so that `runc exec`,
     /// its parent, reaps it (killing `runc exec` first would leave a zombie behind).
-    pub async fn exec_sync(&self, runtime: &Path, id: &str, cmd: &[String], timeout: Option<Duration>) -> Result<(Vec<u8>, Vec<u8>, i32), RuntimeError> {
+    pub async fn exec_sync(
+        &self,
+        runtime: &Path,
+        id: &str,
+        cmd: &[String],
+        timeout: Option<Duration>,
+    ) -> Result<(Vec<u8>, Vec<u8>, i32), RuntimeError> {
         let mut exec = self.spawn_exec(runtime, id, cmd, &[], |command| {
-            command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            command
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
             Ok(())
         })?;
         let (stdout, stderr) = (exec.child.stdout.take(), exec.child.stderr.take());
-        let output = tokio::spawn(async move { tokio::join!(read_capped(stdout, MAX_EXEC_OUTPUT), read_capped(stderr, MAX_EXEC_OUTPUT)) });
+        let output = tokio::spawn(async move {
+            tokio::join!(
+                read_capped(stdout, MAX_EXEC_OUTPUT),
+                read_capped(stderr, MAX_EXEC_OUTPUT)
+            )
+        });
         let limit = timeout.filter(|t| !t.is_zero()).unwrap_or(Duration::MAX);
         tokio::select! {
             status = exec.child.wait() => {
@@ -251,12 +348,32 @@ impl Oci {
 
     /// Starts `cmd` in container `id` with `<runtime> exec`; `flags` go before the id
     /// (`--tty`), `stdio` sets the child's stdio.
-    pub fn spawn_exec(&self, runtime: &Path, id: &str, cmd: &[String], flags: &[&str], stdio: impl FnOnce(&mut Command) -> Result<(), RuntimeError>) -> Result<ExecProcess, RuntimeError> {
-        let pid_file = self.exits_dir().join(format!("exec-{}", crate::records::new_id()?));
+    pub fn spawn_exec(
+        &self,
+        runtime: &Path,
+        id: &str,
+        cmd: &[String],
+        flags: &[&str],
+        stdio: impl FnOnce(&mut Command) -> Result<(), RuntimeError>,
+    ) -> Result<ExecProcess, RuntimeError> {
+        let pid_file = self
+            .exits_dir()
+            .join(format!("exec-{}", crate::records::new_id()?));
         let mut command = Command::new(runtime);
-        command.arg("--root").arg(self.runc_root()).arg("exec").arg("--pid-file").arg(&pid_file).args(flags).arg(id).args(cmd).kill_on_drop(true);
+        command
+            .arg("--root")
+            .arg(self.runc_root())
+            .arg("exec")
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .args(flags)
+            .arg(id)
+            .args(cmd)
+            .kill_on_drop(true);
         stdio(&mut command)?;
-        let child = command.spawn().map_err(|source| RuntimeError::io(format!("cannot run {}", runtime.display()), source))?;
+        let child = command.spawn().map_err(|source| {
+            RuntimeError::io(format!("cannot run {}", runtime.display()), source)
+        })?;
         Ok(ExecProcess { child, pid_file })
     }
 }
@@ -277,12 +394,19 @@ impl ExecProcess {
         let mut killed = false;
         loop {
             if !killed && let Some(pid) = self.command_pid() {
-                if let Err(error) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL) {
+                if let Err(error) = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                ) {
                     tracing::debug!(pid, %error, "cannot kill the exec'd command");
                 }
                 killed = true;
             }
-            let wait = if killed { deadline.saturating_duration_since(tokio::time::Instant::now()) } else { EXEC_PID_POLL };
+            let wait = if killed {
+                deadline.saturating_duration_since(tokio::time::Instant::now())
+            } else {
+                EXEC_PID_POLL
+            };
             if let Ok(status) = tokio::time::timeout(wait, self.child.wait()).await {
                 return status.ok().and_then(|s| s.code()).unwrap_or(-1);
             }
@@ -299,7 +423,12 @@ impl ExecProcess {
     }
 
     fn command_pid(&self) -> Option<i32> {
-        std::fs::read_to_string(&self.pid_file).ok()?.trim().parse().ok().filter(|pid| *pid > 0)
+        std::fs::read_to_string(&self.pid_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+            .filter(|pid| *pid > 0)
     }
 }
 
@@ -348,7 +477,10 @@ async fn start_through_exec_fifo(fifo: &Path, pid: u32) -> std::io::Result<bool>
 fn process_is_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|stat| stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next().map(|state| state != "Z")))
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|state| state != "Z"))
+        })
         .unwrap_or(false)
 }
 
@@ -365,7 +497,9 @@ struct Captured {
 async fn read_capped<R: tokio::io::AsyncRead + Unpin>(stream: Option<R>, limit: usize) -> Captured {
     use tokio::io::AsyncReadExt;
     let mut captured = Captured::default();
-    let Some(mut stream) = stream else { return captured };
+    let Some(mut stream) = stream else {
+        return captured;
+    };
     let mut buf = vec![0u8; 64 * 1024];
     while let Ok(n) = stream.read(&mut buf).await {
         if n == 0 {
@@ -385,7 +519,13 @@ fn cut_note(stdout_total: u64, stderr_total: u64) -> Option<String> {
     if stdout_total <= limit && stderr_total <= limit {
         return None;
     }
-    let stream = |name: &str, total: u64| if total > limit { format!("{name} {total} bytes, first {limit} kept") } else { format!("{name} {total} bytes") };
+    let stream = |name: &str, total: u64| {
+        if total > limit {
+            format!("{name} {total} bytes, first {limit} kept")
+        } else {
+            format!("{name} {total} bytes")
+        }
+    };
     Some(format!(
         "\n[trellis: ExecSync output cut to fit one CRI message: {}; {}. Use Exec for larger output.]\n",
         stream("stdout", stdout_total),
@@ -394,7 +534,9 @@ fn cut_note(stdout_total: u64, stderr_total: u64) -> Option<String> {
 }
 
 fn conmon_diagnostics(bundle: &Path) -> String {
-    std::fs::read_to_string(bundle.join("conmon.log")).map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string(bundle.join("conmon.log"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -405,14 +547,28 @@ mod tests {
     async fn exec_output_is_cut_to_fit_one_message_and_says_so() {
         let big = vec![b'x'; MAX_EXEC_OUTPUT + 1000];
         let captured = read_capped(Some(big.as_slice()), MAX_EXEC_OUTPUT).await;
-        assert_eq!((captured.kept.len(), captured.total), (MAX_EXEC_OUTPUT, big.len() as u64));
+        assert_eq!(
+            (captured.kept.len(), captured.total),
+            (MAX_EXEC_OUTPUT, big.len() as u64)
+        );
         let small = read_capped(Some(&b"ok"[..]), MAX_EXEC_OUTPUT).await;
         assert_eq!((small.kept.as_slice(), small.total), (&b"ok"[..], 2));
-        assert_eq!(cut_note(MAX_EXEC_OUTPUT as u64, 0), None, "nothing cut, nothing said");
+        assert_eq!(
+            cut_note(MAX_EXEC_OUTPUT as u64, 0),
+            None,
+            "nothing cut, nothing said"
+        );
         let note = cut_note(20 << 20, 3).expect("a note");
-        assert!(note.contains("stdout 20971520 bytes, first") && note.contains("stderr 3 bytes"), "{note}");
+        assert!(
+            note.contains("stdout 20971520 bytes, first") && note.contains("stderr 3 bytes"),
+            "{note}"
+        );
         // Both streams at their limit plus the note, with the protobuf framing, fit.
-        let response = k8s_cri::v1::ExecSyncResponse { stdout: captured.kept.clone(), stderr: [captured.kept, note.into_bytes()].concat(), exit_code: 0 };
+        let response = k8s_cri::v1::ExecSyncResponse {
+            stdout: captured.kept.clone(),
+            stderr: [captured.kept, note.into_bytes()].concat(),
+            exit_code: 0,
+        };
         assert!(prost::Message::encoded_len(&response) < MAX_MESSAGE_BYTES);
     }
 }

@@ -32,7 +32,10 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).and_then(|d| std::str::from_utf8(d).ok()).and_then(|d| u8::from_str_radix(d, 8).ok());
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| u8::from_str_radix(d, 8).ok());
         match (bytes[i], octal) {
             (b'\\', Some(byte)) => {
                 out.push(byte);
@@ -59,7 +62,11 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountPoint> {
                 shared |= field.starts_with("shared:");
                 slave |= field.starts_with("master:");
             }
-            Some(MountPoint { point: PathBuf::from(unescape(point)), shared, slave })
+            Some(MountPoint {
+                point: PathBuf::from(unescape(point)),
+                shared,
+                slave,
+            })
         })
         .collect()
 }
@@ -67,18 +74,30 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountPoint> {
 /// The mount `path` lies on: the deepest mount point containing it, the last one
 /// mounted when several are stacked there.
 pub fn mount_of<'a>(path: &Path, mounts: &'a [MountPoint]) -> Option<&'a MountPoint> {
-    mounts.iter().filter(|m| path.starts_with(&m.point)).fold(None, |best: Option<&MountPoint>, m| match best {
-        Some(b) if b.point.components().count() > m.point.components().count() => Some(b),
-        _ => Some(m),
-    })
+    mounts.iter().filter(|m| path.starts_with(&m.point)).fold(
+        None,
+        |best: Option<&MountPoint>, m| match best {
+            Some(b) if b.point.components().count() > m.point.components().count() => Some(b),
+            _ => Some(m),
+        },
+    )
 }
 
 /// Whether the host source of a mount can give the propagation asked for.
-fn check_source(source: &Path, propagation: MountPropagation, mounts: &[MountPoint]) -> Result<(), RuntimeError> {
+fn check_source(
+    source: &Path,
+    propagation: MountPropagation,
+    mounts: &[MountPoint],
+) -> Result<(), RuntimeError> {
     if propagation == MountPropagation::PropagationPrivate {
         return Ok(());
     }
-    let mount = mount_of(source, mounts).ok_or_else(|| RuntimeError::FailedPrecondition(format!("no mount holds {} in /proc/self/mountinfo", excerpt_path(source))))?;
+    let mount = mount_of(source, mounts).ok_or_else(|| {
+        RuntimeError::FailedPrecondition(format!(
+            "no mount holds {} in /proc/self/mountinfo",
+            excerpt_path(source)
+        ))
+    })?;
     let (ok, needed) = match propagation {
         MountPropagation::PropagationBidirectional => (mount.shared, "shared"),
         _ => (mount.shared || mount.slave, "shared or slave"),
@@ -103,7 +122,12 @@ pub fn bind(destination: &Path, source: &Path, options: &[&str]) -> Result<Mount
         .source(source)
         .options(options.iter().map(|s| s.to_string()).collect::<Vec<_>>())
         .build()
-        .map_err(|e| RuntimeError::Oci(format!("cannot build the OCI mount of {}: {e}", destination.display())))
+        .map_err(|e| {
+            RuntimeError::Oci(format!(
+                "cannot build the OCI mount of {}: {e}",
+                destination.display()
+            ))
+        })
 }
 
 /// The OCI mounts of the CRI's mounts, and the propagation the container's root
@@ -117,25 +141,50 @@ pub struct Mounts {
 /// path, an unknown propagation or a source whose host mount cannot propagate as
 /// asked is refused with the path.
 pub fn container_mounts(requested: &[CriMount]) -> Result<Mounts, RuntimeError> {
-    let needs_mountinfo = requested.iter().any(|m| m.propagation != MountPropagation::PropagationPrivate as i32);
+    let needs_mountinfo = requested
+        .iter()
+        .any(|m| m.propagation != MountPropagation::PropagationPrivate as i32);
     let mountinfo = if needs_mountinfo {
-        parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| RuntimeError::io("cannot read /proc/self/mountinfo", source))?)
+        parse_mountinfo(
+            &std::fs::read_to_string("/proc/self/mountinfo")
+                .map_err(|source| RuntimeError::io("cannot read /proc/self/mountinfo", source))?,
+        )
     } else {
         Vec::new()
     };
-    let mut result = Mounts { mounts: Vec::new(), rootfs_propagation: None };
+    let mut result = Mounts {
+        mounts: Vec::new(),
+        rootfs_propagation: None,
+    };
     for mount in requested {
         let source = Path::new(&mount.host_path);
         if !source.is_absolute() || !source.exists() {
-            return Err(RuntimeError::InvalidArgument(format!("mount source {} does not exist (or is not an absolute path)", excerpt(&mount.host_path))));
+            return Err(RuntimeError::InvalidArgument(format!(
+                "mount source {} does not exist (or is not an absolute path)",
+                excerpt(&mount.host_path)
+            )));
         }
         let destination = Path::new(&mount.container_path);
-        if !destination.is_absolute() || destination.components().any(|c| c == Component::ParentDir) {
-            return Err(RuntimeError::InvalidArgument(format!("mount destination {} must be an absolute path without `..`", excerpt(&mount.container_path))));
+        if !destination.is_absolute() || destination.components().any(|c| c == Component::ParentDir)
+        {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "mount destination {} must be an absolute path without `..`",
+                excerpt(&mount.container_path)
+            )));
         }
-        let propagation = MountPropagation::try_from(mount.propagation)
-            .map_err(|_| RuntimeError::InvalidArgument(format!("mount {}: unknown propagation {}", excerpt(&mount.container_path), mount.propagation)))?;
-        let resolved = source.canonicalize().map_err(|e| RuntimeError::io(format!("cannot resolve mount source {}", excerpt_path(source)), e))?;
+        let propagation = MountPropagation::try_from(mount.propagation).map_err(|_| {
+            RuntimeError::InvalidArgument(format!(
+                "mount {}: unknown propagation {}",
+                excerpt(&mount.container_path),
+                mount.propagation
+            ))
+        })?;
+        let resolved = source.canonicalize().map_err(|e| {
+            RuntimeError::io(
+                format!("cannot resolve mount source {}", excerpt_path(source)),
+                e,
+            )
+        })?;
         check_source(&resolved, propagation, &mountinfo)?;
         let option = match propagation {
             MountPropagation::PropagationPrivate => "rprivate",
@@ -149,7 +198,9 @@ pub fn container_mounts(requested: &[CriMount]) -> Result<Mounts, RuntimeError> 
             }
         };
         let access = if mount.readonly { "ro" } else { "rw" };
-        result.mounts.push(bind(destination, source, &["rbind", access, option])?);
+        result
+            .mounts
+            .push(bind(destination, source, &["rbind", access, option])?);
     }
     Ok(result)
 }
@@ -168,18 +219,50 @@ mod tests {
 ";
 
     fn cri(host: &str, container: &str, propagation: MountPropagation) -> CriMount {
-        CriMount { host_path: host.into(), container_path: container.into(), propagation: propagation as i32, ..Default::default() }
+        CriMount {
+            host_path: host.into(),
+            container_path: container.into(),
+            propagation: propagation as i32,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn mountinfo_lines_give_points_and_propagation() {
         let mounts = parse_mountinfo(MOUNTINFO);
         assert_eq!(mounts.len(), 6);
-        assert_eq!(mounts[0], MountPoint { point: "/".into(), shared: false, slave: false });
-        assert_eq!(mounts[3], MountPoint { point: "/tmp/b/slave".into(), shared: false, slave: true });
-        assert_eq!(mounts[4], MountPoint { point: "/tmp/with space".into(), shared: true, slave: true });
-        assert_eq!(mount_of(Path::new("/tmp/b/x/y"), &mounts).map(|m| m.point.clone()), Some("/tmp/b".into()));
-        assert_eq!(mount_of(Path::new("/tmp/bb"), &mounts).map(|m| m.point.clone()), Some("/".into()));
+        assert_eq!(
+            mounts[0],
+            MountPoint {
+                point: "/".into(),
+                shared: false,
+                slave: false
+            }
+        );
+        assert_eq!(
+            mounts[3],
+            MountPoint {
+                point: "/tmp/b/slave".into(),
+                shared: false,
+                slave: true
+            }
+        );
+        assert_eq!(
+            mounts[4],
+            MountPoint {
+                point: "/tmp/with space".into(),
+                shared: true,
+                slave: true
+            }
+        );
+        assert_eq!(
+            mount_of(Path::new("/tmp/b/x/y"), &mounts).map(|m| m.point.clone()),
+            Some("/tmp/b".into())
+        );
+        assert_eq!(
+            mount_of(Path::new("/tmp/bb"), &mounts).map(|m| m.point.clone()),
+            Some("/".into())
+        );
         // Stacked on /tmp/a: the later mount is the one seen.
         assert!(mount_of(Path::new("/tmp/a/f"), &mounts).is_some_and(|m| m.shared));
     }
@@ -190,29 +273,73 @@ mod tests {
         let check = |path: &str, p| check_source(Path::new(path), p, &mounts);
         assert!(check("/var/lib/x", MountPropagation::PropagationPrivate).is_ok());
         assert!(check("/tmp/b/x", MountPropagation::PropagationBidirectional).is_ok());
-        assert!(check("/tmp/b/slave/x", MountPropagation::PropagationHostToContainer).is_ok());
-        let error = check("/tmp/b/slave/x", MountPropagation::PropagationBidirectional).expect_err("slave is not shared");
-        assert!(matches!(error, RuntimeError::FailedPrecondition(ref m) if m.contains("/tmp/b/slave") && m.contains("not a shared mount")), "{error}");
-        let error = check("/var/lib/x", MountPropagation::PropagationHostToContainer).expect_err("private /");
-        assert!(error.to_string().contains("/var/lib/x") && error.to_string().contains("shared or slave"), "{error}");
+        assert!(
+            check(
+                "/tmp/b/slave/x",
+                MountPropagation::PropagationHostToContainer
+            )
+            .is_ok()
+        );
+        let error = check("/tmp/b/slave/x", MountPropagation::PropagationBidirectional)
+            .expect_err("slave is not shared");
+        assert!(
+            matches!(error, RuntimeError::FailedPrecondition(ref m) if m.contains("/tmp/b/slave") && m.contains("not a shared mount")),
+            "{error}"
+        );
+        let error = check("/var/lib/x", MountPropagation::PropagationHostToContainer)
+            .expect_err("private /");
+        assert!(
+            error.to_string().contains("/var/lib/x")
+                && error.to_string().contains("shared or slave"),
+            "{error}"
+        );
     }
 
     #[test]
     fn options_and_root_propagation_follow_the_request() {
         let dir = tempfile::tempdir().expect("tempdir");
         let host = dir.path().to_str().expect("utf-8");
-        let private = container_mounts(&[cri(host, "/data", MountPropagation::PropagationPrivate)]).expect("private");
+        let private = container_mounts(&[cri(host, "/data", MountPropagation::PropagationPrivate)])
+            .expect("private");
         assert_eq!(private.rootfs_propagation, None);
-        assert_eq!(private.mounts[0].options().clone().expect("options"), vec!["rbind", "rw", "rprivate"]);
+        assert_eq!(
+            private.mounts[0].options().clone().expect("options"),
+            vec!["rbind", "rw", "rprivate"]
+        );
         let mut readonly = cri(host, "/data", MountPropagation::PropagationPrivate);
         readonly.readonly = true;
-        assert_eq!(container_mounts(&[readonly]).expect("ro").mounts[0].options().clone().expect("options"), vec!["rbind", "ro", "rprivate"]);
-        for (bad, needle) in [(cri("/does/not/exist", "/d", MountPropagation::PropagationPrivate), "/does/not/exist"), (cri(host, "rel", MountPropagation::PropagationPrivate), "rel")] {
+        assert_eq!(
+            container_mounts(&[readonly]).expect("ro").mounts[0]
+                .options()
+                .clone()
+                .expect("options"),
+            vec!["rbind", "ro", "rprivate"]
+        );
+        for (bad, needle) in [
+            (
+                cri(
+                    "/does/not/exist",
+                    "/d",
+                    MountPropagation::PropagationPrivate,
+                ),
+                "/does/not/exist",
+            ),
+            (
+                cri(host, "rel", MountPropagation::PropagationPrivate),
+                "rel",
+            ),
+        ] {
             let error = container_mounts(&[bad]).map(|_| ()).expect_err(needle);
-            assert!(matches!(error, RuntimeError::InvalidArgument(ref m) if m.contains(needle)), "{error}");
+            assert!(
+                matches!(error, RuntimeError::InvalidArgument(ref m) if m.contains(needle)),
+                "{error}"
+            );
         }
         let mut unknown = cri(host, "/d", MountPropagation::PropagationPrivate);
         unknown.propagation = 7;
-        assert!(matches!(container_mounts(&[unknown]), Err(RuntimeError::InvalidArgument(_))));
+        assert!(matches!(
+            container_mounts(&[unknown]),
+            Err(RuntimeError::InvalidArgument(_))
+        ));
     }
 }

@@ -100,15 +100,23 @@ pub struct Records<T> {
 
 impl<T: Message + Default> Records<T> {
     pub fn open(store: &dyn Store, name: &str) -> Result<Self, RuntimeError> {
-        Ok(Self { table: store.table(name)?, _kind: std::marker::PhantomData })
+        Ok(Self {
+            table: store.table(name)?,
+            _kind: std::marker::PhantomData,
+        })
     }
 
     pub fn get(&self, id: &str) -> Result<Option<T>, RuntimeError> {
-        self.table.get(id.as_bytes())?.map(|raw| T::decode(raw.as_slice()).map_err(RuntimeError::from)).transpose()
+        self.table
+            .get(id.as_bytes())?
+            .map(|raw| T::decode(raw.as_slice()).map_err(RuntimeError::from))
+            .transpose()
     }
 
     pub fn put(&self, id: &str, record: &T) -> Result<(), RuntimeError> {
-        self.table.put(id.as_bytes(), &record.encode_to_vec()).map_err(RuntimeError::from)
+        self.table
+            .put(id.as_bytes(), &record.encode_to_vec())
+            .map_err(RuntimeError::from)
     }
 
     pub fn delete(&self, id: &str) -> Result<(), RuntimeError> {
@@ -116,7 +124,11 @@ impl<T: Message + Default> Records<T> {
     }
 
     pub fn all(&self) -> Result<Vec<T>, RuntimeError> {
-        self.table.scan()?.into_iter().map(|(_, raw)| T::decode(raw.as_slice()).map_err(RuntimeError::from)).collect()
+        self.table
+            .scan()?
+            .into_iter()
+            .map(|(_, raw)| T::decode(raw.as_slice()).map_err(RuntimeError::from))
+            .collect()
     }
 }
 

@@ -46,14 +46,26 @@ impl Runtime {
         // Bundles hold each container's environment (its secrets) in config.json, and
         // the pods' files, runc's state and the exit codes live beside them: root only,
         // made so again at every start for nodes that made the directory before.
-        trellis_common::dirs::ensure_private_dir(&dir).map_err(|source| RuntimeError::io(format!("cannot make {} private (0700)", dir.display()), source))?;
+        trellis_common::dirs::ensure_private_dir(&dir).map_err(|source| {
+            RuntimeError::io(
+                format!("cannot make {} private (0700)", dir.display()),
+                source,
+            )
+        })?;
         for sub in ["pods", "containers"] {
             let path = dir.join(sub);
-            std::fs::create_dir_all(&path).map_err(|source| RuntimeError::io(format!("cannot create {}", path.display()), source))?;
+            std::fs::create_dir_all(&path).map_err(|source| {
+                RuntimeError::io(format!("cannot create {}", path.display()), source)
+            })?;
         }
-        let conmon = find_executable(&config.runtime.conmon).unwrap_or_else(|| PathBuf::from(&config.runtime.conmon));
-        let create_turns = trellis_common::config::parallelism(config.runtime.max_parallel_creates, 1);
-        let oom_score_floor = std::fs::read_to_string("/proc/self/oom_score_adj").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+        let conmon = find_executable(&config.runtime.conmon)
+            .unwrap_or_else(|| PathBuf::from(&config.runtime.conmon));
+        let create_turns =
+            trellis_common::config::parallelism(config.runtime.max_parallel_creates, 1);
+        let oom_score_floor = std::fs::read_to_string("/proc/self/oom_score_adj")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
         Ok(Self {
             oci: Oci::new(conmon, dir.clone()),
             sandboxes: Records::open(store, "sandboxes")?,
@@ -83,7 +95,10 @@ impl Runtime {
     /// Serialises operations on one pod or container.
     pub async fn lock(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut locks = self
+                .locks
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             locks.retain(|_, lock| Arc::strong_count(lock) > 1);
             locks.entry(id.to_string()).or_default().clone()
         };
@@ -102,9 +117,20 @@ impl Runtime {
                 .filter_map(|entry| entry.split_once('='))
                 .find(|(name, _)| name.trim() == handler)
                 .map(|(_, binary)| binary.trim().to_string())
-                .ok_or_else(|| RuntimeError::InvalidArgument(format!("unknown runtime handler `{}`; configured: {}", excerpt(handler), self.config.runtime.runtime_handlers.join(", "))))?
+                .ok_or_else(|| {
+                    RuntimeError::InvalidArgument(format!(
+                        "unknown runtime handler `{}`; configured: {}",
+                        excerpt(handler),
+                        self.config.runtime.runtime_handlers.join(", ")
+                    ))
+                })?
         };
-        find_executable(&binary).ok_or_else(|| RuntimeError::FailedPrecondition(format!("OCI runtime `{binary}` for handler `{}` is not installed", excerpt(handler))))
+        find_executable(&binary).ok_or_else(|| {
+            RuntimeError::FailedPrecondition(format!(
+                "OCI runtime `{binary}` for handler `{}` is not installed",
+                excerpt(handler)
+            ))
+        })
     }
 
     pub fn publish(&self, payload: Payload) {
@@ -114,16 +140,32 @@ impl Runtime {
     }
 
     /// Finds a record by full id or unique prefix (as crictl users type them).
-    pub fn resolve<T: prost::Message + Default>(&self, records: &Records<T>, id: &str, what: &str, id_of: impl Fn(&T) -> &str) -> Result<T, RuntimeError> {
+    pub fn resolve<T: prost::Message + Default>(
+        &self,
+        records: &Records<T>,
+        id: &str,
+        what: &str,
+        id_of: impl Fn(&T) -> &str,
+    ) -> Result<T, RuntimeError> {
         crate::validate::lookup_id(what, id)?;
         if let Some(record) = records.get(id)? {
             return Ok(record);
         }
-        let mut matches: Vec<T> = records.all()?.into_iter().filter(|r| id_of(r).starts_with(id)).collect();
+        let mut matches: Vec<T> = records
+            .all()?
+            .into_iter()
+            .filter(|r| id_of(r).starts_with(id))
+            .collect();
         match matches.len() {
             1 => Ok(matches.remove(0)),
-            0 => Err(RuntimeError::NotFound(format!("{what} {} not found", excerpt(id)))),
-            n => Err(RuntimeError::InvalidArgument(format!("{what} id prefix {} matches {n} {what} ids", excerpt(id)))),
+            0 => Err(RuntimeError::NotFound(format!(
+                "{what} {} not found",
+                excerpt(id)
+            ))),
+            n => Err(RuntimeError::InvalidArgument(format!(
+                "{what} id prefix {} matches {n} {what} ids",
+                excerpt(id)
+            ))),
         }
     }
 }

@@ -23,7 +23,13 @@ use crate::runtime::Runtime;
 
 fn sandbox_event(kind: sandbox_event::Kind, id: &str, config: &PodSandboxConfig) -> Payload {
     let metadata = config.metadata.clone().unwrap_or_default();
-    Payload::Sandbox(SandboxEvent { kind: kind.into(), sandbox_id: id.to_string(), name: metadata.name, namespace: metadata.namespace, uid: metadata.uid })
+    Payload::Sandbox(SandboxEvent {
+        kind: kind.into(),
+        sandbox_id: id.to_string(),
+        name: metadata.name,
+        namespace: metadata.namespace,
+        uid: metadata.uid,
+    })
 }
 
 pub fn decode_config(record: &SandboxRecord) -> Result<PodSandboxConfig, RuntimeError> {
@@ -31,7 +37,12 @@ pub fn decode_config(record: &SandboxRecord) -> Result<PodSandboxConfig, Runtime
 }
 
 fn namespace_options(config: &PodSandboxConfig) -> NamespaceOption {
-    config.linux.as_ref().and_then(|l| l.security_context.as_ref()).and_then(|s| s.namespace_options.clone()).unwrap_or_default()
+    config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.clone())
+        .unwrap_or_default()
 }
 
 /// The pod's hostname: the requested one (checked at RunPodSandbox), else the pod's
@@ -40,22 +51,37 @@ pub fn hostname_of(config: &PodSandboxConfig) -> String {
     if !config.hostname.is_empty() {
         return config.hostname.clone();
     }
-    let name = config.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or_default();
-    let mut hostname: String = name.trim_start_matches(['-', '.']).chars().take(63).collect();
+    let name = config
+        .metadata
+        .as_ref()
+        .map(|m| m.name.as_str())
+        .unwrap_or_default();
+    let mut hostname: String = name
+        .trim_start_matches(['-', '.'])
+        .chars()
+        .take(63)
+        .collect();
     while hostname.ends_with(['-', '.']) {
         hostname.pop();
     }
     hostname
 }
 
-fn write_pod_files(pod_dir: &Path, config: &PodSandboxConfig, ips: &[String]) -> Result<(), RuntimeError> {
+fn write_pod_files(
+    pod_dir: &Path,
+    config: &PodSandboxConfig,
+    ips: &[String],
+) -> Result<(), RuntimeError> {
     let hostname = hostname_of(config);
-    let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    let mut hosts =
+        String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
     for ip in ips {
         hosts.push_str(&format!("{ip}\t{hostname}\n"));
     }
     let resolv = match &config.dns_config {
-        Some(dns) if !dns.servers.is_empty() || !dns.searches.is_empty() || !dns.options.is_empty() => {
+        Some(dns)
+            if !dns.servers.is_empty() || !dns.searches.is_empty() || !dns.options.is_empty() =>
+        {
             let mut text = String::new();
             for server in &dns.servers {
                 text.push_str(&format!("nameserver {server}\n"));
@@ -70,9 +96,15 @@ fn write_pod_files(pod_dir: &Path, config: &PodSandboxConfig, ips: &[String]) ->
         }
         _ => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
     };
-    for (name, content) in [("hostname", format!("{hostname}\n")), ("hosts", hosts), ("resolv.conf", resolv)] {
+    for (name, content) in [
+        ("hostname", format!("{hostname}\n")),
+        ("hosts", hosts),
+        ("resolv.conf", resolv),
+    ] {
         let path = pod_dir.join(name);
-        std::fs::write(&path, content).map_err(|source| RuntimeError::io(format!("cannot write {}", path.display()), source))?;
+        std::fs::write(&path, content).map_err(|source| {
+            RuntimeError::io(format!("cannot write {}", path.display()), source)
+        })?;
     }
     Ok(())
 }
@@ -82,15 +114,36 @@ impl Runtime {
         NetworkClient::new(self.network.clone())
     }
 
-    pub async fn run_pod_sandbox(&self, config: PodSandboxConfig, handler: String) -> Result<String, RuntimeError> {
+    pub async fn run_pod_sandbox(
+        &self,
+        config: PodSandboxConfig,
+        handler: String,
+    ) -> Result<String, RuntimeError> {
         let metadata = crate::validate::pod_config(&config)?.clone();
         self.oci_runtime(&handler)?;
-        let key = format!("{}/{}/{}/{}", metadata.namespace, metadata.name, metadata.uid, metadata.attempt);
+        let key = format!(
+            "{}/{}/{}/{}",
+            metadata.namespace, metadata.name, metadata.uid, metadata.attempt
+        );
         let _guard = self.lock(&format!("pod-name:{key}")).await;
         for existing in self.sandboxes.all()? {
             let other = decode_config(&existing)?.metadata.unwrap_or_default();
-            if (other.namespace.as_str(), other.name.as_str(), other.uid.as_str(), other.attempt) == (metadata.namespace.as_str(), metadata.name.as_str(), metadata.uid.as_str(), metadata.attempt) {
-                return Err(RuntimeError::AlreadyExists(format!("pod {} already exists as sandbox {}", excerpt(&key), existing.id)));
+            if (
+                other.namespace.as_str(),
+                other.name.as_str(),
+                other.uid.as_str(),
+                other.attempt,
+            ) == (
+                metadata.namespace.as_str(),
+                metadata.name.as_str(),
+                metadata.uid.as_str(),
+                metadata.attempt,
+            ) {
+                return Err(RuntimeError::AlreadyExists(format!(
+                    "pod {} already exists as sandbox {}",
+                    excerpt(&key),
+                    existing.id
+                )));
             }
         }
         let id = new_id()?;
@@ -123,7 +176,12 @@ impl Runtime {
     /// Undoes a pod whose set-up failed: its containers (the pause process), network,
     /// namespaces, files and record.
     async fn tear_down_failed_pod(&self, id: &str) -> Result<(), RuntimeError> {
-        for container in self.containers.all()?.into_iter().filter(|c| c.sandbox_id == id) {
+        for container in self
+            .containers
+            .all()?
+            .into_iter()
+            .filter(|c| c.sandbox_id == id)
+        {
             self.remove_container_now(&container.id).await?;
         }
         self.release_pod(id).await?;
@@ -135,27 +193,54 @@ impl Runtime {
     async fn ensure_pause_image(&self) -> Result<String, RuntimeError> {
         use trellis_proto::storage::v1::{GetImageRequest, storage_client::StorageClient};
         let image = self.config.runtime.pause_image.clone();
-        match StorageClient::new(self.storage.clone()).get_image(traced_request(GetImageRequest { reference: image.clone() })).await {
+        match StorageClient::new(self.storage.clone())
+            .get_image(traced_request(GetImageRequest {
+                reference: image.clone(),
+            }))
+            .await
+        {
             Ok(_) => return Ok(image),
             Err(status) if status.code() == tonic::Code::NotFound => {}
             Err(status) => return Err(RuntimeError::storage(status)),
         }
-        let pull = traced_request(PullImageRequest { image: Some(ImageSpec { image: image.clone(), ..Default::default() }), ..Default::default() });
+        let pull = traced_request(PullImageRequest {
+            image: Some(ImageSpec {
+                image: image.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
         image_service_client::ImageServiceClient::new(self.images.clone())
             .pull_image(pull)
             .await
-            .map_err(|status| RuntimeError::Backend { service: "image", status })?;
+            .map_err(|status| RuntimeError::Backend {
+                service: "image",
+                status,
+            })?;
         Ok(image)
     }
 
     /// Starts the pod's pause process: the init of the PID namespace its containers share.
-    async fn start_pause(&self, record: &mut SandboxRecord, config: &PodSandboxConfig) -> Result<(), RuntimeError> {
+    async fn start_pause(
+        &self,
+        record: &mut SandboxRecord,
+        config: &PodSandboxConfig,
+    ) -> Result<(), RuntimeError> {
         let image = self.ensure_pause_image().await?;
         let pause = ContainerConfig {
-            metadata: Some(ContainerMetadata { name: "POD".into(), attempt: 0 }),
-            image: Some(ImageSpec { image, ..Default::default() }),
+            metadata: Some(ContainerMetadata {
+                name: "POD".into(),
+                attempt: 0,
+            }),
+            image: Some(ImageSpec {
+                image,
+                ..Default::default()
+            }),
             linux: Some(LinuxContainerConfig {
-                security_context: Some(LinuxContainerSecurityContext { namespace_options: Some(namespace_options(config)), ..Default::default() }),
+                security_context: Some(LinuxContainerSecurityContext {
+                    namespace_options: Some(namespace_options(config)),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -163,17 +248,29 @@ impl Runtime {
         let id = self.create_in_pod(record, pause, true).await?;
         record.pause_container_id = id.clone();
         self.sandboxes.put(&record.id, record)?;
-        let pause = self.containers.get(&id)?.ok_or_else(|| RuntimeError::Oci(format!("pause container {id} vanished")))?;
+        let pause = self
+            .containers
+            .get(&id)?
+            .ok_or_else(|| RuntimeError::Oci(format!("pause container {id} vanished")))?;
         self.start_record(pause).await
     }
 
-    async fn set_up_pod(&self, record: &mut SandboxRecord, config: &PodSandboxConfig) -> Result<(), RuntimeError> {
+    async fn set_up_pod(
+        &self,
+        record: &mut SandboxRecord,
+        config: &PodSandboxConfig,
+    ) -> Result<(), RuntimeError> {
         let id = record.id.clone();
         let pod_dir = self.pod_dir(&id);
-        std::fs::create_dir_all(&pod_dir).map_err(|source| RuntimeError::io(format!("cannot create {}", pod_dir.display()), source))?;
+        std::fs::create_dir_all(&pod_dir).map_err(|source| {
+            RuntimeError::io(format!("cannot create {}", pod_dir.display()), source)
+        })?;
         let options = namespace_options(config);
         let host_network = options.network == NamespaceMode::Node as i32;
-        let own = OwnNamespaces { ipc: options.ipc != NamespaceMode::Node as i32, uts: !host_network };
+        let own = OwnNamespaces {
+            ipc: options.ipc != NamespaceMode::Node as i32,
+            uts: !host_network,
+        };
         // The pod's own namespaces are made while the network service sets its network up.
         let (namespaces_dir, hostname) = (pod_dir.clone(), hostname_of(config));
         let pod_namespaces = tokio::task::spawn_blocking(move || {
@@ -187,9 +284,18 @@ impl Runtime {
         let port_mappings = config
             .port_mappings
             .iter()
-            .map(|p| network::PortMapping { protocol: p.protocol, container_port: p.container_port, host_port: p.host_port, host_ip: p.host_ip.clone() })
+            .map(|p| network::PortMapping {
+                protocol: p.protocol,
+                container_port: p.container_port,
+                host_port: p.host_port,
+                host_ip: p.host_ip.clone(),
+            })
             .collect();
-        let dns = config.dns_config.as_ref().map(|d| network::DnsConfig { servers: d.servers.clone(), searches: d.searches.clone(), options: d.options.clone() });
+        let dns = config.dns_config.as_ref().map(|d| network::DnsConfig {
+            servers: d.servers.clone(),
+            searches: d.searches.clone(),
+            options: d.options.clone(),
+        });
         let request = traced_request(network::SetUpPodRequest {
             sandbox_id: id.clone(),
             pod_name: metadata.name,
@@ -201,8 +307,14 @@ impl Runtime {
             annotations: config.annotations.clone(),
             ..Default::default()
         });
-        let pod_network = self.network_client().set_up_pod(request).await.map_err(RuntimeError::network);
-        pod_namespaces.await.map_err(|e| RuntimeError::Oci(format!("setting up the pod's namespaces stopped: {e}")))??;
+        let pod_network = self
+            .network_client()
+            .set_up_pod(request)
+            .await
+            .map_err(RuntimeError::network);
+        pod_namespaces.await.map_err(|e| {
+            RuntimeError::Oci(format!("setting up the pod's namespaces stopped: {e}"))
+        })??;
         let pod_network = pod_network?.into_inner();
         record.ips = pod_network.ips.into_iter().map(|ip| ip.ip).collect();
         record.netns_path = pod_network.netns_path;
@@ -217,7 +329,12 @@ impl Runtime {
     /// Undoes everything a pod holds but its record and containers: network,
     /// namespaces, /dev/shm. Each step tolerates what is already gone.
     async fn release_pod(&self, id: &str) -> Result<(), RuntimeError> {
-        self.network_client().tear_down_pod(traced_request(network::TearDownPodRequest { sandbox_id: id.to_string() })).await.map_err(RuntimeError::network)?;
+        self.network_client()
+            .tear_down_pod(traced_request(network::TearDownPodRequest {
+                sandbox_id: id.to_string(),
+            }))
+            .await
+            .map_err(RuntimeError::network)?;
         let pod_dir = self.pod_dir(id);
         namespaces::unpin(&pod_dir)?;
         namespaces::unmount_shm(&pod_dir)?;
@@ -227,14 +344,23 @@ impl Runtime {
     pub async fn stop_pod_sandbox(&self, id: &str) -> Result<(), RuntimeError> {
         let mut record = self.resolve(&self.sandboxes, id, "pod sandbox", |r| &r.id)?;
         let _guard = self.lock(&record.id).await;
-        for container in self.containers.all()?.into_iter().filter(|c| c.sandbox_id == record.id) {
+        for container in self
+            .containers
+            .all()?
+            .into_iter()
+            .filter(|c| c.sandbox_id == record.id)
+        {
             self.stop_container_now(&container.id, 0).await?;
         }
         self.release_pod(&record.id).await?;
         if record.state != SandboxState::NotReady as i32 {
             record.state = SandboxState::NotReady as i32;
             self.sandboxes.put(&record.id, &record)?;
-            self.publish(sandbox_event(sandbox_event::Kind::Stopped, &record.id, &decode_config(&record)?));
+            self.publish(sandbox_event(
+                sandbox_event::Kind::Stopped,
+                &record.id,
+                &decode_config(&record)?,
+            ));
         }
         Ok(())
     }
@@ -247,7 +373,12 @@ impl Runtime {
             Err(error) => return Err(error),
         };
         let _guard = self.lock(&record.id).await;
-        for container in self.containers.all()?.into_iter().filter(|c| c.sandbox_id == record.id) {
+        for container in self
+            .containers
+            .all()?
+            .into_iter()
+            .filter(|c| c.sandbox_id == record.id)
+        {
             self.remove_container_now(&container.id).await?;
         }
         self.release_pod(&record.id).await?;
@@ -255,24 +386,46 @@ impl Runtime {
         match std::fs::remove_dir_all(&pod_dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(RuntimeError::io(format!("cannot remove {}", pod_dir.display()), source)),
+            Err(source) => {
+                return Err(RuntimeError::io(
+                    format!("cannot remove {}", pod_dir.display()),
+                    source,
+                ));
+            }
         }
         self.sandboxes.delete(&record.id)?;
-        self.publish(sandbox_event(sandbox_event::Kind::Deleted, &record.id, &decode_config(&record)?));
+        self.publish(sandbox_event(
+            sandbox_event::Kind::Deleted,
+            &record.id,
+            &decode_config(&record)?,
+        ));
         Ok(())
     }
 
     fn sandbox_cri_state(record: &SandboxRecord) -> PodSandboxState {
-        if record.state == SandboxState::Ready as i32 { PodSandboxState::SandboxReady } else { PodSandboxState::SandboxNotready }
+        if record.state == SandboxState::Ready as i32 {
+            PodSandboxState::SandboxReady
+        } else {
+            PodSandboxState::SandboxNotready
+        }
     }
 
-    pub fn pod_sandbox_status(&self, id: &str, verbose: bool) -> Result<PodSandboxStatusResponse, RuntimeError> {
+    pub fn pod_sandbox_status(
+        &self,
+        id: &str,
+        verbose: bool,
+    ) -> Result<PodSandboxStatusResponse, RuntimeError> {
         let record = self.resolve(&self.sandboxes, id, "pod sandbox", |r| &r.id)?;
         let config = decode_config(&record)?;
         let options = namespace_options(&config);
         let network = record.ips.first().map(|ip| PodSandboxNetworkStatus {
             ip: ip.clone(),
-            additional_ips: record.ips.iter().skip(1).map(|ip| PodIp { ip: ip.clone() }).collect(),
+            additional_ips: record
+                .ips
+                .iter()
+                .skip(1)
+                .map(|ip| PodIp { ip: ip.clone() })
+                .collect(),
         });
         let status = PodSandboxStatus {
             id: record.id.clone(),
@@ -280,7 +433,11 @@ impl Runtime {
             state: Self::sandbox_cri_state(&record) as i32,
             created_at: record.created_at,
             network,
-            linux: Some(LinuxPodSandboxStatus { namespaces: Some(Namespace { options: Some(options) }) }),
+            linux: Some(LinuxPodSandboxStatus {
+                namespaces: Some(Namespace {
+                    options: Some(options),
+                }),
+            }),
             labels: config.labels.clone(),
             annotations: config.annotations.clone(),
             runtime_handler: record.runtime_handler.clone(),
@@ -290,10 +447,17 @@ impl Runtime {
             let details = serde_json::json!({ "netnsPath": record.netns_path, "podDir": self.pod_dir(&record.id).display().to_string() });
             info.insert("info".to_string(), details.to_string());
         }
-        Ok(PodSandboxStatusResponse { status: Some(status), info, ..Default::default() })
+        Ok(PodSandboxStatusResponse {
+            status: Some(status),
+            info,
+            ..Default::default()
+        })
     }
 
-    pub fn list_pod_sandbox(&self, filter: Option<PodSandboxFilter>) -> Result<Vec<PodSandbox>, RuntimeError> {
+    pub fn list_pod_sandbox(
+        &self,
+        filter: Option<PodSandboxFilter>,
+    ) -> Result<Vec<PodSandbox>, RuntimeError> {
         let filter = filter.unwrap_or_default();
         let mut pods = Vec::new();
         for record in self.sandboxes.all()? {
@@ -303,8 +467,14 @@ impl Runtime {
             let config = decode_config(&record)?;
             let state = Self::sandbox_cri_state(&record);
             let keep = (filter.id.is_empty() || record.id.starts_with(&filter.id))
-                && filter.state.as_ref().is_none_or(|s| s.state == state as i32)
-                && filter.label_selector.iter().all(|(k, v)| config.labels.get(k) == Some(v));
+                && filter
+                    .state
+                    .as_ref()
+                    .is_none_or(|s| s.state == state as i32)
+                && filter
+                    .label_selector
+                    .iter()
+                    .all(|(k, v)| config.labels.get(k) == Some(v));
             if keep {
                 pods.push(PodSandbox {
                     id: record.id.clone(),
@@ -327,9 +497,18 @@ mod tests {
 
     #[test]
     fn long_pod_names_make_valid_hostnames() {
-        let long = PodSandboxConfig { metadata: Some(PodSandboxMetadata { name: format!("{}-{}", "a".repeat(62), "tail"), ..Default::default() }), ..Default::default() };
+        let long = PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: format!("{}-{}", "a".repeat(62), "tail"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
         assert_eq!(hostname_of(&long), "a".repeat(62));
-        let given = PodSandboxConfig { hostname: "web-0".into(), ..long };
+        let given = PodSandboxConfig {
+            hostname: "web-0".into(),
+            ..long
+        };
         assert_eq!(hostname_of(&given), "web-0");
     }
 }

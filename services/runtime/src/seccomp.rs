@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 
 use k8s_cri::v1::security_profile::ProfileType;
 use k8s_cri::v1::{LinuxContainerSecurityContext, SecurityProfile};
-use oci_spec::runtime::{Arch, Capability, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArgBuilder, LinuxSeccompFilterFlag, LinuxSeccompOperator, LinuxSyscall};
+use oci_spec::runtime::{
+    Arch, Capability, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArgBuilder,
+    LinuxSeccompFilterFlag, LinuxSeccompOperator, LinuxSyscall,
+};
 use serde::Deserialize;
 use trellis_common::text::{excerpt, excerpt_path};
 
@@ -90,14 +93,20 @@ fn from_profile(profile: &SecurityProfile, field: &str) -> Result<Selected, Runt
         Ok(ProfileType::RuntimeDefault) => Ok(Selected::RuntimeDefault),
         Ok(ProfileType::Unconfined) => Ok(Selected::Unconfined),
         Ok(ProfileType::Localhost) => localhost(&profile.localhost_ref, field),
-        Err(_) => Err(RuntimeError::InvalidArgument(format!("{field}: unknown profile type {}", profile.profile_type))),
+        Err(_) => Err(RuntimeError::InvalidArgument(format!(
+            "{field}: unknown profile type {}",
+            profile.profile_type
+        ))),
     }
 }
 
 fn localhost(path: &str, field: &str) -> Result<Selected, RuntimeError> {
     let path = Path::new(path);
     if !path.is_absolute() {
-        return Err(RuntimeError::InvalidArgument(format!("{field}: the Localhost seccomp profile `{}` must be an absolute path", excerpt_path(path))));
+        return Err(RuntimeError::InvalidArgument(format!(
+            "{field}: the Localhost seccomp profile `{}` must be an absolute path",
+            excerpt_path(path)
+        )));
     }
     Ok(Selected::Localhost(path.to_path_buf()))
 }
@@ -108,7 +117,9 @@ fn localhost(path: &str, field: &str) -> Result<Selected, RuntimeError> {
 /// kubelet, which always says what it wants.
 #[allow(deprecated)] // seccomp_profile_path: still sent by older kubelets
 pub fn select(security: Option<&LinuxContainerSecurityContext>) -> Result<Selected, RuntimeError> {
-    let Some(security) = security else { return Ok(Selected::Unconfined) };
+    let Some(security) = security else {
+        return Ok(Selected::Unconfined);
+    };
     if let Some(profile) = &security.seccomp {
         return from_profile(profile, "seccomp");
     }
@@ -117,17 +128,34 @@ pub fn select(security: Option<&LinuxContainerSecurityContext>) -> Result<Select
         "runtime/default" | "docker/default" => Ok(Selected::RuntimeDefault),
         other => match other.strip_prefix("localhost/") {
             Some(path) => localhost(path, "seccomp_profile_path"),
-            None => Err(RuntimeError::InvalidArgument(format!("seccomp_profile_path `{}`: expected runtime/default, docker/default, unconfined or localhost/<path>", excerpt(other)))),
+            None => Err(RuntimeError::InvalidArgument(format!(
+                "seccomp_profile_path `{}`: expected runtime/default, docker/default, unconfined or localhost/<path>",
+                excerpt(other)
+            ))),
         },
     }
 }
 
 /// Reads a Localhost profile; one that is missing or malformed is refused with its path.
 pub fn read(path: &Path) -> Result<Profile, RuntimeError> {
-    let text = std::fs::read(path).map_err(|e| RuntimeError::InvalidArgument(format!("cannot read the seccomp profile {}: {e}", excerpt_path(path))))?;
-    let profile: Profile = serde_json::from_slice(&text).map_err(|e| RuntimeError::InvalidArgument(format!("the seccomp profile {} is not valid JSON of a seccomp profile: {}", excerpt_path(path), excerpt(&e.to_string()))))?;
+    let text = std::fs::read(path).map_err(|e| {
+        RuntimeError::InvalidArgument(format!(
+            "cannot read the seccomp profile {}: {e}",
+            excerpt_path(path)
+        ))
+    })?;
+    let profile: Profile = serde_json::from_slice(&text).map_err(|e| {
+        RuntimeError::InvalidArgument(format!(
+            "the seccomp profile {} is not valid JSON of a seccomp profile: {}",
+            excerpt_path(path),
+            excerpt(&e.to_string())
+        ))
+    })?;
     if profile.default_action.is_empty() {
-        return Err(RuntimeError::InvalidArgument(format!("the seccomp profile {} has no defaultAction", excerpt_path(path))));
+        return Err(RuntimeError::InvalidArgument(format!(
+            "the seccomp profile {} has no defaultAction",
+            excerpt_path(path)
+        )));
     }
     Ok(profile)
 }
@@ -135,7 +163,9 @@ pub fn read(path: &Path) -> Result<Profile, RuntimeError> {
 /// A name from a profile as one of the OCI spec's enumerations (they spell them
 /// as the profile does: `SCMP_ACT_ERRNO`, `SCMP_ARCH_X86_64`, `SCMP_CMP_EQ`...).
 fn named<T: serde::de::DeserializeOwned>(value: &str, what: &str) -> Result<T, RuntimeError> {
-    serde_json::from_value(serde_json::Value::String(value.to_string())).map_err(|_| RuntimeError::InvalidArgument(format!("unknown seccomp {what} `{}`", excerpt(value))))
+    serde_json::from_value(serde_json::Value::String(value.to_string())).map_err(|_| {
+        RuntimeError::InvalidArgument(format!("unknown seccomp {what} `{}`", excerpt(value)))
+    })
 }
 
 /// The seccomp architecture of this machine, as profiles name it.
@@ -166,10 +196,21 @@ fn parse_version(text: &str) -> Option<(u32, u32)> {
 impl Filter {
     /// Whether a rule with this as `includes` applies to `target`.
     fn includes(&self, target: &Target<'_>) -> Result<bool, RuntimeError> {
-        let has_caps = self.caps.iter().all(|c| crate::capabilities::parse(c).is_ok_and(|c| target.capabilities.contains(&c)));
+        let has_caps = self
+            .caps
+            .iter()
+            .all(|c| crate::capabilities::parse(c).is_ok_and(|c| target.capabilities.contains(&c)));
         let arch = self.arches.is_empty() || self.arches.iter().any(|a| a == target.arch);
         let kernel = match &self.min_kernel {
-            Some(minimum) => target.kernel >= parse_version(minimum).ok_or_else(|| RuntimeError::InvalidArgument(format!("seccomp minKernel `{}` is not major.minor", excerpt(minimum))))?,
+            Some(minimum) => {
+                target.kernel
+                    >= parse_version(minimum).ok_or_else(|| {
+                        RuntimeError::InvalidArgument(format!(
+                            "seccomp minKernel `{}` is not major.minor",
+                            excerpt(minimum)
+                        ))
+                    })?
+            }
             None => true,
         };
         Ok(has_caps && arch && kernel)
@@ -177,7 +218,10 @@ impl Filter {
 
     /// Whether a rule with this as `excludes` is left out for `target`.
     fn excludes(&self, target: &Target<'_>) -> bool {
-        self.caps.iter().any(|c| crate::capabilities::parse(c).is_ok_and(|c| target.capabilities.contains(&c))) || self.arches.iter().any(|a| a == target.arch)
+        self.caps
+            .iter()
+            .any(|c| crate::capabilities::parse(c).is_ok_and(|c| target.capabilities.contains(&c)))
+            || self.arches.iter().any(|a| a == target.arch)
     }
 }
 
@@ -185,12 +229,18 @@ impl Profile {
     /// The architectures the filter covers: this machine's entry of `archMap` (with
     /// its sub-architectures) when there is one, else `architectures`.
     fn arches(&self, target: &Target<'_>) -> Result<Vec<Arch>, RuntimeError> {
-        let names: Vec<&String> = match self.arch_map.iter().find(|m| m.architecture == target.arch) {
-            Some(map) => std::iter::once(&map.architecture).chain(&map.sub_architectures).collect(),
+        let names: Vec<&String> = match self.arch_map.iter().find(|m| m.architecture == target.arch)
+        {
+            Some(map) => std::iter::once(&map.architecture)
+                .chain(&map.sub_architectures)
+                .collect(),
             None if self.arch_map.is_empty() => self.architectures.iter().collect(),
             None => Vec::new(),
         };
-        names.into_iter().map(|name| named(name, "architecture")).collect()
+        names
+            .into_iter()
+            .map(|name| named(name, "architecture"))
+            .collect()
     }
 
     /// The OCI `linux.seccomp` of this profile for one container.
@@ -202,18 +252,26 @@ impl Profile {
             }
             let names: Vec<String> = rule.name.iter().chain(&rule.names).cloned().collect();
             if names.is_empty() {
-                return Err(RuntimeError::InvalidArgument(format!("a seccomp rule with action `{}` names no syscall", excerpt(&rule.action))));
+                return Err(RuntimeError::InvalidArgument(format!(
+                    "a seccomp rule with action `{}` names no syscall",
+                    excerpt(&rule.action)
+                )));
             }
             let args = rule
                 .args
                 .iter()
                 .map(|a| {
                     let op: LinuxSeccompOperator = named(&a.op, "operator")?;
-                    let mut arg = LinuxSeccompArgBuilder::default().index(a.index).value(a.value).op(op);
+                    let mut arg = LinuxSeccompArgBuilder::default()
+                        .index(a.index)
+                        .value(a.value)
+                        .op(op);
                     if a.value_two != 0 {
                         arg = arg.value_two(a.value_two);
                     }
-                    arg.build().map_err(|e| RuntimeError::Oci(format!("cannot build a seccomp argument rule: {e}")))
+                    arg.build().map_err(|e| {
+                        RuntimeError::Oci(format!("cannot build a seccomp argument rule: {e}"))
+                    })
                 })
                 .collect::<Result<Vec<_>, RuntimeError>>()?;
             let mut syscall = LinuxSyscall::default();
@@ -224,7 +282,11 @@ impl Profile {
             syscalls.push(syscall);
         }
         let default_action: LinuxSeccompAction = named(&self.default_action, "action")?;
-        let flags = self.flags.iter().map(|f| named::<LinuxSeccompFilterFlag>(f, "flag")).collect::<Result<Vec<_>, _>>()?;
+        let flags = self
+            .flags
+            .iter()
+            .map(|f| named::<LinuxSeccompFilterFlag>(f, "flag"))
+            .collect::<Result<Vec<_>, _>>()?;
         let arches = self.arches(target)?;
         let mut seccomp = LinuxSeccomp::default();
         seccomp.set_default_action(default_action);
@@ -240,15 +302,28 @@ impl Profile {
 
 /// The `linux.seccomp` of a container: none when privileged (a privileged
 /// container ignores its profile, as the kubelet expects) or unconfined.
-pub fn for_container(security: Option<&LinuxContainerSecurityContext>, privileged: bool, capabilities: &HashSet<Capability>) -> Result<Option<LinuxSeccomp>, RuntimeError> {
+pub fn for_container(
+    security: Option<&LinuxContainerSecurityContext>,
+    privileged: bool,
+    capabilities: &HashSet<Capability>,
+) -> Result<Option<LinuxSeccomp>, RuntimeError> {
     if privileged {
         return Ok(None);
     }
-    let target = Target { capabilities, arch: native_arch(), kernel: kernel_version() };
+    let target = Target {
+        capabilities,
+        arch: native_arch(),
+        kernel: kernel_version(),
+    };
     match select(security)? {
         Selected::Unconfined => Ok(None),
         Selected::RuntimeDefault => crate::seccomp_default::profile().to_oci(&target).map(Some),
-        Selected::Localhost(path) => read(&path)?.to_oci(&target).map(Some).map_err(|e| RuntimeError::InvalidArgument(format!("the seccomp profile {}: {e}", excerpt_path(&path)))),
+        Selected::Localhost(path) => read(&path)?.to_oci(&target).map(Some).map_err(|e| {
+            RuntimeError::InvalidArgument(format!(
+                "the seccomp profile {}: {e}",
+                excerpt_path(&path)
+            ))
+        }),
     }
 }
 
@@ -258,25 +333,67 @@ mod tests {
 
     #[allow(deprecated)]
     fn context(seccomp: Option<SecurityProfile>, path: &str) -> LinuxContainerSecurityContext {
-        LinuxContainerSecurityContext { seccomp, seccomp_profile_path: path.into(), ..Default::default() }
+        LinuxContainerSecurityContext {
+            seccomp,
+            seccomp_profile_path: path.into(),
+            ..Default::default()
+        }
     }
 
     fn profile(kind: ProfileType, reference: &str) -> Option<SecurityProfile> {
-        Some(SecurityProfile { profile_type: kind as i32, localhost_ref: reference.into() })
+        Some(SecurityProfile {
+            profile_type: kind as i32,
+            localhost_ref: reference.into(),
+        })
     }
 
     #[test]
     fn selection_from_both_fields() {
         assert_eq!(select(None).expect("none"), Selected::Unconfined);
-        assert_eq!(select(Some(&context(None, ""))).expect("empty"), Selected::Unconfined);
-        assert_eq!(select(Some(&context(Some(SecurityProfile::default()), ""))).expect("empty profile"), Selected::RuntimeDefault);
-        assert_eq!(select(Some(&context(profile(ProfileType::Unconfined, ""), "runtime/default"))).expect("field wins"), Selected::Unconfined);
-        assert_eq!(select(Some(&context(profile(ProfileType::Localhost, "/p.json"), ""))).expect("localhost"), Selected::Localhost("/p.json".into()));
-        for (path, expected) in [("runtime/default", Selected::RuntimeDefault), ("docker/default", Selected::RuntimeDefault), ("unconfined", Selected::Unconfined), ("localhost//x/y.json", Selected::Localhost("/x/y.json".into()))] {
+        assert_eq!(
+            select(Some(&context(None, ""))).expect("empty"),
+            Selected::Unconfined
+        );
+        assert_eq!(
+            select(Some(&context(Some(SecurityProfile::default()), ""))).expect("empty profile"),
+            Selected::RuntimeDefault
+        );
+        assert_eq!(
+            select(Some(&context(
+                profile(ProfileType::Unconfined, ""),
+                "runtime/default"
+            )))
+            .expect("field wins"),
+            Selected::Unconfined
+        );
+        assert_eq!(
+            select(Some(&context(
+                profile(ProfileType::Localhost, "/p.json"),
+                ""
+            )))
+            .expect("localhost"),
+            Selected::Localhost("/p.json".into())
+        );
+        for (path, expected) in [
+            ("runtime/default", Selected::RuntimeDefault),
+            ("docker/default", Selected::RuntimeDefault),
+            ("unconfined", Selected::Unconfined),
+            (
+                "localhost//x/y.json",
+                Selected::Localhost("/x/y.json".into()),
+            ),
+        ] {
             assert_eq!(select(Some(&context(None, path))).expect(path), expected);
         }
-        for bad in [context(None, "localhost/relative.json"), context(None, "mine"), context(profile(ProfileType::Localhost, "relative.json"), "")] {
-            assert!(matches!(select(Some(&bad)), Err(RuntimeError::InvalidArgument(_))), "{bad:?}");
+        for bad in [
+            context(None, "localhost/relative.json"),
+            context(None, "mine"),
+            context(profile(ProfileType::Localhost, "relative.json"), ""),
+        ] {
+            assert!(
+                matches!(select(Some(&bad)), Err(RuntimeError::InvalidArgument(_))),
+                "{bad:?}"
+            );
         }
     }
 
@@ -285,19 +402,33 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let missing = dir.path().join("missing.json");
         let error = read(&missing).expect_err("missing");
-        assert!(matches!(error, RuntimeError::InvalidArgument(ref m) if m.contains("missing.json")), "{error}");
+        assert!(
+            matches!(error, RuntimeError::InvalidArgument(ref m) if m.contains("missing.json")),
+            "{error}"
+        );
         let malformed = dir.path().join("bad.json");
         std::fs::write(&malformed, b"{\"syscalls\": 3").expect("write");
         let error = read(&malformed).expect_err("malformed");
-        assert!(matches!(error, RuntimeError::InvalidArgument(ref m) if m.contains("bad.json")), "{error}");
+        assert!(
+            matches!(error, RuntimeError::InvalidArgument(ref m) if m.contains("bad.json")),
+            "{error}"
+        );
         let no_default = dir.path().join("no-default.json");
         std::fs::write(&no_default, b"{\"syscalls\": []}").expect("write");
-        assert!(matches!(read(&no_default), Err(RuntimeError::InvalidArgument(ref m)) if m.contains("no-default.json")));
+        assert!(
+            matches!(read(&no_default), Err(RuntimeError::InvalidArgument(ref m)) if m.contains("no-default.json"))
+        );
         let bad_action = dir.path().join("bad-action.json");
         std::fs::write(&bad_action, br#"{"defaultAction": "SCMP_ACT_PERHAPS"}"#).expect("write");
-        let asking = context(profile(ProfileType::Localhost, bad_action.to_str().expect("utf-8")), "");
+        let asking = context(
+            profile(ProfileType::Localhost, bad_action.to_str().expect("utf-8")),
+            "",
+        );
         let error = for_container(Some(&asking), false, &HashSet::new()).expect_err("bad action");
-        assert!(matches!(error, RuntimeError::InvalidArgument(ref m) if m.contains("bad-action.json") && m.contains("SCMP_ACT_PERHAPS")), "{error}");
+        assert!(
+            matches!(error, RuntimeError::InvalidArgument(ref m) if m.contains("bad-action.json") && m.contains("SCMP_ACT_PERHAPS")),
+            "{error}"
+        );
     }
 
     #[test]
@@ -315,29 +446,75 @@ mod tests {
             ]}"#;
         let parsed: Profile = serde_json::from_str(text).expect("parse");
         let plain: HashSet<Capability> = [Capability::Chown].into_iter().collect();
-        let target = Target { capabilities: &plain, arch: "SCMP_ARCH_X86_64", kernel: (6, 1) };
+        let target = Target {
+            capabilities: &plain,
+            arch: "SCMP_ARCH_X86_64",
+            kernel: (6, 1),
+        };
         let oci = parsed.to_oci(&target).expect("convert");
         assert_eq!(oci.default_action(), LinuxSeccompAction::ScmpActErrno);
         assert_eq!(oci.default_errno_ret(), Some(1));
-        assert_eq!(oci.architectures().clone().expect("arches"), vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86, Arch::ScmpArchX32]);
-        let names: Vec<Vec<String>> = oci.syscalls().clone().expect("rules").iter().map(|s| s.names().clone()).collect();
-        assert_eq!(names, vec![vec!["read".to_string(), "write".to_string()], vec!["clone".to_string()], vec!["arch_prctl".to_string()]]);
+        assert_eq!(
+            oci.architectures().clone().expect("arches"),
+            vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86, Arch::ScmpArchX32]
+        );
+        let names: Vec<Vec<String>> = oci
+            .syscalls()
+            .clone()
+            .expect("rules")
+            .iter()
+            .map(|s| s.names().clone())
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                vec!["read".to_string(), "write".to_string()],
+                vec!["clone".to_string()],
+                vec!["arch_prctl".to_string()]
+            ]
+        );
         let clone = &oci.syscalls().clone().expect("rules")[1];
         let arg = clone.args().clone().expect("args")[0];
-        assert_eq!((arg.index(), arg.value(), arg.value_two(), arg.op()), (0, 2114060288, None, LinuxSeccompOperator::ScmpCmpMaskedEq));
+        assert_eq!(
+            (arg.index(), arg.value(), arg.value_two(), arg.op()),
+            (0, 2114060288, None, LinuxSeccompOperator::ScmpCmpMaskedEq)
+        );
 
         let admin: HashSet<Capability> = [Capability::SysAdmin].into_iter().collect();
-        let target = Target { capabilities: &admin, arch: "SCMP_ARCH_AARCH64", kernel: (6, 1) };
+        let target = Target {
+            capabilities: &admin,
+            arch: "SCMP_ARCH_AARCH64",
+            kernel: (6, 1),
+        };
         let oci = parsed.to_oci(&target).expect("convert");
-        let names: Vec<Vec<String>> = oci.syscalls().clone().expect("rules").iter().map(|s| s.names().clone()).collect();
-        assert_eq!(names, vec![vec!["read".to_string(), "write".to_string()], vec!["mount".to_string()]]);
-        assert_eq!(oci.architectures().clone().expect("arches"), vec![Arch::ScmpArchAarch64, Arch::ScmpArchArm]);
+        let names: Vec<Vec<String>> = oci
+            .syscalls()
+            .clone()
+            .expect("rules")
+            .iter()
+            .map(|s| s.names().clone())
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                vec!["read".to_string(), "write".to_string()],
+                vec!["mount".to_string()]
+            ]
+        );
+        assert_eq!(
+            oci.architectures().clone().expect("arches"),
+            vec![Arch::ScmpArchAarch64, Arch::ScmpArchArm]
+        );
     }
 
     #[test]
     fn unknown_names_are_refused() {
         let plain = HashSet::new();
-        let target = Target { capabilities: &plain, arch: "SCMP_ARCH_X86_64", kernel: (6, 1) };
+        let target = Target {
+            capabilities: &plain,
+            arch: "SCMP_ARCH_X86_64",
+            kernel: (6, 1),
+        };
         for text in [
             r#"{"defaultAction": "SCMP_ACT_MAYBE"}"#,
             r#"{"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_VAX"]}"#,
@@ -345,7 +522,13 @@ mod tests {
             r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"action": "SCMP_ACT_ERRNO"}]}"#,
         ] {
             let parsed: Profile = serde_json::from_str(text).expect("parse");
-            assert!(matches!(parsed.to_oci(&target), Err(RuntimeError::InvalidArgument(_))), "{text}");
+            assert!(
+                matches!(
+                    parsed.to_oci(&target),
+                    Err(RuntimeError::InvalidArgument(_))
+                ),
+                "{text}"
+            );
         }
     }
 
@@ -353,12 +536,28 @@ mod tests {
     fn privileged_and_unconfined_get_no_filter_and_the_default_confines() {
         let caps = crate::capabilities::available(Some(40), None);
         let default = context(Some(SecurityProfile::default()), "");
-        assert!(for_container(Some(&default), true, &caps).expect("privileged").is_none());
-        assert!(for_container(Some(&context(None, "unconfined")), false, &caps).expect("unconfined").is_none());
-        let filter = for_container(Some(&default), false, &caps).expect("default").expect("a filter");
+        assert!(
+            for_container(Some(&default), true, &caps)
+                .expect("privileged")
+                .is_none()
+        );
+        assert!(
+            for_container(Some(&context(None, "unconfined")), false, &caps)
+                .expect("unconfined")
+                .is_none()
+        );
+        let filter = for_container(Some(&default), false, &caps)
+            .expect("default")
+            .expect("a filter");
         assert_eq!(filter.default_action(), LinuxSeccompAction::ScmpActErrno);
-        let missing = context(profile(ProfileType::Localhost, "/nonexistent/profile.json"), "");
+        let missing = context(
+            profile(ProfileType::Localhost, "/nonexistent/profile.json"),
+            "",
+        );
         let error = for_container(Some(&missing), false, &caps).expect_err("missing");
-        assert!(error.to_string().contains("/nonexistent/profile.json"), "{error}");
+        assert!(
+            error.to_string().contains("/nonexistent/profile.json"),
+            "{error}"
+        );
     }
 }

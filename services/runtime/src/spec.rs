@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use k8s_cri::v1::{ContainerConfig, NamespaceMode, NamespaceOption, PodSandboxConfig};
 use oci_spec::runtime::{
-    LinuxBuilder, LinuxCapabilitiesBuilder, LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType,
-    Mount, RootBuilder, Spec, UserBuilder,
+    LinuxBuilder, LinuxCapabilitiesBuilder, LinuxNamespace, LinuxNamespaceBuilder,
+    LinuxNamespaceType, Mount, RootBuilder, Spec, UserBuilder,
 };
 use trellis_proto::storage::v1::ImageConfig;
 
@@ -63,11 +63,18 @@ pub fn cgroups_path(parent: &str, container_id: &str) -> String {
 /// container asks for (its own, the pod's, a target's) unless its pod uses the host's.
 /// The host's namespaces are the pod's to ask for at RunPodSandbox: a container asking
 /// for one its pod does not have is refused, not given it.
-pub fn namespaces_of(pod: Option<&NamespaceOption>, container: Option<&NamespaceOption>) -> Result<NamespaceOption, RuntimeError> {
+pub fn namespaces_of(
+    pod: Option<&NamespaceOption>,
+    container: Option<&NamespaceOption>,
+) -> Result<NamespaceOption, RuntimeError> {
     let pod = pod.cloned().unwrap_or_default();
     let node = NamespaceMode::Node as i32;
     if let Some(asked) = container {
-        for (kind, asked, has) in [("network", asked.network, pod.network), ("pid", asked.pid, pod.pid), ("ipc", asked.ipc, pod.ipc)] {
+        for (kind, asked, has) in [
+            ("network", asked.network, pod.network),
+            ("pid", asked.pid, pod.pid),
+            ("ipc", asked.ipc, pod.ipc),
+        ] {
             if asked == node && has != node {
                 return Err(RuntimeError::InvalidArgument(format!(
                     "ContainerConfig.linux.security_context.namespace_options.{kind} is NODE but the pod does not use the host's {kind} namespace: host namespaces are set for the whole pod at RunPodSandbox"
@@ -82,13 +89,23 @@ pub fn namespaces_of(pod: Option<&NamespaceOption>, container: Option<&Namespace
     Ok(NamespaceOption { pid, ..pod })
 }
 
-pub(crate) fn built<T, E: std::fmt::Display>(result: Result<T, E>, what: &str) -> Result<T, RuntimeError> {
+pub(crate) fn built<T, E: std::fmt::Display>(
+    result: Result<T, E>,
+    what: &str,
+) -> Result<T, RuntimeError> {
     result.map_err(|e| RuntimeError::Oci(format!("cannot build the OCI {what}: {e}")))
 }
 
 /// The command: the CRI's command and args over the image's entrypoint and cmd.
-pub fn command(container: &ContainerConfig, image: &ImageConfig) -> Result<Vec<String>, RuntimeError> {
-    let entrypoint = if container.command.is_empty() { image.entrypoint.clone() } else { container.command.clone() };
+pub fn command(
+    container: &ContainerConfig,
+    image: &ImageConfig,
+) -> Result<Vec<String>, RuntimeError> {
+    let entrypoint = if container.command.is_empty() {
+        image.entrypoint.clone()
+    } else {
+        container.command.clone()
+    };
     let args = if !container.args.is_empty() {
         container.args.clone()
     } else if container.command.is_empty() {
@@ -98,7 +115,9 @@ pub fn command(container: &ContainerConfig, image: &ImageConfig) -> Result<Vec<S
     };
     let command: Vec<String> = entrypoint.into_iter().chain(args).collect();
     if command.is_empty() {
-        return Err(RuntimeError::InvalidArgument("the container has no command: neither the request nor the image names one".into()));
+        return Err(RuntimeError::InvalidArgument(
+            "the container has no command: neither the request nor the image names one".into(),
+        ));
     }
     Ok(command)
 }
@@ -112,7 +131,10 @@ fn environment(container: &ContainerConfig, image: &ImageConfig, hostname: &str)
         }
         values.insert(key.to_string(), value.to_string());
     };
-    set("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    set(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    );
     for entry in &image.env {
         let (key, value) = entry.split_once('=').unwrap_or((entry, ""));
         set(key, value);
@@ -121,10 +143,16 @@ fn environment(container: &ContainerConfig, image: &ImageConfig, hostname: &str)
     for env in &container.envs {
         set(&env.key, &env.value);
     }
-    order.into_iter().map(|key| format!("{key}={}", values[&key])).collect()
+    order
+        .into_iter()
+        .map(|key| format!("{key}={}", values[&key]))
+        .collect()
 }
 
-fn namespace(kind: LinuxNamespaceType, path: Option<PathBuf>) -> Result<LinuxNamespace, RuntimeError> {
+fn namespace(
+    kind: LinuxNamespaceType,
+    path: Option<PathBuf>,
+) -> Result<LinuxNamespace, RuntimeError> {
     let mut builder = LinuxNamespaceBuilder::default().typ(kind);
     if let Some(path) = path {
         builder = builder.path(path);
@@ -134,12 +162,26 @@ fn namespace(kind: LinuxNamespaceType, path: Option<PathBuf>) -> Result<LinuxNam
 
 pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
     let container = input.container;
-    let security = container.linux.as_ref().and_then(|l| l.security_context.as_ref());
-    if security.is_some_and(|s| s.run_as_group.is_some() && s.run_as_user.is_none() && s.run_as_username.is_empty()) {
-        return Err(RuntimeError::InvalidArgument("run_as_group needs run_as_user or run_as_username".into()));
+    let security = container
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref());
+    if security.is_some_and(|s| {
+        s.run_as_group.is_some() && s.run_as_user.is_none() && s.run_as_username.is_empty()
+    }) {
+        return Err(RuntimeError::InvalidArgument(
+            "run_as_group needs run_as_user or run_as_username".into(),
+        ));
     }
-    let pod_security = input.sandbox.linux.as_ref().and_then(|l| l.security_context.as_ref());
-    let namespaces = namespaces_of(pod_security.and_then(|s| s.namespace_options.as_ref()), security.and_then(|s| s.namespace_options.as_ref()))?;
+    let pod_security = input
+        .sandbox
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref());
+    let namespaces = namespaces_of(
+        pod_security.and_then(|s| s.namespace_options.as_ref()),
+        security.and_then(|s| s.namespace_options.as_ref()),
+    )?;
     let privileged = security.is_some_and(|s| s.privileged);
     if privileged && !pod_security.is_some_and(|s| s.privileged) {
         return Err(RuntimeError::InvalidArgument("a privileged container needs a privileged pod sandbox (linux.security_context.privileged)".into()));
@@ -148,25 +190,64 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
 
     let mut spec = Spec::default();
     spec.set_hostname((namespaces.network != NamespaceMode::Node as i32).then(|| hostname.clone()));
-    spec.set_root(Some(built(RootBuilder::default().path(input.rootfs).readonly(security.is_some_and(|s| s.readonly_rootfs)).build(), "root")?));
+    spec.set_root(Some(built(
+        RootBuilder::default()
+            .path(input.rootfs)
+            .readonly(security.is_some_and(|s| s.readonly_rootfs))
+            .build(),
+        "root",
+    )?));
     let mut annotations: HashMap<String, String> = container.annotations.clone();
-    annotations.insert("io.kubernetes.cri.container-type".into(), "container".into());
-    annotations.insert("io.kubernetes.cri.sandbox-id".into(), input.sandbox.metadata.as_ref().map(|m| m.uid.clone()).unwrap_or_default());
+    annotations.insert(
+        "io.kubernetes.cri.container-type".into(),
+        "container".into(),
+    );
+    annotations.insert(
+        "io.kubernetes.cri.sandbox-id".into(),
+        input
+            .sandbox
+            .metadata
+            .as_ref()
+            .map(|m| m.uid.clone())
+            .unwrap_or_default(),
+    );
     spec.set_annotations(Some(annotations));
 
     // Process.
-    let process = spec.process_mut().as_mut().ok_or_else(|| RuntimeError::Oci("default spec has no process".into()))?;
+    let process = spec
+        .process_mut()
+        .as_mut()
+        .ok_or_else(|| RuntimeError::Oci("default spec has no process".into()))?;
     process.set_args(Some(command(container, input.image)?));
     process.set_env(Some(environment(container, input.image, &hostname)));
-    let cwd = if !container.working_dir.is_empty() { container.working_dir.clone() } else if !input.image.working_dir.is_empty() { input.image.working_dir.clone() } else { "/".into() };
+    let cwd = if !container.working_dir.is_empty() {
+        container.working_dir.clone()
+    } else if !input.image.working_dir.is_empty() {
+        input.image.working_dir.clone()
+    } else {
+        "/".into()
+    };
     process.set_cwd(PathBuf::from(cwd));
     process.set_terminal(Some(container.tty));
     let user = &input.user;
-    process.set_user(built(UserBuilder::default().uid(user.uid).gid(user.gid).additional_gids(user.additional_gids.clone()).build(), "user")?);
+    process.set_user(built(
+        UserBuilder::default()
+            .uid(user.uid)
+            .gid(user.gid)
+            .additional_gids(user.additional_gids.clone())
+            .build(),
+        "user",
+    )?);
     process.set_no_new_privileges(Some(security.is_some_and(|s| s.no_new_privs)));
-    let requested_oom = container.linux.as_ref().and_then(|l| l.resources.as_ref()).map(|r| r.oom_score_adj as i32).unwrap_or(0);
+    let requested_oom = container
+        .linux
+        .as_ref()
+        .and_then(|l| l.resources.as_ref())
+        .map(|r| r.oom_score_adj as i32)
+        .unwrap_or(0);
     process.set_oom_score_adj(Some(requested_oom.max(input.oom_score_floor)));
-    let capabilities = crate::capabilities::resolve(security, privileged, crate::capabilities::host())?;
+    let capabilities =
+        crate::capabilities::resolve(security, privileged, crate::capabilities::host())?;
     process.set_apparmor_profile(crate::apparmor::for_container(security, privileged)?);
     process.set_capabilities(Some(built(
         LinuxCapabilitiesBuilder::default()
@@ -181,17 +262,40 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
 
     // Mounts: the defaults (sysfs and cgroupfs writable when privileged), the pod's
     // files and /dev/shm, then the request's own.
-    let mut mounts: Vec<Mount> = spec.mounts().clone().unwrap_or_default().into_iter().filter(|m| m.destination() != Path::new("/dev/shm")).collect();
+    let mut mounts: Vec<Mount> = spec
+        .mounts()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m.destination() != Path::new("/dev/shm"))
+        .collect();
     if privileged {
-        for mount in mounts.iter_mut().filter(|m| matches!(m.typ().as_deref(), Some("sysfs" | "cgroup"))) {
-            let options = mount.options().clone().unwrap_or_default().into_iter().filter(|o| o != "ro").collect();
+        for mount in mounts
+            .iter_mut()
+            .filter(|m| matches!(m.typ().as_deref(), Some("sysfs" | "cgroup")))
+        {
+            let options = mount
+                .options()
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|o| o != "ro")
+                .collect();
             mount.set_options(Some(options));
         }
     }
-    let shm = if namespaces.ipc == NamespaceMode::Node as i32 { PathBuf::from("/dev/shm") } else { crate::namespaces::shm_path(input.pod_dir) };
+    let shm = if namespaces.ipc == NamespaceMode::Node as i32 {
+        PathBuf::from("/dev/shm")
+    } else {
+        crate::namespaces::shm_path(input.pod_dir)
+    };
     mounts.push(bind(Path::new("/dev/shm"), &shm, &["rbind", "rw"])?);
     for file in ["hostname", "hosts", "resolv.conf"] {
-        mounts.push(bind(&Path::new("/etc").join(file), &input.pod_dir.join(file), &["rbind", "rw"])?);
+        mounts.push(bind(
+            &Path::new("/etc").join(file),
+            &input.pod_dir.join(file),
+            &["rbind", "rw"],
+        )?);
     }
     let requested = crate::propagation::container_mounts(&container.mounts)?;
     let rootfs_propagation = requested.rootfs_propagation;
@@ -202,10 +306,16 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
     let pin = |kind: &str| Some(crate::namespaces::pin_path(input.pod_dir, kind));
     let mut linux_namespaces = vec![namespace(LinuxNamespaceType::Mount, None)?];
     if namespaces.pid != NamespaceMode::Node as i32 {
-        linux_namespaces.push(namespace(LinuxNamespaceType::Pid, input.pid_namespace.clone())?);
+        linux_namespaces.push(namespace(
+            LinuxNamespaceType::Pid,
+            input.pid_namespace.clone(),
+        )?);
     }
     if namespaces.network != NamespaceMode::Node as i32 {
-        linux_namespaces.push(namespace(LinuxNamespaceType::Network, (!input.netns_path.is_empty()).then(|| PathBuf::from(input.netns_path)))?);
+        linux_namespaces.push(namespace(
+            LinuxNamespaceType::Network,
+            (!input.netns_path.is_empty()).then(|| PathBuf::from(input.netns_path)),
+        )?);
     }
     if namespaces.ipc != NamespaceMode::Node as i32 {
         linux_namespaces.push(namespace(LinuxNamespaceType::Ipc, pin("ipc"))?);
@@ -213,14 +323,32 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
     if namespaces.network != NamespaceMode::Node as i32 {
         linux_namespaces.push(namespace(LinuxNamespaceType::Uts, pin("uts"))?);
     }
-    let parent = input.sandbox.linux.as_ref().map(|l| l.cgroup_parent.clone()).unwrap_or_default();
+    let parent = input
+        .sandbox
+        .linux
+        .as_ref()
+        .map(|l| l.cgroup_parent.clone())
+        .unwrap_or_default();
     let cgroups_path = cgroups_path(&parent, input.container_id);
-    let resources = container.linux.as_ref().and_then(|l| l.resources.clone()).unwrap_or_default();
+    let resources = container
+        .linux
+        .as_ref()
+        .and_then(|l| l.resources.clone())
+        .unwrap_or_default();
     // Devices: every host device when privileged, else none but the OCI runtime's
     // few; the request's own in both cases.
-    let mut devices = if privileged { crate::devices::privileged()? } else { crate::devices::Devices { rules: vec![crate::devices::deny_all()?], ..Default::default() } };
+    let mut devices = if privileged {
+        crate::devices::privileged()?
+    } else {
+        crate::devices::Devices {
+            rules: vec![crate::devices::deny_all()?],
+            ..Default::default()
+        }
+    };
     let requested = crate::devices::requested(&container.devices)?;
-    devices.nodes.retain(|n| !requested.nodes.iter().any(|r| r.path() == n.path()));
+    devices
+        .nodes
+        .retain(|n| !requested.nodes.iter().any(|r| r.path() == n.path()));
     devices.nodes.extend(requested.nodes);
     devices.rules.extend(requested.rules);
     let linux_resources = crate::resources::linux_resources(&resources, devices.rules)?;
@@ -229,7 +357,14 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
         .namespaces(linux_namespaces)
         .cgroups_path(PathBuf::from(cgroups_path))
         .resources(linux_resources)
-        .sysctl(input.sandbox.linux.as_ref().map(|l| l.sysctls.clone()).unwrap_or_default())
+        .sysctl(
+            input
+                .sandbox
+                .linux
+                .as_ref()
+                .map(|l| l.sysctls.clone())
+                .unwrap_or_default(),
+        )
         .devices(devices.nodes);
     if let Some(propagation) = rootfs_propagation {
         linux = linux.rootfs_propagation(propagation);
@@ -242,8 +377,16 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
     let (masked, readonly) = if privileged {
         (Vec::new(), Vec::new())
     } else {
-        let masked = security.map(|s| s.masked_paths.clone()).filter(|p| !p.is_empty()).or_else(|| defaults.masked_paths().clone()).unwrap_or_default();
-        let readonly = security.map(|s| s.readonly_paths.clone()).filter(|p| !p.is_empty()).or_else(|| defaults.readonly_paths().clone()).unwrap_or_default();
+        let masked = security
+            .map(|s| s.masked_paths.clone())
+            .filter(|p| !p.is_empty())
+            .or_else(|| defaults.masked_paths().clone())
+            .unwrap_or_default();
+        let readonly = security
+            .map(|s| s.readonly_paths.clone())
+            .filter(|p| !p.is_empty())
+            .or_else(|| defaults.readonly_paths().clone())
+            .unwrap_or_default();
         (masked, readonly)
     };
     linux = linux.masked_paths(masked).readonly_paths(readonly);
@@ -258,47 +401,104 @@ mod tests {
     #[test]
     fn cgroup_parents_of_both_kinds() {
         assert_eq!(cgroups_path("", "c1"), "/trellis/c1");
-        assert_eq!(cgroups_path("/kubepods/besteffort/pod12/", "c1"), "/kubepods/besteffort/pod12/c1");
-        assert_eq!(cgroups_path("kubepods-besteffort-pod12.slice", "c1"), "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod12.slice/c1");
+        assert_eq!(
+            cgroups_path("/kubepods/besteffort/pod12/", "c1"),
+            "/kubepods/besteffort/pod12/c1"
+        );
+        assert_eq!(
+            cgroups_path("kubepods-besteffort-pod12.slice", "c1"),
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod12.slice/c1"
+        );
     }
 
     #[test]
     fn command_prefers_the_request_then_the_image() {
-        let image = ImageConfig { entrypoint: vec!["/entry".into()], cmd: vec!["default".into()], ..Default::default() };
+        let image = ImageConfig {
+            entrypoint: vec!["/entry".into()],
+            cmd: vec!["default".into()],
+            ..Default::default()
+        };
         let plain = ContainerConfig::default();
-        assert_eq!(command(&plain, &image).expect("image"), vec!["/entry", "default"]);
-        let args = ContainerConfig { args: vec!["x".into()], ..Default::default() };
+        assert_eq!(
+            command(&plain, &image).expect("image"),
+            vec!["/entry", "default"]
+        );
+        let args = ContainerConfig {
+            args: vec!["x".into()],
+            ..Default::default()
+        };
         assert_eq!(command(&args, &image).expect("args"), vec!["/entry", "x"]);
-        let cmd = ContainerConfig { command: vec!["/bin/sh".into()], ..Default::default() };
+        let cmd = ContainerConfig {
+            command: vec!["/bin/sh".into()],
+            ..Default::default()
+        };
         assert_eq!(command(&cmd, &image).expect("command"), vec!["/bin/sh"]);
         assert!(command(&plain, &ImageConfig::default()).is_err());
     }
 
     #[test]
     fn host_namespaces_are_the_pods_to_ask_for() {
-        let (node, pod, own) = (NamespaceMode::Node as i32, NamespaceMode::Pod as i32, NamespaceMode::Container as i32);
-        let options = |network, pid, ipc| NamespaceOption { network, pid, ipc, ..Default::default() };
+        let (node, pod, own) = (
+            NamespaceMode::Node as i32,
+            NamespaceMode::Pod as i32,
+            NamespaceMode::Container as i32,
+        );
+        let options = |network, pid, ipc| NamespaceOption {
+            network,
+            pid,
+            ipc,
+            ..Default::default()
+        };
         let pod_network = options(pod, pod, pod);
-        assert_eq!(namespaces_of(Some(&pod_network), None).expect("the pod's"), pod_network);
-        assert_eq!(namespaces_of(Some(&pod_network), Some(&options(pod, own, pod))).expect("a PID namespace of its own").pid, own);
-        for (kind, asked) in [("network", options(node, pod, pod)), ("pid", options(pod, node, pod)), ("ipc", options(pod, pod, node))] {
+        assert_eq!(
+            namespaces_of(Some(&pod_network), None).expect("the pod's"),
+            pod_network
+        );
+        assert_eq!(
+            namespaces_of(Some(&pod_network), Some(&options(pod, own, pod)))
+                .expect("a PID namespace of its own")
+                .pid,
+            own
+        );
+        for (kind, asked) in [
+            ("network", options(node, pod, pod)),
+            ("pid", options(pod, node, pod)),
+            ("ipc", options(pod, pod, node)),
+        ] {
             let error = namespaces_of(Some(&pod_network), Some(&asked)).expect_err(kind);
-            assert!(matches!(error, RuntimeError::InvalidArgument(ref m) if m.contains(&format!("namespace_options.{kind}"))), "{error}");
+            assert!(
+                matches!(error, RuntimeError::InvalidArgument(ref m) if m.contains(&format!("namespace_options.{kind}"))),
+                "{error}"
+            );
         }
-        assert!(namespaces_of(None, Some(&options(node, pod, pod))).is_err(), "no pod options: no host namespace");
+        assert!(
+            namespaces_of(None, Some(&options(node, pod, pod))).is_err(),
+            "no pod options: no host namespace"
+        );
         let host = options(node, node, node);
-        assert_eq!(namespaces_of(Some(&host), Some(&options(pod, own, pod))).expect("the pod's host namespaces"), host, "the pod decides");
+        assert_eq!(
+            namespaces_of(Some(&host), Some(&options(pod, own, pod)))
+                .expect("the pod's host namespaces"),
+            host,
+            "the pod decides"
+        );
     }
 
     fn spec_of(container: ContainerConfig, pod_privileged: bool) -> Result<Spec, RuntimeError> {
         let sandbox = PodSandboxConfig {
             linux: Some(k8s_cri::v1::LinuxPodSandboxConfig {
-                security_context: Some(k8s_cri::v1::LinuxSandboxSecurityContext { privileged: pod_privileged, ..Default::default() }),
+                security_context: Some(k8s_cri::v1::LinuxSandboxSecurityContext {
+                    privileged: pod_privileged,
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             ..Default::default()
         };
-        let container = ContainerConfig { command: vec!["/bin/sh".into()], ..container };
+        let container = ContainerConfig {
+            command: vec!["/bin/sh".into()],
+            ..container
+        };
         build(&SpecInput {
             container_id: "c1",
             container: &container,
@@ -307,80 +507,224 @@ mod tests {
             netns_path: "",
             image: &ImageConfig::default(),
             rootfs: Path::new("/rootfs"),
-            user: ResolvedUser { uid: 0, gid: 0, additional_gids: Vec::new() },
+            user: ResolvedUser {
+                uid: 0,
+                gid: 0,
+                additional_gids: Vec::new(),
+            },
             oom_score_floor: 0,
             pid_namespace: None,
         })
     }
 
     fn with_security(security: k8s_cri::v1::LinuxContainerSecurityContext) -> ContainerConfig {
-        ContainerConfig { linux: Some(k8s_cri::v1::LinuxContainerConfig { security_context: Some(security), ..Default::default() }), ..Default::default() }
+        ContainerConfig {
+            linux: Some(k8s_cri::v1::LinuxContainerConfig {
+                security_context: Some(security),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
     }
 
     fn privileged() -> ContainerConfig {
-        with_security(k8s_cri::v1::LinuxContainerSecurityContext { privileged: true, seccomp: Some(Default::default()), ..Default::default() })
+        with_security(k8s_cri::v1::LinuxContainerSecurityContext {
+            privileged: true,
+            seccomp: Some(Default::default()),
+            ..Default::default()
+        })
     }
 
     #[test]
     fn privileged_containers_get_everything_the_host_has() {
         let spec = spec_of(privileged(), true).expect("privileged spec");
         let process = spec.process().clone().expect("process");
-        let bounding = process.capabilities().clone().expect("caps").bounding().clone().expect("bounding");
+        let bounding = process
+            .capabilities()
+            .clone()
+            .expect("caps")
+            .bounding()
+            .clone()
+            .expect("bounding");
         assert_eq!(&bounding, crate::capabilities::host());
         let linux = spec.linux().clone().expect("linux");
-        assert!(linux.seccomp().is_none(), "privileged ignores its seccomp profile");
-        assert!(linux.masked_paths().as_ref().is_none_or(Vec::is_empty) && linux.readonly_paths().as_ref().is_none_or(Vec::is_empty));
+        assert!(
+            linux.seccomp().is_none(),
+            "privileged ignores its seccomp profile"
+        );
+        assert!(
+            linux.masked_paths().as_ref().is_none_or(Vec::is_empty)
+                && linux.readonly_paths().as_ref().is_none_or(Vec::is_empty)
+        );
         let devices = linux.devices().clone().expect("host devices");
-        assert!(devices.iter().any(|d| d.path() == Path::new("/dev/null")), "{devices:?}");
-        let rules = linux.resources().clone().expect("resources").devices().clone().expect("rules");
-        assert!(rules[0].allow() && rules[0].access().as_deref() == Some("rwm") && rules[0].typ().is_none());
-        let sys = spec.mounts().clone().expect("mounts").into_iter().find(|m| m.destination() == Path::new("/sys")).expect("/sys");
-        assert!(!sys.options().clone().unwrap_or_default().contains(&"ro".to_string()), "{sys:?}");
+        assert!(
+            devices.iter().any(|d| d.path() == Path::new("/dev/null")),
+            "{devices:?}"
+        );
+        let rules = linux
+            .resources()
+            .clone()
+            .expect("resources")
+            .devices()
+            .clone()
+            .expect("rules");
+        assert!(
+            rules[0].allow()
+                && rules[0].access().as_deref() == Some("rwm")
+                && rules[0].typ().is_none()
+        );
+        let sys = spec
+            .mounts()
+            .clone()
+            .expect("mounts")
+            .into_iter()
+            .find(|m| m.destination() == Path::new("/sys"))
+            .expect("/sys");
+        assert!(
+            !sys.options()
+                .clone()
+                .unwrap_or_default()
+                .contains(&"ro".to_string()),
+            "{sys:?}"
+        );
     }
 
     #[test]
     fn privileged_containers_need_a_privileged_pod() {
         let error = spec_of(privileged(), false).expect_err("unprivileged pod");
-        assert!(matches!(error, RuntimeError::InvalidArgument(ref m) if m.contains("privileged pod")), "{error}");
+        assert!(
+            matches!(error, RuntimeError::InvalidArgument(ref m) if m.contains("privileged pod")),
+            "{error}"
+        );
     }
 
     #[test]
     fn ordinary_containers_are_confined() {
-        let spec = spec_of(with_security(k8s_cri::v1::LinuxContainerSecurityContext { seccomp: Some(Default::default()), ..Default::default() }), false).expect("spec");
+        let spec = spec_of(
+            with_security(k8s_cri::v1::LinuxContainerSecurityContext {
+                seccomp: Some(Default::default()),
+                ..Default::default()
+            }),
+            false,
+        )
+        .expect("spec");
         let linux = spec.linux().clone().expect("linux");
         let seccomp = linux.seccomp().clone().expect("RuntimeDefault filter");
-        assert_eq!(seccomp.default_action(), oci_spec::runtime::LinuxSeccompAction::ScmpActErrno);
+        assert_eq!(
+            seccomp.default_action(),
+            oci_spec::runtime::LinuxSeccompAction::ScmpActErrno
+        );
         assert!(linux.devices().as_ref().is_none_or(Vec::is_empty));
-        let rules = linux.resources().clone().expect("resources").devices().clone().expect("rules");
+        let rules = linux
+            .resources()
+            .clone()
+            .expect("resources")
+            .devices()
+            .clone()
+            .expect("rules");
         assert_eq!(rules.len(), 1);
-        assert!(!rules[0].allow(), "all devices denied but the runtime's defaults");
-        assert!(linux.masked_paths().as_ref().is_some_and(|p| p.contains(&"/proc/kcore".to_string())));
-        let sys = spec.mounts().clone().expect("mounts").into_iter().find(|m| m.destination() == Path::new("/sys")).expect("/sys");
-        assert!(sys.options().clone().unwrap_or_default().contains(&"ro".to_string()));
+        assert!(
+            !rules[0].allow(),
+            "all devices denied but the runtime's defaults"
+        );
+        assert!(
+            linux
+                .masked_paths()
+                .as_ref()
+                .is_some_and(|p| p.contains(&"/proc/kcore".to_string()))
+        );
+        let sys = spec
+            .mounts()
+            .clone()
+            .expect("mounts")
+            .into_iter()
+            .find(|m| m.destination() == Path::new("/sys"))
+            .expect("/sys");
+        assert!(
+            sys.options()
+                .clone()
+                .unwrap_or_default()
+                .contains(&"ro".to_string())
+        );
         assert!(linux.rootfs_propagation().is_none());
 
         let unconfined = spec_of(ContainerConfig::default(), false).expect("no profile");
-        assert!(unconfined.linux().clone().expect("linux").seccomp().is_none(), "no profile asked: unconfined");
+        assert!(
+            unconfined
+                .linux()
+                .clone()
+                .expect("linux")
+                .seccomp()
+                .is_none(),
+            "no profile asked: unconfined"
+        );
     }
 
     #[test]
     fn requested_devices_and_mounts_reach_the_spec() {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = ContainerConfig {
-            devices: vec![k8s_cri::v1::Device { host_path: "/dev/zero".into(), container_path: "/dev/myzero".into(), permissions: "r".into() }],
-            mounts: vec![k8s_cri::v1::Mount { host_path: dir.path().display().to_string(), container_path: "/data".into(), readonly: true, ..Default::default() }],
+            devices: vec![k8s_cri::v1::Device {
+                host_path: "/dev/zero".into(),
+                container_path: "/dev/myzero".into(),
+                permissions: "r".into(),
+            }],
+            mounts: vec![k8s_cri::v1::Mount {
+                host_path: dir.path().display().to_string(),
+                container_path: "/data".into(),
+                readonly: true,
+                ..Default::default()
+            }],
             ..Default::default()
         };
         let spec = spec_of(config, false).expect("spec");
         let linux = spec.linux().clone().expect("linux");
         let devices = linux.devices().clone().expect("devices");
-        assert_eq!(devices.iter().map(|d| (d.path().clone(), d.major(), d.minor())).collect::<Vec<_>>(), vec![(PathBuf::from("/dev/myzero"), 1, 5)]);
-        let rules = linux.resources().clone().expect("resources").devices().clone().expect("rules");
-        assert_eq!((rules[1].allow(), rules[1].major(), rules[1].minor(), rules[1].access().as_deref()), (true, Some(1), Some(5), Some("r")));
-        let data = spec.mounts().clone().expect("mounts").into_iter().find(|m| m.destination() == Path::new("/data")).expect("/data");
-        assert_eq!(data.options().clone().expect("options"), vec!["rbind", "ro", "rprivate"]);
+        assert_eq!(
+            devices
+                .iter()
+                .map(|d| (d.path().clone(), d.major(), d.minor()))
+                .collect::<Vec<_>>(),
+            vec![(PathBuf::from("/dev/myzero"), 1, 5)]
+        );
+        let rules = linux
+            .resources()
+            .clone()
+            .expect("resources")
+            .devices()
+            .clone()
+            .expect("rules");
+        assert_eq!(
+            (
+                rules[1].allow(),
+                rules[1].major(),
+                rules[1].minor(),
+                rules[1].access().as_deref()
+            ),
+            (true, Some(1), Some(5), Some("r"))
+        );
+        let data = spec
+            .mounts()
+            .clone()
+            .expect("mounts")
+            .into_iter()
+            .find(|m| m.destination() == Path::new("/data"))
+            .expect("/data");
+        assert_eq!(
+            data.options().clone().expect("options"),
+            vec!["rbind", "ro", "rprivate"]
+        );
 
-        let missing = ContainerConfig { devices: vec![k8s_cri::v1::Device { host_path: "/dev/nope".into(), container_path: "/dev/nope".into(), permissions: "rw".into() }], ..Default::default() };
-        assert!(matches!(spec_of(missing, false), Err(RuntimeError::InvalidArgument(ref m)) if m.contains("/dev/nope")));
+        let missing = ContainerConfig {
+            devices: vec![k8s_cri::v1::Device {
+                host_path: "/dev/nope".into(),
+                container_path: "/dev/nope".into(),
+                permissions: "rw".into(),
+            }],
+            ..Default::default()
+        };
+        assert!(
+            matches!(spec_of(missing, false), Err(RuntimeError::InvalidArgument(ref m)) if m.contains("/dev/nope"))
+        );
     }
 }

@@ -30,7 +30,16 @@ fn read_number(path: &Path) -> Option<u64> {
 
 /// A `key value` line of a cgroup stat file.
 fn stat_field(path: &Path, key: &str) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.lines().find_map(|line| line.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+    std::fs::read_to_string(path)
+        .ok()?
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(key)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
 }
 
 /// Reads a cgroup under `root`: the v1 controllers when mounted there (hybrid hosts
@@ -39,16 +48,27 @@ pub fn read_cgroup(root: &Path, cgroup: &str) -> Option<CgroupReading> {
     let relative = cgroup.trim_start_matches('/');
     let memory_v1 = root.join("memory").join(relative);
     if root.join("memory").is_dir() {
-        let cpu = ["cpuacct", "cpu,cpuacct"].iter().find_map(|c| read_number(&root.join(c).join(relative).join("cpuacct.usage")))?;
+        let cpu = ["cpuacct", "cpu,cpuacct"]
+            .iter()
+            .find_map(|c| read_number(&root.join(c).join(relative).join("cpuacct.usage")))?;
         let usage = read_number(&memory_v1.join("memory.usage_in_bytes"))?;
-        let inactive = stat_field(&memory_v1.join("memory.stat"), "total_inactive_file").unwrap_or(0);
-        return Some(CgroupReading { cpu_ns: cpu, memory_usage: usage, working_set: usage.saturating_sub(inactive) });
+        let inactive =
+            stat_field(&memory_v1.join("memory.stat"), "total_inactive_file").unwrap_or(0);
+        return Some(CgroupReading {
+            cpu_ns: cpu,
+            memory_usage: usage,
+            working_set: usage.saturating_sub(inactive),
+        });
     }
     let dir = root.join(relative);
     let cpu = stat_field(&dir.join("cpu.stat"), "usage_usec")? * 1000;
     let usage = read_number(&dir.join("memory.current"))?;
     let inactive = stat_field(&dir.join("memory.stat"), "inactive_file").unwrap_or(0);
-    Some(CgroupReading { cpu_ns: cpu, memory_usage: usage, working_set: usage.saturating_sub(inactive) })
+    Some(CgroupReading {
+        cpu_ns: cpu,
+        memory_usage: usage,
+        working_set: usage.saturating_sub(inactive),
+    })
 }
 
 fn value(value: u64) -> Option<UInt64Value> {
@@ -57,25 +77,38 @@ fn value(value: u64) -> Option<UInt64Value> {
 
 impl Runtime {
     fn cpu_rate(&self, id: &str, cpu_ns: u64, at: i64) -> u64 {
-        let mut samples = self.cpu_samples.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut samples = self
+            .cpu_samples
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let rate = samples.get(id).and_then(|(before, then)| {
             let elapsed = (at - then) as f64;
-            (elapsed > 0.0 && cpu_ns >= *before).then(|| ((cpu_ns - before) as f64 / elapsed * 1e9) as u64)
+            (elapsed > 0.0 && cpu_ns >= *before)
+                .then(|| ((cpu_ns - before) as f64 / elapsed * 1e9) as u64)
         });
         samples.insert(id.to_string(), (cpu_ns, at));
         rate.unwrap_or(0)
     }
 
-    async fn writable_layers(&self, ids: Vec<String>) -> Result<HashMap<String, FilesystemUsage>, RuntimeError> {
+    async fn writable_layers(
+        &self,
+        ids: Vec<String>,
+    ) -> Result<HashMap<String, FilesystemUsage>, RuntimeError> {
         let request = traced_request(WritableLayerUsageRequest { container_ids: ids });
-        let response = StorageClient::new(self.storage.clone()).writable_layer_usage(request).await.map_err(RuntimeError::storage)?.into_inner();
+        let response = StorageClient::new(self.storage.clone())
+            .writable_layer_usage(request)
+            .await
+            .map_err(RuntimeError::storage)?
+            .into_inner();
         Ok(response
             .usages
             .into_iter()
             .map(|u| {
                 let usage = FilesystemUsage {
                     timestamp: response.timestamp_unix_nano,
-                    fs_id: Some(FilesystemIdentifier { mountpoint: u.mountpoint }),
+                    fs_id: Some(FilesystemIdentifier {
+                        mountpoint: u.mountpoint,
+                    }),
                     used_bytes: value(u.used_bytes),
                     inodes_used: value(u.inodes_used),
                 };
@@ -84,20 +117,44 @@ impl Runtime {
             .collect())
     }
 
-    fn container_stats_of(&self, record: &ContainerRecord, config: ContainerConfig, layers: &HashMap<String, FilesystemUsage>) -> Result<ContainerStats, RuntimeError> {
+    fn container_stats_of(
+        &self,
+        record: &ContainerRecord,
+        config: ContainerConfig,
+        layers: &HashMap<String, FilesystemUsage>,
+    ) -> Result<ContainerStats, RuntimeError> {
         let at = now_nanos();
         let reading = read_cgroup(Path::new(CGROUP_ROOT), &record.cgroup_path).unwrap_or_default();
         Ok(ContainerStats {
-            attributes: Some(ContainerAttributes { id: record.id.clone(), metadata: config.metadata, labels: config.labels, annotations: config.annotations }),
-            cpu: Some(CpuUsage { timestamp: at, usage_core_nano_seconds: value(reading.cpu_ns), usage_nano_cores: value(self.cpu_rate(&record.id, reading.cpu_ns, at)) }),
-            memory: Some(MemoryUsage { timestamp: at, working_set_bytes: value(reading.working_set), usage_bytes: value(reading.memory_usage), ..Default::default() }),
+            attributes: Some(ContainerAttributes {
+                id: record.id.clone(),
+                metadata: config.metadata,
+                labels: config.labels,
+                annotations: config.annotations,
+            }),
+            cpu: Some(CpuUsage {
+                timestamp: at,
+                usage_core_nano_seconds: value(reading.cpu_ns),
+                usage_nano_cores: value(self.cpu_rate(&record.id, reading.cpu_ns, at)),
+            }),
+            memory: Some(MemoryUsage {
+                timestamp: at,
+                working_set_bytes: value(reading.working_set),
+                usage_bytes: value(reading.memory_usage),
+                ..Default::default()
+            }),
             writable_layer: layers.get(&record.id).cloned(),
             ..Default::default()
         })
     }
 
     fn visible_containers(&self) -> Result<Vec<ContainerRecord>, RuntimeError> {
-        Ok(self.containers.all()?.into_iter().filter(|c| !c.infra && c.state != crate::records::ContainerState::Creating as i32).collect())
+        Ok(self
+            .containers
+            .all()?
+            .into_iter()
+            .filter(|c| !c.infra && c.state != crate::records::ContainerState::Creating as i32)
+            .collect())
     }
 
     pub async fn container_stats(&self, id: &str) -> Result<ContainerStats, RuntimeError> {
@@ -106,63 +163,137 @@ impl Runtime {
         self.container_stats_of(&record, crate::container::decode(&record)?, &layers)
     }
 
-    pub async fn list_container_stats(&self, filter: Option<ContainerStatsFilter>) -> Result<Vec<ContainerStats>, RuntimeError> {
-        Ok(self.container_stats_with_pods(filter).await?.into_iter().map(|(_, stats)| stats).collect())
+    pub async fn list_container_stats(
+        &self,
+        filter: Option<ContainerStatsFilter>,
+    ) -> Result<Vec<ContainerStats>, RuntimeError> {
+        Ok(self
+            .container_stats_with_pods(filter)
+            .await?
+            .into_iter()
+            .map(|(_, stats)| stats)
+            .collect())
     }
 
     /// The stats of the containers `filter` picks, each with its pod's id.
-    async fn container_stats_with_pods(&self, filter: Option<ContainerStatsFilter>) -> Result<Vec<(String, ContainerStats)>, RuntimeError> {
+    async fn container_stats_with_pods(
+        &self,
+        filter: Option<ContainerStatsFilter>,
+    ) -> Result<Vec<(String, ContainerStats)>, RuntimeError> {
         let filter = filter.unwrap_or_default();
         let mut chosen = Vec::new();
         for record in self.visible_containers()? {
-            if !(filter.id.is_empty() || record.id.starts_with(&filter.id)) || !(filter.pod_sandbox_id.is_empty() || record.sandbox_id.starts_with(&filter.pod_sandbox_id)) {
+            if !(filter.id.is_empty() || record.id.starts_with(&filter.id))
+                || !(filter.pod_sandbox_id.is_empty()
+                    || record.sandbox_id.starts_with(&filter.pod_sandbox_id))
+            {
                 continue;
             }
             let config = crate::container::decode(&record)?;
-            if filter.label_selector.iter().all(|(k, v)| config.labels.get(k) == Some(v)) {
+            if filter
+                .label_selector
+                .iter()
+                .all(|(k, v)| config.labels.get(k) == Some(v))
+            {
                 chosen.push((record, config));
             }
         }
-        let layers = self.writable_layers(chosen.iter().map(|(r, _)| r.id.clone()).collect()).await?;
-        chosen.into_iter().map(|(record, config)| Ok((record.sandbox_id.clone(), self.container_stats_of(&record, config, &layers)?))).collect()
+        let layers = self
+            .writable_layers(chosen.iter().map(|(r, _)| r.id.clone()).collect())
+            .await?;
+        chosen
+            .into_iter()
+            .map(|(record, config)| {
+                Ok((
+                    record.sandbox_id.clone(),
+                    self.container_stats_of(&record, config, &layers)?,
+                ))
+            })
+            .collect()
     }
 
     /// A pod's figures from its containers' stats (taken by the caller, so that a list
     /// of pods reads every container once).
-    fn pod_stats_of(sandbox: &crate::records::SandboxRecord, containers: Vec<ContainerStats>) -> Result<PodSandboxStats, RuntimeError> {
+    fn pod_stats_of(
+        sandbox: &crate::records::SandboxRecord,
+        containers: Vec<ContainerStats>,
+    ) -> Result<PodSandboxStats, RuntimeError> {
         let config = crate::sandbox::decode_config(sandbox)?;
         let at = now_nanos();
         let sum = |pick: &dyn Fn(&ContainerStats) -> u64| containers.iter().map(pick).sum::<u64>();
         let cpu = CpuUsage {
             timestamp: at,
-            usage_core_nano_seconds: value(sum(&|c| c.cpu.as_ref().and_then(|u| u.usage_core_nano_seconds.as_ref()).map_or(0, |v| v.value))),
-            usage_nano_cores: value(sum(&|c| c.cpu.as_ref().and_then(|u| u.usage_nano_cores.as_ref()).map_or(0, |v| v.value))),
+            usage_core_nano_seconds: value(sum(&|c| {
+                c.cpu
+                    .as_ref()
+                    .and_then(|u| u.usage_core_nano_seconds.as_ref())
+                    .map_or(0, |v| v.value)
+            })),
+            usage_nano_cores: value(sum(&|c| {
+                c.cpu
+                    .as_ref()
+                    .and_then(|u| u.usage_nano_cores.as_ref())
+                    .map_or(0, |v| v.value)
+            })),
         };
         let memory = MemoryUsage {
             timestamp: at,
-            working_set_bytes: value(sum(&|c| c.memory.as_ref().and_then(|m| m.working_set_bytes.as_ref()).map_or(0, |v| v.value))),
-            usage_bytes: value(sum(&|c| c.memory.as_ref().and_then(|m| m.usage_bytes.as_ref()).map_or(0, |v| v.value))),
+            working_set_bytes: value(sum(&|c| {
+                c.memory
+                    .as_ref()
+                    .and_then(|m| m.working_set_bytes.as_ref())
+                    .map_or(0, |v| v.value)
+            })),
+            usage_bytes: value(sum(&|c| {
+                c.memory
+                    .as_ref()
+                    .and_then(|m| m.usage_bytes.as_ref())
+                    .map_or(0, |v| v.value)
+            })),
             ..Default::default()
         };
         Ok(PodSandboxStats {
-            attributes: Some(PodSandboxAttributes { id: sandbox.id.clone(), metadata: config.metadata, labels: config.labels, annotations: config.annotations }),
-            linux: Some(LinuxPodSandboxStats { cpu: Some(cpu), memory: Some(memory), containers, ..Default::default() }),
+            attributes: Some(PodSandboxAttributes {
+                id: sandbox.id.clone(),
+                metadata: config.metadata,
+                labels: config.labels,
+                annotations: config.annotations,
+            }),
+            linux: Some(LinuxPodSandboxStats {
+                cpu: Some(cpu),
+                memory: Some(memory),
+                containers,
+                ..Default::default()
+            }),
             windows: None,
         })
     }
 
     pub async fn pod_sandbox_stats(&self, id: &str) -> Result<PodSandboxStats, RuntimeError> {
         let sandbox = self.resolve(&self.sandboxes, id, "pod sandbox", |r| &r.id)?;
-        let containers = self.list_container_stats(Some(ContainerStatsFilter { pod_sandbox_id: sandbox.id.clone(), ..Default::default() })).await?;
+        let containers = self
+            .list_container_stats(Some(ContainerStatsFilter {
+                pod_sandbox_id: sandbox.id.clone(),
+                ..Default::default()
+            }))
+            .await?;
         Self::pod_stats_of(&sandbox, containers)
     }
 
-    pub async fn list_pod_sandbox_stats(&self, filter: Option<PodSandboxStatsFilter>) -> Result<Vec<PodSandboxStats>, RuntimeError> {
+    pub async fn list_pod_sandbox_stats(
+        &self,
+        filter: Option<PodSandboxStatsFilter>,
+    ) -> Result<Vec<PodSandboxStats>, RuntimeError> {
         let filter = filter.unwrap_or_default();
         let mut chosen = Vec::new();
         for sandbox in self.sandboxes.all()? {
             let labels = crate::sandbox::decode_config(&sandbox)?.labels;
-            if (filter.id.is_empty() || sandbox.id.starts_with(&filter.id)) && filter.label_selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+            if (filter.id.is_empty() || sandbox.id.starts_with(&filter.id))
+                && filter
+                    .label_selector
+                    .iter()
+                    .all(|(k, v)| labels.get(k) == Some(v))
+            {
                 chosen.push(sandbox);
             }
         }
@@ -172,7 +303,12 @@ impl Runtime {
                 by_pod.entry(sandbox_id).or_default().push(stats);
             }
         }
-        chosen.iter().map(|sandbox| Self::pod_stats_of(sandbox, by_pod.remove(&sandbox.id).unwrap_or_default())).collect()
+        chosen
+            .iter()
+            .map(|sandbox| {
+                Self::pod_stats_of(sandbox, by_pod.remove(&sandbox.id).unwrap_or_default())
+            })
+            .collect()
     }
 }
 
@@ -188,16 +324,45 @@ mod tests {
     #[test]
     fn reads_v1_and_v2_layouts() {
         let v1 = tempfile::tempdir().expect("tempdir");
-        write(v1.path().join("cpu,cpuacct/trellis/c1/cpuacct.usage"), "5000\n");
-        write(v1.path().join("memory/trellis/c1/memory.usage_in_bytes"), "1000\n");
-        write(v1.path().join("memory/trellis/c1/memory.stat"), "cache 9\ntotal_inactive_file 200\n");
-        assert_eq!(read_cgroup(v1.path(), "/trellis/c1"), Some(CgroupReading { cpu_ns: 5000, memory_usage: 1000, working_set: 800 }));
+        write(
+            v1.path().join("cpu,cpuacct/trellis/c1/cpuacct.usage"),
+            "5000\n",
+        );
+        write(
+            v1.path().join("memory/trellis/c1/memory.usage_in_bytes"),
+            "1000\n",
+        );
+        write(
+            v1.path().join("memory/trellis/c1/memory.stat"),
+            "cache 9\ntotal_inactive_file 200\n",
+        );
+        assert_eq!(
+            read_cgroup(v1.path(), "/trellis/c1"),
+            Some(CgroupReading {
+                cpu_ns: 5000,
+                memory_usage: 1000,
+                working_set: 800
+            })
+        );
 
         let v2 = tempfile::tempdir().expect("tempdir");
-        write(v2.path().join("trellis/c1/cpu.stat"), "usage_usec 7\nuser_usec 5\n");
+        write(
+            v2.path().join("trellis/c1/cpu.stat"),
+            "usage_usec 7\nuser_usec 5\n",
+        );
         write(v2.path().join("trellis/c1/memory.current"), "4096\n");
-        write(v2.path().join("trellis/c1/memory.stat"), "anon 1\ninactive_file 96\n");
-        assert_eq!(read_cgroup(v2.path(), "/trellis/c1"), Some(CgroupReading { cpu_ns: 7000, memory_usage: 4096, working_set: 4000 }));
+        write(
+            v2.path().join("trellis/c1/memory.stat"),
+            "anon 1\ninactive_file 96\n",
+        );
+        assert_eq!(
+            read_cgroup(v2.path(), "/trellis/c1"),
+            Some(CgroupReading {
+                cpu_ns: 7000,
+                memory_usage: 4096,
+                working_set: 4000
+            })
+        );
         assert_eq!(read_cgroup(v2.path(), "/trellis/gone"), None);
     }
 }

@@ -18,13 +18,33 @@ pub enum StorageError {
     #[error("a stored record is unreadable: {0}")]
     Decode(#[from] prost::DecodeError),
     #[error("pulling {image}: blob {digest} does not match its digest (got {actual})")]
-    DigestMismatch { image: String, digest: String, actual: String },
+    DigestMismatch {
+        image: String,
+        digest: String,
+        actual: String,
+    },
     #[error("pulling {image}: blob {digest} is {actual} bytes, the manifest says {expected}")]
-    SizeMismatch { image: String, digest: String, expected: u64, actual: u64 },
-    #[error("pulling {image}: layer {digest} unpacks to {actual}, the image config says {expected}")]
-    DiffIdMismatch { image: String, digest: String, expected: String, actual: String },
+    SizeMismatch {
+        image: String,
+        digest: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error(
+        "pulling {image}: layer {digest} unpacks to {actual}, the image config says {expected}"
+    )]
+    DiffIdMismatch {
+        image: String,
+        digest: String,
+        expected: String,
+        actual: String,
+    },
     #[error("pulling {image}: layer {digest} refused: {reason}")]
-    TooLarge { image: String, digest: String, reason: String },
+    TooLarge {
+        image: String,
+        digest: String,
+        reason: String,
+    },
     #[error("{0}")]
     Corrupt(String),
     #[error("{0}")]
@@ -44,7 +64,10 @@ pub enum StorageError {
 
 impl StorageError {
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
-        Self::Io { what: what.into(), source }
+        Self::Io {
+            what: what.into(),
+            source,
+        }
     }
 
     /// A full disk or quota: the caller may retry once space is freed.
@@ -54,7 +77,12 @@ impl StorageError {
             Self::Extract(error) => error.io_source(),
             _ => None,
         };
-        source.is_some_and(|e| matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded))
+        source.is_some_and(|e| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            )
+        })
     }
 }
 
@@ -67,14 +95,18 @@ impl From<StorageError> for Status {
         match error {
             StorageError::TooLarge { .. } => Status::resource_exhausted(message),
             // An entry that would reach out of its layer: the image is unacceptable.
-            StorageError::Extract(ExtractError::Refused { .. }) => Status::invalid_argument(message),
+            StorageError::Extract(ExtractError::Refused { .. }) => {
+                Status::invalid_argument(message)
+            }
             StorageError::InvalidArgument(_) => Status::invalid_argument(message),
             StorageError::NotFound(_) => Status::not_found(message),
             StorageError::InUse { .. } => Status::failed_precondition(message),
             // Bad content from a registry: the caller's input was wrong, not us.
-            StorageError::DigestMismatch { .. } | StorageError::SizeMismatch { .. } | StorageError::DiffIdMismatch { .. } | StorageError::Extract(_) | StorageError::Corrupt(_) => {
-                Status::data_loss(message)
-            }
+            StorageError::DigestMismatch { .. }
+            | StorageError::SizeMismatch { .. }
+            | StorageError::DiffIdMismatch { .. }
+            | StorageError::Extract(_)
+            | StorageError::Corrupt(_) => Status::data_loss(message),
             _ => Status::internal(message),
         }
     }

@@ -34,8 +34,14 @@ const PRIVILEGED_XATTR_PREFIX: &str = "trusted.";
 /// The longest entry path taken (Linux's PATH_MAX): it also bounds the tree's depth.
 const MAX_PATH_BYTES: usize = 4096;
 
-const DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::NOFOLLOW).union(OFlags::CLOEXEC);
-const BENEATH: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS).union(ResolveFlags::NO_XDEV);
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+const BENEATH: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS)
+    .union(ResolveFlags::NO_XDEV);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExtractError {
@@ -64,15 +70,24 @@ impl ExtractError {
 }
 
 fn refused(entry: &Path, reason: impl Into<String>) -> ExtractError {
-    ExtractError::Refused { entry: excerpt_path(entry), reason: reason.into() }
+    ExtractError::Refused {
+        entry: excerpt_path(entry),
+        reason: reason.into(),
+    }
 }
 
 fn io_error(entry: &Path) -> impl Fn(io::Error) -> ExtractError + '_ {
-    move |source| ExtractError::Io { entry: excerpt_path(entry), source }
+    move |source| ExtractError::Io {
+        entry: excerpt_path(entry),
+        source,
+    }
 }
 
 fn errno_error(entry: &Path) -> impl Fn(rustix::io::Errno) -> ExtractError + '_ {
-    move |errno| ExtractError::Io { entry: excerpt_path(entry), source: io::Error::from(errno) }
+    move |errno| ExtractError::Io {
+        entry: excerpt_path(entry),
+        source: io::Error::from(errno),
+    }
 }
 
 fn tar_error(error: io::Error) -> ExtractError {
@@ -82,10 +97,16 @@ fn tar_error(error: io::Error) -> ExtractError {
 /// The entry's path as a relative path of normal components, or a refusal.
 fn sanitize(raw: &Path) -> Result<PathBuf, ExtractError> {
     if raw.as_os_str().len() > MAX_PATH_BYTES {
-        return Err(refused(raw, format!("path longer than {MAX_PATH_BYTES} bytes")));
+        return Err(refused(
+            raw,
+            format!("path longer than {MAX_PATH_BYTES} bytes"),
+        ));
     }
     // `/` alone (umoci writes it) names the layer's root, which is not an escape.
-    if raw.components().all(|c| matches!(c, Component::RootDir | Component::CurDir)) {
+    if raw
+        .components()
+        .all(|c| matches!(c, Component::RootDir | Component::CurDir))
+    {
         return Ok(PathBuf::new());
     }
     let mut clean = PathBuf::new();
@@ -102,7 +123,10 @@ fn sanitize(raw: &Path) -> Result<PathBuf, ExtractError> {
 
 /// A directory or a plain name inside it: `relative` split into parent and name.
 fn split(relative: &Path) -> (&Path, &std::ffi::OsStr) {
-    (relative.parent().unwrap_or(Path::new("")), relative.file_name().unwrap_or_default())
+    (
+        relative.parent().unwrap_or(Path::new("")),
+        relative.file_name().unwrap_or_default(),
+    )
 }
 
 /// Opens `name` (one plain component) in `dir` as a directory, never through a symlink.
@@ -120,7 +144,10 @@ struct Layer {
 impl Layer {
     fn open(dest: &Path) -> Result<Self, ExtractError> {
         let root = rustix::fs::open(dest, DIR_FLAGS, Mode::empty()).map_err(errno_error(dest))?;
-        Ok(Self { root, last_parent: None })
+        Ok(Self {
+            root,
+            last_parent: None,
+        })
     }
 
     /// The directory `relative` inside the layer, made (0755) where missing; refused
@@ -138,7 +165,8 @@ impl Layer {
             return rustix::io::dup(&self.root).map_err(errno_error(entry));
         }
         // One call when the whole path is already there, as it usually is.
-        if let Ok(fd) = rustix::fs::openat2(&self.root, relative, DIR_FLAGS, Mode::empty(), BENEATH) {
+        if let Ok(fd) = rustix::fs::openat2(&self.root, relative, DIR_FLAGS, Mode::empty(), BENEATH)
+        {
             return Ok(fd);
         }
         let mut current = rustix::io::dup(&self.root).map_err(errno_error(entry))?;
@@ -156,10 +184,17 @@ impl Layer {
                     open_child_dir(current.as_fd(), name).map_err(errno_error(entry))?
                 }
                 Err(errno) => {
-                    let kind = rustix::fs::statat(&current, name, AtFlags::SYMLINK_NOFOLLOW).map(|stat| FileType::from_raw_mode(stat.st_mode));
+                    let kind = rustix::fs::statat(&current, name, AtFlags::SYMLINK_NOFOLLOW)
+                        .map(|stat| FileType::from_raw_mode(stat.st_mode));
                     return Err(match kind {
-                        Ok(FileType::Symlink) => refused(entry, format!("writes through the symlink `{}`", excerpt_path(&walked))),
-                        Ok(kind) if kind != FileType::Directory => refused(entry, format!("a parent, `{}`, is not a directory", excerpt_path(&walked))),
+                        Ok(FileType::Symlink) => refused(
+                            entry,
+                            format!("writes through the symlink `{}`", excerpt_path(&walked)),
+                        ),
+                        Ok(kind) if kind != FileType::Directory => refused(
+                            entry,
+                            format!("a parent, `{}`, is not a directory", excerpt_path(&walked)),
+                        ),
                         _ => errno_error(entry)(errno),
                     });
                 }
@@ -208,7 +243,12 @@ fn remove_tree(dir: BorrowedFd<'_>, name: &std::ffi::OsStr) -> rustix::io::Resul
 /// Removes whatever an earlier entry left at `name` (a later entry wins), except a
 /// directory that the new entry keeps as a directory. Returns whether a directory
 /// was removed.
-fn clear(dir: BorrowedFd<'_>, name: &std::ffi::OsStr, keep_dir: bool, entry: &Path) -> Result<bool, ExtractError> {
+fn clear(
+    dir: BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+    keep_dir: bool,
+    entry: &Path,
+) -> Result<bool, ExtractError> {
     match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(stat) if FileType::from_raw_mode(stat.st_mode) == FileType::Directory => {
             if keep_dir {
@@ -217,7 +257,9 @@ fn clear(dir: BorrowedFd<'_>, name: &std::ffi::OsStr, keep_dir: bool, entry: &Pa
             remove_tree(dir, name).map_err(errno_error(entry))?;
             Ok(true)
         }
-        Ok(_) => rustix::fs::unlinkat(dir, name, AtFlags::empty()).map(|()| false).map_err(errno_error(entry)),
+        Ok(_) => rustix::fs::unlinkat(dir, name, AtFlags::empty())
+            .map(|()| false)
+            .map_err(errno_error(entry)),
         Err(rustix::io::Errno::NOENT) => Ok(false),
         Err(errno) => Err(errno_error(entry)(errno)),
     }
@@ -247,7 +289,10 @@ struct Metadata {
 fn metadata(header: &tar::Header, entry: &Path) -> Result<Metadata, ExtractError> {
     let id = |value: u64, what: &str| -> Result<u32, ExtractError> {
         // -1 means "unchanged" to chown: no entry may ask for it.
-        u32::try_from(value).ok().filter(|id| *id != u32::MAX).ok_or_else(|| refused(entry, format!("{what} {value} is out of range")))
+        u32::try_from(value)
+            .ok()
+            .filter(|id| *id != u32::MAX)
+            .ok_or_else(|| refused(entry, format!("{what} {value} is out of range")))
     };
     let raw = header.as_bytes();
     Ok(Metadata {
@@ -269,8 +314,14 @@ fn lenient(parsed: io::Result<u64>, field: &[u8]) -> Result<u64, ExtractError> {
 }
 
 fn timestamps(mtime: i64) -> Timestamps {
-    let time = Timespec { tv_sec: mtime, tv_nsec: 0 };
-    Timestamps { last_access: time, last_modification: time }
+    let time = Timespec {
+        tv_sec: mtime,
+        tv_nsec: 0,
+    };
+    Timestamps {
+        last_access: time,
+        last_modification: time,
+    }
 }
 
 /// `/proc/self/fd/<n>`: a path that reaches exactly the inode an `O_PATH` descriptor
@@ -283,9 +334,18 @@ fn proc_path(fd: &OwnedFd) -> String {
 /// at the same offsets). GNU tar leaves the fields of other entries as NULs.
 fn device_numbers(header: &tar::Header) -> Result<(u32, u32), ExtractError> {
     let raw = header.as_bytes();
-    let major = lenient(header.device_major().map(|v| u64::from(v.unwrap_or(0))), &raw[329..337])?;
-    let minor = lenient(header.device_minor().map(|v| u64::from(v.unwrap_or(0))), &raw[337..345])?;
-    Ok((u32::try_from(major).unwrap_or(u32::MAX), u32::try_from(minor).unwrap_or(u32::MAX)))
+    let major = lenient(
+        header.device_major().map(|v| u64::from(v.unwrap_or(0))),
+        &raw[329..337],
+    )?;
+    let minor = lenient(
+        header.device_minor().map(|v| u64::from(v.unwrap_or(0))),
+        &raw[337..345],
+    )?;
+    Ok((
+        u32::try_from(major).unwrap_or(u32::MAX),
+        u32::try_from(minor).unwrap_or(u32::MAX),
+    ))
 }
 
 /// Unpacks the tar stream into `dest` (which must exist and be empty) and returns
@@ -322,7 +382,8 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<u64, ExtractError> {
 
         if name_text == OPAQUE_MARKER {
             let dir = layer.dir(parent_path, &raw)?;
-            rustix::fs::fsetxattr(dir, OPAQUE_XATTR, b"y", XattrFlags::empty()).map_err(errno_error(&raw))?;
+            rustix::fs::fsetxattr(dir, OPAQUE_XATTR, b"y", XattrFlags::empty())
+                .map_err(errno_error(&raw))?;
             continue;
         }
         if let Some(hidden) = name_text.strip_prefix(WHITEOUT_PREFIX) {
@@ -331,7 +392,8 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<u64, ExtractError> {
             }
             let dir = layer.dir(parent_path, &raw)?;
             let removed_dir = clear(dir, hidden.as_ref(), false, &raw)?;
-            rustix::fs::mknodat(dir, hidden, FileType::CharacterDevice, Mode::empty(), 0).map_err(errno_error(&raw))?;
+            rustix::fs::mknodat(dir, hidden, FileType::CharacterDevice, Mode::empty(), 0)
+                .map_err(errno_error(&raw))?;
             if removed_dir {
                 layer.forget_cached();
             }
@@ -361,8 +423,13 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<u64, ExtractError> {
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 removed_dir = clear(dir, &name, keep_dir, &raw)?;
-                let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-                let fd = rustix::fs::openat(dir, &name, flags, Mode::from_raw_mode(0o600)).map_err(errno_error(&raw))?;
+                let flags = OFlags::WRONLY
+                    | OFlags::CREATE
+                    | OFlags::EXCL
+                    | OFlags::NOFOLLOW
+                    | OFlags::CLOEXEC;
+                let fd = rustix::fs::openat(dir, &name, flags, Mode::from_raw_mode(0o600))
+                    .map_err(errno_error(&raw))?;
                 let mut file = std::fs::File::from(fd);
                 let copied = io::copy(&mut entry, &mut file).map_err(io_error(&raw))?;
                 if copied != header.size().map_err(tar_error)? {
@@ -372,7 +439,10 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<u64, ExtractError> {
                 Written::File(OwnedFd::from(file))
             }
             tar::EntryType::Symlink => {
-                let target = entry.link_name().map_err(tar_error)?.ok_or_else(|| refused(&raw, "symlink without a target"))?;
+                let target = entry
+                    .link_name()
+                    .map_err(tar_error)?
+                    .ok_or_else(|| refused(&raw, "symlink without a target"))?;
                 removed_dir = clear(dir, &name, keep_dir, &raw)?;
                 rustix::fs::symlinkat(target.as_ref(), dir, &name).map_err(errno_error(&raw))?;
                 Written::Symlink
@@ -382,13 +452,24 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<u64, ExtractError> {
                     tar::EntryType::Fifo => (FileType::Fifo, 0),
                     other => {
                         let (major, minor) = device_numbers(&header)?;
-                        let file_type = if other == tar::EntryType::Char { FileType::CharacterDevice } else { FileType::BlockDevice };
+                        let file_type = if other == tar::EntryType::Char {
+                            FileType::CharacterDevice
+                        } else {
+                            FileType::BlockDevice
+                        };
                         (file_type, rustix::fs::makedev(major, minor))
                     }
                 };
                 removed_dir = clear(dir, &name, keep_dir, &raw)?;
-                rustix::fs::mknodat(dir, &name, file_type, Mode::empty(), device).map_err(errno_error(&raw))?;
-                let fd = rustix::fs::openat(dir, &name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()).map_err(errno_error(&raw))?;
+                rustix::fs::mknodat(dir, &name, file_type, Mode::empty(), device)
+                    .map_err(errno_error(&raw))?;
+                let fd = rustix::fs::openat(
+                    dir,
+                    &name,
+                    OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(errno_error(&raw))?;
                 Written::Special(fd)
             }
             // PAX and GNU long-name headers are folded into entries by the tar crate;
@@ -420,24 +501,53 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<u64, ExtractError> {
 }
 
 /// A hard link to an entry earlier in this layer (never to a directory).
-fn link<R: Read>(layer: &mut Layer, entry: &mut tar::Entry<'_, R>, parent: &Path, name: &std::ffi::OsStr, raw: &Path) -> Result<(), ExtractError> {
-    let source = entry.link_name().map_err(tar_error)?.ok_or_else(|| refused(raw, "hard link without a target"))?.into_owned();
+fn link<R: Read>(
+    layer: &mut Layer,
+    entry: &mut tar::Entry<'_, R>,
+    parent: &Path,
+    name: &std::ffi::OsStr,
+    raw: &Path,
+) -> Result<(), ExtractError> {
+    let source = entry
+        .link_name()
+        .map_err(tar_error)?
+        .ok_or_else(|| refused(raw, "hard link without a target"))?
+        .into_owned();
     if source.is_absolute() {
-        return Err(refused(raw, format!("hard link to the absolute path `{}`", excerpt_path(&source))));
+        return Err(refused(
+            raw,
+            format!("hard link to the absolute path `{}`", excerpt_path(&source)),
+        ));
     }
-    let source_relative = sanitize(&source).map_err(|_| refused(raw, format!("hard link to `{}` leaves the layer", excerpt_path(&source))))?;
-    let not_here = || refused(raw, format!("hard link to `{}`, which is not in this layer", excerpt_path(&source)));
+    let source_relative = sanitize(&source).map_err(|_| {
+        refused(
+            raw,
+            format!("hard link to `{}` leaves the layer", excerpt_path(&source)),
+        )
+    })?;
+    let not_here = || {
+        refused(
+            raw,
+            format!(
+                "hard link to `{}`, which is not in this layer",
+                excerpt_path(&source)
+            ),
+        )
+    };
     let (source_parent, source_name) = split(&source_relative);
     let source_dir = layer.existing_dir(source_parent).ok_or_else(not_here)?;
     match rustix::fs::statat(&source_dir, source_name, AtFlags::SYMLINK_NOFOLLOW) {
-        Ok(stat) if FileType::from_raw_mode(stat.st_mode) == FileType::Directory => return Err(refused(raw, "hard link to a directory")),
+        Ok(stat) if FileType::from_raw_mode(stat.st_mode) == FileType::Directory => {
+            return Err(refused(raw, "hard link to a directory"));
+        }
         Ok(_) => {}
         Err(_) => return Err(not_here()),
     }
     let dir = layer.dir(parent, raw)?;
     let removed_dir = clear(dir, name, false, raw)?;
     // No AT_SYMLINK_FOLLOW: a link to a symlink links the symlink itself.
-    rustix::fs::linkat(&source_dir, source_name, dir, name, AtFlags::empty()).map_err(errno_error(raw))?;
+    rustix::fs::linkat(&source_dir, source_name, dir, name, AtFlags::empty())
+        .map_err(errno_error(raw))?;
     if removed_dir {
         layer.forget_cached();
     }
@@ -445,13 +555,20 @@ fn link<R: Read>(layer: &mut Layer, entry: &mut tar::Entry<'_, R>, parent: &Path
 }
 
 /// The entry's extended attributes, without the privileged ones.
-fn xattrs_of<R: Read>(entry: &mut tar::Entry<'_, R>, raw: &Path) -> Result<Vec<(String, Vec<u8>)>, ExtractError> {
+fn xattrs_of<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    raw: &Path,
+) -> Result<Vec<(String, Vec<u8>)>, ExtractError> {
     let mut xattrs = Vec::new();
-    let Some(extensions) = entry.pax_extensions().map_err(tar_error)? else { return Ok(xattrs) };
+    let Some(extensions) = entry.pax_extensions().map_err(tar_error)? else {
+        return Ok(xattrs);
+    };
     for extension in extensions {
         let extension = extension.map_err(tar_error)?;
         let Ok(key) = extension.key() else { continue };
-        let Some(name) = key.strip_prefix(XATTR_PAX_PREFIX) else { continue };
+        let Some(name) = key.strip_prefix(XATTR_PAX_PREFIX) else {
+            continue;
+        };
         if name.starts_with(PRIVILEGED_XATTR_PREFIX) {
             tracing::debug!(entry = %excerpt_path(raw), xattr = %excerpt(name), "dropping a trusted.* attribute from a layer");
             continue;
@@ -463,14 +580,28 @@ fn xattrs_of<R: Read>(entry: &mut tar::Entry<'_, R>, raw: &Path) -> Result<Vec<(
 
 /// Owner, attributes, mode and time, on the entry itself. Owner first: chown clears
 /// set-id bits, which the mode then sets. Directory modes and times wait for the end.
-fn apply(dir: BorrowedFd<'_>, name: &std::ffi::OsStr, made: &Written, meta: &Metadata, xattrs: &[(String, Vec<u8>)], raw: &Path) -> Result<(), ExtractError> {
+fn apply(
+    dir: BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+    made: &Written,
+    meta: &Metadata,
+    xattrs: &[(String, Vec<u8>)],
+    raw: &Path,
+) -> Result<(), ExtractError> {
     let fail = errno_error(raw);
-    let (uid, gid) = (Some(rustix::fs::Uid::from_raw(meta.uid)), Some(rustix::fs::Gid::from_raw(meta.gid)));
+    let (uid, gid) = (
+        Some(rustix::fs::Uid::from_raw(meta.uid)),
+        Some(rustix::fs::Gid::from_raw(meta.gid)),
+    );
     match made {
         Written::File(fd) | Written::Dir(fd) => {
             rustix::fs::fchown(fd, uid, gid).map_err(&fail)?;
             for (key, value) in xattrs {
-                set_xattr(rustix::fs::fsetxattr(fd, key.as_str(), value, XattrFlags::empty()), key, raw)?;
+                set_xattr(
+                    rustix::fs::fsetxattr(fd, key.as_str(), value, XattrFlags::empty()),
+                    key,
+                    raw,
+                )?;
             }
             if matches!(made, Written::File(_)) {
                 rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode)).map_err(&fail)?;
@@ -478,16 +609,41 @@ fn apply(dir: BorrowedFd<'_>, name: &std::ffi::OsStr, made: &Written, meta: &Met
             }
         }
         Written::Special(fd) => {
-            rustix::fs::chownat(fd, "", uid, gid, AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW).map_err(&fail)?;
+            rustix::fs::chownat(
+                fd,
+                "",
+                uid,
+                gid,
+                AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(&fail)?;
             // chmod and utimes have no descriptor form for O_PATH: the /proc link
             // leads to this very node. Attributes on device nodes are not kept.
             let path = proc_path(fd);
-            rustix::fs::chmodat(rustix::fs::CWD, path.as_str(), Mode::from_raw_mode(meta.mode), AtFlags::empty()).map_err(&fail)?;
-            rustix::fs::utimensat(rustix::fs::CWD, path.as_str(), &timestamps(meta.mtime), AtFlags::empty()).map_err(&fail)?;
+            rustix::fs::chmodat(
+                rustix::fs::CWD,
+                path.as_str(),
+                Mode::from_raw_mode(meta.mode),
+                AtFlags::empty(),
+            )
+            .map_err(&fail)?;
+            rustix::fs::utimensat(
+                rustix::fs::CWD,
+                path.as_str(),
+                &timestamps(meta.mtime),
+                AtFlags::empty(),
+            )
+            .map_err(&fail)?;
         }
         Written::Symlink => {
             rustix::fs::chownat(dir, name, uid, gid, AtFlags::SYMLINK_NOFOLLOW).map_err(&fail)?;
-            rustix::fs::utimensat(dir, name, &timestamps(meta.mtime), AtFlags::SYMLINK_NOFOLLOW).map_err(&fail)?;
+            rustix::fs::utimensat(
+                dir,
+                name,
+                &timestamps(meta.mtime),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(&fail)?;
         }
     }
     Ok(())

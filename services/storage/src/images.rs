@@ -9,9 +9,9 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use prost::Message;
-use trellis_common::text::excerpt;
 use trellis_common::reference::{self, ImageRef};
 use trellis_common::store::{Store, Table};
+use trellis_common::text::excerpt;
 use trellis_proto::storage::v1::Image;
 
 use crate::error::StorageError;
@@ -36,28 +36,45 @@ pub struct Removal {
 
 impl ImageStore {
     pub fn open(store: &dyn Store) -> Result<Self, StorageError> {
-        Ok(Self { images: store.table(IMAGES)?, references: store.table(REFERENCES)?, write: Mutex::new(()) })
+        Ok(Self {
+            images: store.table(IMAGES)?,
+            references: store.table(REFERENCES)?,
+            write: Mutex::new(()),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.write.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.write
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn load(&self, id: &str) -> Result<Option<Image>, StorageError> {
-        self.images.get(id.as_bytes())?.map(|raw| Image::decode(raw.as_slice()).map_err(StorageError::from)).transpose()
+        self.images
+            .get(id.as_bytes())?
+            .map(|raw| Image::decode(raw.as_slice()).map_err(StorageError::from))
+            .transpose()
     }
 
     fn save(&self, image: &Image) -> Result<(), StorageError> {
-        self.images.put(image.id.as_bytes(), &image.encode_to_vec()).map_err(StorageError::from)
+        self.images
+            .put(image.id.as_bytes(), &image.encode_to_vec())
+            .map_err(StorageError::from)
     }
 
     pub fn list(&self) -> Result<Vec<Image>, StorageError> {
-        self.images.scan()?.into_iter().map(|(_, raw)| Image::decode(raw.as_slice()).map_err(StorageError::from)).collect()
+        self.images
+            .scan()?
+            .into_iter()
+            .map(|(_, raw)| Image::decode(raw.as_slice()).map_err(StorageError::from))
+            .collect()
     }
 
     /// The image a reference (id, tag or digest form) names, if any.
     pub fn resolve(&self, reference: &str) -> Result<Option<Image>, StorageError> {
-        match reference::parse(reference).map_err(|e| StorageError::InvalidArgument(e.to_string()))? {
+        match reference::parse(reference)
+            .map_err(|e| StorageError::InvalidArgument(e.to_string()))?
+        {
             ImageRef::Id(id) => self.load(&id),
             ImageRef::Named(named) => {
                 let key = match (&named.digest, named.tagged()) {
@@ -76,7 +93,10 @@ impl ImageStore {
     /// Records an image, taking its references from whichever image held them.
     pub fn put(&self, mut image: Image) -> Result<Image, StorageError> {
         if !valid_digest(&image.id) {
-            return Err(StorageError::InvalidArgument(format!("image id `{}` is not sha256:<64 hex>", excerpt(&image.id))));
+            return Err(StorageError::InvalidArgument(format!(
+                "image id `{}` is not sha256:<64 hex>",
+                excerpt(&image.id)
+            )));
         }
         let _write = self.lock();
         if let Some(existing) = self.load(&image.id)? {
@@ -100,10 +120,17 @@ impl ImageStore {
 
     /// Removes what `reference` names. `in_use` says which container (if any) uses an
     /// image, and refuses deleting it.
-    pub fn remove(&self, reference: &str, in_use: impl Fn(&str) -> Option<String>) -> Result<Removal, StorageError> {
-        let parsed = reference::parse(reference).map_err(|e| StorageError::InvalidArgument(e.to_string()))?;
+    pub fn remove(
+        &self,
+        reference: &str,
+        in_use: impl Fn(&str) -> Option<String>,
+    ) -> Result<Removal, StorageError> {
+        let parsed = reference::parse(reference)
+            .map_err(|e| StorageError::InvalidArgument(e.to_string()))?;
         let _write = self.lock();
-        let Some(mut image) = self.resolve(reference)? else { return Ok(Removal::default()) };
+        let Some(mut image) = self.resolve(reference)? else {
+            return Ok(Removal::default());
+        };
         let delete_whole = match &parsed {
             ImageRef::Id(_) => true,
             ImageRef::Named(named) => {
@@ -120,7 +147,10 @@ impl ImageStore {
         };
         if delete_whole {
             if let Some(container) = in_use(&image.id) {
-                return Err(StorageError::InUse { image: image.id, container });
+                return Err(StorageError::InUse {
+                    image: image.id,
+                    container,
+                });
             }
             let original = self.load(&image.id)?.unwrap_or_else(|| image.clone());
             for name in original.repo_tags.iter().chain(&original.repo_digests) {
@@ -129,20 +159,35 @@ impl ImageStore {
                 }
             }
             self.images.delete(image.id.as_bytes())?;
-            return Ok(Removal { image_id: original.id.clone(), deleted: Some(original) });
+            return Ok(Removal {
+                image_id: original.id.clone(),
+                deleted: Some(original),
+            });
         }
         if let ImageRef::Named(named) = &parsed {
-            let name = named.digest.as_ref().map(|d| named.with_digest(d)).or_else(|| named.tagged()).unwrap_or_default();
+            let name = named
+                .digest
+                .as_ref()
+                .map(|d| named.with_digest(d))
+                .or_else(|| named.tagged())
+                .unwrap_or_default();
             self.references.delete(name.as_bytes())?;
         }
         self.save(&image)?;
-        Ok(Removal { image_id: image.id, deleted: None })
+        Ok(Removal {
+            image_id: image.id,
+            deleted: None,
+        })
     }
 
     /// Whether any recorded image other than `except` uses a layer chain.
     /// Every layer chain some image uses, from one pass over the images.
     pub fn chains_in_use(&self) -> Result<HashSet<String>, StorageError> {
-        Ok(self.list()?.into_iter().flat_map(|image| image.chain_ids).collect())
+        Ok(self
+            .list()?
+            .into_iter()
+            .flat_map(|image| image.chain_ids)
+            .collect())
     }
 }
 
@@ -160,7 +205,11 @@ mod tests {
     use trellis_common::store::SledStore;
 
     fn image(id_char: char, tags: &[&str]) -> Image {
-        Image { id: format!("sha256:{}", id_char.to_string().repeat(64)), repo_tags: tags.iter().map(|t| t.to_string()).collect(), ..Default::default() }
+        Image {
+            id: format!("sha256:{}", id_char.to_string().repeat(64)),
+            repo_tags: tags.iter().map(|t| t.to_string()).collect(),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -168,19 +217,50 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SledStore::open(dir.path()).expect("store");
         let images = ImageStore::open(&store).expect("images");
-        let a = images.put(image('a', &["docker.io/library/x:1", "docker.io/library/x:latest"])).expect("put a");
-        let b = images.put(image('b', &["docker.io/library/x:latest"])).expect("put b");
-        assert_eq!(images.resolve("x").expect("resolve").map(|i| i.id), Some(b.id.clone()), "latest moved to b");
-        assert_eq!(images.resolve("x:1").expect("resolve").map(|i| i.repo_tags), Some(vec!["docker.io/library/x:1".to_string()]));
+        let a = images
+            .put(image(
+                'a',
+                &["docker.io/library/x:1", "docker.io/library/x:latest"],
+            ))
+            .expect("put a");
+        let b = images
+            .put(image('b', &["docker.io/library/x:latest"]))
+            .expect("put b");
+        assert_eq!(
+            images.resolve("x").expect("resolve").map(|i| i.id),
+            Some(b.id.clone()),
+            "latest moved to b"
+        );
+        assert_eq!(
+            images.resolve("x:1").expect("resolve").map(|i| i.repo_tags),
+            Some(vec!["docker.io/library/x:1".to_string()])
+        );
 
         let removal = images.remove("x:1", |_| None).expect("remove tag");
-        assert_eq!(removal.deleted.map(|i| i.id), Some(a.id.clone()), "a went with its last tag");
+        assert_eq!(
+            removal.deleted.map(|i| i.id),
+            Some(a.id.clone()),
+            "a went with its last tag"
+        );
         assert_eq!(images.resolve(&a.id).expect("resolve"), None);
 
-        assert_eq!(images.remove("never-pulled", |_| None).expect("missing is fine"), Removal::default());
-        let refused = images.remove(&b.id, |_| Some("c1".into())).expect_err("in use");
+        assert_eq!(
+            images
+                .remove("never-pulled", |_| None)
+                .expect("missing is fine"),
+            Removal::default()
+        );
+        let refused = images
+            .remove(&b.id, |_| Some("c1".into()))
+            .expect_err("in use");
         assert!(refused.to_string().contains("in use by container c1"));
-        assert!(images.remove(&b.id, |_| None).expect("remove by id").deleted.is_some());
+        assert!(
+            images
+                .remove(&b.id, |_| None)
+                .expect("remove by id")
+                .deleted
+                .is_some()
+        );
         assert!(images.list().expect("list").is_empty());
     }
 }

@@ -23,7 +23,10 @@ fn target_of(hex: &str) -> PathBuf {
 }
 
 fn candidates(hex: &str) -> impl Iterator<Item = &str> {
-    LENGTHS.into_iter().filter(move |len| *len <= hex.len()).map(move |len| &hex[..len])
+    LENGTHS
+        .into_iter()
+        .filter(move |len| *len <= hex.len())
+        .map(move |len| &hex[..len])
 }
 
 /// The short link of a layer directory (`l/<name>`, relative to the store), made
@@ -37,16 +40,20 @@ pub fn ensure(root: &Path, hex: &str) -> io::Result<String> {
             Ok(target) if target == target_of(hex) => return Ok(format!("{LINK_DIR}/{name}")),
             // Another layer's: try a longer name.
             Ok(_) => continue,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => match std::os::unix::fs::symlink(target_of(hex), &link) {
-                Ok(()) => return Ok(format!("{LINK_DIR}/{name}")),
-                // Made meanwhile, perhaps for this very layer: look again.
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return ensure(root, hex),
-                Err(e) => return Err(e),
-            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                match std::os::unix::fs::symlink(target_of(hex), &link) {
+                    Ok(()) => return Ok(format!("{LINK_DIR}/{name}")),
+                    // Made meanwhile, perhaps for this very layer: look again.
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return ensure(root, hex),
+                    Err(e) => return Err(e),
+                }
+            }
             Err(e) => return Err(e),
         }
     }
-    Err(io::Error::other(format!("no short link name is free for layer {hex}")))
+    Err(io::Error::other(format!(
+        "no short link name is free for layer {hex}"
+    )))
 }
 
 /// Removes links to layer directories that are not in `keep` (their hex names).
@@ -60,7 +67,11 @@ pub fn sweep(root: &Path, keep: &HashSet<String>) -> io::Result<()> {
     for entry in entries {
         let path = entry?.path();
         let target = std::fs::read_link(&path).ok();
-        let kept = target.as_deref().and_then(Path::file_name).and_then(|name| name.to_str()).is_some_and(|hex| keep.contains(hex));
+        let kept = target
+            .as_deref()
+            .and_then(Path::file_name)
+            .and_then(|name| name.to_str())
+            .is_some_and(|hex| keep.contains(hex));
         if !kept {
             std::fs::remove_file(&path)?;
         }
@@ -77,11 +88,23 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let first = format!("{}{}", "ab".repeat(8), "1".repeat(48));
         let clash = format!("{}{}", "ab".repeat(8), "2".repeat(48));
-        assert_eq!(ensure(dir.path(), &first).expect("link"), format!("l/{}", &first[..16]));
-        assert_eq!(ensure(dir.path(), &first).expect("again"), format!("l/{}", &first[..16]));
-        assert_eq!(ensure(dir.path(), &clash).expect("clash"), format!("l/{}", &clash[..24]));
+        assert_eq!(
+            ensure(dir.path(), &first).expect("link"),
+            format!("l/{}", &first[..16])
+        );
+        assert_eq!(
+            ensure(dir.path(), &first).expect("again"),
+            format!("l/{}", &first[..16])
+        );
+        assert_eq!(
+            ensure(dir.path(), &clash).expect("clash"),
+            format!("l/{}", &clash[..24])
+        );
         sweep(dir.path(), &HashSet::from([clash.clone()])).expect("sweep");
         assert!(std::fs::symlink_metadata(dir.path().join("l").join(&first[..16])).is_err());
-        assert_eq!(std::fs::read_link(dir.path().join("l").join(&clash[..24])).expect("kept"), target_of(&clash));
+        assert_eq!(
+            std::fs::read_link(dir.path().join("l").join(&clash[..24])).expect("kept"),
+            target_of(&clash)
+        );
     }
 }

@@ -20,17 +20,26 @@ pub use trellis_common::clock::now_nanos;
 fn main() -> anyhow::Result<()> {
     trellis_common::service::run(ServiceKind::Storage, async |context| {
         let state = context.config.state_dir(ServiceKind::Storage);
-        let store = context.store.clone().ok_or("the storage service needs its record store")?;
+        let store = context
+            .store
+            .clone()
+            .ok_or("the storage service needs its record store")?;
         let storage_config = context.config.storage.clone();
         let service = tokio::task::spawn_blocking(move || -> Result<_, error::StorageError> {
-            let layers = layers::LayerStore::open(state.join("layers"), store.as_ref(), layers::Limits::from(&storage_config))?;
+            let layers = layers::LayerStore::open(
+                state.join("layers"),
+                store.as_ref(),
+                layers::Limits::from(&storage_config),
+            )?;
             let images = images::ImageStore::open(store.as_ref())?;
             let rootfs = rootfs::RootfsStore::open(state.join("containers"), store.as_ref())?;
             Ok(service::StorageService::new(layers, images, rootfs))
         })
         .await??;
         Ok(tonic::service::Routes::new(
-            StorageServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES),
+            StorageServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
         ))
     })?;
     Ok(())

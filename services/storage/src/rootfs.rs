@@ -45,22 +45,45 @@ pub struct RootfsStore {
 
 /// Container ids name directories: a strict alphabet, no path tricks.
 pub fn validate_container_id(id: &str) -> Result<(), StorageError> {
-    let valid = !id.is_empty() && id.len() <= 128 && !id.starts_with('.') && id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    if valid { Ok(()) } else { Err(StorageError::InvalidArgument(format!("container id `{}` must be 1-128 letters, digits, '.', '_' or '-', not starting with '.'", trellis_common::text::excerpt(id)))) }
+    let valid = !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if valid {
+        Ok(())
+    } else {
+        Err(StorageError::InvalidArgument(format!(
+            "container id `{}` must be 1-128 letters, digits, '.', '_' or '-', not starting with '.'",
+            trellis_common::text::excerpt(id)
+        )))
+    }
 }
 
 impl RootfsStore {
     pub fn open(root: PathBuf, store: &dyn Store) -> Result<Self, StorageError> {
         // Writable layers hold what containers planted (setuid files among them): no
         // host user may walk in.
-        trellis_common::dirs::ensure_private_dir(&root).map_err(|source| StorageError::io(format!("cannot make {} private (0700)", root.display()), source))?;
-        let rootfs = Self { root, table: store.table(TABLE)?, write: Mutex::new(()) };
+        trellis_common::dirs::ensure_private_dir(&root).map_err(|source| {
+            StorageError::io(
+                format!("cannot make {} private (0700)", root.display()),
+                source,
+            )
+        })?;
+        let rootfs = Self {
+            root,
+            table: store.table(TABLE)?,
+            write: Mutex::new(()),
+        };
         rootfs.recover()?;
         Ok(rootfs)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.write.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.write
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn dir(&self, container_id: &str) -> PathBuf {
@@ -77,28 +100,48 @@ impl RootfsStore {
     }
 
     fn records(&self) -> Result<Vec<RootfsRecord>, StorageError> {
-        self.table.scan()?.into_iter().map(|(_, raw)| RootfsRecord::decode(raw.as_slice()).map_err(StorageError::from)).collect()
+        self.table
+            .scan()?
+            .into_iter()
+            .map(|(_, raw)| RootfsRecord::decode(raw.as_slice()).map_err(StorageError::from))
+            .collect()
     }
 
     fn save(&self, record: &RootfsRecord) -> Result<(), StorageError> {
-        self.table.put(record.container_id.as_bytes(), &record.encode_to_vec()).map_err(StorageError::from)
+        self.table
+            .put(record.container_id.as_bytes(), &record.encode_to_vec())
+            .map_err(StorageError::from)
     }
 
     /// The container using an image, if one does.
     pub fn user_of(&self, image_id: &str) -> Result<Option<String>, StorageError> {
-        Ok(self.records()?.into_iter().find(|r| r.image_id == image_id).map(|r| r.container_id))
+        Ok(self
+            .records()?
+            .into_iter()
+            .find(|r| r.image_id == image_id)
+            .map(|r| r.container_id))
     }
 
     /// Mounts (or finds mounted) the root filesystem of a container.
-    pub fn prepare(&self, container_id: &str, image_id: &str, lower_dirs: Vec<PathBuf>) -> Result<PathBuf, StorageError> {
+    pub fn prepare(
+        &self,
+        container_id: &str,
+        image_id: &str,
+        lower_dirs: Vec<PathBuf>,
+    ) -> Result<PathBuf, StorageError> {
         validate_container_id(container_id)?;
         let _write = self.lock();
         if let Some(raw) = self.table.get(container_id.as_bytes())? {
             let existing = RootfsRecord::decode(raw.as_slice())?;
             if existing.image_id != image_id {
-                return Err(StorageError::InvalidArgument(format!("container {container_id} already has a root filesystem of image {}", existing.image_id)));
+                return Err(StorageError::InvalidArgument(format!(
+                    "container {container_id} already has a root filesystem of image {}",
+                    existing.image_id
+                )));
             }
-            if existing.state == RootfsState::Mounted as i32 && is_mounted(&self.mount_path(container_id))? {
+            if existing.state == RootfsState::Mounted as i32
+                && is_mounted(&self.mount_path(container_id))?
+            {
                 return Ok(self.mount_path(container_id));
             }
         }
@@ -114,7 +157,10 @@ impl RootfsStore {
             let _ = self.table.delete(container_id.as_bytes());
             return Err(error);
         }
-        self.save(&RootfsRecord { state: RootfsState::Mounted as i32, ..record })?;
+        self.save(&RootfsRecord {
+            state: RootfsState::Mounted as i32,
+            ..record
+        })?;
         Ok(self.mount_path(container_id))
     }
 
@@ -122,13 +168,20 @@ impl RootfsStore {
         let dir = self.dir(&record.container_id);
         for sub in ["upper", "work", "merged"] {
             let path = dir.join(sub);
-            std::fs::create_dir_all(&path).map_err(|source| StorageError::io(format!("cannot create {}", path.display()), source))?;
+            std::fs::create_dir_all(&path).map_err(|source| {
+                StorageError::io(format!("cannot create {}", path.display()), source)
+            })?;
         }
         let merged = dir.join("merged");
         if is_mounted(&merged)? {
             return Ok(());
         }
-        mount_overlay(&record.lower_dirs, &dir.join("upper"), &dir.join("work"), &merged)
+        mount_overlay(
+            &record.lower_dirs,
+            &dir.join("upper"),
+            &dir.join("work"),
+            &merged,
+        )
     }
 
     /// Unmounts and removes a container's root filesystem; nothing there is fine.
@@ -137,7 +190,10 @@ impl RootfsStore {
         let _write = self.lock();
         if let Some(raw) = self.table.get(container_id.as_bytes())? {
             let record = RootfsRecord::decode(raw.as_slice())?;
-            self.save(&RootfsRecord { state: RootfsState::Releasing as i32, ..record })?;
+            self.save(&RootfsRecord {
+                state: RootfsState::Releasing as i32,
+                ..record
+            })?;
         }
         self.teardown(container_id)?;
         self.table.delete(container_id.as_bytes())?;
@@ -147,14 +203,22 @@ impl RootfsStore {
     fn teardown(&self, container_id: &str) -> Result<(), StorageError> {
         let merged = self.mount_path(container_id);
         while is_mounted(&merged)? {
-            nix::mount::umount2(&merged, MntFlags::MNT_DETACH)
-                .map_err(|source| StorageError::Mount { action: "unmount", target: merged.display().to_string(), source })?;
+            nix::mount::umount2(&merged, MntFlags::MNT_DETACH).map_err(|source| {
+                StorageError::Mount {
+                    action: "unmount",
+                    target: merged.display().to_string(),
+                    source,
+                }
+            })?;
         }
         let dir = self.dir(container_id);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(StorageError::io(format!("cannot remove {}", dir.display()), source)),
+            Err(source) => Err(StorageError::io(
+                format!("cannot remove {}", dir.display()),
+                source,
+            )),
         }
     }
 
@@ -182,17 +246,45 @@ const MOUNT_OPTIONS_MAX: usize = 4095;
 /// to the layer store, so that many layers fit in the kernel's one page of options;
 /// the mount is made from a thread of its own whose working directory is the store
 /// (`unshare(CLONE_FS)` gives the thread a working directory of its own).
-fn mount_overlay(lower_dirs: &[String], upper: &Path, work: &Path, merged: &Path) -> Result<(), StorageError> {
-    let mount_error = |source| StorageError::Mount { action: "mount the overlay at", target: merged.display().to_string(), source };
-    let store = lower_dirs.first().and_then(|dir| Path::new(dir).parent()).ok_or_else(|| StorageError::InvalidArgument("an image needs at least one layer".into()))?;
+fn mount_overlay(
+    lower_dirs: &[String],
+    upper: &Path,
+    work: &Path,
+    merged: &Path,
+) -> Result<(), StorageError> {
+    let mount_error = |source| StorageError::Mount {
+        action: "mount the overlay at",
+        target: merged.display().to_string(),
+        source,
+    };
+    let store = lower_dirs
+        .first()
+        .and_then(|dir| Path::new(dir).parent())
+        .ok_or_else(|| StorageError::InvalidArgument("an image needs at least one layer".into()))?;
     let mut lowers = Vec::with_capacity(lower_dirs.len());
     for dir in lower_dirs {
         let dir = Path::new(dir);
-        let hex = dir.file_name().and_then(|name| name.to_str()).filter(|_| dir.parent() == Some(store));
-        let hex = hex.ok_or_else(|| StorageError::Corrupt(format!("lower directory {} is not in the layer store {}", dir.display(), store.display())))?;
-        lowers.push(crate::links::ensure(store, hex).map_err(|source| StorageError::io(format!("cannot make the short link of layer {hex}"), source))?);
+        let hex = dir
+            .file_name()
+            .and_then(|name| name.to_str())
+            .filter(|_| dir.parent() == Some(store));
+        let hex = hex.ok_or_else(|| {
+            StorageError::Corrupt(format!(
+                "lower directory {} is not in the layer store {}",
+                dir.display(),
+                store.display()
+            ))
+        })?;
+        lowers.push(crate::links::ensure(store, hex).map_err(|source| {
+            StorageError::io(format!("cannot make the short link of layer {hex}"), source)
+        })?);
     }
-    let options = format!("lowerdir={},upperdir={},workdir={}", lowers.join(":"), upper.display(), work.display());
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lowers.join(":"),
+        upper.display(),
+        work.display()
+    );
     if options.len() > MOUNT_OPTIONS_MAX {
         return Err(StorageError::InvalidArgument(format!(
             "an image of {} layers does not fit in one overlay mount: its options take {} bytes, the kernel takes {MOUNT_OPTIONS_MAX}",
@@ -205,14 +297,27 @@ fn mount_overlay(lower_dirs: &[String], upper: &Path, work: &Path, merged: &Path
             .spawn(|| {
                 nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS).map_err(mount_error)?;
                 nix::unistd::chdir(store).map_err(mount_error)?;
-                nix::mount::mount(Some("overlay"), merged, Some("overlay"), MsFlags::empty(), Some(options.as_str())).map_err(mount_error)
+                nix::mount::mount(
+                    Some("overlay"),
+                    merged,
+                    Some("overlay"),
+                    MsFlags::empty(),
+                    Some(options.as_str()),
+                )
+                .map_err(mount_error)
             })
             .join()
-            .unwrap_or_else(|_| Err(StorageError::io(format!("cannot mount the overlay at {}", merged.display()), std::io::Error::other("the mounting thread panicked"))))
+            .unwrap_or_else(|_| {
+                Err(StorageError::io(
+                    format!("cannot mount the overlay at {}", merged.display()),
+                    std::io::Error::other("the mounting thread panicked"),
+                ))
+            })
     })
 }
 
 /// Whether `path` is a mount point.
 pub fn is_mounted(path: &Path) -> Result<bool, StorageError> {
-    trellis_common::mounts::is_mounted(path).map_err(|source| StorageError::io("cannot read /proc/self/mountinfo", source))
+    trellis_common::mounts::is_mounted(path)
+        .map_err(|source| StorageError::io("cannot read /proc/self/mountinfo", source))
 }

@@ -30,11 +30,20 @@ pub struct StorageService {
 
 impl StorageService {
     pub fn new(layers: LayerStore, images: ImageStore, rootfs: RootfsStore) -> Self {
-        Self { layers: Arc::new(layers), images: Arc::new(images), rootfs: Arc::new(rootfs), importing: Mutex::new(HashMap::new()), writable_mountpoint: Arc::default() }
+        Self {
+            layers: Arc::new(layers),
+            images: Arc::new(images),
+            rootfs: Arc::new(rootfs),
+            importing: Mutex::new(HashMap::new()),
+            writable_mountpoint: Arc::default(),
+        }
     }
 
     fn import_lock(&self, chain_id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut importing = self.importing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut importing = self
+            .importing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         importing.retain(|_, lock| Arc::strong_count(lock) > 1);
         importing.entry(chain_id.to_string()).or_default().clone()
     }
@@ -79,23 +88,46 @@ fn blocking_failed(error: tokio::task::JoinError) -> Status {
 
 #[tonic::async_trait]
 impl Storage for StorageService {
-    async fn fs_usage(&self, _request: Request<FsUsageRequest>) -> Result<Response<FsUsageResponse>, Status> {
-        Ok(Response::new(crate::usage::fs_usage(self.store_path()).await?))
+    async fn fs_usage(
+        &self,
+        _request: Request<FsUsageRequest>,
+    ) -> Result<Response<FsUsageResponse>, Status> {
+        Ok(Response::new(
+            crate::usage::fs_usage(self.store_path()).await?,
+        ))
     }
 
-    async fn has_layer(&self, request: Request<HasLayerRequest>) -> Result<Response<HasLayerResponse>, Status> {
+    async fn has_layer(
+        &self,
+        request: Request<HasLayerRequest>,
+    ) -> Result<Response<HasLayerResponse>, Status> {
         let present = self.layers.get(&request.get_ref().chain_id)?.is_some();
         Ok(Response::new(HasLayerResponse { present }))
     }
 
-    async fn import_layer(&self, request: Request<Streaming<ImportLayerChunk>>) -> Result<Response<ImportLayerResponse>, Status> {
+    async fn import_layer(
+        &self,
+        request: Request<Streaming<ImportLayerChunk>>,
+    ) -> Result<Response<ImportLayerResponse>, Status> {
         let mut stream = request.into_inner();
         let header = match stream.message().await? {
-            Some(ImportLayerChunk { part: Some(Part::Header(header)) }) => header,
-            _ => return Err(Status::invalid_argument("ImportLayer must start with a layer header")),
+            Some(ImportLayerChunk {
+                part: Some(Part::Header(header)),
+            }) => header,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "ImportLayer must start with a layer header",
+                ));
+            }
         };
         let present = |layers: &LayerStore| -> Result<Option<ImportLayerResponse>, Status> {
-            Ok(layers.get(&header.chain_id)?.map(|record| ImportLayerResponse { chain_id: record.chain_id, unpacked_bytes: record.unpacked_bytes, already_present: true }))
+            Ok(layers
+                .get(&header.chain_id)?
+                .map(|record| ImportLayerResponse {
+                    chain_id: record.chain_id,
+                    unpacked_bytes: record.unpacked_bytes,
+                    already_present: true,
+                }))
         };
         if let Some(done) = present(&self.layers)? {
             return Ok(Response::new(done));
@@ -112,14 +144,28 @@ impl Storage for StorageService {
         // (its client gone): a prune or another import of the chain waits for it.
         let unpacking = tokio::task::spawn_blocking(move || {
             let _importing = importing;
-            layers.import(&unpack_header, ChannelReader { chunks: receiver, current: Bytes::new() })
+            layers.import(
+                &unpack_header,
+                ChannelReader {
+                    chunks: receiver,
+                    current: Bytes::new(),
+                },
+            )
         });
         loop {
             let chunk = match stream.message().await {
-                Ok(Some(ImportLayerChunk { part: Some(Part::Data(data)) })) => Ok(data),
+                Ok(Some(ImportLayerChunk {
+                    part: Some(Part::Data(data)),
+                })) => Ok(data),
                 Ok(None) => break,
-                Ok(Some(_)) => Err(io::Error::new(io::ErrorKind::InvalidData, "a second header in one layer stream")),
-                Err(status) => Err(io::Error::other(format!("layer stream from the image service broke: {}", status.message()))),
+                Ok(Some(_)) => Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a second header in one layer stream",
+                )),
+                Err(status) => Err(io::Error::other(format!(
+                    "layer stream from the image service broke: {}",
+                    status.message()
+                ))),
             };
             let failed = chunk.is_err();
             // The unpacker stopped early (bad content): its error says why.
@@ -130,12 +176,23 @@ impl Storage for StorageService {
         drop(chunks);
         let record = unpacking.await.map_err(blocking_failed)??;
         tracing::info!(chain = %record.chain_id, blob = %record.blob_digest, image = %header.image, bytes = record.unpacked_bytes, "layer unpacked");
-        Ok(Response::new(ImportLayerResponse { chain_id: record.chain_id, unpacked_bytes: record.unpacked_bytes, already_present: false }))
+        Ok(Response::new(ImportLayerResponse {
+            chain_id: record.chain_id,
+            unpacked_bytes: record.unpacked_bytes,
+            already_present: false,
+        }))
     }
 
-    async fn prune_layers(&self, request: Request<PruneLayersRequest>) -> Result<Response<PruneLayersResponse>, Status> {
+    async fn prune_layers(
+        &self,
+        request: Request<PruneLayersRequest>,
+    ) -> Result<Response<PruneLayersResponse>, Status> {
         let named = request.into_inner().chain_ids;
-        let mut candidates = if named.is_empty() { self.layers.chain_ids()? } else { named };
+        let mut candidates = if named.is_empty() {
+            self.layers.chain_ids()?
+        } else {
+            named
+        };
         // Locks are taken in one order, so that two prunes cannot wait on each other.
         candidates.sort();
         candidates.dedup();
@@ -154,63 +211,126 @@ impl Storage for StorageService {
             }
         }
         if !unused.is_empty() {
-            tracing::info!(layers = unused.len(), "removing layers no image uses (a pull that failed or was abandoned)");
+            tracing::info!(
+                layers = unused.len(),
+                "removing layers no image uses (a pull that failed or was abandoned)"
+            );
             let layers = self.layers.clone();
             let chains = unused.clone();
-            tokio::task::spawn_blocking(move || layers.remove_chains(&chains)).await.map_err(blocking_failed)??;
+            tokio::task::spawn_blocking(move || layers.remove_chains(&chains))
+                .await
+                .map_err(blocking_failed)??;
         }
         Ok(Response::new(PruneLayersResponse { removed: unused }))
     }
 
-    async fn put_image(&self, request: Request<PutImageRequest>) -> Result<Response<PutImageResponse>, Status> {
-        let image = request.into_inner().image.ok_or_else(|| Status::invalid_argument("PutImage needs an image"))?;
+    async fn put_image(
+        &self,
+        request: Request<PutImageRequest>,
+    ) -> Result<Response<PutImageResponse>, Status> {
+        let image = request
+            .into_inner()
+            .image
+            .ok_or_else(|| Status::invalid_argument("PutImage needs an image"))?;
         for chain in &image.chain_ids {
             if self.layers.get(chain)?.is_none() {
-                return Err(Status::failed_precondition(format!("image {}: layer {} has not been imported", excerpt(&image.id), excerpt(chain))));
+                return Err(Status::failed_precondition(format!(
+                    "image {}: layer {} has not been imported",
+                    excerpt(&image.id),
+                    excerpt(chain)
+                )));
             }
         }
         let image = self.images.put(image)?;
         Ok(Response::new(PutImageResponse { image: Some(image) }))
     }
 
-    async fn get_image(&self, request: Request<GetImageRequest>) -> Result<Response<Image>, Status> {
+    async fn get_image(
+        &self,
+        request: Request<GetImageRequest>,
+    ) -> Result<Response<Image>, Status> {
         let reference = &request.get_ref().reference;
-        let image = self.images.resolve(reference)?.ok_or_else(|| Status::not_found(format!("image {} is not in the store", excerpt(reference))))?;
+        let image = self.images.resolve(reference)?.ok_or_else(|| {
+            Status::not_found(format!("image {} is not in the store", excerpt(reference)))
+        })?;
         Ok(Response::new(image))
     }
 
-    async fn list_images(&self, _request: Request<ListImagesRequest>) -> Result<Response<ListImagesResponse>, Status> {
+    async fn list_images(
+        &self,
+        _request: Request<ListImagesRequest>,
+    ) -> Result<Response<ListImagesResponse>, Status> {
         // The full config is for ImageStatus; a listing of hundreds need not carry it.
-        let images = self.images.list()?.into_iter().map(|image| Image { config_json: String::new(), ..image }).collect();
+        let images = self
+            .images
+            .list()?
+            .into_iter()
+            .map(|image| Image {
+                config_json: String::new(),
+                ..image
+            })
+            .collect();
         Ok(Response::new(ListImagesResponse { images }))
     }
 
-    async fn remove_image(&self, request: Request<RemoveImageRequest>) -> Result<Response<RemoveImageResponse>, Status> {
-        let removal = self.images.remove(&request.get_ref().reference, |id| self.user_of(id))?;
+    async fn remove_image(
+        &self,
+        request: Request<RemoveImageRequest>,
+    ) -> Result<Response<RemoveImageResponse>, Status> {
+        let removal = self
+            .images
+            .remove(&request.get_ref().reference, |id| self.user_of(id))?;
         if let Some(image) = &removal.deleted {
             // Records that cannot be read: every layer counts as in use and stays.
             let in_use = self.images.chains_in_use().unwrap_or_else(|error| {
                 tracing::error!(%error, "cannot read image records; keeping the removed image's layers");
                 image.chain_ids.iter().cloned().collect()
             });
-            let unused: Vec<String> = image.chain_ids.iter().filter(|chain| !in_use.contains(*chain)).cloned().collect();
+            let unused: Vec<String> = image
+                .chain_ids
+                .iter()
+                .filter(|chain| !in_use.contains(*chain))
+                .cloned()
+                .collect();
             let layers = self.layers.clone();
-            tokio::task::spawn_blocking(move || layers.remove_chains(&unused)).await.map_err(blocking_failed)??;
+            tokio::task::spawn_blocking(move || layers.remove_chains(&unused))
+                .await
+                .map_err(blocking_failed)??;
         }
-        Ok(Response::new(RemoveImageResponse { image_id: removal.image_id, deleted: removal.deleted.is_some() }))
+        Ok(Response::new(RemoveImageResponse {
+            image_id: removal.image_id,
+            deleted: removal.deleted.is_some(),
+        }))
     }
 
-    async fn prepare_rootfs(&self, request: Request<PrepareRootfsRequest>) -> Result<Response<PrepareRootfsResponse>, Status> {
+    async fn prepare_rootfs(
+        &self,
+        request: Request<PrepareRootfsRequest>,
+    ) -> Result<Response<PrepareRootfsResponse>, Status> {
         let request = request.into_inner();
-        let image = self.images.resolve(&request.image)?.ok_or_else(|| Status::not_found(format!("image {} is not in the store", excerpt(&request.image))))?;
+        let image = self.images.resolve(&request.image)?.ok_or_else(|| {
+            Status::not_found(format!(
+                "image {} is not in the store",
+                excerpt(&request.image)
+            ))
+        })?;
         let lower_dirs = self.layers.lower_dirs(&image.chain_ids)?;
         let rootfs = self.rootfs.clone();
         let (container, image_id) = (request.container_id.clone(), image.id.clone());
-        let path = tokio::task::spawn_blocking(move || rootfs.prepare(&container, &image_id, lower_dirs)).await.map_err(blocking_failed)??;
-        Ok(Response::new(PrepareRootfsResponse { mount_path: path.display().to_string(), image_id: image.id }))
+        let path =
+            tokio::task::spawn_blocking(move || rootfs.prepare(&container, &image_id, lower_dirs))
+                .await
+                .map_err(blocking_failed)??;
+        Ok(Response::new(PrepareRootfsResponse {
+            mount_path: path.display().to_string(),
+            image_id: image.id,
+        }))
     }
 
-    async fn writable_layer_usage(&self, request: Request<WritableLayerUsageRequest>) -> Result<Response<WritableLayerUsageResponse>, Status> {
+    async fn writable_layer_usage(
+        &self,
+        request: Request<WritableLayerUsageRequest>,
+    ) -> Result<Response<WritableLayerUsageResponse>, Status> {
         let rootfs = self.rootfs.clone();
         let ids = request.into_inner().container_ids;
         let known_mountpoint = self.writable_mountpoint.clone();
@@ -233,19 +353,32 @@ impl Storage for StorageService {
                         found
                     }
                 };
-                usages.push(WritableLayerUsage { container_id: id, used_bytes: usage.bytes, inodes_used: usage.inodes, mountpoint });
+                usages.push(WritableLayerUsage {
+                    container_id: id,
+                    used_bytes: usage.bytes,
+                    inodes_used: usage.inodes,
+                    mountpoint,
+                });
             }
             Ok::<_, crate::error::StorageError>(usages)
         })
         .await
         .map_err(blocking_failed)??;
-        Ok(Response::new(WritableLayerUsageResponse { usages, timestamp_unix_nano: crate::now_nanos() }))
+        Ok(Response::new(WritableLayerUsageResponse {
+            usages,
+            timestamp_unix_nano: crate::now_nanos(),
+        }))
     }
 
-    async fn release_rootfs(&self, request: Request<ReleaseRootfsRequest>) -> Result<Response<ReleaseRootfsResponse>, Status> {
+    async fn release_rootfs(
+        &self,
+        request: Request<ReleaseRootfsRequest>,
+    ) -> Result<Response<ReleaseRootfsResponse>, Status> {
         let rootfs = self.rootfs.clone();
         let container = request.into_inner().container_id;
-        tokio::task::spawn_blocking(move || rootfs.release(&container)).await.map_err(blocking_failed)??;
+        tokio::task::spawn_blocking(move || rootfs.release(&container))
+            .await
+            .map_err(blocking_failed)??;
         Ok(Response::new(ReleaseRootfsResponse {}))
     }
 }

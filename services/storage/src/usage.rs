@@ -20,18 +20,25 @@ pub fn measure(root: &Path) -> Result<Usage, StorageError> {
     let mut seen = std::collections::HashSet::new();
     let mut pending = vec![root.to_path_buf()];
     while let Some(path) = pending.pop() {
-        let metadata = std::fs::symlink_metadata(&path)
-            .map_err(|source| StorageError::io(format!("cannot stat {}", path.display()), source))?;
-        if metadata.nlink() > 1 && !metadata.is_dir() && !seen.insert((metadata.dev(), metadata.ino())) {
+        let metadata = std::fs::symlink_metadata(&path).map_err(|source| {
+            StorageError::io(format!("cannot stat {}", path.display()), source)
+        })?;
+        if metadata.nlink() > 1
+            && !metadata.is_dir()
+            && !seen.insert((metadata.dev(), metadata.ino()))
+        {
             continue;
         }
         usage.bytes += metadata.blocks() * 512;
         usage.inodes += 1;
         if metadata.is_dir() {
-            let entries = std::fs::read_dir(&path)
-                .map_err(|source| StorageError::io(format!("cannot list {}", path.display()), source))?;
+            let entries = std::fs::read_dir(&path).map_err(|source| {
+                StorageError::io(format!("cannot list {}", path.display()), source)
+            })?;
             for entry in entries {
-                let entry = entry.map_err(|source| StorageError::io(format!("cannot list {}", path.display()), source))?;
+                let entry = entry.map_err(|source| {
+                    StorageError::io(format!("cannot list {}", path.display()), source)
+                })?;
                 pending.push(entry.path());
             }
         }
@@ -57,9 +64,11 @@ pub fn mountpoint_of(path: &Path) -> Result<PathBuf, StorageError> {
 /// Usage of the store at `store_path`, walked on a blocking thread.
 pub async fn fs_usage(store_path: PathBuf) -> Result<FsUsageResponse, StorageError> {
     let path = store_path.clone();
-    let (usage, mountpoint) = tokio::task::spawn_blocking(move || Ok::<_, StorageError>((measure(&path)?, mountpoint_of(&path)?)))
-        .await
-        .map_err(|e| StorageError::io("usage scan stopped", std::io::Error::other(e.to_string())))??;
+    let (usage, mountpoint) = tokio::task::spawn_blocking(move || {
+        Ok::<_, StorageError>((measure(&path)?, mountpoint_of(&path)?))
+    })
+    .await
+    .map_err(|e| StorageError::io("usage scan stopped", std::io::Error::other(e.to_string())))??;
     Ok(FsUsageResponse {
         store_path: store_path.display().to_string(),
         mountpoint: mountpoint.display().to_string(),

@@ -11,19 +11,39 @@ use crate::{Node, NodeOptions};
 
 /// An image spec naming `image`.
 pub fn image_spec(image: &str) -> Option<ImageSpec> {
-    Some(ImageSpec { image: image.to_string(), ..Default::default() })
+    Some(ImageSpec {
+        image: image.to_string(),
+        ..Default::default()
+    })
 }
 
 /// PullImage through the node's CRI socket; the pulled image's id.
 pub async fn pull(node: &Node, image: &str) -> Result<String, tonic::Status> {
-    node.images().pull_image(PullImageRequest { image: image_spec(image), ..Default::default() }).await.map(|r| r.into_inner().image_ref)
+    node.images()
+        .pull_image(PullImageRequest {
+            image: image_spec(image),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().image_ref)
 }
 
 /// [`pull`] in a task of its own, for tests that interrupt it.
-pub fn pull_in_background(node: &Node, image: &str) -> tokio::task::JoinHandle<Result<String, tonic::Status>> {
+pub fn pull_in_background(
+    node: &Node,
+    image: &str,
+) -> tokio::task::JoinHandle<Result<String, tonic::Status>> {
     let mut images = node.images();
-    let request = PullImageRequest { image: image_spec(image), ..Default::default() };
-    tokio::spawn(async move { images.pull_image(request).await.map(|r| r.into_inner().image_ref) })
+    let request = PullImageRequest {
+        image: image_spec(image),
+        ..Default::default()
+    };
+    tokio::spawn(async move {
+        images
+            .pull_image(request)
+            .await
+            .map(|r| r.into_inner().image_ref)
+    })
 }
 
 /// A node with a busybox image in a registry of its own.
@@ -38,18 +58,39 @@ impl BusyboxNode {
     pub async fn start() -> BusyboxNode {
         let dir = tempfile::tempdir().expect("tempdir");
         let registry = Registry::start(dir.path(), None);
-        registry.push("tests/busybox", "1", &image(vec![busybox_layer()], &["/bin/sh"], "amd64", false)).await;
-        let node = Node::start(NodeOptions { with_cni_config: true, ..Default::default() }).await;
+        registry
+            .push(
+                "tests/busybox",
+                "1",
+                &image(vec![busybox_layer()], &["/bin/sh"], "amd64", false),
+            )
+            .await;
+        let node = Node::start(NodeOptions {
+            with_cni_config: true,
+            ..Default::default()
+        })
+        .await;
         let image = format!("{}/tests/busybox:1", registry.address);
         pull(&node, &image).await.expect("pull busybox");
-        BusyboxNode { node, image, registry, dir }
+        BusyboxNode {
+            node,
+            image,
+            registry,
+            dir,
+        }
     }
 
     /// A container of the busybox image running `command`.
     pub fn container(&self, name: &str, command: &[&str]) -> ContainerConfig {
         ContainerConfig {
-            metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }),
-            image: Some(ImageSpec { image: self.image.clone(), ..Default::default() }),
+            metadata: Some(ContainerMetadata {
+                name: name.into(),
+                attempt: 0,
+            }),
+            image: Some(ImageSpec {
+                image: self.image.clone(),
+                ..Default::default()
+            }),
             command: command.iter().map(|s| s.to_string()).collect(),
             labels: HashMap::from([("container".to_string(), name.to_string())]),
             ..Default::default()
@@ -66,11 +107,21 @@ pub struct Pod {
 /// A host-network pod (so no CNI work), privileged or not.
 pub fn host_network_pod(name: &str, privileged: bool) -> PodSandboxConfig {
     PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata { name: name.into(), namespace: "tests".into(), uid: format!("uid-{name}"), attempt: 0 }),
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            namespace: "tests".into(),
+            uid: format!("uid-{name}"),
+            attempt: 0,
+        }),
         hostname: name.into(),
         linux: Some(LinuxPodSandboxConfig {
             security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption { network: NamespaceMode::Node as i32, pid: NamespaceMode::Container as i32, ipc: NamespaceMode::Pod as i32, ..Default::default() }),
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node as i32,
+                    pid: NamespaceMode::Container as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
                 privileged,
                 ..Default::default()
             }),
@@ -81,8 +132,17 @@ pub fn host_network_pod(name: &str, privileged: bool) -> PodSandboxConfig {
 }
 
 pub async fn run_pod(node: &Node, config: PodSandboxConfig) -> Pod {
-    let request = RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: String::new() };
-    let id = node.runtime().run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    let request = RunPodSandboxRequest {
+        config: Some(config.clone()),
+        runtime_handler: String::new(),
+    };
+    let id = node
+        .runtime()
+        .run_pod_sandbox(request)
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id;
     Pod { id, config }
 }
 
@@ -90,19 +150,40 @@ pub async fn run_pod(node: &Node, config: PodSandboxConfig) -> Pod {
 /// before `Node::stop`.
 pub async fn remove_pods(node: &Node, pods: &[&Pod]) {
     for pod in pods {
-        node.runtime().remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.expect("RemovePodSandbox");
+        node.runtime()
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod.id.clone(),
+            })
+            .await
+            .expect("RemovePodSandbox");
     }
 }
 
-pub async fn create(node: &Node, pod: &Pod, config: ContainerConfig) -> Result<String, tonic::Status> {
-    let request = CreateContainerRequest { pod_sandbox_id: pod.id.clone(), config: Some(config), sandbox_config: Some(pod.config.clone()) };
-    node.runtime().create_container(request).await.map(|r| r.into_inner().container_id)
+pub async fn create(
+    node: &Node,
+    pod: &Pod,
+    config: ContainerConfig,
+) -> Result<String, tonic::Status> {
+    let request = CreateContainerRequest {
+        pod_sandbox_id: pod.id.clone(),
+        config: Some(config),
+        sandbox_config: Some(pod.config.clone()),
+    };
+    node.runtime()
+        .create_container(request)
+        .await
+        .map(|r| r.into_inner().container_id)
 }
 
 /// Creates and starts a container, which must succeed.
 pub async fn start(node: &Node, pod: &Pod, config: ContainerConfig) -> String {
     let id = create(node, pod, config).await.expect("CreateContainer");
-    node.runtime().start_container(StartContainerRequest { container_id: id.clone() }).await.expect("StartContainer");
+    node.runtime()
+        .start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .expect("StartContainer");
     id
 }
 
@@ -115,9 +196,22 @@ pub struct Exec {
 }
 
 pub async fn exec(node: &Node, container: &str, cmd: &[&str]) -> Exec {
-    let request = ExecSyncRequest { container_id: container.into(), cmd: cmd.iter().map(|s| s.to_string()).collect(), timeout: 20 };
-    let out = node.runtime().exec_sync(request).await.unwrap_or_else(|e| panic!("ExecSync {cmd:?}: {e}")).into_inner();
-    Exec { stdout: String::from_utf8_lossy(&out.stdout).into_owned(), stderr: String::from_utf8_lossy(&out.stderr).into_owned(), code: out.exit_code }
+    let request = ExecSyncRequest {
+        container_id: container.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        timeout: 20,
+    };
+    let out = node
+        .runtime()
+        .exec_sync(request)
+        .await
+        .unwrap_or_else(|e| panic!("ExecSync {cmd:?}: {e}"))
+        .into_inner();
+    Exec {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        code: out.exit_code,
+    }
 }
 
 /// `sh -c script` in a container.
@@ -126,8 +220,17 @@ pub async fn shell(node: &Node, container: &str, script: &str) -> Exec {
 }
 
 pub async fn container_status(node: &Node, id: &str) -> ContainerStatus {
-    let request = ContainerStatusRequest { container_id: id.into(), verbose: false };
-    node.runtime().container_status(request).await.expect("ContainerStatus").into_inner().status.expect("status")
+    let request = ContainerStatusRequest {
+        container_id: id.into(),
+        verbose: false,
+    };
+    node.runtime()
+        .container_status(request)
+        .await
+        .expect("ContainerStatus")
+        .into_inner()
+        .status
+        .expect("status")
 }
 
 /// The container's status once it has exited, which it must within `within`.
@@ -138,7 +241,10 @@ pub async fn wait_exited(node: &Node, id: &str, within: Duration) -> ContainerSt
         if status.state == ContainerState::ContainerExited as i32 {
             return status;
         }
-        assert!(Instant::now() < deadline, "container {id} did not exit: {status:?}");
+        assert!(
+            Instant::now() < deadline,
+            "container {id} did not exit: {status:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

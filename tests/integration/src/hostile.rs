@@ -26,8 +26,12 @@ impl TokenServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).expect("nonblocking");
         let url = format!("http://{}/token", listener.local_addr().expect("address"));
-        let body = serde_json::json!({ "token": token, "access_token": token, "expires_in": 300 }).to_string();
-        let (requests, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+        let body = serde_json::json!({ "token": token, "access_token": token, "expires_in": 300 })
+            .to_string();
+        let (requests, stop) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
         let thread = std::thread::spawn({
             let (requests, stop) = (requests.clone(), stop.clone());
             move || {
@@ -47,12 +51,20 @@ impl TokenServer {
                         }
                     }
                     requests.fetch_add(1, Ordering::SeqCst);
-                    let answer = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
                     let _ = stream.write_all(answer.as_bytes());
                 }
             }
         });
-        TokenServer { url, requests, stop, thread: Some(thread) }
+        TokenServer {
+            url,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     /// How many token requests it answered.
@@ -92,9 +104,15 @@ impl Drop for OpenGuard {
 impl TrickleProxy {
     /// Slow, it passes `chunk` bytes every `tick`.
     pub async fn start(upstream: &str, chunk: usize, tick: Duration) -> TrickleProxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let address = listener.local_addr().expect("address").to_string();
-        let (slow, forwarded, open) = (Arc::new(AtomicBool::new(true)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (slow, forwarded, open) = (
+            Arc::new(AtomicBool::new(true)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
         let upstream = upstream.to_string();
         let task = tokio::spawn({
             let (slow, forwarded, open) = (slow.clone(), forwarded.clone(), open.clone());
@@ -104,17 +122,24 @@ impl TrickleProxy {
                 while let Ok((client, _)) = listener.accept().await {
                     open.fetch_add(1, Ordering::SeqCst);
                     let guard = OpenGuard(open.clone());
-                    let (slow, forwarded, upstream) = (slow.clone(), forwarded.clone(), upstream.clone());
+                    let (slow, forwarded, upstream) =
+                        (slow.clone(), forwarded.clone(), upstream.clone());
                     connections.spawn(async move {
                         let _guard = guard;
-                        let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                        let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                            return;
+                        };
                         let (mut client_read, mut client_write) = client.into_split();
                         let (mut server_read, mut server_write) = server.into_split();
                         let requests = tokio::io::copy(&mut client_read, &mut server_write);
                         let answers = async {
                             let mut buffer = vec![0u8; 64 * 1024];
                             loop {
-                                let limit = if slow.load(Ordering::Relaxed) { chunk } else { buffer.len() };
+                                let limit = if slow.load(Ordering::Relaxed) {
+                                    chunk
+                                } else {
+                                    buffer.len()
+                                };
                                 let n = match server_read.read(&mut buffer[..limit]).await {
                                     Ok(0) | Err(_) => return,
                                     Ok(n) => n,
@@ -138,7 +163,13 @@ impl TrickleProxy {
                 }
             }
         });
-        TrickleProxy { address, slow, forwarded, open, task }
+        TrickleProxy {
+            address,
+            slow,
+            forwarded,
+            open,
+            task,
+        }
     }
 
     /// From now on, bytes pass at full speed.

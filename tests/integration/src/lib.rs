@@ -39,7 +39,12 @@ pub fn bin_dir() -> PathBuf {
         return PathBuf::from(dir);
     }
     let exe = std::env::current_exe().expect("executable path");
-    let candidates: Vec<PathBuf> = exe.ancestors().skip(1).take(2).map(Path::to_path_buf).collect();
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(Path::to_path_buf)
+        .collect();
     candidates.iter().find(|dir| dir.join("trellis").is_file()).cloned().unwrap_or_else(|| {
         panic!("no trellis binary beside {}: build the binaries first (`cargo build --bins`) or set TRELLIS_BIN_DIR", exe.display())
     })
@@ -52,10 +57,16 @@ pub fn binary(name: &str) -> PathBuf {
 /// A gRPC channel to a Unix socket, dialled lazily.
 pub fn unix_channel(socket: &Path) -> Channel {
     let socket = socket.to_path_buf();
-    Endpoint::from_static("http://localhost").connect_with_connector_lazy(tower::service_fn(move |_| {
-        let socket = socket.clone();
-        async move { tokio::net::UnixStream::connect(socket).await.map(hyper_util::rt::TokioIo::new) }
-    }))
+    Endpoint::from_static("http://localhost").connect_with_connector_lazy(tower::service_fn(
+        move |_| {
+            let socket = socket.clone();
+            async move {
+                tokio::net::UnixStream::connect(socket)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        },
+    ))
 }
 
 /// oci-client's rustls needs a crypto provider chosen once per process.
@@ -68,7 +79,10 @@ pub fn install_tls_provider() {
 
 /// A free TCP port on 127.0.0.1 (bound and released; fine for tests).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
 }
 
 /// What a node is started with.
@@ -88,7 +102,10 @@ pub struct NodeOptions {
 
 /// A node name no other test uses at the same time.
 pub fn new_node_name() -> String {
-    format!("it{}", std::process::id() as u64 * 1000 + u64::from(rand_suffix()))
+    format!(
+        "it{}",
+        std::process::id() as u64 * 1000 + u64::from(rand_suffix())
+    )
 }
 
 pub struct Node {
@@ -103,7 +120,10 @@ pub struct Node {
 
 impl Node {
     pub async fn start(options: NodeOptions) -> Node {
-        let root = tempfile::Builder::new().prefix("trellis-it-").tempdir().expect("temp root");
+        let root = tempfile::Builder::new()
+            .prefix("trellis-it-")
+            .tempdir()
+            .expect("temp root");
         let path = root.path();
         let node_name = options.node_name.clone().unwrap_or_else(new_node_name);
         for dir in ["run", "state", "cni"] {
@@ -116,7 +136,11 @@ impl Node {
             network.write(&path.join("cni"));
             network
         });
-        let bus = options.bus_url.as_deref().map(|url| format!("[bus]\nurl = \"{url}\"\n")).unwrap_or_default();
+        let bus = options
+            .bus_url
+            .as_deref()
+            .map(|url| format!("[bus]\nurl = \"{url}\"\n"))
+            .unwrap_or_default();
         let config = format!(
             "[node]\nname = \"{node_name}\"\nstate_dir = \"{state}\"\nrun_dir = \"{run}\"\n[network]\ncni_config_dir = \"{cni}\"\n[telemetry]\nlog_level = \"info\"\n{bus}{extra}",
             state = path.join("state").display(),
@@ -127,8 +151,19 @@ impl Node {
         let config_path = path.join("trellis.toml");
         std::fs::write(&config_path, config).expect("write config");
         let config_arg = config_path.to_str().expect("utf-8 temp path");
-        let up = spawn_logged("trellis", &["--config", config_arg, "up"], &options.env, &path.join("node.log"));
-        let mut node = Node { root, config_path, node_name, up: Some(up), _network: network };
+        let up = spawn_logged(
+            "trellis",
+            &["--config", config_arg, "up"],
+            &options.env,
+            &path.join("node.log"),
+        );
+        let mut node = Node {
+            root,
+            config_path,
+            node_name,
+            up: Some(up),
+            _network: network,
+        };
         node.wait_ready(Duration::from_secs(30)).await;
         node
     }
@@ -138,7 +173,11 @@ impl Node {
     }
 
     pub fn socket(&self, service: &str) -> PathBuf {
-        let file = if service == "gateway" { "trellis.sock".to_string() } else { format!("{service}.sock") };
+        let file = if service == "gateway" {
+            "trellis.sock".to_string()
+        } else {
+            format!("{service}.sock")
+        };
         self.root().join("run").join(file)
     }
 
@@ -151,7 +190,11 @@ impl Node {
     /// short links.
     pub fn layer_dirs(&self) -> Vec<String> {
         let dir = self.root().join("state/storage/layers");
-        let names = std::fs::read_dir(&dir).into_iter().flatten().filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned());
+        let names = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned());
         let mut names: Vec<String> = names.filter(|name| name != "l").collect();
         names.sort();
         names
@@ -179,7 +222,10 @@ impl Node {
 
     pub async fn info(&self, service: &str) -> Result<InfoResponse, tonic::Status> {
         let mut client = ServiceInfoClient::new(unix_channel(&self.socket(service)));
-        client.info(trellis_proto::service::v1::InfoRequest {}).await.map(|r| r.into_inner())
+        client
+            .info(trellis_proto::service::v1::InfoRequest {})
+            .await
+            .map(|r| r.into_inner())
     }
 
     /// Waits until the gateway is healthy (so, under `trellis up`, every service is).
@@ -189,12 +235,19 @@ impl Node {
             if let Some(up) = self.up.as_mut()
                 && let Ok(Some(status)) = up.try_wait()
             {
-                panic!("trellis up exited during start-up ({status}):\n{}", self.log_tail());
+                panic!(
+                    "trellis up exited during start-up ({status}):\n{}",
+                    self.log_tail()
+                );
             }
             if self.info("gateway").await.is_ok() {
                 return;
             }
-            assert!(Instant::now() < deadline, "node not ready within {timeout:?}:\n{}", self.log_tail());
+            assert!(
+                Instant::now() < deadline,
+                "node not ready within {timeout:?}:\n{}",
+                self.log_tail()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -209,7 +262,10 @@ impl Node {
                 if bus.as_ref().is_some_and(|bus| bus.connected) {
                     break;
                 }
-                assert!(Instant::now() < deadline, "{service} not connected to the bus within {timeout:?}: {bus:?}");
+                assert!(
+                    Instant::now() < deadline,
+                    "{service} not connected to the bus within {timeout:?}: {bus:?}"
+                );
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
         }
@@ -224,7 +280,11 @@ impl Node {
             {
                 return info.pid;
             }
-            assert!(Instant::now() < deadline, "{service} not restarted within {timeout:?}:\n{}", self.log_tail());
+            assert!(
+                Instant::now() < deadline,
+                "{service} not restarted within {timeout:?}:\n{}",
+                self.log_tail()
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
@@ -234,9 +294,17 @@ impl Node {
     pub fn stop(mut self) {
         self.remove_every_pod();
         let status = self.terminate_up(Duration::from_secs(30));
-        assert!(status.is_some_and(|s| s.success()), "trellis up did not exit cleanly ({status:?}):\n{}", self.log_tail());
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "trellis up did not exit cleanly ({status:?}):\n{}",
+            self.log_tail()
+        );
         let leftovers = leftovers(self.root());
-        assert!(leftovers.is_empty(), "left behind after stop: {leftovers:#?}\n{}", self.log_tail());
+        assert!(
+            leftovers.is_empty(),
+            "left behind after stop: {leftovers:#?}\n{}",
+            self.log_tail()
+        );
     }
 
     /// The pid of the `trellis up` process.
@@ -255,14 +323,28 @@ impl Node {
         // A runtime of its own, on a thread of its own: this also runs in Drop, inside
         // or outside a test's runtime.
         let removal = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
             runtime.block_on(async move {
                 let mut client = RuntimeServiceClient::new(unix_channel(&socket));
-                let listing = tokio::time::timeout(Duration::from_secs(5), client.list_pod_sandbox(ListPodSandboxRequest::default())).await;
+                let listing = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    client.list_pod_sandbox(ListPodSandboxRequest::default()),
+                )
+                .await;
                 let Ok(Ok(pods)) = listing else { return };
                 for pod in pods.into_inner().items {
-                    let removal = client.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() });
-                    if !matches!(tokio::time::timeout(Duration::from_secs(15), removal).await, Ok(Ok(_))) {
+                    let removal = client.remove_pod_sandbox(RemovePodSandboxRequest {
+                        pod_sandbox_id: pod.id.clone(),
+                    });
+                    if !matches!(
+                        tokio::time::timeout(Duration::from_secs(15), removal).await,
+                        Ok(Ok(_))
+                    ) {
                         eprintln!("could not remove pod {} left by the test", pod.id);
                     }
                 }
@@ -321,12 +403,25 @@ impl Drop for Node {
 /// is detached, deepest first.
 fn release_containers_and_mounts(root: &Path) {
     let runc_root = root.join("run/runtime/runc");
-    for container in std::fs::read_dir(&runc_root).into_iter().flatten().filter_map(Result::ok) {
-        let _ = Command::new("runc").arg("--root").arg(&runc_root).args(["delete", "--force"]).arg(container.file_name()).output();
+    for container in std::fs::read_dir(&runc_root)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+    {
+        let _ = Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["delete", "--force"])
+            .arg(container.file_name())
+            .output();
     }
     let root_text = root.display().to_string();
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut points: Vec<&str> = mounts.lines().filter_map(|line| line.split_whitespace().nth(4)).filter(|p| p.starts_with(&root_text)).collect();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(4))
+        .filter(|p| p.starts_with(&root_text))
+        .collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.len()));
     for point in points {
         let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
@@ -335,13 +430,27 @@ fn release_containers_and_mounts(root: &Path) {
 
 /// What a stopped node must not leave: processes, sockets, mounts under its root.
 pub fn leftovers(root: &Path) -> Vec<String> {
-    let mut found: Vec<String> = processes_mentioning(root).into_iter().map(|pid| format!("process {pid}: {}", cmdline(pid))).collect();
+    let mut found: Vec<String> = processes_mentioning(root)
+        .into_iter()
+        .map(|pid| format!("process {pid}: {}", cmdline(pid)))
+        .collect();
     if let Ok(entries) = std::fs::read_dir(root.join("run")) {
-        found.extend(entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "sock")).map(|p| format!("socket {}", p.display())));
+        found.extend(
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "sock"))
+                .map(|p| format!("socket {}", p.display())),
+        );
     }
     let root_text = root.display().to_string();
     if let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") {
-        found.extend(mounts.lines().filter(|line| line.contains(&root_text)).map(|line| format!("mount {line}")));
+        found.extend(
+            mounts
+                .lines()
+                .filter(|line| line.contains(&root_text))
+                .map(|line| format!("mount {line}")),
+        );
     }
     found
 }
@@ -351,7 +460,9 @@ pub fn leftovers(root: &Path) -> Vec<String> {
 pub fn processes_mentioning(root: &Path) -> Vec<i32> {
     let needle = root.display().to_string();
     let me = std::process::id() as i32;
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .filter_map(Result::ok)
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
@@ -360,17 +471,26 @@ pub fn processes_mentioning(root: &Path) -> Vec<i32> {
 }
 
 fn cmdline(pid: i32) -> String {
-    std::fs::read(format!("/proc/{pid}/cmdline")).map(|raw| String::from_utf8_lossy(&raw).replace('\0', " ")).unwrap_or_default()
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+        .unwrap_or_default()
 }
 
 fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|stat| stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z'))).unwrap_or(true)
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            stat.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
 }
 
 /// The project's default conflist (bridge, portmap), as `deploy/` ships it.
 pub fn install_cni_config(dir: &Path) {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/cni/10-trellis.conflist");
-    std::fs::copy(&source, dir.join("10-trellis.conflist")).unwrap_or_else(|e| panic!("copy {}: {e}", source.display()));
+    std::fs::copy(&source, dir.join("10-trellis.conflist"))
+        .unwrap_or_else(|e| panic!("copy {}: {e}", source.display()));
 }
 
 fn rand_suffix() -> u16 {
@@ -396,8 +516,15 @@ impl ServiceProcess {
     }
 
     /// [`ServiceProcess::spawn`] with extra environment, as a systemd unit gives it.
-    pub fn spawn_with_env(binary_name: &str, args: &[&str], env: &[(String, String)], log: &Path) -> ServiceProcess {
-        ServiceProcess { child: spawn_logged(binary_name, args, env, log) }
+    pub fn spawn_with_env(
+        binary_name: &str,
+        args: &[&str],
+        env: &[(String, String)],
+        log: &Path,
+    ) -> ServiceProcess {
+        ServiceProcess {
+            child: spawn_logged(binary_name, args, env, log),
+        }
     }
 }
 

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use async_nats::jetstream;
 use futures::StreamExt;
 use prost::Message;
-use trellis_common::bus::server_config::ServerConfig;
-use trellis_proto::events::v1::Event;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use trellis_common::bus::server_config::ServerConfig;
+use trellis_proto::events::v1::Event;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -27,7 +27,13 @@ impl NatsServer {
     /// Starts on a free loopback port with its store under `dir`, without
     /// authentication.
     pub fn start(dir: &Path) -> NatsServer {
-        let mut server = NatsServer { port: crate::free_port(), store: dir.join("nats-store"), log: dir.join("nats.log"), config: None, child: None };
+        let mut server = NatsServer {
+            port: crate::free_port(),
+            store: dir.join("nats-store"),
+            log: dir.join("nats.log"),
+            config: None,
+            child: None,
+        };
         server.restart();
         server
     }
@@ -35,13 +41,25 @@ impl NatsServer {
     /// Starts with the configuration `configure` makes for the chosen loopback port
     /// and store (the way `trellis up` configures its private bus, here with the test's
     /// own users and TLS).
-    pub fn start_configured(dir: &Path, configure: impl FnOnce(SocketAddr, PathBuf) -> ServerConfig) -> NatsServer {
+    pub fn start_configured(
+        dir: &Path,
+        configure: impl FnOnce(SocketAddr, PathBuf) -> ServerConfig,
+    ) -> NatsServer {
         let port = crate::free_port();
         let store = dir.join("nats-store");
-        let text = configure(SocketAddr::from(([127, 0, 0, 1], port)), store.clone()).render().expect("render the nats-server configuration");
+        let text = configure(SocketAddr::from(([127, 0, 0, 1], port)), store.clone())
+            .render()
+            .expect("render the nats-server configuration");
         let config = dir.join("nats-server.conf");
-        trellis_common::dirs::write_private_file(&config, text.as_bytes()).expect("write the nats-server configuration");
-        let mut server = NatsServer { port, store, log: dir.join("nats.log"), config: Some(config), child: None };
+        trellis_common::dirs::write_private_file(&config, text.as_bytes())
+            .expect("write the nats-server configuration");
+        let mut server = NatsServer {
+            port,
+            store,
+            log: dir.join("nats.log"),
+            config: Some(config),
+            child: None,
+        };
         server.restart();
         server
     }
@@ -49,7 +67,13 @@ impl NatsServer {
     /// Starts with a configuration file made elsewhere (`trellis bus-credentials`),
     /// which listens on `port`.
     pub fn start_with_file(dir: &Path, port: u16, config: &Path) -> NatsServer {
-        let mut server = NatsServer { port, store: dir.join("nats-store"), log: dir.join("nats.log"), config: Some(config.to_path_buf()), child: None };
+        let mut server = NatsServer {
+            port,
+            store: dir.join("nats-store"),
+            log: dir.join("nats.log"),
+            config: Some(config.to_path_buf()),
+            child: None,
+        };
         server.restart();
         server
     }
@@ -66,11 +90,24 @@ impl NatsServer {
     /// (Re)starts on the same port and store, and waits until it accepts connections.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("nats log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("nats log");
         let mut command = Command::new(nats_server());
         match &self.config {
             Some(config) => command.arg("-c").arg(config),
-            None => command.args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"]).arg(&self.store),
+            None => command
+                .args([
+                    "-js",
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-sd",
+                ])
+                .arg(&self.store),
         };
         let child = command
             .stdin(Stdio::null())
@@ -81,7 +118,11 @@ impl NatsServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start: {}", std::fs::read_to_string(&self.log).unwrap_or_default());
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not start: {}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -101,11 +142,15 @@ impl Drop for NatsServer {
 }
 
 fn nats_server() -> PathBuf {
-    ["/usr/bin/nats-server", "/usr/sbin/nats-server", "/usr/local/bin/nats-server"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .expect("nats-server is not installed (apt-get install nats-server)")
+    [
+        "/usr/bin/nats-server",
+        "/usr/sbin/nats-server",
+        "/usr/local/bin/nats-server",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_file())
+    .expect("nats-server is not installed (apt-get install nats-server)")
 }
 
 /// One event read back from the events stream, with the message id JetStream
@@ -118,13 +163,32 @@ pub struct StoredEvent {
 
 /// Reads the events stream from its start, on subjects matching `filter`, until
 /// `done` says enough has been read; panics after `timeout`.
-pub async fn read_events(url: &str, filter: &str, timeout: Duration, done: impl Fn(&[StoredEvent]) -> bool) -> Vec<StoredEvent> {
-    read_events_with(async_nats::connect(url).await.expect("connect to NATS"), filter, timeout, done).await
+pub async fn read_events(
+    url: &str,
+    filter: &str,
+    timeout: Duration,
+    done: impl Fn(&[StoredEvent]) -> bool,
+) -> Vec<StoredEvent> {
+    read_events_with(
+        async_nats::connect(url).await.expect("connect to NATS"),
+        filter,
+        timeout,
+        done,
+    )
+    .await
 }
 
 /// [`read_events`] through a client of the caller's (with credentials).
-pub async fn read_events_with(client: async_nats::Client, filter: &str, timeout: Duration, done: impl Fn(&[StoredEvent]) -> bool) -> Vec<StoredEvent> {
-    let stream = jetstream::new(client).get_stream("TRELLIS_EVENTS").await.expect("events stream");
+pub async fn read_events_with(
+    client: async_nats::Client,
+    filter: &str,
+    timeout: Duration,
+    done: impl Fn(&[StoredEvent]) -> bool,
+) -> Vec<StoredEvent> {
+    let stream = jetstream::new(client)
+        .get_stream("TRELLIS_EVENTS")
+        .await
+        .expect("events stream");
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::Config {
             filter_subject: filter.to_string(),
@@ -138,12 +202,24 @@ pub async fn read_events_with(client: async_nats::Client, filter: &str, timeout:
     let deadline = Instant::now() + timeout;
     let mut events = Vec::new();
     while !done(&events) {
-        let message = match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), messages.next()).await {
+        let message = match tokio::time::timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            messages.next(),
+        )
+        .await
+        {
             Ok(Some(Ok(message))) => message,
-            other => panic!("events stream ended or timed out ({other:?}) after {} events: {events:#?}", events.len()),
+            other => panic!(
+                "events stream ended or timed out ({other:?}) after {} events: {events:#?}",
+                events.len()
+            ),
         };
         let event = Event::decode(message.payload.clone()).expect("event payload");
-        let message_id = message.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.as_str().to_string());
+        let message_id = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.as_str().to_string());
         events.push(StoredEvent { event, message_id });
     }
     events
@@ -152,6 +228,9 @@ pub async fn read_events_with(client: async_nats::Client, filter: &str, timeout:
 /// How many messages the events stream holds.
 pub async fn stream_len(url: &str) -> u64 {
     let client = async_nats::connect(url).await.expect("connect to NATS");
-    let mut stream = jetstream::new(client).get_stream("TRELLIS_EVENTS").await.expect("events stream");
+    let mut stream = jetstream::new(client)
+        .get_stream("TRELLIS_EVENTS")
+        .await
+        .expect("events stream");
     stream.info().await.expect("stream info").state.messages
 }

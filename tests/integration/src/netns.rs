@@ -29,7 +29,13 @@ impl TestNetwork {
         let suffix = random_hex(6);
         let random = u32::from_str_radix(&random_hex(6), 16).unwrap_or_default();
         let subnet = Ipv4Addr::new(10, 200 + (random % 51) as u8, (random >> 8) as u8, 0);
-        TestNetwork { name: format!("trellis-it-{suffix}"), bridge: format!("trb{suffix}"), subnet, ipam_dir: node_root.join("cni-ipam"), extra_plugins: Vec::new() }
+        TestNetwork {
+            name: format!("trellis-it-{suffix}"),
+            bridge: format!("trb{suffix}"),
+            subnet,
+            ipam_dir: node_root.join("cni-ipam"),
+            extra_plugins: Vec::new(),
+        }
     }
 
     /// Chains `plugin` after bridge and portmap.
@@ -62,7 +68,8 @@ impl TestNetwork {
     /// Writes the conflist as `<dir>/10-<name>.conflist`.
     pub fn write(&self, dir: &Path) -> PathBuf {
         let file = dir.join(format!("10-{}.conflist", self.name));
-        std::fs::write(&file, self.conflist().to_string()).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+        std::fs::write(&file, self.conflist().to_string())
+            .unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
         file
     }
 
@@ -72,12 +79,15 @@ impl TestNetwork {
     }
 
     pub fn contains(&self, ip: &str) -> bool {
-        ip.parse::<Ipv4Addr>().is_ok_and(|ip| ip.octets()[..3] == self.subnet.octets()[..3])
+        ip.parse::<Ipv4Addr>()
+            .is_ok_and(|ip| ip.octets()[..3] == self.subnet.octets()[..3])
     }
 
     /// Addresses host-local holds for this network.
     pub fn allocations(&self) -> Vec<String> {
-        let Ok(entries) = std::fs::read_dir(self.ipam_dir.join(&self.name)) else { return Vec::new() };
+        let Ok(entries) = std::fs::read_dir(self.ipam_dir.join(&self.name)) else {
+            return Vec::new();
+        };
         let mut found: Vec<String> = entries
             .filter_map(Result::ok)
             .filter_map(|e| e.file_name().into_string().ok())
@@ -96,7 +106,9 @@ impl TestNetwork {
 impl Drop for TestNetwork {
     fn drop(&mut self) {
         if Path::new("/sys/class/net").join(&self.bridge).exists() {
-            let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
+            let _ = Command::new("ip")
+                .args(["link", "del", &self.bridge])
+                .status();
         }
     }
 }
@@ -107,8 +119,10 @@ impl Drop for TestNetwork {
 pub fn in_netns<T: Send + 'static>(pin: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
     let thread_pin = pin.to_path_buf();
     std::thread::spawn(move || {
-        let namespace = std::fs::File::open(&thread_pin).unwrap_or_else(|e| panic!("open {}: {e}", thread_pin.display()));
-        nix::sched::setns(namespace.as_fd(), CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {}: {e}", thread_pin.display()));
+        let namespace = std::fs::File::open(&thread_pin)
+            .unwrap_or_else(|e| panic!("open {}: {e}", thread_pin.display()));
+        nix::sched::setns(namespace.as_fd(), CloneFlags::CLONE_NEWNET)
+            .unwrap_or_else(|e| panic!("setns {}: {e}", thread_pin.display()));
         f()
     })
     .join()
@@ -122,27 +136,41 @@ pub fn create_netns(pin: &Path) -> Result<(), String> {
     let target = pin.to_path_buf();
     std::thread::spawn(move || -> Result<(), String> {
         nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| format!("unshare: {e}"))?;
-        nix::mount::mount(Some("/proc/thread-self/ns/net"), &target, None::<&str>, nix::mount::MsFlags::MS_BIND, None::<&str>)
-            .map_err(|e| format!("bind-mount {}: {e}", target.display()))
+        nix::mount::mount(
+            Some("/proc/thread-self/ns/net"),
+            &target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| format!("bind-mount {}: {e}", target.display()))
     })
     .join()
     .map_err(|_| "netns thread panicked".to_string())?
 }
 
 pub fn delete_netns(pin: &Path) -> Result<(), String> {
-    nix::mount::umount2(pin, nix::mount::MntFlags::MNT_DETACH).map_err(|e| format!("umount {}: {e}", pin.display()))?;
+    nix::mount::umount2(pin, nix::mount::MntFlags::MNT_DETACH)
+        .map_err(|e| format!("umount {}: {e}", pin.display()))?;
     std::fs::remove_file(pin).map_err(|e| format!("remove {}: {e}", pin.display()))
 }
 
 /// `iptables -t nat -S`: every NAT rule and chain.
 pub fn nat_rules() -> String {
-    let output = Command::new("iptables").args(["-t", "nat", "-S"]).output().expect("run iptables");
+    let output = Command::new("iptables")
+        .args(["-t", "nat", "-S"])
+        .output()
+        .expect("run iptables");
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// NAT rules that mention `text` (a container id, an address).
 pub fn nat_rules_mentioning(text: &str) -> Vec<String> {
-    nat_rules().lines().filter(|line| line.contains(text)).map(str::to_string).collect()
+    nat_rules()
+        .lines()
+        .filter(|line| line.contains(text))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Host interfaces, by name.
@@ -156,8 +184,13 @@ pub fn pins(run_dir: &Path) -> Vec<String> {
 }
 
 fn list_dir(dir: &Path) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut names: Vec<String> = entries.filter_map(Result::ok).filter_map(|e| e.file_name().into_string().ok()).collect();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
     names.sort();
     names
 }

@@ -2,8 +2,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 
 /// One received span, reduced to what the tests look at.
@@ -25,7 +29,9 @@ impl Receiver {
     /// Serves on a free loopback port until the test ends; returns the endpoint URL.
     pub async fn start() -> (Receiver, String) {
         let receiver = Receiver::default();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind otlp");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind otlp");
         let address = listener.local_addr().expect("otlp address");
         let service = TraceServiceServer::new(receiver.clone());
         tokio::spawn(async move {
@@ -38,13 +44,19 @@ impl Receiver {
     }
 
     pub fn spans(&self) -> Vec<ReceivedSpan> {
-        self.spans.lock().map(|spans| spans.clone()).unwrap_or_default()
+        self.spans
+            .lock()
+            .map(|spans| spans.clone())
+            .unwrap_or_default()
     }
 }
 
 #[tonic::async_trait]
 impl TraceService for Receiver {
-    async fn export(&self, request: tonic::Request<ExportTraceServiceRequest>) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut received = Vec::new();
         for resource_spans in request.into_inner().resource_spans {
             let service = resource_spans
@@ -73,6 +85,8 @@ impl TraceService for Receiver {
         if let Ok(mut spans) = self.spans.lock() {
             spans.extend(received);
         }
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
     }
 }

@@ -20,7 +20,12 @@ pub struct Containerd {
 impl Containerd {
     /// Starts containerd under `dir`, with plain-HTTP mirrors for the given loopback
     /// registries, the CNI configuration in `cni_conf_dir` and the given pause image.
-    pub async fn start(dir: &Path, registries: &[&str], cni_conf_dir: &Path, sandbox_image: &str) -> Containerd {
+    pub async fn start(
+        dir: &Path,
+        registries: &[&str],
+        cni_conf_dir: &Path,
+        sandbox_image: &str,
+    ) -> Containerd {
         let root = dir.join("containerd");
         std::fs::create_dir_all(&root).expect("containerd dir");
         let socket = root.join("containerd.sock");
@@ -48,14 +53,26 @@ impl Containerd {
             .stderr(log)
             .spawn()
             .expect("containerd is not installed (apt-get install containerd)");
-        let containerd = Containerd { root, socket, child: Some(child) };
+        let containerd = Containerd {
+            root,
+            socket,
+            child: Some(child),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let mut client = containerd.runtime();
-            if client.version(k8s_cri::v1::VersionRequest::default()).await.is_ok() {
+            if client
+                .version(k8s_cri::v1::VersionRequest::default())
+                .await
+                .is_ok()
+            {
                 break;
             }
-            assert!(Instant::now() < deadline, "containerd did not start: {}", std::fs::read_to_string(containerd.root.join("containerd.log")).unwrap_or_default());
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not start: {}",
+                std::fs::read_to_string(containerd.root.join("containerd.log")).unwrap_or_default()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         containerd
@@ -79,7 +96,11 @@ impl Drop for Containerd {
         // Unmount whatever containerd left mounted under its root before removal.
         let root = self.root.display().to_string();
         if let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") {
-            let mut points: Vec<&str> = mounts.lines().filter_map(|line| line.split_whitespace().nth(4)).filter(|p| p.starts_with(&root)).collect();
+            let mut points: Vec<&str> = mounts
+                .lines()
+                .filter_map(|line| line.split_whitespace().nth(4))
+                .filter(|p| p.starts_with(&root))
+                .collect();
             points.sort_by_key(|p| std::cmp::Reverse(p.len()));
             for point in points {
                 let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
@@ -91,6 +112,10 @@ impl Drop for Containerd {
 /// Median, p95 and p99 of a sample, in milliseconds.
 pub fn summary(samples: &mut [Duration]) -> (f64, f64, f64) {
     samples.sort();
-    let at = |q: f64| samples.get(((samples.len() as f64 - 1.0) * q).round() as usize).map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    let at = |q: f64| {
+        samples
+            .get(((samples.len() as f64 - 1.0) * q).round() as usize)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
     (at(0.5), at(0.95), at(0.99))
 }

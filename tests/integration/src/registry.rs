@@ -31,9 +31,16 @@ impl Registry {
         let auth_config = auth.map(|(user, password)| {
             let hash = bcrypt::hash(password, 4).expect("bcrypt");
             std::fs::write(root.join("htpasswd"), format!("{user}:{hash}\n")).expect("htpasswd");
-            format!("auth:\n  htpasswd:\n    realm: trellis-test\n    path: {}\n", root.join("htpasswd").display())
+            format!(
+                "auth:\n  htpasswd:\n    realm: trellis-test\n    path: {}\n",
+                root.join("htpasswd").display()
+            )
         });
-        Self::serve(root, auth_config.unwrap_or_default(), auth.map(|(u, p)| (u.to_string(), p.to_string())))
+        Self::serve(
+            root,
+            auth_config.unwrap_or_default(),
+            auth.map(|(u, p)| (u.to_string(), p.to_string())),
+        )
     }
 
     /// Starts a registry storing under `dir` that sends clients for a bearer token to
@@ -43,7 +50,10 @@ impl Registry {
         let root = dir.join("registry");
         std::fs::create_dir_all(&root).expect("registry dir");
         let certificates = crate::pki::Pki::new(&root.join("token-pki"));
-        let auth_config = format!("auth:\n  token:\n    realm: {realm}\n    service: trellis-test\n    issuer: trellis-test\n    rootcertbundle: {}\n", certificates.ca_file.display());
+        let auth_config = format!(
+            "auth:\n  token:\n    realm: {realm}\n    service: trellis-test\n    issuer: trellis-test\n    rootcertbundle: {}\n",
+            certificates.ca_file.display()
+        );
         Self::serve(root, auth_config, None)
     }
 
@@ -64,10 +74,19 @@ impl Registry {
             .stderr(log)
             .spawn()
             .expect("docker-registry is not installed (apt-get install docker-registry)");
-        let registry = Registry { address, root, child: Some(child), auth };
+        let registry = Registry {
+            address,
+            root,
+            child: Some(child),
+            auth,
+        };
         let deadline = Instant::now() + Duration::from_secs(15);
         while std::net::TcpStream::connect(&registry.address).is_err() {
-            assert!(Instant::now() < deadline, "registry did not start: {}", registry.log());
+            assert!(
+                Instant::now() < deadline,
+                "registry did not start: {}",
+                registry.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         registry
@@ -75,7 +94,16 @@ impl Registry {
 
     /// The requests the registry served (its access log lines).
     pub fn requests(&self) -> Vec<String> {
-        self.log().lines().filter(|line| line.contains("\"GET ") || line.contains("\"HEAD ") || line.contains("\"PUT ") || line.contains("\"POST ")).map(str::to_string).collect()
+        self.log()
+            .lines()
+            .filter(|line| {
+                line.contains("\"GET ")
+                    || line.contains("\"HEAD ")
+                    || line.contains("\"PUT ")
+                    || line.contains("\"POST ")
+            })
+            .map(str::to_string)
+            .collect()
     }
 
     pub fn log(&self) -> String {
@@ -85,18 +113,28 @@ impl Registry {
     /// How many times a blob was downloaded (GET requests in the access log).
     pub fn blob_downloads(&self, digest: &str) -> usize {
         let needle = format!("/blobs/{digest} HTTP");
-        self.log().lines().filter(|line| line.contains("\"GET ") && line.contains(&needle)).count()
+        self.log()
+            .lines()
+            .filter(|line| line.contains("\"GET ") && line.contains(&needle))
+            .count()
     }
 
     /// Where the registry keeps a blob's bytes, so a test can corrupt them.
     pub fn blob_file(&self, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");
-        self.root.join("data/docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
+        self.root
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
     }
 
     fn client(&self) -> Client {
         crate::install_tls_provider();
-        Client::new(ClientConfig { protocol: ClientProtocol::HttpsExcept(vec![self.address.clone()]), ..Default::default() })
+        Client::new(ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(vec![self.address.clone()]),
+            ..Default::default()
+        })
     }
 
     fn auth(&self) -> RegistryAuth {
@@ -108,18 +146,50 @@ impl Registry {
 
     /// Pushes an image as `repository:tag`; returns its manifest digest.
     pub async fn push(&self, repository: &str, tag: &str, image: &BuiltImage) -> String {
-        let reference = Reference::with_tag(self.address.clone(), repository.to_string(), tag.to_string());
+        let reference = Reference::with_tag(
+            self.address.clone(),
+            repository.to_string(),
+            tag.to_string(),
+        );
         let client = self.client();
-        client.store_auth_if_needed(&self.address, &self.auth()).await;
-        client.auth(&reference, &self.auth(), oci_client::RegistryOperation::Push).await.expect("registry auth");
-        for blob in image.layers.iter().map(|l| &l.blob).chain(std::iter::once(&image.config)) {
-            client.push_blob(&reference, blob.clone(), &sha256(blob)).await.expect("push blob");
+        client
+            .store_auth_if_needed(&self.address, &self.auth())
+            .await;
+        client
+            .auth(
+                &reference,
+                &self.auth(),
+                oci_client::RegistryOperation::Push,
+            )
+            .await
+            .expect("registry auth");
+        for blob in image
+            .layers
+            .iter()
+            .map(|l| &l.blob)
+            .chain(std::iter::once(&image.config))
+        {
+            client
+                .push_blob(&reference, blob.clone(), &sha256(blob))
+                .await
+                .expect("push blob");
         }
-        self.push_manifest(&client, &reference, &image.manifest, &image.manifest_media_type).await
+        self.push_manifest(
+            &client,
+            &reference,
+            &image.manifest,
+            &image.manifest_media_type,
+        )
+        .await
     }
 
     /// Pushes an index of already pushed manifests as `repository:tag`.
-    pub async fn push_index(&self, repository: &str, tag: &str, entries: &[(&BuiltImage, &str)]) -> String {
+    pub async fn push_index(
+        &self,
+        repository: &str,
+        tag: &str,
+        entries: &[(&BuiltImage, &str)],
+    ) -> String {
         let manifests: Vec<serde_json::Value> = entries
             .iter()
             .map(|(image, arch)| {
@@ -137,15 +207,41 @@ impl Registry {
             "manifests": manifests,
         }))
         .expect("index json");
-        let reference = Reference::with_tag(self.address.clone(), repository.to_string(), tag.to_string());
+        let reference = Reference::with_tag(
+            self.address.clone(),
+            repository.to_string(),
+            tag.to_string(),
+        );
         let client = self.client();
-        client.auth(&reference, &self.auth(), oci_client::RegistryOperation::Push).await.expect("registry auth");
-        self.push_manifest(&client, &reference, &index, "application/vnd.oci.image.index.v1+json").await
+        client
+            .auth(
+                &reference,
+                &self.auth(),
+                oci_client::RegistryOperation::Push,
+            )
+            .await
+            .expect("registry auth");
+        self.push_manifest(
+            &client,
+            &reference,
+            &index,
+            "application/vnd.oci.image.index.v1+json",
+        )
+        .await
     }
 
-    async fn push_manifest(&self, client: &Client, reference: &Reference, manifest: &[u8], media_type: &str) -> String {
+    async fn push_manifest(
+        &self,
+        client: &Client,
+        reference: &Reference,
+        manifest: &[u8],
+        media_type: &str,
+    ) -> String {
         let content_type = http::HeaderValue::from_str(media_type).expect("media type");
-        client.push_manifest_raw(reference, manifest.to_vec(), content_type).await.expect("push manifest");
+        client
+            .push_manifest_raw(reference, manifest.to_vec(), content_type)
+            .await
+            .expect("push manifest");
         sha256(manifest)
     }
 }
@@ -221,11 +317,17 @@ pub fn layer(entries: &[Entry], compression: Compression) -> BuiltLayer {
         .map(|entry| match entry {
             Entry::Dir(path) => RawEntry::new(Kind::Directory, &format!("{path}/")),
             Entry::File(path, data) => RawEntry::new(Kind::Regular, path).data(data).mode(0o755),
-            Entry::Symlink(path, target) => RawEntry::new(Kind::Symlink, path).link(target).mode(0o777),
+            Entry::Symlink(path, target) => {
+                RawEntry::new(Kind::Symlink, path).link(target).mode(0o777)
+            }
             Entry::HardLink(path, target) => RawEntry::new(Kind::Link, path).link(target),
             Entry::Whiteout(path) => {
                 let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
-                let whiteout = if dir.is_empty() { format!(".wh.{name}") } else { format!("{dir}/.wh.{name}") };
+                let whiteout = if dir.is_empty() {
+                    format!(".wh.{name}")
+                } else {
+                    format!("{dir}/.wh.{name}")
+                };
                 RawEntry::new(Kind::Regular, &whiteout)
             }
             Entry::Opaque(dir) => RawEntry::new(Kind::Regular, &format!("{dir}/.wh..wh..opq")),
@@ -239,31 +341,69 @@ pub fn layer_of_tar(tar: Vec<u8>, compression: Compression) -> BuiltLayer {
     let diff_id = sha256(&tar);
     let (blob, media_type) = match compression {
         Compression::Gzip => {
-            let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
             encoder.write_all(&tar).expect("gzip");
-            (encoder.finish().expect("gzip"), "application/vnd.oci.image.layer.v1.tar+gzip")
+            (
+                encoder.finish().expect("gzip"),
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+            )
         }
-        Compression::Zstd => (ruzstd::encoding::compress_to_vec(tar.as_slice(), ruzstd::encoding::CompressionLevel::Fastest), "application/vnd.oci.image.layer.v1.tar+zstd"),
+        Compression::Zstd => (
+            ruzstd::encoding::compress_to_vec(
+                tar.as_slice(),
+                ruzstd::encoding::CompressionLevel::Fastest,
+            ),
+            "application/vnd.oci.image.layer.v1.tar+zstd",
+        ),
         Compression::None => (tar, "application/vnd.oci.image.layer.v1.tar"),
     };
-    BuiltLayer { blob, diff_id, media_type }
+    BuiltLayer {
+        blob,
+        diff_id,
+        media_type,
+    }
 }
 
 /// Busybox (Debian's busybox-static) with a few applets, as a base layer.
 pub fn busybox_layer() -> BuiltLayer {
-    let busybox = std::fs::read("/bin/busybox").expect("busybox-static is not installed (apt-get install busybox-static)");
-    let mut entries = vec![Entry::Dir("bin"), Entry::File("bin/busybox", busybox), Entry::Dir("etc"), Entry::Dir("tmp")];
-    for applet in ["sh", "echo", "cat", "ls", "sleep", "true", "false", "id", "env", "hostname", "ps", "touch", "mkdir", "rm", "head", "tail", "tr", "dd", "grep", "wc", "cut", "sed", "yes", "mount", "ip", "nc", "stty"] {
-        entries.push(Entry::Symlink(Box::leak(format!("bin/{applet}").into_boxed_str()), "busybox"));
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("busybox-static is not installed (apt-get install busybox-static)");
+    let mut entries = vec![
+        Entry::Dir("bin"),
+        Entry::File("bin/busybox", busybox),
+        Entry::Dir("etc"),
+        Entry::Dir("tmp"),
+    ];
+    for applet in [
+        "sh", "echo", "cat", "ls", "sleep", "true", "false", "id", "env", "hostname", "ps",
+        "touch", "mkdir", "rm", "head", "tail", "tr", "dd", "grep", "wc", "cut", "sed", "yes",
+        "mount", "ip", "nc", "stty",
+    ] {
+        entries.push(Entry::Symlink(
+            Box::leak(format!("bin/{applet}").into_boxed_str()),
+            "busybox",
+        ));
     }
-    entries.push(Entry::File("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n".to_vec()));
-    entries.push(Entry::File("etc/group", b"root:x:0:\nnogroup:x:65534:\n".to_vec()));
+    entries.push(Entry::File(
+        "etc/passwd",
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n".to_vec(),
+    ));
+    entries.push(Entry::File(
+        "etc/group",
+        b"root:x:0:\nnogroup:x:65534:\n".to_vec(),
+    ));
     layer(&entries, Compression::Gzip)
 }
 
 /// An image of the given layers with a config naming `cmd`; OCI media types, or
 /// Docker schema 2 ones when `docker` is set.
-pub fn image(layers: Vec<BuiltLayer>, cmd: &[&str], architecture: &str, docker: bool) -> BuiltImage {
+pub fn image(
+    layers: Vec<BuiltLayer>,
+    cmd: &[&str],
+    architecture: &str,
+    docker: bool,
+) -> BuiltImage {
     let config = serde_json::to_vec(&serde_json::json!({
         "architecture": architecture,
         "os": "linux",
@@ -272,14 +412,24 @@ pub fn image(layers: Vec<BuiltLayer>, cmd: &[&str], architecture: &str, docker: 
     }))
     .expect("config json");
     let (manifest_type, config_type) = if docker {
-        ("application/vnd.docker.distribution.manifest.v2+json", "application/vnd.docker.container.image.v1+json")
+        (
+            "application/vnd.docker.distribution.manifest.v2+json",
+            "application/vnd.docker.container.image.v1+json",
+        )
     } else {
-        ("application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.config.v1+json")
+        (
+            "application/vnd.oci.image.manifest.v1+json",
+            "application/vnd.oci.image.config.v1+json",
+        )
     };
     let layer_descriptors: Vec<serde_json::Value> = layers
         .iter()
         .map(|l| {
-            let media_type = if docker && l.media_type.ends_with("gzip") { "application/vnd.docker.image.rootfs.diff.tar.gzip" } else { l.media_type };
+            let media_type = if docker && l.media_type.ends_with("gzip") {
+                "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            } else {
+                l.media_type
+            };
             serde_json::json!({"mediaType": media_type, "digest": l.digest(), "size": l.blob.len()})
         })
         .collect();
@@ -290,5 +440,10 @@ pub fn image(layers: Vec<BuiltLayer>, cmd: &[&str], architecture: &str, docker: 
         "layers": layer_descriptors,
     }))
     .expect("manifest json");
-    BuiltImage { layers, config, manifest, manifest_media_type: manifest_type.to_string() }
+    BuiltImage {
+        layers,
+        config,
+        manifest,
+        manifest_media_type: manifest_type.to_string(),
+    }
 }

@@ -4,8 +4,15 @@
 use std::process::Command;
 
 fn run(binary: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
-    let output = Command::new(trellis_integration::binary(binary)).args(args).envs(env.iter().copied()).output().expect("run");
-    (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+    let output = Command::new(trellis_integration::binary(binary))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -14,11 +21,23 @@ fn unknown_key_names_file_key_and_known_keys() {
     let file = dir.path().join("trellis.toml");
     std::fs::write(&file, "[gateway]\nsokcet = \"/run/x.sock\"\n").expect("write");
     for binary in ["trellis-gateway", "trellis-runtime", "trellis"] {
-        let args: Vec<&str> = if binary == "trellis" { vec!["--config", file.to_str().expect("utf-8"), "status"] } else { vec!["--config", file.to_str().expect("utf-8")] };
+        let args: Vec<&str> = if binary == "trellis" {
+            vec!["--config", file.to_str().expect("utf-8"), "status"]
+        } else {
+            vec!["--config", file.to_str().expect("utf-8")]
+        };
         let (ok, stderr) = run(binary, &args, &[]);
         assert!(!ok, "{binary} must exit non-zero");
-        assert!(stderr.contains(&file.display().to_string()), "{binary}: {stderr}");
-        assert!(stderr.contains("unknown field `sokcet`") && stderr.contains("expected one of") && stderr.contains("`socket`"), "{binary}: {stderr}");
+        assert!(
+            stderr.contains(&file.display().to_string()),
+            "{binary}: {stderr}"
+        );
+        assert!(
+            stderr.contains("unknown field `sokcet`")
+                && stderr.contains("expected one of")
+                && stderr.contains("`socket`"),
+            "{binary}: {stderr}"
+        );
     }
 }
 
@@ -30,9 +49,18 @@ fn wrong_type_in_a_dropin_names_the_dropin() {
     std::fs::create_dir(dir.path().join("trellis.d")).expect("mkdir");
     let dropin = dir.path().join("trellis.d/50-retry.toml");
     std::fs::write(&dropin, "[gateway]\nbackend_retry_ms = \"ten\"\n").expect("write");
-    let (ok, stderr) = run("trellis-storage", &["--config", file.to_str().expect("utf-8")], &[]);
+    let (ok, stderr) = run(
+        "trellis-storage",
+        &["--config", file.to_str().expect("utf-8")],
+        &[],
+    );
     assert!(!ok);
-    assert!(stderr.contains(&dropin.display().to_string()) && stderr.contains("backend_retry_ms") && stderr.contains("u64"), "{stderr}");
+    assert!(
+        stderr.contains(&dropin.display().to_string())
+            && stderr.contains("backend_retry_ms")
+            && stderr.contains("u64"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -41,10 +69,26 @@ fn bad_values_from_environment_and_flags_name_their_source() {
     let file = dir.path().join("trellis.toml");
     std::fs::write(&file, "").expect("write");
     let config = file.to_str().expect("utf-8");
-    let (ok, stderr) = run("trellis-network", &["--config", config], &[("TRELLIS_NETWORK_SOCKET_MODE", "rw-rw----")]);
+    let (ok, stderr) = run(
+        "trellis-network",
+        &["--config", config],
+        &[("TRELLIS_NETWORK_SOCKET_MODE", "rw-rw----")],
+    );
     assert!(!ok);
-    assert!(stderr.contains("TRELLIS_NETWORK_SOCKET_MODE") && stderr.contains("network.socket_mode") && stderr.contains("octal"), "{stderr}");
-    let (ok, stderr) = run("trellis-image", &["--config", config, "--set", "telemetry.log_format=xml"], &[]);
+    assert!(
+        stderr.contains("TRELLIS_NETWORK_SOCKET_MODE")
+            && stderr.contains("network.socket_mode")
+            && stderr.contains("octal"),
+        "{stderr}"
+    );
+    let (ok, stderr) = run(
+        "trellis-image",
+        &["--config", config, "--set", "telemetry.log_format=xml"],
+        &[],
+    );
     assert!(!ok);
-    assert!(stderr.contains("--set telemetry.log_format=xml") && stderr.contains("`text` or `json`"), "{stderr}");
+    assert!(
+        stderr.contains("--set telemetry.log_format=xml") && stderr.contains("`text` or `json`"),
+        "{stderr}"
+    );
 }

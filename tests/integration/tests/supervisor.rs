@@ -9,7 +9,11 @@ use trellis_integration::{Node, NodeOptions, SERVICES, kill9, leftovers};
 /// the kill is answered RuntimeReady (the gateway waited) well within 5 s.
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_runtime_is_restarted_and_the_gateway_waits_for_it() {
-    let node = Node::start(NodeOptions { with_cni_config: true, ..Default::default() }).await;
+    let node = Node::start(NodeOptions {
+        with_cni_config: true,
+        ..Default::default()
+    })
+    .await;
     let mut runtime = node.runtime();
     for _ in 0..3 {
         let old = node.info("runtime").await.expect("runtime info").pid;
@@ -17,15 +21,28 @@ async fn killed_runtime_is_restarted_and_the_gateway_waits_for_it() {
         let started = Instant::now();
         let mut request = tonic::Request::new(StatusRequest::default());
         request.set_timeout(Duration::from_secs(5));
-        let status = runtime.status(request).await.expect("Status during the restart").into_inner();
+        let status = runtime
+            .status(request)
+            .await
+            .expect("Status during the restart")
+            .into_inner();
         let elapsed = started.elapsed();
-        let ready = status.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.r#type == "RuntimeReady")).expect("RuntimeReady");
+        let ready = status
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.r#type == "RuntimeReady"))
+            .expect("RuntimeReady");
         assert!(ready.status, "{ready:?}");
         assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
-        let new = node.wait_restarted("runtime", old, Duration::from_secs(5)).await;
+        let new = node
+            .wait_restarted("runtime", old, Duration::from_secs(5))
+            .await;
         assert_ne!(new, old);
     }
-    assert!(node.log().contains("killed by SIGKILL"), "the supervisor logs why a child died");
+    assert!(
+        node.log().contains("killed by SIGKILL"),
+        "the supervisor logs why a child died"
+    );
     node.stop();
 }
 
@@ -40,14 +57,27 @@ async fn status_command_shows_every_service() {
         .output()
         .expect("trellis status");
     let text = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{text}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     for service in SERVICES {
         let info = node.info(service).await.expect("info");
-        let line = text.lines().find(|l| l.starts_with(service)).unwrap_or_else(|| panic!("no {service} line in\n{text}"));
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(service))
+            .unwrap_or_else(|| panic!("no {service} line in\n{text}"));
         assert!(line.contains("SERVING"), "{line}");
-        assert!(line.contains(&info.pid.to_string()), "pid of {service}: {line}");
+        assert!(
+            line.contains(&info.pid.to_string()),
+            "pid of {service}: {line}"
+        );
         assert!(line.contains(&info.socket), "{line}");
-        assert!(line.contains("nats://127.0.0.1:") && line.contains("connected"), "{line}");
+        assert!(
+            line.contains("nats://127.0.0.1:") && line.contains("connected"),
+            "{line}"
+        );
     }
     node.stop();
 }
@@ -64,7 +94,10 @@ async fn children_stop_when_the_supervisor_is_killed() {
         if left.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "still there 15 s after the supervisor died: {left:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "still there 15 s after the supervisor died: {left:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -80,8 +113,13 @@ async fn second_instance_refuses_to_start() {
         .expect("second runtime");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(stderr.contains("another live instance owns") && stderr.contains("runtime.sock"), "{stderr}");
+    assert!(
+        stderr.contains("another live instance owns") && stderr.contains("runtime.sock"),
+        "{stderr}"
+    );
     // The first instance is unharmed.
-    node.info("runtime").await.expect("first runtime still serving");
+    node.info("runtime")
+        .await
+        .expect("first runtime still serving");
     node.stop();
 }

@@ -20,8 +20,21 @@ pub struct RawEntry {
 impl RawEntry {
     /// An entry owned by root, 0755 for a directory and 0644 otherwise.
     pub fn new(kind: tar::EntryType, name: &str) -> RawEntry {
-        let mode = if kind == tar::EntryType::Directory { 0o755 } else { 0o644 };
-        RawEntry { kind, name: name.to_string(), link: None, data: Vec::new(), mode, uid: 0, device: None, xattrs: Vec::new() }
+        let mode = if kind == tar::EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        };
+        RawEntry {
+            kind,
+            name: name.to_string(),
+            link: None,
+            data: Vec::new(),
+            mode,
+            uid: 0,
+            device: None,
+            xattrs: Vec::new(),
+        }
     }
 
     pub fn link(mut self, target: &str) -> RawEntry {
@@ -84,7 +97,11 @@ pub fn header(kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
 /// header when it has attributes.
 pub fn append(builder: &mut tar::Builder<Vec<u8>>, entry: &RawEntry) -> std::io::Result<()> {
     if !entry.xattrs.is_empty() {
-        let records: Vec<u8> = entry.xattrs.iter().flat_map(|(key, value)| pax_record(&format!("SCHILY.xattr.{key}"), value)).collect();
+        let records: Vec<u8> = entry
+            .xattrs
+            .iter()
+            .flat_map(|(key, value)| pax_record(&format!("SCHILY.xattr.{key}"), value))
+            .collect();
         let mut pax = header(tar::EntryType::XHeader, records.len() as u64, 0o644);
         pax.set_path("PaxHeaders/entry")?;
         pax.set_cksum();
@@ -96,11 +113,23 @@ pub fn append(builder: &mut tar::Builder<Vec<u8>>, entry: &RawEntry) -> std::io:
         header.set_device_major(major)?;
         header.set_device_minor(minor)?;
     }
-    let too_long = |what: &str| std::io::Error::other(format!("{what} of a raw entry must stay under 100 bytes"));
-    let gnu = header.as_gnu_mut().ok_or_else(|| std::io::Error::other("not a GNU header"))?;
-    gnu.name.get_mut(..entry.name.len()).filter(|_| entry.name.len() < 100).ok_or_else(|| too_long("the name"))?.copy_from_slice(entry.name.as_bytes());
+    let too_long = |what: &str| {
+        std::io::Error::other(format!("{what} of a raw entry must stay under 100 bytes"))
+    };
+    let gnu = header
+        .as_gnu_mut()
+        .ok_or_else(|| std::io::Error::other("not a GNU header"))?;
+    gnu.name
+        .get_mut(..entry.name.len())
+        .filter(|_| entry.name.len() < 100)
+        .ok_or_else(|| too_long("the name"))?
+        .copy_from_slice(entry.name.as_bytes());
     if let Some(link) = &entry.link {
-        gnu.linkname.get_mut(..link.len()).filter(|_| link.len() < 100).ok_or_else(|| too_long("the link"))?.copy_from_slice(link.as_bytes());
+        gnu.linkname
+            .get_mut(..link.len())
+            .filter(|_| link.len() < 100)
+            .ok_or_else(|| too_long("the link"))?
+            .copy_from_slice(link.as_bytes());
     }
     header.set_cksum();
     builder.append(&header, entry.data.as_slice())

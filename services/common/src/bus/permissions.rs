@@ -37,11 +37,17 @@ pub fn inbox_prefix(node: &str, service: &str) -> String {
 
 /// The permissions of `kind`'s user on node `node`, events kept in stream `stream`.
 pub fn for_service(kind: ServiceKind, node: &str, stream: &str) -> Permissions {
-    let mut publish: Vec<String> = areas(kind).iter().map(|area| format!("trellis.{node}.events.{area}.*")).collect();
+    let mut publish: Vec<String> = areas(kind)
+        .iter()
+        .map(|area| format!("trellis.{node}.events.{area}.*"))
+        .collect();
     let mut subscribe = Vec::new();
     if !publish.is_empty() {
         // `get_or_create_stream`: STREAM.INFO, then STREAM.CREATE when it is missing.
-        publish.extend([format!("$JS.API.STREAM.INFO.{stream}"), format!("$JS.API.STREAM.CREATE.{stream}")]);
+        publish.extend([
+            format!("$JS.API.STREAM.INFO.{stream}"),
+            format!("$JS.API.STREAM.CREATE.{stream}"),
+        ]);
         subscribe.push(format!("{}.>", inbox_prefix(node, kind.name())));
     }
     if kind == ServiceKind::Gateway {
@@ -69,20 +75,51 @@ mod tests {
         for payload in payloads {
             let subject = crate::bus::event_subject("n1", &payload);
             let area = subject.split('.').nth(3).expect("area token");
-            assert!(ServiceKind::START_ORDER.iter().any(|kind| areas(*kind).contains(&area)), "nobody may publish {subject}");
+            assert!(
+                ServiceKind::START_ORDER
+                    .iter()
+                    .any(|kind| areas(*kind).contains(&area)),
+                "nobody may publish {subject}"
+            );
         }
         let runtime = for_service(ServiceKind::Runtime, "n1", "S");
-        assert!(runtime.publish.contains(&"trellis.n1.events.container.*".to_string()));
-        assert!(!for_service(ServiceKind::Storage, "n1", "S").publish.iter().any(|s| s.contains("container")), "storage cannot forge container events");
+        assert!(
+            runtime
+                .publish
+                .contains(&"trellis.n1.events.container.*".to_string())
+        );
+        assert!(
+            !for_service(ServiceKind::Storage, "n1", "S")
+                .publish
+                .iter()
+                .any(|s| s.contains("container")),
+            "storage cannot forge container events"
+        );
     }
 
     #[test]
     fn only_the_gateway_subscribes_to_events_and_it_publishes_nothing() {
         let gateway = for_service(ServiceKind::Gateway, "n1", "S");
-        assert_eq!(gateway, Permissions { publish: vec![], subscribe: vec!["trellis.n1.events.>".into()] });
+        assert_eq!(
+            gateway,
+            Permissions {
+                publish: vec![],
+                subscribe: vec!["trellis.n1.events.>".into()]
+            }
+        );
         let image = for_service(ServiceKind::Image, "n1", "S");
         assert_eq!(image.subscribe, vec!["_INBOX.n1.image.>".to_string()]);
-        assert!(image.publish.contains(&"$JS.API.STREAM.CREATE.S".to_string()));
-        assert!(image.publish.iter().all(|s| s.starts_with("trellis.n1.events.") || s.starts_with("$JS.API.STREAM.")), "{image:?}");
+        assert!(
+            image
+                .publish
+                .contains(&"$JS.API.STREAM.CREATE.S".to_string())
+        );
+        assert!(
+            image
+                .publish
+                .iter()
+                .all(|s| s.starts_with("trellis.n1.events.") || s.starts_with("$JS.API.STREAM.")),
+            "{image:?}"
+        );
     }
 }

@@ -41,9 +41,18 @@ impl ServerConfig {
     pub fn render(&self) -> Result<String, BusError> {
         let mut text = String::from("# Written by Trellis; rewritten at every start.\n");
         let _ = writeln!(text, "listen: {}", quote(&self.listen.to_string())?);
-        let _ = writeln!(text, "jetstream {{\n  store_dir: {}\n}}", quote_path(&self.store_dir)?);
+        let _ = writeln!(
+            text,
+            "jetstream {{\n  store_dir: {}\n}}",
+            quote_path(&self.store_dir)?
+        );
         if let Some(tls) = &self.tls {
-            let _ = writeln!(text, "tls {{\n  cert_file: {}\n  key_file: {}", quote_path(&tls.cert_file)?, quote_path(&tls.key_file)?);
+            let _ = writeln!(
+                text,
+                "tls {{\n  cert_file: {}\n  key_file: {}",
+                quote_path(&tls.cert_file)?,
+                quote_path(&tls.key_file)?
+            );
             if let Some(ca) = &tls.client_ca_file {
                 let _ = writeln!(text, "  ca_file: {}\n  verify: true", quote_path(ca)?);
             }
@@ -51,7 +60,13 @@ impl ServerConfig {
         }
         text.push_str("authorization {\n  users = [\n");
         for user in &self.users {
-            let _ = writeln!(text, "    {{nkey: {}, permissions: {{publish: {}, subscribe: {}}}}}", quote(&user.public_key)?, subjects(&user.permissions.publish)?, subjects(&user.permissions.subscribe)?);
+            let _ = writeln!(
+                text,
+                "    {{nkey: {}, permissions: {{publish: {}, subscribe: {}}}}}",
+                quote(&user.public_key)?,
+                subjects(&user.permissions.publish)?,
+                subjects(&user.permissions.subscribe)?
+            );
         }
         text.push_str("  ]\n}\n");
         Ok(text)
@@ -63,7 +78,10 @@ fn subjects(list: &[String]) -> Result<String, BusError> {
     if list.is_empty() {
         return Ok("{deny: [\">\"]}".into());
     }
-    let quoted = list.iter().map(|subject| quote(subject)).collect::<Result<Vec<_>, _>>()?;
+    let quoted = list
+        .iter()
+        .map(|subject| quote(subject))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(format!("{{allow: [{}]}}", quoted.join(", ")))
 }
 
@@ -71,13 +89,21 @@ fn subjects(list: &[String]) -> Result<String, BusError> {
 /// `$` (variables) and `#` (comments) are literal. Control characters cannot be said.
 fn quote(value: &str) -> Result<String, BusError> {
     if value.chars().any(char::is_control) {
-        return Err(BusError::ServerConfig(format!("{} holds control characters", crate::text::excerpt(value))));
+        return Err(BusError::ServerConfig(format!(
+            "{} holds control characters",
+            crate::text::excerpt(value)
+        )));
     }
-    Ok(format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\"")))
+    Ok(format!(
+        "\"{}\"",
+        value.replace('\\', "\\\\").replace('"', "\\\"")
+    ))
 }
 
 fn quote_path(path: &std::path::Path) -> Result<String, BusError> {
-    let text = path.to_str().ok_or_else(|| BusError::ServerConfig(format!("{} is not UTF-8", path.display())))?;
+    let text = path
+        .to_str()
+        .ok_or_else(|| BusError::ServerConfig(format!("{} is not UTF-8", path.display())))?;
     quote(text)
 }
 

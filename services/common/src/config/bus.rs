@@ -87,52 +87,98 @@ pub(super) fn validate(bus: &BusConfig, provenance: &Provenance) -> Result<(), C
         value: excerpt(value),
     };
     // async-nats takes a comma-separated list of servers.
-    let urls: Vec<&str> = if bus.url.is_empty() { Vec::new() } else { bus.url.split(',').map(str::trim).collect() };
+    let urls: Vec<&str> = if bus.url.is_empty() {
+        Vec::new()
+    } else {
+        bus.url.split(',').map(str::trim).collect()
+    };
     for url in &urls {
         // Whatever the scheme, a user or password in the URL is a secret not to quote.
         let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
         let authority = rest.split('/').next().unwrap_or_default();
         if let Some((_, host)) = authority.rsplit_once('@') {
             let shown = format!("{scheme}://***@{host}");
-            return Err(bad("bus.url", "a URL without user or password (put credentials in bus.credentials_file or bus.nkey_seed_file: the URL is shown by `trellis status` and in logs)", &shown));
+            return Err(bad(
+                "bus.url",
+                "a URL without user or password (put credentials in bus.credentials_file or bus.nkey_seed_file: the URL is shown by `trellis status` and in logs)",
+                &shown,
+            ));
         }
         if !SCHEMES.iter().any(|known| url.starts_with(known)) {
-            return Err(bad("bus.url", "empty (private bus) or nats://, tls://, ws:// or wss:// URLs, comma-separated", url));
+            return Err(bad(
+                "bus.url",
+                "empty (private bus) or nats://, tls://, ws:// or wss:// URLs, comma-separated",
+                url,
+            ));
         }
     }
     // The stream name goes into JetStream API subjects and the generated server
     // configuration: no token separators, wildcards or quotes.
     if bus.stream.is_empty() || sanitize_subject_token(&bus.stream) != bus.stream {
-        return Err(bad("bus.stream", "a JetStream stream name of letters, digits, '-' and '_'", &bus.stream));
+        return Err(bad(
+            "bus.stream",
+            "a JetStream stream name of letters, digits, '-' and '_'",
+            &bus.stream,
+        ));
     }
     if bus.outbox_max_events == 0 {
         return Err(bad("bus.outbox_max_events", "at least 1", "0"));
     }
     let files = [
-        ("bus.credentials_file", &bus.credentials_file, Content::Creds),
+        (
+            "bus.credentials_file",
+            &bus.credentials_file,
+            Content::Creds,
+        ),
         ("bus.nkey_seed_file", &bus.nkey_seed_file, Content::NkeySeed),
         ("bus.tls_ca_file", &bus.tls_ca_file, Content::Certificates),
-        ("bus.tls_cert_file", &bus.tls_cert_file, Content::Certificates),
+        (
+            "bus.tls_cert_file",
+            &bus.tls_cert_file,
+            Content::Certificates,
+        ),
         ("bus.tls_key_file", &bus.tls_key_file, Content::PrivateKey),
     ];
     for (key, path, _) in files.iter().filter(|(_, path, _)| !path.is_empty()) {
         if bus.url.is_empty() {
-            return Err(bad(key, "empty while bus.url is empty (the private bus of `trellis up` makes its own credentials)", path));
+            return Err(bad(
+                key,
+                "empty while bus.url is empty (the private bus of `trellis up` makes its own credentials)",
+                path,
+            ));
         }
         if !Path::new(path.as_str()).is_absolute() {
             return Err(bad(key, "empty or an absolute path", path));
         }
     }
     if !bus.credentials_file.is_empty() && !bus.nkey_seed_file.is_empty() {
-        return Err(bad("bus.nkey_seed_file", "empty when bus.credentials_file is set (a service has one identity on the bus)", &bus.nkey_seed_file));
+        return Err(bad(
+            "bus.nkey_seed_file",
+            "empty when bus.credentials_file is set (a service has one identity on the bus)",
+            &bus.nkey_seed_file,
+        ));
     }
     if bus.tls_cert_file.is_empty() != bus.tls_key_file.is_empty() {
-        let (key, value) = if bus.tls_key_file.is_empty() { ("bus.tls_cert_file", &bus.tls_cert_file) } else { ("bus.tls_key_file", &bus.tls_key_file) };
-        return Err(bad(key, "to be set together with the other of bus.tls_cert_file and bus.tls_key_file (a client certificate and its key)", value));
+        let (key, value) = if bus.tls_key_file.is_empty() {
+            ("bus.tls_cert_file", &bus.tls_cert_file)
+        } else {
+            ("bus.tls_key_file", &bus.tls_key_file)
+        };
+        return Err(bad(
+            key,
+            "to be set together with the other of bus.tls_cert_file and bus.tls_key_file (a client certificate and its key)",
+            value,
+        ));
     }
-    let tls = [&bus.tls_ca_file, &bus.tls_cert_file, &bus.tls_key_file].iter().any(|file| !file.is_empty());
+    let tls = [&bus.tls_ca_file, &bus.tls_cert_file, &bus.tls_key_file]
+        .iter()
+        .any(|file| !file.is_empty());
     if tls && urls.iter().any(|url| url.starts_with("ws://")) {
-        return Err(bad("bus.url", "wss:// (not ws://) when bus.tls_* files are set", &bus.url));
+        return Err(bad(
+            "bus.url",
+            "wss:// (not ws://) when bus.tls_* files are set",
+            &bus.url,
+        ));
     }
     for (key, path, content) in files {
         if !path.is_empty() {
@@ -142,15 +188,27 @@ pub(super) fn validate(bus: &BusConfig, provenance: &Provenance) -> Result<(), C
     Ok(())
 }
 
-fn check_file(key: &str, path: &str, content: Content, provenance: &Provenance) -> Result<(), ConfigError> {
-    let fail = |problem: String| ConfigError::BadFile { source_name: provenance.source_of(key), key: key.to_string(), path: excerpt(path), problem };
+fn check_file(
+    key: &str,
+    path: &str,
+    content: Content,
+    provenance: &Provenance,
+) -> Result<(), ConfigError> {
+    let fail = |problem: String| ConfigError::BadFile {
+        source_name: provenance.source_of(key),
+        key: key.to_string(),
+        path: excerpt(path),
+        problem,
+    };
     let meta = std::fs::metadata(path).map_err(|e| fail(format!("cannot be read: {e}")))?;
     if !meta.is_file() {
         return Err(fail("is not a regular file".into()));
     }
     let mode = meta.permissions().mode() & 0o7777;
     if content.is_secret() && mode & 0o077 != 0 {
-        return Err(fail(format!("other users may read or change (mode {mode:04o}); it holds a secret: make it 0600 and owned by the service's user")));
+        return Err(fail(format!(
+            "other users may read or change (mode {mode:04o}); it holds a secret: make it 0600 and owned by the service's user"
+        )));
     }
     let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot be read: {e}")))?;
     let problem = match content {

@@ -58,13 +58,38 @@ pub enum CniExecError {
         source: std::io::Error,
     },
     #[error("CNI plugin `{plugin}` {command} failed for sandbox {sandbox_id}: {reply}")]
-    Failed { plugin: String, command: CniCommand, sandbox_id: String, reply: CniErrorReply },
+    Failed {
+        plugin: String,
+        command: CniCommand,
+        sandbox_id: String,
+        reply: CniErrorReply,
+    },
     #[error("CNI plugin `{plugin}` {command} failed for sandbox {sandbox_id} ({status}): {output}")]
-    Crashed { plugin: String, command: CniCommand, sandbox_id: String, status: String, output: String },
-    #[error("CNI plugin `{plugin}` {command} for sandbox {sandbox_id} answered an unreadable result: {message}")]
-    BadOutput { plugin: String, command: CniCommand, sandbox_id: String, message: String },
-    #[error("CNI plugin `{plugin}` {command} for sandbox {sandbox_id} did not finish within {after:?}")]
-    Timeout { plugin: String, command: CniCommand, sandbox_id: String, after: Duration },
+    Crashed {
+        plugin: String,
+        command: CniCommand,
+        sandbox_id: String,
+        status: String,
+        output: String,
+    },
+    #[error(
+        "CNI plugin `{plugin}` {command} for sandbox {sandbox_id} answered an unreadable result: {message}"
+    )]
+    BadOutput {
+        plugin: String,
+        command: CniCommand,
+        sandbox_id: String,
+        message: String,
+    },
+    #[error(
+        "CNI plugin `{plugin}` {command} for sandbox {sandbox_id} did not finish within {after:?}"
+    )]
+    Timeout {
+        plugin: String,
+        command: CniCommand,
+        sandbox_id: String,
+        after: Duration,
+    },
 }
 
 impl CniExecError {
@@ -104,11 +129,19 @@ pub struct Invocation<'a> {
 
 /// Runs plugin `plugin` with `stdin`; the parsed stdout after ADD (a result), `None`
 /// after DEL and CHECK, which print nothing on success.
-pub async fn run_plugin(plugin: &str, invocation: &Invocation<'_>, stdin: &[u8]) -> Result<Option<serde_json::Value>, CniExecError> {
+pub async fn run_plugin(
+    plugin: &str,
+    invocation: &Invocation<'_>,
+    stdin: &[u8],
+) -> Result<Option<serde_json::Value>, CniExecError> {
     let command = invocation.command;
     let sandbox_id = invocation.sandbox_id.to_string();
-    let path = cni_config::find_plugin(plugin, invocation.plugin_dirs)
-        .ok_or_else(|| CniExecError::NotFound { plugin: plugin.to_string(), dirs: cni_config::describe_dirs(invocation.plugin_dirs) })?;
+    let path = cni_config::find_plugin(plugin, invocation.plugin_dirs).ok_or_else(|| {
+        CniExecError::NotFound {
+            plugin: plugin.to_string(),
+            dirs: cni_config::describe_dirs(invocation.plugin_dirs),
+        }
+    })?;
     let cni_path = std::env::join_paths(invocation.plugin_dirs).unwrap_or_default();
     let mut child = tokio::process::Command::new(&path)
         .env("CNI_COMMAND", command.as_str())
@@ -122,10 +155,20 @@ pub async fn run_plugin(plugin: &str, invocation: &Invocation<'_>, stdin: &[u8])
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|source| CniExecError::Spawn { plugin: plugin.to_string(), path: path.clone(), source })?;
+        .map_err(|source| CniExecError::Spawn {
+            plugin: plugin.to_string(),
+            path: path.clone(),
+            source,
+        })?;
     let io_error = |what: &'static str| {
         let sandbox_id = sandbox_id.clone();
-        move |source| CniExecError::Io { plugin: plugin.to_string(), command, sandbox_id, what, source }
+        move |source| CniExecError::Io {
+            plugin: plugin.to_string(),
+            command,
+            sandbox_id,
+            what,
+            source,
+        }
     };
     if let Some(mut pipe) = child.stdin.take() {
         match pipe.write_all(stdin).await {
@@ -137,23 +180,49 @@ pub async fn run_plugin(plugin: &str, invocation: &Invocation<'_>, stdin: &[u8])
     }
     let output = match tokio::time::timeout(PLUGIN_TIMEOUT, child.wait_with_output()).await {
         Ok(output) => output.map_err(io_error("cannot read its answer"))?,
-        Err(_) => return Err(CniExecError::Timeout { plugin: plugin.to_string(), command, sandbox_id, after: PLUGIN_TIMEOUT }),
+        Err(_) => {
+            return Err(CniExecError::Timeout {
+                plugin: plugin.to_string(),
+                command,
+                sandbox_id,
+                after: PLUGIN_TIMEOUT,
+            });
+        }
     };
     if !output.status.success() {
         if let Some(reply) = CniErrorReply::parse(&output.stdout) {
-            return Err(CniExecError::Failed { plugin: plugin.to_string(), command, sandbox_id, reply });
+            return Err(CniExecError::Failed {
+                plugin: plugin.to_string(),
+                command,
+                sandbox_id,
+                reply,
+            });
         }
-        let text = [String::from_utf8_lossy(&output.stdout).trim(), String::from_utf8_lossy(&output.stderr).trim()]
-            .into_iter()
-            .filter(|t| !t.is_empty())
-            .collect::<Vec<_>>()
-            .join("; ");
-        return Err(CniExecError::Crashed { plugin: plugin.to_string(), command, sandbox_id, status: output.status.to_string(), output: text });
+        let text = [
+            String::from_utf8_lossy(&output.stdout).trim(),
+            String::from_utf8_lossy(&output.stderr).trim(),
+        ]
+        .into_iter()
+        .filter(|t| !t.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+        return Err(CniExecError::Crashed {
+            plugin: plugin.to_string(),
+            command,
+            sandbox_id,
+            status: output.status.to_string(),
+            output: text,
+        });
     }
     if command != CniCommand::Add {
         return Ok(None);
     }
     serde_json::from_slice(&output.stdout)
         .map(Some)
-        .map_err(|e| CniExecError::BadOutput { plugin: plugin.to_string(), command, sandbox_id, message: format!("{e}: {}", String::from_utf8_lossy(&output.stdout)) })
+        .map_err(|e| CniExecError::BadOutput {
+            plugin: plugin.to_string(),
+            command,
+            sandbox_id,
+            message: format!("{e}: {}", String::from_utf8_lossy(&output.stdout)),
+        })
 }

@@ -33,18 +33,43 @@ pub struct Attachment {
 }
 
 impl Attachment {
-    fn invocation<'a>(&'a self, command: CniCommand, netns: &'a Path, interface: &'a str, plugin_dirs: &'a [PathBuf]) -> Invocation<'a> {
-        Invocation { command, sandbox_id: &self.sandbox_id, netns, interface, args: &self.args, plugin_dirs }
+    fn invocation<'a>(
+        &'a self,
+        command: CniCommand,
+        netns: &'a Path,
+        interface: &'a str,
+        plugin_dirs: &'a [PathBuf],
+    ) -> Invocation<'a> {
+        Invocation {
+            command,
+            sandbox_id: &self.sandbox_id,
+            netns,
+            interface,
+            args: &self.args,
+            plugin_dirs,
+        }
     }
 
     fn version(&self) -> Version {
-        Version::parse(self.network.get("cniVersion").and_then(Value::as_str).unwrap_or_default())
+        Version::parse(
+            self.network
+                .get("cniVersion")
+                .and_then(Value::as_str)
+                .unwrap_or_default(),
+        )
     }
 }
 
 /// `CNI_ARGS` as Kubernetes runtimes set it.
-pub fn kubernetes_args(pod_namespace: &str, pod_name: &str, sandbox_id: &str, pod_uid: &str) -> String {
-    format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={pod_namespace};K8S_POD_NAME={pod_name};K8S_POD_INFRA_CONTAINER_ID={sandbox_id};K8S_POD_UID={pod_uid}")
+pub fn kubernetes_args(
+    pod_namespace: &str,
+    pod_name: &str,
+    sandbox_id: &str,
+    pod_uid: &str,
+) -> String {
+    format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE={pod_namespace};K8S_POD_NAME={pod_name};K8S_POD_INFRA_CONTAINER_ID={sandbox_id};K8S_POD_UID={pod_uid}"
+    )
 }
 
 /// ADD through the whole list; the last plugin's result.
@@ -52,12 +77,22 @@ pub async fn add(attachment: &Attachment, plugin_dirs: &[PathBuf]) -> Result<Val
     add_chain(attachment, POD_INTERFACE, plugin_dirs).await
 }
 
-async fn add_chain(attachment: &Attachment, interface: &str, plugin_dirs: &[PathBuf]) -> Result<Value, CniExecError> {
-    let invocation = attachment.invocation(CniCommand::Add, &attachment.netns, interface, plugin_dirs);
+async fn add_chain(
+    attachment: &Attachment,
+    interface: &str,
+    plugin_dirs: &[PathBuf],
+) -> Result<Value, CniExecError> {
+    let invocation =
+        attachment.invocation(CniCommand::Add, &attachment.netns, interface, plugin_dirs);
     let mut previous: Option<Value> = None;
     for plugin in plugins(&attachment.network) {
         let plugin_type = plugin_type(plugin);
-        let stdin = plugin_stdin(&attachment.network, plugin, previous.as_ref(), &attachment.runtime_config);
+        let stdin = plugin_stdin(
+            &attachment.network,
+            plugin,
+            previous.as_ref(),
+            &attachment.runtime_config,
+        );
         let answer = run_plugin(plugin_type, &invocation, &stdin).await?;
         previous = answer;
     }
@@ -68,14 +103,28 @@ async fn add_chain(attachment: &Attachment, interface: &str, plugin_dirs: &[Path
 /// so that each frees what it can; the first failure is returned. `result` is the
 /// ADD result when there was one; `netns_exists` false clears `CNI_NETNS`, which
 /// tells the plugins the namespace (and what was in it) is already gone.
-pub async fn del(attachment: &Attachment, result: Option<&Value>, netns_exists: bool, plugin_dirs: &[PathBuf]) -> Result<(), CniExecError> {
-    let netns = if netns_exists { attachment.netns.as_path() } else { Path::new("") };
+pub async fn del(
+    attachment: &Attachment,
+    result: Option<&Value>,
+    netns_exists: bool,
+    plugin_dirs: &[PathBuf],
+) -> Result<(), CniExecError> {
+    let netns = if netns_exists {
+        attachment.netns.as_path()
+    } else {
+        Path::new("")
+    };
     let invocation = attachment.invocation(CniCommand::Del, netns, POD_INTERFACE, plugin_dirs);
     // prevResult on DEL came with 0.4.0; older plugins do not expect it.
     let previous = result.filter(|r| !r.is_null() && attachment.version() >= Version::V0_4_0);
     let mut first_error = None;
     for plugin in plugins(&attachment.network).iter().rev() {
-        let stdin = plugin_stdin(&attachment.network, plugin, previous, &attachment.runtime_config);
+        let stdin = plugin_stdin(
+            &attachment.network,
+            plugin,
+            previous,
+            &attachment.runtime_config,
+        );
         if let Err(error) = run_plugin(plugin_type(plugin), &invocation, &stdin).await {
             tracing::warn!(sandbox_id = %attachment.sandbox_id, %error, "CNI DEL failed; asking the other plugins anyway");
             first_error.get_or_insert(error);
@@ -86,30 +135,60 @@ pub async fn del(attachment: &Attachment, result: Option<&Value>, netns_exists: 
 
 /// CHECK through the whole list (0.4.0 and later, unless the list sets
 /// `disableCheck`); `Ok(false)` when the version or the list rules CHECK out.
-pub async fn check(attachment: &Attachment, result: &Value, plugin_dirs: &[PathBuf]) -> Result<bool, CniExecError> {
-    let disabled = attachment.network.get("disableCheck").and_then(Value::as_bool).unwrap_or(false);
+pub async fn check(
+    attachment: &Attachment,
+    result: &Value,
+    plugin_dirs: &[PathBuf],
+) -> Result<bool, CniExecError> {
+    let disabled = attachment
+        .network
+        .get("disableCheck")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     if disabled || attachment.version() < Version::V0_4_0 {
         return Ok(false);
     }
-    let invocation = attachment.invocation(CniCommand::Check, &attachment.netns, POD_INTERFACE, plugin_dirs);
+    let invocation = attachment.invocation(
+        CniCommand::Check,
+        &attachment.netns,
+        POD_INTERFACE,
+        plugin_dirs,
+    );
     for plugin in plugins(&attachment.network) {
-        let stdin = plugin_stdin(&attachment.network, plugin, Some(result), &attachment.runtime_config);
+        let stdin = plugin_stdin(
+            &attachment.network,
+            plugin,
+            Some(result),
+            &attachment.runtime_config,
+        );
         run_plugin(plugin_type(plugin), &invocation, &stdin).await?;
     }
     Ok(true)
 }
 
 fn plugins(network: &Value) -> &[Value] {
-    network.get("plugins").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default()
+    network
+        .get("plugins")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
 }
 
 fn plugin_type(plugin: &Value) -> &str {
-    plugin.get("type").and_then(Value::as_str).unwrap_or_default()
+    plugin
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
 }
 
 /// A plugin's stdin: its own configuration with the list's `name` and `cniVersion`,
 /// the previous result, and the runtime values its `capabilities` ask for.
-fn plugin_stdin(network: &Value, plugin: &Value, previous: Option<&Value>, runtime_config: &Map<String, Value>) -> Vec<u8> {
+fn plugin_stdin(
+    network: &Value,
+    plugin: &Value,
+    previous: Option<&Value>,
+    runtime_config: &Map<String, Value>,
+) -> Vec<u8> {
     let mut config = plugin.as_object().cloned().unwrap_or_default();
     for key in ["name", "cniVersion"] {
         if let Some(value) = network.get(key) {
@@ -122,7 +201,12 @@ fn plugin_stdin(network: &Value, plugin: &Value, previous: Option<&Value>, runti
     let wanted = plugin.get("capabilities").and_then(Value::as_object);
     let granted: Map<String, Value> = runtime_config
         .iter()
-        .filter(|(capability, _)| wanted.and_then(|w| w.get(capability.as_str())).and_then(Value::as_bool).unwrap_or(false))
+        .filter(|(capability, _)| {
+            wanted
+                .and_then(|w| w.get(capability.as_str()))
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+        })
         .map(|(capability, value)| (capability.clone(), value.clone()))
         .collect();
     if !granted.is_empty() {
@@ -140,7 +224,11 @@ impl Version {
 
     fn parse(text: &str) -> Version {
         let mut parts = text.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-        Version(parts.next().unwrap_or(0), parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+        Version(
+            parts.next().unwrap_or(0),
+            parts.next().unwrap_or(0),
+            parts.next().unwrap_or(0),
+        )
     }
 }
 
@@ -152,20 +240,33 @@ mod tests {
     #[test]
     fn stdin_carries_name_version_previous_result_and_only_wanted_capabilities() {
         let network = json!({"cniVersion": "1.0.0", "name": "net", "plugins": []});
-        let portmap = json!({"type": "portmap", "capabilities": {"portMappings": true, "bandwidth": false}});
+        let portmap =
+            json!({"type": "portmap", "capabilities": {"portMappings": true, "bandwidth": false}});
         let mut runtime = Map::new();
-        runtime.insert("portMappings".into(), json!([{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]));
+        runtime.insert(
+            "portMappings".into(),
+            json!([{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]),
+        );
         runtime.insert("bandwidth".into(), json!({"ingressRate": 1}));
         let previous = json!({"cniVersion": "1.0.0", "ips": []});
-        let stdin: Value = serde_json::from_slice(&plugin_stdin(&network, &portmap, Some(&previous), &runtime)).expect("json");
+        let stdin: Value =
+            serde_json::from_slice(&plugin_stdin(&network, &portmap, Some(&previous), &runtime))
+                .expect("json");
         assert_eq!(stdin["name"], "net");
         assert_eq!(stdin["cniVersion"], "1.0.0");
         assert_eq!(stdin["prevResult"], previous);
-        assert_eq!(stdin["runtimeConfig"], json!({"portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]}));
+        assert_eq!(
+            stdin["runtimeConfig"],
+            json!({"portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]})
+        );
 
         let bridge = json!({"type": "bridge"});
-        let stdin: Value = serde_json::from_slice(&plugin_stdin(&network, &bridge, None, &runtime)).expect("json");
-        assert!(stdin.get("runtimeConfig").is_none() && stdin.get("prevResult").is_none(), "{stdin}");
+        let stdin: Value =
+            serde_json::from_slice(&plugin_stdin(&network, &bridge, None, &runtime)).expect("json");
+        assert!(
+            stdin.get("runtimeConfig").is_none() && stdin.get("prevResult").is_none(),
+            "{stdin}"
+        );
     }
 
     #[test]
@@ -178,6 +279,9 @@ mod tests {
 
     #[test]
     fn kubernetes_args_in_cri_o_order() {
-        assert_eq!(kubernetes_args("ns", "pod", "abc", "u1"), "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=pod;K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=u1");
+        assert_eq!(
+            kubernetes_args("ns", "pod", "abc", "u1"),
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=pod;K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=u1"
+        );
     }
 }

@@ -65,18 +65,33 @@ impl CniResult {
 }
 
 fn parse_address(ip: &CniIp) -> Result<PodAddress, String> {
-    let (address, prefix) = ip.address.split_once('/').ok_or_else(|| format!("address {:?} is not in CIDR notation", ip.address))?;
-    let parsed: IpAddr = address.parse().map_err(|e| format!("address {:?}: {e}", ip.address))?;
-    let prefix_length: u8 = prefix.parse().map_err(|e| format!("prefix of {:?}: {e}", ip.address))?;
+    let (address, prefix) = ip
+        .address
+        .split_once('/')
+        .ok_or_else(|| format!("address {:?} is not in CIDR notation", ip.address))?;
+    let parsed: IpAddr = address
+        .parse()
+        .map_err(|e| format!("address {:?}: {e}", ip.address))?;
+    let prefix_length: u8 = prefix
+        .parse()
+        .map_err(|e| format!("prefix of {:?}: {e}", ip.address))?;
     let max = if parsed.is_ipv4() { 32 } else { 128 };
     if prefix_length > max {
         return Err(format!("prefix of {:?} is longer than {max}", ip.address));
     }
     let gateway = match ip.gateway.as_deref().filter(|g| !g.is_empty()) {
-        Some(gateway) => Some(gateway.parse().map_err(|e| format!("gateway {gateway:?}: {e}"))?),
+        Some(gateway) => Some(
+            gateway
+                .parse()
+                .map_err(|e| format!("gateway {gateway:?}: {e}"))?,
+        ),
         None => None,
     };
-    Ok(PodAddress { ip: parsed, prefix_length, gateway })
+    Ok(PodAddress {
+        ip: parsed,
+        prefix_length,
+        gateway,
+    })
 }
 
 /// The error object a failing plugin prints (spec: "Error" section).
@@ -95,7 +110,9 @@ pub const CODE_TRY_AGAIN_LATER: u32 = 11;
 impl CniErrorReply {
     /// The error object in `stdout`, if the plugin printed one.
     pub fn parse(stdout: &[u8]) -> Option<Self> {
-        serde_json::from_slice::<Self>(stdout).ok().filter(|reply| reply.code != 0 || !reply.msg.is_empty())
+        serde_json::from_slice::<Self>(stdout)
+            .ok()
+            .filter(|reply| reply.code != 0 || !reply.msg.is_empty())
     }
 }
 
@@ -138,7 +155,8 @@ mod tests {
 
     #[test]
     fn result_1_0_0_gives_pod_addresses_primary_first_without_host_side() {
-        let result = CniResult::parse(&serde_json::from_str(RESULT_1_0_0).expect("json")).expect("result");
+        let result =
+            CniResult::parse(&serde_json::from_str(RESULT_1_0_0).expect("json")).expect("result");
         assert_eq!(result.cni_version, "1.0.0");
         let addresses = result.pod_addresses("eth0").expect("addresses");
         assert_eq!(addresses.len(), 2, "{addresses:?}");
@@ -151,28 +169,61 @@ mod tests {
 
     #[test]
     fn result_0_4_0_with_ip_versions_parses() {
-        let result = CniResult::parse(&serde_json::from_str(RESULT_0_4_0).expect("json")).expect("result");
+        let result =
+            CniResult::parse(&serde_json::from_str(RESULT_0_4_0).expect("json")).expect("result");
         assert_eq!(result.cni_version, "0.4.0");
         let addresses = result.pod_addresses("eth0").expect("addresses");
-        assert_eq!(addresses, vec![PodAddress { ip: "192.168.1.5".parse().expect("ip"), prefix_length: 24, gateway: Some("192.168.1.1".parse().expect("ip")) }]);
+        assert_eq!(
+            addresses,
+            vec![PodAddress {
+                ip: "192.168.1.5".parse().expect("ip"),
+                prefix_length: 24,
+                gateway: Some("192.168.1.1".parse().expect("ip"))
+            }]
+        );
     }
 
     #[test]
     fn addresses_without_interface_count_and_bad_ones_are_named() {
-        let result = CniResult::parse(&serde_json::json!({"cniVersion": "1.0.0", "ips": [{"address": "10.1.2.3/8"}]})).expect("result");
-        assert_eq!(result.pod_addresses("eth0").expect("addresses")[0].prefix_length, 8);
-        let bad = CniResult::parse(&serde_json::json!({"ips": [{"address": "10.1.2.3"}]})).expect("result");
-        assert!(bad.pod_addresses("eth0").expect_err("no prefix").contains("10.1.2.3"));
-        let bad = CniResult::parse(&serde_json::json!({"ips": [{"address": "10.1.2.3/40"}]})).expect("result");
+        let result = CniResult::parse(
+            &serde_json::json!({"cniVersion": "1.0.0", "ips": [{"address": "10.1.2.3/8"}]}),
+        )
+        .expect("result");
+        assert_eq!(
+            result.pod_addresses("eth0").expect("addresses")[0].prefix_length,
+            8
+        );
+        let bad = CniResult::parse(&serde_json::json!({"ips": [{"address": "10.1.2.3"}]}))
+            .expect("result");
+        assert!(
+            bad.pod_addresses("eth0")
+                .expect_err("no prefix")
+                .contains("10.1.2.3")
+        );
+        let bad = CniResult::parse(&serde_json::json!({"ips": [{"address": "10.1.2.3/40"}]}))
+            .expect("result");
         assert!(bad.pod_addresses("eth0").is_err());
         assert!(CniResult::parse(&serde_json::json!({"ips": "nope"})).is_err());
     }
 
     #[test]
     fn error_reply_parses_with_and_without_details() {
-        let reply = CniErrorReply::parse(br#"{"cniVersion":"1.0.0","code":7,"msg":"failed to allocate","details":"range full"}"#).expect("reply");
-        assert_eq!(reply, CniErrorReply { code: 7, msg: "failed to allocate".into(), details: "range full".into() });
-        assert_eq!(reply.to_string(), "failed to allocate (CNI error code 7): range full");
+        let reply = CniErrorReply::parse(
+            br#"{"cniVersion":"1.0.0","code":7,"msg":"failed to allocate","details":"range full"}"#,
+        )
+        .expect("reply");
+        assert_eq!(
+            reply,
+            CniErrorReply {
+                code: 7,
+                msg: "failed to allocate".into(),
+                details: "range full".into()
+            }
+        );
+        assert_eq!(
+            reply.to_string(),
+            "failed to allocate (CNI error code 7): range full"
+        );
         let reply = CniErrorReply::parse(br#"{"code":11,"msg":"busy"}"#).expect("reply");
         assert_eq!(reply.code, CODE_TRY_AGAIN_LATER);
         assert_eq!(reply.to_string(), "busy (CNI error code 11)");

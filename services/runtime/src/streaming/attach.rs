@@ -41,7 +41,11 @@ pub struct AttachSession {
 }
 
 pub async fn serve(session: AttachSession, connection: Connection, protocol: &'static str) {
-    let Some((connection, mut streams)) = remotecommand::open(connection, protocol, &session.options).await else { return };
+    let Some((connection, mut streams)) =
+        remotecommand::open(connection, protocol, &session.options).await
+    else {
+        return;
+    };
     let outcome = match pass_through(&session, &mut streams, connection.gone()).await {
         Ok(()) => Outcome::Exited(0),
         Err(error) => Outcome::Failed(error.to_string()),
@@ -50,7 +54,11 @@ pub async fn serve(session: AttachSession, connection: Connection, protocol: &'s
 }
 
 /// Joins the client's streams to conmon's until the container or the client is gone.
-async fn pass_through(session: &AttachSession, streams: &mut Streams, gone: Gone) -> Result<(), RuntimeError> {
+async fn pass_through(
+    session: &AttachSession,
+    streams: &mut Streams,
+    gone: Gone,
+) -> Result<(), RuntimeError> {
     let (from_conmon, to_conmon) = connect(&session.bundle)?.into_split();
     // Without stdin our sending side stays open: closing it would end the
     // container's stdin for everyone (stdin_once).
@@ -58,7 +66,12 @@ async fn pass_through(session: &AttachSession, streams: &mut Streams, gone: Gone
         Some(from) => (Some(tokio::spawn(send_input(from, to_conmon))), None),
         None => (None, Some(to_conmon)),
     };
-    let resizes = streams.resize.take().map(|data| tokio::spawn(apply_resizes(remotecommand::resize_events(data), session.bundle.join("ctl"))));
+    let resizes = streams.resize.take().map(|data| {
+        tokio::spawn(apply_resizes(
+            remotecommand::resize_events(data),
+            session.bundle.join("ctl"),
+        ))
+    });
     let result = tokio::select! {
         result = pass_output(from_conmon, streams.stdout.clone(), streams.stderr.clone()) => result,
         () = gone => Ok(()),
@@ -78,18 +91,39 @@ fn connect(bundle: &Path) -> Result<UnixStream, RuntimeError> {
         .open(bundle)
         .map_err(|source| RuntimeError::io(format!("cannot open {}", bundle.display()), source))?;
     let path = format!("/proc/self/fd/{}/attach", dir.as_raw_fd());
-    let not_attachable = |error: rustix::io::Errno| RuntimeError::io(format!("cannot connect to conmon's attach socket in {}", bundle.display()), error.into());
-    let socket = rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, rustix::net::SocketFlags::CLOEXEC, None).map_err(not_attachable)?;
+    let not_attachable = |error: rustix::io::Errno| {
+        RuntimeError::io(
+            format!(
+                "cannot connect to conmon's attach socket in {}",
+                bundle.display()
+            ),
+            error.into(),
+        )
+    };
+    let socket = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(not_attachable)?;
     let address = SocketAddrUnix::new(path.as_str()).map_err(not_attachable)?;
     rustix::net::connect(&socket, &address).map_err(not_attachable)?;
     let socket = std::os::unix::net::UnixStream::from(socket);
-    socket.set_nonblocking(true).map_err(|source| RuntimeError::io("attach socket", source))?;
-    UnixStream::from_std(socket).map_err(|source| RuntimeError::io("cannot poll the attach socket", source))
+    socket
+        .set_nonblocking(true)
+        .map_err(|source| RuntimeError::io("attach socket", source))?;
+    UnixStream::from_std(socket)
+        .map_err(|source| RuntimeError::io("cannot poll the attach socket", source))
 }
 
 /// Passes the container's output to the client until conmon closes the socket (the
 /// container is gone).
-async fn pass_output(mut socket: OwnedReadHalf, stdout: Option<StreamWriter>, stderr: Option<StreamWriter>) -> Result<(), RuntimeError> {
+async fn pass_output(
+    mut socket: OwnedReadHalf,
+    stdout: Option<StreamWriter>,
+    stderr: Option<StreamWriter>,
+) -> Result<(), RuntimeError> {
     let mut packet = vec![0u8; 64 * 1024];
     loop {
         let n = match socket.read(&mut packet).await {
@@ -111,7 +145,10 @@ async fn pass_output(mut socket: OwnedReadHalf, stdout: Option<StreamWriter>, st
 
 /// Passes the client's input to conmon; at its end, shuts our sending side so conmon
 /// closes the container's stdin (for `stdin_once`).
-async fn send_input(mut from: mpsc::Receiver<Vec<u8>>, mut socket: OwnedWriteHalf) -> Result<(), RuntimeError> {
+async fn send_input(
+    mut from: mpsc::Receiver<Vec<u8>>,
+    mut socket: OwnedWriteHalf,
+) -> Result<(), RuntimeError> {
     let broken = |error: io::Error| RuntimeError::io("cannot write to the attach socket", error);
     while let Some(chunk) = from.recv().await {
         for piece in chunk.chunks(STDIN_PACKET) {
@@ -121,13 +158,20 @@ async fn send_input(mut from: mpsc::Receiver<Vec<u8>>, mut socket: OwnedWriteHal
     socket.shutdown().await.map_err(broken)
 }
 
-async fn apply_resizes(mut sizes: mpsc::Receiver<TerminalSize>, control: PathBuf) -> Result<(), RuntimeError> {
+async fn apply_resizes(
+    mut sizes: mpsc::Receiver<TerminalSize>,
+    control: PathBuf,
+) -> Result<(), RuntimeError> {
     while let Some(size) = sizes.recv().await {
         let message = format!("{WIN_RESIZE_EVENT} {} {}\n", size.height, size.width);
         let control = control.clone();
         tokio::task::spawn_blocking(move || {
             use std::io::Write;
-            std::fs::OpenOptions::new().write(true).custom_flags(nix::libc::O_NONBLOCK).open(&control)?.write_all(message.as_bytes())
+            std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_NONBLOCK)
+                .open(&control)?
+                .write_all(message.as_bytes())
         })
         .await
         .map_err(|e| RuntimeError::Streaming(format!("resize stopped: {e}")))?

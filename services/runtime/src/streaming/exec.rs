@@ -31,10 +31,23 @@ pub struct ExecSession {
 }
 
 pub async fn serve(session: ExecSession, connection: Connection, protocol: &'static str) {
-    let Some((connection, mut streams)) = remotecommand::open(connection, protocol, &session.options).await else { return };
+    let Some((connection, mut streams)) =
+        remotecommand::open(connection, protocol, &session.options).await
+    else {
+        return;
+    };
     let gone = connection.gone();
-    let result = if session.options.tty { run_with_tty(&session, &mut streams, gone).await } else { run_with_pipes(&session, &mut streams, gone).await };
-    remotecommand::close(connection, streams, result.unwrap_or_else(|error| Outcome::Failed(error.to_string()))).await;
+    let result = if session.options.tty {
+        run_with_tty(&session, &mut streams, gone).await
+    } else {
+        run_with_pipes(&session, &mut streams, gone).await
+    };
+    remotecommand::close(
+        connection,
+        streams,
+        result.unwrap_or_else(|error| Outcome::Failed(error.to_string())),
+    )
+    .await;
 }
 
 /// How `runc exec` ended.
@@ -52,8 +65,18 @@ impl Ended {
     }
 }
 
-fn spawn(session: &ExecSession, flags: &[&str], stdio: impl FnOnce(&mut Command) -> Result<(), RuntimeError>) -> Result<ExecProcess, RuntimeError> {
-    session.oci.spawn_exec(&session.runtime, &session.container_id, &session.cmd, flags, stdio)
+fn spawn(
+    session: &ExecSession,
+    flags: &[&str],
+    stdio: impl FnOnce(&mut Command) -> Result<(), RuntimeError>,
+) -> Result<ExecProcess, RuntimeError> {
+    session.oci.spawn_exec(
+        &session.runtime,
+        &session.container_id,
+        &session.cmd,
+        flags,
+        stdio,
+    )
 }
 
 /// Waits for `runc exec` to exit, or for the client to go away, then kills the
@@ -71,21 +94,35 @@ async fn wait(running: &mut ExecProcess, gone: Gone) -> Result<Ended, RuntimeErr
     }
 }
 
-async fn run_with_pipes(session: &ExecSession, streams: &mut Streams, gone: Gone) -> Result<Outcome, RuntimeError> {
+async fn run_with_pipes(
+    session: &ExecSession,
+    streams: &mut Streams,
+    gone: Gone,
+) -> Result<Outcome, RuntimeError> {
     let piped = |on: bool| if on { Stdio::piped() } else { Stdio::null() };
     let mut running = spawn(session, &[], |command| {
-        command.stdin(piped(streams.stdin.is_some())).stdout(piped(streams.stdout.is_some())).stderr(piped(streams.stderr.is_some()));
+        command
+            .stdin(piped(streams.stdin.is_some()))
+            .stdout(piped(streams.stdout.is_some()))
+            .stderr(piped(streams.stderr.is_some()));
         Ok(())
     })?;
     let child = &mut running.child;
     let input = match (streams.stdin.take(), child.stdin.take()) {
-        (Some(mut from), Some(to)) => Some(tokio::spawn(async move { copy_from_stream(&mut from, to).await })),
+        (Some(mut from), Some(to)) => Some(tokio::spawn(async move {
+            copy_from_stream(&mut from, to).await
+        })),
         _ => None,
     };
     let mut outputs = Vec::new();
-    for (pipe, writer) in [(child.stdout.take().map(as_reader), streams.stdout.clone()), (child.stderr.take().map(as_reader), streams.stderr.clone())] {
+    for (pipe, writer) in [
+        (child.stdout.take().map(as_reader), streams.stdout.clone()),
+        (child.stderr.take().map(as_reader), streams.stderr.clone()),
+    ] {
         if let (Some(pipe), Some(writer)) = (pipe, writer) {
-            outputs.push(tokio::spawn(async move { copy_to_stream(pipe, &writer).await }));
+            outputs.push(tokio::spawn(
+                async move { copy_to_stream(pipe, &writer).await },
+            ));
         }
     }
     let ended = wait(&mut running, gone).await?;
@@ -105,15 +142,28 @@ async fn run_with_pipes(session: &ExecSession, streams: &mut Streams, gone: Gone
 }
 
 /// Both pipes as one reader type.
-fn as_reader<R: tokio::io::AsyncRead + Unpin + Send + 'static>(pipe: R) -> Box<dyn tokio::io::AsyncRead + Unpin + Send> {
+fn as_reader<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
+    pipe: R,
+) -> Box<dyn tokio::io::AsyncRead + Unpin + Send> {
     Box::new(pipe)
 }
 
-async fn run_with_tty(session: &ExecSession, streams: &mut Streams, gone: Gone) -> Result<Outcome, RuntimeError> {
+async fn run_with_tty(
+    session: &ExecSession,
+    streams: &mut Streams,
+    gone: Gone,
+) -> Result<Outcome, RuntimeError> {
     let (master, slave) = pty::open()?;
-    let as_stdio = |fd: &OwnedFd| fd.try_clone().map(Stdio::from).map_err(|source| RuntimeError::io("cannot share the terminal", source));
+    let as_stdio = |fd: &OwnedFd| {
+        fd.try_clone()
+            .map(Stdio::from)
+            .map_err(|source| RuntimeError::io("cannot share the terminal", source))
+    };
     let mut running = spawn(session, &["--tty"], |command| {
-        command.stdin(as_stdio(&slave)?).stdout(as_stdio(&slave)?).stderr(as_stdio(&slave)?);
+        command
+            .stdin(as_stdio(&slave)?)
+            .stdout(as_stdio(&slave)?)
+            .stderr(as_stdio(&slave)?);
         Ok(())
     })?;
     // runc holds the slave now: the master reads EIO once runc is done with it.
@@ -121,19 +171,29 @@ async fn run_with_tty(session: &ExecSession, streams: &mut Streams, gone: Gone) 
     let input = match streams.stdin.take() {
         Some(mut from) => {
             let to = master.writer()?;
-            Some(tokio::spawn(async move { copy_from_stream(&mut from, to).await }))
+            Some(tokio::spawn(async move {
+                copy_from_stream(&mut from, to).await
+            }))
         }
         None => None,
     };
     let output = match streams.stdout.clone() {
         Some(writer) => {
             let from = master.reader()?;
-            Some(tokio::spawn(async move { copy_to_stream(from, &writer).await }))
+            Some(tokio::spawn(
+                async move { copy_to_stream(from, &writer).await },
+            ))
         }
         None => None,
     };
     let runc = running.child.id();
-    let resizes = streams.resize.take().map(|data| tokio::spawn(apply_resizes(remotecommand::resize_events(data), master, runc)));
+    let resizes = streams.resize.take().map(|data| {
+        tokio::spawn(apply_resizes(
+            remotecommand::resize_events(data),
+            master,
+            runc,
+        ))
+    });
     let ended = wait(&mut running, gone).await?;
     // runc has exited and closed the slave: the master's blocking read ends (EIO).
     if let Some(output) = output {
@@ -150,11 +210,18 @@ async fn run_with_tty(session: &ExecSession, streams: &mut Streams, gone: Gone) 
 }
 
 /// Sets the size on our terminal, then has runc (SIGWINCH) copy it to the container's.
-async fn apply_resizes(mut sizes: tokio::sync::mpsc::Receiver<remotecommand::TerminalSize>, master: PtyMaster, runc: Option<u32>) -> Result<(), RuntimeError> {
+async fn apply_resizes(
+    mut sizes: tokio::sync::mpsc::Receiver<remotecommand::TerminalSize>,
+    master: PtyMaster,
+    runc: Option<u32>,
+) -> Result<(), RuntimeError> {
     while let Some(size) = sizes.recv().await {
         master.resize(size)?;
         if let Some(pid) = runc.and_then(|pid| i32::try_from(pid).ok()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGWINCH);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGWINCH,
+            );
         }
     }
     Ok(())

@@ -37,18 +37,51 @@ pub type Headers = Vec<(String, String)>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    Data { stream_id: u32, fin: bool, data: Vec<u8> },
-    SynStream { stream_id: u32, associated_to: u32, priority: u8, flags: u8, headers: Headers },
-    SynReply { stream_id: u32, fin: bool, headers: Headers },
-    RstStream { stream_id: u32, status: u32 },
+    Data {
+        stream_id: u32,
+        fin: bool,
+        data: Vec<u8>,
+    },
+    SynStream {
+        stream_id: u32,
+        associated_to: u32,
+        priority: u8,
+        flags: u8,
+        headers: Headers,
+    },
+    SynReply {
+        stream_id: u32,
+        fin: bool,
+        headers: Headers,
+    },
+    RstStream {
+        stream_id: u32,
+        status: u32,
+    },
     /// (flags, id, value) entries.
-    Settings { entries: Vec<(u8, u32, u32)> },
-    Ping { id: u32 },
-    GoAway { last_good_stream_id: u32, status: u32 },
-    Headers { stream_id: u32, fin: bool, headers: Headers },
-    WindowUpdate { stream_id: u32, delta: u32 },
+    Settings {
+        entries: Vec<(u8, u32, u32)>,
+    },
+    Ping {
+        id: u32,
+    },
+    GoAway {
+        last_good_stream_id: u32,
+        status: u32,
+    },
+    Headers {
+        stream_id: u32,
+        fin: bool,
+        headers: Headers,
+    },
+    WindowUpdate {
+        stream_id: u32,
+        delta: u32,
+    },
     /// A control frame of a type this codec does not know: skipped, as SPDY asks.
-    Unknown { kind: u16 },
+    Unknown {
+        kind: u16,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +94,10 @@ pub enum FrameError {
 
 /// First value of a header, by (lower-case) name.
 pub fn header<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
-    headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
 }
 
 /// Writes the frames one end sends: it owns the compressor of their header blocks.
@@ -77,23 +113,38 @@ pub struct Decoder {
 impl Encoder {
     pub fn new() -> Result<Self, FrameError> {
         let mut deflate = Compress::new(Compression::default(), true);
-        deflate.set_dictionary(HEADER_DICTIONARY).map_err(|e| FrameError::Compression(e.to_string()))?;
+        deflate
+            .set_dictionary(HEADER_DICTIONARY)
+            .map_err(|e| FrameError::Compression(e.to_string()))?;
         Ok(Self { deflate })
     }
 
     /// Appends the frame's bytes to `out`.
     pub fn encode(&mut self, frame: &Frame, out: &mut Vec<u8>) -> Result<(), FrameError> {
         let (kind, flags, payload) = match frame {
-            Frame::Data { stream_id, fin, data } => {
+            Frame::Data {
+                stream_id,
+                fin,
+                data,
+            } => {
                 if data.len() > MAX_PAYLOAD {
-                    return Err(FrameError::Protocol(format!("data frame of {} bytes is too long", data.len())));
+                    return Err(FrameError::Protocol(format!(
+                        "data frame of {} bytes is too long",
+                        data.len()
+                    )));
                 }
                 out.extend_from_slice(&(stream_id & 0x7fff_ffff).to_be_bytes());
                 push_length(out, u8::from(*fin) * FLAG_FIN, data.len());
                 out.extend_from_slice(data);
                 return Ok(());
             }
-            Frame::SynStream { stream_id, associated_to, priority, flags, headers } => {
+            Frame::SynStream {
+                stream_id,
+                associated_to,
+                priority,
+                flags,
+                headers,
+            } => {
                 let mut payload = Vec::new();
                 payload.extend_from_slice(&(stream_id & 0x7fff_ffff).to_be_bytes());
                 payload.extend_from_slice(&(associated_to & 0x7fff_ffff).to_be_bytes());
@@ -101,13 +152,30 @@ impl Encoder {
                 payload.extend(self.compress(headers)?);
                 (TYPE_SYN_STREAM, *flags, payload)
             }
-            Frame::SynReply { stream_id, fin, headers } | Frame::Headers { stream_id, fin, headers } => {
-                let kind = if matches!(frame, Frame::SynReply { .. }) { TYPE_SYN_REPLY } else { TYPE_HEADERS };
+            Frame::SynReply {
+                stream_id,
+                fin,
+                headers,
+            }
+            | Frame::Headers {
+                stream_id,
+                fin,
+                headers,
+            } => {
+                let kind = if matches!(frame, Frame::SynReply { .. }) {
+                    TYPE_SYN_REPLY
+                } else {
+                    TYPE_HEADERS
+                };
                 let mut payload = (stream_id & 0x7fff_ffff).to_be_bytes().to_vec();
                 payload.extend(self.compress(headers)?);
                 (kind, u8::from(*fin) * FLAG_FIN, payload)
             }
-            Frame::RstStream { stream_id, status } => (TYPE_RST_STREAM, 0, words(&[stream_id & 0x7fff_ffff, *status])),
+            Frame::RstStream { stream_id, status } => (
+                TYPE_RST_STREAM,
+                0,
+                words(&[stream_id & 0x7fff_ffff, *status]),
+            ),
             Frame::Settings { entries } => {
                 let mut payload = (entries.len() as u32).to_be_bytes().to_vec();
                 for (flags, id, value) in entries {
@@ -118,14 +186,34 @@ impl Encoder {
                 (TYPE_SETTINGS, 0, payload)
             }
             Frame::Ping { id } => (TYPE_PING, 0, words(&[*id])),
-            Frame::GoAway { last_good_stream_id, status } => (TYPE_GOAWAY, 0, words(&[last_good_stream_id & 0x7fff_ffff, *status])),
-            Frame::WindowUpdate { stream_id, delta } => (TYPE_WINDOW_UPDATE, 0, words(&[stream_id & 0x7fff_ffff, delta & 0x7fff_ffff])),
-            Frame::Unknown { kind } => return Err(FrameError::Protocol(format!("cannot send a frame of unknown type {kind}"))),
+            Frame::GoAway {
+                last_good_stream_id,
+                status,
+            } => (
+                TYPE_GOAWAY,
+                0,
+                words(&[last_good_stream_id & 0x7fff_ffff, *status]),
+            ),
+            Frame::WindowUpdate { stream_id, delta } => (
+                TYPE_WINDOW_UPDATE,
+                0,
+                words(&[stream_id & 0x7fff_ffff, delta & 0x7fff_ffff]),
+            ),
+            Frame::Unknown { kind } => {
+                return Err(FrameError::Protocol(format!(
+                    "cannot send a frame of unknown type {kind}"
+                )));
+            }
         };
         if payload.len() > MAX_PAYLOAD {
-            return Err(FrameError::Protocol(format!("control frame of {} bytes is too long", payload.len())));
+            return Err(FrameError::Protocol(format!(
+                "control frame of {} bytes is too long",
+                payload.len()
+            )));
         }
-        out.extend_from_slice(&(0x8000_0000 | (u32::from(VERSION) << 16) | u32::from(kind)).to_be_bytes());
+        out.extend_from_slice(
+            &(0x8000_0000 | (u32::from(VERSION) << 16) | u32::from(kind)).to_be_bytes(),
+        );
         push_length(out, flags, payload.len());
         out.extend_from_slice(&payload);
         Ok(())
@@ -140,7 +228,11 @@ impl Encoder {
         }
         let mut block = (names.len() as u32).to_be_bytes().to_vec();
         for name in names {
-            let values: Vec<&str> = headers.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_str()).collect();
+            let values: Vec<&str> = headers
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+                .collect();
             let value = values.join("\0");
             let name = name.to_ascii_lowercase();
             for part in [name.as_bytes(), value.as_bytes()] {
@@ -152,7 +244,9 @@ impl Encoder {
         let mut out = Vec::with_capacity(block.len() + 64);
         loop {
             let consumed = (self.deflate.total_in() - start_in) as usize;
-            self.deflate.compress_vec(&block[consumed..], &mut out, FlushCompress::Sync).map_err(|e| FrameError::Compression(e.to_string()))?;
+            self.deflate
+                .compress_vec(&block[consumed..], &mut out, FlushCompress::Sync)
+                .map_err(|e| FrameError::Compression(e.to_string()))?;
             let consumed = (self.deflate.total_in() - start_in) as usize;
             // A sync flush is complete once it leaves room in the output.
             if consumed == block.len() && out.len() < out.capacity() {
@@ -165,7 +259,9 @@ impl Encoder {
 
 impl Default for Decoder {
     fn default() -> Self {
-        Self { inflate: Decompress::new(true) }
+        Self {
+            inflate: Decompress::new(true),
+        }
     }
 }
 
@@ -179,13 +275,21 @@ impl Decoder {
         let first = u32_at(buf, 0);
         let flags = buf[4];
         let length = (u32_at(buf, 4) & 0x00ff_ffff) as usize;
-        let Some(payload) = buf.get(8..8 + length) else { return Ok(None) };
+        let Some(payload) = buf.get(8..8 + length) else {
+            return Ok(None);
+        };
         let frame = if first & 0x8000_0000 == 0 {
-            Frame::Data { stream_id: first & 0x7fff_ffff, fin: flags & FLAG_FIN != 0, data: payload.to_vec() }
+            Frame::Data {
+                stream_id: first & 0x7fff_ffff,
+                fin: flags & FLAG_FIN != 0,
+                data: payload.to_vec(),
+            }
         } else {
             let version = ((first >> 16) & 0x7fff) as u16;
             if version != VERSION {
-                return Err(FrameError::Protocol(format!("SPDY version {version} is not supported")));
+                return Err(FrameError::Protocol(format!(
+                    "SPDY version {version} is not supported"
+                )));
             }
             self.control((first & 0xffff) as u16, flags, payload)?
         };
@@ -194,43 +298,88 @@ impl Decoder {
 
     fn control(&mut self, kind: u16, flags: u8, payload: &[u8]) -> Result<Frame, FrameError> {
         let need = |n: usize| {
-            if payload.len() < n { Err(FrameError::Protocol(format!("control frame type {kind} is too short ({} bytes)", payload.len()))) } else { Ok(()) }
+            if payload.len() < n {
+                Err(FrameError::Protocol(format!(
+                    "control frame type {kind} is too short ({} bytes)",
+                    payload.len()
+                )))
+            } else {
+                Ok(())
+            }
         };
         let fin = flags & FLAG_FIN != 0;
         Ok(match kind {
             TYPE_SYN_STREAM => {
                 need(10)?;
                 let headers = self.decompress(&payload[10..])?;
-                Frame::SynStream { stream_id: u32_at(payload, 0) & 0x7fff_ffff, associated_to: u32_at(payload, 4) & 0x7fff_ffff, priority: payload[8] >> 5, flags, headers }
+                Frame::SynStream {
+                    stream_id: u32_at(payload, 0) & 0x7fff_ffff,
+                    associated_to: u32_at(payload, 4) & 0x7fff_ffff,
+                    priority: payload[8] >> 5,
+                    flags,
+                    headers,
+                }
             }
             TYPE_SYN_REPLY | TYPE_HEADERS => {
                 need(4)?;
                 let stream_id = u32_at(payload, 0) & 0x7fff_ffff;
                 let headers = self.decompress(&payload[4..])?;
-                if kind == TYPE_SYN_REPLY { Frame::SynReply { stream_id, fin, headers } } else { Frame::Headers { stream_id, fin, headers } }
+                if kind == TYPE_SYN_REPLY {
+                    Frame::SynReply {
+                        stream_id,
+                        fin,
+                        headers,
+                    }
+                } else {
+                    Frame::Headers {
+                        stream_id,
+                        fin,
+                        headers,
+                    }
+                }
             }
             TYPE_RST_STREAM => {
                 need(8)?;
-                Frame::RstStream { stream_id: u32_at(payload, 0) & 0x7fff_ffff, status: u32_at(payload, 4) }
+                Frame::RstStream {
+                    stream_id: u32_at(payload, 0) & 0x7fff_ffff,
+                    status: u32_at(payload, 4),
+                }
             }
             TYPE_SETTINGS => {
                 need(4)?;
                 let count = u32_at(payload, 0) as usize;
                 need(4 + count.saturating_mul(8))?;
-                let entries = (0..count).map(|i| 4 + i * 8).map(|at| (payload[at], u32_at(payload, at) & 0x00ff_ffff, u32_at(payload, at + 4))).collect();
+                let entries = (0..count)
+                    .map(|i| 4 + i * 8)
+                    .map(|at| {
+                        (
+                            payload[at],
+                            u32_at(payload, at) & 0x00ff_ffff,
+                            u32_at(payload, at + 4),
+                        )
+                    })
+                    .collect();
                 Frame::Settings { entries }
             }
             TYPE_PING => {
                 need(4)?;
-                Frame::Ping { id: u32_at(payload, 0) }
+                Frame::Ping {
+                    id: u32_at(payload, 0),
+                }
             }
             TYPE_GOAWAY => {
                 need(8)?;
-                Frame::GoAway { last_good_stream_id: u32_at(payload, 0) & 0x7fff_ffff, status: u32_at(payload, 4) }
+                Frame::GoAway {
+                    last_good_stream_id: u32_at(payload, 0) & 0x7fff_ffff,
+                    status: u32_at(payload, 4),
+                }
             }
             TYPE_WINDOW_UPDATE => {
                 need(8)?;
-                Frame::WindowUpdate { stream_id: u32_at(payload, 0) & 0x7fff_ffff, delta: u32_at(payload, 4) & 0x7fff_ffff }
+                Frame::WindowUpdate {
+                    stream_id: u32_at(payload, 0) & 0x7fff_ffff,
+                    delta: u32_at(payload, 4) & 0x7fff_ffff,
+                }
             }
             kind => Frame::Unknown { kind },
         })
@@ -242,10 +391,15 @@ impl Decoder {
         loop {
             let consumed = (self.inflate.total_in() - start_in) as usize;
             let produced = block.len();
-            match self.inflate.decompress_vec(&input[consumed..], &mut block, FlushDecompress::Sync) {
+            match self
+                .inflate
+                .decompress_vec(&input[consumed..], &mut block, FlushDecompress::Sync)
+            {
                 Ok(_) => {}
                 Err(error) if error.needs_dictionary().is_some() => {
-                    self.inflate.set_dictionary(HEADER_DICTIONARY).map_err(|e| FrameError::Compression(e.to_string()))?;
+                    self.inflate
+                        .set_dictionary(HEADER_DICTIONARY)
+                        .map_err(|e| FrameError::Compression(e.to_string()))?;
                     continue;
                 }
                 Err(error) => return Err(FrameError::Compression(error.to_string())),
@@ -255,7 +409,9 @@ impl Decoder {
                 break;
             }
             if block.len() > MAX_HEADER_BLOCK {
-                return Err(FrameError::Compression(format!("header block larger than {MAX_HEADER_BLOCK} bytes")));
+                return Err(FrameError::Compression(format!(
+                    "header block larger than {MAX_HEADER_BLOCK} bytes"
+                )));
             }
             if block.len() == block.capacity() {
                 block.reserve(block.capacity());
@@ -270,16 +426,27 @@ impl Decoder {
 fn parse_block(block: &[u8]) -> Result<Headers, FrameError> {
     let mut at = 0;
     let mut take = |n: usize| -> Result<&[u8], FrameError> {
-        let part = block.get(at..at + n).ok_or_else(|| FrameError::Protocol("header block is cut short".into()))?;
+        let part = block
+            .get(at..at + n)
+            .ok_or_else(|| FrameError::Protocol("header block is cut short".into()))?;
         at += n;
         Ok(part)
     };
-    let count = u32::from_be_bytes(take(4)?.try_into().map_err(|_| FrameError::Protocol("bad header count".into()))?);
+    let count = u32::from_be_bytes(
+        take(4)?
+            .try_into()
+            .map_err(|_| FrameError::Protocol("bad header count".into()))?,
+    );
     let mut headers = Headers::new();
     for _ in 0..count {
         let mut text = || -> Result<String, FrameError> {
-            let length = u32::from_be_bytes(take(4)?.try_into().map_err(|_| FrameError::Protocol("bad header length".into()))?) as usize;
-            String::from_utf8(take(length)?.to_vec()).map_err(|_| FrameError::Protocol("header is not UTF-8".into()))
+            let length = u32::from_be_bytes(
+                take(4)?
+                    .try_into()
+                    .map_err(|_| FrameError::Protocol("bad header length".into()))?,
+            ) as usize;
+            String::from_utf8(take(length)?.to_vec())
+                .map_err(|_| FrameError::Protocol("header is not UTF-8".into()))
         };
         let name = text()?.to_ascii_lowercase();
         let value = text()?;
@@ -299,7 +466,9 @@ fn words(values: &[u32]) -> Vec<u8> {
 }
 
 fn push_length(out: &mut Vec<u8>, flags: u8, length: usize) {
-    out.extend_from_slice(&((u32::from(flags) << 24) | (length as u32 & 0x00ff_ffff)).to_be_bytes());
+    out.extend_from_slice(
+        &((u32::from(flags) << 24) | (length as u32 & 0x00ff_ffff)).to_be_bytes(),
+    );
 }
 
 /// The SPDY/3 header dictionary (draft-mbelshe-httpbis-spdy-00, section 2.6.10.1):

@@ -74,11 +74,21 @@ pub struct StreamingServer {
 
 impl StreamingServer {
     pub fn new(runtime: Arc<Runtime>) -> Self {
-        Self { address: runtime.config.runtime.streaming_address.clone(), bound: tokio::sync::OnceCell::new(), pending: Pending::default(), runtime }
+        Self {
+            address: runtime.config.runtime.streaming_address.clone(),
+            bound: tokio::sync::OnceCell::new(),
+            pending: Pending::default(),
+            runtime,
+        }
     }
 
     pub async fn exec(&self, request: ExecRequest) -> Result<String, RuntimeError> {
-        let options = Options { stdin: request.stdin, stdout: request.stdout, stderr: request.stderr, tty: request.tty };
+        let options = Options {
+            stdin: request.stdin,
+            stdout: request.stdout,
+            stderr: request.stderr,
+            tty: request.tty,
+        };
         validate(&options)?;
         if request.cmd.is_empty() {
             return Err(RuntimeError::InvalidArgument("Exec needs a command".into()));
@@ -95,36 +105,68 @@ impl StreamingServer {
     }
 
     pub async fn attach(&self, request: AttachRequest) -> Result<String, RuntimeError> {
-        let mut options = Options { stdin: request.stdin, stdout: request.stdout, stderr: request.stderr, tty: request.tty };
+        let mut options = Options {
+            stdin: request.stdin,
+            stdout: request.stdout,
+            stderr: request.stderr,
+            tty: request.tty,
+        };
         validate(&options)?;
         let record = self.running_container(&request.container_id)?;
         let config = decode(&record)?;
         if request.tty != config.tty {
-            return Err(RuntimeError::InvalidArgument(format!("attach tty={} does not match container {} created with tty={}", request.tty, record.id, config.tty)));
+            return Err(RuntimeError::InvalidArgument(format!(
+                "attach tty={} does not match container {} created with tty={}",
+                request.tty, record.id, config.tty
+            )));
         }
         // Stdin of a container created without one goes nowhere: not asked for.
         options.stdin &= config.stdin;
-        let session = AttachSession { bundle: self.runtime.bundle_dir(&record.id), container_id: record.id, options };
+        let session = AttachSession {
+            bundle: self.runtime.bundle_dir(&record.id),
+            container_id: record.id,
+            options,
+        };
         self.url(Session::Attach(session)).await
     }
 
     pub async fn port_forward(&self, request: PortForwardRequest) -> Result<String, RuntimeError> {
-        let sandbox = self.runtime.resolve(&self.runtime.sandboxes, &request.pod_sandbox_id, "pod sandbox", |r| &r.id)?;
+        let sandbox = self.runtime.resolve(
+            &self.runtime.sandboxes,
+            &request.pod_sandbox_id,
+            "pod sandbox",
+            |r| &r.id,
+        )?;
         if sandbox.state != SandboxState::Ready as i32 {
-            return Err(RuntimeError::FailedPrecondition(format!("pod sandbox {} is not ready", sandbox.id)));
+            return Err(RuntimeError::FailedPrecondition(format!(
+                "pod sandbox {} is not ready",
+                sandbox.id
+            )));
         }
         let netns = (!sandbox.netns_path.is_empty()).then(|| sandbox.netns_path.clone().into());
-        self.url(Session::PortForward(PortForwardSession { sandbox_id: sandbox.id, netns })).await
+        self.url(Session::PortForward(PortForwardSession {
+            sandbox_id: sandbox.id,
+            netns,
+        }))
+        .await
     }
 
     fn running_container(&self, id: &str) -> Result<ContainerRecord, RuntimeError> {
-        let record = self.runtime.resolve(&self.runtime.containers, id, "container", |r| &r.id)?;
+        let record = self
+            .runtime
+            .resolve(&self.runtime.containers, id, "container", |r| &r.id)?;
         if record.infra {
-            return Err(RuntimeError::NotFound(format!("container {} not found", excerpt(id))));
+            return Err(RuntimeError::NotFound(format!(
+                "container {} not found",
+                excerpt(id)
+            )));
         }
         let record = self.runtime.refresh(record)?;
         if record.state != ContainerState::Running as i32 {
-            return Err(RuntimeError::FailedPrecondition(format!("container {} is not running", record.id)));
+            return Err(RuntimeError::FailedPrecondition(format!(
+                "container {} is not running",
+                record.id
+            )));
         }
         Ok(record)
     }
@@ -134,7 +176,10 @@ impl StreamingServer {
         let address = self.bound.get_or_try_init(|| self.listen()).await?;
         let token = crate::records::new_id()?;
         let kind = session.kind();
-        let mut pending = self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let now = Instant::now();
         pending.retain(|_, (_, expires)| *expires > now);
         pending.insert(token.clone(), (session, now + TOKEN_LIFETIME));
@@ -142,8 +187,18 @@ impl StreamingServer {
     }
 
     async fn listen(&self) -> Result<SocketAddr, RuntimeError> {
-        let listener = TcpListener::bind(&self.address).await.map_err(|source| RuntimeError::io(format!("cannot listen on runtime.streaming_address {}", self.address), source))?;
-        let address = listener.local_addr().map_err(|source| RuntimeError::io("streaming listener", source))?;
+        let listener = TcpListener::bind(&self.address).await.map_err(|source| {
+            RuntimeError::io(
+                format!(
+                    "cannot listen on runtime.streaming_address {}",
+                    self.address
+                ),
+                source,
+            )
+        })?;
+        let address = listener
+            .local_addr()
+            .map_err(|source| RuntimeError::io("streaming listener", source))?;
         tracing::info!(%address, "streaming server listening");
         tokio::spawn(accept(listener, self.pending.clone()));
         Ok(address)
@@ -153,10 +208,14 @@ impl StreamingServer {
 /// Exec and attach need some output or input, and a TTY merges stderr into stdout.
 fn validate(options: &Options) -> Result<(), RuntimeError> {
     if options.tty && options.stderr {
-        return Err(RuntimeError::InvalidArgument("tty and stderr cannot both be true".into()));
+        return Err(RuntimeError::InvalidArgument(
+            "tty and stderr cannot both be true".into(),
+        ));
     }
     if !options.stdin && !options.stdout && !options.stderr {
-        return Err(RuntimeError::InvalidArgument("one of stdin, stdout and stderr must be set".into()));
+        return Err(RuntimeError::InvalidArgument(
+            "one of stdin, stdout and stderr must be set".into(),
+        ));
     }
     Ok(())
 }
@@ -190,44 +249,100 @@ struct Upgrade {
 async fn serve_connection(mut socket: TcpStream, pending: Pending) -> Result<(), RuntimeError> {
     let (request, rest) = tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut socket))
         .await
-        .map_err(|_| RuntimeError::Timeout { what: "the streaming request".into(), seconds: REQUEST_TIMEOUT.as_secs() })??;
+        .map_err(|_| RuntimeError::Timeout {
+            what: "the streaming request".into(),
+            seconds: REQUEST_TIMEOUT.as_secs(),
+        })??;
     let mut parts = request.path.trim_start_matches('/').split(['/', '?']);
-    let (kind, token) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    let (kind, token) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
     let session = {
-        let mut pending = pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        pending.remove(token).filter(|(session, expires)| session.kind() == kind && *expires > Instant::now()).map(|(session, _)| session)
+        let mut pending = pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        pending
+            .remove(token)
+            .filter(|(session, expires)| session.kind() == kind && *expires > Instant::now())
+            .map(|(session, _)| session)
     };
     let Some(session) = session else {
-        respond(&mut socket, "404 Not Found", &[], "unknown or expired streaming token").await;
-        return Err(RuntimeError::NotFound(format!("streaming token for `{}` unknown or expired", excerpt(kind))));
+        respond(
+            &mut socket,
+            "404 Not Found",
+            &[],
+            "unknown or expired streaming token",
+        )
+        .await;
+        return Err(RuntimeError::NotFound(format!(
+            "streaming token for `{}` unknown or expired",
+            excerpt(kind)
+        )));
     };
     if !request.spdy {
-        respond(&mut socket, "400 Bad Request", &[], "this endpoint only speaks SPDY/3.1 (Upgrade: SPDY/3.1)").await;
-        return Err(RuntimeError::InvalidArgument("the client did not ask for SPDY/3.1".into()));
+        respond(
+            &mut socket,
+            "400 Bad Request",
+            &[],
+            "this endpoint only speaks SPDY/3.1 (Upgrade: SPDY/3.1)",
+        )
+        .await;
+        return Err(RuntimeError::InvalidArgument(
+            "the client did not ask for SPDY/3.1".into(),
+        ));
     }
-    let supported: &[&'static str] = if let Session::PortForward(_) = session { &[portforward::PROTOCOL] } else { &remotecommand::PROTOCOLS };
-    let Some(protocol) = request.protocols.iter().find_map(|p| supported.iter().find(|s| **s == p.as_str()).copied()) else {
-        let accepted = supported.join(", ");
-        respond(&mut socket, "403 Forbidden", &[("X-Accepted-Stream-Protocol-Versions", &accepted)], "no supported stream protocol version").await;
-        return Err(RuntimeError::InvalidArgument(format!("the client offers `{}`; supported: {accepted}", excerpt(&request.protocols.join(", ")))));
+    let supported: &[&'static str] = if let Session::PortForward(_) = session {
+        &[portforward::PROTOCOL]
+    } else {
+        &remotecommand::PROTOCOLS
     };
-    let switching = format!("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: {protocol}\r\n\r\n");
-    socket.write_all(switching.as_bytes()).await.map_err(|source| RuntimeError::io("cannot answer the upgrade", source))?;
+    let Some(protocol) = request
+        .protocols
+        .iter()
+        .find_map(|p| supported.iter().find(|s| **s == p.as_str()).copied())
+    else {
+        let accepted = supported.join(", ");
+        respond(
+            &mut socket,
+            "403 Forbidden",
+            &[("X-Accepted-Stream-Protocol-Versions", &accepted)],
+            "no supported stream protocol version",
+        )
+        .await;
+        return Err(RuntimeError::InvalidArgument(format!(
+            "the client offers `{}`; supported: {accepted}",
+            excerpt(&request.protocols.join(", "))
+        )));
+    };
+    let switching = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: {protocol}\r\n\r\n"
+    );
+    socket
+        .write_all(switching.as_bytes())
+        .await
+        .map_err(|source| RuntimeError::io("cannot answer the upgrade", source))?;
     let _ = socket.set_nodelay(true);
     let (read, write) = socket.into_split();
     let connection = spdy::Connection::start(read, write, rest)?;
     match session {
         Session::Exec(session) => {
             let span = tracing::info_span!("exec", container = %session.container_id, tty = session.options.tty, protocol);
-            exec::serve(session, connection, protocol).instrument(span).await;
+            exec::serve(session, connection, protocol)
+                .instrument(span)
+                .await;
         }
         Session::Attach(session) => {
             let span = tracing::info_span!("attach", container = %session.container_id, tty = session.options.tty, protocol);
-            attach::serve(session, connection, protocol).instrument(span).await;
+            attach::serve(session, connection, protocol)
+                .instrument(span)
+                .await;
         }
         Session::PortForward(session) => {
             let span = tracing::info_span!("port_forward", sandbox = %session.sandbox_id);
-            portforward::serve(session, connection).instrument(span).await;
+            portforward::serve(session, connection)
+                .instrument(span)
+                .await;
         }
     }
     Ok(())
@@ -238,9 +353,14 @@ async fn read_request(socket: &mut TcpStream) -> Result<(Upgrade, Vec<u8>), Runt
     let mut buffer = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {
-        let n = socket.read(&mut chunk).await.map_err(|source| RuntimeError::io("cannot read the streaming request", source))?;
+        let n = socket
+            .read(&mut chunk)
+            .await
+            .map_err(|source| RuntimeError::io("cannot read the streaming request", source))?;
         if n == 0 {
-            return Err(RuntimeError::InvalidArgument("the client closed before sending a request".into()));
+            return Err(RuntimeError::InvalidArgument(
+                "the client closed before sending a request".into(),
+            ));
         }
         buffer.extend_from_slice(&chunk[..n]);
         let mut headers = [httparse::EMPTY_HEADER; 64];
@@ -252,23 +372,48 @@ async fn read_request(socket: &mut TcpStream) -> Result<(Upgrade, Vec<u8>), Runt
                         .headers
                         .iter()
                         .filter(|h| h.name.eq_ignore_ascii_case(name))
-                        .flat_map(|h| String::from_utf8_lossy(h.value).split(',').map(|v| v.trim().to_string()).collect::<Vec<_>>())
+                        .flat_map(|h| {
+                            String::from_utf8_lossy(h.value)
+                                .split(',')
+                                .map(|v| v.trim().to_string())
+                                .collect::<Vec<_>>()
+                        })
                         .filter(|v| !v.is_empty())
                         .collect()
                 };
-                let spdy = values("Connection").iter().any(|v| v.eq_ignore_ascii_case("upgrade")) && values("Upgrade").iter().any(|v| v.eq_ignore_ascii_case("SPDY/3.1"));
-                let upgrade = Upgrade { path: request.path.unwrap_or_default().to_string(), spdy, protocols: values("X-Stream-Protocol-Version") };
+                let spdy = values("Connection")
+                    .iter()
+                    .any(|v| v.eq_ignore_ascii_case("upgrade"))
+                    && values("Upgrade")
+                        .iter()
+                        .any(|v| v.eq_ignore_ascii_case("SPDY/3.1"));
+                let upgrade = Upgrade {
+                    path: request.path.unwrap_or_default().to_string(),
+                    spdy,
+                    protocols: values("X-Stream-Protocol-Version"),
+                };
                 return Ok((upgrade, buffer[used..].to_vec()));
             }
             Ok(httparse::Status::Partial) if buffer.len() < MAX_REQUEST_HEAD => {}
-            Ok(httparse::Status::Partial) => return Err(RuntimeError::InvalidArgument("streaming request head too large".into())),
-            Err(error) => return Err(RuntimeError::InvalidArgument(format!("bad streaming request: {error}"))),
+            Ok(httparse::Status::Partial) => {
+                return Err(RuntimeError::InvalidArgument(
+                    "streaming request head too large".into(),
+                ));
+            }
+            Err(error) => {
+                return Err(RuntimeError::InvalidArgument(format!(
+                    "bad streaming request: {error}"
+                )));
+            }
         }
     }
 }
 
 async fn respond(socket: &mut TcpStream, status: &str, headers: &[(&str, &str)], body: &str) {
-    let mut response = format!("HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n", body.len() + 1);
+    let mut response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len() + 1
+    );
     for (name, value) in headers {
         response.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -283,9 +428,20 @@ mod tests {
 
     #[test]
     fn tty_with_stderr_and_no_stream_at_all_are_refused() {
-        let options = |stdin, stdout, stderr, tty| Options { stdin, stdout, stderr, tty };
-        assert!(matches!(validate(&options(false, true, true, true)), Err(RuntimeError::InvalidArgument(_))));
-        assert!(matches!(validate(&options(false, false, false, false)), Err(RuntimeError::InvalidArgument(_))));
+        let options = |stdin, stdout, stderr, tty| Options {
+            stdin,
+            stdout,
+            stderr,
+            tty,
+        };
+        assert!(matches!(
+            validate(&options(false, true, true, true)),
+            Err(RuntimeError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            validate(&options(false, false, false, false)),
+            Err(RuntimeError::InvalidArgument(_))
+        ));
         assert!(validate(&options(true, true, false, true)).is_ok());
         assert!(validate(&options(false, true, true, false)).is_ok());
     }

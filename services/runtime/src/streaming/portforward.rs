@@ -51,7 +51,10 @@ pub async fn serve(session: PortForwardSession, mut connection: Connection) {
         }
         if pair.error.is_some()
             && pair.data.is_some()
-            && let Some(Pair { error: Some(error), data: Some(data) }) = pairs.remove(&request)
+            && let Some(Pair {
+                error: Some(error),
+                data: Some(data),
+            }) = pairs.remove(&request)
         {
             tokio::spawn(forward(session.netns.clone(), error, data));
         }
@@ -60,10 +63,19 @@ pub async fn serve(session: PortForwardSession, mut connection: Connection) {
 }
 
 async fn forward(netns: Option<PathBuf>, error: Stream, mut data: Stream) {
-    let Stream { writer: error_writer, .. } = error;
-    let port = data.header("port").and_then(|p| p.parse::<u16>().ok()).filter(|p| *p > 0);
+    let Stream {
+        writer: error_writer,
+        ..
+    } = error;
+    let port = data
+        .header("port")
+        .and_then(|p| p.parse::<u16>().ok())
+        .filter(|p| *p > 0);
     let result = match port {
-        None => Err(RuntimeError::InvalidArgument(format!("port-forward: bad port header `{}`", excerpt(data.header("port").unwrap_or_default())))),
+        None => Err(RuntimeError::InvalidArgument(format!(
+            "port-forward: bad port header `{}`",
+            excerpt(data.header("port").unwrap_or_default())
+        ))),
         Some(port) => match connect(netns, port).await {
             Err(error) => Err(error),
             Ok(socket) => {
@@ -72,7 +84,11 @@ async fn forward(netns: Option<PathBuf>, error: Stream, mut data: Stream) {
                 tokio::spawn(async move { copy_from_stream(&mut upload, to_pod).await });
                 match copy_to_stream(from_pod, &data.writer).await {
                     // A server that closes with input unread resets: still an end.
-                    Err(RuntimeError::Io { source, .. }) if source.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+                    Err(RuntimeError::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::ConnectionReset =>
+                    {
+                        Ok(())
+                    }
                     other => other,
                 }
             }
@@ -95,24 +111,48 @@ async fn connect(netns: Option<PathBuf>, port: u16) -> Result<tokio::net::TcpStr
             let _ = sender.send(connect_in(netns, port));
         })
         .map_err(|source| RuntimeError::io("cannot start a port-forward thread", source))?;
-    let socket = receiver.await.map_err(|_| RuntimeError::Streaming("the port-forward thread stopped".into()))??;
-    socket.set_nonblocking(true).map_err(|source| RuntimeError::io("port-forward socket", source))?;
-    tokio::net::TcpStream::from_std(socket).map_err(|source| RuntimeError::io("port-forward socket", source))
+    let socket = receiver
+        .await
+        .map_err(|_| RuntimeError::Streaming("the port-forward thread stopped".into()))??;
+    socket
+        .set_nonblocking(true)
+        .map_err(|source| RuntimeError::io("port-forward socket", source))?;
+    tokio::net::TcpStream::from_std(socket)
+        .map_err(|source| RuntimeError::io("port-forward socket", source))
 }
 
 /// Runs on its own thread, which may enter the pod's network namespace and then ends.
 fn connect_in(netns: Option<PathBuf>, port: u16) -> Result<std::net::TcpStream, RuntimeError> {
     if let Some(path) = &netns {
-        let namespace = std::fs::File::open(path).map_err(|source| RuntimeError::io(format!("cannot open the pod's network namespace {}", path.display()), source))?;
-        nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| RuntimeError::system(format!("cannot enter the pod's network namespace {}", path.display()), e))?;
+        let namespace = std::fs::File::open(path).map_err(|source| {
+            RuntimeError::io(
+                format!("cannot open the pod's network namespace {}", path.display()),
+                source,
+            )
+        })?;
+        nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+            RuntimeError::system(
+                format!(
+                    "cannot enter the pod's network namespace {}",
+                    path.display()
+                ),
+                e,
+            )
+        })?;
     }
     let mut last = None;
-    for address in [SocketAddr::from((Ipv4Addr::LOCALHOST, port)), SocketAddr::from((Ipv6Addr::LOCALHOST, port))] {
+    for address in [
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
+    ] {
         match std::net::TcpStream::connect_timeout(&address, CONNECT_TIMEOUT) {
             Ok(socket) => return Ok(socket),
             Err(error) => last = Some(error),
         }
     }
     let source = last.unwrap_or_else(|| std::io::Error::other("no address"));
-    Err(RuntimeError::io(format!("cannot connect to port {port} in the pod"), source))
+    Err(RuntimeError::io(
+        format!("cannot connect to port {port} in the pod"),
+        source,
+    ))
 }

@@ -20,10 +20,16 @@ use crate::error::RuntimeError;
 /// A new pty pair: the master for us, the slave for `runc exec --tty`'s stdio.
 pub fn open() -> Result<(PtyMaster, OwnedFd), RuntimeError> {
     let failed = |error: Errno| RuntimeError::io("cannot allocate a terminal", error.into());
-    let master = rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC).map_err(failed)?;
+    let master =
+        rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
+            .map_err(failed)?;
     rustix::pty::grantpt(&master).map_err(failed)?;
     rustix::pty::unlockpt(&master).map_err(failed)?;
-    let slave = rustix::pty::ioctl_tiocgptpeer(&master, OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC).map_err(failed)?;
+    let slave = rustix::pty::ioctl_tiocgptpeer(
+        &master,
+        OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC,
+    )
+    .map_err(failed)?;
     Ok((PtyMaster(master), slave))
 }
 
@@ -35,7 +41,10 @@ pub struct PtyMaster(OwnedFd);
 
 impl PtyMaster {
     fn duplicate(&self) -> Result<tokio::fs::File, RuntimeError> {
-        let fd = self.0.try_clone().map_err(|source| RuntimeError::io("cannot duplicate the pty", source))?;
+        let fd = self
+            .0
+            .try_clone()
+            .map_err(|source| RuntimeError::io("cannot duplicate the pty", source))?;
         Ok(tokio::fs::File::from_std(std::fs::File::from(fd)))
     }
 
@@ -48,17 +57,29 @@ impl PtyMaster {
     }
 
     pub fn resize(&self, size: TerminalSize) -> Result<(), RuntimeError> {
-        let winsize = rustix::termios::Winsize { ws_row: size.height, ws_col: size.width, ws_xpixel: 0, ws_ypixel: 0 };
-        rustix::termios::tcsetwinsize(&self.0, winsize).map_err(|error| RuntimeError::io("cannot resize the terminal", error.into()))
+        let winsize = rustix::termios::Winsize {
+            ws_row: size.height,
+            ws_col: size.width,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        rustix::termios::tcsetwinsize(&self.0, winsize)
+            .map_err(|error| RuntimeError::io("cannot resize the terminal", error.into()))
     }
 }
 
 struct EioIsEnd<R>(R);
 
 impl<R: AsyncRead + Unpin> AsyncRead for EioIsEnd<R> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match ready!(Pin::new(&mut self.0).poll_read(cx, buf)) {
-            Err(error) if error.raw_os_error() == Some(Errno::IO.raw_os_error()) => Poll::Ready(Ok(())),
+            Err(error) if error.raw_os_error() == Some(Errno::IO.raw_os_error()) => {
+                Poll::Ready(Ok(()))
+            }
             other => Poll::Ready(other),
         }
     }

@@ -15,7 +15,12 @@ use crate::error::RuntimeError;
 
 pub const V4: &str = "v4.channel.k8s.io";
 /// The versions served, most preferred first. (v5 only differs over WebSockets.)
-pub const PROTOCOLS: [&str; 4] = [V4, "v3.channel.k8s.io", "v2.channel.k8s.io", "channel.k8s.io"];
+pub const PROTOCOLS: [&str; 4] = [
+    V4,
+    "v3.channel.k8s.io",
+    "v2.channel.k8s.io",
+    "channel.k8s.io",
+];
 /// How long the client may take to open the streams it asked for (the kubelet's).
 const STREAM_CREATION_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -51,7 +56,11 @@ pub enum Outcome {
 
 /// Starts a session: the client's streams, or `None` (and the connection closed)
 /// when they do not come.
-pub async fn open(mut connection: Connection, protocol: &'static str, options: &Options) -> Option<(Connection, Streams)> {
+pub async fn open(
+    mut connection: Connection,
+    protocol: &'static str,
+    options: &Options,
+) -> Option<(Connection, Streams)> {
     match accept_streams(&mut connection, protocol, options).await {
         Ok(streams) => Some((connection, streams)),
         Err(error) => {
@@ -73,8 +82,13 @@ pub async fn close(connection: Connection, streams: Streams, outcome: Outcome) {
 }
 
 /// Waits until the client has opened every stream the options call for.
-pub async fn accept_streams(connection: &mut Connection, protocol: &'static str, options: &Options) -> Result<Streams, RuntimeError> {
-    let resize_wanted = options.tty && protocol != "v2.channel.k8s.io" && protocol != "channel.k8s.io";
+pub async fn accept_streams(
+    connection: &mut Connection,
+    protocol: &'static str,
+    options: &Options,
+) -> Result<Streams, RuntimeError> {
+    let resize_wanted =
+        options.tty && protocol != "v2.channel.k8s.io" && protocol != "channel.k8s.io";
     let wanted = |kind: &str| match kind {
         "error" => true,
         "stdin" => options.stdin,
@@ -83,7 +97,10 @@ pub async fn accept_streams(connection: &mut Connection, protocol: &'static str,
         "resize" => resize_wanted,
         _ => false,
     };
-    let expected = ["error", "stdin", "stdout", "stderr", "resize"].into_iter().filter(|k| wanted(k)).count();
+    let expected = ["error", "stdin", "stdout", "stderr", "resize"]
+        .into_iter()
+        .filter(|k| wanted(k))
+        .count();
     let (mut error, mut stdin, mut stdout, mut stderr, mut resize) = (None, None, None, None, None);
     let mut inbound = Vec::new();
     let mut received = 0;
@@ -91,8 +108,15 @@ pub async fn accept_streams(connection: &mut Connection, protocol: &'static str,
     while received < expected {
         let stream = tokio::time::timeout_at(deadline, connection.next_stream())
             .await
-            .map_err(|_| RuntimeError::Streaming(format!("the client opened {received} of {expected} streams in {} s", STREAM_CREATION_TIMEOUT.as_secs())))?
-            .ok_or_else(|| RuntimeError::Streaming("the client went away before opening its streams".into()))?;
+            .map_err(|_| {
+                RuntimeError::Streaming(format!(
+                    "the client opened {received} of {expected} streams in {} s",
+                    STREAM_CREATION_TIMEOUT.as_secs()
+                ))
+            })?
+            .ok_or_else(|| {
+                RuntimeError::Streaming("the client went away before opening its streams".into())
+            })?;
         let kind = stream.header("streamtype").unwrap_or_default().to_string();
         let slot_taken = match kind.as_str() {
             "error" => error.replace(stream.writer).is_some(),
@@ -107,18 +131,31 @@ pub async fn accept_streams(connection: &mut Connection, protocol: &'static str,
                 resize.replace(stream.data).is_some()
             }
             other => {
-                tracing::debug!(stream_type = other, "ignoring a stream the session did not ask for");
+                tracing::debug!(
+                    stream_type = other,
+                    "ignoring a stream the session did not ask for"
+                );
                 inbound.push(stream.writer);
                 continue;
             }
         };
         if slot_taken {
-            return Err(RuntimeError::Streaming(format!("the client opened two {kind} streams")));
+            return Err(RuntimeError::Streaming(format!(
+                "the client opened two {kind} streams"
+            )));
         }
         received += 1;
     }
     let error = error.ok_or_else(|| RuntimeError::Streaming("no error stream".into()))?;
-    Ok(Streams { protocol, error, stdin, stdout, stderr, resize, inbound })
+    Ok(Streams {
+        protocol,
+        error,
+        stdin,
+        stdout,
+        stderr,
+        resize,
+        inbound,
+    })
 }
 
 impl Streams {
@@ -162,7 +199,9 @@ pub fn status_message(protocol: &str, outcome: &Outcome) -> Option<Vec<u8>> {
     }
     match outcome {
         Outcome::Exited(0) => None,
-        Outcome::Exited(code) => Some(format!("command terminated with non-zero exit code: exit status {code}").into_bytes()),
+        Outcome::Exited(code) => Some(
+            format!("command terminated with non-zero exit code: exit status {code}").into_bytes(),
+        ),
         Outcome::Failed(message) => Some(message.clone().into_bytes()),
     }
 }
@@ -206,7 +245,8 @@ impl ResizeDecoder {
     pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<TerminalSize>, serde_json::Error> {
         self.pending.extend_from_slice(bytes);
         let mut sizes = Vec::new();
-        let mut values = serde_json::Deserializer::from_slice(&self.pending).into_iter::<TerminalSize>();
+        let mut values =
+            serde_json::Deserializer::from_slice(&self.pending).into_iter::<TerminalSize>();
         let mut used = 0;
         loop {
             match values.next() {
@@ -233,23 +273,47 @@ mod tests {
 
     #[test]
     fn v4_status_carries_the_exit_code_as_client_go_reads_it() {
-        let success: serde_json::Value = serde_json::from_slice(&status_message(V4, &Outcome::Exited(0)).expect("status")).expect("json");
+        let success: serde_json::Value =
+            serde_json::from_slice(&status_message(V4, &Outcome::Exited(0)).expect("status"))
+                .expect("json");
         assert_eq!(success["status"], "Success");
-        let failure: serde_json::Value = serde_json::from_slice(&status_message(V4, &Outcome::Exited(7)).expect("status")).expect("json");
+        let failure: serde_json::Value =
+            serde_json::from_slice(&status_message(V4, &Outcome::Exited(7)).expect("status"))
+                .expect("json");
         assert_eq!(failure["status"], "Failure");
         assert_eq!(failure["reason"], "NonZeroExitCode");
         assert_eq!(failure["details"]["causes"][0]["reason"], "ExitCode");
         assert_eq!(failure["details"]["causes"][0]["message"], "7");
-        assert_eq!(status_message("v2.channel.k8s.io", &Outcome::Exited(0)), None);
+        assert_eq!(
+            status_message("v2.channel.k8s.io", &Outcome::Exited(0)),
+            None
+        );
         assert!(status_message("v2.channel.k8s.io", &Outcome::Failed("boom".into())).is_some());
     }
 
     #[test]
     fn resize_events_split_across_chunks() {
         let mut decoder = ResizeDecoder::default();
-        assert_eq!(decoder.push(br#"{"Width":80,"Hei"#).expect("partial"), vec![]);
-        let sizes = decoder.push(br#"ght":24}{"Width":100,"Height":40}"#).expect("two");
-        assert_eq!(sizes, vec![TerminalSize { width: 80, height: 24 }, TerminalSize { width: 100, height: 40 }]);
+        assert_eq!(
+            decoder.push(br#"{"Width":80,"Hei"#).expect("partial"),
+            vec![]
+        );
+        let sizes = decoder
+            .push(br#"ght":24}{"Width":100,"Height":40}"#)
+            .expect("two");
+        assert_eq!(
+            sizes,
+            vec![
+                TerminalSize {
+                    width: 80,
+                    height: 24
+                },
+                TerminalSize {
+                    width: 100,
+                    height: 40
+                }
+            ]
+        );
         assert!(decoder.push(b"]").is_err());
     }
 }

@@ -18,7 +18,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::frame::{Decoder, Encoder, Frame, Headers, RST_PROTOCOL_ERROR, RST_REFUSED_STREAM, header};
+use super::frame::{
+    Decoder, Encoder, Frame, Headers, RST_PROTOCOL_ERROR, RST_REFUSED_STREAM, header,
+};
 use crate::error::RuntimeError;
 
 /// Data frames sent are cut to this size.
@@ -63,18 +65,31 @@ pub struct StreamWriter {
 impl StreamWriter {
     pub async fn write(&self, data: &[u8]) -> Result<(), RuntimeError> {
         for chunk in data.chunks(CHUNK) {
-            self.send(Frame::Data { stream_id: self.id, fin: false, data: chunk.to_vec() }).await?;
+            self.send(Frame::Data {
+                stream_id: self.id,
+                fin: false,
+                data: chunk.to_vec(),
+            })
+            .await?;
         }
         Ok(())
     }
 
     /// Half-closes the stream: FIN, nothing more is sent on it.
     pub async fn close(&self) -> Result<(), RuntimeError> {
-        self.send(Frame::Data { stream_id: self.id, fin: true, data: Vec::new() }).await
+        self.send(Frame::Data {
+            stream_id: self.id,
+            fin: true,
+            data: Vec::new(),
+        })
+        .await
     }
 
     async fn send(&self, frame: Frame) -> Result<(), RuntimeError> {
-        self.out.send(Out::Frame(frame)).await.map_err(|_| RuntimeError::Streaming("the client connection is closed".into()))
+        self.out
+            .send(Out::Frame(frame))
+            .await
+            .map_err(|_| RuntimeError::Streaming("the client connection is closed".into()))
     }
 }
 
@@ -101,7 +116,13 @@ impl Connection {
         let (alive, gone) = watch::channel(());
         let reader = tokio::spawn(read_frames(read, buffered, out.clone(), incoming_tx, alive));
         let writer = tokio::spawn(write_frames(write, encoder, out_rx));
-        Ok(Self { incoming, out, gone, reader, writer })
+        Ok(Self {
+            incoming,
+            out,
+            gone,
+            reader,
+            writer,
+        })
     }
 
     /// Resolves once the client has closed the connection (or it broke).
@@ -121,7 +142,10 @@ impl Connection {
         self.incoming.close();
         let _ = self.out.send(Out::Close).await;
         let _ = tokio::time::timeout(LINGER, &mut self.writer).await;
-        if tokio::time::timeout(LINGER, &mut self.reader).await.is_err() {
+        if tokio::time::timeout(LINGER, &mut self.reader)
+            .await
+            .is_err()
+        {
             self.reader.abort();
         }
         self.writer.abort();
@@ -134,7 +158,11 @@ impl Drop for Connection {
     }
 }
 
-async fn write_frames<W: AsyncWrite + Unpin>(mut write: W, mut encoder: Encoder, mut out: mpsc::Receiver<Out>) {
+async fn write_frames<W: AsyncWrite + Unpin>(
+    mut write: W,
+    mut encoder: Encoder,
+    mut out: mpsc::Receiver<Out>,
+) {
     let mut bytes = Vec::with_capacity(CHUNK + 64);
     while let Some(first) = out.recv().await {
         let mut close = false;
@@ -157,7 +185,13 @@ async fn write_frames<W: AsyncWrite + Unpin>(mut write: W, mut encoder: Encoder,
             }
         }
         if close {
-            let _ = encoder.encode(&Frame::GoAway { last_good_stream_id: 0, status: 0 }, &mut bytes);
+            let _ = encoder.encode(
+                &Frame::GoAway {
+                    last_good_stream_id: 0,
+                    status: 0,
+                },
+                &mut bytes,
+            );
         }
         if write.write_all(&bytes).await.is_err() || write.flush().await.is_err() {
             return;
@@ -170,7 +204,13 @@ async fn write_frames<W: AsyncWrite + Unpin>(mut write: W, mut encoder: Encoder,
     }
 }
 
-async fn read_frames<R: AsyncRead + Unpin>(mut read: R, mut buffer: Vec<u8>, out: mpsc::Sender<Out>, incoming: mpsc::Sender<Stream>, _alive: watch::Sender<()>) {
+async fn read_frames<R: AsyncRead + Unpin>(
+    mut read: R,
+    mut buffer: Vec<u8>,
+    out: mpsc::Sender<Out>,
+    incoming: mpsc::Sender<Stream>,
+    _alive: watch::Sender<()>,
+) {
     let mut decoder = Decoder::default();
     let mut streams: HashMap<u32, mpsc::Sender<Vec<u8>>> = HashMap::new();
     let mut last_id = 0;
@@ -194,26 +234,59 @@ async fn read_frames<R: AsyncRead + Unpin>(mut read: R, mut buffer: Vec<u8>, out
             }
         };
         let reply = match frame {
-            Frame::SynStream { stream_id, flags, headers, .. } => {
+            Frame::SynStream {
+                stream_id,
+                flags,
+                headers,
+                ..
+            } => {
                 if stream_id % 2 == 0 || stream_id <= last_id {
-                    Some(Frame::RstStream { stream_id, status: RST_PROTOCOL_ERROR })
+                    Some(Frame::RstStream {
+                        stream_id,
+                        status: RST_PROTOCOL_ERROR,
+                    })
                 } else {
                     last_id = stream_id;
                     let (data_tx, data) = mpsc::channel(STREAM_QUEUE);
                     if flags & super::frame::FLAG_FIN == 0 {
                         streams.insert(stream_id, data_tx);
                     }
-                    let writer = StreamWriter { id: stream_id, out: out.clone() };
-                    if out.send(Out::Frame(Frame::SynReply { stream_id, fin: false, headers: Headers::new() })).await.is_err() {
+                    let writer = StreamWriter {
+                        id: stream_id,
+                        out: out.clone(),
+                    };
+                    if out
+                        .send(Out::Frame(Frame::SynReply {
+                            stream_id,
+                            fin: false,
+                            headers: Headers::new(),
+                        }))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
-                    match incoming.send(Stream { headers, data, writer }).await {
+                    match incoming
+                        .send(Stream {
+                            headers,
+                            data,
+                            writer,
+                        })
+                        .await
+                    {
                         Ok(()) => None,
-                        Err(_) => Some(Frame::RstStream { stream_id, status: RST_REFUSED_STREAM }),
+                        Err(_) => Some(Frame::RstStream {
+                            stream_id,
+                            status: RST_REFUSED_STREAM,
+                        }),
                     }
                 }
             }
-            Frame::Data { stream_id, fin, data } => {
+            Frame::Data {
+                stream_id,
+                fin,
+                data,
+            } => {
                 if let Some(stream) = streams.get(&stream_id)
                     && !data.is_empty()
                     && stream.send(data).await.is_err()
@@ -231,7 +304,11 @@ async fn read_frames<R: AsyncRead + Unpin>(mut read: R, mut buffer: Vec<u8>, out
             }
             Frame::Ping { id } => Some(Frame::Ping { id }),
             Frame::GoAway { .. } => return,
-            Frame::SynReply { .. } | Frame::Headers { .. } | Frame::Settings { .. } | Frame::WindowUpdate { .. } | Frame::Unknown { .. } => None,
+            Frame::SynReply { .. }
+            | Frame::Headers { .. }
+            | Frame::Settings { .. }
+            | Frame::WindowUpdate { .. }
+            | Frame::Unknown { .. } => None,
         };
         if let Some(reply) = reply
             && out.send(Out::Frame(reply)).await.is_err()
@@ -242,10 +319,16 @@ async fn read_frames<R: AsyncRead + Unpin>(mut read: R, mut buffer: Vec<u8>, out
 }
 
 /// Copies what a reader gives to a stream, until the reader ends.
-pub async fn copy_to_stream<R: AsyncRead + Unpin>(mut from: R, to: &StreamWriter) -> Result<(), RuntimeError> {
+pub async fn copy_to_stream<R: AsyncRead + Unpin>(
+    mut from: R,
+    to: &StreamWriter,
+) -> Result<(), RuntimeError> {
     let mut buffer = vec![0u8; CHUNK];
     loop {
-        let n = from.read(&mut buffer).await.map_err(|source| RuntimeError::io("cannot read output for the client", source))?;
+        let n = from
+            .read(&mut buffer)
+            .await
+            .map_err(|source| RuntimeError::io("cannot read output for the client", source))?;
         if n == 0 {
             return Ok(());
         }
@@ -254,11 +337,18 @@ pub async fn copy_to_stream<R: AsyncRead + Unpin>(mut from: R, to: &StreamWriter
 }
 
 /// Copies what the client sends on a stream to a writer, then shuts the writer down.
-pub async fn copy_from_stream<W: AsyncWrite + Unpin>(from: &mut mpsc::Receiver<Vec<u8>>, mut to: W) -> Result<(), RuntimeError> {
+pub async fn copy_from_stream<W: AsyncWrite + Unpin>(
+    from: &mut mpsc::Receiver<Vec<u8>>,
+    mut to: W,
+) -> Result<(), RuntimeError> {
     while let Some(chunk) = from.recv().await {
-        to.write_all(&chunk).await.map_err(|source| RuntimeError::io("cannot pass on what the client sent", source))?;
+        to.write_all(&chunk)
+            .await
+            .map_err(|source| RuntimeError::io("cannot pass on what the client sent", source))?;
     }
-    to.shutdown().await.map_err(|source| RuntimeError::io("cannot close the input", source))
+    to.shutdown()
+        .await
+        .map_err(|source| RuntimeError::io("cannot close the input", source))
 }
 
 #[cfg(test)]
@@ -275,8 +365,16 @@ mod tests {
         for frame in frames {
             // Fed a byte short, the decoder waits for more.
             let size = frame_size(&bytes[at..]);
-            assert!(Decoder::default().decode(&bytes[at..at + size - 1]).expect("partial").is_none());
-            let (decoded, used) = decoder.decode(&bytes[at..]).expect("decode").expect("whole frame");
+            assert!(
+                Decoder::default()
+                    .decode(&bytes[at..at + size - 1])
+                    .expect("partial")
+                    .is_none()
+            );
+            let (decoded, used) = decoder
+                .decode(&bytes[at..])
+                .expect("decode")
+                .expect("whole frame");
             assert_eq!(&decoded, frame);
             at += used;
         }
@@ -289,23 +387,65 @@ mod tests {
     }
 
     fn headers(pairs: &[(&str, &str)]) -> Headers {
-        pairs.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn every_frame_type_round_trips_with_shared_header_compression() {
         round_trip(&[
-            Frame::SynStream { stream_id: 1, associated_to: 0, priority: 0, flags: 0, headers: headers(&[("streamtype", "error")]) },
-            Frame::SynStream { stream_id: 3, associated_to: 0, priority: 7, flags: FLAG_FIN, headers: headers(&[("streamtype", "stdout"), ("port", "80"), ("requestid", "0")]) },
-            Frame::SynReply { stream_id: 1, fin: false, headers: Headers::new() },
-            Frame::Headers { stream_id: 3, fin: true, headers: headers(&[("a", "1"), ("a", "2")]) },
-            Frame::Data { stream_id: 3, fin: true, data: b"hello".to_vec() },
-            Frame::Data { stream_id: 5, fin: false, data: Vec::new() },
-            Frame::RstStream { stream_id: 3, status: 5 },
-            Frame::Settings { entries: vec![(0, 4, 100), (1, 7, 65536)] },
+            Frame::SynStream {
+                stream_id: 1,
+                associated_to: 0,
+                priority: 0,
+                flags: 0,
+                headers: headers(&[("streamtype", "error")]),
+            },
+            Frame::SynStream {
+                stream_id: 3,
+                associated_to: 0,
+                priority: 7,
+                flags: FLAG_FIN,
+                headers: headers(&[("streamtype", "stdout"), ("port", "80"), ("requestid", "0")]),
+            },
+            Frame::SynReply {
+                stream_id: 1,
+                fin: false,
+                headers: Headers::new(),
+            },
+            Frame::Headers {
+                stream_id: 3,
+                fin: true,
+                headers: headers(&[("a", "1"), ("a", "2")]),
+            },
+            Frame::Data {
+                stream_id: 3,
+                fin: true,
+                data: b"hello".to_vec(),
+            },
+            Frame::Data {
+                stream_id: 5,
+                fin: false,
+                data: Vec::new(),
+            },
+            Frame::RstStream {
+                stream_id: 3,
+                status: 5,
+            },
+            Frame::Settings {
+                entries: vec![(0, 4, 100), (1, 7, 65536)],
+            },
             Frame::Ping { id: 1 },
-            Frame::GoAway { last_good_stream_id: 5, status: 0 },
-            Frame::WindowUpdate { stream_id: 1, delta: 4096 },
+            Frame::GoAway {
+                last_good_stream_id: 5,
+                status: 0,
+            },
+            Frame::WindowUpdate {
+                stream_id: 1,
+                delta: 4096,
+            },
         ]);
     }
 
@@ -326,19 +466,53 @@ mod tests {
     #[test]
     fn reads_a_header_block_compressed_by_zlib() {
         let block = include_bytes!("testdata/syn_stream_error.bin");
-        let (frame, used) = Decoder::default().decode(block).expect("decode").expect("frame");
+        let (frame, used) = Decoder::default()
+            .decode(block)
+            .expect("decode")
+            .expect("frame");
         assert_eq!(used, block.len());
-        assert_eq!(frame, Frame::SynStream { stream_id: 1, associated_to: 0, priority: 0, flags: 0, headers: headers(&[("streamtype", "error")]) });
+        assert_eq!(
+            frame,
+            Frame::SynStream {
+                stream_id: 1,
+                associated_to: 0,
+                priority: 0,
+                flags: 0,
+                headers: headers(&[("streamtype", "error")])
+            }
+        );
     }
 
     #[test]
     fn multiple_values_travel_nul_separated() {
         let mut encoder = Encoder::new().expect("encoder");
         let mut bytes = Vec::new();
-        let sent = headers(&[("x-stream-protocol-version", "v4.channel.k8s.io"), ("x-stream-protocol-version", "channel.k8s.io")]);
-        encoder.encode(&Frame::SynReply { stream_id: 1, fin: false, headers: sent.clone() }, &mut bytes).expect("encode");
-        let (frame, _) = Decoder::default().decode(&bytes).expect("decode").expect("frame");
-        assert_eq!(frame, Frame::SynReply { stream_id: 1, fin: false, headers: sent });
+        let sent = headers(&[
+            ("x-stream-protocol-version", "v4.channel.k8s.io"),
+            ("x-stream-protocol-version", "channel.k8s.io"),
+        ]);
+        encoder
+            .encode(
+                &Frame::SynReply {
+                    stream_id: 1,
+                    fin: false,
+                    headers: sent.clone(),
+                },
+                &mut bytes,
+            )
+            .expect("encode");
+        let (frame, _) = Decoder::default()
+            .decode(&bytes)
+            .expect("decode")
+            .expect("frame");
+        assert_eq!(
+            frame,
+            Frame::SynReply {
+                stream_id: 1,
+                fin: false,
+                headers: sent
+            }
+        );
     }
 
     #[test]

@@ -39,14 +39,28 @@ fn main() {
     // from. TRELLIS_BIN_DIR cannot point it elsewhere here: every Trellis process would
     // read it as the configuration key `bin_dir.`. So this runs its own copy in deps/.
     let exe = std::env::current_exe().expect("own path");
-    if exe.parent().and_then(Path::file_name).is_none_or(|dir| dir != "deps") {
+    if exe
+        .parent()
+        .and_then(Path::file_name)
+        .is_none_or(|dir| dir != "deps")
+    {
         let dir = exe.parent().expect("own directory");
-        assert!(dir.join("trellis-network").is_file(), "no trellis-network beside {}: run `cargo build --release --bins` first", exe.display());
-        let copy = copy_in_deps(&exe).unwrap_or_else(|| panic!("no copy of {} in {}/deps", exe.display(), dir.display()));
-        let status = Command::new(copy).args(std::env::args_os().skip(1)).status().expect("run the copy in deps/");
+        assert!(
+            dir.join("trellis-network").is_file(),
+            "no trellis-network beside {}: run `cargo build --release --bins` first",
+            exe.display()
+        );
+        let copy = copy_in_deps(&exe)
+            .unwrap_or_else(|| panic!("no copy of {} in {}/deps", exe.display(), dir.display()));
+        let status = Command::new(copy)
+            .args(std::env::args_os().skip(1))
+            .status()
+            .expect("run the copy in deps/");
         std::process::exit(status.code().unwrap_or(1));
     }
-    let mut args = std::env::args().skip(1).map(|a| a.parse::<usize>().expect("counts are numbers"));
+    let mut args = std::env::args()
+        .skip(1)
+        .map(|a| a.parse::<usize>().expect("counts are numbers"));
     let sequential = args.next().unwrap_or(50);
     let at_once = args.next().unwrap_or(10);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -59,10 +73,19 @@ fn copy_in_deps(exe: &Path) -> Option<PathBuf> {
     use std::os::unix::fs::MetadataExt;
     let own = std::fs::metadata(exe).ok()?;
     let deps = exe.parent()?.join("deps");
-    std::fs::read_dir(deps).ok()?.filter_map(Result::ok).map(|e| e.path()).find(|path| {
-        let named = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("bench_network-") && !n.contains('.'));
-        named && std::fs::metadata(path).is_ok_and(|m| m.ino() == own.ino() || m.len() == own.len())
-    })
+    std::fs::read_dir(deps)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|path| {
+            let named = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("bench_network-") && !n.contains('.'));
+            named
+                && std::fs::metadata(path)
+                    .is_ok_and(|m| m.ino() == own.ino() || m.len() == own.len())
+        })
 }
 
 async fn bench(sequential: usize, at_once: usize) {
@@ -71,9 +94,15 @@ async fn bench(sequential: usize, at_once: usize) {
     trellis_network.write(&node.cni_dir());
     let client = NetworkClient::new(unix_channel(&node.socket("network")));
 
-    let floor_root = tempfile::Builder::new().prefix("trellis-bench-floor-").tempdir().expect("floor root");
+    let floor_root = tempfile::Builder::new()
+        .prefix("trellis-bench-floor-")
+        .tempdir()
+        .expect("floor root");
     let floor_network = TestNetwork::new(floor_root.path());
-    let floor = Floor { config: floor_network.conflist(), pins: floor_root.path().join("netns") };
+    let floor = Floor {
+        config: floor_network.conflist(),
+        pins: floor_root.path().join("netns"),
+    };
     std::fs::create_dir_all(&floor.pins).expect("floor pin dir");
 
     // Warm-up: page cache, bridge creation, iptables chains.
@@ -89,24 +118,69 @@ async fn bench(sequential: usize, at_once: usize) {
         floor_par.extend(floor.at_once(&format!("par{round}"), at_once));
     }
 
-    println!("pod network latency (plugins: bridge + host-local + portmap, plus loopback), milliseconds");
-    println!("{:<28} {:>14} {:>14} {:>14} {:>14}", "", "set-up median", "set-up p95", "tear-down med", "tear-down p95");
-    report(&format!("sequential ({sequential})"), &trellis_seq, &floor_seq);
-    report(&format!("{at_once} at once ({}x{at_once})", ROUNDS_AT_ONCE), &trellis_par, &floor_par);
+    println!(
+        "pod network latency (plugins: bridge + host-local + portmap, plus loopback), milliseconds"
+    );
+    println!(
+        "{:<28} {:>14} {:>14} {:>14} {:>14}",
+        "", "set-up median", "set-up p95", "tear-down med", "tear-down p95"
+    );
+    report(
+        &format!("sequential ({sequential})"),
+        &trellis_seq,
+        &floor_seq,
+    );
+    report(
+        &format!("{at_once} at once ({}x{at_once})", ROUNDS_AT_ONCE),
+        &trellis_par,
+        &floor_par,
+    );
 
-    assert!(netns::pins(&node.root().join("run")).is_empty() && netns::pins(floor_root.path()).is_empty(), "the bench left pins");
+    assert!(
+        netns::pins(&node.root().join("run")).is_empty()
+            && netns::pins(floor_root.path()).is_empty(),
+        "the bench left pins"
+    );
     node.stop();
 }
 
 fn report(label: &str, trellis: &Samples, floor: &Samples) {
-    let figures = |s: &Samples| [median(&s.set_up), p95(&s.set_up), median(&s.tear_down), p95(&s.tear_down)];
+    let figures = |s: &Samples| {
+        [
+            median(&s.set_up),
+            p95(&s.set_up),
+            median(&s.tear_down),
+            p95(&s.tear_down),
+        ]
+    };
     let (t, f) = (figures(trellis), figures(floor));
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!("{label:<28}");
-    println!("{:<28} {:>14.1} {:>14.1} {:>14.1} {:>14.1}", "  trellis", ms(t[0]), ms(t[1]), ms(t[2]), ms(t[3]));
-    println!("{:<28} {:>14.1} {:>14.1} {:>14.1} {:>14.1}", "  floor (plugins direct)", ms(f[0]), ms(f[1]), ms(f[2]), ms(f[3]));
+    println!(
+        "{:<28} {:>14.1} {:>14.1} {:>14.1} {:>14.1}",
+        "  trellis",
+        ms(t[0]),
+        ms(t[1]),
+        ms(t[2]),
+        ms(t[3])
+    );
+    println!(
+        "{:<28} {:>14.1} {:>14.1} {:>14.1} {:>14.1}",
+        "  floor (plugins direct)",
+        ms(f[0]),
+        ms(f[1]),
+        ms(f[2]),
+        ms(f[3])
+    );
     let ratio = |i: usize| ms(t[i]) / ms(f[i]);
-    println!("{:<28} {:>13.2}x {:>13.2}x {:>13.2}x {:>13.2}x", "  trellis / floor", ratio(0), ratio(1), ratio(2), ratio(3));
+    println!(
+        "{:<28} {:>13.2}x {:>13.2}x {:>13.2}x {:>13.2}x",
+        "  trellis / floor",
+        ratio(0),
+        ratio(1),
+        ratio(2),
+        ratio(3)
+    );
 }
 
 fn median(samples: &[Duration]) -> Duration {
@@ -125,19 +199,40 @@ fn percentile(samples: &[Duration], quantile: f64) -> Duration {
 }
 
 fn request(sandbox_id: &str) -> SetUpPodRequest {
-    SetUpPodRequest { sandbox_id: sandbox_id.into(), pod_name: sandbox_id.into(), pod_namespace: "bench".into(), pod_uid: sandbox_id.into(), ..Default::default() }
+    SetUpPodRequest {
+        sandbox_id: sandbox_id.into(),
+        pod_name: sandbox_id.into(),
+        pod_namespace: "bench".into(),
+        pod_uid: sandbox_id.into(),
+        ..Default::default()
+    }
 }
 
-async fn trellis_one(mut client: NetworkClient<Channel>, sandbox_id: String) -> (Duration, Duration) {
+async fn trellis_one(
+    mut client: NetworkClient<Channel>,
+    sandbox_id: String,
+) -> (Duration, Duration) {
     let started = Instant::now();
-    client.set_up_pod(request(&sandbox_id)).await.unwrap_or_else(|e| panic!("SetUpPod {sandbox_id}: {e:?}"));
+    client
+        .set_up_pod(request(&sandbox_id))
+        .await
+        .unwrap_or_else(|e| panic!("SetUpPod {sandbox_id}: {e:?}"));
     let set_up = started.elapsed();
     let started = Instant::now();
-    client.tear_down_pod(TearDownPodRequest { sandbox_id: sandbox_id.clone() }).await.unwrap_or_else(|e| panic!("TearDownPod {sandbox_id}: {e:?}"));
+    client
+        .tear_down_pod(TearDownPodRequest {
+            sandbox_id: sandbox_id.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("TearDownPod {sandbox_id}: {e:?}"));
     (set_up, started.elapsed())
 }
 
-async fn trellis_sequential(client: &NetworkClient<Channel>, prefix: &str, count: usize) -> Samples {
+async fn trellis_sequential(
+    client: &NetworkClient<Channel>,
+    prefix: &str,
+    count: usize,
+) -> Samples {
     let mut samples = Samples::default();
     for i in 0..count {
         let (set_up, tear_down) = trellis_one(client.clone(), format!("{prefix}-{i}")).await;
@@ -154,20 +249,36 @@ async fn trellis_at_once(client: &NetworkClient<Channel>, prefix: &str, count: u
         let (mut client, id) = (client.clone(), id.clone());
         tokio::spawn(async move {
             let started = Instant::now();
-            client.set_up_pod(request(&id)).await.unwrap_or_else(|e| panic!("SetUpPod {id}: {e:?}"));
+            client
+                .set_up_pod(request(&id))
+                .await
+                .unwrap_or_else(|e| panic!("SetUpPod {id}: {e:?}"));
             started.elapsed()
         })
     });
-    let set_up = futures::future::join_all(set_ups.collect::<Vec<_>>()).await.into_iter().map(|r| r.expect("set-up task")).collect();
+    let set_up = futures::future::join_all(set_ups.collect::<Vec<_>>())
+        .await
+        .into_iter()
+        .map(|r| r.expect("set-up task"))
+        .collect();
     let tear_downs = ids.iter().map(|id| {
         let (mut client, id) = (client.clone(), id.clone());
         tokio::spawn(async move {
             let started = Instant::now();
-            client.tear_down_pod(TearDownPodRequest { sandbox_id: id.clone() }).await.unwrap_or_else(|e| panic!("TearDownPod {id}: {e:?}"));
+            client
+                .tear_down_pod(TearDownPodRequest {
+                    sandbox_id: id.clone(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("TearDownPod {id}: {e:?}"));
             started.elapsed()
         })
     });
-    let tear_down = futures::future::join_all(tear_downs.collect::<Vec<_>>()).await.into_iter().map(|r| r.expect("tear-down task")).collect();
+    let tear_down = futures::future::join_all(tear_downs.collect::<Vec<_>>())
+        .await
+        .into_iter()
+        .map(|r| r.expect("tear-down task"))
+        .collect();
     Samples { set_up, tear_down }
 }
 
@@ -191,7 +302,14 @@ impl Floor {
     fn at_once(&self, prefix: &str, count: usize) -> Samples {
         let ids: Vec<String> = (0..count).map(|i| format!("{prefix}-{i}")).collect();
         let timed = |work: &(dyn Fn(&str) -> Duration + Sync)| -> Vec<Duration> {
-            std::thread::scope(|scope| ids.iter().map(|id| scope.spawn(move || work(id))).collect::<Vec<_>>().into_iter().map(|h| h.join().expect("floor thread")).collect())
+            std::thread::scope(|scope| {
+                ids.iter()
+                    .map(|id| scope.spawn(move || work(id)))
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .map(|h| h.join().expect("floor thread"))
+                    .collect()
+            })
         };
         let set_up = timed(&|id| self.set_up(id));
         let tear_down = timed(&|id| self.tear_down(id));
@@ -202,7 +320,8 @@ impl Floor {
         let started = Instant::now();
         let pin = self.pins.join(id);
         netns::create_netns(&pin).expect("create netns");
-        let loopback = json!({"cniVersion": "1.0.0", "name": "loopback", "plugins": [{"type": "loopback"}]});
+        let loopback =
+            json!({"cniVersion": "1.0.0", "name": "loopback", "plugins": [{"type": "loopback"}]});
         run_chain(&loopback, "ADD", id, &pin, "lo");
         run_chain(&self.config, "ADD", id, &pin, "eth0");
         started.elapsed()
@@ -220,7 +339,11 @@ impl Floor {
 /// ADD in order with results chained, or DEL in reverse.
 fn run_chain(network: &Value, command: &str, id: &str, netns: &Path, interface: &str) {
     let plugins = network["plugins"].as_array().cloned().unwrap_or_default();
-    let ordered: Vec<Value> = if command == "DEL" { plugins.into_iter().rev().collect() } else { plugins };
+    let ordered: Vec<Value> = if command == "DEL" {
+        plugins.into_iter().rev().collect()
+    } else {
+        plugins
+    };
     let mut previous: Option<Value> = None;
     for plugin in ordered {
         let mut config = plugin.as_object().cloned().unwrap_or_default();
@@ -243,9 +366,19 @@ fn run_chain(network: &Value, command: &str, id: &str, netns: &Path, interface: 
             .spawn()
             .unwrap_or_else(|e| panic!("run {plugin_type}: {e}"));
         use std::io::Write;
-        child.stdin.take().expect("stdin").write_all(Value::Object(config).to_string().as_bytes()).expect("write config");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(Value::Object(config).to_string().as_bytes())
+            .expect("write config");
         let output = child.wait_with_output().expect("plugin output");
-        assert!(output.status.success(), "{plugin_type} {command} {id}: {}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{plugin_type} {command} {id}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
         if command == "ADD" {
             previous = Some(serde_json::from_slice(&output.stdout).expect("plugin result"));
         }

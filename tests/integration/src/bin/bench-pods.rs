@@ -27,23 +27,51 @@ fn bench(endpoint: &std::path::Path, image: &str) {
         .args(["--rounds", &setting("BENCH_ROUNDS", "5")])
         .status()
         .expect("run trellis bench");
-    assert!(status.success(), "trellis bench failed against {}", endpoint.display());
+    assert!(
+        status.success(),
+        "trellis bench failed against {}",
+        endpoint.display()
+    );
 }
 
 #[tokio::main]
 async fn main() {
-    let dir = tempfile::Builder::new().prefix("trellis-bench-").tempdir().expect("temp dir");
+    let dir = tempfile::Builder::new()
+        .prefix("trellis-bench-")
+        .tempdir()
+        .expect("temp dir");
     let registry = Registry::start(dir.path(), None);
-    registry.push("bench/busybox", "latest", &image(vec![busybox_layer()], &["/bin/sh"], "amd64", false)).await;
+    registry
+        .push(
+            "bench/busybox",
+            "latest",
+            &image(vec![busybox_layer()], &["/bin/sh"], "amd64", false),
+        )
+        .await;
     // containerd's sandboxes need a pause image; a shell that exits on SIGTERM does.
-    let pause = image(vec![busybox_layer()], &["/bin/sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"], "amd64", false);
+    let pause = image(
+        vec![busybox_layer()],
+        &[
+            "/bin/sh",
+            "-c",
+            "trap 'exit 0' TERM; while true; do sleep 1; done",
+        ],
+        "amd64",
+        false,
+    );
     registry.push("bench/pause", "3.9", &pause).await;
     let images = format!("{}/bench/busybox:latest", registry.address);
 
     let node = Node::start(NodeOptions::default()).await;
     let network = TestNetwork::new(node.root());
     network.write(&node.cni_dir());
-    let containerd = Containerd::start(dir.path(), &[&registry.address], &node.cni_dir(), &format!("{}/bench/pause:3.9", registry.address)).await;
+    let containerd = Containerd::start(
+        dir.path(),
+        &[&registry.address],
+        &node.cni_dir(),
+        &format!("{}/bench/pause:3.9", registry.address),
+    )
+    .await;
 
     println!("=== Trellis ===");
     bench(&node.socket("gateway"), &images);

@@ -12,16 +12,41 @@ fn node_config(dir: &Path, tls: Option<ServerTls>) -> (ServerConfig, Vec<String>
     for kind in ServiceKind::START_ORDER {
         let pair = nkeys::KeyPair::new_user();
         seeds.push(pair.seed().expect("seed"));
-        users.push(NatsUser { public_key: pair.public_key(), permissions: for_service(kind, "n1", "TRELLIS_EVENTS") });
+        users.push(NatsUser {
+            public_key: pair.public_key(),
+            permissions: for_service(kind, "n1", "TRELLIS_EVENTS"),
+        });
     }
-    (ServerConfig { listen: "127.0.0.1:4999".parse().expect("address"), store_dir: dir.join("store $x #y"), users, tls }, seeds)
+    (
+        ServerConfig {
+            listen: "127.0.0.1:4999".parse().expect("address"),
+            store_dir: dir.join("store $x #y"),
+            users,
+            tls,
+        },
+        seeds,
+    )
 }
 
 /// `nats-server -t`: parse the configuration and exit.
 fn nats_server_accepts(file: &Path) -> Result<(), String> {
-    let program = crate::grpc::find_executable("nats-server").expect("nats-server is not installed (apt-get install nats-server)");
-    let output = std::process::Command::new(program).arg("-t").arg("-c").arg(file).output().expect("run nats-server -t");
-    if output.status.success() { Ok(()) } else { Err(format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))) }
+    let program = crate::grpc::find_executable("nats-server")
+        .expect("nats-server is not installed (apt-get install nats-server)");
+    let output = std::process::Command::new(program)
+        .arg("-t")
+        .arg("-c")
+        .arg(file)
+        .output()
+        .expect("run nats-server -t");
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
 }
 
 #[test]
@@ -30,16 +55,26 @@ fn nats_server_accepts_the_node_configuration_which_holds_no_seed() {
     let (config, seeds) = node_config(dir.path(), None);
     let text = config.render().expect("render");
     for seed in &seeds {
-        assert!(!text.contains(seed.as_str()), "a seed in the server configuration");
+        assert!(
+            !text.contains(seed.as_str()),
+            "a seed in the server configuration"
+        );
     }
     for user in &config.users {
-        assert!(text.contains(&format!("{{nkey: \"{}\"", user.public_key)), "{text}");
+        assert!(
+            text.contains(&format!("{{nkey: \"{}\"", user.public_key)),
+            "{text}"
+        );
     }
     assert!(text.contains("publish: {allow: [\"trellis.n1.events.service.*\", \"trellis.n1.events.sandbox.*\", \"trellis.n1.events.container.*\", \"$JS.API.STREAM.INFO.TRELLIS_EVENTS\", \"$JS.API.STREAM.CREATE.TRELLIS_EVENTS\"]}, subscribe: {allow: [\"_INBOX.n1.runtime.>\"]}"), "{text}");
-    assert!(text.contains("publish: {deny: [\">\"]}, subscribe: {allow: [\"trellis.n1.events.>\"]}"), "the gateway publishes nothing: {text}");
+    assert!(
+        text.contains("publish: {deny: [\">\"]}, subscribe: {allow: [\"trellis.n1.events.>\"]}"),
+        "the gateway publishes nothing: {text}"
+    );
     let file = dir.path().join("nats.conf");
     std::fs::write(&file, &text).expect("write");
-    nats_server_accepts(&file).unwrap_or_else(|e| panic!("nats-server refuses the configuration: {e}\n{text}"));
+    nats_server_accepts(&file)
+        .unwrap_or_else(|e| panic!("nats-server refuses the configuration: {e}\n{text}"));
 }
 
 #[test]
@@ -47,13 +82,18 @@ fn tls_settings_are_accepted_by_nats_server() {
     let dir = tempfile::tempdir().expect("tempdir");
     // nats-server -t loads the certificate files, so real ones are needed.
     let ca = self_signed_certificate(dir.path());
-    let tls = ServerTls { cert_file: ca.0.clone(), key_file: ca.1.clone(), client_ca_file: Some(ca.0) };
+    let tls = ServerTls {
+        cert_file: ca.0.clone(),
+        key_file: ca.1.clone(),
+        client_ca_file: Some(ca.0),
+    };
     let (config, _) = node_config(dir.path(), Some(tls));
     let text = config.render().expect("render");
     assert!(text.contains("verify: true"), "{text}");
     let file = dir.path().join("nats.conf");
     std::fs::write(&file, &text).expect("write");
-    nats_server_accepts(&file).unwrap_or_else(|e| panic!("nats-server refuses the configuration: {e}\n{text}"));
+    nats_server_accepts(&file)
+        .unwrap_or_else(|e| panic!("nats-server refuses the configuration: {e}\n{text}"));
 }
 
 /// A self-signed certificate and its key, made by openssl (installed with
@@ -61,7 +101,20 @@ fn tls_settings_are_accepted_by_nats_server() {
 fn self_signed_certificate(dir: &Path) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
     let status = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-keyout"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+        ])
         .arg(&key)
         .arg("-out")
         .arg(&cert)
@@ -78,8 +131,14 @@ fn values_are_quoted_and_control_characters_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut config, _) = node_config(dir.path(), None);
     config.store_dir = dir.path().join("bad\nlisten: 0.0.0.0:4222");
-    let error = config.render().expect_err("a newline cannot be quoted").to_string();
-    assert!(error.contains("control characters") && error.contains("\\n"), "{error}");
+    let error = config
+        .render()
+        .expect_err("a newline cannot be quoted")
+        .to_string();
+    assert!(
+        error.contains("control characters") && error.contains("\\n"),
+        "{error}"
+    );
 }
 
 /// deploy/nats/nats-server.conf shows operators the permissions Trellis needs: they
@@ -89,10 +148,26 @@ fn the_shipped_sample_grants_what_the_services_need() {
     let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/nats/nats-server.conf");
     let text = std::fs::read_to_string(&sample).expect("read deploy/nats/nats-server.conf");
     for kind in ServiceKind::START_ORDER {
-        let user = NatsUser { public_key: format!("<{}_PUBLIC_KEY>", kind.name().to_ascii_uppercase()), permissions: for_service(kind, "node1", "TRELLIS_EVENTS") };
-        let config = ServerConfig { listen: "127.0.0.1:4222".parse().expect("address"), store_dir: "/var/lib/trellis/nats".into(), users: vec![user], tls: None };
+        let user = NatsUser {
+            public_key: format!("<{}_PUBLIC_KEY>", kind.name().to_ascii_uppercase()),
+            permissions: for_service(kind, "node1", "TRELLIS_EVENTS"),
+        };
+        let config = ServerConfig {
+            listen: "127.0.0.1:4222".parse().expect("address"),
+            store_dir: "/var/lib/trellis/nats".into(),
+            users: vec![user],
+            tls: None,
+        };
         let rendered = config.render().expect("render");
-        let line = rendered.lines().find(|line| line.contains("nkey:")).expect("user line");
-        assert!(text.contains(line.trim()), "deploy/nats/nats-server.conf lacks, for {}:\n{}", kind.name(), line.trim());
+        let line = rendered
+            .lines()
+            .find(|line| line.contains("nkey:"))
+            .expect("user line");
+        assert!(
+            text.contains(line.trim()),
+            "deploy/nats/nats-server.conf lacks, for {}:\n{}",
+            kind.name(),
+            line.trim()
+        );
     }
 }
