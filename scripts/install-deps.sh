@@ -29,3 +29,13 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "cargo not found: install a Rust toolchain (1.85 or newer) with rustup, then run this again" >&2
     exit 1
 fi
+
+# The test command checks formatting and lints: make sure the toolchain has both.
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    if command -v rustup >/dev/null 2>&1; then
+        rustup component add rustfmt clippy
+    else
+        echo "cargo fmt or cargo clippy is missing and there is no rustup to add them" >&2
+        exit 1
+    fi
+fi

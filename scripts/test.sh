@@ -6,5 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ./scripts/install-deps.sh
+# Formatting and lints: any rustfmt diff or clippy warning fails the suite.
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo build --bins
 cargo test --workspace "$@"

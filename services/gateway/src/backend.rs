@@ -149,9 +149,25 @@ impl Backends {
 
 /// The backend could not be reached or dropped the connection: the call did not run
 /// to completion there, so an idempotent one may be sent again.
+///
+/// A status the backend answered carries no source; one made by the client from a
+/// transport failure keeps the failure as its source. A connection that closes under
+/// a call in flight (the backend was killed after accepting it) comes back as
+/// `Cancelled` with hyper's "operation was canceled", which is a transport failure,
+/// not a cancel by anyone; our own deadline (`TimeoutExpired`) is not retried.
 fn is_unreachable(status: &Status) -> bool {
-    status.code() == Code::Unavailable
-        || (status.code() == Code::Unknown && status.message().contains("transport error"))
+    if status.code() == Code::Unavailable {
+        return true;
+    }
+    let mut source = std::error::Error::source(status);
+    let transport = source.is_some();
+    while let Some(error) = source {
+        if error.is::<tonic::TimeoutExpired>() {
+            return false;
+        }
+        source = error.source();
+    }
+    transport
 }
 
 /// The caller's deadline from its `grpc-timeout` header, e.g. `1999m` or `5S`.
@@ -210,6 +226,46 @@ pub(crate) use forwarding_impl;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backend killed with the call in flight: it accepted the connection, read
+    /// the request and closed without answering. Whatever status the client makes of
+    /// that, it is a transport failure, retried for idempotent calls.
+    #[tokio::test]
+    async fn a_connection_closed_under_a_call_is_unreachable() {
+        use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("backend.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+        let dying_backend = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut buffer = vec![0u8; 4096];
+            // The client preface, settings and the request's frames arrive together.
+            let _ = stream.read(&mut buffer).await;
+            drop(stream);
+        });
+        let status = RuntimeServiceClient::new(unix_channel(&socket))
+            .version(k8s_cri::v1::VersionRequest::default())
+            .await
+            .expect_err("nobody answered");
+        dying_backend.await.expect("backend task");
+        assert!(is_unreachable(&status), "{status:?}");
+    }
+
+    #[test]
+    fn answers_of_the_backend_and_our_own_deadline_are_not_retried() {
+        assert!(!is_unreachable(&Status::cancelled(
+            "cancelled by the backend"
+        )));
+        assert!(!is_unreachable(&Status::unknown(
+            "transport error, said the backend"
+        )));
+        assert!(!is_unreachable(&Status::not_found("no such pod")));
+        assert!(is_unreachable(&Status::unavailable("connection refused")));
+        let timeout = Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert_eq!(timeout.code(), Code::Cancelled);
+        assert!(!is_unreachable(&timeout));
+    }
 
     #[test]
     fn grpc_timeout_units() {
