@@ -215,7 +215,7 @@ impl Runtime {
             .linux
             .as_ref()
             .and_then(|l| l.security_context.as_ref());
-        let user = crate::user::resolve(&rootfs, &image_config.user, security)?;
+        let user = crate::spec::user::resolve(&rootfs, &image_config.user, security)?;
         let pid_namespace = self.pod_pid_namespace(&record.sandbox_id, record.infra)?;
         let spec = build(&SpecInput {
             container_id: &record.id,

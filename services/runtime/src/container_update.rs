@@ -32,7 +32,7 @@ impl Runtime {
             )));
         }
         // Devices are not the kubelet's to change here: the OCI runtime keeps its rules.
-        let oci_resources = crate::resources::linux_resources(&resources, Vec::new())?;
+        let oci_resources = crate::spec::resources::linux_resources(&resources, Vec::new())?;
         let json = serde_json::to_vec(&oci_resources).map_err(|e| {
             RuntimeError::Oci(format!(
                 "cannot encode the resources of container {}: {e}",

@@ -3,27 +3,19 @@
 #![deny(unsafe_code)]
 // Only `inherit_fd` may use unsafe (a pre_exec hook); it says why.
 
-mod apparmor;
-mod capabilities;
 mod container;
 mod container_update;
 mod cri;
-mod devices;
 mod error;
 mod inherit_fd;
 mod namespaces;
 mod oci;
-mod propagation;
 mod records;
-mod resources;
 mod runtime;
 mod sandbox;
-mod seccomp;
-mod seccomp_default;
 mod spec;
 mod stats;
 mod streaming;
-mod user;
 mod validate;
 
 use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;

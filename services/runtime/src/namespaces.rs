@@ -8,16 +8,13 @@ use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 
 use crate::error::RuntimeError;
+use crate::spec::pod::{pin_path, shm_path};
 
 /// Which namespaces the pod gets of its own (false: it shares the host's).
 #[derive(Debug, Clone, Copy)]
 pub struct OwnNamespaces {
     pub ipc: bool,
     pub uts: bool,
-}
-
-pub fn pin_path(pod_dir: &Path, kind: &str) -> PathBuf {
-    pod_dir.join("ns").join(kind)
 }
 
 /// Creates the namespaces in a short-lived thread, sets the pod's hostname in the
@@ -92,10 +89,6 @@ pub fn unpin(pod_dir: &Path) -> Result<(), RuntimeError> {
         remove_file(&target)?;
     }
     Ok(())
-}
-
-pub fn shm_path(pod_dir: &Path) -> PathBuf {
-    pod_dir.join("shm")
 }
 
 /// A 64 MiB tmpfs for the pod's `/dev/shm`.

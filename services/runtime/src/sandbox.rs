@@ -20,6 +20,7 @@ use crate::error::RuntimeError;
 use crate::namespaces::{self, OwnNamespaces};
 use crate::records::{SandboxRecord, SandboxState, new_id, now_nanos};
 use crate::runtime::Runtime;
+use crate::spec::pod::hostname_of;
 
 fn sandbox_event(kind: sandbox_event::Kind, id: &str, config: &PodSandboxConfig) -> Payload {
     let metadata = config.metadata.clone().unwrap_or_default();
@@ -43,28 +44,6 @@ fn namespace_options(config: &PodSandboxConfig) -> NamespaceOption {
         .and_then(|l| l.security_context.as_ref())
         .and_then(|s| s.namespace_options.clone())
         .unwrap_or_default()
-}
-
-/// The pod's hostname: the requested one (checked at RunPodSandbox), else the pod's
-/// name, cut to the 63 characters the kernel (and DNS) allow, as the kubelet does.
-pub fn hostname_of(config: &PodSandboxConfig) -> String {
-    if !config.hostname.is_empty() {
-        return config.hostname.clone();
-    }
-    let name = config
-        .metadata
-        .as_ref()
-        .map(|m| m.name.as_str())
-        .unwrap_or_default();
-    let mut hostname: String = name
-        .trim_start_matches(['-', '.'])
-        .chars()
-        .take(63)
-        .collect();
-    while hostname.ends_with(['-', '.']) {
-        hostname.pop();
-    }
-    hostname
 }
 
 fn write_pod_files(
@@ -488,27 +467,5 @@ impl Runtime {
             }
         }
         Ok(pods)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn long_pod_names_make_valid_hostnames() {
-        let long = PodSandboxConfig {
-            metadata: Some(PodSandboxMetadata {
-                name: format!("{}-{}", "a".repeat(62), "tail"),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        assert_eq!(hostname_of(&long), "a".repeat(62));
-        let given = PodSandboxConfig {
-            hostname: "web-0".into(),
-            ..long
-        };
-        assert_eq!(hostname_of(&given), "web-0");
     }
 }

@@ -4,6 +4,8 @@
 //! for one container: rules gated on capabilities, architectures or the kernel
 //! version are kept or left out here, as the Docker format means.
 
+mod default;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -199,7 +201,7 @@ impl Filter {
         let has_caps = self
             .caps
             .iter()
-            .all(|c| crate::capabilities::parse(c).is_ok_and(|c| target.capabilities.contains(&c)));
+            .all(|c| crate::spec::capabilities::parse(c).is_ok_and(|c| target.capabilities.contains(&c)));
         let arch = self.arches.is_empty() || self.arches.iter().any(|a| a == target.arch);
         let kernel = match &self.min_kernel {
             Some(minimum) => {
@@ -220,7 +222,7 @@ impl Filter {
     fn excludes(&self, target: &Target<'_>) -> bool {
         self.caps
             .iter()
-            .any(|c| crate::capabilities::parse(c).is_ok_and(|c| target.capabilities.contains(&c)))
+            .any(|c| crate::spec::capabilities::parse(c).is_ok_and(|c| target.capabilities.contains(&c)))
             || self.arches.iter().any(|a| a == target.arch)
     }
 }
@@ -317,7 +319,7 @@ pub fn for_container(
     };
     match select(security)? {
         Selected::Unconfined => Ok(None),
-        Selected::RuntimeDefault => crate::seccomp_default::profile().to_oci(&target).map(Some),
+        Selected::RuntimeDefault => default::profile().to_oci(&target).map(Some),
         Selected::Localhost(path) => read(&path)?.to_oci(&target).map(Some).map_err(|e| {
             RuntimeError::InvalidArgument(format!(
                 "the seccomp profile {}: {e}",
@@ -534,7 +536,7 @@ mod tests {
 
     #[test]
     fn privileged_and_unconfined_get_no_filter_and_the_default_confines() {
-        let caps = crate::capabilities::available(Some(40), None);
+        let caps = crate::spec::capabilities::available(Some(40), None);
         let default = context(Some(SecurityProfile::default()), "");
         assert!(
             for_container(Some(&default), true, &caps)

@@ -8,7 +8,7 @@ use k8s_cri::v1::LinuxContainerSecurityContext;
 use trellis_common::text::excerpt;
 
 use crate::error::RuntimeError;
-use crate::spec::ResolvedUser;
+use super::ResolvedUser;
 
 struct PasswdEntry {
     name: String,

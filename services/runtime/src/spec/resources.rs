@@ -10,7 +10,7 @@ use trellis_common::text::excerpt;
 
 use crate::error::RuntimeError;
 
-use crate::spec::built;
+use super::built;
 
 /// A cpuset list as the kernel takes it: "0-3,7".
 fn validate_cpuset(field: &str, value: &str) -> Result<(), RuntimeError> {

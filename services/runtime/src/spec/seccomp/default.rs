@@ -5,7 +5,7 @@
 //! `clone`, whose flags can be checked); allow only the common `personality` values.
 //! Names libseccomp does not know are ignored by runc, so the list may be ahead of it.
 
-use crate::seccomp::{Arg, Filter, Profile, Rule};
+use super::{Arg, Filter, Profile, Rule};
 
 const EPERM: u32 = 1;
 const ENOSYS: u32 = 38;
@@ -542,7 +542,7 @@ pub fn profile() -> Profile {
         ("SCMP_ARCH_AARCH64", &["SCMP_ARCH_ARM"][..]),
     ]
     .into_iter()
-    .map(|(architecture, subs)| crate::seccomp::ArchMap {
+    .map(|(architecture, subs)| super::ArchMap {
         architecture: architecture.into(),
         sub_architectures: names(subs),
     })
@@ -563,7 +563,7 @@ mod tests {
     use oci_spec::runtime::{Capability, LinuxSeccompAction, LinuxSeccompOperator};
 
     use super::*;
-    use crate::seccomp::Target;
+    use super::super::Target;
 
     fn allowed(
         capabilities: &HashSet<Capability>,

@@ -1,5 +1,14 @@
 //! The OCI runtime spec of a container, from the image config and the CRI configs.
 
+pub mod apparmor;
+pub mod capabilities;
+pub mod devices;
+pub mod pod;
+pub mod propagation;
+pub mod resources;
+pub mod seccomp;
+pub mod user;
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -11,7 +20,7 @@ use oci_spec::runtime::{
 use trellis_proto::storage::v1::ImageConfig;
 
 use crate::error::RuntimeError;
-use crate::propagation::bind;
+use propagation::bind;
 
 /// The identity the container's process runs as.
 #[derive(Debug, Clone, PartialEq)]
@@ -186,7 +195,7 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
     if privileged && !pod_security.is_some_and(|s| s.privileged) {
         return Err(RuntimeError::InvalidArgument("a privileged container needs a privileged pod sandbox (linux.security_context.privileged)".into()));
     }
-    let hostname = crate::sandbox::hostname_of(input.sandbox);
+    let hostname = pod::hostname_of(input.sandbox);
 
     let mut spec = Spec::default();
     spec.set_hostname((namespaces.network != NamespaceMode::Node as i32).then(|| hostname.clone()));
@@ -247,8 +256,8 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
         .unwrap_or(0);
     process.set_oom_score_adj(Some(requested_oom.max(input.oom_score_floor)));
     let capabilities =
-        crate::capabilities::resolve(security, privileged, crate::capabilities::host())?;
-    process.set_apparmor_profile(crate::apparmor::for_container(security, privileged)?);
+        capabilities::resolve(security, privileged, capabilities::host())?;
+    process.set_apparmor_profile(apparmor::for_container(security, privileged)?);
     process.set_capabilities(Some(built(
         LinuxCapabilitiesBuilder::default()
             .bounding(capabilities.clone())
@@ -287,7 +296,7 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
     let shm = if namespaces.ipc == NamespaceMode::Node as i32 {
         PathBuf::from("/dev/shm")
     } else {
-        crate::namespaces::shm_path(input.pod_dir)
+        pod::shm_path(input.pod_dir)
     };
     mounts.push(bind(Path::new("/dev/shm"), &shm, &["rbind", "rw"])?);
     for file in ["hostname", "hosts", "resolv.conf"] {
@@ -297,13 +306,13 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
             &["rbind", "rw"],
         )?);
     }
-    let requested = crate::propagation::container_mounts(&container.mounts)?;
+    let requested = propagation::container_mounts(&container.mounts)?;
     let rootfs_propagation = requested.rootfs_propagation;
     mounts.extend(requested.mounts);
     spec.set_mounts(Some(mounts));
 
     // Namespaces, cgroup, resources.
-    let pin = |kind: &str| Some(crate::namespaces::pin_path(input.pod_dir, kind));
+    let pin = |kind: &str| Some(pod::pin_path(input.pod_dir, kind));
     let mut linux_namespaces = vec![namespace(LinuxNamespaceType::Mount, None)?];
     if namespaces.pid != NamespaceMode::Node as i32 {
         linux_namespaces.push(namespace(
@@ -338,20 +347,20 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
     // Devices: every host device when privileged, else none but the OCI runtime's
     // few; the request's own in both cases.
     let mut devices = if privileged {
-        crate::devices::privileged()?
+        devices::privileged()?
     } else {
-        crate::devices::Devices {
-            rules: vec![crate::devices::deny_all()?],
+        devices::Devices {
+            rules: vec![devices::deny_all()?],
             ..Default::default()
         }
     };
-    let requested = crate::devices::requested(&container.devices)?;
+    let requested = devices::requested(&container.devices)?;
     devices
         .nodes
         .retain(|n| !requested.nodes.iter().any(|r| r.path() == n.path()));
     devices.nodes.extend(requested.nodes);
     devices.rules.extend(requested.rules);
-    let linux_resources = crate::resources::linux_resources(&resources, devices.rules)?;
+    let linux_resources = resources::linux_resources(&resources, devices.rules)?;
     let defaults = spec.linux().clone().unwrap_or_default();
     let mut linux = LinuxBuilder::default()
         .namespaces(linux_namespaces)
@@ -369,7 +378,7 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
     if let Some(propagation) = rootfs_propagation {
         linux = linux.rootfs_propagation(propagation);
     }
-    if let Some(seccomp) = crate::seccomp::for_container(security, privileged, &capabilities)? {
+    if let Some(seccomp) = seccomp::for_container(security, privileged, &capabilities)? {
         linux = linux.seccomp(seccomp);
     }
     // The builder starts from the default masked and read-only paths: a privileged
@@ -395,336 +404,4 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cgroup_parents_of_both_kinds() {
-        assert_eq!(cgroups_path("", "c1"), "/trellis/c1");
-        assert_eq!(
-            cgroups_path("/kubepods/besteffort/pod12/", "c1"),
-            "/kubepods/besteffort/pod12/c1"
-        );
-        assert_eq!(
-            cgroups_path("kubepods-besteffort-pod12.slice", "c1"),
-            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod12.slice/c1"
-        );
-    }
-
-    #[test]
-    fn command_prefers_the_request_then_the_image() {
-        let image = ImageConfig {
-            entrypoint: vec!["/entry".into()],
-            cmd: vec!["default".into()],
-            ..Default::default()
-        };
-        let plain = ContainerConfig::default();
-        assert_eq!(
-            command(&plain, &image).expect("image"),
-            vec!["/entry", "default"]
-        );
-        let args = ContainerConfig {
-            args: vec!["x".into()],
-            ..Default::default()
-        };
-        assert_eq!(command(&args, &image).expect("args"), vec!["/entry", "x"]);
-        let cmd = ContainerConfig {
-            command: vec!["/bin/sh".into()],
-            ..Default::default()
-        };
-        assert_eq!(command(&cmd, &image).expect("command"), vec!["/bin/sh"]);
-        assert!(command(&plain, &ImageConfig::default()).is_err());
-    }
-
-    #[test]
-    fn host_namespaces_are_the_pods_to_ask_for() {
-        let (node, pod, own) = (
-            NamespaceMode::Node as i32,
-            NamespaceMode::Pod as i32,
-            NamespaceMode::Container as i32,
-        );
-        let options = |network, pid, ipc| NamespaceOption {
-            network,
-            pid,
-            ipc,
-            ..Default::default()
-        };
-        let pod_network = options(pod, pod, pod);
-        assert_eq!(
-            namespaces_of(Some(&pod_network), None).expect("the pod's"),
-            pod_network
-        );
-        assert_eq!(
-            namespaces_of(Some(&pod_network), Some(&options(pod, own, pod)))
-                .expect("a PID namespace of its own")
-                .pid,
-            own
-        );
-        for (kind, asked) in [
-            ("network", options(node, pod, pod)),
-            ("pid", options(pod, node, pod)),
-            ("ipc", options(pod, pod, node)),
-        ] {
-            let error = namespaces_of(Some(&pod_network), Some(&asked)).expect_err(kind);
-            assert!(
-                matches!(error, RuntimeError::InvalidArgument(ref m) if m.contains(&format!("namespace_options.{kind}"))),
-                "{error}"
-            );
-        }
-        assert!(
-            namespaces_of(None, Some(&options(node, pod, pod))).is_err(),
-            "no pod options: no host namespace"
-        );
-        let host = options(node, node, node);
-        assert_eq!(
-            namespaces_of(Some(&host), Some(&options(pod, own, pod)))
-                .expect("the pod's host namespaces"),
-            host,
-            "the pod decides"
-        );
-    }
-
-    fn spec_of(container: ContainerConfig, pod_privileged: bool) -> Result<Spec, RuntimeError> {
-        let sandbox = PodSandboxConfig {
-            linux: Some(k8s_cri::v1::LinuxPodSandboxConfig {
-                security_context: Some(k8s_cri::v1::LinuxSandboxSecurityContext {
-                    privileged: pod_privileged,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let container = ContainerConfig {
-            command: vec!["/bin/sh".into()],
-            ..container
-        };
-        build(&SpecInput {
-            container_id: "c1",
-            container: &container,
-            sandbox: &sandbox,
-            pod_dir: Path::new("/run/pod"),
-            netns_path: "",
-            image: &ImageConfig::default(),
-            rootfs: Path::new("/rootfs"),
-            user: ResolvedUser {
-                uid: 0,
-                gid: 0,
-                additional_gids: Vec::new(),
-            },
-            oom_score_floor: 0,
-            pid_namespace: None,
-        })
-    }
-
-    fn with_security(security: k8s_cri::v1::LinuxContainerSecurityContext) -> ContainerConfig {
-        ContainerConfig {
-            linux: Some(k8s_cri::v1::LinuxContainerConfig {
-                security_context: Some(security),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    fn privileged() -> ContainerConfig {
-        with_security(k8s_cri::v1::LinuxContainerSecurityContext {
-            privileged: true,
-            seccomp: Some(Default::default()),
-            ..Default::default()
-        })
-    }
-
-    #[test]
-    fn privileged_containers_get_everything_the_host_has() {
-        let spec = spec_of(privileged(), true).expect("privileged spec");
-        let process = spec.process().clone().expect("process");
-        let bounding = process
-            .capabilities()
-            .clone()
-            .expect("caps")
-            .bounding()
-            .clone()
-            .expect("bounding");
-        assert_eq!(&bounding, crate::capabilities::host());
-        let linux = spec.linux().clone().expect("linux");
-        assert!(
-            linux.seccomp().is_none(),
-            "privileged ignores its seccomp profile"
-        );
-        assert!(
-            linux.masked_paths().as_ref().is_none_or(Vec::is_empty)
-                && linux.readonly_paths().as_ref().is_none_or(Vec::is_empty)
-        );
-        let devices = linux.devices().clone().expect("host devices");
-        assert!(
-            devices.iter().any(|d| d.path() == Path::new("/dev/null")),
-            "{devices:?}"
-        );
-        let rules = linux
-            .resources()
-            .clone()
-            .expect("resources")
-            .devices()
-            .clone()
-            .expect("rules");
-        assert!(
-            rules[0].allow()
-                && rules[0].access().as_deref() == Some("rwm")
-                && rules[0].typ().is_none()
-        );
-        let sys = spec
-            .mounts()
-            .clone()
-            .expect("mounts")
-            .into_iter()
-            .find(|m| m.destination() == Path::new("/sys"))
-            .expect("/sys");
-        assert!(
-            !sys.options()
-                .clone()
-                .unwrap_or_default()
-                .contains(&"ro".to_string()),
-            "{sys:?}"
-        );
-    }
-
-    #[test]
-    fn privileged_containers_need_a_privileged_pod() {
-        let error = spec_of(privileged(), false).expect_err("unprivileged pod");
-        assert!(
-            matches!(error, RuntimeError::InvalidArgument(ref m) if m.contains("privileged pod")),
-            "{error}"
-        );
-    }
-
-    #[test]
-    fn ordinary_containers_are_confined() {
-        let spec = spec_of(
-            with_security(k8s_cri::v1::LinuxContainerSecurityContext {
-                seccomp: Some(Default::default()),
-                ..Default::default()
-            }),
-            false,
-        )
-        .expect("spec");
-        let linux = spec.linux().clone().expect("linux");
-        let seccomp = linux.seccomp().clone().expect("RuntimeDefault filter");
-        assert_eq!(
-            seccomp.default_action(),
-            oci_spec::runtime::LinuxSeccompAction::ScmpActErrno
-        );
-        assert!(linux.devices().as_ref().is_none_or(Vec::is_empty));
-        let rules = linux
-            .resources()
-            .clone()
-            .expect("resources")
-            .devices()
-            .clone()
-            .expect("rules");
-        assert_eq!(rules.len(), 1);
-        assert!(
-            !rules[0].allow(),
-            "all devices denied but the runtime's defaults"
-        );
-        assert!(
-            linux
-                .masked_paths()
-                .as_ref()
-                .is_some_and(|p| p.contains(&"/proc/kcore".to_string()))
-        );
-        let sys = spec
-            .mounts()
-            .clone()
-            .expect("mounts")
-            .into_iter()
-            .find(|m| m.destination() == Path::new("/sys"))
-            .expect("/sys");
-        assert!(
-            sys.options()
-                .clone()
-                .unwrap_or_default()
-                .contains(&"ro".to_string())
-        );
-        assert!(linux.rootfs_propagation().is_none());
-
-        let unconfined = spec_of(ContainerConfig::default(), false).expect("no profile");
-        assert!(
-            unconfined
-                .linux()
-                .clone()
-                .expect("linux")
-                .seccomp()
-                .is_none(),
-            "no profile asked: unconfined"
-        );
-    }
-
-    #[test]
-    fn requested_devices_and_mounts_reach_the_spec() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = ContainerConfig {
-            devices: vec![k8s_cri::v1::Device {
-                host_path: "/dev/zero".into(),
-                container_path: "/dev/myzero".into(),
-                permissions: "r".into(),
-            }],
-            mounts: vec![k8s_cri::v1::Mount {
-                host_path: dir.path().display().to_string(),
-                container_path: "/data".into(),
-                readonly: true,
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        let spec = spec_of(config, false).expect("spec");
-        let linux = spec.linux().clone().expect("linux");
-        let devices = linux.devices().clone().expect("devices");
-        assert_eq!(
-            devices
-                .iter()
-                .map(|d| (d.path().clone(), d.major(), d.minor()))
-                .collect::<Vec<_>>(),
-            vec![(PathBuf::from("/dev/myzero"), 1, 5)]
-        );
-        let rules = linux
-            .resources()
-            .clone()
-            .expect("resources")
-            .devices()
-            .clone()
-            .expect("rules");
-        assert_eq!(
-            (
-                rules[1].allow(),
-                rules[1].major(),
-                rules[1].minor(),
-                rules[1].access().as_deref()
-            ),
-            (true, Some(1), Some(5), Some("r"))
-        );
-        let data = spec
-            .mounts()
-            .clone()
-            .expect("mounts")
-            .into_iter()
-            .find(|m| m.destination() == Path::new("/data"))
-            .expect("/data");
-        assert_eq!(
-            data.options().clone().expect("options"),
-            vec!["rbind", "ro", "rprivate"]
-        );
-
-        let missing = ContainerConfig {
-            devices: vec![k8s_cri::v1::Device {
-                host_path: "/dev/nope".into(),
-                container_path: "/dev/nope".into(),
-                permissions: "rw".into(),
-            }],
-            ..Default::default()
-        };
-        assert!(
-            matches!(spec_of(missing, false), Err(RuntimeError::InvalidArgument(ref m)) if m.contains("/dev/nope"))
-        );
-    }
-}
+mod tests;
