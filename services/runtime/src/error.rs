@@ -1,3 +1,5 @@
+//! The runtime crate's errors, each with the gRPC code the kubelet gets.
+
 use tonic::Status;
 use trellis_common::store::StoreError;
 
@@ -25,8 +27,13 @@ pub enum RuntimeError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("a stored record is unreadable: {0}")]
-    Decode(#[from] prost::DecodeError),
+    #[error("record {key} in table {table} is unreadable: {source}")]
+    Record {
+        table: String,
+        key: String,
+        #[source]
+        source: prost::DecodeError,
+    },
     #[error("{service} service: {status}")]
     Backend {
         service: &'static str,

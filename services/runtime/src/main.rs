@@ -1,26 +1,19 @@
 //! trellis-runtime: pod sandboxes and containers, serving the CRI RuntimeService on
-//! its internal socket for the gateway.
+//! its internal socket for the gateway. The work is in the library; this wires the
+//! real parts together.
 #![deny(unsafe_code)]
-// Only `inherit_fd` may use unsafe (a pre_exec hook); it says why.
 
-mod container;
-mod container_update;
-mod cri;
-mod error;
-mod inherit_fd;
-mod namespaces;
-mod oci;
-mod records;
-mod runtime;
-mod sandbox;
-mod spec;
-mod stats;
-mod streaming;
-mod validate;
+use std::sync::Arc;
 
 use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 use trellis_common::ServiceKind;
-use trellis_common::grpc::MAX_MESSAGE_BYTES;
+use trellis_common::grpc::{MAX_MESSAGE_BYTES, find_executable};
+use trellis_runtime::lifecycle::{Parts, Runtime};
+use trellis_runtime::namespaces::HostNamespaces;
+use trellis_runtime::oci::ConmonRunc;
+use trellis_runtime::server::RuntimeService;
+use trellis_runtime::store::RecordStore;
+use trellis_runtime::streaming::StreamingServer;
 
 fn main() -> anyhow::Result<()> {
     trellis_common::service::run(ServiceKind::Runtime, async |context| {
@@ -28,13 +21,26 @@ fn main() -> anyhow::Result<()> {
             .store
             .clone()
             .ok_or("the runtime service needs its record store")?;
-        let runtime = std::sync::Arc::new(runtime::Runtime::new(
-            context.config.clone(),
-            store.as_ref(),
-            context.bus.clone(),
-        )?);
+        let config = &context.config;
+        let dir = config.node.run_dir.join("runtime");
+        let conmon = find_executable(&config.runtime.conmon)
+            .unwrap_or_else(|| config.runtime.conmon.clone().into());
+        let oci = Arc::new(ConmonRunc::new(conmon, dir.clone()));
+        let parts = Parts {
+            store: RecordStore::open(store.as_ref())?,
+            oci: oci.clone(),
+            backends: trellis_runtime::backends::grpc::connect(config),
+            namespaces: Arc::new(HostNamespaces),
+            events: Arc::new(context.bus.clone()),
+        };
+        let runtime = Arc::new(Runtime::new(config.runtime.clone(), dir, parts)?);
         runtime.recover().await?;
-        let service = cri::RuntimeService::new(&context.config.runtime, runtime);
+        let streaming = StreamingServer::new(
+            config.runtime.streaming_address.clone(),
+            runtime.clone(),
+            oci,
+        );
+        let service = RuntimeService::new(&config.runtime, runtime, streaming);
         Ok(tonic::service::Routes::new(
             RuntimeServiceServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -19,7 +19,7 @@ pub struct OwnNamespaces {
 
 /// Creates the namespaces in a short-lived thread, sets the pod's hostname in the
 /// new UTS namespace, and pins each with a bind mount under `<pod_dir>/ns/`.
-pub fn pin(pod_dir: &Path, hostname: &str, own: OwnNamespaces) -> Result<(), RuntimeError> {
+fn pin(pod_dir: &Path, hostname: &str, own: OwnNamespaces) -> Result<(), RuntimeError> {
     let ns_dir = pod_dir.join("ns");
     std::fs::create_dir_all(&ns_dir).map_err(|source| {
         RuntimeError::io(format!("cannot create {}", ns_dir.display()), source)
@@ -82,7 +82,7 @@ pub fn pin(pod_dir: &Path, hostname: &str, own: OwnNamespaces) -> Result<(), Run
 }
 
 /// Unmounts and removes the pins; what is not there is fine.
-pub fn unpin(pod_dir: &Path) -> Result<(), RuntimeError> {
+fn unpin(pod_dir: &Path) -> Result<(), RuntimeError> {
     for kind in ["ipc", "uts"] {
         let target = pin_path(pod_dir, kind);
         unmount_all(&target)?;
@@ -92,7 +92,7 @@ pub fn unpin(pod_dir: &Path) -> Result<(), RuntimeError> {
 }
 
 /// A 64 MiB tmpfs for the pod's `/dev/shm`.
-pub fn mount_shm(pod_dir: &Path) -> Result<PathBuf, RuntimeError> {
+fn mount_shm(pod_dir: &Path) -> Result<PathBuf, RuntimeError> {
     let target = shm_path(pod_dir);
     std::fs::create_dir_all(&target).map_err(|source| {
         RuntimeError::io(format!("cannot create {}", target.display()), source)
@@ -114,12 +114,12 @@ pub fn mount_shm(pod_dir: &Path) -> Result<PathBuf, RuntimeError> {
     Ok(target)
 }
 
-pub fn unmount_shm(pod_dir: &Path) -> Result<(), RuntimeError> {
+fn unmount_shm(pod_dir: &Path) -> Result<(), RuntimeError> {
     unmount_all(&shm_path(pod_dir))
 }
 
 /// Whether `path` is a mount point.
-pub fn is_mounted(path: &Path) -> Result<bool, RuntimeError> {
+fn is_mounted(path: &Path) -> Result<bool, RuntimeError> {
     trellis_common::mounts::is_mounted(path)
         .map_err(|source| RuntimeError::io("cannot read /proc/self/mountinfo", source))
 }
@@ -140,5 +140,57 @@ fn remove_file(path: &Path) -> Result<(), RuntimeError> {
             format!("cannot remove {}", path.display()),
             source,
         )),
+    }
+}
+
+/// What a pod needs of the host besides its network: its own namespaces and
+/// `/dev/shm`. Behind a trait because making them takes root; unit tests of the
+/// lifecycle use [`NoNamespaces`].
+pub trait PodNamespaces: Send + Sync {
+    /// Makes the pod's own namespaces (and its /dev/shm when it has its own IPC).
+    fn set_up(
+        &self,
+        pod_dir: &Path,
+        hostname: &str,
+        own: OwnNamespaces,
+    ) -> Result<(), RuntimeError>;
+    /// Undoes [`PodNamespaces::set_up`]; what is gone already is fine.
+    fn tear_down(&self, pod_dir: &Path) -> Result<(), RuntimeError>;
+}
+
+/// The real namespaces, pinned by bind mounts.
+pub struct HostNamespaces;
+
+impl PodNamespaces for HostNamespaces {
+    fn set_up(
+        &self,
+        pod_dir: &Path,
+        hostname: &str,
+        own: OwnNamespaces,
+    ) -> Result<(), RuntimeError> {
+        if own.ipc {
+            mount_shm(pod_dir)?;
+        }
+        pin(pod_dir, hostname, own)
+    }
+
+    fn tear_down(&self, pod_dir: &Path) -> Result<(), RuntimeError> {
+        unpin(pod_dir)?;
+        unmount_shm(pod_dir)
+    }
+}
+
+/// Namespaces that are not made: the pod shares the test's.
+#[cfg(test)]
+pub struct NoNamespaces;
+
+#[cfg(test)]
+impl PodNamespaces for NoNamespaces {
+    fn set_up(&self, _: &Path, _: &str, _: OwnNamespaces) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
+    fn tear_down(&self, _: &Path) -> Result<(), RuntimeError> {
+        Ok(())
     }
 }

@@ -5,7 +5,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::{ConnectErrorKind, ConnectOptions};
 use futures::StreamExt;
@@ -528,6 +528,11 @@ async fn an_external_bus_is_reached_with_the_configured_nkey_and_tls() {
         no_certificate.is_err(),
         "a client without a certificate is refused"
     );
+    // nats-server logs the refusal after closing the connection: wait for the line.
+    let logged = Instant::now() + Duration::from_secs(5);
+    while !nats.log().contains("client didn't provide a certificate") && Instant::now() < logged {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(
         nats.log().contains("client didn't provide a certificate"),
         "refused for its missing certificate:\n{}",

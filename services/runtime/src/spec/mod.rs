@@ -255,8 +255,7 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
         .map(|r| r.oom_score_adj as i32)
         .unwrap_or(0);
     process.set_oom_score_adj(Some(requested_oom.max(input.oom_score_floor)));
-    let capabilities =
-        capabilities::resolve(security, privileged, capabilities::host())?;
+    let capabilities = capabilities::resolve(security, privileged, capabilities::host())?;
     process.set_apparmor_profile(apparmor::for_container(security, privileged)?);
     process.set_capabilities(Some(built(
         LinuxCapabilitiesBuilder::default()

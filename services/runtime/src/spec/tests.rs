@@ -172,9 +172,7 @@ fn privileged_containers_get_everything_the_host_has() {
         .clone()
         .expect("rules");
     assert!(
-        rules[0].allow()
-            && rules[0].access().as_deref() == Some("rwm")
-            && rules[0].typ().is_none()
+        rules[0].allow() && rules[0].access().as_deref() == Some("rwm") && rules[0].typ().is_none()
     );
     let sys = spec
         .mounts()

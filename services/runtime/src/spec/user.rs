@@ -7,8 +7,8 @@ use std::path::Path;
 use k8s_cri::v1::LinuxContainerSecurityContext;
 use trellis_common::text::excerpt;
 
-use crate::error::RuntimeError;
 use super::ResolvedUser;
+use crate::error::RuntimeError;
 
 struct PasswdEntry {
     name: String,

@@ -17,7 +17,7 @@ use super::pty::{self, PtyMaster};
 use super::remotecommand::{self, Options, Outcome, Streams};
 use super::spdy::{Connection, Gone, copy_from_stream, copy_to_stream};
 use crate::error::RuntimeError;
-use crate::oci::{ExecProcess, Oci};
+use crate::oci::{ConmonRunc, ExecProcess};
 
 /// An exec the kubelet asked for, waiting for its client.
 #[derive(Debug, Clone)]
@@ -27,7 +27,7 @@ pub struct ExecSession {
     pub runtime: PathBuf,
     pub cmd: Vec<String>,
     pub options: Options,
-    pub oci: Oci,
+    pub oci: std::sync::Arc<ConmonRunc>,
 }
 
 pub async fn serve(session: ExecSession, connection: Connection, protocol: &'static str) {

@@ -35,10 +35,10 @@ use self::attach::AttachSession;
 use self::exec::ExecSession;
 use self::portforward::PortForwardSession;
 use self::remotecommand::Options;
-use crate::container::decode;
 use crate::error::RuntimeError;
-use crate::records::{ContainerRecord, ContainerState, SandboxState};
-use crate::runtime::Runtime;
+use crate::lifecycle::Runtime;
+use crate::oci::ConmonRunc;
+use crate::store::{ContainerRecord, SandboxState};
 
 /// How long a URL handed out by Exec/Attach/PortForward stays good.
 pub const TOKEN_LIFETIME: Duration = Duration::from_secs(60);
@@ -70,15 +70,18 @@ pub struct StreamingServer {
     bound: tokio::sync::OnceCell<SocketAddr>,
     pending: Pending,
     runtime: Arc<Runtime>,
+    /// Exec sessions run `runc exec` themselves, so they need the real runtime.
+    oci: Arc<ConmonRunc>,
 }
 
 impl StreamingServer {
-    pub fn new(runtime: Arc<Runtime>) -> Self {
+    pub fn new(address: String, runtime: Arc<Runtime>, oci: Arc<ConmonRunc>) -> Self {
         Self {
-            address: runtime.config.runtime.streaming_address.clone(),
+            address,
             bound: tokio::sync::OnceCell::new(),
             pending: Pending::default(),
             runtime,
+            oci,
         }
     }
 
@@ -96,10 +99,10 @@ impl StreamingServer {
         let record = self.running_container(&request.container_id)?;
         let session = ExecSession {
             runtime: record.oci_runtime.clone().into(),
-            container_id: record.id,
+            container_id: record.id.clone(),
             cmd: request.cmd,
             options,
-            oci: self.runtime.oci.clone(),
+            oci: self.oci.clone(),
         };
         self.url(Session::Exec(session)).await
     }
@@ -113,7 +116,7 @@ impl StreamingServer {
         };
         validate(&options)?;
         let record = self.running_container(&request.container_id)?;
-        let config = decode(&record)?;
+        let config = record.config();
         if request.tty != config.tty {
             return Err(RuntimeError::InvalidArgument(format!(
                 "attach tty={} does not match container {} created with tty={}",
@@ -124,20 +127,15 @@ impl StreamingServer {
         options.stdin &= config.stdin;
         let session = AttachSession {
             bundle: self.runtime.bundle_dir(&record.id),
-            container_id: record.id,
+            container_id: record.id.clone(),
             options,
         };
         self.url(Session::Attach(session)).await
     }
 
     pub async fn port_forward(&self, request: PortForwardRequest) -> Result<String, RuntimeError> {
-        let sandbox = self.runtime.resolve(
-            &self.runtime.sandboxes,
-            &request.pod_sandbox_id,
-            "pod sandbox",
-            |r| &r.id,
-        )?;
-        if sandbox.state != SandboxState::Ready as i32 {
+        let sandbox = self.runtime.sandbox(&request.pod_sandbox_id)?;
+        if sandbox.state() != SandboxState::Ready {
             return Err(RuntimeError::FailedPrecondition(format!(
                 "pod sandbox {} is not ready",
                 sandbox.id
@@ -145,36 +143,20 @@ impl StreamingServer {
         }
         let netns = (!sandbox.netns_path.is_empty()).then(|| sandbox.netns_path.clone().into());
         self.url(Session::PortForward(PortForwardSession {
-            sandbox_id: sandbox.id,
+            sandbox_id: sandbox.id.clone(),
             netns,
         }))
         .await
     }
 
-    fn running_container(&self, id: &str) -> Result<ContainerRecord, RuntimeError> {
-        let record = self
-            .runtime
-            .resolve(&self.runtime.containers, id, "container", |r| &r.id)?;
-        if record.infra {
-            return Err(RuntimeError::NotFound(format!(
-                "container {} not found",
-                excerpt(id)
-            )));
-        }
-        let record = self.runtime.refresh(record)?;
-        if record.state != ContainerState::Running as i32 {
-            return Err(RuntimeError::FailedPrecondition(format!(
-                "container {} is not running",
-                record.id
-            )));
-        }
-        Ok(record)
+    fn running_container(&self, id: &str) -> Result<Arc<ContainerRecord>, RuntimeError> {
+        self.runtime.running(id)
     }
 
     /// Stores the session under a new token and answers its URL.
     async fn url(&self, session: Session) -> Result<String, RuntimeError> {
         let address = self.bound.get_or_try_init(|| self.listen()).await?;
-        let token = crate::records::new_id()?;
+        let token = crate::store::new_id()?;
         let kind = session.kind();
         let mut pending = self
             .pending

@@ -562,8 +562,8 @@ mod tests {
 
     use oci_spec::runtime::{Capability, LinuxSeccompAction, LinuxSeccompOperator};
 
-    use super::*;
     use super::super::Target;
+    use super::*;
 
     fn allowed(
         capabilities: &HashSet<Capability>,

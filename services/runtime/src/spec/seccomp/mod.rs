@@ -198,10 +198,9 @@ fn parse_version(text: &str) -> Option<(u32, u32)> {
 impl Filter {
     /// Whether a rule with this as `includes` applies to `target`.
     fn includes(&self, target: &Target<'_>) -> Result<bool, RuntimeError> {
-        let has_caps = self
-            .caps
-            .iter()
-            .all(|c| crate::spec::capabilities::parse(c).is_ok_and(|c| target.capabilities.contains(&c)));
+        let has_caps = self.caps.iter().all(|c| {
+            crate::spec::capabilities::parse(c).is_ok_and(|c| target.capabilities.contains(&c))
+        });
         let arch = self.arches.is_empty() || self.arches.iter().any(|a| a == target.arch);
         let kernel = match &self.min_kernel {
             Some(minimum) => {
@@ -220,10 +219,9 @@ impl Filter {
 
     /// Whether a rule with this as `excludes` is left out for `target`.
     fn excludes(&self, target: &Target<'_>) -> bool {
-        self.caps
-            .iter()
-            .any(|c| crate::spec::capabilities::parse(c).is_ok_and(|c| target.capabilities.contains(&c)))
-            || self.arches.iter().any(|a| a == target.arch)
+        self.caps.iter().any(|c| {
+            crate::spec::capabilities::parse(c).is_ok_and(|c| target.capabilities.contains(&c))
+        }) || self.arches.iter().any(|a| a == target.arch)
     }
 }
 

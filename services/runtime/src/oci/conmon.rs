@@ -1,4 +1,5 @@
-//! Containers under conmon and an OCI runtime (runc by default).
+//! The OCI runtime layer's real implementation: containers under conmon and an OCI
+//! runtime (runc by default).
 //!
 //! conmon runs `<runtime> create`, reports the container's pid on a sync pipe, then
 //! stays as the container's parent: it writes the CRI log and, when the container
@@ -10,9 +11,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
-use trellis_common::grpc::MAX_MESSAGE_BYTES;
 use trellis_common::text::excerpt;
 
+use super::{ExecOutput, Exit, Launch, MAX_EXEC_OUTPUT, OciRuntime};
 use crate::error::RuntimeError;
 
 const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -23,31 +24,17 @@ const INIT_CHECK: Duration = Duration::from_millis(100);
 const EXEC_KILL_GRACE: Duration = Duration::from_secs(5);
 /// How often the exec's pid file is looked for meanwhile.
 const EXEC_PID_POLL: Duration = Duration::from_millis(50);
-/// ExecSync output kept per stream; more is read and dropped, and a note at the end
-/// of stderr says how much. Both streams and the note fit one CRI message
-/// ([`MAX_MESSAGE_BYTES`], which the gateway and the kubelet take at most), with
-/// room to spare for its framing.
-pub const MAX_EXEC_OUTPUT: usize = MAX_MESSAGE_BYTES / 2 - 64 * 1024;
-
 #[derive(Debug, Clone)]
-pub struct Oci {
+pub struct ConmonRunc {
     conmon: PathBuf,
     root: PathBuf,
 }
 
-/// What conmon needs to create one container.
-pub struct Launch<'a> {
-    pub id: &'a str,
-    pub name: &'a str,
-    pub bundle: &'a Path,
-    pub runtime: &'a Path,
-    pub log_path: &'a Path,
-    /// CRI `stdin`: conmon keeps a pipe to the container's stdin for Attach.
-    pub stdin: bool,
-    /// CRI `stdin_once`: the first attach that ends closes that stdin.
-    pub stdin_once: bool,
-    /// CRI `tty`: conmon allocates the terminal (the spec sets process.terminal).
-    pub tty: bool,
+/// The part of runc's `state.json` read here.
+#[derive(serde::Deserialize)]
+struct RuncState {
+    #[serde(default)]
+    init_process_pid: u32,
 }
 
 #[derive(serde::Deserialize)]
@@ -57,7 +44,7 @@ struct SyncMessage {
     message: String,
 }
 
-impl Oci {
+impl ConmonRunc {
     pub fn new(conmon: PathBuf, root: PathBuf) -> Self {
         Self { conmon, root }
     }
@@ -74,8 +61,109 @@ impl Oci {
         self.exits_dir().join(id)
     }
 
+    /// The runtime's record of a container; runc removes it at `delete`.
+    fn state_file(&self, id: &str) -> PathBuf {
+        self.runc_root().join(id).join("state.json")
+    }
+
+    /// The container's init process has ended (or the runtime no longer knows it).
+    fn has_ended(&self, id: &str) -> bool {
+        let pid = std::fs::read(self.state_file(id))
+            .ok()
+            .and_then(|raw| serde_json::from_slice::<RuncState>(&raw).ok())
+            .map(|state| state.init_process_pid);
+        match pid {
+            Some(pid) if pid > 0 => !process_is_alive(pid),
+            _ => true,
+        }
+    }
+
+    async fn runtime_command(&self, runtime: &Path, args: &[&str]) -> Result<(), RuntimeError> {
+        self.runtime_command_with_input(runtime, args, None).await
+    }
+
+    /// Runs the OCI runtime with `--root`, handing it `input` on stdin when given.
+    async fn runtime_command_with_input(
+        &self,
+        runtime: &Path,
+        args: &[&str],
+        input: Option<&[u8]>,
+    ) -> Result<(), RuntimeError> {
+        use tokio::io::AsyncWriteExt;
+        let mut child = Command::new(runtime)
+            .arg("--root")
+            .arg(self.runc_root())
+            .args(args)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| {
+                RuntimeError::io(format!("cannot run {}", runtime.display()), source)
+            })?;
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin.write_all(input).await.map_err(|source| {
+                RuntimeError::io(
+                    format!("cannot write to {} {}", runtime.display(), args.join(" ")),
+                    source,
+                )
+            })?;
+        }
+        let output = child.wait_with_output().await.map_err(|source| {
+            RuntimeError::io(format!("cannot wait for {}", runtime.display()), source)
+        })?;
+        if output.status.success() {
+            return Ok(());
+        }
+        Err(RuntimeError::Oci(format!(
+            "{} {}: {}",
+            runtime.display(),
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )))
+    }
+
+    /// Starts `cmd` in container `id` with `<runtime> exec`; `flags` go before the id
+    /// (`--tty`), `stdio` sets the child's stdio.
+    pub fn spawn_exec(
+        &self,
+        runtime: &Path,
+        id: &str,
+        cmd: &[String],
+        flags: &[&str],
+        stdio: impl FnOnce(&mut Command) -> Result<(), RuntimeError>,
+    ) -> Result<ExecProcess, RuntimeError> {
+        let pid_file = self
+            .exits_dir()
+            .join(format!("exec-{}", crate::store::new_id()?));
+        let mut command = Command::new(runtime);
+        command
+            .arg("--root")
+            .arg(self.runc_root())
+            .arg("exec")
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .args(flags)
+            .arg(id)
+            .args(cmd)
+            .kill_on_drop(true);
+        stdio(&mut command)?;
+        let child = command.spawn().map_err(|source| {
+            RuntimeError::io(format!("cannot run {}", runtime.display()), source)
+        })?;
+        Ok(ExecProcess { child, pid_file })
+    }
+}
+
+#[tonic::async_trait]
+impl OciRuntime for ConmonRunc {
     /// Creates the container (not started) and returns its pid.
-    pub async fn create(&self, launch: &Launch<'_>) -> Result<u32, RuntimeError> {
+    async fn create(&self, launch: &Launch<'_>) -> Result<u32, RuntimeError> {
         for dir in [self.exits_dir(), self.runc_root(), self.root.join("attach")] {
             std::fs::create_dir_all(&dir).map_err(|source| {
                 RuntimeError::io(format!("cannot create {}", dir.display()), source)
@@ -175,62 +263,12 @@ impl Oci {
         Ok(message.data as u32)
     }
 
-    async fn runtime_command(&self, runtime: &Path, args: &[&str]) -> Result<(), RuntimeError> {
-        self.runtime_command_with_input(runtime, args, None).await
-    }
-
-    /// Runs the OCI runtime with `--root`, handing it `input` on stdin when given.
-    async fn runtime_command_with_input(
-        &self,
-        runtime: &Path,
-        args: &[&str],
-        input: Option<&[u8]>,
-    ) -> Result<(), RuntimeError> {
-        use tokio::io::AsyncWriteExt;
-        let mut child = Command::new(runtime)
-            .arg("--root")
-            .arg(self.runc_root())
-            .args(args)
-            .stdin(if input.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| {
-                RuntimeError::io(format!("cannot run {}", runtime.display()), source)
-            })?;
-        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
-            stdin.write_all(input).await.map_err(|source| {
-                RuntimeError::io(
-                    format!("cannot write to {} {}", runtime.display(), args.join(" ")),
-                    source,
-                )
-            })?;
-        }
-        let output = child.wait_with_output().await.map_err(|source| {
-            RuntimeError::io(format!("cannot wait for {}", runtime.display()), source)
-        })?;
-        if output.status.success() {
-            return Ok(());
-        }
-        Err(RuntimeError::Oci(format!(
-            "{} {}: {}",
-            runtime.display(),
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        )))
-    }
-
     /// Starts a created container. runc's `start` only opens the container's exec fifo,
     /// on which the waiting init process then writes one byte and execs the workload,
     /// and removes the fifo; doing that here spares starting the runtime's binary
     /// (about 8 ms). Without a fifo (another runtime, or a container that is not in
     /// the created state) the runtime's own `start` runs and says what is wrong.
-    pub async fn start(&self, runtime: &Path, id: &str, pid: u32) -> Result<(), RuntimeError> {
+    async fn start(&self, runtime: &Path, id: &str, pid: u32) -> Result<(), RuntimeError> {
         let fifo = self.runc_root().join(id).join("exec.fifo");
         match start_through_exec_fifo(&fifo, pid).await {
             Ok(true) => Ok(()),
@@ -243,7 +281,7 @@ impl Oci {
     }
 
     /// Applies new cgroup limits (OCI `LinuxResources` as JSON) to a container.
-    pub async fn update(
+    async fn update(
         &self,
         runtime: &Path,
         id: &str,
@@ -257,63 +295,60 @@ impl Oci {
         .await
     }
 
-    /// Sends a signal; a container that is already gone is not an error.
-    pub async fn kill(&self, runtime: &Path, id: &str, signal: &str) -> Result<(), RuntimeError> {
+    /// Sends a signal; a container whose process has ended, or that the runtime no
+    /// longer knows, is not an error: that is decided from the runtime's state after
+    /// a failure, never from the wording of its message.
+    async fn kill(&self, runtime: &Path, id: &str, signal: &str) -> Result<(), RuntimeError> {
         match self.runtime_command(runtime, &["kill", id, signal]).await {
-            Err(RuntimeError::Oci(message))
-                if message.contains("not running")
-                    || message.contains("does not exist")
-                    || message.contains("process already finished") =>
-            {
-                Ok(())
-            }
+            Err(_) if self.has_ended(id) => Ok(()),
             other => other,
         }
     }
 
     /// Deletes the runtime's state (and cgroup) of a container; absent is fine.
-    pub async fn delete(&self, runtime: &Path, id: &str) -> Result<(), RuntimeError> {
+    async fn delete(&self, runtime: &Path, id: &str) -> Result<(), RuntimeError> {
         match self
             .runtime_command(runtime, &["delete", "--force", id])
             .await
         {
-            Err(RuntimeError::Oci(message))
-                if message.contains("does not exist") || message.contains("not found") =>
-            {
-                Ok(())
-            }
+            Err(_) if !self.state_file(id).exists() => Ok(()),
             other => other,
         }
     }
 
-    /// The exit code conmon recorded, with the time it was written.
-    pub fn exit_status(&self, id: &str) -> Option<(i32, i64)> {
+    /// The exit conmon recorded in its exit file (written when the container's
+    /// process ended), with the file's time and conmon's `oom` marker in the bundle.
+    fn exit(&self, id: &str, bundle: &Path) -> Option<Exit> {
         let path = self.exit_file(id);
         let code = std::fs::read_to_string(&path).ok()?.trim().parse().ok()?;
-        let finished = std::fs::metadata(&path)
+        let finished_at = std::fs::metadata(&path)
             .ok()?
             .modified()
             .ok()?
             .duration_since(std::time::UNIX_EPOCH)
             .ok()?
             .as_nanos() as i64;
-        Some((code, finished))
+        Some(Exit {
+            code,
+            finished_at,
+            oom_killed: bundle.join("oom").exists(),
+        })
     }
 
-    pub fn forget_exit(&self, id: &str) {
+    fn forget_exit(&self, id: &str) {
         let _ = std::fs::remove_file(self.exit_file(id));
     }
 
     /// Runs a command in the container and collects its output and exit code. On
     /// timeout the command is killed inside the container first, so that `runc exec`,
     /// its parent, reaps it (killing `runc exec` first would leave a zombie behind).
-    pub async fn exec_sync(
+    async fn exec_sync(
         &self,
         runtime: &Path,
         id: &str,
         cmd: &[String],
         timeout: Option<Duration>,
-    ) -> Result<(Vec<u8>, Vec<u8>, i32), RuntimeError> {
+    ) -> Result<ExecOutput, RuntimeError> {
         let mut exec = self.spawn_exec(runtime, id, cmd, &[], |command| {
             command
                 .stdin(Stdio::null())
@@ -337,7 +372,7 @@ impl Oci {
                 if let Some(note) = cut_note(out.total, err.total) {
                     stderr.extend_from_slice(note.as_bytes());
                 }
-                Ok((stdout, stderr, status.code().unwrap_or(-1)))
+                Ok(ExecOutput { stdout, stderr, exit_code: status.code().unwrap_or(-1) })
             }
             _ = tokio::time::sleep(limit) => {
                 exec.kill_command().await;
@@ -346,35 +381,28 @@ impl Oci {
         }
     }
 
-    /// Starts `cmd` in container `id` with `<runtime> exec`; `flags` go before the id
-    /// (`--tty`), `stdio` sets the child's stdio.
-    pub fn spawn_exec(
-        &self,
-        runtime: &Path,
-        id: &str,
-        cmd: &[String],
-        flags: &[&str],
-        stdio: impl FnOnce(&mut Command) -> Result<(), RuntimeError>,
-    ) -> Result<ExecProcess, RuntimeError> {
-        let pid_file = self
-            .exits_dir()
-            .join(format!("exec-{}", crate::records::new_id()?));
-        let mut command = Command::new(runtime);
-        command
-            .arg("--root")
-            .arg(self.runc_root())
-            .arg("exec")
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .args(flags)
-            .arg(id)
-            .args(cmd)
-            .kill_on_drop(true);
-        stdio(&mut command)?;
-        let child = command.spawn().map_err(|source| {
-            RuntimeError::io(format!("cannot run {}", runtime.display()), source)
-        })?;
-        Ok(ExecProcess { child, pid_file })
+    /// Asks conmon to reopen the log file (after the kubelet rotated it), through the
+    /// control fifo conmon keeps in the bundle ("2" is its reopen-logs event).
+    async fn reopen_log(&self, id: &str, bundle: &Path) -> Result<(), RuntimeError> {
+        let control = bundle.join("ctl");
+        let write = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut fifo = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_NONBLOCK)
+                .open(&control)?;
+            fifo.write_all(b"2 0 0\n")
+        });
+        write
+            .await
+            .map_err(|e| RuntimeError::Oci(format!("log reopen stopped: {e}")))?
+            .map_err(|source| {
+                RuntimeError::io(
+                    format!("cannot ask conmon of container {id} to reopen its log"),
+                    source,
+                )
+            })
     }
 }
 
@@ -542,6 +570,7 @@ fn conmon_diagnostics(bundle: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use trellis_common::grpc::MAX_MESSAGE_BYTES;
 
     #[tokio::test]
     async fn exec_output_is_cut_to_fit_one_message_and_says_so() {

@@ -6,13 +6,10 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use k8s_cri::v1::*;
-use trellis_common::telemetry::traced_request;
-use trellis_proto::storage::v1::WritableLayerUsageRequest;
-use trellis_proto::storage::v1::storage_client::StorageClient;
 
+use super::Runtime;
 use crate::error::RuntimeError;
-use crate::records::{ContainerRecord, now_nanos};
-use crate::runtime::Runtime;
+use crate::store::{ContainerRecord, SandboxRecord, now_nanos};
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
@@ -94,12 +91,7 @@ impl Runtime {
         &self,
         ids: Vec<String>,
     ) -> Result<HashMap<String, FilesystemUsage>, RuntimeError> {
-        let request = traced_request(WritableLayerUsageRequest { container_ids: ids });
-        let response = StorageClient::new(self.storage.clone())
-            .writable_layer_usage(request)
-            .await
-            .map_err(RuntimeError::storage)?
-            .into_inner();
+        let response = self.backends.storage.writable_layer_usage(ids).await?;
         Ok(response
             .usages
             .into_iter()
@@ -120,9 +112,9 @@ impl Runtime {
     fn container_stats_of(
         &self,
         record: &ContainerRecord,
-        config: ContainerConfig,
         layers: &HashMap<String, FilesystemUsage>,
     ) -> Result<ContainerStats, RuntimeError> {
+        let config = record.config().clone();
         let at = now_nanos();
         let reading = read_cgroup(Path::new(CGROUP_ROOT), &record.cgroup_path).unwrap_or_default();
         Ok(ContainerStats {
@@ -148,19 +140,10 @@ impl Runtime {
         })
     }
 
-    fn visible_containers(&self) -> Result<Vec<ContainerRecord>, RuntimeError> {
-        Ok(self
-            .containers
-            .all()?
-            .into_iter()
-            .filter(|c| !c.infra && c.state != crate::records::ContainerState::Creating as i32)
-            .collect())
-    }
-
     pub async fn container_stats(&self, id: &str) -> Result<ContainerStats, RuntimeError> {
-        let record = self.resolve(&self.containers, id, "container", |r| &r.id)?;
+        let record = self.container(id)?;
         let layers = self.writable_layers(vec![record.id.clone()]).await?;
-        self.container_stats_of(&record, crate::container::decode(&record)?, &layers)
+        self.container_stats_of(&record, &layers)
     }
 
     pub async fn list_container_stats(
@@ -181,32 +164,26 @@ impl Runtime {
         filter: Option<ContainerStatsFilter>,
     ) -> Result<Vec<(String, ContainerStats)>, RuntimeError> {
         let filter = filter.unwrap_or_default();
-        let mut chosen = Vec::new();
-        for record in self.visible_containers()? {
-            if !(filter.id.is_empty() || record.id.starts_with(&filter.id))
-                || !(filter.pod_sandbox_id.is_empty()
-                    || record.sandbox_id.starts_with(&filter.pod_sandbox_id))
-            {
-                continue;
-            }
-            let config = crate::container::decode(&record)?;
-            if filter
-                .label_selector
-                .iter()
-                .all(|(k, v)| config.labels.get(k) == Some(v))
-            {
-                chosen.push((record, config));
-            }
-        }
+        let chosen: Vec<_> = self
+            .visible_containers(self.store.containers.with_prefix(&filter.id))?
+            .into_iter()
+            .filter(|record| {
+                record.sandbox_id.starts_with(&filter.pod_sandbox_id)
+                    && filter
+                        .label_selector
+                        .iter()
+                        .all(|(k, v)| record.config().labels.get(k) == Some(v))
+            })
+            .collect();
         let layers = self
-            .writable_layers(chosen.iter().map(|(r, _)| r.id.clone()).collect())
+            .writable_layers(chosen.iter().map(|r| r.id.clone()).collect())
             .await?;
         chosen
-            .into_iter()
-            .map(|(record, config)| {
+            .iter()
+            .map(|record| {
                 Ok((
                     record.sandbox_id.clone(),
-                    self.container_stats_of(&record, config, &layers)?,
+                    self.container_stats_of(record, &layers)?,
                 ))
             })
             .collect()
@@ -215,10 +192,10 @@ impl Runtime {
     /// A pod's figures from its containers' stats (taken by the caller, so that a list
     /// of pods reads every container once).
     fn pod_stats_of(
-        sandbox: &crate::records::SandboxRecord,
+        sandbox: &SandboxRecord,
         containers: Vec<ContainerStats>,
     ) -> Result<PodSandboxStats, RuntimeError> {
-        let config = crate::sandbox::decode_config(sandbox)?;
+        let config = sandbox.config().clone();
         let at = now_nanos();
         let sum = |pick: &dyn Fn(&ContainerStats) -> u64| containers.iter().map(pick).sum::<u64>();
         let cpu = CpuUsage {
@@ -270,7 +247,7 @@ impl Runtime {
     }
 
     pub async fn pod_sandbox_stats(&self, id: &str) -> Result<PodSandboxStats, RuntimeError> {
-        let sandbox = self.resolve(&self.sandboxes, id, "pod sandbox", |r| &r.id)?;
+        let sandbox = self.sandbox(id)?;
         let containers = self
             .list_container_stats(Some(ContainerStatsFilter {
                 pod_sandbox_id: sandbox.id.clone(),
@@ -285,18 +262,18 @@ impl Runtime {
         filter: Option<PodSandboxStatsFilter>,
     ) -> Result<Vec<PodSandboxStats>, RuntimeError> {
         let filter = filter.unwrap_or_default();
-        let mut chosen = Vec::new();
-        for sandbox in self.sandboxes.all()? {
-            let labels = crate::sandbox::decode_config(&sandbox)?.labels;
-            if (filter.id.is_empty() || sandbox.id.starts_with(&filter.id))
-                && filter
+        let chosen: Vec<_> = self
+            .store
+            .sandboxes
+            .with_prefix(&filter.id)
+            .into_iter()
+            .filter(|sandbox| {
+                filter
                     .label_selector
                     .iter()
-                    .all(|(k, v)| labels.get(k) == Some(v))
-            {
-                chosen.push(sandbox);
-            }
-        }
+                    .all(|(k, v)| sandbox.config().labels.get(k) == Some(v))
+            })
+            .collect();
         let mut by_pod: HashMap<String, Vec<ContainerStats>> = HashMap::new();
         if !chosen.is_empty() {
             for (sandbox_id, stats) in self.container_stats_with_pods(None).await? {

@@ -1,10 +1,12 @@
-//! What the runtime service remembers about pods and containers, in its store.
-//! Every state change is written (and flushed) before it is acted on or answered.
+//! What the runtime service remembers about pods and containers.
+//!
+//! The CRI configs are kept as messages, not bytes: an embedded message and a
+//! `bytes` field holding its encoding are the same on the wire, so records written
+//! before are read unchanged, and each config is decoded once, when loaded.
 
-use std::sync::Arc;
+use std::sync::LazyLock;
 
-use prost::Message;
-use trellis_common::store::{Store, Table};
+use k8s_cri::v1::{ContainerConfig, PodSandboxConfig};
 
 use crate::error::RuntimeError;
 
@@ -24,8 +26,8 @@ pub struct SandboxRecord {
     #[prost(enumeration = "SandboxState", tag = "2")]
     pub state: i32,
     /// The CRI PodSandboxConfig as the kubelet sent it.
-    #[prost(bytes = "vec", tag = "3")]
-    pub config: Vec<u8>,
+    #[prost(message, optional, tag = "3")]
+    pub config: Option<PodSandboxConfig>,
     #[prost(int64, tag = "4")]
     pub created_at: i64,
     #[prost(string, tag = "5")]
@@ -57,9 +59,9 @@ pub struct ContainerRecord {
     pub sandbox_id: String,
     #[prost(enumeration = "ContainerState", tag = "3")]
     pub state: i32,
-    /// The CRI ContainerConfig as the kubelet sent it.
-    #[prost(bytes = "vec", tag = "4")]
-    pub config: Vec<u8>,
+    /// The CRI ContainerConfig as the kubelet sent it (resources as last updated).
+    #[prost(message, optional, tag = "4")]
+    pub config: Option<ContainerConfig>,
     #[prost(string, tag = "5")]
     pub image_id: String,
     #[prost(string, tag = "6")]
@@ -92,43 +94,40 @@ pub struct ContainerRecord {
     pub cgroup_path: String,
 }
 
-/// A typed table of prost records keyed by id.
-pub struct Records<T> {
-    table: Arc<dyn Table>,
-    _kind: std::marker::PhantomData<T>,
+impl SandboxRecord {
+    pub fn config(&self) -> &PodSandboxConfig {
+        static EMPTY: LazyLock<PodSandboxConfig> = LazyLock::new(Default::default);
+        self.config.as_ref().unwrap_or(&EMPTY)
+    }
+
+    /// The pod's identity: namespace, name, uid and attempt, as one string.
+    pub fn name_key(&self) -> String {
+        let metadata = self.config().metadata.clone().unwrap_or_default();
+        format!(
+            "{}/{}/{}/{}",
+            metadata.namespace, metadata.name, metadata.uid, metadata.attempt
+        )
+    }
 }
 
-impl<T: Message + Default> Records<T> {
-    pub fn open(store: &dyn Store, name: &str) -> Result<Self, RuntimeError> {
-        Ok(Self {
-            table: store.table(name)?,
-            _kind: std::marker::PhantomData,
-        })
+impl ContainerRecord {
+    pub fn config(&self) -> &ContainerConfig {
+        static EMPTY: LazyLock<ContainerConfig> = LazyLock::new(Default::default);
+        self.config.as_ref().unwrap_or(&EMPTY)
     }
 
-    pub fn get(&self, id: &str) -> Result<Option<T>, RuntimeError> {
-        self.table
-            .get(id.as_bytes())?
-            .map(|raw| T::decode(raw.as_slice()).map_err(RuntimeError::from))
-            .transpose()
+    /// The container's name and attempt, unique within its pod.
+    pub fn name_key(&self) -> (String, u32) {
+        let metadata = self.config().metadata.clone().unwrap_or_default();
+        (metadata.name, metadata.attempt)
     }
 
-    pub fn put(&self, id: &str, record: &T) -> Result<(), RuntimeError> {
-        self.table
-            .put(id.as_bytes(), &record.encode_to_vec())
-            .map_err(RuntimeError::from)
-    }
-
-    pub fn delete(&self, id: &str) -> Result<(), RuntimeError> {
-        self.table.delete(id.as_bytes()).map_err(RuntimeError::from)
-    }
-
-    pub fn all(&self) -> Result<Vec<T>, RuntimeError> {
-        self.table
-            .scan()?
-            .into_iter()
-            .map(|(_, raw)| T::decode(raw.as_slice()).map_err(RuntimeError::from))
-            .collect()
+    /// Created or running: a process may exit under it.
+    pub fn is_live(&self) -> bool {
+        matches!(
+            self.state(),
+            ContainerState::Created | ContainerState::Running
+        )
     }
 }
 

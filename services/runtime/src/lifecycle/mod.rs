@@ -1,48 +1,83 @@
-//! The runtime service's state and the services it calls.
+//! The lifecycle layer: pod sandboxes and containers, from creation to removal.
+//!
+//! [`Runtime`] owns the records (through [`RecordStore`]) and is the only writer of
+//! them; it asks the OCI runtime, the other services and the host for the rest
+//! through traits ([`OciRuntime`], [`Backends`], [`PodNamespaces`], [`Events`]),
+//! so every path, failures and rollbacks included, is unit-tested with fakes and
+//! without root (`lifecycle/tests`). Operations on one pod or container are
+//! serialised by a lock per id; state changes go through the store's update, which
+//! checks the state it changes from.
+
+mod container;
+mod recover;
+mod sandbox;
+mod stats;
+mod update;
+mod views;
+
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use tonic::transport::Channel;
 use trellis_common::bus::EventBus;
-use trellis_common::config::{Config, ServiceKind};
+use trellis_common::config::RuntimeConfig;
 use trellis_common::grpc::find_executable;
-use trellis_common::store::Store;
 use trellis_common::text::excerpt;
-use trellis_common::transport::unix_channel;
 use trellis_proto::events::v1::event::Payload;
 
+use crate::backends::Backends;
 use crate::error::RuntimeError;
-use crate::oci::Oci;
-use crate::records::{ContainerRecord, Records, SandboxRecord};
+use crate::namespaces::PodNamespaces;
+use crate::oci::OciRuntime;
+use crate::store::{ContainerRecord, RecordStore, SandboxRecord};
+
+/// Where the lifecycle announces changes (the node's event bus).
+pub trait Events: Send + Sync {
+    fn publish(&self, payload: Payload);
+}
+
+impl Events for EventBus {
+    fn publish(&self, payload: Payload) {
+        if let Err(error) = EventBus::publish(self, payload) {
+            tracing::error!(%error, "cannot record an event");
+        }
+    }
+}
+
+/// Everything the lifecycle works through.
+pub struct Parts {
+    pub store: RecordStore,
+    pub oci: Arc<dyn OciRuntime>,
+    pub backends: Backends,
+    pub namespaces: Arc<dyn PodNamespaces>,
+    pub events: Arc<dyn Events>,
+}
 
 pub struct Runtime {
-    pub config: Config,
+    config: RuntimeConfig,
     /// `<run_dir>/runtime`: pods, containers (bundles), runc state, exit files.
-    pub dir: PathBuf,
-    pub sandboxes: Records<SandboxRecord>,
-    pub containers: Records<ContainerRecord>,
-    pub oci: Oci,
-    pub storage: Channel,
-    pub network: Channel,
-    pub images: Channel,
-    pub bus: EventBus,
+    dir: PathBuf,
+    store: RecordStore,
+    oci: Arc<dyn OciRuntime>,
+    backends: Backends,
+    namespaces: Arc<dyn PodNamespaces>,
+    events: Arc<dyn Events>,
     /// This process's oom_score_adj: containers cannot be given less (no CAP_SYS_RESOURCE).
-    pub oom_score_floor: i32,
+    oom_score_floor: i32,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The last CPU reading per container, (usage ns, at ns), for usage rates.
-    pub cpu_samples: Mutex<HashMap<String, (u64, i64)>>,
-    /// Held while an exit found in conmon's exit file is recorded.
-    pub exit_detection: Mutex<()>,
+    cpu_samples: Mutex<HashMap<String, (u64, i64)>>,
     /// Turns for `runc create`, the costliest step of a pod start (see
     /// `runtime.max_parallel_creates`).
-    pub create_slots: tokio::sync::Semaphore,
+    create_slots: tokio::sync::Semaphore,
 }
 
 impl Runtime {
-    pub fn new(config: Config, store: &dyn Store, bus: EventBus) -> Result<Self, RuntimeError> {
-        let dir = config.node.run_dir.join("runtime");
+    /// `dir` is the runtime's own directory (made private, 0700, here).
+    pub fn new(config: RuntimeConfig, dir: PathBuf, parts: Parts) -> Result<Self, RuntimeError> {
         // Bundles hold each container's environment (its secrets) in config.json, and
         // the pods' files, runc's state and the exit codes live beside them: root only,
         // made so again at every start for nodes that made the directory before.
@@ -58,28 +93,22 @@ impl Runtime {
                 RuntimeError::io(format!("cannot create {}", path.display()), source)
             })?;
         }
-        let conmon = find_executable(&config.runtime.conmon)
-            .unwrap_or_else(|| PathBuf::from(&config.runtime.conmon));
-        let create_turns =
-            trellis_common::config::parallelism(config.runtime.max_parallel_creates, 1);
+        let create_turns = trellis_common::config::parallelism(config.max_parallel_creates, 1);
         let oom_score_floor = std::fs::read_to_string("/proc/self/oom_score_adj")
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
         Ok(Self {
-            oci: Oci::new(conmon, dir.clone()),
-            sandboxes: Records::open(store, "sandboxes")?,
-            containers: Records::open(store, "containers")?,
-            storage: unix_channel(&config.endpoint(ServiceKind::Storage).socket),
-            network: unix_channel(&config.endpoint(ServiceKind::Network).socket),
-            images: unix_channel(&config.endpoint(ServiceKind::Image).socket),
-            dir,
             config,
-            bus,
+            dir,
+            store: parts.store,
+            oci: parts.oci,
+            backends: parts.backends,
+            namespaces: parts.namespaces,
+            events: parts.events,
             oom_score_floor,
             locks: Mutex::new(HashMap::new()),
             cpu_samples: Mutex::new(HashMap::new()),
-            exit_detection: Mutex::new(()),
             create_slots: tokio::sync::Semaphore::new(create_turns),
         })
     }
@@ -93,7 +122,7 @@ impl Runtime {
     }
 
     /// Serialises operations on one pod or container.
-    pub async fn lock(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    async fn lock(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = {
             let mut locks = self
                 .locks
@@ -106,12 +135,11 @@ impl Runtime {
     }
 
     /// The OCI runtime binary for a CRI runtime handler ("" is the default).
-    pub fn oci_runtime(&self, handler: &str) -> Result<PathBuf, RuntimeError> {
+    fn oci_runtime(&self, handler: &str) -> Result<PathBuf, RuntimeError> {
         let binary = if handler.is_empty() {
-            self.config.runtime.oci_runtime.clone()
+            self.config.oci_runtime.clone()
         } else {
             self.config
-                .runtime
                 .runtime_handlers
                 .iter()
                 .filter_map(|entry| entry.split_once('='))
@@ -121,7 +149,7 @@ impl Runtime {
                     RuntimeError::InvalidArgument(format!(
                         "unknown runtime handler `{}`; configured: {}",
                         excerpt(handler),
-                        self.config.runtime.runtime_handlers.join(", ")
+                        self.config.runtime_handlers.join(", ")
                     ))
                 })?
         };
@@ -133,39 +161,29 @@ impl Runtime {
         })
     }
 
-    pub fn publish(&self, payload: Payload) {
-        if let Err(error) = self.bus.publish(payload) {
-            tracing::error!(%error, "cannot record an event");
-        }
+    fn publish(&self, payload: Payload) {
+        self.events.publish(payload);
     }
 
-    /// Finds a record by full id or unique prefix (as crictl users type them).
-    pub fn resolve<T: prost::Message + Default>(
-        &self,
-        records: &Records<T>,
-        id: &str,
-        what: &str,
-        id_of: impl Fn(&T) -> &str,
-    ) -> Result<T, RuntimeError> {
-        crate::validate::lookup_id(what, id)?;
-        if let Some(record) = records.get(id)? {
-            return Ok(record);
-        }
-        let mut matches: Vec<T> = records
-            .all()?
-            .into_iter()
-            .filter(|r| id_of(r).starts_with(id))
-            .collect();
-        match matches.len() {
-            1 => Ok(matches.remove(0)),
-            0 => Err(RuntimeError::NotFound(format!(
-                "{what} {} not found",
+    /// A pod by full id or unique prefix.
+    pub fn sandbox(&self, id: &str) -> Result<Arc<SandboxRecord>, RuntimeError> {
+        self.store.sandboxes.resolve(id)
+    }
+
+    /// A container the kubelet sees (not a pod's pause process), by full id or unique
+    /// prefix, with any exit since it was last looked at recorded.
+    pub fn container(&self, id: &str) -> Result<Arc<ContainerRecord>, RuntimeError> {
+        let record = self.store.containers.resolve(id)?;
+        if record.infra {
+            return Err(RuntimeError::NotFound(format!(
+                "container {} not found",
                 excerpt(id)
-            ))),
-            n => Err(RuntimeError::InvalidArgument(format!(
-                "{what} id prefix {} matches {n} {what} ids",
-                excerpt(id)
-            ))),
+            )));
         }
+        self.refresh(record)
+    }
+
+    fn runtime_binary(record: &ContainerRecord) -> &Path {
+        Path::new(&record.oci_runtime)
     }
 }

@@ -3,11 +3,9 @@
 //! ContainerStatus reports them and a restarted runtime service still knows them.
 
 use k8s_cri::v1::{ContainerResources, LinuxContainerResources};
-use prost::Message;
 
+use super::Runtime;
 use crate::error::RuntimeError;
-use crate::records::ContainerState;
-use crate::runtime::Runtime;
 
 impl Runtime {
     pub async fn update_container_resources(
@@ -20,12 +18,8 @@ impl Runtime {
         })?;
         let record = self.container(id)?;
         let _guard = self.lock(&record.id).await;
-        let record = self.refresh(self.containers.get(&record.id)?.ok_or_else(|| {
-            RuntimeError::NotFound(format!("container {} not found", record.id))
-        })?)?;
-        if record.state != ContainerState::Created as i32
-            && record.state != ContainerState::Running as i32
-        {
+        let record = self.refresh(self.store.containers.resolve(&record.id)?)?;
+        if !record.is_live() {
             return Err(RuntimeError::FailedPrecondition(format!(
                 "container {} has exited: its resources can no longer change",
                 record.id
@@ -40,24 +34,27 @@ impl Runtime {
             ))
         })?;
         self.oci
-            .update(std::path::Path::new(&record.oci_runtime), &record.id, &json)
+            .update(Self::runtime_binary(&record), &record.id, &json)
             .await?;
-
-        let mut record = record;
-        let mut config = crate::container::decode(&record)?;
-        let linux = config.linux.get_or_insert_with(Default::default);
-        // The oom_score_adj is fixed at creation; keep the one the container has.
-        let oom_score_adj = linux
-            .resources
-            .as_ref()
-            .map(|r| r.oom_score_adj)
-            .unwrap_or_default();
-        linux.resources = Some(LinuxContainerResources {
-            oom_score_adj,
-            ..resources
-        });
-        record.config = config.encode_to_vec();
-        self.containers.put(&record.id, &record)
+        self.store.containers.update(&record.id, |record| {
+            let linux = record
+                .config
+                .get_or_insert_with(Default::default)
+                .linux
+                .get_or_insert_with(Default::default);
+            // The oom_score_adj is fixed at creation; keep the one the container has.
+            let oom_score_adj = linux
+                .resources
+                .as_ref()
+                .map(|r| r.oom_score_adj)
+                .unwrap_or_default();
+            linux.resources = Some(LinuxContainerResources {
+                oom_score_adj,
+                ..resources
+            });
+            Ok(())
+        })?;
+        Ok(())
     }
 
     /// What ContainerStatus reports as the container's resources.

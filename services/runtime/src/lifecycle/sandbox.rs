@@ -1,0 +1,302 @@
+//! Pod sandboxes: RunPodSandbox, StopPodSandbox, RemovePodSandbox.
+//!
+//! No infra container: the pod is its network namespace (from the network service),
+//! its pinned IPC and UTS namespaces, its /dev/shm and its hostname, hosts and
+//! resolv.conf files. A failure half-way through RunPodSandbox undoes what was done.
+
+use std::path::Path;
+
+use k8s_cri::v1::*;
+use trellis_proto::events::v1::{SandboxEvent, event::Payload, sandbox_event};
+use trellis_proto::network::v1 as network;
+
+use super::Runtime;
+use crate::error::RuntimeError;
+use crate::namespaces::OwnNamespaces;
+use crate::spec::pod::hostname_of;
+use crate::store::{SandboxRecord, SandboxState, new_id, now_nanos};
+
+fn sandbox_event(kind: sandbox_event::Kind, id: &str, config: &PodSandboxConfig) -> Payload {
+    let metadata = config.metadata.clone().unwrap_or_default();
+    Payload::Sandbox(SandboxEvent {
+        kind: kind.into(),
+        sandbox_id: id.to_string(),
+        name: metadata.name,
+        namespace: metadata.namespace,
+        uid: metadata.uid,
+    })
+}
+
+pub(super) fn namespace_options(config: &PodSandboxConfig) -> NamespaceOption {
+    config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.clone())
+        .unwrap_or_default()
+}
+
+fn write_pod_files(
+    pod_dir: &Path,
+    config: &PodSandboxConfig,
+    ips: &[String],
+) -> Result<(), RuntimeError> {
+    let hostname = hostname_of(config);
+    let mut hosts =
+        String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    for ip in ips {
+        hosts.push_str(&format!("{ip}\t{hostname}\n"));
+    }
+    let resolv = match &config.dns_config {
+        Some(dns)
+            if !dns.servers.is_empty() || !dns.searches.is_empty() || !dns.options.is_empty() =>
+        {
+            let mut text = String::new();
+            for server in &dns.servers {
+                text.push_str(&format!("nameserver {server}\n"));
+            }
+            if !dns.searches.is_empty() {
+                text.push_str(&format!("search {}\n", dns.searches.join(" ")));
+            }
+            if !dns.options.is_empty() {
+                text.push_str(&format!("options {}\n", dns.options.join(" ")));
+            }
+            text
+        }
+        _ => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+    };
+    for (name, content) in [
+        ("hostname", format!("{hostname}\n")),
+        ("hosts", hosts),
+        ("resolv.conf", resolv),
+    ] {
+        let path = pod_dir.join(name);
+        std::fs::write(&path, content).map_err(|source| {
+            RuntimeError::io(format!("cannot write {}", path.display()), source)
+        })?;
+    }
+    Ok(())
+}
+
+impl Runtime {
+    pub async fn run_pod_sandbox(
+        &self,
+        config: PodSandboxConfig,
+        handler: String,
+    ) -> Result<String, RuntimeError> {
+        crate::validate::pod_config(&config)?;
+        self.oci_runtime(&handler)?;
+        // The store claims the pod's name with the record: a second RunPodSandbox of
+        // the same pod is AlreadyExists, naming the first.
+        let id = new_id()?;
+        let record = self.store.insert_sandbox(SandboxRecord {
+            id: id.clone(),
+            state: SandboxState::Creating as i32,
+            config: Some(config.clone()),
+            created_at: now_nanos(),
+            runtime_handler: handler,
+            ..Default::default()
+        })?;
+        let _guard = self.lock(&id).await;
+        match self.set_up_pod(&record, &config).await {
+            Ok(()) => {
+                self.store.sandboxes.update(&id, |record| {
+                    record.set_state(SandboxState::Ready);
+                    Ok(())
+                })?;
+                self.publish(sandbox_event(sandbox_event::Kind::Created, &id, &config));
+                self.publish(sandbox_event(sandbox_event::Kind::Started, &id, &config));
+                Ok(id)
+            }
+            Err(error) => {
+                if let Err(cleanup) = self.tear_down_failed_pod(&id).await {
+                    tracing::error!(sandbox = %id, %cleanup, "rolling back a failed RunPodSandbox did not finish; it is retried at start");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Undoes a pod whose set-up failed: its containers (the pause process), network,
+    /// namespaces, files and record.
+    async fn tear_down_failed_pod(&self, id: &str) -> Result<(), RuntimeError> {
+        for container in self.store.containers_of(id) {
+            self.remove_container_now(&container.id).await?;
+        }
+        self.release_pod(id).await?;
+        let _ = std::fs::remove_dir_all(self.pod_dir(id));
+        self.store.remove_sandbox(id)
+    }
+
+    /// The pause image, pulled through the image service when it is not present.
+    async fn ensure_pause_image(&self) -> Result<String, RuntimeError> {
+        let image = self.config.pause_image.clone();
+        if self.backends.storage.image(&image).await?.is_none() {
+            self.backends.images.pull(&image).await?;
+        }
+        Ok(image)
+    }
+
+    /// Starts the pod's pause process: the init of the PID namespace its containers share.
+    async fn start_pause(
+        &self,
+        record: &SandboxRecord,
+        config: &PodSandboxConfig,
+    ) -> Result<(), RuntimeError> {
+        let image = self.ensure_pause_image().await?;
+        let pause = ContainerConfig {
+            metadata: Some(ContainerMetadata {
+                name: "POD".into(),
+                attempt: 0,
+            }),
+            image: Some(ImageSpec {
+                image,
+                ..Default::default()
+            }),
+            linux: Some(LinuxContainerConfig {
+                security_context: Some(LinuxContainerSecurityContext {
+                    namespace_options: Some(namespace_options(config)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let id = self.create_in_pod(record, pause, true).await?;
+        self.store.sandboxes.update(&record.id, |record| {
+            record.pause_container_id = id.clone();
+            Ok(())
+        })?;
+        self.start_record(&id).await
+    }
+
+    async fn set_up_pod(
+        &self,
+        record: &SandboxRecord,
+        config: &PodSandboxConfig,
+    ) -> Result<(), RuntimeError> {
+        let id = record.id.clone();
+        let pod_dir = self.pod_dir(&id);
+        std::fs::create_dir_all(&pod_dir).map_err(|source| {
+            RuntimeError::io(format!("cannot create {}", pod_dir.display()), source)
+        })?;
+        let options = namespace_options(config);
+        let host_network = options.network == NamespaceMode::Node as i32;
+        let own = OwnNamespaces {
+            ipc: options.ipc != NamespaceMode::Node as i32,
+            uts: !host_network,
+        };
+        // The pod's own namespaces are made while the network service sets its network up.
+        let (namespaces, namespaces_dir, hostname) = (
+            self.namespaces.clone(),
+            pod_dir.clone(),
+            hostname_of(config),
+        );
+        let pod_namespaces =
+            tokio::task::spawn_blocking(move || namespaces.set_up(&namespaces_dir, &hostname, own));
+
+        let metadata = config.metadata.clone().unwrap_or_default();
+        let port_mappings = config
+            .port_mappings
+            .iter()
+            .map(|p| network::PortMapping {
+                protocol: p.protocol,
+                container_port: p.container_port,
+                host_port: p.host_port,
+                host_ip: p.host_ip.clone(),
+            })
+            .collect();
+        let dns = config.dns_config.as_ref().map(|d| network::DnsConfig {
+            servers: d.servers.clone(),
+            searches: d.searches.clone(),
+            options: d.options.clone(),
+        });
+        let request = network::SetUpPodRequest {
+            sandbox_id: id.clone(),
+            pod_name: metadata.name,
+            pod_namespace: metadata.namespace,
+            pod_uid: metadata.uid,
+            host_network,
+            port_mappings,
+            dns,
+            annotations: config.annotations.clone(),
+            ..Default::default()
+        };
+        let pod_network = self.backends.network.set_up_pod(request).await;
+        pod_namespaces.await.map_err(|e| {
+            RuntimeError::Oci(format!("setting up the pod's namespaces stopped: {e}"))
+        })??;
+        let pod_network = pod_network?;
+        let (record, ()) = self.store.sandboxes.update(&id, |record| {
+            record.ips = pod_network.ips.into_iter().map(|ip| ip.ip).collect();
+            record.netns_path = pod_network.netns_path;
+            Ok(())
+        })?;
+        write_pod_files(&pod_dir, config, &record.ips)?;
+        if options.pid == NamespaceMode::Pod as i32 {
+            self.start_pause(&record, config).await?;
+        }
+        Ok(())
+    }
+
+    /// Undoes everything a pod holds but its record and containers: network,
+    /// namespaces, /dev/shm. Each step tolerates what is already gone.
+    async fn release_pod(&self, id: &str) -> Result<(), RuntimeError> {
+        self.backends.network.tear_down_pod(id).await?;
+        self.namespaces.tear_down(&self.pod_dir(id))
+    }
+
+    pub async fn stop_pod_sandbox(&self, id: &str) -> Result<(), RuntimeError> {
+        let record = self.sandbox(id)?;
+        let _guard = self.lock(&record.id).await;
+        for container in self.store.containers_of(&record.id) {
+            self.stop_container_now(&container.id, 0).await?;
+        }
+        self.release_pod(&record.id).await?;
+        let (record, stopped_now) = self.store.sandboxes.update(&record.id, |record| {
+            let ready = record.state() != SandboxState::NotReady;
+            record.set_state(SandboxState::NotReady);
+            Ok(ready)
+        })?;
+        if stopped_now {
+            self.publish(sandbox_event(
+                sandbox_event::Kind::Stopped,
+                &record.id,
+                record.config(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub async fn remove_pod_sandbox(&self, id: &str) -> Result<(), RuntimeError> {
+        let record = match self.sandbox(id) {
+            Ok(record) => record,
+            // Removing what is gone is not an error (the CRI asks for idempotence).
+            Err(RuntimeError::NotFound(_)) => return Ok(()),
+            Err(error) => return Err(error),
+        };
+        let _guard = self.lock(&record.id).await;
+        for container in self.store.containers_of(&record.id) {
+            self.remove_container_now(&container.id).await?;
+        }
+        self.release_pod(&record.id).await?;
+        let pod_dir = self.pod_dir(&record.id);
+        match std::fs::remove_dir_all(&pod_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(RuntimeError::io(
+                    format!("cannot remove {}", pod_dir.display()),
+                    source,
+                ));
+            }
+        }
+        self.store.remove_sandbox(&record.id)?;
+        self.publish(sandbox_event(
+            sandbox_event::Kind::Deleted,
+            &record.id,
+            record.config(),
+        ));
+        Ok(())
+    }
+}
