@@ -14,11 +14,8 @@
 
 mod attach;
 mod exec;
-pub mod frame;
 mod portforward;
 mod pty;
-mod remotecommand;
-mod spdy;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,11 +27,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 use trellis_common::text::excerpt;
+use trellis_streaming::remotecommand::{self, Options};
+use trellis_streaming::{StreamingError, spdy};
 
 use self::attach::AttachSession;
 use self::exec::ExecSession;
 use self::portforward::PortForwardSession;
-use self::remotecommand::Options;
 use crate::container::decode;
 use crate::error::RuntimeError;
 use crate::records::{ContainerRecord, ContainerState, SandboxState};
@@ -45,6 +43,17 @@ pub const TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 /// The upgrade request must arrive within this, and be no larger than this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
+
+/// The protocol crate's errors in the runtime's terms: an I/O failure keeps its
+/// source, the rest is a failed session.
+impl From<StreamingError> for RuntimeError {
+    fn from(error: StreamingError) -> Self {
+        match error {
+            StreamingError::Io { what, source } => RuntimeError::io(what, source),
+            other => RuntimeError::Streaming(other.to_string()),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 enum Session {

@@ -14,8 +14,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use trellis_common::text::excerpt;
+use trellis_streaming::StreamingError;
+use trellis_streaming::spdy::{Connection, Stream, copy_from_stream, copy_to_stream};
 
-use super::spdy::{Connection, Stream, copy_from_stream, copy_to_stream};
 use crate::error::RuntimeError;
 
 pub const PROTOCOL: &str = "portforward.k8s.io";
@@ -84,12 +85,12 @@ async fn forward(netns: Option<PathBuf>, error: Stream, mut data: Stream) {
                 tokio::spawn(async move { copy_from_stream(&mut upload, to_pod).await });
                 match copy_to_stream(from_pod, &data.writer).await {
                     // A server that closes with input unread resets: still an end.
-                    Err(RuntimeError::Io { source, .. })
+                    Err(StreamingError::Io { source, .. })
                         if source.kind() == std::io::ErrorKind::ConnectionReset =>
                     {
                         Ok(())
                     }
-                    other => other,
+                    other => other.map_err(RuntimeError::from),
                 }
             }
         },

@@ -18,10 +18,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::frame::{
-    Decoder, Encoder, Frame, Headers, RST_PROTOCOL_ERROR, RST_REFUSED_STREAM, header,
+use crate::error::StreamingError;
+use crate::frame::{
+    Decoder, Encoder, FLAG_FIN, Frame, Headers, RST_PROTOCOL_ERROR, RST_REFUSED_STREAM, header,
 };
-use crate::error::RuntimeError;
 
 /// Data frames sent are cut to this size.
 const CHUNK: usize = 32 * 1024;
@@ -63,7 +63,7 @@ pub struct StreamWriter {
 }
 
 impl StreamWriter {
-    pub async fn write(&self, data: &[u8]) -> Result<(), RuntimeError> {
+    pub async fn write(&self, data: &[u8]) -> Result<(), StreamingError> {
         for chunk in data.chunks(CHUNK) {
             self.send(Frame::Data {
                 stream_id: self.id,
@@ -76,7 +76,7 @@ impl StreamWriter {
     }
 
     /// Half-closes the stream: FIN, nothing more is sent on it.
-    pub async fn close(&self) -> Result<(), RuntimeError> {
+    pub async fn close(&self) -> Result<(), StreamingError> {
         self.send(Frame::Data {
             stream_id: self.id,
             fin: true,
@@ -85,11 +85,11 @@ impl StreamWriter {
         .await
     }
 
-    async fn send(&self, frame: Frame) -> Result<(), RuntimeError> {
+    async fn send(&self, frame: Frame) -> Result<(), StreamingError> {
         self.out
             .send(Out::Frame(frame))
             .await
-            .map_err(|_| RuntimeError::Streaming("the client connection is closed".into()))
+            .map_err(|_| StreamingError::Closed)
     }
 }
 
@@ -105,12 +105,12 @@ pub struct Connection {
 impl Connection {
     /// Starts serving SPDY on an upgraded socket; `buffered` is what was read past the
     /// HTTP request.
-    pub fn start<R, W>(read: R, write: W, buffered: Vec<u8>) -> Result<Self, RuntimeError>
+    pub fn start<R, W>(read: R, write: W, buffered: Vec<u8>) -> Result<Self, StreamingError>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let encoder = Encoder::new().map_err(|e| RuntimeError::Streaming(e.to_string()))?;
+        let encoder = Encoder::new()?;
         let (out, out_rx) = mpsc::channel(OUT_QUEUE);
         let (incoming_tx, incoming) = mpsc::channel(16);
         let (alive, gone) = watch::channel(());
@@ -248,7 +248,7 @@ async fn read_frames<R: AsyncRead + Unpin>(
                 } else {
                     last_id = stream_id;
                     let (data_tx, data) = mpsc::channel(STREAM_QUEUE);
-                    if flags & super::frame::FLAG_FIN == 0 {
+                    if flags & FLAG_FIN == 0 {
                         streams.insert(stream_id, data_tx);
                     }
                     let writer = StreamWriter {
@@ -322,13 +322,16 @@ async fn read_frames<R: AsyncRead + Unpin>(
 pub async fn copy_to_stream<R: AsyncRead + Unpin>(
     mut from: R,
     to: &StreamWriter,
-) -> Result<(), RuntimeError> {
+) -> Result<(), StreamingError> {
     let mut buffer = vec![0u8; CHUNK];
     loop {
         let n = from
             .read(&mut buffer)
             .await
-            .map_err(|source| RuntimeError::io("cannot read output for the client", source))?;
+            .map_err(|source| StreamingError::Io {
+                what: "cannot read output for the client",
+                source,
+            })?;
         if n == 0 {
             return Ok(());
         }
@@ -340,20 +343,24 @@ pub async fn copy_to_stream<R: AsyncRead + Unpin>(
 pub async fn copy_from_stream<W: AsyncWrite + Unpin>(
     from: &mut mpsc::Receiver<Vec<u8>>,
     mut to: W,
-) -> Result<(), RuntimeError> {
+) -> Result<(), StreamingError> {
     while let Some(chunk) = from.recv().await {
         to.write_all(&chunk)
             .await
-            .map_err(|source| RuntimeError::io("cannot pass on what the client sent", source))?;
+            .map_err(|source| StreamingError::Io {
+                what: "cannot pass on what the client sent",
+                source,
+            })?;
     }
-    to.shutdown()
-        .await
-        .map_err(|source| RuntimeError::io("cannot close the input", source))
+    to.shutdown().await.map_err(|source| StreamingError::Io {
+        what: "cannot close the input",
+        source,
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::frame::*;
+    use crate::frame::*;
 
     fn round_trip(frames: &[Frame]) {
         let (mut encoder, mut decoder) = (Encoder::new().expect("encoder"), Decoder::default());

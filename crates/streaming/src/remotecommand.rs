@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::spdy::{Connection, StreamWriter};
-use crate::error::RuntimeError;
+use crate::error::StreamingError;
+use crate::spdy::{Connection, StreamWriter};
 
 pub const V4: &str = "v4.channel.k8s.io";
 /// The versions served, most preferred first. (v5 only differs over WebSockets.)
@@ -86,7 +86,7 @@ pub async fn accept_streams(
     connection: &mut Connection,
     protocol: &'static str,
     options: &Options,
-) -> Result<Streams, RuntimeError> {
+) -> Result<Streams, StreamingError> {
     let resize_wanted =
         options.tty && protocol != "v2.channel.k8s.io" && protocol != "channel.k8s.io";
     let wanted = |kind: &str| match kind {
@@ -109,13 +109,13 @@ pub async fn accept_streams(
         let stream = tokio::time::timeout_at(deadline, connection.next_stream())
             .await
             .map_err(|_| {
-                RuntimeError::Streaming(format!(
+                StreamingError::Session(format!(
                     "the client opened {received} of {expected} streams in {} s",
                     STREAM_CREATION_TIMEOUT.as_secs()
                 ))
             })?
             .ok_or_else(|| {
-                RuntimeError::Streaming("the client went away before opening its streams".into())
+                StreamingError::Session("the client went away before opening its streams".into())
             })?;
         let kind = stream.header("streamtype").unwrap_or_default().to_string();
         let slot_taken = match kind.as_str() {
@@ -140,13 +140,13 @@ pub async fn accept_streams(
             }
         };
         if slot_taken {
-            return Err(RuntimeError::Streaming(format!(
+            return Err(StreamingError::Session(format!(
                 "the client opened two {kind} streams"
             )));
         }
         received += 1;
     }
-    let error = error.ok_or_else(|| RuntimeError::Streaming("no error stream".into()))?;
+    let error = error.ok_or_else(|| StreamingError::Session("no error stream".into()))?;
     Ok(Streams {
         protocol,
         error,
