@@ -11,7 +11,10 @@
 
 pub mod error;
 pub mod frame;
+pub mod portforward;
 pub mod remotecommand;
 pub mod spdy;
+#[cfg(test)]
+mod testing;
 
 pub use error::StreamingError;

@@ -302,7 +302,7 @@ async fn serve_connection(mut socket: TcpStream, pending: Pending) -> Result<(),
         ));
     }
     let supported: &[&'static str] = if let Session::PortForward(_) = session {
-        &[portforward::PROTOCOL]
+        &[trellis_streaming::portforward::PROTOCOL]
     } else {
         &remotecommand::PROTOCOLS
     };
