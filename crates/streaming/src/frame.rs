@@ -497,3 +497,6 @@ pub const HEADER_DICTIONARY: &[u8] = b"\
     nked,text/html,image/png,image/jpg,image/gif,application/xml,application/xhtml+xml,text/\
     plain,text/javascript,publicprivatemax-age=gzip,deflate,sdchcharset=utf-8charset=iso-885\
     9-1,utf-,*,enq=0.";
+
+#[cfg(test)]
+mod tests;
