@@ -20,6 +20,11 @@ pub const FLAG_FIN: u8 = 0x01;
 pub const MAX_PAYLOAD: usize = (1 << 24) - 1;
 /// A decompressed header block larger than this is refused (a zip bomb guard).
 const MAX_HEADER_BLOCK: usize = 1 << 20;
+/// The headers a block turns into may take this much, measured as HTTP/2 measures a
+/// header list (name + value + 32 per entry, RFC 9113 6.5.2): values split at NULs
+/// repeat their name, so a small block could otherwise stand for a huge list.
+const MAX_HEADER_LIST: usize = 2 << 20;
+const HEADER_ENTRY_COST: usize = 32;
 
 const TYPE_SYN_STREAM: u16 = 1;
 const TYPE_SYN_REPLY: u16 = 2;
@@ -342,7 +347,7 @@ impl Decoder {
             TYPE_SETTINGS => {
                 need(4)?;
                 let count = u32_at(payload, 0) as usize;
-                need(4 + count.saturating_mul(8))?;
+                need(count.saturating_mul(8).saturating_add(4))?;
                 let entries = (0..count)
                     .map(|i| 4 + i * 8)
                     .map(|at| {
@@ -381,7 +386,11 @@ impl Decoder {
 
     fn decompress(&mut self, input: &[u8]) -> Result<Headers, StreamingError> {
         let start_in = self.inflate.total_in();
-        let mut block = Vec::with_capacity(input.len() * 4 + 64);
+        // Never room for more than one byte past the cap: that byte is how a block
+        // too large shows, and nothing larger is ever inflated.
+        let most = MAX_HEADER_BLOCK + 1;
+        let mut block =
+            Vec::with_capacity(input.len().saturating_mul(4).saturating_add(64).min(most));
         loop {
             let consumed = (self.inflate.total_in() - start_in) as usize;
             let produced = block.len();
@@ -398,17 +407,18 @@ impl Decoder {
                 }
                 Err(error) => return Err(StreamingError::Compression(error.to_string())),
             }
-            let now_consumed = (self.inflate.total_in() - start_in) as usize;
-            if now_consumed == input.len() && block.len() < block.capacity() {
-                break;
-            }
             if block.len() > MAX_HEADER_BLOCK {
                 return Err(StreamingError::Compression(format!(
                     "header block larger than {MAX_HEADER_BLOCK} bytes"
                 )));
             }
+            let now_consumed = (self.inflate.total_in() - start_in) as usize;
+            // A sync flush is complete once it leaves room in the output.
+            if now_consumed == input.len() && block.len() < block.capacity() {
+                break;
+            }
             if block.len() == block.capacity() {
-                block.reserve(block.capacity());
+                block.reserve_exact(block.capacity().min(most - block.len()));
             } else if now_consumed == consumed && block.len() == produced {
                 return Err(StreamingError::Compression(
                     "header block is truncated".into(),
@@ -420,37 +430,53 @@ impl Decoder {
 }
 
 fn parse_block(block: &[u8]) -> Result<Headers, StreamingError> {
-    let mut at = 0;
-    let mut take = |n: usize| -> Result<&[u8], StreamingError> {
-        let part = block
-            .get(at..at + n)
-            .ok_or_else(|| StreamingError::Protocol("header block is cut short".into()))?;
-        at += n;
-        Ok(part)
-    };
-    let count = u32::from_be_bytes(
-        take(4)?
-            .try_into()
-            .map_err(|_| StreamingError::Protocol("bad header count".into()))?,
-    );
+    let mut reader = BlockReader { block, at: 0 };
+    let count = reader.length()?;
     let mut headers = Headers::new();
+    let mut list_size: usize = 0;
     for _ in 0..count {
-        let mut text = || -> Result<String, StreamingError> {
-            let length = u32::from_be_bytes(
-                take(4)?
-                    .try_into()
-                    .map_err(|_| StreamingError::Protocol("bad header length".into()))?,
-            ) as usize;
-            String::from_utf8(take(length)?.to_vec())
-                .map_err(|_| StreamingError::Protocol("header is not UTF-8".into()))
-        };
-        let name = text()?.to_ascii_lowercase();
-        let value = text()?;
+        let name = reader.text()?.to_ascii_lowercase();
+        let value = reader.text()?;
         for part in value.split('\0') {
+            list_size = list_size.saturating_add(name.len() + part.len() + HEADER_ENTRY_COST);
+            if list_size > MAX_HEADER_LIST {
+                return Err(StreamingError::Protocol(format!(
+                    "headers larger than {MAX_HEADER_LIST} bytes as a list"
+                )));
+            }
             headers.push((name.clone(), part.to_string()));
         }
     }
     Ok(headers)
+}
+
+/// Reads an inflated header block front to back; running out is an error.
+struct BlockReader<'a> {
+    block: &'a [u8],
+    at: usize,
+}
+
+impl BlockReader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], StreamingError> {
+        let part = self
+            .at
+            .checked_add(n)
+            .and_then(|end| self.block.get(self.at..end))
+            .ok_or_else(|| StreamingError::Protocol("header block is cut short".into()))?;
+        self.at += n;
+        Ok(part)
+    }
+
+    fn length(&mut self) -> Result<usize, StreamingError> {
+        let bytes = self.take(4)?;
+        Ok(u32_at(bytes, 0) as usize)
+    }
+
+    fn text(&mut self) -> Result<String, StreamingError> {
+        let length = self.length()?;
+        String::from_utf8(self.take(length)?.to_vec())
+            .map_err(|_| StreamingError::Protocol("header is not UTF-8".into()))
+    }
 }
 
 fn u32_at(buf: &[u8], at: usize) -> u32 {
