@@ -31,6 +31,11 @@ const OUT_QUEUE: usize = 256;
 const STREAM_QUEUE: usize = 64;
 /// After closing, how long the client may take to close its end.
 const LINGER: Duration = Duration::from_secs(5);
+/// Streams the client may have open (not yet finished sending) at once; more are
+/// refused. Each holds a queue here, and a port-forward keeps one open per
+/// forwarded connection, so this is far above what kubectl needs and far below
+/// what a client could make us hold.
+pub const MAX_OPEN_STREAMS: usize = 4096;
 
 /// See [`Connection::gone`].
 pub type Gone = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -245,6 +250,12 @@ async fn read_frames<R: AsyncRead + Unpin>(
                         stream_id,
                         status: RST_PROTOCOL_ERROR,
                     })
+                } else if flags & FLAG_FIN == 0 && streams.len() >= MAX_OPEN_STREAMS {
+                    last_id = stream_id;
+                    Some(Frame::RstStream {
+                        stream_id,
+                        status: RST_REFUSED_STREAM,
+                    })
                 } else {
                     last_id = stream_id;
                     let (data_tx, data) = mpsc::channel(STREAM_QUEUE);
@@ -275,10 +286,13 @@ async fn read_frames<R: AsyncRead + Unpin>(
                         .await
                     {
                         Ok(()) => None,
-                        Err(_) => Some(Frame::RstStream {
-                            stream_id,
-                            status: RST_REFUSED_STREAM,
-                        }),
+                        Err(_) => {
+                            streams.remove(&stream_id);
+                            Some(Frame::RstStream {
+                                stream_id,
+                                status: RST_REFUSED_STREAM,
+                            })
+                        }
                     }
                 }
             }
@@ -357,3 +371,6 @@ pub async fn copy_from_stream<W: AsyncWrite + Unpin>(
         source,
     })
 }
+
+#[cfg(test)]
+mod tests;
