@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::process::Stdio;
 
 use tokio::process::Command;
-
 use trellis_streaming::remotecommand::{self, Options, Outcome, Streams};
 use trellis_streaming::spdy::{Connection, Gone, copy_from_stream, copy_to_stream};
 

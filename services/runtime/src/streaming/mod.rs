@@ -11,6 +11,10 @@
 //! that never streams opens no TCP port at all, and a bad address fails those RPCs
 //! (with the reason) instead of the whole service. Tokens live in memory: a URL does
 //! not outlive the runtime service, which the kubelet copes with by asking again.
+//!
+//! The wire protocols (SPDY, remotecommand, port-forward's stream pairing) are the
+//! `trellis-streaming` crate; what is here is the HTTP upgrade, the tokens, and the
+//! glue from those sessions to runc, conmon and the pod's network namespace.
 
 mod attach;
 mod exec;
