@@ -92,3 +92,14 @@ impl From<RuntimeError> for Status {
         }
     }
 }
+
+impl From<trellis_streaming::StreamingError> for RuntimeError {
+    fn from(error: trellis_streaming::StreamingError) -> Self {
+        match error {
+            trellis_streaming::StreamingError::Io { what, source } => {
+                RuntimeError::io(what, source)
+            }
+            other => RuntimeError::Streaming(other.to_string()),
+        }
+    }
+}

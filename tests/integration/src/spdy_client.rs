@@ -1,6 +1,7 @@
 //! A small SPDY/3.1 client for the streaming server's URLs, as client-go's SPDY
 //! executor and port-forwarder use them: an HTTP/1.1 upgrade, then streams the
-//! client opens (odd ids), named by headers. It shares the runtime's frame codec.
+//! client opens (odd ids), named by headers. It uses the runtime's frame codec
+//! (`trellis-streaming`), so both ends of the tests speak through one implementation.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -8,10 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-#[path = "../../../services/runtime/src/streaming/frame.rs"]
-pub mod frame;
-
-pub use frame::{Decoder, Encoder, Frame, Headers, header};
+pub use trellis_streaming::frame::{self, Decoder, Encoder, Frame, Headers, header};
 
 pub struct SpdyClient {
     socket: TcpStream,

@@ -19,9 +19,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
+use trellis_streaming::remotecommand::{self, Options, Outcome, Streams, TerminalSize};
+use trellis_streaming::spdy::{Connection, Gone, StreamWriter};
 
-use super::remotecommand::{self, Options, Outcome, Streams, TerminalSize};
-use super::spdy::{Connection, Gone, StreamWriter};
 use crate::error::RuntimeError;
 
 const STDOUT_PIPE: u8 = 2;

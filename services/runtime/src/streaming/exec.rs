@@ -12,10 +12,10 @@ use std::path::PathBuf;
 use std::process::Stdio;
 
 use tokio::process::Command;
+use trellis_streaming::remotecommand::{self, Options, Outcome, Streams};
+use trellis_streaming::spdy::{Connection, Gone, copy_from_stream, copy_to_stream};
 
 use super::pty::{self, PtyMaster};
-use super::remotecommand::{self, Options, Outcome, Streams};
-use super::spdy::{Connection, Gone, copy_from_stream, copy_to_stream};
 use crate::error::RuntimeError;
 use crate::oci::{ConmonRunc, ExecProcess};
 
@@ -172,7 +172,9 @@ async fn run_with_tty(
         Some(mut from) => {
             let to = master.writer()?;
             Some(tokio::spawn(async move {
-                copy_from_stream(&mut from, to).await
+                copy_from_stream(&mut from, to)
+                    .await
+                    .map_err(RuntimeError::from)
             }))
         }
         None => None,

@@ -11,14 +11,15 @@
 //! that never streams opens no TCP port at all, and a bad address fails those RPCs
 //! (with the reason) instead of the whole service. Tokens live in memory: a URL does
 //! not outlive the runtime service, which the kubelet copes with by asking again.
+//!
+//! The wire protocols (SPDY, remotecommand, port-forward's stream pairing) are the
+//! `trellis-streaming` crate; what is here is the HTTP upgrade, the tokens, and the
+//! glue from those sessions to runc, conmon and the pod's network namespace.
 
 mod attach;
 mod exec;
-pub mod frame;
 mod portforward;
 mod pty;
-mod remotecommand;
-mod spdy;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,11 +31,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 use trellis_common::text::excerpt;
+use trellis_streaming::remotecommand::{self, Options};
+use trellis_streaming::spdy;
 
 use self::attach::AttachSession;
 use self::exec::ExecSession;
 use self::portforward::PortForwardSession;
-use self::remotecommand::Options;
 use crate::error::RuntimeError;
 use crate::lifecycle::Runtime;
 use crate::oci::ConmonRunc;
@@ -46,6 +48,8 @@ pub const TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
 
+/// The protocol crate's errors in the runtime's terms: an I/O failure keeps its
+/// source, the rest is a failed session.
 #[derive(Debug, Clone)]
 enum Session {
     Exec(ExecSession),
@@ -275,7 +279,7 @@ async fn serve_connection(mut socket: TcpStream, pending: Pending) -> Result<(),
         ));
     }
     let supported: &[&'static str] = if let Session::PortForward(_) = session {
-        &[portforward::PROTOCOL]
+        &[trellis_streaming::portforward::PROTOCOL]
     } else {
         &remotecommand::PROTOCOLS
     };

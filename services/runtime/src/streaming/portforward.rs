@@ -1,24 +1,22 @@
-//! PortForward (`portforward.k8s.io`): for every connection the client accepts
-//! locally it opens two streams, `streamType: error` and `streamType: data`, with the
-//! same `requestID` and the pod's `port`. We connect to that port on the pod's
-//! loopback and copy both ways; a failure is told as text on the error stream.
+//! PortForward's glue: each forward the client asks for (paired by
+//! `trellis_streaming::portforward`) is joined to a TCP connection to the port on the
+//! pod's loopback.
 //!
 //! The socket has to be made inside the pod's network namespace: a dedicated thread
 //! enters it (`setns`, which only affects that thread), connects, and hands the socket
 //! over; a socket stays in the namespace it was made in. Host-network pods have no
 //! namespace of their own and are reached from ours.
 
-use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use trellis_common::text::excerpt;
+use trellis_streaming::portforward::{Forward, Forwards};
+use trellis_streaming::spdy::Connection;
 
-use super::spdy::{Connection, Stream, copy_from_stream, copy_to_stream};
 use crate::error::RuntimeError;
 
-pub const PROTOCOL: &str = "portforward.k8s.io";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A port-forward the kubelet asked for, waiting for its client.
@@ -29,77 +27,36 @@ pub struct PortForwardSession {
     pub netns: Option<PathBuf>,
 }
 
-#[derive(Default)]
-struct Pair {
-    error: Option<Stream>,
-    data: Option<Stream>,
-}
-
-pub async fn serve(session: PortForwardSession, mut connection: Connection) {
-    let mut pairs: HashMap<String, Pair> = HashMap::new();
-    while let Some(stream) = connection.next_stream().await {
-        let request = stream.header("requestid").unwrap_or_default().to_string();
-        let pair = pairs.entry(request.clone()).or_default();
-        match stream.header("streamtype") {
-            Some("error") => pair.error = Some(stream),
-            Some("data") => pair.data = Some(stream),
-            other => {
-                tracing::debug!(stream_type = ?other, "port-forward: ignoring a stream that is neither data nor error");
-                let _ = stream.writer.close().await;
-                continue;
-            }
-        }
-        if pair.error.is_some()
-            && pair.data.is_some()
-            && let Some(Pair {
-                error: Some(error),
-                data: Some(data),
-            }) = pairs.remove(&request)
-        {
-            tokio::spawn(forward(session.netns.clone(), error, data));
-        }
+pub async fn serve(session: PortForwardSession, connection: Connection) {
+    let mut forwards = Forwards::new(connection);
+    while let Some(forward) = forwards.next().await {
+        tokio::spawn(forward_one(session.netns.clone(), forward));
     }
-    connection.close().await;
+    forwards.close().await;
 }
 
-async fn forward(netns: Option<PathBuf>, error: Stream, mut data: Stream) {
-    let Stream {
-        writer: error_writer,
-        ..
-    } = error;
-    let port = data
-        .header("port")
-        .and_then(|p| p.parse::<u16>().ok())
-        .filter(|p| *p > 0);
-    let result = match port {
+async fn forward_one(netns: Option<PathBuf>, mut forward: Forward) {
+    let result = match forward.port() {
         None => Err(RuntimeError::InvalidArgument(format!(
             "port-forward: bad port header `{}`",
-            excerpt(data.header("port").unwrap_or_default())
+            excerpt(forward.port_header())
         ))),
         Some(port) => match connect(netns, port).await {
             Err(error) => Err(error),
             Ok(socket) => {
                 let (from_pod, to_pod) = socket.into_split();
-                let mut upload = std::mem::replace(&mut data.data, tokio::sync::mpsc::channel(1).1);
-                tokio::spawn(async move { copy_from_stream(&mut upload, to_pod).await });
-                match copy_to_stream(from_pod, &data.writer).await {
-                    // A server that closes with input unread resets: still an end.
-                    Err(RuntimeError::Io { source, .. })
-                        if source.kind() == std::io::ErrorKind::ConnectionReset =>
-                    {
-                        Ok(())
-                    }
-                    other => other,
-                }
+                forward
+                    .copy(from_pod, to_pod)
+                    .await
+                    .map_err(RuntimeError::from)
             }
         },
     };
-    let _ = data.writer.close().await;
-    if let Err(error) = result {
+    let failure = result.err().map(|error| {
         tracing::debug!(%error, "port-forward connection ended with an error");
-        let _ = error_writer.write(error.to_string().as_bytes()).await;
-    }
-    let _ = error_writer.close().await;
+        error.to_string()
+    });
+    forward.finish(failure.as_deref()).await;
 }
 
 /// A TCP connection to `port` on the pod's loopback (IPv4, else IPv6).

@@ -13,8 +13,8 @@ use std::task::{Context, Poll, ready};
 use rustix::io::Errno;
 use rustix::pty::OpenptFlags;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use trellis_streaming::remotecommand::TerminalSize;
 
-use super::remotecommand::TerminalSize;
 use crate::error::RuntimeError;
 
 /// A new pty pair: the master for us, the slave for `runc exec --tty`'s stdio.

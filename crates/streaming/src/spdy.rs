@@ -18,10 +18,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::frame::{
-    Decoder, Encoder, Frame, Headers, RST_PROTOCOL_ERROR, RST_REFUSED_STREAM, header,
+use crate::error::StreamingError;
+use crate::frame::{
+    Decoder, Encoder, FLAG_FIN, Frame, Headers, RST_PROTOCOL_ERROR, RST_REFUSED_STREAM, header,
 };
-use crate::error::RuntimeError;
 
 /// Data frames sent are cut to this size.
 const CHUNK: usize = 32 * 1024;
@@ -31,6 +31,11 @@ const OUT_QUEUE: usize = 256;
 const STREAM_QUEUE: usize = 64;
 /// After closing, how long the client may take to close its end.
 const LINGER: Duration = Duration::from_secs(5);
+/// Streams the client may have open (not yet finished sending) at once; more are
+/// refused. Each holds a queue here, and a port-forward keeps one open per
+/// forwarded connection, so this is far above what kubectl needs and far below
+/// what a client could make us hold.
+pub const MAX_OPEN_STREAMS: usize = 4096;
 
 /// See [`Connection::gone`].
 pub type Gone = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -63,7 +68,7 @@ pub struct StreamWriter {
 }
 
 impl StreamWriter {
-    pub async fn write(&self, data: &[u8]) -> Result<(), RuntimeError> {
+    pub async fn write(&self, data: &[u8]) -> Result<(), StreamingError> {
         for chunk in data.chunks(CHUNK) {
             self.send(Frame::Data {
                 stream_id: self.id,
@@ -76,7 +81,7 @@ impl StreamWriter {
     }
 
     /// Half-closes the stream: FIN, nothing more is sent on it.
-    pub async fn close(&self) -> Result<(), RuntimeError> {
+    pub async fn close(&self) -> Result<(), StreamingError> {
         self.send(Frame::Data {
             stream_id: self.id,
             fin: true,
@@ -85,11 +90,11 @@ impl StreamWriter {
         .await
     }
 
-    async fn send(&self, frame: Frame) -> Result<(), RuntimeError> {
+    async fn send(&self, frame: Frame) -> Result<(), StreamingError> {
         self.out
             .send(Out::Frame(frame))
             .await
-            .map_err(|_| RuntimeError::Streaming("the client connection is closed".into()))
+            .map_err(|_| StreamingError::Closed)
     }
 }
 
@@ -105,12 +110,12 @@ pub struct Connection {
 impl Connection {
     /// Starts serving SPDY on an upgraded socket; `buffered` is what was read past the
     /// HTTP request.
-    pub fn start<R, W>(read: R, write: W, buffered: Vec<u8>) -> Result<Self, RuntimeError>
+    pub fn start<R, W>(read: R, write: W, buffered: Vec<u8>) -> Result<Self, StreamingError>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let encoder = Encoder::new().map_err(|e| RuntimeError::Streaming(e.to_string()))?;
+        let encoder = Encoder::new()?;
         let (out, out_rx) = mpsc::channel(OUT_QUEUE);
         let (incoming_tx, incoming) = mpsc::channel(16);
         let (alive, gone) = watch::channel(());
@@ -245,10 +250,16 @@ async fn read_frames<R: AsyncRead + Unpin>(
                         stream_id,
                         status: RST_PROTOCOL_ERROR,
                     })
+                } else if flags & FLAG_FIN == 0 && streams.len() >= MAX_OPEN_STREAMS {
+                    last_id = stream_id;
+                    Some(Frame::RstStream {
+                        stream_id,
+                        status: RST_REFUSED_STREAM,
+                    })
                 } else {
                     last_id = stream_id;
                     let (data_tx, data) = mpsc::channel(STREAM_QUEUE);
-                    if flags & super::frame::FLAG_FIN == 0 {
+                    if flags & FLAG_FIN == 0 {
                         streams.insert(stream_id, data_tx);
                     }
                     let writer = StreamWriter {
@@ -275,10 +286,13 @@ async fn read_frames<R: AsyncRead + Unpin>(
                         .await
                     {
                         Ok(()) => None,
-                        Err(_) => Some(Frame::RstStream {
-                            stream_id,
-                            status: RST_REFUSED_STREAM,
-                        }),
+                        Err(_) => {
+                            streams.remove(&stream_id);
+                            Some(Frame::RstStream {
+                                stream_id,
+                                status: RST_REFUSED_STREAM,
+                            })
+                        }
                     }
                 }
             }
@@ -322,13 +336,16 @@ async fn read_frames<R: AsyncRead + Unpin>(
 pub async fn copy_to_stream<R: AsyncRead + Unpin>(
     mut from: R,
     to: &StreamWriter,
-) -> Result<(), RuntimeError> {
+) -> Result<(), StreamingError> {
     let mut buffer = vec![0u8; CHUNK];
     loop {
         let n = from
             .read(&mut buffer)
             .await
-            .map_err(|source| RuntimeError::io("cannot read output for the client", source))?;
+            .map_err(|source| StreamingError::Io {
+                what: "cannot read output for the client",
+                source,
+            })?;
         if n == 0 {
             return Ok(());
         }
@@ -340,189 +357,20 @@ pub async fn copy_to_stream<R: AsyncRead + Unpin>(
 pub async fn copy_from_stream<W: AsyncWrite + Unpin>(
     from: &mut mpsc::Receiver<Vec<u8>>,
     mut to: W,
-) -> Result<(), RuntimeError> {
+) -> Result<(), StreamingError> {
     while let Some(chunk) = from.recv().await {
         to.write_all(&chunk)
             .await
-            .map_err(|source| RuntimeError::io("cannot pass on what the client sent", source))?;
+            .map_err(|source| StreamingError::Io {
+                what: "cannot pass on what the client sent",
+                source,
+            })?;
     }
-    to.shutdown()
-        .await
-        .map_err(|source| RuntimeError::io("cannot close the input", source))
+    to.shutdown().await.map_err(|source| StreamingError::Io {
+        what: "cannot close the input",
+        source,
+    })
 }
 
 #[cfg(test)]
-mod tests {
-    use super::super::frame::*;
-
-    fn round_trip(frames: &[Frame]) {
-        let (mut encoder, mut decoder) = (Encoder::new().expect("encoder"), Decoder::default());
-        let mut bytes = Vec::new();
-        for frame in frames {
-            encoder.encode(frame, &mut bytes).expect("encode");
-        }
-        let mut at = 0;
-        for frame in frames {
-            // Fed a byte short, the decoder waits for more.
-            let size = frame_size(&bytes[at..]);
-            assert!(
-                Decoder::default()
-                    .decode(&bytes[at..at + size - 1])
-                    .expect("partial")
-                    .is_none()
-            );
-            let (decoded, used) = decoder
-                .decode(&bytes[at..])
-                .expect("decode")
-                .expect("whole frame");
-            assert_eq!(&decoded, frame);
-            at += used;
-        }
-        assert_eq!(at, bytes.len());
-    }
-
-    /// The size of the frame at the front (from its header).
-    fn frame_size(bytes: &[u8]) -> usize {
-        8 + u32::from_be_bytes([0, bytes[5], bytes[6], bytes[7]]) as usize
-    }
-
-    fn headers(pairs: &[(&str, &str)]) -> Headers {
-        pairs
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn every_frame_type_round_trips_with_shared_header_compression() {
-        round_trip(&[
-            Frame::SynStream {
-                stream_id: 1,
-                associated_to: 0,
-                priority: 0,
-                flags: 0,
-                headers: headers(&[("streamtype", "error")]),
-            },
-            Frame::SynStream {
-                stream_id: 3,
-                associated_to: 0,
-                priority: 7,
-                flags: FLAG_FIN,
-                headers: headers(&[("streamtype", "stdout"), ("port", "80"), ("requestid", "0")]),
-            },
-            Frame::SynReply {
-                stream_id: 1,
-                fin: false,
-                headers: Headers::new(),
-            },
-            Frame::Headers {
-                stream_id: 3,
-                fin: true,
-                headers: headers(&[("a", "1"), ("a", "2")]),
-            },
-            Frame::Data {
-                stream_id: 3,
-                fin: true,
-                data: b"hello".to_vec(),
-            },
-            Frame::Data {
-                stream_id: 5,
-                fin: false,
-                data: Vec::new(),
-            },
-            Frame::RstStream {
-                stream_id: 3,
-                status: 5,
-            },
-            Frame::Settings {
-                entries: vec![(0, 4, 100), (1, 7, 65536)],
-            },
-            Frame::Ping { id: 1 },
-            Frame::GoAway {
-                last_good_stream_id: 5,
-                status: 0,
-            },
-            Frame::WindowUpdate {
-                stream_id: 1,
-                delta: 4096,
-            },
-        ]);
-    }
-
-    #[test]
-    fn dictionary_is_the_spdy3_one() {
-        assert_eq!(HEADER_DICTIONARY.len(), 1423);
-        // Adler-32, as zlib's FDICT field names it.
-        let (mut a, mut b) = (1u32, 0u32);
-        for byte in HEADER_DICTIONARY {
-            a = (a + u32::from(*byte)) % 65521;
-            b = (b + a) % 65521;
-        }
-        assert_eq!((b << 16) | a, 0xe3c6_a7c2);
-    }
-
-    /// A SYN_STREAM whose header block zlib itself compressed (Python's zlib with the
-    /// dictionary, as Go's compress/zlib writes it): `streamtype: error`.
-    #[test]
-    fn reads_a_header_block_compressed_by_zlib() {
-        let block = include_bytes!("testdata/syn_stream_error.bin");
-        let (frame, used) = Decoder::default()
-            .decode(block)
-            .expect("decode")
-            .expect("frame");
-        assert_eq!(used, block.len());
-        assert_eq!(
-            frame,
-            Frame::SynStream {
-                stream_id: 1,
-                associated_to: 0,
-                priority: 0,
-                flags: 0,
-                headers: headers(&[("streamtype", "error")])
-            }
-        );
-    }
-
-    #[test]
-    fn multiple_values_travel_nul_separated() {
-        let mut encoder = Encoder::new().expect("encoder");
-        let mut bytes = Vec::new();
-        let sent = headers(&[
-            ("x-stream-protocol-version", "v4.channel.k8s.io"),
-            ("x-stream-protocol-version", "channel.k8s.io"),
-        ]);
-        encoder
-            .encode(
-                &Frame::SynReply {
-                    stream_id: 1,
-                    fin: false,
-                    headers: sent.clone(),
-                },
-                &mut bytes,
-            )
-            .expect("encode");
-        let (frame, _) = Decoder::default()
-            .decode(&bytes)
-            .expect("decode")
-            .expect("frame");
-        assert_eq!(
-            frame,
-            Frame::SynReply {
-                stream_id: 1,
-                fin: false,
-                headers: sent
-            }
-        );
-    }
-
-    #[test]
-    fn garbage_is_an_error_not_a_panic() {
-        let mut bad = vec![0x80, 0x03, 0x00, 0x01, 0x00, 0x00, 0x00, 0x0e];
-        bad.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4]);
-        assert!(Decoder::default().decode(&bad).is_err());
-        let wrong_version = [0x80, 0x02, 0x00, 0x06, 0x00, 0x00, 0x00, 0x04, 0, 0, 0, 1];
-        assert!(Decoder::default().decode(&wrong_version).is_err());
-        let short_ping = [0x80, 0x03, 0x00, 0x06, 0x00, 0x00, 0x00, 0x02, 0, 0];
-        assert!(Decoder::default().decode(&short_ping).is_err());
-    }
-}
+mod tests;

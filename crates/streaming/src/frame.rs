@@ -1,8 +1,8 @@
 //! SPDY/3.1 framing (draft-mbelshe-httpbis-spdy-00 with the 3.1 flow-control frames):
 //! frames to and from bytes, and the zlib-compressed name/value header blocks.
 //!
-//! Kept free of the rest of the crate so the integration tests' client can use the
-//! same file (`#[path]`): one codec, tested from both ends.
+//! The server ([`crate::spdy`]) and the integration tests' client both use this
+//! codec: one implementation of the wire format, tested from both ends.
 //!
 //! Control frame: `1 | version:15 | type:16 | flags:8 | length:24 | payload`.
 //! Data frame: `0 | stream id:31 | flags:8 | length:24 | data`.
@@ -12,12 +12,19 @@
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
 
+use crate::error::StreamingError;
+
 pub const VERSION: u16 = 3;
 pub const FLAG_FIN: u8 = 0x01;
 /// The largest payload a frame's 24-bit length can say.
 pub const MAX_PAYLOAD: usize = (1 << 24) - 1;
 /// A decompressed header block larger than this is refused (a zip bomb guard).
 const MAX_HEADER_BLOCK: usize = 1 << 20;
+/// The headers a block turns into may take this much, measured as HTTP/2 measures a
+/// header list (name + value + 32 per entry, RFC 9113 6.5.2): values split at NULs
+/// repeat their name, so a small block could otherwise stand for a huge list.
+const MAX_HEADER_LIST: usize = 2 << 20;
+const HEADER_ENTRY_COST: usize = 32;
 
 const TYPE_SYN_STREAM: u16 = 1;
 const TYPE_SYN_REPLY: u16 = 2;
@@ -84,14 +91,6 @@ pub enum Frame {
     },
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum FrameError {
-    #[error("SPDY protocol error: {0}")]
-    Protocol(String),
-    #[error("SPDY header compression: {0}")]
-    Compression(String),
-}
-
 /// First value of a header, by (lower-case) name.
 pub fn header<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
     headers
@@ -111,16 +110,16 @@ pub struct Decoder {
 }
 
 impl Encoder {
-    pub fn new() -> Result<Self, FrameError> {
+    pub fn new() -> Result<Self, StreamingError> {
         let mut deflate = Compress::new(Compression::default(), true);
         deflate
             .set_dictionary(HEADER_DICTIONARY)
-            .map_err(|e| FrameError::Compression(e.to_string()))?;
+            .map_err(|e| StreamingError::Compression(e.to_string()))?;
         Ok(Self { deflate })
     }
 
     /// Appends the frame's bytes to `out`.
-    pub fn encode(&mut self, frame: &Frame, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    pub fn encode(&mut self, frame: &Frame, out: &mut Vec<u8>) -> Result<(), StreamingError> {
         let (kind, flags, payload) = match frame {
             Frame::Data {
                 stream_id,
@@ -128,7 +127,7 @@ impl Encoder {
                 data,
             } => {
                 if data.len() > MAX_PAYLOAD {
-                    return Err(FrameError::Protocol(format!(
+                    return Err(StreamingError::Protocol(format!(
                         "data frame of {} bytes is too long",
                         data.len()
                     )));
@@ -200,13 +199,13 @@ impl Encoder {
                 words(&[stream_id & 0x7fff_ffff, delta & 0x7fff_ffff]),
             ),
             Frame::Unknown { kind } => {
-                return Err(FrameError::Protocol(format!(
+                return Err(StreamingError::Protocol(format!(
                     "cannot send a frame of unknown type {kind}"
                 )));
             }
         };
         if payload.len() > MAX_PAYLOAD {
-            return Err(FrameError::Protocol(format!(
+            return Err(StreamingError::Protocol(format!(
                 "control frame of {} bytes is too long",
                 payload.len()
             )));
@@ -219,7 +218,7 @@ impl Encoder {
         Ok(())
     }
 
-    fn compress(&mut self, headers: &Headers) -> Result<Vec<u8>, FrameError> {
+    fn compress(&mut self, headers: &Headers) -> Result<Vec<u8>, StreamingError> {
         let mut names: Vec<&str> = Vec::new();
         for (name, _) in headers {
             if !names.contains(&name.as_str()) {
@@ -246,7 +245,7 @@ impl Encoder {
             let consumed = (self.deflate.total_in() - start_in) as usize;
             self.deflate
                 .compress_vec(&block[consumed..], &mut out, FlushCompress::Sync)
-                .map_err(|e| FrameError::Compression(e.to_string()))?;
+                .map_err(|e| StreamingError::Compression(e.to_string()))?;
             let consumed = (self.deflate.total_in() - start_in) as usize;
             // A sync flush is complete once it leaves room in the output.
             if consumed == block.len() && out.len() < out.capacity() {
@@ -268,7 +267,7 @@ impl Default for Decoder {
 impl Decoder {
     /// Reads one frame from the front of `buf`: `None` until all its bytes are there,
     /// else the frame and how many bytes it took.
-    pub fn decode(&mut self, buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
+    pub fn decode(&mut self, buf: &[u8]) -> Result<Option<(Frame, usize)>, StreamingError> {
         if buf.len() < 8 {
             return Ok(None);
         }
@@ -287,7 +286,7 @@ impl Decoder {
         } else {
             let version = ((first >> 16) & 0x7fff) as u16;
             if version != VERSION {
-                return Err(FrameError::Protocol(format!(
+                return Err(StreamingError::Protocol(format!(
                     "SPDY version {version} is not supported"
                 )));
             }
@@ -296,10 +295,10 @@ impl Decoder {
         Ok(Some((frame, 8 + length)))
     }
 
-    fn control(&mut self, kind: u16, flags: u8, payload: &[u8]) -> Result<Frame, FrameError> {
+    fn control(&mut self, kind: u16, flags: u8, payload: &[u8]) -> Result<Frame, StreamingError> {
         let need = |n: usize| {
             if payload.len() < n {
-                Err(FrameError::Protocol(format!(
+                Err(StreamingError::Protocol(format!(
                     "control frame type {kind} is too short ({} bytes)",
                     payload.len()
                 )))
@@ -348,7 +347,7 @@ impl Decoder {
             TYPE_SETTINGS => {
                 need(4)?;
                 let count = u32_at(payload, 0) as usize;
-                need(4 + count.saturating_mul(8))?;
+                need(count.saturating_mul(8).saturating_add(4))?;
                 let entries = (0..count)
                     .map(|i| 4 + i * 8)
                     .map(|at| {
@@ -385,9 +384,13 @@ impl Decoder {
         })
     }
 
-    fn decompress(&mut self, input: &[u8]) -> Result<Headers, FrameError> {
+    fn decompress(&mut self, input: &[u8]) -> Result<Headers, StreamingError> {
         let start_in = self.inflate.total_in();
-        let mut block = Vec::with_capacity(input.len() * 4 + 64);
+        // Never room for more than one byte past the cap: that byte is how a block
+        // too large shows, and nothing larger is ever inflated.
+        let most = MAX_HEADER_BLOCK + 1;
+        let mut block =
+            Vec::with_capacity(input.len().saturating_mul(4).saturating_add(64).min(most));
         loop {
             let consumed = (self.inflate.total_in() - start_in) as usize;
             let produced = block.len();
@@ -399,62 +402,81 @@ impl Decoder {
                 Err(error) if error.needs_dictionary().is_some() => {
                     self.inflate
                         .set_dictionary(HEADER_DICTIONARY)
-                        .map_err(|e| FrameError::Compression(e.to_string()))?;
+                        .map_err(|e| StreamingError::Compression(e.to_string()))?;
                     continue;
                 }
-                Err(error) => return Err(FrameError::Compression(error.to_string())),
-            }
-            let now_consumed = (self.inflate.total_in() - start_in) as usize;
-            if now_consumed == input.len() && block.len() < block.capacity() {
-                break;
+                Err(error) => return Err(StreamingError::Compression(error.to_string())),
             }
             if block.len() > MAX_HEADER_BLOCK {
-                return Err(FrameError::Compression(format!(
+                return Err(StreamingError::Compression(format!(
                     "header block larger than {MAX_HEADER_BLOCK} bytes"
                 )));
             }
+            let now_consumed = (self.inflate.total_in() - start_in) as usize;
+            // A sync flush is complete once it leaves room in the output.
+            if now_consumed == input.len() && block.len() < block.capacity() {
+                break;
+            }
             if block.len() == block.capacity() {
-                block.reserve(block.capacity());
+                block.reserve_exact(block.capacity().min(most - block.len()));
             } else if now_consumed == consumed && block.len() == produced {
-                return Err(FrameError::Compression("header block is truncated".into()));
+                return Err(StreamingError::Compression(
+                    "header block is truncated".into(),
+                ));
             }
         }
         parse_block(&block)
     }
 }
 
-fn parse_block(block: &[u8]) -> Result<Headers, FrameError> {
-    let mut at = 0;
-    let mut take = |n: usize| -> Result<&[u8], FrameError> {
-        let part = block
-            .get(at..at + n)
-            .ok_or_else(|| FrameError::Protocol("header block is cut short".into()))?;
-        at += n;
-        Ok(part)
-    };
-    let count = u32::from_be_bytes(
-        take(4)?
-            .try_into()
-            .map_err(|_| FrameError::Protocol("bad header count".into()))?,
-    );
+fn parse_block(block: &[u8]) -> Result<Headers, StreamingError> {
+    let mut reader = BlockReader { block, at: 0 };
+    let count = reader.length()?;
     let mut headers = Headers::new();
+    let mut list_size: usize = 0;
     for _ in 0..count {
-        let mut text = || -> Result<String, FrameError> {
-            let length = u32::from_be_bytes(
-                take(4)?
-                    .try_into()
-                    .map_err(|_| FrameError::Protocol("bad header length".into()))?,
-            ) as usize;
-            String::from_utf8(take(length)?.to_vec())
-                .map_err(|_| FrameError::Protocol("header is not UTF-8".into()))
-        };
-        let name = text()?.to_ascii_lowercase();
-        let value = text()?;
+        let name = reader.text()?.to_ascii_lowercase();
+        let value = reader.text()?;
         for part in value.split('\0') {
+            list_size = list_size.saturating_add(name.len() + part.len() + HEADER_ENTRY_COST);
+            if list_size > MAX_HEADER_LIST {
+                return Err(StreamingError::Protocol(format!(
+                    "headers larger than {MAX_HEADER_LIST} bytes as a list"
+                )));
+            }
             headers.push((name.clone(), part.to_string()));
         }
     }
     Ok(headers)
+}
+
+/// Reads an inflated header block front to back; running out is an error.
+struct BlockReader<'a> {
+    block: &'a [u8],
+    at: usize,
+}
+
+impl BlockReader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], StreamingError> {
+        let part = self
+            .at
+            .checked_add(n)
+            .and_then(|end| self.block.get(self.at..end))
+            .ok_or_else(|| StreamingError::Protocol("header block is cut short".into()))?;
+        self.at += n;
+        Ok(part)
+    }
+
+    fn length(&mut self) -> Result<usize, StreamingError> {
+        let bytes = self.take(4)?;
+        Ok(u32_at(bytes, 0) as usize)
+    }
+
+    fn text(&mut self) -> Result<String, StreamingError> {
+        let length = self.length()?;
+        String::from_utf8(self.take(length)?.to_vec())
+            .map_err(|_| StreamingError::Protocol("header is not UTF-8".into()))
+    }
 }
 
 fn u32_at(buf: &[u8], at: usize) -> u32 {
@@ -501,3 +523,6 @@ pub const HEADER_DICTIONARY: &[u8] = b"\
     nked,text/html,image/png,image/jpg,image/gif,application/xml,application/xhtml+xml,text/\
     plain,text/javascript,publicprivatemax-age=gzip,deflate,sdchcharset=utf-8charset=iso-885\
     9-1,utf-,*,enq=0.";
+
+#[cfg(test)]
+mod tests;

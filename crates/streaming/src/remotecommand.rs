@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::spdy::{Connection, StreamWriter};
-use crate::error::RuntimeError;
+use crate::error::StreamingError;
+use crate::spdy::{Connection, StreamWriter};
 
 pub const V4: &str = "v4.channel.k8s.io";
 /// The versions served, most preferred first. (v5 only differs over WebSockets.)
@@ -86,7 +86,7 @@ pub async fn accept_streams(
     connection: &mut Connection,
     protocol: &'static str,
     options: &Options,
-) -> Result<Streams, RuntimeError> {
+) -> Result<Streams, StreamingError> {
     let resize_wanted =
         options.tty && protocol != "v2.channel.k8s.io" && protocol != "channel.k8s.io";
     let wanted = |kind: &str| match kind {
@@ -109,13 +109,13 @@ pub async fn accept_streams(
         let stream = tokio::time::timeout_at(deadline, connection.next_stream())
             .await
             .map_err(|_| {
-                RuntimeError::Streaming(format!(
+                StreamingError::Session(format!(
                     "the client opened {received} of {expected} streams in {} s",
                     STREAM_CREATION_TIMEOUT.as_secs()
                 ))
             })?
             .ok_or_else(|| {
-                RuntimeError::Streaming("the client went away before opening its streams".into())
+                StreamingError::Session("the client went away before opening its streams".into())
             })?;
         let kind = stream.header("streamtype").unwrap_or_default().to_string();
         let slot_taken = match kind.as_str() {
@@ -131,22 +131,24 @@ pub async fn accept_streams(
                 resize.replace(stream.data).is_some()
             }
             other => {
+                // Closed at once rather than kept to the end: a client opening
+                // streams nobody asked for must not grow the session.
                 tracing::debug!(
                     stream_type = other,
-                    "ignoring a stream the session did not ask for"
+                    "closing a stream the session did not ask for"
                 );
-                inbound.push(stream.writer);
+                let _ = stream.writer.close().await;
                 continue;
             }
         };
         if slot_taken {
-            return Err(RuntimeError::Streaming(format!(
+            return Err(StreamingError::Session(format!(
                 "the client opened two {kind} streams"
             )));
         }
         received += 1;
     }
-    let error = error.ok_or_else(|| RuntimeError::Streaming("no error stream".into()))?;
+    let error = error.ok_or_else(|| StreamingError::Session("no error stream".into()))?;
     Ok(Streams {
         protocol,
         error,
@@ -270,6 +272,8 @@ impl ResizeDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frame::Frame;
+    use crate::testing::connect;
 
     #[test]
     fn v4_status_carries_the_exit_code_as_client_go_reads_it() {
@@ -315,5 +319,99 @@ mod tests {
             ]
         );
         assert!(decoder.push(b"]").is_err());
+    }
+
+    fn options(stdin: bool, stdout: bool, stderr: bool, tty: bool) -> Options {
+        Options {
+            stdin,
+            stdout,
+            stderr,
+            tty,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_v4_session_gets_its_streams_and_ends_with_a_status() {
+        let (mut client, connection) = connect();
+        let error = client.open(&[("streamtype", "error")]).await;
+        let stdin = client.open(&[("streamtype", "stdin")]).await;
+        let stdout = client.open(&[("streamtype", "stdout")]).await;
+        let stderr = client.open(&[("streamtype", "stderr")]).await;
+        let (connection, mut streams) = open(connection, V4, &options(true, true, true, false))
+            .await
+            .expect("the session");
+        assert!(streams.resize.is_none());
+        client.data(stdin, b"input", true).await;
+        let mut input = streams.stdin.take().expect("stdin");
+        assert_eq!(input.recv().await.as_deref(), Some(&b"input"[..]));
+        assert_eq!(input.recv().await, None);
+        let out = streams.stdout.clone().expect("stdout");
+        out.write(b"output").await.expect("write");
+        let closing = tokio::spawn(close(connection, streams, Outcome::Exited(3)));
+
+        assert_eq!(client.read_stream(stdout).await, b"output");
+        assert!(client.read_stream(stderr).await.is_empty());
+        let status: serde_json::Value =
+            serde_json::from_slice(&client.read_stream(error).await).expect("a JSON status");
+        assert_eq!(status["details"]["causes"][0]["message"], "3");
+        assert!(client.read_stream(stdin).await.is_empty());
+        client
+            .next_where(|frame| matches!(frame, Frame::GoAway { .. }))
+            .await;
+        drop(client);
+        closing.await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn resize_is_a_stream_from_v3_on_and_only_with_a_tty() {
+        for (protocol, resize_wanted) in [
+            (V4, true),
+            ("v3.channel.k8s.io", true),
+            ("v2.channel.k8s.io", false),
+            ("channel.k8s.io", false),
+        ] {
+            let (mut client, mut connection) = connect();
+            client.open(&[("streamtype", "error")]).await;
+            let resize = client.open(&[("streamtype", "resize")]).await;
+            client.open(&[("streamtype", "stdout")]).await;
+            let streams = accept_streams(
+                &mut connection,
+                protocol,
+                &options(false, true, false, true),
+            )
+            .await
+            .expect("the session");
+            assert_eq!(streams.resize.is_some(), resize_wanted, "{protocol}");
+            if !resize_wanted {
+                // Not asked for: closed at once, not at the end of the session.
+                assert!(client.read_stream(resize).await.is_empty());
+            }
+        }
+        let (mut client, mut connection) = connect();
+        client.open(&[("streamtype", "error")]).await;
+        client.open(&[("streamtype", "stdout")]).await;
+        let streams = accept_streams(&mut connection, V4, &options(false, true, false, false))
+            .await
+            .expect("without a TTY, no resize stream is waited for");
+        assert!(streams.resize.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_stream_opened_twice_or_never_fails_the_session() {
+        let (mut client, mut connection) = connect();
+        client.open(&[("streamtype", "error")]).await;
+        client.open(&[("streamtype", "error")]).await;
+        assert!(matches!(
+            accept_streams(&mut connection, V4, &options(false, true, false, false)).await,
+            Err(StreamingError::Session(_))
+        ));
+
+        let (mut client, mut connection) = connect();
+        client.open(&[("streamtype", "error")]).await;
+        drop(client);
+        assert!(matches!(
+            accept_streams(&mut connection, V4, &options(false, true, false, false)).await,
+            Err(StreamingError::Session(_))
+        ));
     }
 }
