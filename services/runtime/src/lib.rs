@@ -16,6 +16,7 @@
 
 pub mod backends;
 pub mod error;
+pub mod ids;
 mod inherit_fd;
 pub mod lifecycle;
 pub mod namespaces;
@@ -23,5 +24,4 @@ pub mod oci;
 pub mod server;
 pub mod spec;
 pub mod store;
-pub mod streaming;
 pub mod validate;

@@ -12,8 +12,8 @@ use trellis_runtime::lifecycle::{Parts, Runtime};
 use trellis_runtime::namespaces::HostNamespaces;
 use trellis_runtime::oci::ConmonRunc;
 use trellis_runtime::server::RuntimeService;
+use trellis_runtime::server::streaming::StreamingServer;
 use trellis_runtime::store::RecordStore;
-use trellis_runtime::streaming::StreamingServer;
 
 fn main() -> anyhow::Result<()> {
     trellis_common::service::run(ServiceKind::Runtime, async |context| {

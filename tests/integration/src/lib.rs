@@ -26,6 +26,7 @@ pub mod netns;
 pub mod otlp;
 pub mod peer;
 pub mod pki;
+pub mod pods;
 pub mod registry;
 pub mod spdy_client;
 

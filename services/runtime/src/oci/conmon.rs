@@ -140,7 +140,7 @@ impl ConmonRunc {
     ) -> Result<ExecProcess, RuntimeError> {
         let pid_file = self
             .exits_dir()
-            .join(format!("exec-{}", crate::store::new_id()?));
+            .join(format!("exec-{}", crate::ids::new_id()?));
         let mut command = Command::new(runtime);
         command
             .arg("--root")

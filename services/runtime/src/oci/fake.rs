@@ -61,7 +61,7 @@ impl FakeOci {
             id.to_string(),
             Exit {
                 code,
-                finished_at: crate::store::now_nanos(),
+                finished_at: crate::ids::now_nanos(),
                 oom_killed,
             },
         );
@@ -139,7 +139,7 @@ impl OciRuntime for FakeOci {
                 id.to_string(),
                 Exit {
                     code,
-                    finished_at: crate::store::now_nanos(),
+                    finished_at: crate::ids::now_nanos(),
                     oom_killed: false,
                 },
             );

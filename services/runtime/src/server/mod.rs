@@ -1,14 +1,15 @@
 //! The server layer: the CRI RuntimeService as the runtime service answers it on its
 //! internal socket. Handlers are thin (take the request apart, call the lifecycle,
-//! build the response), one file per group: pods, containers, streaming, stats and
-//! status. The trait impl below only routes, because `#[async_trait]` must see
+//! build the response), one file per group: pods, containers, exec (streaming URLs), stats
+//! and status; `streaming/` is the HTTP server the URLs point at. The trait impl below only routes, because `#[async_trait]` must see
 //! every method of the trait in one impl.
 
 mod containers;
+mod exec;
 mod pods;
 mod stats;
 mod status;
-mod streaming;
+pub mod streaming;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use trellis_common::config::RuntimeConfig;
 use trellis_common::grpc_service_impl;
 
 use crate::lifecycle::Runtime;
-use crate::streaming::StreamingServer;
+use streaming::StreamingServer;
 
 pub struct RuntimeService {
     oci_runtime: String,
@@ -146,15 +147,15 @@ grpc_service_impl! {
     }
 
     async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
-        streaming::exec(self.streaming()?, request.into_inner()).await.map(Response::new)
+        exec::exec(self.streaming()?, request.into_inner()).await.map(Response::new)
     }
 
     async fn attach(&self, request: Request<AttachRequest>) -> Result<Response<AttachResponse>, Status> {
-        streaming::attach(self.streaming()?, request.into_inner()).await.map(Response::new)
+        exec::attach(self.streaming()?, request.into_inner()).await.map(Response::new)
     }
 
     async fn port_forward(&self, request: Request<PortForwardRequest>) -> Result<Response<PortForwardResponse>, Status> {
-        streaming::port_forward(self.streaming()?, request.into_inner()).await.map(Response::new)
+        exec::port_forward(self.streaming()?, request.into_inner()).await.map(Response::new)
     }
 
     async fn version(&self, _request: Request<VersionRequest>) -> Result<Response<VersionResponse>, Status> {

@@ -17,9 +17,8 @@ use trellis_common::store::Store;
 use trellis_common::text::excerpt;
 
 use crate::error::RuntimeError;
-pub use records::{
-    ContainerRecord, ContainerState, SandboxRecord, SandboxState, new_id, now_nanos,
-};
+pub use crate::ids::{new_id, now_nanos};
+pub use records::{ContainerRecord, ContainerState, SandboxRecord, SandboxState};
 pub use table::{Record, Table};
 
 impl Record for SandboxRecord {

@@ -160,7 +160,7 @@ impl StreamingServer {
     /// Stores the session under a new token and answers its URL.
     async fn url(&self, session: Session) -> Result<String, RuntimeError> {
         let address = self.bound.get_or_try_init(|| self.listen()).await?;
-        let token = crate::store::new_id()?;
+        let token = crate::ids::new_id()?;
         let kind = session.kind();
         let mut pending = self
             .pending

@@ -4,7 +4,7 @@
 use k8s_cri::v1::*;
 use tonic::Status;
 
-use crate::streaming::StreamingServer;
+use super::streaming::StreamingServer;
 
 pub async fn exec(
     streaming: &StreamingServer,

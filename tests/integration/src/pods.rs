@@ -1,0 +1,135 @@
+//! Pods and containers for the pod tests: a node with a registry holding busybox,
+//! pod and container configs, and the CRI calls the tests repeat.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use k8s_cri::v1::*;
+
+use crate::registry::{Registry, busybox_layer, image};
+use crate::{Node, NodeOptions};
+
+pub struct Pod {
+    pub id: String,
+    pub config: PodSandboxConfig,
+}
+
+pub fn pod_config(name: &str, log_directory: &str, host_network: bool) -> PodSandboxConfig {
+    let mode = if host_network {
+        NamespaceMode::Node
+    } else {
+        NamespaceMode::Pod
+    };
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            namespace: "tests".into(),
+            uid: format!("uid-{name}"),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: log_directory.into(),
+        labels: HashMap::from([("app".to_string(), name.to_string())]),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: mode as i32,
+                    pid: NamespaceMode::Container as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn container_config(name: &str, image: &str, command: &[&str]) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        labels: HashMap::from([("container".to_string(), name.to_string())]),
+        ..Default::default()
+    }
+}
+
+pub async fn setup() -> (tempfile::TempDir, Registry, Node, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = Registry::start(dir.path(), None);
+    let built = image(vec![busybox_layer()], &["/bin/sh"], "amd64", false);
+    registry.push("tests/busybox", "1", &built).await;
+    let node = Node::start(NodeOptions {
+        with_cni_config: true,
+        ..Default::default()
+    })
+    .await;
+    let name = format!("{}/tests/busybox:1", registry.address);
+    node.images()
+        .pull_image(PullImageRequest {
+            image: Some(ImageSpec {
+                image: name.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("pull busybox");
+    (dir, registry, node, name)
+}
+
+pub async fn run_pod(node: &Node, config: PodSandboxConfig) -> Pod {
+    let id = node
+        .runtime()
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id;
+    Pod { id, config }
+}
+
+pub async fn create(node: &Node, pod: &Pod, config: ContainerConfig) -> String {
+    let request = CreateContainerRequest {
+        pod_sandbox_id: pod.id.clone(),
+        config: Some(config),
+        sandbox_config: Some(pod.config.clone()),
+    };
+    node.runtime()
+        .create_container(request)
+        .await
+        .expect("CreateContainer")
+        .into_inner()
+        .container_id
+}
+
+pub async fn start(node: &Node, pod: &Pod, config: ContainerConfig) -> String {
+    let id = create(node, pod, config).await;
+    node.runtime()
+        .start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .expect("StartContainer");
+    id
+}
+
+pub async fn status(node: &Node, id: &str) -> ContainerStatus {
+    crate::cri::container_status(node, id).await
+}
+
+pub async fn wait_exited(node: &Node, id: &str) -> ContainerStatus {
+    crate::cri::wait_exited(node, id, Duration::from_secs(20)).await
+}
