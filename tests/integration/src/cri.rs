@@ -248,3 +248,25 @@ pub async fn wait_exited(node: &Node, id: &str, within: Duration) -> ContainerSt
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The image a reference names, if present.
+pub async fn image_status(node: &Node, image: &str) -> Option<Image> {
+    node.images()
+        .image_status(ImageStatusRequest {
+            image: image_spec(image),
+            verbose: false,
+        })
+        .await
+        .expect("ImageStatus")
+        .into_inner()
+        .image
+}
+
+pub async fn list_images(node: &Node) -> Vec<Image> {
+    node.images()
+        .list_images(ListImagesRequest::default())
+        .await
+        .expect("ListImages")
+        .into_inner()
+        .images
+}

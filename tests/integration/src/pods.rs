@@ -6,13 +6,9 @@ use std::time::Duration;
 
 use k8s_cri::v1::*;
 
+pub use crate::cri::{Pod, run_pod, start};
 use crate::registry::{Registry, busybox_layer, image};
 use crate::{Node, NodeOptions};
-
-pub struct Pod {
-    pub id: String,
-    pub config: PodSandboxConfig,
-}
 
 pub fn pod_config(name: &str, log_directory: &str, host_network: bool) -> PodSandboxConfig {
     let mode = if host_network {
@@ -87,43 +83,11 @@ pub async fn setup() -> (tempfile::TempDir, Registry, Node, String) {
     (dir, registry, node, name)
 }
 
-pub async fn run_pod(node: &Node, config: PodSandboxConfig) -> Pod {
-    let id = node
-        .runtime()
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
-    Pod { id, config }
-}
-
+/// Creates a container, which must succeed.
 pub async fn create(node: &Node, pod: &Pod, config: ContainerConfig) -> String {
-    let request = CreateContainerRequest {
-        pod_sandbox_id: pod.id.clone(),
-        config: Some(config),
-        sandbox_config: Some(pod.config.clone()),
-    };
-    node.runtime()
-        .create_container(request)
+    crate::cri::create(node, pod, config)
         .await
         .expect("CreateContainer")
-        .into_inner()
-        .container_id
-}
-
-pub async fn start(node: &Node, pod: &Pod, config: ContainerConfig) -> String {
-    let id = create(node, pod, config).await;
-    node.runtime()
-        .start_container(StartContainerRequest {
-            container_id: id.clone(),
-        })
-        .await
-        .expect("StartContainer");
-    id
 }
 
 pub async fn status(node: &Node, id: &str) -> ContainerStatus {

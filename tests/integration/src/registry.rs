@@ -447,3 +447,20 @@ pub fn image(
         manifest_media_type: manifest_type.to_string(),
     }
 }
+
+/// busybox and one small layer with a file named after `marker`, so each test
+/// pulls an image of its own.
+pub fn small_image(marker: &'static str) -> BuiltImage {
+    image(
+        vec![
+            busybox_layer(),
+            layer(
+                &[Entry::File(marker, marker.as_bytes().to_vec())],
+                Compression::Gzip,
+            ),
+        ],
+        &["/bin/sh"],
+        "amd64",
+        false,
+    )
+}

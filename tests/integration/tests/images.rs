@@ -5,54 +5,16 @@ use std::time::Duration;
 
 use k8s_cri::v1::*;
 use tonic::Code;
-use trellis_integration::cri::{image_spec, pull, pull_in_background};
+use trellis_integration::cri::{image_spec, image_status, list_images, pull};
 use trellis_integration::nats::{NatsServer, read_events};
-use trellis_integration::registry::{
-    BuiltImage, Compression, Entry, Registry, busybox_layer, image, layer,
-};
-use trellis_integration::{Node, NodeOptions, kill9, unix_channel};
+use trellis_integration::registry::{Compression, Entry, Registry, image, layer, small_image};
+use trellis_integration::{Node, NodeOptions, unix_channel};
 use trellis_proto::events::v1::{event::Payload, image_event};
 use trellis_proto::storage::v1::storage_client::StorageClient;
 use trellis_proto::storage::v1::{PrepareRootfsRequest, ReleaseRootfsRequest};
 
-async fn status(node: &Node, image: &str) -> Option<Image> {
-    node.images()
-        .image_status(ImageStatusRequest {
-            image: image_spec(image),
-            verbose: false,
-        })
-        .await
-        .expect("ImageStatus")
-        .into_inner()
-        .image
-}
-
-async fn list(node: &Node) -> Vec<Image> {
-    node.images()
-        .list_images(ListImagesRequest::default())
-        .await
-        .expect("ListImages")
-        .into_inner()
-        .images
-}
-
 fn storage(node: &Node) -> StorageClient<tonic::transport::Channel> {
     StorageClient::new(unix_channel(&node.socket("storage")))
-}
-
-fn small_image(marker: &'static str) -> BuiltImage {
-    image(
-        vec![
-            busybox_layer(),
-            layer(
-                &[Entry::File(marker, marker.as_bytes().to_vec())],
-                Compression::Gzip,
-            ),
-        ],
-        &["/bin/sh"],
-        "amd64",
-        false,
-    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -73,7 +35,7 @@ async fn pull_by_tag_and_digest_list_status_remove_and_pull_again() {
     let by_digest = format!("{}/tests/app@{digest}", registry.address);
 
     assert_eq!(pull(&node, &tagged).await.expect("pull by tag"), built.id());
-    let listed = list(&node).await;
+    let listed = list_images(&node).await;
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].id, built.id());
     assert_eq!(listed[0].repo_tags, vec![tagged.clone()]);
@@ -86,7 +48,7 @@ async fn pull_by_tag_and_digest_list_status_remove_and_pull_again() {
     );
     for name in [&tagged, &by_digest, &built.id()] {
         assert_eq!(
-            status(&node, name).await.map(|i| i.id),
+            image_status(&node, name).await.map(|i| i.id),
             Some(built.id()),
             "ImageStatus by {name}"
         );
@@ -106,7 +68,7 @@ async fn pull_by_tag_and_digest_list_status_remove_and_pull_again() {
         verbose.info
     );
     assert!(
-        status(&node, &format!("{}/tests/other:v1", registry.address))
+        image_status(&node, &format!("{}/tests/other:v1", registry.address))
             .await
             .is_none(),
         "unknown image: no error, no image"
@@ -130,7 +92,7 @@ async fn pull_by_tag_and_digest_list_status_remove_and_pull_again() {
         })
         .await
         .expect("remove by tag");
-    assert!(list(&node).await.is_empty());
+    assert!(list_images(&node).await.is_empty());
     assert!(
         node.layer_dirs().is_empty(),
         "layers go with the last image using them: {:?}",
@@ -147,17 +109,17 @@ async fn pull_by_tag_and_digest_list_status_remove_and_pull_again() {
         pull(&node, &by_digest).await.expect("pull by digest"),
         built.id()
     );
-    let again = status(&node, &by_digest).await.expect("present");
+    let again = image_status(&node, &by_digest).await.expect("present");
     assert!(again.repo_tags.is_empty(), "pulled by digest: no tag");
     pull(&node, &tagged).await.expect("pull the tag too");
-    assert_eq!(list(&node).await.len(), 1, "one image, two names");
+    assert_eq!(list_images(&node).await.len(), 1, "one image, two names");
     node.images()
         .remove_image(RemoveImageRequest {
             image: image_spec(&built.id()),
         })
         .await
         .expect("remove by id");
-    assert!(list(&node).await.is_empty());
+    assert!(list_images(&node).await.is_empty());
 
     let error = pull(&node, "Not A Reference").await.expect_err("bad name");
     assert_eq!(error.code(), Code::InvalidArgument);
@@ -330,7 +292,7 @@ async fn an_index_resolves_to_amd64_and_zstd_layers_work() {
         amd64.id(),
         "the amd64 image"
     );
-    let pulled = status(&node, &name).await.expect("present");
+    let pulled = image_status(&node, &name).await.expect("present");
     assert_eq!(
         pulled.repo_digests,
         vec![format!("{}/tests/multi@{index_digest}", registry.address)],
@@ -428,7 +390,7 @@ async fn a_mirror_serves_a_registry_that_does_not_resolve() {
         pull(&node, name).await.expect("pull through the mirror"),
         built.id()
     );
-    let pulled = status(&node, name)
+    let pulled = image_status(&node, name)
         .await
         .expect("present under the name asked for");
     assert_eq!(pulled.repo_tags, vec![name.to_string()]);
@@ -441,205 +403,6 @@ async fn a_mirror_serves_a_registry_that_does_not_resolve() {
         "names every source tried: {}",
         error.message()
     );
-    node.stop();
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn hostile_or_corrupt_layers_fail_by_name_and_leave_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let registry = Registry::start(dir.path(), None);
-    let node = Node::start(NodeOptions::default()).await;
-    let cases: Vec<(&str, Vec<Entry>, &str)> = vec![
-        (
-            "dotdot",
-            vec![Entry::File("../escape", b"x".to_vec())],
-            "path contains `..`",
-        ),
-        (
-            "absolute",
-            vec![Entry::File("/escape-abs", b"x".to_vec())],
-            "absolute path",
-        ),
-        (
-            "symlink",
-            vec![
-                Entry::Symlink("etc", "/etc"),
-                Entry::File("etc/trellis-escape", b"x".to_vec()),
-            ],
-            "writes through the symlink `etc`",
-        ),
-        (
-            "hardlink",
-            vec![Entry::HardLink("passwd", "/etc/passwd")],
-            "hard link to the absolute path `/etc/passwd`",
-        ),
-    ];
-    for (tag, entries, expected) in cases {
-        let built = image(
-            vec![layer(&entries, Compression::Gzip)],
-            &["/x"],
-            "amd64",
-            false,
-        );
-        registry.push("tests/hostile", tag, &built).await;
-        let error = pull(&node, &format!("{}/tests/hostile:{tag}", registry.address))
-            .await
-            .expect_err("must fail");
-        assert!(
-            error.message().contains(expected),
-            "{tag}: {}",
-            error.message()
-        );
-    }
-    // A blob whose bytes do not match its digest.
-    let built = small_image("corrupt");
-    registry.push("tests/hostile", "corrupt", &built).await;
-    let top = built.layers.last().expect("layer");
-    let mut bytes = std::fs::read(registry.blob_file(&top.digest())).expect("blob file");
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0xff;
-    std::fs::write(registry.blob_file(&top.digest()), bytes).expect("corrupt blob");
-    let error = pull(
-        &node,
-        &format!("{}/tests/hostile:corrupt", registry.address),
-    )
-    .await
-    .expect_err("corrupt blob");
-    assert!(
-        error.message().contains(&top.digest()) && error.message().contains("digest"),
-        "{}",
-        error.message()
-    );
-
-    assert!(list(&node).await.is_empty(), "no image recorded");
-    // A failed layer cancels its siblings; storage removes their partial unpack as
-    // soon as it sees the stream end, which may be just after the pull answered.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while node
-        .layer_dirs()
-        .iter()
-        .any(|name| name.starts_with("tmp-"))
-        && std::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let layers = node.layer_dirs();
-    assert!(
-        layers.iter().all(|name| !name.starts_with("tmp-")),
-        "no half layer: {layers:?}"
-    );
-    assert!(
-        layers.len() <= 1,
-        "at most the good busybox layer of the corrupt image: {layers:?}"
-    );
-    assert!(!Path::new("/escape-abs").exists() && !Path::new("/etc/trellis-escape").exists());
-    assert!(!node.root().join("state/storage/escape").exists());
-    node.stop();
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn concurrent_pulls_download_each_blob_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let registry = Registry::start(dir.path(), None);
-    let built = image(
-        vec![
-            busybox_layer(),
-            layer(&[Entry::File("one", vec![1; 300_000])], Compression::Gzip),
-            layer(&[Entry::File("two", vec![2; 300_000])], Compression::Zstd),
-        ],
-        &["/bin/sh"],
-        "amd64",
-        false,
-    );
-    registry.push("tests/shared", "1", &built).await;
-    let node = Node::start(NodeOptions::default()).await;
-    let name = format!("{}/tests/shared:1", registry.address);
-    let (a, b, c) = tokio::join!(pull(&node, &name), pull(&node, &name), pull(&node, &name));
-    for result in [a, b, c] {
-        assert_eq!(result.expect("pull"), built.id());
-    }
-    for blob in built
-        .layers
-        .iter()
-        .map(|l| l.digest())
-        .chain(std::iter::once(trellis_integration::registry::sha256(
-            &built.config,
-        )))
-    {
-        assert_eq!(
-            registry.blob_downloads(&blob),
-            1,
-            "blob {blob} downloaded once"
-        );
-    }
-    node.stop();
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn storage_killed_mid_pull_leaves_a_consistent_store() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let registry = Registry::start(dir.path(), None);
-    // Big and uncompressed, so the unpack takes long enough to be interrupted.
-    let big: Vec<u8> = (0..150_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
-    let built = image(
-        vec![layer(&[Entry::File("big", big)], Compression::None)],
-        &["/x"],
-        "amd64",
-        false,
-    );
-    registry.push("tests/big", "1", &built).await;
-    let small = small_image("survivor");
-    registry.push("tests/small", "1", &small).await;
-    let node = Node::start(NodeOptions::default()).await;
-    pull(&node, &format!("{}/tests/small:1", registry.address))
-        .await
-        .expect("pull small");
-    let name = format!("{}/tests/big:1", registry.address);
-    let storage_pid = node.info("storage").await.expect("info").pid;
-
-    let layers_dir = node.root().join("state/storage/layers");
-    let pulling = pull_in_background(&node, &name);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let unpacking = std::fs::read_dir(&layers_dir)
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .any(|e| e.file_name().to_string_lossy().starts_with("tmp-"))
-            })
-            .unwrap_or(false);
-        if unpacking {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline && !pulling.is_finished(),
-            "never caught the unpack in progress"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    kill9(storage_pid);
-    assert!(
-        pulling.await.expect("join").is_err(),
-        "the interrupted pull fails"
-    );
-    node.wait_restarted("storage", storage_pid, Duration::from_secs(10))
-        .await;
-    let survivors: Vec<String> = list(&node).await.into_iter().map(|i| i.id).collect();
-    assert_eq!(
-        survivors,
-        vec![small.id()],
-        "records survive the kill; the interrupted image is not recorded"
-    );
-    assert_eq!(
-        node.layer_dirs().len(),
-        2,
-        "only the small image's layers remain: {:?}",
-        node.layer_dirs()
-    );
-
-    assert_eq!(pull(&node, &name).await.expect("pull again"), built.id());
-    assert_eq!(node.layer_dirs().len(), 3);
     node.stop();
 }
 
@@ -697,42 +460,6 @@ async fn image_fs_info_agrees_with_du() {
     assert!(
         (inodes - du_inodes).abs() <= du_inodes * 0.05,
         "inodes {inodes} vs du {du_inodes}"
-    );
-    node.stop();
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_pull_that_makes_no_progress_is_cancelled() {
-    // A "registry" that accepts connections and never answers.
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let address = silent.local_addr().expect("address");
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for stream in silent.incoming().take(16).flatten() {
-            held.push(stream);
-        }
-    });
-    let node = Node::start(NodeOptions {
-        extra_config: "[image]\npull_progress_timeout_seconds = 1\n".into(),
-        ..Default::default()
-    })
-    .await;
-    let started = std::time::Instant::now();
-    let error = pull(&node, &format!("{address}/tests/stuck:1"))
-        .await
-        .expect_err("stalled");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "cancelled after about a second: {:?}",
-        started.elapsed()
-    );
-    assert_eq!(error.code(), Code::DeadlineExceeded, "{}", error.message());
-    assert!(
-        error
-            .message()
-            .contains("nothing received for 1 s while fetching the manifest"),
-        "{}",
-        error.message()
     );
     node.stop();
 }
