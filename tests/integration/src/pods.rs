@@ -10,36 +10,22 @@ pub use crate::cri::{Pod, run_pod, start};
 use crate::registry::{Registry, busybox_layer, image};
 use crate::{Node, NodeOptions};
 
+/// A pod labelled `app=<name>`, logging under `log_directory`, on the host's
+/// network or its own.
 pub fn pod_config(name: &str, log_directory: &str, host_network: bool) -> PodSandboxConfig {
-    let mode = if host_network {
-        NamespaceMode::Node
-    } else {
-        NamespaceMode::Pod
-    };
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.into(),
-            namespace: "tests".into(),
-            uid: format!("uid-{name}"),
-            attempt: 0,
-        }),
-        hostname: name.into(),
-        log_directory: log_directory.into(),
-        labels: HashMap::from([("app".to_string(), name.to_string())]),
-        linux: Some(LinuxPodSandboxConfig {
-            security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption {
-                    network: mode as i32,
-                    pid: NamespaceMode::Container as i32,
-                    ipc: NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
+    let mut config = crate::cri::host_network_pod(name, false);
+    config.log_directory = log_directory.into();
+    config.labels = HashMap::from([("app".to_string(), name.to_string())]);
+    if !host_network
+        && let Some(options) = config
+            .linux
+            .as_mut()
+            .and_then(|l| l.security_context.as_mut())
+            .and_then(|s| s.namespace_options.as_mut())
+    {
+        options.network = NamespaceMode::Pod as i32;
     }
+    config
 }
 
 pub fn container_config(name: &str, image: &str, command: &[&str]) -> ContainerConfig {
