@@ -33,7 +33,7 @@ pub struct RuntimeService {
 impl RuntimeService {
     pub fn new(config: &RuntimeConfig, runtime: Arc<Runtime>) -> Self {
         Self {
-            oci_runtime: config.oci_runtime.clone(),
+            oci_runtime: config.oci_runtime.binary.clone(),
             conmon: config.conmon.clone(),
             streaming: Some(StreamingServer::new(runtime.clone())),
             runtime: Some(runtime),

@@ -107,25 +107,19 @@ impl Runtime {
 
     /// The OCI runtime binary for a CRI runtime handler ("" is the default).
     pub fn oci_runtime(&self, handler: &str) -> Result<PathBuf, RuntimeError> {
-        let binary = if handler.is_empty() {
-            self.config.runtime.oci_runtime.clone()
-        } else {
-            self.config
-                .runtime
-                .runtime_handlers
-                .iter()
-                .filter_map(|entry| entry.split_once('='))
-                .find(|(name, _)| name.trim() == handler)
-                .map(|(_, binary)| binary.trim().to_string())
-                .ok_or_else(|| {
-                    RuntimeError::InvalidArgument(format!(
-                        "unknown runtime handler `{}`; configured: {}",
-                        excerpt(handler),
-                        self.config.runtime.runtime_handlers.join(", ")
-                    ))
-                })?
-        };
-        find_executable(&binary).ok_or_else(|| {
+        let runtime = &self.config.runtime;
+        let binary = &runtime
+            .handler(handler)
+            .ok_or_else(|| {
+                let configured: Vec<&str> = runtime.handlers.keys().map(String::as_str).collect();
+                RuntimeError::InvalidArgument(format!(
+                    "unknown runtime handler `{}`; configured: {}",
+                    excerpt(handler),
+                    configured.join(", ")
+                ))
+            })?
+            .binary;
+        find_executable(binary).ok_or_else(|| {
             RuntimeError::FailedPrecondition(format!(
                 "OCI runtime `{binary}` for handler `{}` is not installed",
                 excerpt(handler)
