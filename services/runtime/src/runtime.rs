@@ -2,12 +2,13 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use tonic::transport::Channel;
 use trellis_common::bus::EventBus;
 use trellis_common::config::{Config, ServiceKind};
 use trellis_common::grpc::find_executable;
+use trellis_common::locks::{KeyGuard, KeyedLocks};
 use trellis_common::store::Store;
 use trellis_common::text::excerpt;
 use trellis_common::transport::unix_channel;
@@ -30,7 +31,7 @@ pub struct Runtime {
     pub bus: EventBus,
     /// This process's oom_score_adj: containers cannot be given less (no CAP_SYS_RESOURCE).
     pub oom_score_floor: i32,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: KeyedLocks,
     /// The last CPU reading per container, (usage ns, at ns), for usage rates.
     pub cpu_samples: Mutex<HashMap<String, (u64, i64)>>,
     /// Held while an exit found in conmon's exit file is recorded.
@@ -77,7 +78,7 @@ impl Runtime {
             config,
             bus,
             oom_score_floor,
-            locks: Mutex::new(HashMap::new()),
+            locks: KeyedLocks::new(),
             cpu_samples: Mutex::new(HashMap::new()),
             exit_detection: Mutex::new(()),
             create_slots: tokio::sync::Semaphore::new(create_turns),
@@ -93,16 +94,8 @@ impl Runtime {
     }
 
     /// Serialises operations on one pod or container.
-    pub async fn lock(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = {
-            let mut locks = self
-                .locks
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
-            locks.entry(id.to_string()).or_default().clone()
-        };
-        lock.lock_owned().await
+    pub async fn lock(&self, id: &str) -> KeyGuard {
+        self.locks.lock(id).await
     }
 
     /// The OCI runtime binary for a CRI runtime handler ("" is the default).

@@ -1,13 +1,13 @@
 //! The storage service's gRPC surface.
 
-use std::collections::HashMap;
 use std::io::{self, Read};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
+use trellis_common::locks::KeyedLocks;
 use trellis_common::text::excerpt;
 use trellis_proto::storage::v1::import_layer_chunk::Part;
 use trellis_proto::storage::v1::storage_server::Storage;
@@ -22,7 +22,7 @@ pub struct StorageService {
     pub images: Arc<ImageStore>,
     pub rootfs: Arc<RootfsStore>,
     /// One import per chain at a time; a second waits and then finds it present.
-    importing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    importing: KeyedLocks,
     /// The mount point holding the writable layers, found once: reading mountinfo,
     /// long with a hundred overlays in it, cost more than the layers' own walk.
     writable_mountpoint: Arc<std::sync::OnceLock<String>>,
@@ -34,18 +34,9 @@ impl StorageService {
             layers: Arc::new(layers),
             images: Arc::new(images),
             rootfs: Arc::new(rootfs),
-            importing: Mutex::new(HashMap::new()),
+            importing: KeyedLocks::new(),
             writable_mountpoint: Arc::default(),
         }
-    }
-
-    fn import_lock(&self, chain_id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut importing = self
-            .importing
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        importing.retain(|_, lock| Arc::strong_count(lock) > 1);
-        importing.entry(chain_id.to_string()).or_default().clone()
     }
 
     fn store_path(&self) -> PathBuf {
@@ -132,7 +123,7 @@ impl Storage for StorageService {
         if let Some(done) = present(&self.layers)? {
             return Ok(Response::new(done));
         }
-        let importing = self.import_lock(&header.chain_id).lock_owned().await;
+        let importing = self.importing.lock(&header.chain_id).await;
         if let Some(done) = present(&self.layers)? {
             return Ok(Response::new(done));
         }
@@ -200,8 +191,7 @@ impl Storage for StorageService {
         // noticed) finishes first: else it would record its layer after this prune.
         let mut importing = Vec::new();
         for chain in &candidates {
-            let lock = self.import_lock(chain);
-            importing.push(lock.lock_owned().await);
+            importing.push(self.importing.lock(chain).await);
         }
         let in_use = self.images.chains_in_use()?;
         let mut unused = Vec::new();
