@@ -1,11 +1,6 @@
 //! What the runtime service remembers about pods and containers, in its store.
 //! Every state change is written (and flushed) before it is acted on or answered.
 
-use std::sync::Arc;
-
-use prost::Message;
-use trellis_common::store::{Store, Table};
-
 use crate::error::RuntimeError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
@@ -92,45 +87,8 @@ pub struct ContainerRecord {
     pub cgroup_path: String,
 }
 
-/// A typed table of prost records keyed by id.
-pub struct Records<T> {
-    table: Arc<dyn Table>,
-    _kind: std::marker::PhantomData<T>,
-}
-
-impl<T: Message + Default> Records<T> {
-    pub fn open(store: &dyn Store, name: &str) -> Result<Self, RuntimeError> {
-        Ok(Self {
-            table: store.table(name)?,
-            _kind: std::marker::PhantomData,
-        })
-    }
-
-    pub fn get(&self, id: &str) -> Result<Option<T>, RuntimeError> {
-        self.table
-            .get(id.as_bytes())?
-            .map(|raw| T::decode(raw.as_slice()).map_err(RuntimeError::from))
-            .transpose()
-    }
-
-    pub fn put(&self, id: &str, record: &T) -> Result<(), RuntimeError> {
-        self.table
-            .put(id.as_bytes(), &record.encode_to_vec())
-            .map_err(RuntimeError::from)
-    }
-
-    pub fn delete(&self, id: &str) -> Result<(), RuntimeError> {
-        self.table.delete(id.as_bytes()).map_err(RuntimeError::from)
-    }
-
-    pub fn all(&self) -> Result<Vec<T>, RuntimeError> {
-        self.table
-            .scan()?
-            .into_iter()
-            .map(|(_, raw)| T::decode(raw.as_slice()).map_err(RuntimeError::from))
-            .collect()
-    }
-}
+/// A table of the runtime's records (sandboxes, containers).
+pub type Records<T> = trellis_common::store::Records<T, RuntimeError>;
 
 pub use trellis_common::clock::now_nanos;
 

@@ -15,8 +15,6 @@ pub enum StorageError {
     Extract(#[from] ExtractError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("a stored record is unreadable: {0}")]
-    Decode(#[from] prost::DecodeError),
     #[error("pulling {image}: blob {digest} does not match its digest (got {actual})")]
     DigestMismatch {
         image: String,
