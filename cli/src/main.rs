@@ -38,6 +38,12 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.config.source().load()?;
+    if !matches!(cli.command, Command::Up) {
+        // `up` logs them once its logging is set up; the other commands have none.
+        for notice in &config.notices {
+            eprintln!("warning: {notice}");
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -87,6 +87,7 @@ struct Supervised {
 
 pub async fn run(args: &ConfigArgs, config: Config) -> anyhow::Result<()> {
     let telemetry = trellis_common::telemetry::Telemetry::init("trellis-up", &config.telemetry)?;
+    config.log_notices();
     let result = supervise_node(args, &config).await;
     telemetry.shutdown();
     Ok(result?)

@@ -1,5 +1,5 @@
 //! Code every Trellis process shares: configuration, telemetry, the event bus,
-//! socket transport, the record store, metrics, and the service runner.
+//! socket transport, the record store, keyed locks, metrics, and the service runner.
 #![deny(unsafe_code)]
 
 pub mod authority;
@@ -9,6 +9,7 @@ pub mod config;
 pub mod dirs;
 pub mod error;
 pub mod grpc;
+pub mod locks;
 pub mod metrics;
 pub mod mounts;
 pub mod reference;

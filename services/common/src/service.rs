@@ -103,6 +103,7 @@ where
 {
     let process = kind.binary();
     let telemetry = Telemetry::init(process, &config.telemetry)?;
+    config.log_notices();
     let endpoint = config.endpoint(kind);
     let mut socket = OwnedSocket::bind(&endpoint.socket, endpoint.socket_mode)?;
 

@@ -1,9 +1,15 @@
 //! Durable records for the stateful services, behind a small interface of our own so
 //! that the engine (sled today) is a detail. Every change is flushed before it
 //! returns: a service killed right after a write finds the write on restart.
+//!
+//! Records are protobuf messages ([`Records`]): one encoding for every service, whose
+//! fields can be added without a migration, and decoded without trusting their bytes.
 
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use crate::text::excerpt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -19,6 +25,20 @@ pub enum StoreError {
         table: String,
         #[source]
         source: sled::Error,
+    },
+    /// A failure reading or writing one record of a [`Records`] table.
+    #[error("record {key}: {source}")]
+    Record {
+        key: String,
+        #[source]
+        source: Box<StoreError>,
+    },
+    #[error("record {key} of table {table} is unreadable: {source}")]
+    Decode {
+        table: String,
+        key: String,
+        #[source]
+        source: prost::DecodeError,
     },
 }
 
@@ -44,6 +64,100 @@ pub trait Store: Send + Sync {
     fn table(&self, name: &str) -> Result<Arc<dyn Table>, StoreError>;
     /// A number never handed out before by this store, even across restarts.
     fn next_id(&self) -> Result<u64, StoreError>;
+}
+
+/// A table of one kind of protobuf record, keyed by a string (an id, a chain id). Its
+/// errors are `E`, a service's own error type, so that `?` needs no conversion.
+pub struct Records<T, E = StoreError> {
+    table: Arc<dyn Table>,
+    name: String,
+    _kind: PhantomData<fn() -> (T, E)>,
+}
+
+impl<T: prost::Message + Default, E: From<StoreError>> Records<T, E> {
+    pub fn open(store: &dyn Store, name: &str) -> Result<Self, E> {
+        Ok(Self {
+            table: store.table(name)?,
+            name: name.to_string(),
+            _kind: PhantomData,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn get(&self, key: &str) -> Result<Option<T>, E> {
+        let raw = self
+            .table
+            .get(key.as_bytes())
+            .map_err(|source| about(key, source))?;
+        Ok(raw
+            .map(|raw| self.decode(key.as_bytes(), &raw))
+            .transpose()?)
+    }
+
+    pub fn put(&self, key: &str, record: &T) -> Result<(), E> {
+        self.table
+            .put(key.as_bytes(), &record.encode_to_vec())
+            .map_err(|source| about(key, source).into())
+    }
+
+    pub fn delete(&self, key: &str) -> Result<(), E> {
+        self.table
+            .delete(key.as_bytes())
+            .map_err(|source| about(key, source).into())
+    }
+
+    /// Whether a record is there, without decoding it.
+    pub fn contains(&self, key: &str) -> Result<bool, E> {
+        Ok(self
+            .table
+            .get(key.as_bytes())
+            .map_err(|source| about(key, source))?
+            .is_some())
+    }
+
+    /// Every record, in key order.
+    pub fn all(&self) -> Result<Vec<T>, E> {
+        self.table
+            .scan()?
+            .into_iter()
+            .map(|(key, raw)| Ok(self.decode(&key, &raw)?))
+            .collect()
+    }
+
+    /// The smallest key, without decoding its record.
+    pub fn first_key(&self) -> Result<Option<String>, E> {
+        Ok(self
+            .table
+            .first()?
+            .map(|(key, _)| String::from_utf8_lossy(&key).into_owned()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    fn decode(&self, key: &[u8], raw: &[u8]) -> Result<T, StoreError> {
+        T::decode(raw).map_err(|source| StoreError::Decode {
+            table: self.name.clone(),
+            key: excerpt(&String::from_utf8_lossy(key)),
+            source,
+        })
+    }
+}
+
+/// An engine error with the record it was about (the engine names the table).
+fn about(key: &str, source: StoreError) -> StoreError {
+    StoreError::Record {
+        key: excerpt(key),
+        source: Box::new(source),
+    }
 }
 
 /// How long an open waits for a lock that a closing handle still holds.
@@ -207,6 +321,75 @@ mod tests {
             store.next_id().expect("id") > first_id,
             "ids keep growing across restarts"
         );
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Note {
+        #[prost(string, tag = "1")]
+        text: String,
+        #[prost(uint64, tag = "2")]
+        count: u64,
+    }
+
+    fn note(text: &str, count: u64) -> Note {
+        Note {
+            text: text.into(),
+            count,
+        }
+    }
+
+    #[test]
+    fn typed_records_round_trip_and_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = SledStore::open(dir.path()).expect("open");
+            let notes = Records::<Note>::open(&store, "notes").expect("table");
+            notes.put("b", &note("bee", 2)).expect("put");
+            notes.put("a", &note("ay", 1)).expect("put");
+            notes.put("c", &note("sea", 3)).expect("put");
+            notes.delete("c").expect("delete");
+            assert!(
+                notes.contains("b").expect("contains") && !notes.contains("c").expect("contains")
+            );
+            notes
+                .delete("never")
+                .expect("deleting a missing record is no error");
+        }
+        let store = SledStore::open(dir.path()).expect("reopen");
+        let notes = Records::<Note>::open(&store, "notes").expect("table");
+        assert_eq!(notes.get("b").expect("get"), Some(note("bee", 2)));
+        assert_eq!(notes.get("c").expect("get"), None);
+        assert_eq!(
+            notes.all().expect("all"),
+            vec![note("ay", 1), note("bee", 2)],
+            "in key order"
+        );
+        assert_eq!(notes.first_key().expect("first"), Some("a".into()));
+        assert_eq!((notes.len(), notes.name()), (2, "notes"));
+    }
+
+    #[test]
+    fn an_unreadable_record_is_named_by_table_and_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        // A length-delimited field that claims more bytes than there are.
+        store
+            .table("notes")
+            .expect("raw table")
+            .put(b"bad\nkey", &[0x0a, 0x7f, b'x'])
+            .expect("put");
+        let notes = Records::<Note>::open(&store, "notes").expect("table");
+        for error in [
+            notes.get("bad\nkey").expect_err("undecodable"),
+            notes.all().expect_err("undecodable"),
+        ] {
+            assert!(matches!(error, StoreError::Decode { .. }), "{error:?}");
+            let message = error.to_string();
+            assert!(
+                message.contains("table notes") && message.contains("record bad\\nkey"),
+                "{message}"
+            );
+        }
     }
 
     #[test]

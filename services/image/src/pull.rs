@@ -26,6 +26,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::Instrument;
 use trellis_common::config::ImageConfig;
+use trellis_common::locks::KeyedLocks;
 use trellis_common::metrics::RpcLabels;
 use trellis_common::reference::{NamedRef, chain_id};
 use trellis_common::telemetry::traced_request;
@@ -54,7 +55,9 @@ pub struct Puller {
     storage: Channel,
     credentials: std::collections::HashMap<String, RegistryAuth>,
     inflight: Arc<InFlight>,
-    blobs: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One download per blob at a time: concurrent pulls of images sharing a layer
+    /// wait for the first and then find it stored.
+    blobs: KeyedLocks,
     metrics: PullMetrics,
 }
 
@@ -497,15 +500,6 @@ impl Puller {
         })
     }
 
-    fn blob_lock(&self, digest: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut blobs = self
-            .blobs
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        blobs.retain(|_, lock| Arc::strong_count(lock) > 1);
-        blobs.entry(digest.to_string()).or_default().clone()
-    }
-
     async fn has_layer(&self, chain_id: &str) -> Result<bool, SourceFailure> {
         Ok(self
             .storage()
@@ -530,8 +524,7 @@ impl Puller {
         if self.has_layer(&header.chain_id).await? {
             return Ok(());
         }
-        let lock = self.blob_lock(&layer.digest);
-        let _downloading = lock.lock().await;
+        let _downloading = self.blobs.lock(&layer.digest).await;
         if self.has_layer(&header.chain_id).await? {
             return Ok(());
         }

@@ -264,7 +264,11 @@ mod tests {
     #[test]
     fn mirrors_come_first_and_keep_the_repository() {
         let config = ImageConfig {
-            mirrors: vec!["registry.k8s.io=http://127.0.0.1:5000".into()],
+            mirrors: vec![
+                "registry.k8s.io=http://127.0.0.1:5000"
+                    .parse()
+                    .expect("a mirror"),
+            ],
             ..Default::default()
         };
         let sources = sources(

@@ -25,18 +25,11 @@ pub enum NetworkError {
     Netns(#[from] NetnsError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("records of sandbox {sandbox_id}: {source}")]
-    PodStore {
-        sandbox_id: String,
-        #[source]
-        source: StoreError,
-    },
-    #[error("record of sandbox {sandbox_id} in table {table} cannot be (de)serialised: {source}")]
+    #[error("record of sandbox {sandbox_id} in table {table} is unreadable: {problem}")]
     Record {
         sandbox_id: String,
         table: &'static str,
-        #[source]
-        source: serde_json::Error,
+        problem: String,
     },
     #[error("sandbox {sandbox_id}: the CNI result of network {network} is unusable: {message}")]
     BadResult {

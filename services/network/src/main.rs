@@ -4,7 +4,6 @@
 mod cni;
 mod cni_config;
 mod error;
-mod locks;
 mod metrics;
 mod netns;
 mod pods;

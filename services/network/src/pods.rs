@@ -7,6 +7,7 @@ use std::time::Instant;
 use serde_json::{Map, Value};
 use trellis_common::bus::EventBus;
 use trellis_common::config::Config;
+use trellis_common::locks::KeyedLocks;
 use trellis_common::store::Store;
 use trellis_proto::events::v1::event::Payload;
 use trellis_proto::events::v1::{NetworkEvent, network_event};
@@ -15,7 +16,6 @@ use crate::cni::result::{CniResult, PodAddress};
 use crate::cni::{self, Attachment, POD_INTERFACE};
 use crate::cni_config;
 use crate::error::NetworkError;
-use crate::locks::SandboxLocks;
 use crate::metrics::NetworkMetrics;
 use crate::netns;
 use crate::records::{PodRecord, PodState, Records};
@@ -33,7 +33,9 @@ pub struct Pods {
     plugin_dirs: Vec<PathBuf>,
     run_dir: PathBuf,
     records: Records,
-    locks: SandboxLocks,
+    /// One operation per sandbox at a time: a SetUpPod and a TearDownPod of one pod
+    /// must not interleave their plugin calls. Different pods do not wait.
+    locks: KeyedLocks,
     bus: EventBus,
     metrics: NetworkMetrics,
     /// Turns for CNI plugin chains (see `network.max_parallel_cni`).
@@ -52,7 +54,7 @@ impl Pods {
             plugin_dirs: config.network.cni_plugin_dirs.clone(),
             run_dir: config.node.run_dir.clone(),
             records: Records::open(store)?,
-            locks: SandboxLocks::default(),
+            locks: KeyedLocks::new(),
             bus,
             metrics,
             cni_slots: tokio::sync::Semaphore::new(trellis_common::config::parallelism(

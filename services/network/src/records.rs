@@ -2,24 +2,33 @@
 //! holds pods that are set up; `in_flight` holds the intent of an ADD or a DEL that
 //! has not finished. A pod is in `in_flight` from before its first world-changing step
 //! until after its last, so whatever a crash interrupts is found there on start.
+//!
+//! Records are stored as protobuf (`StoredPod`), as every Trellis service stores its
+//! records; the CNI documents in them (the configuration list, the runtime config, the
+//! ADD result) stay JSON text, the form the plugins read and write. Releases before
+//! stored whole records as JSON: `legacy` rewrites those when the tables are opened.
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-use trellis_common::store::{Store, StoreError, Table};
+use serde_json::Value;
+use trellis_common::store::{Store, StoreError};
 
 use crate::cni::Attachment;
 use crate::error::NetworkError;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+mod legacy;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
 pub enum PodState {
-    Adding,
-    Ready,
-    Removing,
+    Adding = 0,
+    Ready = 1,
+    Removing = 2,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PodRecord {
     pub sandbox_id: String,
     pub state: PodState,
@@ -29,12 +38,116 @@ pub struct PodRecord {
     /// What the plugins are told; none for a host-network pod.
     pub attachment: Option<Attachment>,
     /// The ADD chain's result, once there is one.
-    pub result: Option<serde_json::Value>,
+    pub result: Option<Value>,
 }
 
+/// A `PodRecord` as stored. Paths are bytes: a path need not be UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredPod {
+    #[prost(string, tag = "1")]
+    pub sandbox_id: String,
+    #[prost(enumeration = "PodState", tag = "2")]
+    pub state: i32,
+    #[prost(bool, tag = "3")]
+    pub host_network: bool,
+    #[prost(bytes = "vec", tag = "4")]
+    pub config_file: Vec<u8>,
+    #[prost(string, tag = "5")]
+    pub network_name: String,
+    #[prost(message, optional, tag = "6")]
+    pub attachment: Option<StoredAttachment>,
+    /// JSON.
+    #[prost(string, optional, tag = "7")]
+    pub result: Option<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredAttachment {
+    #[prost(string, tag = "1")]
+    pub sandbox_id: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub netns: Vec<u8>,
+    #[prost(string, tag = "3")]
+    pub args: String,
+    /// JSON: the configuration list.
+    #[prost(string, tag = "4")]
+    pub network: String,
+    /// JSON: an object.
+    #[prost(string, tag = "5")]
+    pub runtime_config: String,
+}
+
+impl From<&PodRecord> for StoredPod {
+    fn from(record: &PodRecord) -> Self {
+        Self {
+            sandbox_id: record.sandbox_id.clone(),
+            state: record.state as i32,
+            host_network: record.host_network,
+            config_file: record.config_file.as_os_str().as_bytes().to_vec(),
+            network_name: record.network_name.clone(),
+            attachment: record.attachment.as_ref().map(|a| StoredAttachment {
+                sandbox_id: a.sandbox_id.clone(),
+                netns: a.netns.as_os_str().as_bytes().to_vec(),
+                args: a.args.clone(),
+                network: a.network.to_string(),
+                runtime_config: Value::Object(a.runtime_config.clone()).to_string(),
+            }),
+            result: record.result.as_ref().map(Value::to_string),
+        }
+    }
+}
+
+impl StoredPod {
+    fn into_record(self, table: &'static str) -> Result<PodRecord, NetworkError> {
+        let unreadable = |problem: String| NetworkError::Record {
+            sandbox_id: trellis_common::text::excerpt(&self.sandbox_id),
+            table,
+            problem,
+        };
+        let json = |what: &str, text: &str| {
+            serde_json::from_str::<Value>(text)
+                .map_err(|e| unreadable(format!("its {what} is not JSON: {e}")))
+        };
+        let state = PodState::try_from(self.state)
+            .map_err(|_| unreadable(format!("unknown state {}", self.state)))?;
+        let attachment = match &self.attachment {
+            None => None,
+            Some(stored) => Some(Attachment {
+                sandbox_id: stored.sandbox_id.clone(),
+                netns: path(&stored.netns),
+                args: stored.args.clone(),
+                network: json("network configuration", &stored.network)?,
+                runtime_config: match json("runtime config", &stored.runtime_config)? {
+                    Value::Object(map) => map,
+                    _ => return Err(unreadable("its runtime config is not an object".into())),
+                },
+            }),
+        };
+        let result = match &self.result {
+            Some(text) => Some(json("CNI result", text)?),
+            None => None,
+        };
+        Ok(PodRecord {
+            state,
+            host_network: self.host_network,
+            config_file: path(&self.config_file),
+            network_name: self.network_name.clone(),
+            attachment,
+            result,
+            sandbox_id: self.sandbox_id,
+        })
+    }
+}
+
+fn path(bytes: &[u8]) -> PathBuf {
+    PathBuf::from(OsStr::from_bytes(bytes))
+}
+
+type Table = trellis_common::store::Records<StoredPod, NetworkError>;
+
 pub struct Records {
-    pods: Arc<dyn Table>,
-    in_flight: Arc<dyn Table>,
+    pods: Table,
+    in_flight: Table,
 }
 
 const PODS: &str = "pods";
@@ -42,25 +155,37 @@ const IN_FLIGHT: &str = "in_flight";
 
 impl Records {
     pub fn open(store: &dyn Store) -> Result<Self, NetworkError> {
+        for table in [PODS, IN_FLIGHT] {
+            let rewritten = legacy::rewrite_json_records(store, table)?;
+            if rewritten > 0 {
+                tracing::info!(
+                    table,
+                    records = rewritten,
+                    "pod records of an earlier release rewritten as protobuf"
+                );
+            }
+        }
         Ok(Self {
-            pods: store.table(PODS)?,
-            in_flight: store.table(IN_FLIGHT)?,
+            pods: Table::open(store, PODS)?,
+            in_flight: Table::open(store, IN_FLIGHT)?,
         })
     }
 
     /// The newest record of a sandbox: an unfinished operation wins over a finished one.
     pub fn get(&self, sandbox_id: &str) -> Result<Option<PodRecord>, NetworkError> {
-        match self.read(&self.in_flight, IN_FLIGHT, sandbox_id)? {
-            Some(record) => Ok(Some(record)),
-            None => self.read(&self.pods, PODS, sandbox_id),
+        if let Some(stored) = self.in_flight.get(sandbox_id)? {
+            return stored.into_record(IN_FLIGHT).map(Some);
         }
+        self.pods
+            .get(sandbox_id)?
+            .map(|stored| stored.into_record(PODS))
+            .transpose()
     }
 
     /// Intent: an ADD or DEL is about to change the world for this pod.
     pub fn begin(&self, record: &PodRecord) -> Result<(), NetworkError> {
         self.in_flight
-            .put(record.sandbox_id.as_bytes(), &encode(record)?)
-            .map_err(about(&record.sandbox_id))
+            .put(&record.sandbox_id, &StoredPod::from(record))
     }
 
     /// Done: the record moves from the intents to the finished records. Written
@@ -69,17 +194,14 @@ impl Records {
     /// Removing): start-up moves on and a later TearDownPod finishes it.
     pub fn settle(&self, record: &PodRecord) -> Result<(), NetworkError> {
         self.pods
-            .put(record.sandbox_id.as_bytes(), &encode(record)?)
-            .map_err(about(&record.sandbox_id))?;
+            .put(&record.sandbox_id, &StoredPod::from(record))?;
         self.drop_intent(&record.sandbox_id)
     }
 
     /// Intent to remove: recorded as in flight before the ready record goes.
     pub fn begin_removal(&self, record: &PodRecord) -> Result<(), NetworkError> {
         self.begin(record)?;
-        self.pods
-            .delete(record.sandbox_id.as_bytes())
-            .map_err(about(&record.sandbox_id))
+        self.pods.delete(&record.sandbox_id)
     }
 
     /// Done: nothing is left of the pod's network. Only the intent is left to drop:
@@ -90,130 +212,38 @@ impl Records {
 
     /// Drops an intent whose operation is known to have completed.
     pub fn drop_intent(&self, sandbox_id: &str) -> Result<(), NetworkError> {
-        self.in_flight
-            .delete(sandbox_id.as_bytes())
-            .map_err(about(sandbox_id))
+        self.in_flight.delete(sandbox_id)
     }
 
     /// The unfinished operation with the smallest sandbox id, and whether the pod
     /// also has a finished record.
     pub fn first_in_flight(&self) -> Result<Option<(PodRecord, bool)>, NetworkError> {
-        let Some((key, value)) = self.in_flight.first()? else {
-            return Ok(None);
-        };
-        let sandbox_id = String::from_utf8_lossy(&key).into_owned();
-        let record = match decode(&sandbox_id, IN_FLIGHT, &value) {
-            Ok(record) => record,
-            Err(error) => {
-                // Nothing can be done with an unreadable intent but say so and drop it;
-                // keeping it would stop every later start at the same place.
-                tracing::error!(%error, "dropping an unreadable in-flight record");
-                self.drop_intent(&sandbox_id)?;
-                return self.first_in_flight();
+        while let Some(sandbox_id) = self.in_flight.first_key()? {
+            let record = match self.in_flight.get(&sandbox_id) {
+                Ok(Some(stored)) => stored.into_record(IN_FLIGHT),
+                // Taken away between the two reads: look again.
+                Ok(None) => continue,
+                Err(NetworkError::Store(error @ StoreError::Decode { .. })) => {
+                    Err(NetworkError::Store(error))
+                }
+                Err(error) => return Err(error),
+            };
+            match record {
+                Ok(record) => {
+                    let finished = self.pods.contains(&sandbox_id)?;
+                    return Ok(Some((record, finished)));
+                }
+                Err(error) => {
+                    // Nothing can be done with an unreadable intent but say so and drop
+                    // it; keeping it would stop every later start at the same place.
+                    tracing::error!(%error, "dropping an unreadable in-flight record");
+                    self.drop_intent(&sandbox_id)?;
+                }
             }
-        };
-        let finished = self.pods.get(&key).map_err(about(&sandbox_id))?.is_some();
-        Ok(Some((record, finished)))
+        }
+        Ok(None)
     }
-
-    fn read(
-        &self,
-        table: &Arc<dyn Table>,
-        name: &'static str,
-        sandbox_id: &str,
-    ) -> Result<Option<PodRecord>, NetworkError> {
-        table
-            .get(sandbox_id.as_bytes())
-            .map_err(about(sandbox_id))?
-            .map(|value| decode(sandbox_id, name, &value))
-            .transpose()
-    }
-}
-
-/// Store errors with the sandbox they were about.
-fn about(sandbox_id: &str) -> impl FnOnce(StoreError) -> NetworkError + use<> {
-    let sandbox_id = sandbox_id.to_string();
-    move |source| NetworkError::PodStore { sandbox_id, source }
-}
-
-fn encode(record: &PodRecord) -> Result<Vec<u8>, NetworkError> {
-    serde_json::to_vec(record).map_err(|source| NetworkError::Record {
-        sandbox_id: record.sandbox_id.clone(),
-        table: "any",
-        source,
-    })
-}
-
-fn decode(sandbox_id: &str, table: &'static str, value: &[u8]) -> Result<PodRecord, NetworkError> {
-    serde_json::from_slice(value).map_err(|source| NetworkError::Record {
-        sandbox_id: sandbox_id.to_string(),
-        table,
-        source,
-    })
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use trellis_common::store::SledStore;
-
-    fn record(id: &str, state: PodState) -> PodRecord {
-        PodRecord {
-            sandbox_id: id.into(),
-            state,
-            host_network: false,
-            config_file: "/c".into(),
-            network_name: "n".into(),
-            attachment: None,
-            result: None,
-        }
-    }
-
-    #[test]
-    fn intent_then_done_then_removal() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SledStore::open(dir.path()).expect("store");
-        let records = Records::open(&store).expect("records");
-        records
-            .begin(&record("b", PodState::Adding))
-            .expect("begin");
-        records
-            .begin(&record("a", PodState::Adding))
-            .expect("begin");
-        assert_eq!(
-            records
-                .first_in_flight()
-                .expect("first")
-                .map(|(r, done)| (r.sandbox_id, done)),
-            Some(("a".into(), false))
-        );
-        records
-            .settle(&record("a", PodState::Ready))
-            .expect("commit");
-        assert_eq!(
-            records.get("a").expect("get").map(|r| r.state),
-            Some(PodState::Ready)
-        );
-        assert_eq!(
-            records
-                .first_in_flight()
-                .expect("first")
-                .map(|(r, _)| r.sandbox_id),
-            Some("b".into())
-        );
-        records
-            .begin_removal(&record("a", PodState::Removing))
-            .expect("removal");
-        assert_eq!(
-            records.get("a").expect("get").map(|r| r.state),
-            Some(PodState::Removing)
-        );
-        records.forget("a").expect("forget");
-        records
-            .begin_removal(&record("b", PodState::Removing))
-            .expect("removal");
-        records.forget("b").expect("forget");
-        assert_eq!(records.get("a").expect("get"), None);
-        assert!(records.first_in_flight().expect("first").is_none());
-    }
-}
+mod tests;

@@ -27,13 +27,6 @@ pub enum RuntimeError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("record {key} in table {table} is unreadable: {source}")]
-    Record {
-        table: String,
-        key: String,
-        #[source]
-        source: prost::DecodeError,
-    },
     #[error("{service} service: {status}")]
     Backend {
         service: &'static str,

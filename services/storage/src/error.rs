@@ -15,8 +15,6 @@ pub enum StorageError {
     Extract(#[from] ExtractError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("a stored record is unreadable: {0}")]
-    Decode(#[from] prost::DecodeError),
     #[error("pulling {image}: blob {digest} does not match its digest (got {actual})")]
     DigestMismatch {
         image: String,
@@ -51,6 +49,11 @@ pub enum StorageError {
     InvalidArgument(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A blocking task (unpack, mount, walk) panicked or was cancelled.
+    #[error("storage worker stopped: {0}")]
+    Worker(String),
     #[error("image {image} is in use by container {container}")]
     InUse { image: String, container: String },
     #[error("cannot {action} {target}: {source}")]
@@ -100,6 +103,7 @@ impl From<StorageError> for Status {
             }
             StorageError::InvalidArgument(_) => Status::invalid_argument(message),
             StorageError::NotFound(_) => Status::not_found(message),
+            StorageError::FailedPrecondition(_) => Status::failed_precondition(message),
             StorageError::InUse { .. } => Status::failed_precondition(message),
             // Bad content from a registry: the caller's input was wrong, not us.
             StorageError::DigestMismatch { .. }

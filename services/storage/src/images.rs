@@ -8,9 +8,8 @@ use std::collections::HashSet;
 
 use std::sync::{Arc, Mutex};
 
-use prost::Message;
 use trellis_common::reference::{self, ImageRef};
-use trellis_common::store::{Store, Table};
+use trellis_common::store::{Records, Store, Table};
 use trellis_common::text::excerpt;
 use trellis_proto::storage::v1::Image;
 
@@ -21,7 +20,8 @@ const IMAGES: &str = "images";
 const REFERENCES: &str = "image-references";
 
 pub struct ImageStore {
-    images: Arc<dyn Table>,
+    images: Records<Image, StorageError>,
+    /// Reference (tag or digest form) → image id.
     references: Arc<dyn Table>,
     // Updates touch several records; one writer at a time keeps them consistent.
     write: Mutex<()>,
@@ -37,7 +37,7 @@ pub struct Removal {
 impl ImageStore {
     pub fn open(store: &dyn Store) -> Result<Self, StorageError> {
         Ok(Self {
-            images: store.table(IMAGES)?,
+            images: Records::open(store, IMAGES)?,
             references: store.table(REFERENCES)?,
             write: Mutex::new(()),
         })
@@ -50,24 +50,15 @@ impl ImageStore {
     }
 
     fn load(&self, id: &str) -> Result<Option<Image>, StorageError> {
-        self.images
-            .get(id.as_bytes())?
-            .map(|raw| Image::decode(raw.as_slice()).map_err(StorageError::from))
-            .transpose()
+        self.images.get(id)
     }
 
     fn save(&self, image: &Image) -> Result<(), StorageError> {
-        self.images
-            .put(image.id.as_bytes(), &image.encode_to_vec())
-            .map_err(StorageError::from)
+        self.images.put(&image.id, image)
     }
 
     pub fn list(&self) -> Result<Vec<Image>, StorageError> {
-        self.images
-            .scan()?
-            .into_iter()
-            .map(|(_, raw)| Image::decode(raw.as_slice()).map_err(StorageError::from))
-            .collect()
+        self.images.all()
     }
 
     /// The image a reference (id, tag or digest form) names, if any.
@@ -158,7 +149,7 @@ impl ImageStore {
                     self.references.delete(name.as_bytes())?;
                 }
             }
-            self.images.delete(image.id.as_bytes())?;
+            self.images.delete(&image.id)?;
             return Ok(Removal {
                 image_id: original.id.clone(),
                 deleted: Some(original),

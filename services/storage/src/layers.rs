@@ -10,14 +10,12 @@ use std::collections::HashSet;
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use prost::Message;
 use sha2::{Digest, Sha256};
 use trellis_common::config::{COMPRESSION_RATIO_GRACE_BYTES, StorageConfig};
 use trellis_common::reference::chain_id;
-use trellis_common::store::{Store, Table};
+use trellis_common::store::{Records, Store};
 use trellis_common::text::excerpt;
 use trellis_proto::storage::v1::LayerHeader;
 
@@ -43,7 +41,7 @@ pub struct LayerRecord {
 
 pub struct LayerStore {
     root: PathBuf,
-    table: Arc<dyn Table>,
+    table: Records<LayerRecord, StorageError>,
     limits: Limits,
     /// Makes every temporary directory's name unique: an import cut short by its
     /// client may still be cleaning up when the next import of that layer begins.
@@ -91,7 +89,7 @@ impl LayerStore {
         })?;
         let layers = Self {
             root,
-            table: store.table(TABLE)?,
+            table: Records::open(store, TABLE)?,
             limits,
             imports: AtomicU64::new(0),
         };
@@ -119,10 +117,7 @@ impl LayerStore {
     }
 
     pub fn get(&self, chain_id: &str) -> Result<Option<LayerRecord>, StorageError> {
-        self.table
-            .get(chain_id.as_bytes())?
-            .map(|raw| LayerRecord::decode(raw.as_slice()).map_err(StorageError::from))
-            .transpose()
+        self.table.get(chain_id)
     }
 
     /// Directories of a chain of layers, top layer first (overlay's lowerdir order).
@@ -225,8 +220,7 @@ impl LayerStore {
             blob_digest: header.digest.clone(),
             unpacked_bytes,
         };
-        self.table
-            .put(record.chain_id.as_bytes(), &record.encode_to_vec())?;
+        self.table.put(&record.chain_id, &record)?;
         Ok(record)
     }
 
@@ -236,11 +230,7 @@ impl LayerStore {
     }
 
     fn records(&self) -> Result<Vec<LayerRecord>, StorageError> {
-        self.table
-            .scan()?
-            .into_iter()
-            .map(|(_, raw)| LayerRecord::decode(raw.as_slice()).map_err(StorageError::from))
-            .collect()
+        self.table.all()
     }
 
     fn table_record_for_diff(&self, diff_id: &str) -> Result<Option<LayerRecord>, StorageError> {
@@ -250,7 +240,7 @@ impl LayerStore {
     /// Forgets the given chains, and removes the content no remaining chain uses.
     pub fn remove_chains(&self, chain_ids: &[String]) -> Result<(), StorageError> {
         for chain in chain_ids {
-            self.table.delete(chain.as_bytes())?;
+            self.table.delete(chain)?;
         }
         self.remove_unrecorded()
     }

@@ -9,6 +9,7 @@ mod layers;
 mod links;
 mod rootfs;
 mod service;
+mod storage;
 mod usage;
 
 use trellis_common::ServiceKind;
@@ -25,7 +26,7 @@ fn main() -> anyhow::Result<()> {
             .clone()
             .ok_or("the storage service needs its record store")?;
         let storage_config = context.config.storage.clone();
-        let service = tokio::task::spawn_blocking(move || -> Result<_, error::StorageError> {
+        let storage = tokio::task::spawn_blocking(move || -> Result<_, error::StorageError> {
             let layers = layers::LayerStore::open(
                 state.join("layers"),
                 store.as_ref(),
@@ -33,11 +34,11 @@ fn main() -> anyhow::Result<()> {
             )?;
             let images = images::ImageStore::open(store.as_ref())?;
             let rootfs = rootfs::RootfsStore::open(state.join("containers"), store.as_ref())?;
-            Ok(service::StorageService::new(layers, images, rootfs))
+            Ok(storage::Storage::new(layers, images, rootfs))
         })
         .await??;
         Ok(tonic::service::Routes::new(
-            StorageServer::new(service)
+            StorageServer::new(service::StorageService::new(storage))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         ))

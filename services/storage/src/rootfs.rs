@@ -6,11 +6,10 @@
 //! Mounted record whose mount vanished (a reboot) is mounted again.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use nix::mount::{MntFlags, MsFlags};
-use prost::Message;
-use trellis_common::store::{Store, Table};
+use trellis_common::store::{Records, Store};
 
 use crate::error::StorageError;
 
@@ -39,7 +38,7 @@ pub struct RootfsRecord {
 
 pub struct RootfsStore {
     root: PathBuf,
-    table: Arc<dyn Table>,
+    table: Records<RootfsRecord, StorageError>,
     write: Mutex<()>,
 }
 
@@ -73,7 +72,7 @@ impl RootfsStore {
         })?;
         let rootfs = Self {
             root,
-            table: store.table(TABLE)?,
+            table: Records::open(store, TABLE)?,
             write: Mutex::new(()),
         };
         rootfs.recover()?;
@@ -100,17 +99,11 @@ impl RootfsStore {
     }
 
     fn records(&self) -> Result<Vec<RootfsRecord>, StorageError> {
-        self.table
-            .scan()?
-            .into_iter()
-            .map(|(_, raw)| RootfsRecord::decode(raw.as_slice()).map_err(StorageError::from))
-            .collect()
+        self.table.all()
     }
 
     fn save(&self, record: &RootfsRecord) -> Result<(), StorageError> {
-        self.table
-            .put(record.container_id.as_bytes(), &record.encode_to_vec())
-            .map_err(StorageError::from)
+        self.table.put(&record.container_id, record)
     }
 
     /// The container using an image, if one does.
@@ -131,8 +124,7 @@ impl RootfsStore {
     ) -> Result<PathBuf, StorageError> {
         validate_container_id(container_id)?;
         let _write = self.lock();
-        if let Some(raw) = self.table.get(container_id.as_bytes())? {
-            let existing = RootfsRecord::decode(raw.as_slice())?;
+        if let Some(existing) = self.table.get(container_id)? {
             if existing.image_id != image_id {
                 return Err(StorageError::InvalidArgument(format!(
                     "container {container_id} already has a root filesystem of image {}",
@@ -154,7 +146,7 @@ impl RootfsStore {
         self.save(&record)?;
         if let Err(error) = self.mount(&record) {
             let _ = self.teardown(container_id);
-            let _ = self.table.delete(container_id.as_bytes());
+            let _ = self.table.delete(container_id);
             return Err(error);
         }
         self.save(&RootfsRecord {
@@ -188,15 +180,14 @@ impl RootfsStore {
     pub fn release(&self, container_id: &str) -> Result<(), StorageError> {
         validate_container_id(container_id)?;
         let _write = self.lock();
-        if let Some(raw) = self.table.get(container_id.as_bytes())? {
-            let record = RootfsRecord::decode(raw.as_slice())?;
+        if let Some(record) = self.table.get(container_id)? {
             self.save(&RootfsRecord {
                 state: RootfsState::Releasing as i32,
                 ..record
             })?;
         }
         self.teardown(container_id)?;
-        self.table.delete(container_id.as_bytes())?;
+        self.table.delete(container_id)?;
         Ok(())
     }
 
@@ -231,7 +222,7 @@ impl RootfsStore {
             } else {
                 tracing::info!(container = %record.container_id, "finishing a root filesystem operation cut short");
                 self.teardown(&record.container_id)?;
-                self.table.delete(record.container_id.as_bytes())?;
+                self.table.delete(&record.container_id)?;
             }
         }
         Ok(())

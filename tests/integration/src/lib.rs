@@ -15,7 +15,7 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{ListPodSandboxRequest, RemovePodSandboxRequest};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use trellis_proto::service::v1::InfoResponse;
 use trellis_proto::service::v1::service_info_client::ServiceInfoClient;
 
@@ -55,20 +55,8 @@ pub fn binary(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
-/// A gRPC channel to a Unix socket, dialled lazily.
-pub fn unix_channel(socket: &Path) -> Channel {
-    let socket = socket.to_path_buf();
-    Endpoint::from_static("http://localhost").connect_with_connector_lazy(tower::service_fn(
-        move |_| {
-            let socket = socket.clone();
-            async move {
-                tokio::net::UnixStream::connect(socket)
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-            }
-        },
-    ))
-}
+/// The services' own client transport: tests dial the sockets as the services do.
+pub use trellis_common::transport::unix_channel;
 
 /// oci-client's rustls needs a crypto provider chosen once per process.
 pub fn install_tls_provider() {

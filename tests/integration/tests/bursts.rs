@@ -145,8 +145,11 @@ async fn creates_and_cni_chains_beyond_the_limit_wait_their_turn() {
             "1".to_string(),
         ),
         (
-            "TRELLIS_RUNTIME_RUNTIME_HANDLERS".to_string(),
-            format!("runc=runc,noted={}", runc_wrapper.display()),
+            "TRELLIS_RUNTIME_HANDLERS".to_string(),
+            format!(
+                "{{ noted = {{ binary = {:?} }} }}",
+                runc_wrapper.display().to_string()
+            ),
         ),
         (
             "TRELLIS_NETWORK_CNI_PLUGIN_DIRS".to_string(),

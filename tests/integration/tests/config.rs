@@ -92,3 +92,41 @@ fn bad_values_from_environment_and_flags_name_their_source() {
         "{stderr}"
     );
 }
+
+/// A node's file from an older release (the handler list, a key nothing reads any
+/// more) still loads after an upgrade: the process says what to write instead.
+#[test]
+fn an_old_file_loads_with_warnings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("trellis.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[node]\nrun_dir = \"{}\"\n[runtime]\nruntime_handlers = [\"runc=runc\", \"crun=crun\"]\ndefault_stop_timeout_seconds = 10\n",
+            dir.path().join("run").display()
+        ),
+    )
+    .expect("write");
+    let output = Command::new(trellis_integration::binary("trellis"))
+        .args(["--config", file.to_str().expect("utf-8"), "status"])
+        .output()
+        .expect("run");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    // Nothing runs there: status reports every service down, at the file's run_dir.
+    assert!(
+        stdout.contains(&dir.path().join("run/trellis.sock").display().to_string()),
+        "the file must load: {stdout}{stderr}"
+    );
+    for key in [
+        "runtime.runtime_handlers` is deprecated",
+        "runtime.default_stop_timeout_seconds` is no longer read",
+    ] {
+        assert!(
+            stderr.contains("warning: configuration file") && stderr.contains(key),
+            "{key}: {stderr}"
+        );
+    }
+}

@@ -1,7 +1,11 @@
 //! Tests of configuration loading: layers, sources named in errors, the shipped example.
+use super::load::known_keys;
 use super::*;
+use std::path::Path;
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+mod typed;
+
+pub(super) fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).expect("create config dir");
@@ -10,7 +14,11 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
-fn load(file: &Path, env: &[(&str, &str)], flags: &[&str]) -> Result<Config, ConfigError> {
+pub(super) fn load(
+    file: &Path,
+    env: &[(&str, &str)],
+    flags: &[&str],
+) -> Result<Config, ConfigError> {
     let env: Vec<(String, String)> = env
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -206,39 +214,6 @@ fn shipped_example_lists_every_key_with_its_default() {
             "deploy/trellis.toml does not list {key}"
         );
     }
-}
-
-#[test]
-fn mirrors_parse_and_bad_ones_are_refused() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let file = write(
-        dir.path(),
-        "trellis.toml",
-        "[image]\nmirrors = [\"docker.io=http://127.0.0.1:5000\", \"quay.io=https://m.example/quay/\", \"docker.io=https://b\"]\n",
-    );
-    let config = load(&file, &[], &[]).expect("load");
-    let docker = config.image.mirrors_of("docker.io");
-    assert_eq!(docker.len(), 2);
-    assert_eq!(
-        docker[0],
-        MirrorEndpoint {
-            plain_http: true,
-            host: "127.0.0.1:5000".into(),
-            prefix: String::new()
-        }
-    );
-    assert_eq!(config.image.mirrors_of("quay.io")[0].prefix, "quay");
-    let message = load(
-        &file,
-        &[("TRELLIS_IMAGE_MIRRORS", "docker.io=ftp://x")],
-        &[],
-    )
-    .expect_err("bad scheme")
-    .to_string();
-    assert!(
-        message.contains("TRELLIS_IMAGE_MIRRORS") && message.contains("registry=http://host"),
-        "{message}"
-    );
 }
 
 #[test]

@@ -7,7 +7,6 @@ pub mod result;
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use exec::{CniCommand, CniExecError};
@@ -19,7 +18,7 @@ pub const POD_INTERFACE: &str = "eth0";
 /// Everything that decides what the plugins are told about one pod. It is recorded
 /// with the pod, so a DEL (even after a restart, even after the directory changed)
 /// hands the plugins exactly what ADD did.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Attachment {
     pub sandbox_id: String,
     pub netns: PathBuf,

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use trellis_common::bus::EventBus;
 use trellis_common::config::RuntimeConfig;
 use trellis_common::grpc::find_executable;
+use trellis_common::locks::{KeyGuard, KeyedLocks};
 use trellis_common::text::excerpt;
 use trellis_proto::events::v1::event::Payload;
 
@@ -67,7 +68,7 @@ pub struct Runtime {
     events: Arc<dyn Events>,
     /// This process's oom_score_adj: containers cannot be given less (no CAP_SYS_RESOURCE).
     oom_score_floor: i32,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: KeyedLocks,
     /// The last CPU reading per container, (usage ns, at ns), for usage rates.
     cpu_samples: Mutex<HashMap<String, (u64, i64)>>,
     /// Turns for `runc create`, the costliest step of a pod start (see
@@ -107,7 +108,7 @@ impl Runtime {
             namespaces: parts.namespaces,
             events: parts.events,
             oom_score_floor,
-            locks: Mutex::new(HashMap::new()),
+            locks: KeyedLocks::new(),
             cpu_samples: Mutex::new(HashMap::new()),
             create_slots: tokio::sync::Semaphore::new(create_turns),
         })
@@ -122,38 +123,25 @@ impl Runtime {
     }
 
     /// Serialises operations on one pod or container.
-    async fn lock(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = {
-            let mut locks = self
-                .locks
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
-            locks.entry(id.to_string()).or_default().clone()
-        };
-        lock.lock_owned().await
+    async fn lock(&self, id: &str) -> KeyGuard {
+        self.locks.lock(id).await
     }
 
     /// The OCI runtime binary for a CRI runtime handler ("" is the default).
     fn oci_runtime(&self, handler: &str) -> Result<PathBuf, RuntimeError> {
-        let binary = if handler.is_empty() {
-            self.config.oci_runtime.clone()
-        } else {
-            self.config
-                .runtime_handlers
-                .iter()
-                .filter_map(|entry| entry.split_once('='))
-                .find(|(name, _)| name.trim() == handler)
-                .map(|(_, binary)| binary.trim().to_string())
-                .ok_or_else(|| {
-                    RuntimeError::InvalidArgument(format!(
-                        "unknown runtime handler `{}`; configured: {}",
-                        excerpt(handler),
-                        self.config.runtime_handlers.join(", ")
-                    ))
-                })?
-        };
-        find_executable(&binary).ok_or_else(|| {
+        let runtime = &self.config;
+        let binary = &runtime
+            .handler(handler)
+            .ok_or_else(|| {
+                let configured: Vec<&str> = runtime.handlers.keys().map(String::as_str).collect();
+                RuntimeError::InvalidArgument(format!(
+                    "unknown runtime handler `{}`; configured: {}",
+                    excerpt(handler),
+                    configured.join(", ")
+                ))
+            })?
+            .binary;
+        find_executable(binary).ok_or_else(|| {
             RuntimeError::FailedPrecondition(format!(
                 "OCI runtime `{binary}` for handler `{}` is not installed",
                 excerpt(handler)

@@ -78,7 +78,7 @@ impl Node {
         let store = SledStore::open(&self.dir.path().join("records")).expect("store");
         let mut config = trellis_common::config::Config::default().runtime;
         // Any installed program will do: the fake OCI runtime never runs it.
-        config.oci_runtime = "sh".into();
+        config.oci_runtime = trellis_common::config::RuntimeHandler::new("sh").expect("handler");
         config.pause_image = "registry.test/pause:3".into();
         let parts = Parts {
             store: RecordStore::open(&store).expect("records"),

@@ -35,7 +35,7 @@ pub struct RuntimeService {
 impl RuntimeService {
     pub fn new(config: &RuntimeConfig, runtime: Arc<Runtime>, streaming: StreamingServer) -> Self {
         Self {
-            oci_runtime: config.oci_runtime.clone(),
+            oci_runtime: config.oci_runtime.binary.clone(),
             conmon: config.conmon.clone(),
             streaming: Some(streaming),
             runtime: Some(runtime),

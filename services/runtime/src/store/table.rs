@@ -11,14 +11,13 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use prost::Message;
-use trellis_common::store::{Store, Table as DurableTable};
+use trellis_common::store::{Records, Store};
 use trellis_common::text::excerpt;
 
 use crate::error::RuntimeError;
 
 /// A record with an id (pods and containers).
-pub trait Record: Message + Default + Clone + PartialEq + 'static {
+pub trait Record: prost::Message + Default + Clone + PartialEq + 'static {
     /// What the record is called in errors: `pod sandbox`, `container`.
     const KIND: &'static str;
     fn id(&self) -> &str;
@@ -29,7 +28,7 @@ pub trait Record: Message + Default + Clone + PartialEq + 'static {
 type Slot<T> = Arc<Mutex<Option<Arc<T>>>>;
 
 pub struct Table<T> {
-    durable: Arc<dyn DurableTable>,
+    durable: Records<T, RuntimeError>,
     rows: RwLock<BTreeMap<String, Slot<T>>>,
 }
 
@@ -42,14 +41,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl<T: Record> Table<T> {
     /// Opens the durable table and loads every record into memory.
     pub fn open(store: &dyn Store, name: &str) -> Result<Self, RuntimeError> {
-        let durable = store.table(name)?;
+        let durable = Records::<T, RuntimeError>::open(store, name)?;
         let mut rows = BTreeMap::new();
-        for (key, raw) in durable.scan()? {
-            let record = T::decode(raw.as_slice()).map_err(|source| RuntimeError::Record {
-                table: name.to_string(),
-                key: String::from_utf8_lossy(&key).into_owned(),
-                source,
-            })?;
+        for record in durable.all()? {
             rows.insert(
                 record.id().to_string(),
                 Arc::new(Mutex::new(Some(Arc::new(record)))),
@@ -140,7 +134,7 @@ impl<T: Record> Table<T> {
                 T::KIND
             )));
         }
-        self.durable.put(id.as_bytes(), &record.encode_to_vec())?;
+        self.durable.put(&id, &record)?;
         let record = Arc::new(record);
         rows.insert(id, Arc::new(Mutex::new(Some(record.clone()))));
         Ok(record)
@@ -161,7 +155,7 @@ impl<T: Record> Table<T> {
         let mut next = T::clone(record);
         let outcome = change(&mut next)?;
         if next != **record {
-            self.durable.put(id.as_bytes(), &next.encode_to_vec())?;
+            self.durable.put(id, &next)?;
             *current = Some(Arc::new(next));
         }
         let record = current.clone().ok_or_else(|| Self::not_found(id))?;
@@ -177,7 +171,7 @@ impl<T: Record> Table<T> {
         if current.is_none() {
             return Ok(None);
         }
-        self.durable.delete(id.as_bytes())?;
+        self.durable.delete(id)?;
         let last = current.take();
         self.rows
             .write()
