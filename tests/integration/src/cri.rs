@@ -131,6 +131,21 @@ pub fn host_network_pod(name: &str, privileged: bool) -> PodSandboxConfig {
     }
 }
 
+/// A pod with its own network namespace, or the host's.
+pub fn pod_config(name: &str, host_network: bool) -> PodSandboxConfig {
+    let mut config = host_network_pod(name, false);
+    if !host_network
+        && let Some(options) = config
+            .linux
+            .as_mut()
+            .and_then(|l| l.security_context.as_mut())
+            .and_then(|s| s.namespace_options.as_mut())
+    {
+        options.network = NamespaceMode::Pod as i32;
+    }
+    config
+}
+
 pub async fn run_pod(node: &Node, config: PodSandboxConfig) -> Pod {
     let request = RunPodSandboxRequest {
         config: Some(config.clone()),

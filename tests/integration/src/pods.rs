@@ -13,18 +13,9 @@ use crate::{Node, NodeOptions};
 /// A pod labelled `app=<name>`, logging under `log_directory`, on the host's
 /// network or its own.
 pub fn pod_config(name: &str, log_directory: &str, host_network: bool) -> PodSandboxConfig {
-    let mut config = crate::cri::host_network_pod(name, false);
+    let mut config = crate::cri::pod_config(name, host_network);
     config.log_directory = log_directory.into();
     config.labels = HashMap::from([("app".to_string(), name.to_string())]);
-    if !host_network
-        && let Some(options) = config
-            .linux
-            .as_mut()
-            .and_then(|l| l.security_context.as_mut())
-            .and_then(|s| s.namespace_options.as_mut())
-    {
-        options.network = NamespaceMode::Pod as i32;
-    }
     config
 }
 
