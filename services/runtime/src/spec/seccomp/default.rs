@@ -4,6 +4,9 @@
 //! without CAP_SYS_ADMIN; answer `clone3` with ENOSYS then (so C libraries fall back to
 //! `clone`, whose flags can be checked); allow only the common `personality` values.
 //! Names libseccomp does not know are ignored by runc, so the list may be ahead of it.
+//!
+//! Most of this file is the list of system calls: it is data, kept in one file (past the
+//! usual size) so the profile can be read and reviewed from top to bottom.
 
 use super::{Arg, Filter, Profile, Rule};
 
