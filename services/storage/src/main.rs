@@ -25,6 +25,7 @@ fn main() -> anyhow::Result<()> {
             .clone()
             .ok_or("the storage service needs its record store")?;
         let storage_config = context.config.storage.clone();
+        let stopping = context.stopping.clone();
         let service = tokio::task::spawn_blocking(move || -> Result<_, error::StorageError> {
             let layers = layers::LayerStore::open(
                 state.join("layers"),
@@ -33,7 +34,9 @@ fn main() -> anyhow::Result<()> {
             )?;
             let images = images::ImageStore::open(store.as_ref())?;
             let rootfs = rootfs::RootfsStore::open(state.join("containers"), store.as_ref())?;
-            Ok(service::StorageService::new(layers, images, rootfs))
+            Ok(service::StorageService::new(
+                layers, images, rootfs, stopping,
+            ))
         })
         .await??;
         Ok(tonic::service::Routes::new(

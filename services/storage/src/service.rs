@@ -26,11 +26,19 @@ pub struct StorageService {
     /// The mount point holding the writable layers, found once: reading mountinfo,
     /// long with a hundred overlays in it, cost more than the layers' own walk.
     writable_mountpoint: Arc<std::sync::OnceLock<String>>,
+    /// Turns true when the service begins to stop.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl StorageService {
-    pub fn new(layers: LayerStore, images: ImageStore, rootfs: RootfsStore) -> Self {
+    pub fn new(
+        layers: LayerStore,
+        images: ImageStore,
+        rootfs: RootfsStore,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         Self {
+            stopping,
             layers: Arc::new(layers),
             images: Arc::new(images),
             rootfs: Arc::new(rootfs),
@@ -57,6 +65,18 @@ impl StorageService {
             tracing::error!(%error, "cannot read root filesystem records; treating the image as in use");
             Some("(unknown: records unreadable)".into())
         })
+    }
+}
+
+/// What WatchImages answers: generations until the service stops.
+pub type ImagesGenerations =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<ImagesGeneration, Status>> + Send>>;
+
+/// The config as pulled is for ImageStatus; lists and removals need not carry it.
+fn without_config(image: Image) -> Image {
+    Image {
+        config_json: String::new(),
+        ..image
     }
 }
 
@@ -241,8 +261,11 @@ impl Storage for StorageService {
                 )));
             }
         }
-        let image = self.images.put(image)?;
-        Ok(Response::new(PutImageResponse { image: Some(image) }))
+        let (image, generation) = self.images.put(image)?;
+        Ok(Response::new(PutImageResponse {
+            image: Some(image),
+            generation,
+        }))
     }
 
     async fn get_image(
@@ -261,16 +284,9 @@ impl Storage for StorageService {
         _request: Request<ListImagesRequest>,
     ) -> Result<Response<ListImagesResponse>, Status> {
         // The full config is for ImageStatus; a listing of hundreds need not carry it.
-        let images = self
-            .images
-            .list()?
-            .into_iter()
-            .map(|image| Image {
-                config_json: String::new(),
-                ..image
-            })
-            .collect();
-        Ok(Response::new(ListImagesResponse { images }))
+        let (images, generation) = self.images.list_with_generation()?;
+        let images = images.into_iter().map(without_config).collect();
+        Ok(Response::new(ListImagesResponse { images, generation }))
     }
 
     async fn remove_image(
@@ -297,10 +313,32 @@ impl Storage for StorageService {
                 .await
                 .map_err(blocking_failed)??;
         }
+        let deleted = removal.deleted.is_some();
         Ok(Response::new(RemoveImageResponse {
             image_id: removal.image_id,
-            deleted: removal.deleted.is_some(),
+            deleted,
+            generation: removal.generation,
+            image: removal.deleted.or(removal.remaining).map(without_config),
         }))
+    }
+
+    type WatchImagesStream = ImagesGenerations;
+
+    async fn watch_images(
+        &self,
+        _request: Request<WatchImagesRequest>,
+    ) -> Result<Response<ImagesGenerations>, Status> {
+        let generations = tokio_stream::wrappers::WatchStream::new(self.images.watch());
+        let mut stopping = self.stopping.clone();
+        // A watcher would hold the stop for its grace period otherwise: it ends with us.
+        let stop = async move {
+            let _ = stopping.wait_for(|stopping| *stopping).await;
+        };
+        let stream = futures::StreamExt::map(
+            futures::StreamExt::take_until(generations, stop),
+            |generation| Ok(ImagesGeneration { generation }),
+        );
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn prepare_rootfs(
