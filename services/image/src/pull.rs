@@ -37,6 +37,7 @@ use trellis_proto::storage::v1::{
 };
 
 use crate::error::ImageError;
+use crate::index::{Change, ImageIndex};
 use crate::inflight::{InFlight, Outcome, Start};
 use crate::registry::{Source, auth_for, client_for, sources};
 
@@ -52,6 +53,8 @@ const REGISTRY_TEXT_CHARS: usize = 300;
 pub struct Puller {
     config: ImageConfig,
     storage: Channel,
+    /// Told of each image recorded, before the pull answers its callers.
+    index: Arc<ImageIndex>,
     credentials: std::collections::HashMap<String, RegistryAuth>,
     inflight: Arc<InFlight>,
     blobs: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -171,12 +174,14 @@ impl Puller {
     pub fn new(
         config: ImageConfig,
         storage: Channel,
+        index: Arc<ImageIndex>,
         registry: &mut Registry,
     ) -> Result<Self, ImageError> {
         let credentials = crate::registry::load_credentials(&config.credentials_file)?;
         Ok(Self {
             config,
             storage,
+            index,
             credentials,
             inflight: Arc::default(),
             blobs: Default::default(),
@@ -483,6 +488,7 @@ impl Puller {
             config_json: String::from_utf8_lossy(&config_bytes).into_owned(),
             pulled_unix_nano: trellis_common::clock::now_nanos(),
         };
+        let epoch = self.index.epoch();
         let stored = self
             .storage()
             .put_image(traced_request(PutImageRequest {
@@ -490,11 +496,14 @@ impl Puller {
             }))
             .await?
             .into_inner();
-        stored.image.ok_or_else(|| SourceFailure {
+        let image = stored.image.ok_or_else(|| SourceFailure {
             message: "storage returned no image".into(),
             code: Code::Internal,
             fatal: true,
-        })
+        })?;
+        self.index
+            .applied(epoch, stored.generation, Change::Put(image.clone()));
+        Ok(image)
     }
 
     fn blob_lock(&self, digest: &str) -> Arc<tokio::sync::Mutex<()>> {
