@@ -2,6 +2,7 @@
 //! socket transport, the record store, metrics, and the service runner.
 #![deny(unsafe_code)]
 
+pub mod alloc;
 pub mod authority;
 pub mod bus;
 pub mod clock;

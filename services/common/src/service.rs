@@ -26,6 +26,12 @@ use crate::transport::OwnedSocket;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Worker threads of a service's async runtime. The services mostly wait on sockets
+/// and child processes; two workers keep one slow handler from holding up the others,
+/// and more (tokio's default is one per core) would only add thread stacks and
+/// allocator state on a large node. Blocking work has tokio's blocking pool.
+const WORKER_THREADS: usize = 2;
+
 /// How long calls in flight may take to finish once a stop is asked for.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
@@ -91,6 +97,7 @@ where
     let cli = ServiceCli::parse();
     let config = cli.config.source().load()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKER_THREADS)
         .enable_all()
         .build()
         .map_err(|source| CommonError::Io {
