@@ -12,6 +12,19 @@ pub fn vm_rss_kib(pid: i32) -> Option<u64> {
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// The anonymous (heap, stacks) and file-backed (the executable and libraries mapped)
+/// parts of the resident set of `pid`, in KiB.
+pub fn rss_parts_kib(pid: i32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+    };
+    Some((field("RssAnon:")?, field("RssFile:")?))
+}
+
 /// The number of threads of `pid`.
 pub fn threads(pid: i32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

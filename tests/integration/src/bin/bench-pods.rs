@@ -23,7 +23,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use trellis_integration::memory::{processes_named, threads, total_rss_kib, vm_rss_kib};
+use trellis_integration::memory::{
+    processes_named, rss_parts_kib, threads, total_rss_kib, vm_rss_kib,
+};
 use trellis_integration::netns::TestNetwork;
 use trellis_integration::peer::Containerd;
 use trellis_integration::registry::{Registry, busybox_layer, image};
@@ -86,26 +88,37 @@ fn bench(endpoint: &Path, image: &str, report: &Path, loaded: impl FnOnce()) -> 
 /// One reading of what each side holds in memory.
 #[derive(Default)]
 struct Memory {
-    /// (name, KiB, threads) of each daemon counted.
-    daemons: Vec<(String, u64, u64)>,
+    /// Each daemon counted.
+    daemons: Vec<Daemon>,
     /// Per-pod helpers: how many, and their summed KiB.
     helpers: (usize, u64),
     /// Beside the daemons, not counted with them: (name, KiB).
     beside: Vec<(String, u64)>,
 }
 
+struct Daemon {
+    name: String,
+    rss_kib: u64,
+    anon_kib: u64,
+    file_kib: u64,
+    threads: u64,
+}
+
 impl Memory {
     fn total(&self) -> u64 {
-        self.daemons.iter().map(|(_, kib, _)| kib).sum()
+        self.daemons.iter().map(|d| d.rss_kib).sum()
     }
 }
 
-fn daemon(name: &str, pid: i32) -> (String, u64, u64) {
-    (
-        name.to_string(),
-        vm_rss_kib(pid).unwrap_or(0),
-        threads(pid).unwrap_or(0),
-    )
+fn daemon(name: &str, pid: i32) -> Daemon {
+    let (anon_kib, file_kib) = rss_parts_kib(pid).unwrap_or_default();
+    Daemon {
+        name: name.to_string(),
+        rss_kib: vm_rss_kib(pid).unwrap_or(0),
+        anon_kib,
+        file_kib,
+        threads: threads(pid).unwrap_or(0),
+    }
 }
 
 fn trellis_memory(node_root: &Path, services: &[(String, i32)], up: Option<i32>) -> Memory {
@@ -195,8 +208,15 @@ fn print_comparison(trellis: &serde_json::Value, containerd: &serde_json::Value)
 
 fn print_memory(when: &str, trellis: &Memory, containerd: &Memory) {
     println!("\n=== resident memory (VmRSS), {when} ===");
-    for (name, kib, threads) in trellis.daemons.iter().chain(&containerd.daemons) {
-        println!("  {name:<20} {:>8.1} MiB  {threads:>3} threads", mib(*kib));
+    for daemon in trellis.daemons.iter().chain(&containerd.daemons) {
+        println!(
+            "  {:<20} {:>8.1} MiB  (anonymous {:>5.1}, files {:>5.1})  {:>3} threads",
+            daemon.name,
+            mib(daemon.rss_kib),
+            mib(daemon.anon_kib),
+            mib(daemon.file_kib),
+            daemon.threads
+        );
     }
     println!(
         "  {:<20} {:>8.1} MiB  (the five services)",
