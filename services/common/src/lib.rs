@@ -2,7 +2,6 @@
 //! socket transport, the record store, metrics, and the service runner.
 #![deny(unsafe_code)]
 
-pub mod alloc;
 pub mod authority;
 pub mod bus;
 pub mod clock;

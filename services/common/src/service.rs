@@ -26,12 +26,6 @@ use crate::transport::OwnedSocket;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Worker threads of a service's async runtime. The services mostly wait on sockets
-/// and child processes; two workers keep one slow handler from holding up the others,
-/// and more (tokio's default is one per core) would only add thread stacks and
-/// allocator state on a large node. Blocking work has tokio's blocking pool.
-const WORKER_THREADS: usize = 2;
-
 /// How long calls in flight may take to finish once a stop is asked for.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
@@ -96,8 +90,12 @@ where
     use clap::Parser;
     let cli = ServiceCli::parse();
     let config = cli.config.source().load()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(WORKER_THREADS)
+    // The async tasks run on one thread. The services mostly wait on sockets and child
+    // processes, and a call crosses several tasks (the connection, the handler, the
+    // client of the next service): on one thread each hand-over is a queue push, where
+    // worker threads would wake each other for every one of them, and each keep a
+    // stack and an allocator arena of its own. Blocking work has tokio's blocking pool.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|source| CommonError::Io {
