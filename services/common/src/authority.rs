@@ -11,8 +11,12 @@
 //!
 //! The shim is a wrapper around the connection, not a task of its own copying through
 //! a pipe: the server's reads parse the client's frames in place and its writes go
-//! straight to the socket. Every call pays for it, so it costs one copy of what the
-//! client sends and no task switch, buffer or wake-up of its own.
+//! straight to the socket. A client whose first header block carries a valid
+//! authority (Rust clients, Trellis's own services) is not one the shim is for: from
+//! then on its bytes pass unparsed and unchanged, so that the HPACK decoding of every
+//! call is done once, by the server. (Its first block is passed as it came too, so the
+//! server's HPACK state is the client's. A later invalid authority from such a
+//! client is refused by the server, as it would be without the shim.)
 
 use std::io;
 use std::pin::Pin;
@@ -85,6 +89,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Normalized<S> {
             }
             if this.eof || buf.remaining() == 0 {
                 return Poll::Ready(Ok(()));
+            }
+            if this.rewriter.mode == Mode::Passthrough {
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
             if this.scratch.len() < READ_CHUNK {
                 this.scratch.resize(READ_CHUNK, 0);
@@ -161,8 +168,22 @@ enum Stage {
     },
 }
 
+/// What the shim does with a connection's header blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Until the first header block is whole: it decides.
+    Deciding,
+    /// The client's authority was valid: every byte passes unchanged.
+    Passthrough,
+    /// Every header block is decoded and written again (see the module).
+    Rewrite,
+}
+
 /// The client-to-server byte stream, parsed as it arrives in pieces of any size.
 struct Rewriter {
+    mode: Mode,
+    /// The frames of the first header block as they came, while deciding.
+    first_block: Vec<u8>,
     stage: Stage,
     header: [u8; FRAME_HEADER_LEN],
     header_len: usize,
@@ -175,6 +196,8 @@ struct Rewriter {
 impl Default for Rewriter {
     fn default() -> Self {
         Self {
+            mode: Mode::Deciding,
+            first_block: Vec::new(),
             stage: Stage::Preface(PREFACE_LEN),
             header: [0; FRAME_HEADER_LEN],
             header_len: 0,
@@ -189,6 +212,10 @@ impl Rewriter {
     /// Parses `input`, appending what the server is to read to `out`.
     fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
         while !input.is_empty() {
+            if self.mode == Mode::Passthrough {
+                out.extend_from_slice(input);
+                return Ok(());
+            }
             match self.stage {
                 Stage::Preface(left) | Stage::Passthrough(left) => {
                     let n = left.min(input.len());
@@ -247,6 +274,9 @@ impl Rewriter {
             ));
         }
         if kind == HEADERS || kind == CONTINUATION {
+            if self.mode == Mode::Deciding {
+                self.first_block.extend_from_slice(&header);
+            }
             self.payload.clear();
             self.stage = Stage::HeaderPayload {
                 kind,
@@ -278,6 +308,9 @@ impl Rewriter {
     ) -> io::Result<()> {
         self.stage = Stage::FrameHeader;
         let payload = std::mem::take(&mut self.payload);
+        if self.mode == Mode::Deciding {
+            self.first_block.extend_from_slice(&payload);
+        }
         if kind == HEADERS {
             let fragment = header_fragment(&payload, flags)?;
             self.block = Some((stream, flags & END_STREAM, fragment.to_vec()));
@@ -312,6 +345,19 @@ impl Rewriter {
                 .decoder
                 .decode(&fragments)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("HPACK: {e:?}")))?;
+            if self.mode == Mode::Deciding {
+                let invalid = headers.iter().any(|(name, value)| {
+                    name == b":authority"
+                        && http::uri::Authority::try_from(value.as_slice()).is_err()
+                });
+                if !invalid {
+                    self.mode = Mode::Passthrough;
+                    out.extend_from_slice(&std::mem::take(&mut self.first_block));
+                    return Ok(());
+                }
+                self.mode = Mode::Rewrite;
+                self.first_block = Vec::new();
+            }
             write_header_block(out, stream, end_stream, &encode_plain(headers));
         }
         Ok(())
@@ -492,6 +538,33 @@ mod tests {
         let decoded = decode(&block);
         assert_eq!(decoded[0].1, b"localhost".to_vec());
         assert_eq!(decoded[1].1, big);
+    }
+
+    #[test]
+    fn a_client_with_a_valid_authority_passes_unchanged() {
+        let mut encoder = loona_hpack::Encoder::new();
+        let mut input = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        input.extend(frame(0x4, 0, 0, &[]));
+        let first: Vec<(&[u8], &[u8])> = vec![(b":authority", b"localhost"), (b":path", b"/a.B/C")];
+        input.extend(frame(HEADERS, END_HEADERS, 1, &encoder.encode(first)));
+        input.extend(frame(0x0, END_STREAM, 1, b"data"));
+        // Later blocks are not looked at, whatever they hold.
+        let later: Vec<(&[u8], &[u8])> = vec![(b":authority", b"/a/path.sock")];
+        input.extend(frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            3,
+            &encoder.encode(later),
+        ));
+        for piece in [1, 5, 9, 64, 4096] {
+            let mut output = Vec::new();
+            let mut rewriter = Rewriter::default();
+            for chunk in input.chunks(piece) {
+                rewriter.feed(chunk, &mut output).expect("feed");
+            }
+            assert_eq!(output, input, "fed {piece} bytes at a time");
+            assert_eq!(rewriter.mode, Mode::Passthrough);
+        }
     }
 
     /// A client frame as bytes.
