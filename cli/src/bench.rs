@@ -1,5 +1,8 @@
 //! `trellis bench`: a CRI workload against any CRI endpoint (Trellis's or another
-//! runtime's), timing each lifecycle call, sequentially and N at once.
+//! runtime's), timing each lifecycle call, sequentially and N at once, the stats
+//! calls, and the list and status calls over a node full of pods (`lists`).
+
+mod lists;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -37,6 +40,20 @@ pub struct BenchArgs {
     /// Calls of each stats RPC timed.
     #[arg(long, default_value_t = 30)]
     pub stats_calls: usize,
+    /// Pods, each running one container, over which the list and status calls are
+    /// timed (0 skips).
+    #[arg(long, default_value_t = 100)]
+    pub list_pods: usize,
+    /// Calls of each list and status RPC timed.
+    #[arg(long, default_value_t = 300)]
+    pub list_calls: usize,
+    /// Once the list calls are timed, and before their pods go, print a line and wait
+    /// for one on standard input (for a caller measuring the loaded node).
+    #[arg(long)]
+    pub hold: bool,
+    /// Also write every figure to this file as JSON (phase → call → p50/p90/p99 in ms).
+    #[arg(long)]
+    pub report: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,9 +65,15 @@ pub enum BenchError {
         call: &'static str,
         status: tonic::Status,
     },
+    #[error("cannot write the report {path}: {source}")]
+    Report {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-const OPERATIONS: [&str; 13] = [
+const OPERATIONS: [&str; 18] = [
     "RunPodSandbox",
     "CreateContainer",
     "StartContainer",
@@ -63,7 +86,12 @@ const OPERATIONS: [&str; 13] = [
     "ListContainerStats",
     "ListPodSandboxStats",
     "ContainerStats",
+    "ListPodSandbox",
     "ListContainers",
+    "PodSandboxStatus",
+    "ContainerStatus",
+    "ListImages",
+    "ImageStatus",
 ];
 
 type Timings = BTreeMap<&'static str, Vec<Duration>>;
@@ -380,26 +408,61 @@ fn percentile(sorted: &[Duration], q: f64) -> f64 {
         .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
-fn print(title: &str, timings: &mut Timings) {
+/// Percentiles of one call, in milliseconds.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct Summary {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    n: usize,
+}
+
+/// Phases in the order they ran, each with its calls in `OPERATIONS` order.
+type Report = Vec<(String, Vec<(&'static str, Summary)>)>;
+
+fn print(report: &mut Report, title: &str, timings: &mut Timings) {
     println!("{title}");
     println!(
         "  {:<22} {:>9} {:>9} {:>9} {:>6}",
-        "operation (ms)", "p50", "p95", "p99", "n"
+        "operation (ms)", "p50", "p90", "p99", "n"
     );
+    let mut phase = Vec::new();
     for name in OPERATIONS {
         let Some(samples) = timings.get_mut(name) else {
             continue;
         };
         samples.sort();
+        let summary = Summary {
+            p50: percentile(samples, 0.5),
+            p90: percentile(samples, 0.9),
+            p99: percentile(samples, 0.99),
+            n: samples.len(),
+        };
         println!(
-            "  {:<22} {:>9.1} {:>9.1} {:>9.1} {:>6}",
-            name,
-            percentile(samples, 0.5),
-            percentile(samples, 0.95),
-            percentile(samples, 0.99),
-            samples.len()
+            "  {:<22} {:>9.3} {:>9.3} {:>9.3} {:>6}",
+            name, summary.p50, summary.p90, summary.p99, summary.n
         );
+        phase.push((name, summary));
     }
+    report.push((title.to_string(), phase));
+}
+
+fn write_report(path: &std::path::Path, runtime: &str, report: &Report) -> Result<(), BenchError> {
+    let phases: serde_json::Map<String, serde_json::Value> = report
+        .iter()
+        .map(|(title, calls)| {
+            let calls: serde_json::Map<String, serde_json::Value> = calls
+                .iter()
+                .map(|(name, summary)| (name.to_string(), serde_json::json!(summary)))
+                .collect();
+            (title.clone(), serde_json::Value::Object(calls))
+        })
+        .collect();
+    let json = serde_json::json!({ "runtime": runtime, "phases": phases });
+    std::fs::write(path, json.to_string()).map_err(|source| BenchError::Report {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 pub async fn run(args: BenchArgs, default_socket: PathBuf) -> Result<(), BenchError> {
@@ -413,6 +476,7 @@ pub async fn run(args: BenchArgs, default_socket: PathBuf) -> Result<(), BenchEr
     };
     let channel = unix_channel(&socket);
     let runtime = RuntimeServiceClient::new(channel.clone());
+    let images = ImageServiceClient::new(channel.clone());
     let version = check(
         "Version",
         runtime.clone().version(VersionRequest::default()).await,
@@ -424,10 +488,8 @@ pub async fn run(args: BenchArgs, default_socket: PathBuf) -> Result<(), BenchEr
         }),
         ..Default::default()
     };
-    check(
-        "PullImage",
-        ImageServiceClient::new(channel).pull_image(pull).await,
-    )?;
+    check("PullImage", images.clone().pull_image(pull).await)?;
+    let mut report = Report::new();
     println!(
         "{} {} on {}: image {}, {} network",
         version.runtime_name,
@@ -453,10 +515,13 @@ pub async fn run(args: BenchArgs, default_socket: PathBuf) -> Result<(), BenchEr
             .await?,
         );
     }
-    print(
-        &format!("sequential, {} cycles", args.iterations),
-        &mut sequential,
-    );
+    if args.iterations > 0 {
+        print(
+            &mut report,
+            &format!("sequential, {} cycles", args.iterations),
+            &mut sequential,
+        );
+    }
 
     if args.concurrency > 0 {
         let mut concurrent = Timings::new();
@@ -476,6 +541,7 @@ pub async fn run(args: BenchArgs, default_socket: PathBuf) -> Result<(), BenchEr
             }
         }
         print(
+            &mut report,
             &format!("{} at once, {} rounds", args.concurrency, args.rounds),
             &mut concurrent,
         );
@@ -485,12 +551,28 @@ pub async fn run(args: BenchArgs, default_socket: PathBuf) -> Result<(), BenchEr
         let mut runtime = runtime.clone();
         let mut timings = stats(&mut runtime, &args).await?;
         print(
+            &mut report,
             &format!(
                 "stats over {} running containers, {} calls each",
                 args.stats_containers, args.stats_calls
             ),
             &mut timings,
         );
+    }
+
+    if args.list_pods > 0 {
+        let mut timings = lists::run(&runtime, &images, &args).await?;
+        print(
+            &mut report,
+            &format!(
+                "lists over {} pods of one running container, {} calls each",
+                args.list_pods, args.list_calls
+            ),
+            &mut timings,
+        );
+    }
+    if let Some(path) = &args.report {
+        write_report(path, &version.runtime_name, &report)?;
     }
     Ok(())
 }

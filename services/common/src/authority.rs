@@ -8,10 +8,21 @@
 //! is not a valid host with `localhost`, and re-encodes the block without using the
 //! HPACK dynamic table (so the server's decoding state never depends on the client's).
 //! Every other frame, and everything the server sends, passes through untouched.
+//!
+//! The shim is a wrapper around the connection, not a task of its own copying through
+//! a pipe: the server's reads parse the client's frames in place and its writes go
+//! straight to the socket. A client whose first header block carries a valid
+//! authority (Rust clients, Trellis's own services) is not one the shim is for: from
+//! then on its bytes pass unparsed and unchanged, so that the HPACK decoding of every
+//! call is done once, by the server. (Its first block is passed as it came too, so the
+//! server's HPACK state is the client's. A later invalid authority from such a
+//! client is refused by the server, as it would be without the shim.)
 
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 const PREFACE_LEN: usize = 24;
 const FRAME_HEADER_LEN: usize = 9;
@@ -25,54 +36,233 @@ const PRIORITY: u8 = 0x20;
 const MAX_FRAME_LEN: usize = 16_384;
 /// Largest frame accepted from a client (the protocol's ceiling is 2^24 - 1).
 const MAX_ACCEPTED_FRAME_LEN: usize = 1 << 24;
+/// Largest header block accepted across HEADERS and CONTINUATION frames.
+const MAX_HEADER_BLOCK_LEN: usize = 1 << 24;
 const FALLBACK_AUTHORITY: &[u8] = b"localhost";
+/// Bytes read from the client at once.
+const READ_CHUNK: usize = 16 * 1024;
 
-/// Wraps an accepted connection; the returned stream is what the gRPC server reads.
-pub fn normalize<S>(client: S) -> DuplexStream
+/// Wraps an accepted connection; the result is what the gRPC server reads and writes.
+pub fn normalize<S>(client: S) -> Normalized<S>
 where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (server_side, shim_side) = tokio::io::duplex(256 * 1024);
-    tokio::spawn(async move {
-        let (mut client_read, mut client_write) = tokio::io::split(client);
-        let (mut shim_read, mut shim_write) = tokio::io::split(shim_side);
-        let upstream = async {
-            let result = rewrite_client_frames(&mut client_read, &mut shim_write).await;
-            let _ = shim_write.shutdown().await;
-            result
-        };
-        let downstream = async {
-            let result = tokio::io::copy(&mut shim_read, &mut client_write).await;
-            let _ = client_write.shutdown().await;
-            result
-        };
-        let (up, _) = tokio::join!(upstream, downstream);
-        if let Err(error) = up {
-            tracing::debug!(%error, "client connection ended with an HTTP/2 framing error");
-        }
-    });
-    server_side
+    Normalized {
+        inner: client,
+        rewriter: Rewriter::default(),
+        scratch: Vec::new(),
+        out: Vec::new(),
+        out_pos: 0,
+        eof: false,
+    }
 }
 
-async fn rewrite_client_frames<R, W>(client: &mut R, server: &mut W) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut preface = [0u8; PREFACE_LEN];
-    if !read_or_eof(client, &mut preface).await? {
-        return Ok(());
-    }
-    server.write_all(&preface).await?;
+/// A client connection whose header blocks carry a valid authority (see the module).
+pub struct Normalized<S> {
+    inner: S,
+    rewriter: Rewriter,
+    /// Where reads from the client land before they are parsed.
+    scratch: Vec<u8>,
+    /// Parsed and rewritten bytes not yet handed to the server, from `out_pos` on.
+    out: Vec<u8>,
+    out_pos: usize,
+    eof: bool,
+}
 
-    let mut decoder = loona_hpack::Decoder::new();
-    // A header block being collected: (stream id, END_STREAM flag, fragments so far).
-    let mut block: Option<(u32, u8, Vec<u8>)> = None;
-    loop {
-        let mut header = [0u8; FRAME_HEADER_LEN];
-        if !read_or_eof(client, &mut header).await? {
-            return Ok(());
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Normalized<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.out_pos < this.out.len() {
+                let n = buf.remaining().min(this.out.len() - this.out_pos);
+                buf.put_slice(&this.out[this.out_pos..this.out_pos + n]);
+                this.out_pos += n;
+                if this.out_pos == this.out.len() {
+                    this.out.clear();
+                    this.out_pos = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof || buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            if this.rewriter.mode == Mode::Passthrough {
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
+            }
+            if this.scratch.len() < READ_CHUNK {
+                this.scratch.resize(READ_CHUNK, 0);
+            }
+            let mut read = ReadBuf::new(&mut this.scratch);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
+            let n = read.filled().len();
+            if n == 0 {
+                this.eof = true;
+                continue;
+            }
+            this.rewriter
+                .feed(&this.scratch[..n], &mut this.out)
+                .inspect_err(|error| {
+                    tracing::debug!(%error, "client connection ended with an HTTP/2 framing error");
+                })?;
         }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Normalized<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected for Normalized<S> {
+    type ConnectInfo = S::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+/// Where the parse of the client's bytes stands.
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    /// Bytes of the connection preface still to come.
+    Preface(usize),
+    /// Collecting a frame header.
+    FrameHeader,
+    /// Payload bytes of a frame that passes unchanged.
+    Passthrough(usize),
+    /// Payload bytes of a HEADERS or CONTINUATION frame still to collect.
+    HeaderPayload {
+        kind: u8,
+        flags: u8,
+        stream: u32,
+        left: usize,
+    },
+}
+
+/// What the shim does with a connection's header blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Until the first header block is whole: it decides.
+    Deciding,
+    /// The client's authority was valid: every byte passes unchanged.
+    Passthrough,
+    /// Every header block is decoded and written again (see the module).
+    Rewrite,
+}
+
+/// The client-to-server byte stream, parsed as it arrives in pieces of any size.
+struct Rewriter {
+    mode: Mode,
+    /// The frames of the first header block as they came, while deciding.
+    first_block: Vec<u8>,
+    stage: Stage,
+    header: [u8; FRAME_HEADER_LEN],
+    header_len: usize,
+    payload: Vec<u8>,
+    decoder: loona_hpack::Decoder<'static>,
+    /// A header block being collected: (stream id, END_STREAM flag, fragments so far).
+    block: Option<(u32, u8, Vec<u8>)>,
+}
+
+impl Default for Rewriter {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Deciding,
+            first_block: Vec::new(),
+            stage: Stage::Preface(PREFACE_LEN),
+            header: [0; FRAME_HEADER_LEN],
+            header_len: 0,
+            payload: Vec::new(),
+            decoder: loona_hpack::Decoder::new(),
+            block: None,
+        }
+    }
+}
+
+impl Rewriter {
+    /// Parses `input`, appending what the server is to read to `out`.
+    fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+        while !input.is_empty() {
+            if self.mode == Mode::Passthrough {
+                out.extend_from_slice(input);
+                return Ok(());
+            }
+            match self.stage {
+                Stage::Preface(left) | Stage::Passthrough(left) => {
+                    let n = left.min(input.len());
+                    out.extend_from_slice(&input[..n]);
+                    input = &input[n..];
+                    self.stage = match (self.stage, left - n) {
+                        (_, 0) => Stage::FrameHeader,
+                        (Stage::Preface(_), left) => Stage::Preface(left),
+                        (_, left) => Stage::Passthrough(left),
+                    };
+                }
+                Stage::FrameHeader => {
+                    let n = (FRAME_HEADER_LEN - self.header_len).min(input.len());
+                    self.header[self.header_len..self.header_len + n].copy_from_slice(&input[..n]);
+                    self.header_len += n;
+                    input = &input[n..];
+                    if self.header_len == FRAME_HEADER_LEN {
+                        self.header_len = 0;
+                        self.frame_header(out)?;
+                    }
+                }
+                Stage::HeaderPayload {
+                    kind,
+                    flags,
+                    stream,
+                    left,
+                } => {
+                    let n = left.min(input.len());
+                    self.payload.extend_from_slice(&input[..n]);
+                    input = &input[n..];
+                    self.stage = Stage::HeaderPayload {
+                        kind,
+                        flags,
+                        stream,
+                        left: left - n,
+                    };
+                    if left == n {
+                        self.header_frame(kind, flags, stream, out)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn frame_header(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
+        let header = self.header;
         let len =
             usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
         let (kind, flags) = (header[3], header[4]);
@@ -83,46 +273,94 @@ where
                 format!("frame of {len} bytes"),
             ));
         }
-        let mut payload = vec![0u8; len];
-        client.read_exact(&mut payload).await?;
-
-        match kind {
-            HEADERS => {
-                let fragment = header_fragment(&payload, flags)?;
-                block = Some((stream, flags & END_STREAM, fragment.to_vec()));
+        if kind == HEADERS || kind == CONTINUATION {
+            if self.mode == Mode::Deciding {
+                self.first_block.extend_from_slice(&header);
             }
-            CONTINUATION => match block.as_mut() {
-                Some((_, _, fragments)) => fragments.extend_from_slice(&payload),
+            self.payload.clear();
+            self.stage = Stage::HeaderPayload {
+                kind,
+                flags,
+                stream,
+                left: len,
+            };
+            if len == 0 {
+                self.header_frame(kind, flags, stream, out)?;
+            }
+        } else {
+            out.extend_from_slice(&header);
+            self.stage = if len == 0 {
+                Stage::FrameHeader
+            } else {
+                Stage::Passthrough(len)
+            };
+        }
+        Ok(())
+    }
+
+    /// A whole HEADERS or CONTINUATION frame is in `payload`.
+    fn header_frame(
+        &mut self,
+        kind: u8,
+        flags: u8,
+        stream: u32,
+        out: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        self.stage = Stage::FrameHeader;
+        let payload = std::mem::take(&mut self.payload);
+        if self.mode == Mode::Deciding {
+            self.first_block.extend_from_slice(&payload);
+        }
+        if kind == HEADERS {
+            let fragment = header_fragment(&payload, flags)?;
+            self.block = Some((stream, flags & END_STREAM, fragment.to_vec()));
+        } else {
+            match self.block.as_mut() {
+                Some((_, _, fragments))
+                    if fragments.len() + payload.len() <= MAX_HEADER_BLOCK_LEN =>
+                {
+                    fragments.extend_from_slice(&payload)
+                }
+                Some(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "header block too large",
+                    ));
+                }
                 None => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         "CONTINUATION without HEADERS",
                     ));
                 }
-            },
-            _ => {
-                server.write_all(&header).await?;
-                server.write_all(&payload).await?;
-                continue;
             }
         }
+        // The payload's buffer is kept for the next frame, emptied.
+        self.payload = payload;
+        self.payload.clear();
         if flags & END_HEADERS != 0
-            && let Some((stream, end_stream, fragments)) = block.take()
+            && let Some((stream, end_stream, fragments)) = self.block.take()
         {
-            let headers = decoder
+            let headers = self
+                .decoder
                 .decode(&fragments)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("HPACK: {e:?}")))?;
-            write_header_block(server, stream, end_stream, &encode_plain(headers)).await?;
+            if self.mode == Mode::Deciding {
+                let invalid = headers.iter().any(|(name, value)| {
+                    name == b":authority"
+                        && http::uri::Authority::try_from(value.as_slice()).is_err()
+                });
+                if !invalid {
+                    self.mode = Mode::Passthrough;
+                    out.extend_from_slice(&std::mem::take(&mut self.first_block));
+                    return Ok(());
+                }
+                self.mode = Mode::Rewrite;
+                self.first_block = Vec::new();
+            }
+            write_header_block(out, stream, end_stream, &encode_plain(headers));
         }
-    }
-}
-
-/// Reads exactly `buf.len()` bytes; false on a clean end of stream before any.
-async fn read_or_eof<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut [u8]) -> io::Result<bool> {
-    match reader.read_exact(buf).await {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
-        Err(e) => Err(e),
+        Ok(())
     }
 }
 
@@ -167,49 +405,34 @@ fn encode_plain(headers: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<u8> {
     out
 }
 
-async fn write_header_block<W: AsyncWrite + Unpin>(
-    server: &mut W,
-    stream: u32,
-    end_stream: u8,
-    block: &[u8],
-) -> io::Result<()> {
+fn write_header_block(out: &mut Vec<u8>, stream: u32, end_stream: u8, block: &[u8]) {
     let mut chunks = block.chunks(MAX_FRAME_LEN).peekable();
     let mut kind = HEADERS;
     let mut flags = end_stream;
     if chunks.peek().is_none() {
-        return write_frame(server, HEADERS, flags | END_HEADERS, stream, &[]).await;
+        return write_frame(out, HEADERS, flags | END_HEADERS, stream, &[]);
     }
     while let Some(chunk) = chunks.next() {
         let last = chunks.peek().is_none();
         write_frame(
-            server,
+            out,
             kind,
             if last { flags | END_HEADERS } else { flags },
             stream,
             chunk,
-        )
-        .await?;
+        );
         kind = CONTINUATION;
         flags = 0;
     }
-    Ok(())
 }
 
-async fn write_frame<W: AsyncWrite + Unpin>(
-    server: &mut W,
-    kind: u8,
-    flags: u8,
-    stream: u32,
-    payload: &[u8],
-) -> io::Result<()> {
+fn write_frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
     let len = payload.len().to_be_bytes();
-    let mut header = [0u8; FRAME_HEADER_LEN];
-    header[..3].copy_from_slice(&len[len.len() - 3..]);
-    header[3] = kind;
-    header[4] = flags;
-    header[5..].copy_from_slice(&stream.to_be_bytes());
-    server.write_all(&header).await?;
-    server.write_all(payload).await
+    out.extend_from_slice(&len[len.len() - 3..]);
+    out.push(kind);
+    out.push(flags);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
 }
 
 #[cfg(test)]
@@ -260,8 +483,8 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn split_blocks_are_joined_and_large_blocks_split() {
+    #[test]
+    fn split_blocks_are_joined_and_large_blocks_split() {
         let mut encoder = loona_hpack::Encoder::new();
         let big = vec![b'x'; 20_000];
         let headers: Vec<(&[u8], &[u8])> = vec![(b":authority", b"/tmp/s.sock"), (b"x-big", &big)];
@@ -278,10 +501,19 @@ mod tests {
         input.extend(frame(CONTINUATION, END_HEADERS, rest));
         input.extend(frame(0x0, END_STREAM, b"data"));
 
+        // Whole, and in pieces of every size the socket might hand over.
         let mut output = Vec::new();
-        rewrite_client_frames(&mut input.as_slice(), &mut output)
-            .await
+        Rewriter::default()
+            .feed(&input, &mut output)
             .expect("rewrite");
+        for piece in [1, 7, 9, 100, 4096] {
+            let mut pieces = Vec::new();
+            let mut rewriter = Rewriter::default();
+            for chunk in input.chunks(piece) {
+                rewriter.feed(chunk, &mut pieces).expect("rewrite");
+            }
+            assert_eq!(pieces, output, "fed {piece} bytes at a time");
+        }
         assert_eq!(&output[..PREFACE_LEN], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
         let mut rest = &output[PREFACE_LEN..];
         let mut block = Vec::new();
@@ -306,5 +538,121 @@ mod tests {
         let decoded = decode(&block);
         assert_eq!(decoded[0].1, b"localhost".to_vec());
         assert_eq!(decoded[1].1, big);
+    }
+
+    #[test]
+    fn a_client_with_a_valid_authority_passes_unchanged() {
+        let mut encoder = loona_hpack::Encoder::new();
+        let mut input = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        input.extend(frame(0x4, 0, 0, &[]));
+        let first: Vec<(&[u8], &[u8])> = vec![(b":authority", b"localhost"), (b":path", b"/a.B/C")];
+        input.extend(frame(HEADERS, END_HEADERS, 1, &encoder.encode(first)));
+        input.extend(frame(0x0, END_STREAM, 1, b"data"));
+        // Later blocks are not looked at, whatever they hold.
+        let later: Vec<(&[u8], &[u8])> = vec![(b":authority", b"/a/path.sock")];
+        input.extend(frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            3,
+            &encoder.encode(later),
+        ));
+        for piece in [1, 5, 9, 64, 4096] {
+            let mut output = Vec::new();
+            let mut rewriter = Rewriter::default();
+            for chunk in input.chunks(piece) {
+                rewriter.feed(chunk, &mut output).expect("feed");
+            }
+            assert_eq!(output, input, "fed {piece} bytes at a time");
+            assert_eq!(rewriter.mode, Mode::Passthrough);
+        }
+    }
+
+    /// A client frame as bytes.
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_frame(&mut out, kind, flags, stream, payload);
+        out
+    }
+
+    /// A health check as grpc-go sends it when it dials a socket path, written on
+    /// `client`; the kinds of the frames the server answers on stream 1.
+    async fn health_check_with_path_authority(mut client: tokio::io::DuplexStream) -> Vec<u8> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut request = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        request.extend(frame(0x4, 0, 0, &[]));
+        let headers: Vec<(&[u8], &[u8])> = vec![
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", b"/grpc.health.v1.Health/Check"),
+            (b":authority", b"/run/trellis/trellis.sock"),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+        ];
+        let block = loona_hpack::Encoder::new().encode(headers);
+        request.extend(frame(HEADERS, END_HEADERS, 1, &block));
+        request.extend(frame(0x0, END_STREAM, 1, &[0, 0, 0, 0, 0]));
+        client.write_all(&request).await.expect("send");
+        let mut answered = Vec::new();
+        let mut input = Vec::new();
+        let mut buffer = [0u8; 4096];
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        // Until the stream ends (END_STREAM on HEADERS) or is reset.
+        loop {
+            while input.len() >= FRAME_HEADER_LEN {
+                let len = usize::from(input[0]) << 16
+                    | usize::from(input[1]) << 8
+                    | usize::from(input[2]);
+                if input.len() < FRAME_HEADER_LEN + len {
+                    break;
+                }
+                let (kind, flags) = (input[3], input[4]);
+                let stream = u32::from_be_bytes([input[5], input[6], input[7], input[8]]);
+                input.drain(..FRAME_HEADER_LEN + len);
+                if stream == 1 {
+                    answered.push(kind);
+                    if kind == 0x3 || (kind == HEADERS && flags & END_STREAM != 0) {
+                        return answered;
+                    }
+                }
+            }
+            let read = tokio::time::timeout_at(deadline, client.read(&mut buffer))
+                .await
+                .expect("the server answers in time")
+                .expect("read");
+            assert!(read > 0, "the server closed the connection: {answered:?}");
+            input.extend_from_slice(&buffer[..read]);
+        }
+    }
+
+    fn serve(connection: tokio::io::DuplexStream, shimmed: bool) {
+        let (_, health) = tonic_health::server::health_reporter();
+        tokio::spawn(async move {
+            let routes = tonic::service::Routes::new(health);
+            let server = tonic::transport::Server::builder().add_routes(routes);
+            let _ = if shimmed {
+                let incoming = tokio_stream::once(Ok::<_, io::Error>(normalize(connection)));
+                server.serve_with_incoming(incoming).await
+            } else {
+                let incoming = tokio_stream::once(Ok::<_, io::Error>(connection));
+                server.serve_with_incoming(incoming).await
+            };
+        });
+    }
+
+    #[tokio::test]
+    async fn a_socket_path_authority_is_served_through_the_shim_and_reset_without_it() {
+        const RST_STREAM: u8 = 0x3;
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        serve(server, true);
+        let answered = health_check_with_path_authority(client).await;
+        assert!(
+            answered.contains(&HEADERS) && !answered.contains(&RST_STREAM),
+            "answered with frames {answered:?}"
+        );
+
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        serve(server, false);
+        let answered = health_check_with_path_authority(client).await;
+        assert_eq!(answered, vec![RST_STREAM], "the bare server refuses it");
     }
 }

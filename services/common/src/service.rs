@@ -76,6 +76,9 @@ pub struct ServiceContext {
     pub store: Option<Arc<dyn Store>>,
     pub bus: EventBus,
     pub registry: Registry,
+    /// Turns true when the process begins to stop: a stream that would never end on
+    /// its own (a watch) ends then, rather than holding the stop for its grace period.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Runs a service process to completion. `build` returns the service's own gRPC
@@ -87,7 +90,12 @@ where
     use clap::Parser;
     let cli = ServiceCli::parse();
     let config = cli.config.source().load()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // The async tasks run on one thread. The services mostly wait on sockets and child
+    // processes, and a call crosses several tasks (the connection, the handler, the
+    // client of the next service): on one thread each hand-over is a queue push, where
+    // worker threads would wake each other for every one of them, and each keep a
+    // stack and an allocator arena of its own. Blocking work has tokio's blocking pool.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|source| CommonError::Io {
@@ -125,7 +133,9 @@ where
     };
     let node = config.node_name();
     let bus = EventBus::start(&config.bus, node.clone(), kind.name(), store.clone()).await?;
+    let (stopping, stop) = tokio::sync::watch::channel(false);
     let mut context = ServiceContext {
+        stopping: stop.clone(),
         kind,
         config: config.clone(),
         node: node.clone(),
@@ -171,8 +181,9 @@ where
     // path would otherwise be refused by the HTTP/2 server (see `authority`).
     let incoming =
         UnixListenerStream::new(listener).map(|accepted| accepted.map(crate::authority::normalize));
-    let (stopping, stop) = tokio::sync::watch::channel(false);
     let server = tonic::transport::Server::builder()
+        .initial_stream_window_size(crate::transport::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(crate::transport::CONNECTION_WINDOW_BYTES)
         .trace_fn(grpc_server_span)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, async move {

@@ -160,6 +160,12 @@ fn about(key: &str, source: StoreError) -> StoreError {
     }
 }
 
+/// The bound of sled's page cache. Its default, 1 GiB, lets the cache grow with
+/// whatever was read; a service's records (pods, containers, images, its outbox) fit
+/// in a few MiB, and the lists the kubelet asks for are answered from the services'
+/// own indexes.
+const CACHE_BYTES: u64 = 8 << 20;
+
 /// How long an open waits for a lock that a closing handle still holds.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -176,9 +182,13 @@ impl SledStore {
         // fails, once the short wait is over.
         let deadline = std::time::Instant::now() + LOCK_WAIT;
         loop {
+            // No periodic flush: every change is flushed before it returns, so sled's
+            // flusher thread would only wake up for nothing.
             match sled::Config::new()
                 .path(path)
                 .mode(sled::Mode::LowSpace)
+                .cache_capacity(CACHE_BYTES)
+                .flush_every_ms(None)
                 .open()
             {
                 Ok(db) => {

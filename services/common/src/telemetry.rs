@@ -6,6 +6,7 @@
 //! trace across the gateway and the services behind it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
@@ -36,6 +37,16 @@ const ENDPOINT_VARS: [&str; 2] = [
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     "OTEL_EXPORTER_OTLP_ENDPOINT",
 ];
+
+/// Whether spans leave the process. Without an exporter there is no trace to join or
+/// pass on, so the per-call work for one (a span at info level with its fields
+/// formatted, the W3C context read and written) is skipped: every call paid for it.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process exports spans over OTLP.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
 
 /// Keeps the span exporter alive; `shutdown` flushes what is still buffered.
 pub struct Telemetry {
@@ -94,6 +105,7 @@ impl Telemetry {
             .try_init()
             .map_err(|e| TelemetryError::Install(e.to_string()))?;
         if let Some(endpoint) = endpoint {
+            EXPORTING.store(true, Ordering::Relaxed);
             tracing::info!(%endpoint, "exporting spans over OTLP");
         }
         Ok(Self { provider })
@@ -134,9 +146,14 @@ impl Injector for MetadataInjector<'_> {
 }
 
 /// The server span of one gRPC call, child of the caller's trace when the request
-/// carries a `traceparent`. Given to tonic's `Server::trace_fn`.
+/// carries a `traceparent`. Given to tonic's `Server::trace_fn`. Without an exporter
+/// it is a debug span with the path alone (nothing when the log level is above debug),
+/// so log lines at debug still say which call they belong to.
 pub fn grpc_server_span(request: &http::Request<()>) -> tracing::Span {
     let path = request.uri().path();
+    if !exporting() {
+        return tracing::debug_span!("grpc", rpc.path = %path);
+    }
     let span = tracing::info_span!("grpc", otel.name = %path.trim_start_matches('/'), otel.kind = "server", rpc.path = %path);
     let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.extract(&HeaderExtractor(request.headers()))
@@ -148,6 +165,9 @@ pub fn grpc_server_span(request: &http::Request<()>) -> tracing::Span {
 
 /// Puts the current span's trace context into an outgoing gRPC request.
 pub fn inject_grpc_context(metadata: &mut tonic::metadata::MetadataMap) {
+    if !exporting() {
+        return;
+    }
     let context = tracing::Span::current().context();
     opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.inject_context(&context, &mut MetadataInjector(metadata))
@@ -163,6 +183,9 @@ pub fn traced_request<T>(message: T) -> tonic::Request<T> {
 
 /// The current span's trace context as header pairs (for NATS messages).
 pub fn current_trace_headers() -> HashMap<String, String> {
+    if !exporting() {
+        return HashMap::new();
+    }
     let context = tracing::Span::current().context();
     let mut headers = HashMap::new();
     opentelemetry::global::get_text_map_propagator(|propagator| {

@@ -128,6 +128,13 @@ pub fn lock_path_of(socket: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// HTTP/2 flow-control windows of Trellis's own connections, both ends. The
+/// protocol's default (64 KiB) makes an answer larger than that (a list of a hundred
+/// containers, a layer streamed to storage) wait for window updates; over a local
+/// socket the memory a larger window lets the peer send ahead is the only cost.
+pub const STREAM_WINDOW_BYTES: u32 = 1 << 20;
+pub const CONNECTION_WINDOW_BYTES: u32 = 2 << 20;
+
 /// A lazily connecting gRPC channel to a Unix socket. It never blocks: a call made
 /// while the peer is down fails at once with `Unavailable`, and the next call dials
 /// again.
@@ -136,7 +143,8 @@ pub fn unix_channel(socket: &Path) -> Channel {
     // The URI is required by the endpoint type but never dialled: the connector is.
     Endpoint::from_static("http://localhost")
         .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .connect_with_connector_lazy(tower::service_fn(move |_| {
             let socket = socket.clone();
             async move { UnixStream::connect(&socket).await.map(TokioIo::new) }

@@ -87,7 +87,7 @@ impl Backends {
         result
     }
 
-    pub fn observe(&self, method: &str, started: Instant, error: Option<Code>) {
+    pub fn observe(&self, method: &'static str, started: Instant, error: Option<Code>) {
         self.metrics.observe(method, started.elapsed(), error);
         if let Some(code) = error {
             tracing::debug!(method, ?code, "CRI call failed");
@@ -109,10 +109,16 @@ impl Backends {
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
         let started = Instant::now();
-        let mut give_up = match retry {
-            Retry::Idempotent => started + self.retry_budget,
-            Retry::Once => started,
-        };
+        if retry == Retry::Once {
+            // Sent once, so its message is sent as it came, not a copy.
+            return match call(backend.channel.clone(), outgoing(message, deadline)).await {
+                Err(status) if is_unreachable(&status) => {
+                    Err(unreachable(backend, 1, started, &status))
+                }
+                answer => answer,
+            };
+        }
+        let mut give_up = started + self.retry_budget;
         if let Some(deadline) = deadline {
             give_up = give_up.min(deadline.checked_sub(DEADLINE_MARGIN).unwrap_or(deadline));
         }
@@ -120,31 +126,41 @@ impl Backends {
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            let mut request = Request::new(message.clone());
-            if let Some(deadline) = deadline {
-                request.set_timeout(deadline.saturating_duration_since(Instant::now()));
-            }
-            inject_grpc_context(request.metadata_mut());
+            let request = outgoing(message.clone(), deadline);
             let error = match call(backend.channel.clone(), request).await {
                 Ok(response) => return Ok(response),
                 Err(status) if is_unreachable(&status) => status,
                 Err(status) => return Err(status),
             };
             if Instant::now() + delay >= give_up {
-                return Err(Status::unavailable(format!(
-                    "trellis-{} is not answering on {} ({} attempt{} over {:?}): {}",
-                    backend.kind.name(),
-                    backend.socket.display(),
-                    attempts,
-                    if attempts == 1 { "" } else { "s" },
-                    started.elapsed(),
-                    error.message()
-                )));
+                return Err(unreachable(backend, attempts, started, &error));
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(MAX_RETRY_DELAY);
         }
     }
+}
+
+/// The request sent to a backend: the caller's deadline passed on, and the trace.
+fn outgoing<Req>(message: Req, deadline: Option<Instant>) -> Request<Req> {
+    let mut request = Request::new(message);
+    if let Some(deadline) = deadline {
+        request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+    }
+    inject_grpc_context(request.metadata_mut());
+    request
+}
+
+fn unreachable(backend: &Backend, attempts: u32, started: Instant, error: &Status) -> Status {
+    Status::unavailable(format!(
+        "trellis-{} is not answering on {} ({} attempt{} over {:?}): {}",
+        backend.kind.name(),
+        backend.socket.display(),
+        attempts,
+        if attempts == 1 { "" } else { "s" },
+        started.elapsed(),
+        error.message()
+    ))
 }
 
 /// The backend could not be reached or dropped the connection: the call did not run

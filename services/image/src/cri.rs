@@ -1,5 +1,6 @@
 //! The CRI ImageService as the image service answers it. Image records live in the
-//! storage service; this service resolves names, pulls, and translates.
+//! storage service; this service resolves names, pulls, and translates, and answers
+//! lists and statuses from its index of the records (`index`) while that is current.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,12 +15,14 @@ use trellis_proto::events::v1::{ImageEvent, event::Payload, image_event};
 use trellis_proto::storage::v1::storage_client::StorageClient;
 use trellis_proto::storage::v1::{self as storage, FsUsageRequest, GetImageRequest};
 
+use crate::index::{Change, ImageIndex};
 use crate::pull::Puller;
 
 pub struct ImageService {
     storage: Channel,
     puller: Arc<Puller>,
     bus: EventBus,
+    index: Arc<ImageIndex>,
 }
 
 fn image_name(spec: Option<&ImageSpec>, rpc: &str) -> Result<String, Status> {
@@ -69,11 +72,17 @@ fn image_event(kind: image_event::Kind, image: &storage::Image) -> Payload {
 }
 
 impl ImageService {
-    pub fn new(storage: Channel, puller: Arc<Puller>, bus: EventBus) -> Self {
+    pub fn new(
+        storage: Channel,
+        puller: Arc<Puller>,
+        bus: EventBus,
+        index: Arc<ImageIndex>,
+    ) -> Self {
         Self {
             storage,
             puller,
             bus,
+            index,
         }
     }
 
@@ -82,7 +91,40 @@ impl ImageService {
             .max_decoding_message_size(trellis_common::grpc::MAX_MESSAGE_BYTES)
     }
 
+    /// Every image: from the index when it is current, else listed by storage (and
+    /// the index rebuilt from that listing).
+    async fn list(&self) -> Result<Vec<storage::Image>, Status> {
+        if let Some(images) = self.index.list() {
+            return Ok(images);
+        }
+        let listing = self.index.listing();
+        let listed = self
+            .storage()
+            .list_images(traced_request(storage::ListImagesRequest {}))
+            .await?
+            .into_inner();
+        self.index
+            .install(listing, listed.images.clone(), listed.generation);
+        Ok(listed.images)
+    }
+
+    /// The image `reference` names, if any: from the index when it is current (after
+    /// a listing if it was not), else from storage.
     async fn find(&self, reference: &str) -> Result<Option<storage::Image>, Status> {
+        if let Some(found) = self.index.resolve(reference) {
+            return Ok(found);
+        }
+        if self.index.list().is_none() {
+            self.list().await?;
+            if let Some(found) = self.index.resolve(reference) {
+                return Ok(found);
+            }
+        }
+        self.stored(reference).await
+    }
+
+    /// The image `reference` names, as storage has it (with its config as pulled).
+    async fn stored(&self, reference: &str) -> Result<Option<storage::Image>, Status> {
         match self
             .storage()
             .get_image(traced_request(GetImageRequest {
@@ -117,13 +159,7 @@ impl image_service_server::ImageService for ImageService {
             .filter(|name| !name.is_empty());
         let images = match filter {
             Some(name) => self.find(&name).await?.into_iter().collect(),
-            None => {
-                self.storage()
-                    .list_images(traced_request(storage::ListImagesRequest {}))
-                    .await?
-                    .into_inner()
-                    .images
-            }
+            None => self.list().await?,
         };
         Ok(Response::new(ListImagesResponse {
             images: images.into_iter().map(to_cri).collect(),
@@ -136,7 +172,13 @@ impl image_service_server::ImageService for ImageService {
     ) -> Result<Response<ImageStatusResponse>, Status> {
         let request = request.into_inner();
         let name = image_name(request.image.as_ref(), "ImageStatus")?;
-        let Some(image) = self.find(&name).await? else {
+        // The index keeps no config as pulled, which verbose status shows.
+        let found = if request.verbose {
+            self.stored(&name).await?
+        } else {
+            self.find(&name).await?
+        };
+        let Some(image) = found else {
             return Ok(Response::new(ImageStatusResponse::default()));
         };
         let mut info = HashMap::new();
@@ -184,7 +226,7 @@ impl image_service_server::ImageService for ImageService {
         request: Request<RemoveImageRequest>,
     ) -> Result<Response<RemoveImageResponse>, Status> {
         let name = image_name(request.get_ref().image.as_ref(), "RemoveImage")?;
-        let before = self.find(&name).await?;
+        let epoch = self.index.epoch();
         let removal = self
             .storage()
             .remove_image(traced_request(storage::RemoveImageRequest {
@@ -192,10 +234,15 @@ impl image_service_server::ImageService for ImageService {
             }))
             .await?
             .into_inner();
-        if removal.deleted
-            && let Some(image) = before
-        {
-            self.publish(image_event(image_event::Kind::Removed, &image));
+        if let Some(image) = removal.image {
+            if removal.deleted {
+                self.publish(image_event(image_event::Kind::Removed, &image));
+            }
+            let change = Change::Removed {
+                image,
+                deleted: removal.deleted,
+            };
+            self.index.applied(epoch, removal.generation, change);
         }
         Ok(Response::new(RemoveImageResponse {}))
     }

@@ -5,9 +5,11 @@
 
 mod cri;
 mod error;
+mod index;
 mod inflight;
 mod pull;
 mod registry;
+mod watch;
 
 use std::sync::Arc;
 
@@ -26,14 +28,18 @@ fn main() -> anyhow::Result<()> {
     }
     trellis_common::service::run(ServiceKind::Image, async |context| {
         let storage = unix_channel(&context.config.endpoint(ServiceKind::Storage).socket);
+        let index = Arc::new(index::ImageIndex::default());
+        tokio::spawn(watch::follow(storage.clone(), index.clone()));
         let puller = Arc::new(pull::Puller::new(
             context.config.image.clone(),
             storage.clone(),
+            index.clone(),
             &mut context.registry,
         )?);
         puller.prune_at_start();
+        let service = cri::ImageService::new(storage, puller, context.bus.clone(), index);
         Ok(tonic::service::Routes::new(
-            ImageServiceServer::new(cri::ImageService::new(storage, puller, context.bus.clone()))
+            ImageServiceServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         ))

@@ -38,6 +38,7 @@ use trellis_proto::storage::v1::{
 };
 
 use crate::error::ImageError;
+use crate::index::{Change, ImageIndex};
 use crate::inflight::{InFlight, Outcome, Start};
 use crate::registry::{Source, auth_for, client_for, sources};
 
@@ -53,6 +54,8 @@ const REGISTRY_TEXT_CHARS: usize = 300;
 pub struct Puller {
     config: ImageConfig,
     storage: Channel,
+    /// Told of each image recorded, before the pull answers its callers.
+    index: Arc<ImageIndex>,
     credentials: std::collections::HashMap<String, RegistryAuth>,
     inflight: Arc<InFlight>,
     /// One download per blob at a time: concurrent pulls of images sharing a layer
@@ -174,12 +177,14 @@ impl Puller {
     pub fn new(
         config: ImageConfig,
         storage: Channel,
+        index: Arc<ImageIndex>,
         registry: &mut Registry,
     ) -> Result<Self, ImageError> {
         let credentials = crate::registry::load_credentials(&config.credentials_file)?;
         Ok(Self {
             config,
             storage,
+            index,
             credentials,
             inflight: Arc::default(),
             blobs: Default::default(),
@@ -486,6 +491,7 @@ impl Puller {
             config_json: String::from_utf8_lossy(&config_bytes).into_owned(),
             pulled_unix_nano: trellis_common::clock::now_nanos(),
         };
+        let epoch = self.index.epoch();
         let stored = self
             .storage()
             .put_image(traced_request(PutImageRequest {
@@ -493,11 +499,14 @@ impl Puller {
             }))
             .await?
             .into_inner();
-        stored.image.ok_or_else(|| SourceFailure {
+        let image = stored.image.ok_or_else(|| SourceFailure {
             message: "storage returned no image".into(),
             code: Code::Internal,
             fatal: true,
-        })
+        })?;
+        self.index
+            .applied(epoch, stored.generation, Change::Put(image.clone()));
+        Ok(image)
     }
 
     async fn has_layer(&self, chain_id: &str) -> Result<bool, SourceFailure> {

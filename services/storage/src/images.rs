@@ -25,6 +25,10 @@ pub struct ImageStore {
     references: Arc<dyn Table>,
     // Updates touch several records; one writer at a time keeps them consistent.
     write: Mutex<()>,
+    /// The generation of the records: one more at every change, made under `write`.
+    /// It starts at the store's opening time in nanoseconds, so that it only grows
+    /// across restarts and a watcher that knew an earlier instance sees a new number.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 /// What a removal did.
@@ -32,15 +36,38 @@ pub struct ImageStore {
 pub struct Removal {
     pub image_id: String,
     pub deleted: Option<Image>,
+    /// The image after a reference of it was removed (the image kept).
+    pub remaining: Option<Image>,
+    pub generation: u64,
 }
 
 impl ImageStore {
     pub fn open(store: &dyn Store) -> Result<Self, StorageError> {
+        let start = u64::try_from(trellis_common::clock::now_nanos()).unwrap_or(1);
         Ok(Self {
             images: Records::open(store, IMAGES)?,
             references: store.table(REFERENCES)?,
             write: Mutex::new(()),
+            generation: tokio::sync::watch::Sender::new(start),
         })
+    }
+
+    /// The generation now, then each new one.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// The next generation; called under the write lock, after a change.
+    fn changed(&self) -> u64 {
+        self.generation.send_modify(|generation| *generation += 1);
+        *self.generation.borrow()
+    }
+
+    /// Every image and the generation they are at.
+    pub fn list_with_generation(&self) -> Result<(Vec<Image>, u64), StorageError> {
+        let _write = self.lock();
+        let images = self.list()?;
+        Ok((images, *self.generation.borrow()))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -81,8 +108,9 @@ impl ImageStore {
         }
     }
 
-    /// Records an image, taking its references from whichever image held them.
-    pub fn put(&self, mut image: Image) -> Result<Image, StorageError> {
+    /// Records an image, taking its references from whichever image held them;
+    /// returns it as recorded and the generation this made.
+    pub fn put(&self, mut image: Image) -> Result<(Image, u64), StorageError> {
         if !valid_digest(&image.id) {
             return Err(StorageError::InvalidArgument(format!(
                 "image id `{}` is not sha256:<64 hex>",
@@ -105,8 +133,11 @@ impl ImageStore {
             }
             self.references.put(name.as_bytes(), image.id.as_bytes())?;
         }
-        self.save(&image)?;
-        Ok(image)
+        let saved = self.save(&image);
+        // Records may have moved before a failure: watchers look again either way.
+        let generation = self.changed();
+        saved?;
+        Ok((image, generation))
     }
 
     /// Removes what `reference` names. `in_use` says which container (if any) uses an
@@ -120,7 +151,10 @@ impl ImageStore {
             .map_err(|e| StorageError::InvalidArgument(e.to_string()))?;
         let _write = self.lock();
         let Some(mut image) = self.resolve(reference)? else {
-            return Ok(Removal::default());
+            return Ok(Removal {
+                generation: *self.generation.borrow(),
+                ..Removal::default()
+            });
         };
         let delete_whole = match &parsed {
             ImageRef::Id(_) => true,
@@ -144,18 +178,39 @@ impl ImageStore {
                 });
             }
             let original = self.load(&image.id)?.unwrap_or_else(|| image.clone());
-            for name in original.repo_tags.iter().chain(&original.repo_digests) {
-                if self.references.get(name.as_bytes())?.as_deref() == Some(image.id.as_bytes()) {
-                    self.references.delete(name.as_bytes())?;
-                }
-            }
-            self.images.delete(&image.id)?;
+            let deleted = self.delete_whole(&original);
+            let generation = self.changed();
+            deleted?;
             return Ok(Removal {
                 image_id: original.id.clone(),
                 deleted: Some(original),
+                remaining: None,
+                generation,
             });
         }
-        if let ImageRef::Named(named) = &parsed {
+        let removed = self.remove_reference(&parsed, &image);
+        let generation = self.changed();
+        removed?;
+        Ok(Removal {
+            image_id: image.id.clone(),
+            deleted: None,
+            remaining: Some(image),
+            generation,
+        })
+    }
+
+    fn delete_whole(&self, image: &Image) -> Result<(), StorageError> {
+        for name in image.repo_tags.iter().chain(&image.repo_digests) {
+            if self.references.get(name.as_bytes())?.as_deref() == Some(image.id.as_bytes()) {
+                self.references.delete(name.as_bytes())?;
+            }
+        }
+        self.images.delete(&image.id)?;
+        Ok(())
+    }
+
+    fn remove_reference(&self, parsed: &ImageRef, image: &Image) -> Result<(), StorageError> {
+        if let ImageRef::Named(named) = parsed {
             let name = named
                 .digest
                 .as_ref()
@@ -164,11 +219,7 @@ impl ImageStore {
                 .unwrap_or_default();
             self.references.delete(name.as_bytes())?;
         }
-        self.save(&image)?;
-        Ok(Removal {
-            image_id: image.id,
-            deleted: None,
-        })
+        self.save(image)
     }
 
     /// Whether any recorded image other than `except` uses a layer chain.
@@ -208,15 +259,23 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SledStore::open(dir.path()).expect("store");
         let images = ImageStore::open(&store).expect("images");
-        let a = images
+        let watch = images.watch();
+        let start = *watch.borrow();
+        let (a, first) = images
             .put(image(
                 'a',
                 &["docker.io/library/x:1", "docker.io/library/x:latest"],
             ))
             .expect("put a");
-        let b = images
+        let (b, second) = images
             .put(image('b', &["docker.io/library/x:latest"]))
             .expect("put b");
+        assert_eq!(
+            (first, second),
+            (start + 1, start + 2),
+            "one generation a change"
+        );
+        assert_eq!(*watch.borrow(), second, "watchers see the last one");
         assert_eq!(
             images.resolve("x").expect("resolve").map(|i| i.id),
             Some(b.id.clone()),
@@ -228,6 +287,7 @@ mod tests {
         );
 
         let removal = images.remove("x:1", |_| None).expect("remove tag");
+        assert_eq!(removal.generation, start + 3);
         assert_eq!(
             removal.deleted.map(|i| i.id),
             Some(a.id.clone()),
@@ -239,8 +299,14 @@ mod tests {
             images
                 .remove("never-pulled", |_| None)
                 .expect("missing is fine"),
-            Removal::default()
+            Removal {
+                generation: start + 3,
+                ..Removal::default()
+            },
+            "nothing changed, no new generation"
         );
+        let (listed, generation) = images.list_with_generation().expect("list");
+        assert_eq!((listed.len(), generation), (1, start + 3));
         let refused = images
             .remove(&b.id, |_| Some("c1".into()))
             .expect_err("in use");

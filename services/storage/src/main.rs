@@ -26,6 +26,7 @@ fn main() -> anyhow::Result<()> {
             .clone()
             .ok_or("the storage service needs its record store")?;
         let storage_config = context.config.storage.clone();
+        let stopping = context.stopping.clone();
         let storage = tokio::task::spawn_blocking(move || -> Result<_, error::StorageError> {
             let layers = layers::LayerStore::open(
                 state.join("layers"),
@@ -38,7 +39,7 @@ fn main() -> anyhow::Result<()> {
         })
         .await??;
         Ok(tonic::service::Routes::new(
-            StorageServer::new(service::StorageService::new(storage))
+            StorageServer::new(service::StorageService::new(storage, stopping))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         ))

@@ -9,15 +9,21 @@ use trellis_proto::storage::v1::import_layer_chunk::Part;
 use trellis_proto::storage::v1::storage_server;
 use trellis_proto::storage::v1::*;
 
-use crate::storage::Storage;
+use crate::storage::{Storage, without_config};
+
+/// What WatchImages answers: generations until the service stops.
+pub type ImagesGenerations =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<ImagesGeneration, Status>> + Send>>;
 
 pub struct StorageService {
     storage: Storage,
+    /// Turns true when the service begins to stop.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl StorageService {
-    pub fn new(storage: Storage) -> Self {
-        Self { storage }
+    pub fn new(storage: Storage, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self { storage, stopping }
     }
 }
 
@@ -93,8 +99,11 @@ impl storage_server::Storage for StorageService {
             .into_inner()
             .image
             .ok_or_else(|| Status::invalid_argument("PutImage needs an image"))?;
-        let image = self.storage.put_image(image)?;
-        Ok(Response::new(PutImageResponse { image: Some(image) }))
+        let (image, generation) = self.storage.put_image(image)?;
+        Ok(Response::new(PutImageResponse {
+            image: Some(image),
+            generation,
+        }))
     }
 
     async fn get_image(
@@ -110,8 +119,8 @@ impl storage_server::Storage for StorageService {
         &self,
         _request: Request<ListImagesRequest>,
     ) -> Result<Response<ListImagesResponse>, Status> {
-        let images = self.storage.list_images()?;
-        Ok(Response::new(ListImagesResponse { images }))
+        let (images, generation) = self.storage.list_images()?;
+        Ok(Response::new(ListImagesResponse { images, generation }))
     }
 
     async fn remove_image(
@@ -122,10 +131,32 @@ impl storage_server::Storage for StorageService {
             .storage
             .remove_image(&request.get_ref().reference)
             .await?;
+        let deleted = removal.deleted.is_some();
         Ok(Response::new(RemoveImageResponse {
             image_id: removal.image_id,
-            deleted: removal.deleted.is_some(),
+            deleted,
+            generation: removal.generation,
+            image: removal.deleted.or(removal.remaining).map(without_config),
         }))
+    }
+
+    type WatchImagesStream = ImagesGenerations;
+
+    async fn watch_images(
+        &self,
+        _request: Request<WatchImagesRequest>,
+    ) -> Result<Response<ImagesGenerations>, Status> {
+        let generations = tokio_stream::wrappers::WatchStream::new(self.storage.watch_images());
+        let mut stopping = self.stopping.clone();
+        // A watcher would hold the stop for its grace period otherwise: it ends with us.
+        let stop = async move {
+            let _ = stopping.wait_for(|stopping| *stopping).await;
+        };
+        let stream = futures::StreamExt::map(
+            futures::StreamExt::take_until(generations, stop),
+            |generation| Ok(ImagesGeneration { generation }),
+        );
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn prepare_rootfs(

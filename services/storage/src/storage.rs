@@ -152,7 +152,9 @@ impl Storage {
     }
 
     /// Records an image whose layers are all imported.
-    pub fn put_image(&self, image: Image) -> Result<Image, StorageError> {
+    /// Stores an image whose layers are all present; answers it with the generation
+    /// of the image records after the change.
+    pub fn put_image(&self, image: Image) -> Result<(Image, u64), StorageError> {
         for chain in &image.chain_ids {
             if self.layers.get(chain)?.is_none() {
                 return Err(StorageError::FailedPrecondition(format!(
@@ -173,16 +175,16 @@ impl Storage {
 
     /// Every image, without its config: that is for ImageStatus, and a listing of
     /// hundreds need not carry it.
-    pub fn list_images(&self) -> Result<Vec<Image>, StorageError> {
-        Ok(self
-            .images
-            .list()?
-            .into_iter()
-            .map(|image| Image {
-                config_json: String::new(),
-                ..image
-            })
-            .collect())
+    /// Every image without its config (a listing of hundreds need not carry it),
+    /// with the generation of the records listed.
+    pub fn list_images(&self) -> Result<(Vec<Image>, u64), StorageError> {
+        let (images, generation) = self.images.list_with_generation()?;
+        Ok((images.into_iter().map(without_config).collect(), generation))
+    }
+
+    /// The generation of the image records, each time it changes.
+    pub fn watch_images(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.images.watch()
     }
 
     /// Removes what `reference` names; an image deleted takes the layers no other
@@ -317,3 +319,11 @@ fn worker_stopped(error: tokio::task::JoinError) -> StorageError {
 
 #[cfg(test)]
 mod tests;
+
+/// The config as pulled is for ImageStatus; lists and removals need not carry it.
+pub fn without_config(image: Image) -> Image {
+    Image {
+        config_json: String::new(),
+        ..image
+    }
+}

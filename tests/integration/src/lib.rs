@@ -21,6 +21,7 @@ use trellis_proto::service::v1::service_info_client::ServiceInfoClient;
 
 pub mod cri;
 pub mod hostile;
+pub mod memory;
 pub mod nats;
 pub mod netns;
 pub mod otlp;
@@ -459,7 +460,7 @@ pub fn processes_mentioning(root: &Path) -> Vec<i32> {
         .collect()
 }
 
-fn cmdline(pid: i32) -> String {
+pub fn cmdline(pid: i32) -> String {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
         .unwrap_or_default()

@@ -78,6 +78,11 @@ impl Containerd {
         containerd
     }
 
+    /// The containerd daemon's pid (its shims are processes of their own).
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|child| child.id() as i32)
+    }
+
     pub fn runtime(&self) -> RuntimeServiceClient<Channel> {
         RuntimeServiceClient::new(crate::unix_channel(&self.socket))
     }
