@@ -107,16 +107,18 @@ async fn images_need_their_layers_and_take_unused_ones_with_them() {
     assert!(again.already_present, "a second import reads nothing");
     assert!(storage.has_layer(&chain).expect("has"));
 
-    let a = storage
+    let (a, first) = storage
         .put_image(image('a', &[&chain], "docker.io/tests/a:1"))
         .expect("put a");
-    storage
+    let (_, second) = storage
         .put_image(image('b', &[&chain], "docker.io/tests/b:1"))
         .expect("put b");
+    assert!(second > first, "each change is a new generation");
     assert_eq!(storage.get_image("tests/a:1").expect("get").id, a.id);
     let missing = storage.get_image("tests/none:1").expect_err("absent");
     assert!(matches!(missing, StorageError::NotFound(_)), "{missing}");
-    let listed = storage.list_images().expect("list");
+    let (listed, generation) = storage.list_images().expect("list");
+    assert_eq!(generation, second, "a listing says which generation it is");
     assert_eq!(listed.len(), 2);
     assert!(
         listed.iter().all(|image| image.config_json.is_empty()),
