@@ -8,9 +8,7 @@ use k8s_cri::v1::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use trellis_integration::cri::{image_spec, pull};
-use trellis_integration::registry::{
-    BuiltImage, Compression, Entry, Registry, busybox_layer, image, layer,
-};
+use trellis_integration::registry::{Registry, small_image};
 use trellis_integration::{Node, NodeOptions, kill9, unix_channel};
 use trellis_proto::storage::v1::storage_client::StorageClient;
 use trellis_proto::storage::v1::{PutImageRequest, RemoveImageRequest};
@@ -74,21 +72,6 @@ impl Drop for Frozen {
     fn drop(&mut self) {
         let _ = kill(self.0, Signal::SIGCONT);
     }
-}
-
-fn small_image(marker: &'static str) -> BuiltImage {
-    image(
-        vec![
-            busybox_layer(),
-            layer(
-                &[Entry::File(marker, marker.as_bytes().to_vec())],
-                Compression::Gzip,
-            ),
-        ],
-        &["/bin/sh"],
-        "amd64",
-        false,
-    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
