@@ -142,15 +142,23 @@ impl Runtime {
     }
 
     /// The containers the kubelet sees (pause processes and creations under way
-    /// left out), each with any exit recorded.
+    /// left out), each with any exit recorded. The OCI runtime is asked once which
+    /// containers have exited, not once per container.
     pub(super) fn visible_containers(
         &self,
         candidates: Vec<Arc<ContainerRecord>>,
     ) -> Result<Vec<Arc<ContainerRecord>>, RuntimeError> {
+        let exited = self.oci.exited();
         candidates
             .into_iter()
             .filter(|c| !c.infra && c.state() != ContainerState::Creating)
-            .map(|c| self.refresh(c))
+            .map(|c| {
+                if exited.contains(&c.id) {
+                    self.refresh(c)
+                } else {
+                    Ok(c)
+                }
+            })
             .collect()
     }
 

@@ -319,9 +319,13 @@ impl OciRuntime for ConmonRunc {
     /// The exit conmon recorded in its exit file (written when the container's
     /// process ended), with the file's time and conmon's `oom` marker in the bundle.
     fn exit(&self, id: &str, bundle: &Path) -> Option<Exit> {
-        let path = self.exit_file(id);
-        let code = std::fs::read_to_string(&path).ok()?.trim().parse().ok()?;
-        let finished_at = std::fs::metadata(&path)
+        // One open: the code from the file, the time from the same descriptor.
+        let mut file = std::fs::File::open(self.exit_file(id)).ok()?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut file, &mut text).ok()?;
+        let code = text.trim().parse().ok()?;
+        let finished_at = file
+            .metadata()
             .ok()?
             .modified()
             .ok()?
@@ -333,6 +337,14 @@ impl OciRuntime for ConmonRunc {
             finished_at,
             oom_killed: bundle.join("oom").exists(),
         })
+    }
+
+    fn exited(&self) -> std::collections::HashSet<String> {
+        std::fs::read_dir(self.exits_dir())
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .collect()
     }
 
     fn forget_exit(&self, id: &str) {

@@ -157,6 +157,10 @@ impl OciRuntime for FakeOci {
         self.inner().exits.get(id).copied()
     }
 
+    fn exited(&self) -> HashSet<String> {
+        self.inner().exits.keys().cloned().collect()
+    }
+
     fn forget_exit(&self, id: &str) {
         self.inner().exits.remove(id);
     }

@@ -7,6 +7,7 @@ mod conmon;
 #[cfg(test)]
 pub mod fake;
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -73,6 +74,9 @@ pub trait OciRuntime: Send + Sync {
     async fn delete(&self, runtime: &Path, id: &str) -> Result<(), RuntimeError>;
     /// How the container's process ended, once it has.
     fn exit(&self, id: &str, bundle: &Path) -> Option<Exit>;
+    /// The containers whose process has ended, in one look (lists ask this once
+    /// instead of asking [`OciRuntime::exit`] for every container).
+    fn exited(&self) -> HashSet<String>;
     /// Drops the record of the exit, with the container.
     fn forget_exit(&self, id: &str);
     /// Runs a command in the container and collects its output (see [`MAX_EXEC_OUTPUT`]).
