@@ -209,28 +209,33 @@ fn parse_grpc_timeout(raw: &str) -> Option<Duration> {
     })
 }
 
-/// Implements a CRI service trait on a gateway type by forwarding each listed RPC to
-/// one backend, with the methods that need more written out after the list. One
-/// macro emits the whole impl because `#[async_trait]` must see every method.
+/// Declares the RPCs of a CRI service that go to one backend as bytes
+/// (`FORWARDED`, for [`crate::passthrough::Passthrough`]) and implements the
+/// service's trait on a gateway type: the methods that need more are written out
+/// after the list, the forwarded ones never reach it. One macro emits both, so the
+/// table and the trait cannot disagree, and the whole impl because `#[async_trait]`
+/// must see every method.
 macro_rules! forwarding_impl {
     (
-        impl $trait:path, for $ty:ident, client $client:ident, backend $backend:ident;
+        impl $trait:path, for $ty:ident, service $service:literal;
         forward { $( $method:ident ( $req:ty ) -> $resp:ty = $name:literal, $retry:ident; )* }
         $($custom:tt)*
     ) => {
+        pub const FORWARDED: &[$crate::passthrough::Forwarded] = &[
+            $(
+                $crate::passthrough::Forwarded {
+                    path: concat!("/", $service, "/", $name),
+                    name: $name,
+                    retry: $crate::backend::Retry::$retry,
+                },
+            )*
+        ];
+
         #[tonic::async_trait]
         impl $trait for $ty {
             $(
-                async fn $method(&self, request: tonic::Request<$req>) -> Result<tonic::Response<$resp>, tonic::Status> {
-                    self.backends()
-                        .forward($name, &self.backends().$backend, $crate::backend::Retry::$retry, request, |channel, request| async move {
-                            $client::new(channel)
-                                .max_decoding_message_size(trellis_common::grpc::MAX_MESSAGE_BYTES)
-                                .max_encoding_message_size(trellis_common::grpc::MAX_MESSAGE_BYTES)
-                                .$method(request)
-                                .await
-                        })
-                        .await
+                async fn $method(&self, _request: tonic::Request<$req>) -> Result<tonic::Response<$resp>, tonic::Status> {
+                    Err($crate::passthrough::not_routed($name))
                 }
             )*
             $($custom)*

@@ -1,22 +1,15 @@
-//! The CRI ImageService on the kubelet's socket: every call goes to the image service.
+//! The CRI ImageService on the kubelet's socket: every call goes to the image service
+//! as bytes (see `passthrough`); the typed service only answers methods it does not
+//! know as Unimplemented.
 
-use std::sync::Arc;
-
-use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::*;
 
-use crate::backend::{Backends, forwarding_impl};
+use crate::backend::forwarding_impl;
 
-pub struct Gateway(pub Arc<Backends>);
-
-impl Gateway {
-    fn backends(&self) -> &Backends {
-        &self.0
-    }
-}
+pub struct Gateway;
 
 forwarding_impl! {
-    impl image_service_server::ImageService, for Gateway, client ImageServiceClient, backend image;
+    impl image_service_server::ImageService, for Gateway, service "runtime.v1.ImageService";
     forward {
         list_images(ListImagesRequest) -> ListImagesResponse = "ListImages", Idempotent;
         image_status(ImageStatusRequest) -> ImageStatusResponse = "ImageStatus", Idempotent;

@@ -1,11 +1,13 @@
-//! trellis-gateway: the kubelet's CRI socket. Stateless: it validates, times and
-//! traces each call, forwards it unchanged to the runtime or image service, and
-//! fans in Status from the runtime and network services.
+//! trellis-gateway: the kubelet's CRI socket. Stateless: it times and traces each
+//! call and forwards its bytes unchanged to the runtime or image service (which
+//! check them), retrying reads across a backend restart; it fans in Status from the
+//! runtime and network services and serves container events from the bus.
 #![deny(unsafe_code)]
 
 mod backend;
 mod events;
 mod image_service;
+mod passthrough;
 mod runtime_service;
 mod status;
 
@@ -19,6 +21,7 @@ use trellis_common::grpc::MAX_MESSAGE_BYTES;
 use trellis_common::metrics::RpcMetrics;
 
 use crate::backend::Backends;
+use crate::passthrough::Passthrough;
 
 fn main() -> anyhow::Result<()> {
     trellis_common::service::run(ServiceKind::Gateway, async |context| {
@@ -36,9 +39,18 @@ fn main() -> anyhow::Result<()> {
         let runtime = RuntimeServiceServer::new(gateway)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let image = ImageServiceServer::new(image_service::Gateway(backends))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let runtime = Passthrough::new(
+            runtime,
+            backends.clone(),
+            runtime_service::FORWARDED,
+            |backends| &backends.runtime,
+        );
+        let image = Passthrough::new(
+            ImageServiceServer::new(image_service::Gateway),
+            backends,
+            image_service::FORWARDED,
+            |backends| &backends.image,
+        );
         Ok(tonic::service::Routes::new(runtime).add_service(image))
     })?;
     Ok(())

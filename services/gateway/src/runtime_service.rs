@@ -1,9 +1,9 @@
-//! The CRI RuntimeService on the kubelet's socket: calls go to the runtime service,
-//! except Status, which also asks the network service (see `status`).
+//! The CRI RuntimeService on the kubelet's socket: calls go to the runtime service
+//! as bytes (see `passthrough`), except Status, which also asks the network service
+//! (see `status`), and GetContainerEvents, which the gateway serves from the bus.
 
 use std::sync::Arc;
 
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 use tonic::{Request, Response, Status};
 
@@ -16,14 +16,8 @@ pub struct Gateway {
     pub node: String,
 }
 
-impl Gateway {
-    fn backends(&self) -> &Backends {
-        &self.backends
-    }
-}
-
 forwarding_impl! {
-    impl runtime_service_server::RuntimeService, for Gateway, client RuntimeServiceClient, backend runtime;
+    impl runtime_service_server::RuntimeService, for Gateway, service "runtime.v1.RuntimeService";
     forward {
         version(VersionRequest) -> VersionResponse = "Version", Idempotent;
         pod_sandbox_status(PodSandboxStatusRequest) -> PodSandboxStatusResponse = "PodSandboxStatus", Idempotent;
