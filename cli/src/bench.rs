@@ -51,6 +51,12 @@ pub struct BenchArgs {
     /// for one on standard input (for a caller measuring the loaded node).
     #[arg(long)]
     pub hold: bool,
+    /// Also time the list and status calls straight to Trellis's runtime and image
+    /// services (unix:///<path> each), over the same pods: what the gateway's hop costs.
+    #[arg(long, requires = "direct_image")]
+    pub direct_runtime: Option<String>,
+    #[arg(long, requires = "direct_runtime")]
+    pub direct_image: Option<String>,
     /// Also write every figure to this file as JSON (phase → call → p50/p90/p99 in ms).
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -465,13 +471,17 @@ fn write_report(path: &std::path::Path, runtime: &str, report: &Report) -> Resul
     })
 }
 
+/// The socket of a `unix:///<path>` endpoint.
+fn socket_of(endpoint: &str) -> Result<PathBuf, BenchError> {
+    endpoint
+        .strip_prefix("unix://")
+        .map(PathBuf::from)
+        .ok_or_else(|| BenchError::Endpoint(endpoint.to_string()))
+}
+
 pub async fn run(args: BenchArgs, default_socket: PathBuf) -> Result<(), BenchError> {
     let socket = match &args.endpoint {
-        Some(endpoint) => PathBuf::from(
-            endpoint
-                .strip_prefix("unix://")
-                .ok_or_else(|| BenchError::Endpoint(endpoint.clone()))?,
-        ),
+        Some(endpoint) => socket_of(endpoint)?,
         None => default_socket,
     };
     let channel = unix_channel(&socket);
@@ -561,15 +571,26 @@ pub async fn run(args: BenchArgs, default_socket: PathBuf) -> Result<(), BenchEr
     }
 
     if args.list_pods > 0 {
-        let mut timings = lists::run(&runtime, &images, &args).await?;
-        print(
-            &mut report,
-            &format!(
-                "lists over {} pods of one running container, {} calls each",
-                args.list_pods, args.list_calls
-            ),
-            &mut timings,
+        let direct = match (&args.direct_runtime, &args.direct_image) {
+            (Some(runtime), Some(image)) => Some((
+                RuntimeServiceClient::new(unix_channel(&socket_of(runtime)?)),
+                ImageServiceClient::new(unix_channel(&socket_of(image)?)),
+            )),
+            _ => None,
+        };
+        let (mut timings, direct) = lists::run(&runtime, &images, direct, &args).await?;
+        let title = format!(
+            "lists over {} pods of one running container, {} calls each",
+            args.list_pods, args.list_calls
         );
+        print(&mut report, &title, &mut timings);
+        if let Some(mut direct) = direct {
+            print(
+                &mut report,
+                &format!("{title}, straight to the runtime and image services"),
+                &mut direct,
+            );
+        }
     }
     if let Some(path) = &args.report {
         write_report(path, &version.runtime_name, &report)?;

@@ -28,17 +28,30 @@ struct Running {
     container: String,
 }
 
+/// Clients of Trellis's runtime and image services, past the gateway.
+pub type Direct = (RuntimeServiceClient<Channel>, ImageServiceClient<Channel>);
+
 /// Starts `args.list_pods` pods of one container each, times the list and status
-/// calls over them, and removes them again, even when a call failed.
+/// calls over them (and again through `direct`, if given), and removes them again,
+/// even when a call failed.
 pub async fn run(
     runtime: &RuntimeServiceClient<Channel>,
     images: &ImageServiceClient<Channel>,
+    direct: Option<Direct>,
     args: &BenchArgs,
-) -> Result<Timings, BenchError> {
+) -> Result<(Timings, Option<Timings>), BenchError> {
     let mut running = Vec::new();
     let filled = fill(runtime, args, &mut running).await;
     let measured = match filled {
-        Ok(()) => time_calls(runtime, images, args, &running).await,
+        Ok(()) => match time_calls(runtime, images, args, &running).await {
+            Ok(timings) => match &direct {
+                Some((runtime, images)) => time_calls(runtime, images, args, &running)
+                    .await
+                    .map(|direct| (timings, Some(direct))),
+                None => Ok((timings, None)),
+            },
+            Err(error) => Err(error),
+        },
         Err(error) => Err(error),
     };
     if measured.is_ok() && args.hold {

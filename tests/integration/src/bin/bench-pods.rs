@@ -31,6 +31,8 @@ use trellis_integration::peer::Containerd;
 use trellis_integration::registry::{Registry, busybox_layer, image};
 use trellis_integration::{Node, NodeOptions, SERVICES, binary};
 
+/// What `trellis bench` appends to the title of the lists timed past the gateway.
+const DIRECT_PHASE: &str = ", straight to the runtime and image services";
 const HOLD_LINE: &str = "trellis-bench: holding the list pods; a line on stdin goes on";
 
 fn setting(name: &str, default: &str) -> String {
@@ -39,9 +41,21 @@ fn setting(name: &str, default: &str) -> String {
 
 /// Runs `trellis bench` against `endpoint`, printing what it prints; `loaded` is
 /// called while its list pods are up. Returns its JSON report.
-fn bench(endpoint: &Path, image: &str, report: &Path, loaded: impl FnOnce()) -> serde_json::Value {
-    let mut child = Command::new(binary("trellis"))
-        .arg("bench")
+fn bench(
+    endpoint: &Path,
+    direct: Option<(PathBuf, PathBuf)>,
+    image: &str,
+    report: &Path,
+    loaded: impl FnOnce(),
+) -> serde_json::Value {
+    let mut command = Command::new(binary("trellis"));
+    command.arg("bench");
+    if let Some((runtime, images)) = direct {
+        command
+            .arg(format!("--direct-runtime=unix://{}", runtime.display()))
+            .arg(format!("--direct-image=unix://{}", images.display()));
+    }
+    let mut child = command
         .arg("--endpoint")
         .arg(format!("unix://{}", endpoint.display()))
         .args(["--image", image])
@@ -177,6 +191,9 @@ fn print_comparison(trellis: &serde_json::Value, containerd: &serde_json::Value)
     );
     for (phase, calls) in phases {
         println!("{phase}");
+        // Trellis's lists timed past its gateway (`--direct-runtime`) are compared
+        // with containerd's lists of the same run.
+        let peer_phase = phase.strip_suffix(DIRECT_PHASE).unwrap_or(phase);
         println!(
             "  {:<22} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>6}",
             "", "trellis", "p90", "p99", "ctrd p50", "p90", "p99", "ratio"
@@ -187,7 +204,7 @@ fn print_comparison(trellis: &serde_json::Value, containerd: &serde_json::Value)
         for call in calls.keys() {
             let (Some(t), Some(c)) = (
                 call_summary(trellis, phase, call),
-                call_summary(containerd, phase, call),
+                call_summary(containerd, peer_phase, call),
             ) else {
                 continue;
             };
@@ -297,6 +314,7 @@ async fn main() {
     let mut trellis_loaded = Memory::default();
     let trellis = bench(
         &node.socket("gateway"),
+        Some((node.socket("runtime"), node.socket("image"))),
         &images,
         &dir.path().join("trellis.json"),
         || trellis_loaded = trellis_memory(&root, &services, up),
@@ -305,6 +323,7 @@ async fn main() {
     let mut containerd_loaded = Memory::default();
     let peer = bench(
         &containerd.socket,
+        None,
         &images,
         &dir.path().join("containerd.json"),
         || containerd_loaded = containerd_memory(&containerd),
