@@ -20,6 +20,7 @@ use trellis_proto::service::v1::InfoResponse;
 use trellis_proto::service::v1::service_info_client::ServiceInfoClient;
 
 pub mod cri;
+pub mod faults;
 pub mod hostile;
 pub mod memory;
 pub mod nats;
@@ -88,6 +89,9 @@ pub struct NodeOptions {
     pub with_cni_config: bool,
     /// The node's name (in its bus subjects); none makes a unique one (`new_node_name`).
     pub node_name: Option<String>,
+    /// Fail points (`point=action;…`, see `trellis_common::failpoint`): the services
+    /// read them from a file of the node's, which `Node::set_failpoints` changes.
+    pub failpoints: Option<String>,
 }
 
 /// A node name no other test uses at the same time.
@@ -141,10 +145,20 @@ impl Node {
         let config_path = path.join("trellis.toml");
         std::fs::write(&config_path, config).expect("write config");
         let config_arg = config_path.to_str().expect("utf-8 temp path");
+        let mut env = options.env.clone();
+        if let Some(failpoints) = &options.failpoints {
+            let file = faults::failpoints_file(path);
+            std::fs::write(&file, failpoints).expect("write fail points");
+            // `trellis up` hands its environment to every service it starts.
+            env.push((
+                trellis_common::failpoint::ENV_FILE.to_string(),
+                file.display().to_string(),
+            ));
+        }
         let up = spawn_logged(
             "trellis",
             &["--config", config_arg, "up"],
-            &options.env,
+            &env,
             &path.join("node.log"),
         );
         let mut node = Node {
@@ -169,6 +183,11 @@ impl Node {
             format!("{service}.sock")
         };
         self.root().join("run").join(file)
+    }
+
+    /// The node's own CNI network (`with_cni_config`).
+    pub fn network(&self) -> Option<&netns::TestNetwork> {
+        self._network.as_ref()
     }
 
     pub fn cni_dir(&self) -> PathBuf {
