@@ -11,7 +11,7 @@
 //! finish the clean-up or say why not yet), and a new creation of the same name
 //! finishes the old one's clean-up first instead of answering AlreadyExists.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -32,9 +32,18 @@ const LATEST_RETRY: Duration = Duration::from_secs(5);
 pub(super) struct Rollbacks {
     due: tokio::sync::Notify,
     failures: Mutex<HashMap<String, u32>>,
+    /// Owed although the record could not say so (its store refused the write, a
+    /// full disk): kept here so that the retries still find them.
+    unrecorded: Mutex<HashSet<String>>,
 }
 
 impl Rollbacks {
+    fn unrecorded(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.unrecorded
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
         self.failures
             .lock()
@@ -51,6 +60,7 @@ impl Rollbacks {
     }
 
     fn finished(&self, id: &str) -> u32 {
+        self.unrecorded().remove(id);
         self.failures().remove(id).unwrap_or(0)
     }
 }
@@ -85,14 +95,14 @@ impl Runtime {
     pub async fn retry_rollbacks(&self) -> usize {
         let mut left = 0;
         for container in self.store.containers.all() {
-            if container.state() == ContainerState::RollingBack
+            if self.container_owed(&container.id, container.state())
                 && self.roll_back_container(&container.id).await.is_err()
             {
                 left += 1;
             }
         }
         for pod in self.store.sandboxes.all() {
-            if pod.state() == SandboxState::RollingBack {
+            if self.pod_owed(&pod.id, pod.state()) {
                 let _guard = self.lock(&pod.id).await;
                 if self.roll_back_pod_locked(&pod.id).await.is_err() {
                     left += 1;
@@ -100,6 +110,14 @@ impl Runtime {
             }
         }
         left
+    }
+
+    fn pod_owed(&self, id: &str, state: SandboxState) -> bool {
+        state == SandboxState::RollingBack || self.rollbacks.unrecorded().contains(id)
+    }
+
+    fn container_owed(&self, id: &str, state: ContainerState) -> bool {
+        state == ContainerState::RollingBack || self.rollbacks.unrecorded().contains(id)
     }
 
     /// Records that a pod's set-up failed and is being undone (its lock is held).
@@ -110,6 +128,7 @@ impl Runtime {
         });
         if let Err(error) = marked {
             tracing::error!(sandbox = %id, %error, "cannot record that a failed pod is being rolled back");
+            self.rollbacks.unrecorded().insert(id.to_string());
         }
     }
 
@@ -123,6 +142,7 @@ impl Runtime {
         });
         if let Err(error) = marked {
             tracing::error!(container = %id, %error, "cannot record that a failed container is being rolled back");
+            self.rollbacks.unrecorded().insert(id.to_string());
         }
     }
 
@@ -130,7 +150,7 @@ impl Runtime {
     /// the caller holds the pod's lock. A failure leaves it owed to the background.
     pub(super) async fn roll_back_pod_locked(&self, id: &str) -> Result<(), RuntimeError> {
         match self.store.sandboxes.get(id) {
-            Some(record) if record.state() == SandboxState::RollingBack => {}
+            Some(record) if self.pod_owed(id, record.state()) => {}
             // Gone, or no longer owed (removed meanwhile).
             _ => return Ok(()),
         }
@@ -145,7 +165,7 @@ impl Runtime {
     pub(super) async fn roll_back_container(&self, id: &str) -> Result<(), RuntimeError> {
         let _guard = self.lock(id).await;
         let record = match self.store.containers.get(id) {
-            Some(record) if record.state() == ContainerState::RollingBack => record,
+            Some(record) if self.container_owed(id, record.state()) => record,
             _ => return Ok(()),
         };
         let attempt = async {
@@ -198,7 +218,7 @@ impl Runtime {
             .store
             .sandboxes
             .get(&holder)
-            .is_none_or(|record| record.state() != SandboxState::RollingBack)
+            .is_none_or(|record| !self.pod_owed(&holder, record.state()))
         {
             return Ok(());
         }
@@ -229,7 +249,7 @@ impl Runtime {
             .store
             .containers
             .get(&holder)
-            .is_none_or(|record| record.state() != ContainerState::RollingBack)
+            .is_none_or(|record| !self.container_owed(&holder, record.state()))
         {
             return Ok(());
         }
