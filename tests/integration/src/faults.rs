@@ -76,6 +76,28 @@ impl Node {
     }
 }
 
+/// Records left in a stopped node's stores (`<state>/<service>/db`), for each
+/// `(service, table)` asked about.
+pub fn records_left(root: &Path, tables: &[(&str, &str)]) -> Vec<String> {
+    use trellis_common::store::{SledStore, Store};
+    let mut found = Vec::new();
+    for (service, table) in tables {
+        let path = root.join("state").join(service).join("db");
+        // Opening creates: a store that is not there would look empty.
+        assert!(path.is_dir(), "no record store at {}", path.display());
+        let store =
+            SledStore::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        let count = store
+            .table(table)
+            .unwrap_or_else(|e| panic!("{service} table {table}: {e}"))
+            .len();
+        if count > 0 {
+            found.push(format!("{count} records in {service} table {table}"));
+        }
+    }
+    found
+}
+
 /// Container cgroups left under `parent` (a pod's cgroupfs `cgroup_parent`) in any
 /// hierarchy (cgroup v1 or v2).
 pub fn cgroup_leftovers(parent: &str) -> Vec<String> {

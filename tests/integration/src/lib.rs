@@ -301,6 +301,10 @@ impl Node {
     /// SIGTERM to `trellis up`, then checks that it stopped every child and left no
     /// process, socket or mount behind.
     pub fn stop(mut self) {
+        self.stop_checked();
+    }
+
+    fn stop_checked(&mut self) {
         self.remove_every_pod();
         let status = self.terminate_up(Duration::from_secs(30));
         assert!(
@@ -314,6 +318,13 @@ impl Node {
             "left behind after stop: {leftovers:#?}\n{}",
             self.log_tail()
         );
+    }
+
+    /// [`Node::stop`], then `inspect` on the node's root (its services gone, so
+    /// their record stores can be opened) before the root is removed.
+    pub fn stop_and_inspect<T>(mut self, inspect: impl FnOnce(&Path) -> T) -> T {
+        self.stop_checked();
+        inspect(self.root())
     }
 
     /// The pid of the `trellis up` process.

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1::*;
 use trellis_integration::cri::{self, image_spec};
-use trellis_integration::faults::{cgroup_dirs, cgroup_leftovers, remove_cgroup_parent};
+use trellis_integration::faults::{
+    cgroup_dirs, cgroup_leftovers, records_left, remove_cgroup_parent,
+};
 use trellis_integration::netns::random_hex;
 use trellis_integration::registry::{Registry, busybox_layer, image, small_image};
 use trellis_integration::{Node, NodeOptions};
@@ -135,6 +137,23 @@ async fn remove_and_check(node: &Node, case: &str, pod_id: &str, cgroup_parent: 
         node.log_tail()
     );
 }
+
+/// Tables that must be empty once every pod is removed (the images stay).
+const POD_TABLES: [(&str, &str); 5] = [
+    ("runtime", "sandboxes"),
+    ("runtime", "containers"),
+    ("network", "pods"),
+    ("network", "in_flight"),
+    ("storage", "rootfs"),
+];
+
+/// Tables that must be empty once every image is removed.
+const PULL_TABLES: [(&str, &str); 4] = [
+    ("storage", "layers"),
+    ("storage", "images"),
+    ("storage", "image-references"),
+    ("storage", "rootfs"),
+];
 
 /// (fail point, service it kills, the pod shares a PID namespace (has a pause process)).
 const POD_CASES: [(&str, &str, bool); 8] = [
@@ -267,9 +286,10 @@ async fn kill_9_at_every_step_of_pod_and_container_set_up() {
         "the containers' cgroups were under {cgroup_parent}, where leftovers were looked for"
     );
     println!("kill -9 during RunPodSandbox and CreateContainer: {failed} retried calls failed");
-    assert_eq!(failed, 0, "retried calls failed (see above)");
-    node.stop();
+    let records = node.stop_and_inspect(|root| records_left(root, &POD_TABLES));
     remove_cgroup_parent(&cgroup_parent);
+    assert!(records.is_empty(), "records left: {records:?}");
+    assert_eq!(failed, 0, "retried calls failed (see above)");
 }
 
 const PULL_CASES: [(&str, &str, &str); 5] = [
@@ -326,6 +346,7 @@ async fn kill_9_at_every_step_of_a_pull() {
         }
     }
     println!("kill -9 during PullImage: {failed} retried calls failed");
+    let records = node.stop_and_inspect(|root| records_left(root, &PULL_TABLES));
+    assert!(records.is_empty(), "records left: {records:?}");
     assert_eq!(failed, 0, "retried calls failed (see above)");
-    node.stop();
 }
