@@ -19,17 +19,20 @@ use trellis_integration::faults::{
     cgroup_dirs, cgroup_leftovers, records_left, remove_cgroup_parent,
 };
 use trellis_integration::netns::random_hex;
-use trellis_integration::registry::{Registry, busybox_layer, image, small_image};
+use trellis_integration::registry::{
+    Compression, Entry, Registry, busybox_layer, image, layer, small_image,
+};
 use trellis_integration::{Node, NodeOptions};
 
 /// How often a retried call is tried before the case fails.
 const ATTEMPTS: u32 = 8;
 const BETWEEN_ATTEMPTS: Duration = Duration::from_millis(500);
 
-/// Arms `point` to kill its service once; answers the service's pid before.
-async fn arm_kill(node: &Node, point: &str, service: &str) -> u32 {
+/// Arms `point` to kill its service once (after the fail points in `also`);
+/// answers the service's pid before.
+async fn arm_kill(node: &Node, point: &str, service: &str, also: &str) -> u32 {
     let pid = node.info(service).await.expect("service info").pid;
-    node.set_failpoints(&format!("{point}=1*kill"));
+    node.set_failpoints(&format!("{also};{point}=1*kill"));
     pid
 }
 
@@ -155,16 +158,51 @@ const PULL_TABLES: [(&str, &str); 4] = [
     ("storage", "rootfs"),
 ];
 
-/// (fail point, service it kills, the pod shares a PID namespace (has a pause process)).
-const POD_CASES: [(&str, &str, bool); 8] = [
-    ("runtime.sandbox.before-network", "runtime", false),
-    ("network.setup.after-netns", "network", false),
-    ("runtime.sandbox.after-network", "runtime", false),
-    ("network.setup.after-add", "network", false),
-    ("runtime.sandbox.after-files", "runtime", false),
-    ("storage.rootfs.after-mount", "storage", true),
-    ("runtime.sandbox.after-pause", "runtime", true),
-    ("runtime.sandbox.before-record", "runtime", true),
+/// One kill during RunPodSandbox.
+struct PodCase {
+    point: &'static str,
+    service: &'static str,
+    /// The pod shares a PID namespace, so has a pause process.
+    shared_pid: bool,
+    /// Fail points armed with the kill (to kill a clean-up, fail the set-up first).
+    also: &'static str,
+    /// The pause image is removed first, so the call pulls it.
+    pulls_pause: bool,
+}
+
+const fn kill(point: &'static str, service: &'static str, shared_pid: bool) -> PodCase {
+    PodCase {
+        point,
+        service,
+        shared_pid,
+        also: "",
+        pulls_pause: false,
+    }
+}
+
+const POD_CASES: [PodCase; 11] = [
+    kill("runtime.sandbox.before-network", "runtime", false),
+    kill("network.setup.after-netns", "network", false),
+    kill("runtime.sandbox.after-network", "runtime", false),
+    kill("network.setup.after-add", "network", false),
+    kill("runtime.sandbox.after-files", "runtime", false),
+    kill("storage.rootfs.after-mount", "storage", true),
+    kill("runtime.sandbox.after-pause", "runtime", true),
+    kill("runtime.sandbox.before-record", "runtime", true),
+    // The runtime killed while it rolls a failed set-up back.
+    PodCase {
+        also: "runtime.sandbox.after-files=1*error",
+        ..kill("runtime.rollback.start", "runtime", false)
+    },
+    // The image service killed while the pod's start pulls the pause image.
+    PodCase {
+        pulls_pause: true,
+        ..kill("image.pull.after-layer", "image", true)
+    },
+    PodCase {
+        pulls_pause: true,
+        ..kill("storage.image.before-record", "storage", true)
+    },
 ];
 
 const CONTAINER_CASES: [(&str, &str); 5] = [
@@ -181,8 +219,15 @@ async fn kill_9_at_every_step_of_pod_and_container_set_up() {
     let registry = Registry::start(dir.path(), None);
     let busybox = image(vec![busybox_layer()], &["/bin/sh"], "amd64", false);
     registry.push("tests/busybox", "1", &busybox).await;
+    // A layer of its own, so that pulling it again imports a layer.
     let pause = image(
-        vec![busybox_layer()],
+        vec![
+            busybox_layer(),
+            layer(
+                &[Entry::File("pause", b"pause".to_vec())],
+                Compression::Gzip,
+            ),
+        ],
         &[
             "/bin/sh",
             "-c",
@@ -204,17 +249,25 @@ async fn kill_9_at_every_step_of_pod_and_container_set_up() {
     .await;
     let busybox = format!("{}/tests/busybox:1", registry.address);
     cri::pull(&node, &busybox).await.expect("pull busybox");
-    // The pause image is pulled before, so no case pulls it under a kill.
-    cri::pull(&node, &format!("{}/tests/pause:1", registry.address))
-        .await
-        .expect("pull pause");
+    // Pulled before: only the cases that remove it pull it under a kill.
+    let pause_image = format!("{}/tests/pause:1", registry.address);
+    cri::pull(&node, &pause_image).await.expect("pull pause");
     let cgroup_parent = format!("/trellis-it-{}", random_hex(8));
     let mut failed = 0u32;
 
-    for (i, (point, service, shared_pid)) in POD_CASES.into_iter().enumerate() {
+    for (i, step) in POD_CASES.iter().enumerate() {
+        let (point, service) = (step.point, step.service);
         let case = format!("RunPodSandbox, {service} killed at {point}");
-        let config = pod(&format!("kill-pod-{i}"), &cgroup_parent, shared_pid);
-        let old_pid = arm_kill(&node, point, service).await;
+        let config = pod(&format!("kill-pod-{i}"), &cgroup_parent, step.shared_pid);
+        if step.pulls_pause {
+            node.images()
+                .remove_image(RemoveImageRequest {
+                    image: image_spec(&pause_image),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{case}: RemoveImage: {e}"));
+        }
+        let old_pid = arm_kill(&node, point, service, step.also).await;
         let first = node.runtime().run_pod_sandbox(run_request(&config)).await;
         assert!(first.is_err(), "{case}: succeeded through the kill");
         fired_and_restarted(&node, point, service, old_pid).await;
@@ -254,7 +307,7 @@ async fn kill_9_at_every_step_of_pod_and_container_set_up() {
             config: Some(container),
             sandbox_config: Some(pod.config.clone()),
         };
-        let old_pid = arm_kill(&node, point, service).await;
+        let old_pid = arm_kill(&node, point, service, "").await;
         let first = node.runtime().create_container(request.clone()).await;
         assert!(first.is_err(), "{case}: succeeded through the kill");
         fired_and_restarted(&node, point, service, old_pid).await;
@@ -315,7 +368,7 @@ async fn kill_9_at_every_step_of_a_pull() {
         let repository = format!("tests/{marker}");
         registry.push(&repository, "1", &small_image(marker)).await;
         let name = format!("{}/{repository}:1", registry.address);
-        let old_pid = arm_kill(&node, point, service).await;
+        let old_pid = arm_kill(&node, point, service, "").await;
         let first = cri::pull(&node, &name).await;
         assert!(first.is_err(), "{case}: succeeded through the kill");
         fired_and_restarted(&node, point, service, old_pid).await;

@@ -6,10 +6,14 @@
 //! read from the OCI runtime as each container is next looked at, and at once here.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use super::Runtime;
 use crate::error::RuntimeError;
 use crate::store::{ContainerState, SandboxState};
+
+/// How long the start waits for clean-ups before serving.
+const FIRST_PASS: Duration = Duration::from_secs(10);
 
 impl Runtime {
     pub async fn recover(&self) -> Result<(), RuntimeError> {
@@ -35,12 +39,18 @@ impl Runtime {
             .map(|record| record.id.clone())
             .collect();
         self.oci.forget_others(&known);
-        let left = self.retry_rollbacks().await;
-        if left > 0 {
-            tracing::warn!(
+        // Bounded: a backend that hangs must not keep the runtime from serving; every
+        // step of a clean-up can be cut and done again, so the background takes over.
+        match tokio::time::timeout(FIRST_PASS, self.retry_rollbacks()).await {
+            Ok(0) => {}
+            Ok(left) => tracing::warn!(
                 left,
                 "clean-ups of failed set-ups are not finished; retried in the background"
-            );
+            ),
+            Err(_) => tracing::warn!(
+                seconds = FIRST_PASS.as_secs(),
+                "clean-ups of failed set-ups take long; the background goes on with them"
+            ),
         }
         Ok(())
     }
