@@ -144,6 +144,8 @@ async fn a_container_whose_rollback_cannot_finish_is_shown_and_its_name_freed_la
     let status = status.status.expect("status");
     assert_eq!(status.reason, "CreateContainerError");
     assert!(status.message.contains("create"), "{}", status.message);
+    let stats = runtime.list_container_stats(None).await.expect("stats");
+    assert!(stats.is_empty(), "nothing to measure: {stats:?}");
     // Stopping it is fine (nothing runs); a retried creation says why not yet.
     runtime.stop_container(&stuck, 0).await.expect("stop");
     let again = node.create(&pod, "app").await;

@@ -2,7 +2,8 @@
 //!
 //! No infra container: the pod is its network namespace (from the network service),
 //! its pinned IPC and UTS namespaces, its /dev/shm and its hostname, hosts and
-//! resolv.conf files. A failure half-way through RunPodSandbox undoes what was done.
+//! resolv.conf files. A failure half-way through RunPodSandbox undoes what was done
+//! (and what cannot be undone at once is retried: `rollback.rs`).
 
 use std::path::Path;
 
