@@ -299,7 +299,7 @@ impl Node {
     }
 
     /// SIGTERM to `trellis up`, then checks that it stopped every child and left no
-    /// process, socket or mount behind.
+    /// process, socket or mount behind, nor anything of a pod (`Node::state_leftovers`).
     pub fn stop(mut self) {
         self.stop_checked();
     }
@@ -312,7 +312,9 @@ impl Node {
             "trellis up did not exit cleanly ({status:?}):\n{}",
             self.log_tail()
         );
-        let leftovers = leftovers(self.root());
+        let mut leftovers = leftovers(self.root());
+        // Every pod was removed: nothing of one may remain (`faults`).
+        leftovers.extend(self.state_leftovers());
         assert!(
             leftovers.is_empty(),
             "left behind after stop: {leftovers:#?}\n{}",

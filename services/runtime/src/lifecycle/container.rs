@@ -136,7 +136,7 @@ impl Runtime {
                 Ok(id)
             }
             Err(error) => {
-                tracing::warn!(container = %id, %error, "CreateContainer failed; rolling back");
+                tracing::debug!(container = %id, %error, "CreateContainer failed; rolling back");
                 self.mark_container_rolling_back(&id, &error.to_string());
                 // A clean-up that cannot finish now is retried in the background.
                 let _ = self.roll_back_container(&id).await;

@@ -119,7 +119,7 @@ impl Runtime {
                 Ok(id)
             }
             Err(error) => {
-                tracing::warn!(sandbox = %id, %error, "RunPodSandbox failed; rolling back");
+                tracing::debug!(sandbox = %id, %error, "RunPodSandbox failed; rolling back");
                 self.mark_pod_rolling_back(&id);
                 // A clean-up that cannot finish now is retried in the background.
                 let _ = self.roll_back_pod_locked(&id).await;
