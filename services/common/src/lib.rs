@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod dirs;
 pub mod error;
+pub mod failpoint;
 pub mod grpc;
 pub mod locks;
 pub mod metrics;

@@ -491,6 +491,7 @@ impl Puller {
             config_json: String::from_utf8_lossy(&config_bytes).into_owned(),
             pulled_unix_nano: trellis_common::clock::now_nanos(),
         };
+        fail_point("image.pull.before-record").await?;
         let epoch = self.index.epoch();
         let stored = self
             .storage()
@@ -615,8 +616,19 @@ impl Puller {
         self.metrics
             .layer_import
             .observe(started.elapsed().as_secs_f64());
-        Ok(())
+        fail_point("image.pull.after-layer").await
     }
+}
+
+/// A fail point set by a test (debug builds only), failing the pull as Internal.
+async fn fail_point(point: &'static str) -> Result<(), SourceFailure> {
+    trellis_common::failpoint::hit_async(point)
+        .await
+        .map_err(|error| SourceFailure {
+            message: error.to_string(),
+            code: Code::Internal,
+            fatal: true,
+        })
 }
 
 /// What the runtime needs from the image config.

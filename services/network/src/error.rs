@@ -37,6 +37,9 @@ pub enum NetworkError {
         network: String,
         message: String,
     },
+    /// A fail point set by a test (debug builds only).
+    #[error(transparent)]
+    FailPoint(#[from] trellis_common::failpoint::FailPointError),
     #[error("sandbox {0} has no pod network")]
     NotFound(String),
     #[error(

@@ -148,8 +148,10 @@ impl Pods {
         };
         let _turn = self.cni_turn().await?;
         netns::create(&attachment.netns, &attachment.sandbox_id).await?;
+        trellis_common::failpoint::hit_async("network.setup.after-netns").await?;
         let result = cni::add(attachment, &self.plugin_dirs).await?;
         record.result = Some(result.clone());
+        trellis_common::failpoint::hit_async("network.setup.after-add").await?;
         addresses(record)
     }
 

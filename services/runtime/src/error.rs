@@ -36,6 +36,17 @@ pub enum RuntimeError {
     Oci(String),
     #[error("{what} timed out after {seconds} s")]
     Timeout { what: String, seconds: u64 },
+    /// A fail point set by a test (debug builds only).
+    #[error(transparent)]
+    FailPoint(#[from] trellis_common::failpoint::FailPointError),
+    /// The clean-up of a failed set-up could not finish yet; it keeps the code of
+    /// what stopped it (a backend Unavailable, a full disk) so the caller can retry.
+    #[error("{what}: {source}")]
+    Unfinished {
+        what: String,
+        #[source]
+        source: Box<RuntimeError>,
+    },
     /// A streaming (exec, attach, port-forward) session failed.
     #[error("streaming: {0}")]
     Streaming(String),
@@ -81,6 +92,9 @@ impl From<RuntimeError> for Status {
             RuntimeError::FailedPrecondition(_) => Status::failed_precondition(message),
             RuntimeError::Backend { status, .. } => Status::new(status.code(), message),
             RuntimeError::Timeout { .. } => Status::deadline_exceeded(message),
+            RuntimeError::Unfinished { source, .. } => {
+                Status::new(Status::from(*source).code(), message)
+            }
             _ => Status::internal(message),
         }
     }

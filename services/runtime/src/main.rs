@@ -35,6 +35,7 @@ fn main() -> anyhow::Result<()> {
         };
         let runtime = Arc::new(Runtime::new(config.runtime.clone(), dir, parts)?);
         runtime.recover().await?;
+        runtime.retry_rollbacks_in_background();
         let streaming = StreamingServer::new(
             config.runtime.streaming_address.clone(),
             runtime.clone(),

@@ -56,6 +56,9 @@ pub enum StorageError {
     Worker(String),
     #[error("image {image} is in use by container {container}")]
     InUse { image: String, container: String },
+    /// A fail point set by a test (debug builds only).
+    #[error(transparent)]
+    FailPoint(#[from] trellis_common::failpoint::FailPointError),
     #[error("cannot {action} {target}: {source}")]
     Mount {
         action: &'static str,

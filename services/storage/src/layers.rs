@@ -187,7 +187,10 @@ impl LayerStore {
             std::fs::create_dir(&temp).map_err(|source| {
                 StorageError::io(format!("cannot create {}", temp.display()), source)
             })?;
-            let result = unpack_verified(header, reader, &temp, self.limits);
+            let result = unpack_verified(header, reader, &temp, self.limits).and_then(|bytes| {
+                trellis_common::failpoint::hit("storage.layer.after-unpack")?;
+                Ok(bytes)
+            });
             let bytes = match result {
                 Ok(bytes) => bytes,
                 Err(error) => {
@@ -220,6 +223,7 @@ impl LayerStore {
             blob_digest: header.digest.clone(),
             unpacked_bytes,
         };
+        trellis_common::failpoint::hit("storage.layer.before-record")?;
         self.table.put(&record.chain_id, &record)?;
         Ok(record)
     }

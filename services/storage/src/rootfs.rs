@@ -144,7 +144,11 @@ impl RootfsStore {
             lower_dirs: lower_dirs.iter().map(|d| d.display().to_string()).collect(),
         };
         self.save(&record)?;
-        if let Err(error) = self.mount(&record) {
+        let mounted = self.mount(&record).and_then(|()| {
+            trellis_common::failpoint::hit("storage.rootfs.after-mount")?;
+            Ok(())
+        });
+        if let Err(error) = mounted {
             let _ = self.teardown(container_id);
             let _ = self.table.delete(container_id);
             return Err(error);

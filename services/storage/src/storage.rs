@@ -164,6 +164,7 @@ impl Storage {
                 )));
             }
         }
+        trellis_common::failpoint::hit("storage.image.before-record")?;
         self.images.put(image)
     }
 

@@ -56,6 +56,15 @@ pub struct BusyboxNode {
 
 impl BusyboxNode {
     pub async fn start() -> BusyboxNode {
+        Self::start_with(NodeOptions {
+            with_cni_config: true,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// [`BusyboxNode::start`] with a node started with `options`.
+    pub async fn start_with(options: NodeOptions) -> BusyboxNode {
         let dir = tempfile::tempdir().expect("tempdir");
         let registry = Registry::start(dir.path(), None);
         registry
@@ -65,11 +74,7 @@ impl BusyboxNode {
                 &image(vec![busybox_layer()], &["/bin/sh"], "amd64", false),
             )
             .await;
-        let node = Node::start(NodeOptions {
-            with_cni_config: true,
-            ..Default::default()
-        })
-        .await;
+        let node = Node::start(options).await;
         let image = format!("{}/tests/busybox:1", registry.address);
         pull(&node, &image).await.expect("pull busybox");
         BusyboxNode {

@@ -20,6 +20,7 @@ use trellis_proto::service::v1::InfoResponse;
 use trellis_proto::service::v1::service_info_client::ServiceInfoClient;
 
 pub mod cri;
+pub mod faults;
 pub mod hostile;
 pub mod memory;
 pub mod nats;
@@ -88,6 +89,9 @@ pub struct NodeOptions {
     pub with_cni_config: bool,
     /// The node's name (in its bus subjects); none makes a unique one (`new_node_name`).
     pub node_name: Option<String>,
+    /// Fail points (`point=action;…`, see `trellis_common::failpoint`): the services
+    /// read them from a file of the node's, which `Node::set_failpoints` changes.
+    pub failpoints: Option<String>,
 }
 
 /// A node name no other test uses at the same time.
@@ -141,10 +145,20 @@ impl Node {
         let config_path = path.join("trellis.toml");
         std::fs::write(&config_path, config).expect("write config");
         let config_arg = config_path.to_str().expect("utf-8 temp path");
+        let mut env = options.env.clone();
+        if let Some(failpoints) = &options.failpoints {
+            let file = faults::failpoints_file(path);
+            std::fs::write(&file, failpoints).expect("write fail points");
+            // `trellis up` hands its environment to every service it starts.
+            env.push((
+                trellis_common::failpoint::ENV_FILE.to_string(),
+                file.display().to_string(),
+            ));
+        }
         let up = spawn_logged(
             "trellis",
             &["--config", config_arg, "up"],
-            &options.env,
+            &env,
             &path.join("node.log"),
         );
         let mut node = Node {
@@ -169,6 +183,11 @@ impl Node {
             format!("{service}.sock")
         };
         self.root().join("run").join(file)
+    }
+
+    /// The node's own CNI network (`with_cni_config`).
+    pub fn network(&self) -> Option<&netns::TestNetwork> {
+        self._network.as_ref()
     }
 
     pub fn cni_dir(&self) -> PathBuf {
@@ -280,8 +299,12 @@ impl Node {
     }
 
     /// SIGTERM to `trellis up`, then checks that it stopped every child and left no
-    /// process, socket or mount behind.
+    /// process, socket or mount behind, nor anything of a pod (`Node::state_leftovers`).
     pub fn stop(mut self) {
+        self.stop_checked();
+    }
+
+    fn stop_checked(&mut self) {
         self.remove_every_pod();
         let status = self.terminate_up(Duration::from_secs(30));
         assert!(
@@ -289,12 +312,21 @@ impl Node {
             "trellis up did not exit cleanly ({status:?}):\n{}",
             self.log_tail()
         );
-        let leftovers = leftovers(self.root());
+        let mut leftovers = leftovers(self.root());
+        // Every pod was removed: nothing of one may remain (`faults`).
+        leftovers.extend(self.state_leftovers());
         assert!(
             leftovers.is_empty(),
             "left behind after stop: {leftovers:#?}\n{}",
             self.log_tail()
         );
+    }
+
+    /// [`Node::stop`], then `inspect` on the node's root (its services gone, so
+    /// their record stores can be opened) before the root is removed.
+    pub fn stop_and_inspect<T>(mut self, inspect: impl FnOnce(&Path) -> T) -> T {
+        self.stop_checked();
+        inspect(self.root())
     }
 
     /// The pid of the `trellis up` process.

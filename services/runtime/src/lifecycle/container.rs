@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1::*;
+use trellis_common::failpoint;
 use trellis_common::text::{excerpt, excerpt_path};
 use trellis_proto::events::v1::{ContainerEvent, container_event, event::Payload};
 
@@ -61,7 +62,7 @@ impl Runtime {
         let sandbox = self.sandbox(&sandbox.id)?;
         if sandbox.state() != SandboxState::Ready {
             return Err(RuntimeError::FailedPrecondition(format!(
-                "pod sandbox {} is not ready (stopped or being set up): no new containers",
+                "pod sandbox {} is not ready (stopped, being set up, or its failed set-up being rolled back): no new containers",
                 sandbox.id
             )));
         }
@@ -95,6 +96,8 @@ impl Runtime {
         let bundle = self.bundle_dir(&id);
         let log = log_path(&sandbox_config.log_directory, &config.log_path, &bundle)?;
         let oci_runtime = self.oci_runtime(&sandbox.runtime_handler)?;
+        self.free_container_name(&sandbox.id, &metadata.name, metadata.attempt)
+            .await?;
         // The store claims the name (and attempt) in the pod with the record.
         let record = self.store.insert_container(ContainerRecord {
             id: id.clone(),
@@ -115,25 +118,28 @@ impl Runtime {
             bundle: &bundle,
             log: &log,
         };
-        match self.create_in_runtime(&record, &config, &place).await {
-            Ok(created) => {
-                let (record, ()) = self.store.containers.update(&id, |record| {
-                    record.image_id = created.image_id;
-                    record.stop_signal = created.stop_signal;
-                    record.cgroup_path = created.cgroup_path;
-                    record.pid = created.pid;
-                    record.set_state(ContainerState::Created);
-                    Ok(())
-                })?;
+        let create = async {
+            let created = self.create_in_runtime(&record, &config, &place).await?;
+            failpoint::hit_async("runtime.container.before-record").await?;
+            self.store.containers.update(&id, |record| {
+                record.image_id = created.image_id;
+                record.stop_signal = created.stop_signal;
+                record.cgroup_path = created.cgroup_path;
+                record.pid = created.pid;
+                record.set_state(ContainerState::Created);
+                Ok(())
+            })
+        };
+        match create.await {
+            Ok((record, ())) => {
                 self.publish(container_event(container_event::Kind::Created, &record));
                 Ok(id)
             }
             Err(error) => {
-                if let Err(cleanup) = self.destroy(&record).await {
-                    tracing::error!(container = %id, %cleanup, "rolling back a failed CreateContainer did not finish");
-                    return Err(error);
-                }
-                self.store.remove_container(&id)?;
+                tracing::debug!(container = %id, %error, "CreateContainer failed; rolling back");
+                self.mark_container_rolling_back(&id, &error.to_string());
+                // A clean-up that cannot finish now is retried in the background.
+                let _ = self.roll_back_container(&id).await;
                 Err(error)
             }
         }
@@ -175,6 +181,7 @@ impl Runtime {
         }
         let image_config = stored.config.clone().unwrap_or_default();
         let rootfs = PathBuf::from(prepared.mount_path);
+        failpoint::hit_async("runtime.container.after-rootfs").await?;
         let security = config
             .linux
             .as_ref()
@@ -216,6 +223,7 @@ impl Runtime {
                 bundle.display()
             ))
         })?;
+        failpoint::hit_async("runtime.container.after-bundle").await?;
         let name = config
             .metadata
             .as_ref()
@@ -238,6 +246,7 @@ impl Runtime {
             .await
             .map_err(|_| RuntimeError::Oci("the runtime service is stopping".into()))?;
         let pid = self.oci.create(&launch).await?;
+        failpoint::hit_async("runtime.container.after-create").await?;
         Ok(Created {
             image_id: stored.id,
             stop_signal: image_config.stop_signal,
@@ -439,6 +448,22 @@ impl Runtime {
         let Some(record) = self.store.containers.get(id) else {
             return Ok(());
         };
+        if record.state() == ContainerState::RollingBack {
+            // Never announced: its removal finishes the clean-up, and says why not yet.
+            let outcome = async {
+                self.destroy(&record).await?;
+                self.store.remove_container(id)
+            };
+            let outcome = outcome.await;
+            return self.count_attempt(id, "container", outcome).map_err(|source| {
+                RuntimeError::Unfinished {
+                    what: format!(
+                        "container {id}: the clean-up of its failed creation is not finished (retried in the background)"
+                    ),
+                    source: Box::new(source),
+                }
+            });
+        }
         self.destroy(&record).await?;
         self.store.remove_container(id)?;
         self.publish(container_event(container_event::Kind::Deleted, &record));

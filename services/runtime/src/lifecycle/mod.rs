@@ -10,11 +10,14 @@
 
 mod container;
 mod recover;
+mod rollback;
 mod sandbox;
 mod stats;
 mod update;
 mod views;
 
+#[cfg(test)]
+mod rollback_tests;
 #[cfg(test)]
 mod tests;
 
@@ -74,6 +77,8 @@ pub struct Runtime {
     /// Turns for `runc create`, the costliest step of a pod start (see
     /// `runtime.max_parallel_creates`).
     create_slots: tokio::sync::Semaphore,
+    /// Clean-ups of failed set-ups still owed, for the background retries.
+    rollbacks: Arc<rollback::Rollbacks>,
 }
 
 impl Runtime {
@@ -111,6 +116,7 @@ impl Runtime {
             locks: KeyedLocks::new(),
             cpu_samples: Mutex::new(HashMap::new()),
             create_slots: tokio::sync::Semaphore::new(create_turns),
+            rollbacks: Arc::default(),
         })
     }
 

@@ -2,11 +2,13 @@
 //!
 //! No infra container: the pod is its network namespace (from the network service),
 //! its pinned IPC and UTS namespaces, its /dev/shm and its hostname, hosts and
-//! resolv.conf files. A failure half-way through RunPodSandbox undoes what was done.
+//! resolv.conf files. A failure half-way through RunPodSandbox undoes what was done
+//! (and what cannot be undone at once is retried: `rollback.rs`).
 
 use std::path::Path;
 
 use k8s_cri::v1::*;
+use trellis_common::failpoint;
 use trellis_proto::events::v1::{SandboxEvent, event::Payload, sandbox_event};
 use trellis_proto::network::v1 as network;
 
@@ -86,45 +88,64 @@ impl Runtime {
     ) -> Result<String, RuntimeError> {
         crate::validate::pod_config(&config)?;
         self.oci_runtime(&handler)?;
-        // The store claims the pod's name with the record: a second RunPodSandbox of
-        // the same pod is AlreadyExists, naming the first.
-        let id = new_id()?;
-        let record = self.store.insert_sandbox(SandboxRecord {
-            id: id.clone(),
+        let record = SandboxRecord {
+            id: new_id()?,
             state: SandboxState::Creating as i32,
             config: Some(config.clone()),
             created_at: now_nanos(),
             runtime_handler: handler,
             ..Default::default()
-        })?;
+        };
+        // A pod whose earlier set-up failed is finished before its name is claimed
+        // again, so that a kubelet's retry succeeds once the clean-up can.
+        self.free_pod_name(&record.name_key()).await?;
+        // The store claims the pod's name with the record: a second RunPodSandbox of
+        // the same pod is AlreadyExists, naming the first.
+        let record = self.store.insert_sandbox(record)?;
+        let id = record.id.clone();
         let _guard = self.lock(&id).await;
-        match self.set_up_pod(&record, &config).await {
-            Ok(()) => {
-                self.store.sandboxes.update(&id, |record| {
-                    record.set_state(SandboxState::Ready);
-                    Ok(())
-                })?;
+        let set_up = async {
+            self.set_up_pod(&record, &config).await?;
+            failpoint::hit_async("runtime.sandbox.before-record").await?;
+            self.store.sandboxes.update(&id, |record| {
+                record.set_state(SandboxState::Ready);
+                Ok(())
+            })
+        };
+        match set_up.await {
+            Ok(_) => {
                 self.publish(sandbox_event(sandbox_event::Kind::Created, &id, &config));
                 self.publish(sandbox_event(sandbox_event::Kind::Started, &id, &config));
                 Ok(id)
             }
             Err(error) => {
-                if let Err(cleanup) = self.tear_down_failed_pod(&id).await {
-                    tracing::error!(sandbox = %id, %cleanup, "rolling back a failed RunPodSandbox did not finish; it is retried at start");
-                }
+                tracing::debug!(sandbox = %id, %error, "RunPodSandbox failed; rolling back");
+                self.mark_pod_rolling_back(&id);
+                // A clean-up that cannot finish now is retried in the background.
+                let _ = self.roll_back_pod_locked(&id).await;
                 Err(error)
             }
         }
     }
 
-    /// Undoes a pod whose set-up failed: its containers (the pause process), network,
-    /// namespaces, files and record.
-    async fn tear_down_failed_pod(&self, id: &str) -> Result<(), RuntimeError> {
+    /// Removes a pod, failed or stopped: its containers (the pause process), network,
+    /// namespaces, files and record. Each step tolerates what is already gone.
+    pub(super) async fn remove_pod_now(&self, id: &str) -> Result<(), RuntimeError> {
         for container in self.store.containers_of(id) {
             self.remove_container_now(&container.id).await?;
         }
         self.release_pod(id).await?;
-        let _ = std::fs::remove_dir_all(self.pod_dir(id));
+        let pod_dir = self.pod_dir(id);
+        match std::fs::remove_dir_all(&pod_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(RuntimeError::io(
+                    format!("cannot remove {}", pod_dir.display()),
+                    source,
+                ));
+            }
+        }
         self.store.remove_sandbox(id)
     }
 
@@ -222,19 +243,23 @@ impl Runtime {
             annotations: config.annotations.clone(),
             ..Default::default()
         };
+        failpoint::hit_async("runtime.sandbox.before-network").await?;
         let pod_network = self.backends.network.set_up_pod(request).await;
         pod_namespaces.await.map_err(|e| {
             RuntimeError::Oci(format!("setting up the pod's namespaces stopped: {e}"))
         })??;
         let pod_network = pod_network?;
+        failpoint::hit_async("runtime.sandbox.after-network").await?;
         let (record, ()) = self.store.sandboxes.update(&id, |record| {
             record.ips = pod_network.ips.into_iter().map(|ip| ip.ip).collect();
             record.netns_path = pod_network.netns_path;
             Ok(())
         })?;
         write_pod_files(&pod_dir, config, &record.ips)?;
+        failpoint::hit_async("runtime.sandbox.after-files").await?;
         if options.pid == NamespaceMode::Pod as i32 {
             self.start_pause(&record, config).await?;
+            failpoint::hit_async("runtime.sandbox.after-pause").await?;
         }
         Ok(())
     }
@@ -254,9 +279,14 @@ impl Runtime {
         }
         self.release_pod(&record.id).await?;
         let (record, stopped_now) = self.store.sandboxes.update(&record.id, |record| {
-            let ready = record.state() != SandboxState::NotReady;
-            record.set_state(SandboxState::NotReady);
-            Ok(ready)
+            match record.state() {
+                // Still owed its clean-up: the background keeps retrying it.
+                SandboxState::RollingBack | SandboxState::NotReady => Ok(false),
+                SandboxState::Creating | SandboxState::Ready => {
+                    record.set_state(SandboxState::NotReady);
+                    Ok(true)
+                }
+            }
         })?;
         if stopped_now {
             self.publish(sandbox_event(
@@ -276,22 +306,24 @@ impl Runtime {
             Err(error) => return Err(error),
         };
         let _guard = self.lock(&record.id).await;
-        for container in self.store.containers_of(&record.id) {
-            self.remove_container_now(&container.id).await?;
+        // Read again under the lock: a clean-up may have finished meanwhile.
+        let Some(record) = self.store.sandboxes.get(&record.id) else {
+            return Ok(());
+        };
+        if record.state() == SandboxState::RollingBack {
+            // Never announced: its removal finishes the clean-up, and says why not yet.
+            let outcome = self.remove_pod_now(&record.id).await;
+            return self
+                .count_attempt(&record.id, "pod", outcome)
+                .map_err(|source| RuntimeError::Unfinished {
+                    what: format!(
+                        "pod sandbox {}: the clean-up of its failed set-up is not finished (retried in the background)",
+                        record.id
+                    ),
+                    source: Box::new(source),
+                });
         }
-        self.release_pod(&record.id).await?;
-        let pod_dir = self.pod_dir(&record.id);
-        match std::fs::remove_dir_all(&pod_dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(RuntimeError::io(
-                    format!("cannot remove {}", pod_dir.display()),
-                    source,
-                ));
-            }
-        }
-        self.store.remove_sandbox(&record.id)?;
+        self.remove_pod_now(&record.id).await?;
         self.publish(sandbox_event(
             sandbox_event::Kind::Deleted,
             &record.id,

@@ -9,7 +9,7 @@ use k8s_cri::v1::*;
 
 use super::Runtime;
 use crate::error::RuntimeError;
-use crate::store::{ContainerRecord, SandboxRecord, now_nanos};
+use crate::store::{ContainerRecord, ContainerState, SandboxRecord, now_nanos};
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
@@ -168,7 +168,9 @@ impl Runtime {
             .visible_containers(self.store.containers.with_prefix(&filter.id))?
             .into_iter()
             .filter(|record| {
-                record.sandbox_id.starts_with(&filter.pod_sandbox_id)
+                // One whose creation failed has no process, cgroup or layer to measure.
+                record.state() != ContainerState::RollingBack
+                    && record.sandbox_id.starts_with(&filter.pod_sandbox_id)
                     && filter
                         .label_selector
                         .iter()

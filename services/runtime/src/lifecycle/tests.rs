@@ -15,10 +15,10 @@ use crate::namespaces::NoNamespaces;
 use crate::oci::fake::{FakeOci, FakeState};
 use crate::store::{ContainerState, RecordStore, SandboxState};
 
-const IMAGE: &str = "registry.test/app:1";
+pub(super) const IMAGE: &str = "registry.test/app:1";
 
 #[derive(Default)]
-struct RecordedEvents(Mutex<Vec<String>>);
+pub(super) struct RecordedEvents(Mutex<Vec<String>>);
 
 impl Events for RecordedEvents {
     fn publish(&self, payload: Payload) {
@@ -37,7 +37,7 @@ impl Events for RecordedEvents {
 }
 
 impl RecordedEvents {
-    fn taken(&self) -> Vec<String> {
+    pub(super) fn taken(&self) -> Vec<String> {
         std::mem::take(
             &mut *self
                 .0
@@ -47,16 +47,16 @@ impl RecordedEvents {
     }
 }
 
-struct Node {
+pub(super) struct Node {
     dir: tempfile::TempDir,
-    runtime: Option<Runtime>,
-    oci: Arc<FakeOci>,
-    fakes: Fakes,
-    events: Arc<RecordedEvents>,
+    runtime: Option<Arc<Runtime>>,
+    pub(super) oci: Arc<FakeOci>,
+    pub(super) fakes: Fakes,
+    pub(super) events: Arc<RecordedEvents>,
 }
 
 impl Node {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let fakes = Fakes::new(dir.path().join("rootfs"));
         fakes
@@ -74,7 +74,7 @@ impl Node {
     }
 
     /// Opens the records and makes a runtime over them, as the service does at start.
-    fn start(&mut self) {
+    pub(super) fn start(&mut self) {
         let store = SledStore::open(&self.dir.path().join("records")).expect("store");
         let mut config = trellis_common::config::Config::default().runtime;
         // Any installed program will do: the fake OCI runtime never runs it.
@@ -88,33 +88,37 @@ impl Node {
             events: self.events.clone(),
         };
         let runtime = Runtime::new(config, self.dir.path().join("runtime"), parts);
-        self.runtime = Some(runtime.expect("runtime"));
+        self.runtime = Some(Arc::new(runtime.expect("runtime")));
     }
 
     /// The service stops (or is killed) and starts again over the same records.
-    async fn restart(&mut self) {
+    pub(super) async fn restart(&mut self) {
         self.runtime = None;
         self.start();
         self.runtime().recover().await.expect("recover");
     }
 
-    fn runtime(&self) -> &Runtime {
-        self.runtime.as_ref().expect("started")
+    pub(super) fn runtime(&self) -> &Runtime {
+        self.runtime.as_deref().expect("started")
     }
 
-    async fn run_pod(&self, name: &str) -> Result<String, RuntimeError> {
+    pub(super) fn shared(&self) -> Arc<Runtime> {
+        self.runtime.clone().expect("started")
+    }
+
+    pub(super) async fn run_pod(&self, name: &str) -> Result<String, RuntimeError> {
         self.runtime()
             .run_pod_sandbox(pod_config(name), String::new())
             .await
     }
 
-    async fn create(&self, pod: &str, name: &str) -> Result<String, RuntimeError> {
+    pub(super) async fn create(&self, pod: &str, name: &str) -> Result<String, RuntimeError> {
         self.runtime()
             .create_container(pod, container_config(name))
             .await
     }
 
-    fn state_of(&self, id: &str) -> ContainerState {
+    pub(super) fn state_of(&self, id: &str) -> ContainerState {
         self.runtime()
             .store
             .containers
@@ -124,7 +128,7 @@ impl Node {
     }
 }
 
-fn pod_config(name: &str) -> PodSandboxConfig {
+pub(super) fn pod_config(name: &str) -> PodSandboxConfig {
     PodSandboxConfig {
         metadata: Some(PodSandboxMetadata {
             name: name.into(),
@@ -136,7 +140,7 @@ fn pod_config(name: &str) -> PodSandboxConfig {
     }
 }
 
-fn container_config(name: &str) -> ContainerConfig {
+pub(super) fn container_config(name: &str) -> ContainerConfig {
     ContainerConfig {
         metadata: Some(ContainerMetadata {
             name: name.into(),

@@ -16,7 +16,9 @@ use crate::store::{ContainerRecord, ContainerState, SandboxRecord, SandboxState}
 fn sandbox_cri_state(record: &SandboxRecord) -> PodSandboxState {
     match record.state() {
         SandboxState::Ready => PodSandboxState::SandboxReady,
-        SandboxState::Creating | SandboxState::NotReady => PodSandboxState::SandboxNotready,
+        SandboxState::Creating | SandboxState::NotReady | SandboxState::RollingBack => {
+            PodSandboxState::SandboxNotready
+        }
     }
 }
 
@@ -25,7 +27,9 @@ fn container_cri_state(record: &ContainerRecord) -> CriContainerState {
         ContainerState::Created => CriContainerState::ContainerCreated,
         ContainerState::Running => CriContainerState::ContainerRunning,
         ContainerState::Exited => CriContainerState::ContainerExited,
-        ContainerState::Creating => CriContainerState::ContainerUnknown,
+        ContainerState::Creating | ContainerState::RollingBack => {
+            CriContainerState::ContainerUnknown
+        }
     }
 }
 

@@ -57,6 +57,12 @@ impl ConmonRunc {
         self.root.join("exits")
     }
 
+    /// conmon's `--socket-dir-path`: a link per container to its bundle, where the
+    /// attach socket is. conmon leaves it behind; the container's removal takes it.
+    fn attach_dir(&self) -> PathBuf {
+        self.root.join("attach")
+    }
+
     fn exit_file(&self, id: &str) -> PathBuf {
         self.exits_dir().join(id)
     }
@@ -164,7 +170,7 @@ impl ConmonRunc {
 impl OciRuntime for ConmonRunc {
     /// Creates the container (not started) and returns its pid.
     async fn create(&self, launch: &Launch<'_>) -> Result<u32, RuntimeError> {
-        for dir in [self.exits_dir(), self.runc_root(), self.root.join("attach")] {
+        for dir in [self.exits_dir(), self.runc_root(), self.attach_dir()] {
             std::fs::create_dir_all(&dir).map_err(|source| {
                 RuntimeError::io(format!("cannot create {}", dir.display()), source)
             })?;
@@ -199,7 +205,7 @@ impl OciRuntime for ConmonRunc {
             .arg("--exit-dir")
             .arg(self.exits_dir())
             .arg("--socket-dir-path")
-            .arg(self.root.join("attach"))
+            .arg(self.attach_dir())
             .arg("--persist-dir")
             .arg(launch.bundle)
             .arg("--runtime-arg")
@@ -305,14 +311,24 @@ impl OciRuntime for ConmonRunc {
         }
     }
 
-    /// Deletes the runtime's state (and cgroup) of a container; absent is fine.
+    /// Deletes the runtime's state (and cgroup) of a container, and conmon's attach
+    /// link; absent is fine.
     async fn delete(&self, runtime: &Path, id: &str) -> Result<(), RuntimeError> {
         match self
             .runtime_command(runtime, &["delete", "--force", id])
             .await
         {
-            Err(_) if !self.state_file(id).exists() => Ok(()),
-            other => other,
+            Err(_) if !self.state_file(id).exists() => {}
+            other => other?,
+        }
+        let link = self.attach_dir().join(id);
+        match std::fs::remove_file(&link) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(RuntimeError::io(
+                format!("cannot remove {}", link.display()),
+                source,
+            )),
         }
     }
 
@@ -349,6 +365,28 @@ impl OciRuntime for ConmonRunc {
 
     fn forget_exit(&self, id: &str) {
         let _ = std::fs::remove_file(self.exit_file(id));
+    }
+
+    fn forget_others(&self, known: &std::collections::HashSet<String>) {
+        let Ok(entries) = std::fs::read_dir(self.attach_dir()) else {
+            return;
+        };
+        let mut removed = 0usize;
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name();
+            if name.to_str().is_some_and(|id| known.contains(id)) {
+                continue;
+            }
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(error) => {
+                    tracing::warn!(path = %entry.path().display(), %error, "cannot remove a stale attach link")
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, "stale attach links of removed containers swept");
+        }
     }
 
     /// Runs a command in the container and collects its output and exit code. On
@@ -580,36 +618,4 @@ fn conmon_diagnostics(bundle: &Path) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use trellis_common::grpc::MAX_MESSAGE_BYTES;
-
-    #[tokio::test]
-    async fn exec_output_is_cut_to_fit_one_message_and_says_so() {
-        let big = vec![b'x'; MAX_EXEC_OUTPUT + 1000];
-        let captured = read_capped(Some(big.as_slice()), MAX_EXEC_OUTPUT).await;
-        assert_eq!(
-            (captured.kept.len(), captured.total),
-            (MAX_EXEC_OUTPUT, big.len() as u64)
-        );
-        let small = read_capped(Some(&b"ok"[..]), MAX_EXEC_OUTPUT).await;
-        assert_eq!((small.kept.as_slice(), small.total), (&b"ok"[..], 2));
-        assert_eq!(
-            cut_note(MAX_EXEC_OUTPUT as u64, 0),
-            None,
-            "nothing cut, nothing said"
-        );
-        let note = cut_note(20 << 20, 3).expect("a note");
-        assert!(
-            note.contains("stdout 20971520 bytes, first") && note.contains("stderr 3 bytes"),
-            "{note}"
-        );
-        // Both streams at their limit plus the note, with the protobuf framing, fit.
-        let response = k8s_cri::v1::ExecSyncResponse {
-            stdout: captured.kept.clone(),
-            stderr: [captured.kept, note.into_bytes()].concat(),
-            exit_code: 0,
-        };
-        assert!(prost::Message::encoded_len(&response) < MAX_MESSAGE_BYTES);
-    }
-}
+mod tests;

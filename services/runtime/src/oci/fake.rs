@@ -165,6 +165,12 @@ impl OciRuntime for FakeOci {
         self.inner().exits.remove(id);
     }
 
+    fn forget_others(&self, known: &HashSet<String>) {
+        self.inner()
+            .calls
+            .push(format!("forget_others {}", known.len()));
+    }
+
     async fn exec_sync(
         &self,
         _runtime: &Path,

@@ -79,6 +79,9 @@ pub trait OciRuntime: Send + Sync {
     fn exited(&self) -> HashSet<String>;
     /// Drops the record of the exit, with the container.
     fn forget_exit(&self, id: &str);
+    /// At start: drops what this layer keeps for containers no record knows (conmon's
+    /// attach links of containers removed while, or before, it was down).
+    fn forget_others(&self, known: &HashSet<String>);
     /// Runs a command in the container and collects its output (see [`MAX_EXEC_OUTPUT`]).
     async fn exec_sync(
         &self,

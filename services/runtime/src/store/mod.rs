@@ -105,6 +105,19 @@ impl RecordStore {
         Ok(record)
     }
 
+    /// The sandbox holding a pod name key (namespace/name/uid/attempt), if any.
+    pub fn sandbox_named(&self, key: &str) -> Option<String> {
+        self.names().pods.get(key).cloned()
+    }
+
+    /// The container holding a name and attempt in a pod, if any.
+    pub fn container_named(&self, sandbox_id: &str, name: &str, attempt: u32) -> Option<String> {
+        self.names()
+            .containers
+            .get(&(sandbox_id.to_string(), name.to_string(), attempt))
+            .cloned()
+    }
+
     pub fn remove_sandbox(&self, id: &str) -> Result<(), RuntimeError> {
         let mut names = self.names();
         if let Some(record) = self.sandboxes.remove(id)? {

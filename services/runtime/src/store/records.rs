@@ -15,6 +15,9 @@ pub enum SandboxState {
     Creating = 0,
     Ready = 1,
     NotReady = 2,
+    /// Set-up failed (or was cut short by a restart) and what it took is still being
+    /// released: shown NotReady, retried in the background, removable by the kubelet.
+    RollingBack = 3,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -47,6 +50,9 @@ pub enum ContainerState {
     Created = 1,
     Running = 2,
     Exited = 3,
+    /// Creation failed (or was cut short by a restart) and what it took is still
+    /// being released: shown as unknown, retried in the background, removable.
+    RollingBack = 4,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
