@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 cargo build --release --bins
 
-# A default pod network when the host has none (bridge + host-local + portmap).
-if [ -z "$(ls -A /etc/cni/net.d 2>/dev/null)" ]; then
+# A default pod network when the host has none (bridge + host-local + portmap). The
+# bridge podman's package installs there (87-podman-bridge.conflist) is not one: it
+# would come first, on podman's bridge and subnet.
+if [ -z "$(ls -A /etc/cni/net.d 2>/dev/null | grep -v -x -e 87-podman-bridge.conflist -e cni.lock)" ]; then
     mkdir -p /etc/cni/net.d
     cp deploy/cni/10-trellis.conflist /etc/cni/net.d/
     echo "installed the default CNI configuration in /etc/cni/net.d"

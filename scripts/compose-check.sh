@@ -1,0 +1,279 @@
+#!/usr/bin/env bash
+# Proves that compose.yaml runs a node with Debian's podman and podman-compose: builds
+# the trellis image (deploy/container/build.sh), brings the node up in containers, runs
+# pods and containers through the CRI socket from the host (`trellis bench`, with an
+# image it builds from busybox and pushes to a registry on 127.0.0.1), checks that each
+# container got its limits from compose.yaml, then takes everything down.
+#
+# Nothing is shared with a real node or a parallel run: a temporary root holds the
+# node's configuration, state, sockets and logs and podman's own store (so the images
+# built here go with it); the bus and the registry take free ports, the pod network its
+# own bridge and subnet, the compose project its own name. The trap removes containers,
+# images, mounts, the bridge and the pod namespaces even when a step fails.
+#
+# usage: scripts/compose-check.sh [--bin-dir DIR] [--measure SECONDS]
+#   --bin-dir DIR      trellis binaries (default: $TRELLIS_BIN_DIR, else target/release)
+#   --measure SECONDS  afterwards, cycle pods for this long (4 clients) and print each
+#                      service's peak memory, CPU time and tasks (deploy/README.md's figures)
+# Needs root. Installs nothing: scripts/install-deps.sh --deploy does.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+bin_dir=${TRELLIS_BIN_DIR:-$repo/target/release}
+measure=0
+while [ $# -gt 0 ]; do
+    case $1 in
+        --bin-dir) bin_dir=$2; shift 2 ;;
+        --measure) measure=$2; shift 2 ;;
+        *) echo "compose-check: unknown argument '$1'" >&2; exit 2 ;;
+    esac
+done
+bin_dir=$(cd "$bin_dir" && pwd)
+for tool in podman podman-compose mmdebstrap docker-registry busybox python3; do
+    command -v "$tool" >/dev/null || { echo "compose-check: $tool is missing (scripts/install-deps.sh --deploy)" >&2; exit 1; }
+done
+[ "$(id -u)" = 0 ] || { echo "compose-check: run as root" >&2; exit 1; }
+started=$(date +%s)
+say() { echo "compose-check [$(($(date +%s) - started))s]: $*"; }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+root=$(mktemp -d /tmp/trellis-compose.XXXXXX)
+node=$root/node
+project=trellischeck$$
+# A bridge and subnet of our own: a free instance number 1..250.
+instance=$((RANDOM % 250 + 1))
+while ip link show "tcc$instance" >/dev/null 2>&1; do instance=$((instance % 250 + 1)); done
+bridge=tcc$instance
+registry_pid=
+sampler_pid=
+
+export CONTAINERS_CONF=$root/podman/containers.conf
+export CONTAINERS_STORAGE_CONF=$root/podman/storage.conf
+export TRELLIS_COMPOSE_PROJECT=$project
+export TRELLIS_CONTAINER_IMAGE=localhost/trellis:check
+export TRELLIS_ETC_DIR=$node/etc
+export TRELLIS_STATE_DIR=$node/state
+export TRELLIS_RUN_DIR=$node/run
+export TRELLIS_LOG_DIR=$node/log
+export TRELLIS_CNI_CONFIG_DIR=$node/cni
+export TRELLIS_CNI_STATE_DIR=$node/cni-state
+TRELLIS_NATS_PORT=$(free_port)
+export TRELLIS_NATS_PORT
+registry_port=$(free_port)
+# podman-hostnet: podman-compose 1.0.3 cannot start host-networked services without it.
+compose=(podman-compose --podman-path "$repo/deploy/container/podman-hostnet" --project-name "$project" --file "$repo/compose.yaml")
+
+cleanup() {
+    local status=$?
+    trap - EXIT
+    set +e
+    if [ -n "$sampler_pid" ]; then kill "$sampler_pid" 2>/dev/null; wait "$sampler_pid" 2>/dev/null; fi
+    if [ -f "$CONTAINERS_CONF" ]; then
+        "${compose[@]}" down >"$root/compose-down.log" 2>&1
+        podman rm --all --force --time 0 >/dev/null 2>&1
+        podman rmi --all --force >/dev/null 2>&1
+    fi
+    # Containers the node left running: their runc state is under our run directory.
+    for state in "$node"/run/runtime/runc/*/; do
+        [ -d "$state" ] && runc --root "$node/run/runtime/runc" delete --force "$(basename "$state")" >/dev/null 2>&1
+    done
+    if [ -n "$registry_pid" ]; then
+        kill "$registry_pid" 2>/dev/null
+        wait "$registry_pid" 2>/dev/null
+    fi
+    # Root filesystems, pod namespaces, podman's overlay mounts, our shared bind mount.
+    { grep " $root" /proc/self/mountinfo || true; } | awk '{print $5}' | sort -r | while read -r mount; do
+        umount -l "$mount" 2>/dev/null
+    done
+    ip link del "$bridge" 2>/dev/null
+    # podman's parent cgroups, when no container of anyone else's is left in them.
+    for controller in /sys/fs/cgroup/*/; do
+        rmdir "$controller/libpod_parent/conmon" "$controller/libpod_parent" 2>/dev/null
+    done
+    if [ "$status" != 0 ]; then
+        for log in "$root"/*.log; do
+            [ -s "$log" ] && { echo "--- $log (last lines)"; tail -n 30 "$log"; }
+        done
+    fi
+    rm -rf "$root"
+    if [ "$status" = 0 ]; then say "passed"; else say "FAILED (exit $status)"; fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# podman, configured for this host and confined to our root. cgroupfs: no systemd as
+# PID 1. Events to a file: no journald. runc: crun refuses this hybrid cgroup host.
+mkdir -p "$root/podman/tmp" "$root/podman/net"
+ulimits=
+if [ "$(ulimit -Hn)" -lt 1048576 ]; then
+    # podman raises nofile and nproc to 1048576 and more by default, which a root
+    # without CAP_SYS_RESOURCE (a sandbox) may not: keep the host's limits instead.
+    ulimits='default_ulimits = []'
+fi
+cat >"$CONTAINERS_CONF" <<EOF
+[containers]
+$ulimits
+[engine]
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+events_logfile_path = "$root/podman/events.log"
+runtime = "runc"
+tmp_dir = "$root/podman/tmp"
+image_copy_tmp_dir = "$root/podman/tmp"
+[network]
+network_config_dir = "$root/podman/net"
+EOF
+cat >"$CONTAINERS_STORAGE_CONF" <<EOF
+[storage]
+driver = "overlay"
+graphroot = "$root/podman/storage"
+runroot = "$root/podman/run"
+EOF
+run_args=()
+[ -n "$ulimits" ] && run_args=(--podman-run-args=--ulimit=host)
+
+say "building the image from $bin_dir"
+TRELLIS_BIN_DIR=$bin_dir "$repo/deploy/container/build.sh" --tag "$TRELLIS_CONTAINER_IMAGE" >"$root/build.log" 2>&1 \
+    || { cat "$root/build.log" >&2; exit 1; }
+tail -n 1 "$root/build.log"
+
+# The node's directories. Mounts made under them inside a container (root
+# filesystems, pod namespaces) must reach the host and the other containers: compose
+# mounts them rshared, which needs a shared mount on the host side (a systemd host's /
+# is; this one's may not be).
+mkdir -p "$node"
+mount --bind "$node" "$node"
+mount --make-rshared "$node"
+mkdir -p "$TRELLIS_ETC_DIR" "$TRELLIS_STATE_DIR/nats" "$TRELLIS_RUN_DIR" "$TRELLIS_LOG_DIR" \
+    "$TRELLIS_CNI_CONFIG_DIR" "$TRELLIS_CNI_STATE_DIR"
+cat >"$TRELLIS_ETC_DIR/trellis.toml" <<EOF
+[node]
+name = "$project"
+state_dir = "$TRELLIS_STATE_DIR"
+run_dir = "$TRELLIS_RUN_DIR"
+[network]
+cni_config_dir = "$TRELLIS_CNI_CONFIG_DIR"
+EOF
+cat >"$TRELLIS_CNI_CONFIG_DIR/10-check.conflist" <<EOF
+{ "cniVersion": "1.0.0", "name": "$project", "plugins": [
+  { "type": "bridge", "bridge": "$bridge", "isGateway": true, "ipMasq": true,
+    "ipam": { "type": "host-local", "ranges": [[{ "subnet": "10.251.$instance.0/24" }]],
+              "routes": [{ "dst": "0.0.0.0/0" }] } },
+  { "type": "portmap", "capabilities": { "portMappings": true } } ] }
+EOF
+trellis=("$bin_dir/trellis" --config "$TRELLIS_ETC_DIR/trellis.toml")
+"${trellis[@]}" bus-credentials --dir "$TRELLIS_ETC_DIR/bus" --listen "127.0.0.1:$TRELLIS_NATS_PORT" >/dev/null
+
+say "registry on 127.0.0.1:$registry_port, busybox image pushed to it"
+mkdir -p "$root/registry/data" "$root/busybox/bin"
+cat >"$root/registry/config.yml" <<EOF
+version: 0.1
+log: { level: warn }
+storage: { filesystem: { rootdirectory: $root/registry/data } }
+http: { addr: 127.0.0.1:$registry_port }
+EOF
+docker-registry serve "$root/registry/config.yml" >"$root/registry.log" 2>&1 &
+registry_pid=$!
+cp "$(command -v busybox)" "$root/busybox/bin/busybox"
+for applet in sh sleep cat; do ln -s busybox "$root/busybox/bin/$applet"; done
+printf 'FROM scratch\nCOPY bin/ /bin/\n' >"$root/busybox/Containerfile"
+image=127.0.0.1:$registry_port/busybox:latest
+podman build --quiet --tag "$image" "$root/busybox" >/dev/null
+for _ in $(seq 1 50); do
+    podman push --quiet --tls-verify=false "$image" 2>"$root/push.log" && break
+    sleep 0.2
+done
+podman rmi "$image" >/dev/null
+
+say "podman-compose up (project $project, bus on 127.0.0.1:$TRELLIS_NATS_PORT)"
+"${compose[@]}" "${run_args[@]}" up -d >"$root/compose-up.log" 2>&1 || { cat "$root/compose-up.log" >&2; exit 1; }
+socket=$TRELLIS_RUN_DIR/trellis.sock
+for _ in $(seq 1 300); do
+    [ -S "$socket" ] && "${trellis[@]}" status >/dev/null 2>&1 && break
+    sleep 0.2
+done
+if ! "${trellis[@]}" status >"$root/status.log" 2>&1; then
+    for service in nats storage network image runtime gateway; do
+        echo "--- $service" >&2
+        podman logs --tail 20 "${project}_${service}_1" >&2 2>&1
+    done
+    echo "compose-check: the node did not become healthy" >&2
+    cat "$root/status.log" >&2
+    exit 1
+fi
+say "node healthy: $(tr '\n' ' ' <"$root/status.log" | tr -s ' ' | cut -c1-200)"
+
+# Each container's limits as compose.yaml states them (podman-compose 1.0.3 drops
+# pids_limit; newer ones and docker compose apply it).
+expected=$(python3 - "$repo/compose.yaml" <<'EOF'
+import re, sys, yaml
+units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+for name, service in yaml.safe_load(open(sys.argv[1]))["services"].items():
+    number, unit = re.fullmatch(r"([0-9.]+)([bkmg]?)", str(service["mem_limit"]).lower()).groups()
+    print(name, int(float(number) * units[unit]), int(float(service["cpus"]) * 1e9), service["pids_limit"])
+EOF
+)
+while read -r service memory cpus pids; do
+    got=$(podman inspect --format '{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}} {{.HostConfig.PidsLimit}}' "${project}_${service}_1")
+    read -r got_memory got_cpus got_pids <<<"$got"
+    if [ "$got_memory" != "$memory" ] || [ "$got_cpus" != "$cpus" ]; then
+        echo "compose-check: $service has memory $got_memory and cpus $got_cpus (nano), compose.yaml says $memory and $cpus" >&2
+        exit 1
+    fi
+    [ "$got_pids" = "$pids" ] || say "note: $service's pids limit is $got_pids, not compose.yaml's $pids (podman-compose $(podman-compose version 2>/dev/null | awk '/^podman-compose(r)? version/ {print $NF; exit}') ignores pids_limit)"
+done <<<"$expected"
+say "limits from compose.yaml applied (memory, cpus)"
+
+say "pods and containers through $socket"
+"${trellis[@]}" bench --endpoint "unix://$socket" --image "$image" --iterations 3 --concurrency 3 --rounds 2 \
+    --stats-containers 4 --stats-calls 3 --list-pods 4 --list-calls 3 >"$root/bench.log" 2>&1 \
+    || { cat "$root/bench.log" >&2; exit 1; }
+grep -E "^(trellis|sequential|[0-9]+ at once)" "$root/bench.log" | sed 's/^/    /'
+
+if [ "$measure" -gt 0 ]; then
+    # Peaks per service: the cgroup's memory (RSS and page cache; for runtime also every
+    # conmon), its tasks, and the main process's own peak RSS (VmHWM) and CPU time.
+    ids=()
+    for service in nats storage network image runtime gateway; do
+        ids+=("$service:$(podman inspect --format '{{.Id}}' "${project}_${service}_1")")
+    done
+    sample() {
+        while true; do
+            for entry in "${ids[@]}"; do
+                echo "${entry%%:*} $(cat "/sys/fs/cgroup/pids/libpod_parent/libpod-${entry#*:}/pids.current")"
+            done
+            sleep 0.2
+        done
+    }
+    sample >"$root/tasks.samples" 2>/dev/null &
+    sampler_pid=$!
+    say "measuring: 4 clients cycling pods for ${measure}s"
+    deadline=$(($(date +%s) + measure))
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        "${trellis[@]}" bench --endpoint "unix://$socket" --image "$image" --iterations 0 --concurrency 4 --rounds 5 \
+            --stats-containers 0 --list-pods 0 >>"$root/bench.log" 2>&1 || { tail -n 20 "$root/bench.log" >&2; exit 1; }
+    done
+    "${trellis[@]}" bench --endpoint "unix://$socket" --image "$image" --iterations 0 --concurrency 0 \
+        --stats-containers 40 --stats-calls 20 --list-pods 40 --list-calls 50 >>"$root/bench.log" 2>&1 \
+        || { tail -n 20 "$root/bench.log" >&2; exit 1; }
+    kill "$sampler_pid"
+    wait "$sampler_pid" 2>/dev/null || true
+    sampler_pid=
+    printf '    %-8s %12s %12s %10s %10s %8s\n' service cgroup-peak VmHWM VmRSS-now cpu-s tasks
+    for entry in "${ids[@]}"; do
+        service=${entry%%:*} id=${entry#*:}
+        pid=$(podman inspect --format '{{.State.Pid}}' "${project}_${service}_1")
+        peak=$(($(cat "/sys/fs/cgroup/memory/libpod_parent/libpod-$id/memory.max_usage_in_bytes") >> 20))
+        hwm=$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$pid/status")
+        rss=$(awk '/VmRSS/ {print int($2/1024)}' "/proc/$pid/status")
+        cpu=$(awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' "/proc/$pid/stat")
+        tasks=$(awk -v s="$service" '$1 == s && $2 > max {max = $2} END {print max + 0}' "$root/tasks.samples")
+        printf '    %-8s %10s M %10s M %8s M %10s %8s\n' "$service" "$peak" "$hwm" "$rss" "$cpu" "$tasks"
+    done
+fi
+
+say "podman-compose down"
+"${compose[@]}" down >"$root/compose-down.log" 2>&1 || { cat "$root/compose-down.log" >&2; exit 1; }
+left=$(podman ps --all --quiet | wc -l)
+[ "$left" = 0 ] || { echo "compose-check: $left containers left after down" >&2; exit 1; }
