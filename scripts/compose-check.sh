@@ -9,7 +9,8 @@
 # node's configuration, state, sockets and logs and podman's own store (so the images
 # built here go with it); the bus and the registry take free ports, the pod network its
 # own bridge and subnet, the compose project its own name. The trap removes containers,
-# images, mounts, the bridge and the pod namespaces even when a step fails.
+# images, mounts, pod namespaces, the bridge and its NAT rules even when a step fails
+# (or on Ctrl-C).
 #
 # usage: scripts/compose-check.sh [--bin-dir DIR] [--measure SECONDS]
 #   --bin-dir DIR      trellis binaries (default: $TRELLIS_BIN_DIR, else target/release)
@@ -28,6 +29,10 @@ while [ $# -gt 0 ]; do
         *) echo "compose-check: unknown argument '$1'" >&2; exit 2 ;;
     esac
 done
+if [ ! -x "$bin_dir/trellis" ]; then
+    echo "compose-check: $bin_dir/trellis is missing (cargo build --release --bins)" >&2
+    exit 1
+fi
 bin_dir=$(cd "$bin_dir" && pwd)
 for tool in podman podman-compose mmdebstrap docker-registry busybox python3; do
     command -v "$tool" >/dev/null || { echo "compose-check: $tool is missing (scripts/install-deps.sh --deploy)" >&2; exit 1; }
@@ -86,6 +91,13 @@ cleanup() {
         umount -l "$mount" 2>/dev/null
     done
     ip link del "$bridge" 2>/dev/null
+    # Masquerade rules of pods whose CNI DEL never ran (the bridge plugin names our
+    # network, the project, in each rule's comment).
+    iptables -t nat -S POSTROUTING 2>/dev/null | grep -F "name: \\\"$project\\\"" | while read -r rule; do
+        eval "iptables -t nat ${rule/#-A/-D}" 2>/dev/null
+        chain=${rule##*-j }
+        iptables -t nat -F "$chain" 2>/dev/null && iptables -t nat -X "$chain" 2>/dev/null
+    done
     # podman's parent cgroups, when no container of anyone else's is left in them.
     for controller in /sys/fs/cgroup/*/; do
         rmdir "$controller/libpod_parent/conmon" "$controller/libpod_parent" 2>/dev/null
@@ -180,10 +192,13 @@ for applet in sh sleep cat; do ln -s busybox "$root/busybox/bin/$applet"; done
 printf 'FROM scratch\nCOPY bin/ /bin/\n' >"$root/busybox/Containerfile"
 image=127.0.0.1:$registry_port/busybox:latest
 podman build --quiet --tag "$image" "$root/busybox" >/dev/null
+pushed=false
 for _ in $(seq 1 50); do
-    podman push --quiet --tls-verify=false "$image" 2>"$root/push.log" && break
+    # The registry may still be starting.
+    if podman push --quiet --tls-verify=false "$image" 2>"$root/push.log"; then pushed=true; break; fi
     sleep 0.2
 done
+$pushed || { cat "$root/push.log" >&2; echo "compose-check: cannot push $image" >&2; exit 1; }
 podman rmi "$image" >/dev/null
 
 say "podman-compose up (project $project, bus on 127.0.0.1:$TRELLIS_NATS_PORT)"
@@ -233,15 +248,18 @@ grep -E "^(trellis|sequential|[0-9]+ at once)" "$root/bench.log" | sed 's/^/    
 
 if [ "$measure" -gt 0 ]; then
     # Peaks per service: the cgroup's memory (RSS and page cache; for runtime also every
-    # conmon), its tasks, and the main process's own peak RSS (VmHWM) and CPU time.
-    ids=()
+    # conmon) and tasks, the main process's threads, peak RSS (VmHWM) and CPU time.
+    entries=()
     for service in nats storage network image runtime gateway; do
-        ids+=("$service:$(podman inspect --format '{{.Id}}' "${project}_${service}_1")")
+        entries+=("$service:$(podman inspect --format '{{.Id}}:{{.State.Pid}}' "${project}_${service}_1")")
     done
     sample() {
+        local entry service id pid
         while true; do
-            for entry in "${ids[@]}"; do
-                echo "${entry%%:*} $(cat "/sys/fs/cgroup/pids/libpod_parent/libpod-${entry#*:}/pids.current")"
+            for entry in "${entries[@]}"; do
+                IFS=: read -r service id pid <<<"$entry"
+                echo "$service $(cat "/sys/fs/cgroup/pids/libpod_parent/libpod-$id/pids.current")" \
+                    "$(awk '/^Threads/ {print $2}' "/proc/$pid/status")"
             done
             sleep 0.2
         done
@@ -250,26 +268,45 @@ if [ "$measure" -gt 0 ]; then
     sampler_pid=$!
     say "measuring: 4 clients cycling pods for ${measure}s"
     deadline=$(($(date +%s) + measure))
+    cycles=0
     while [ "$(date +%s)" -lt "$deadline" ]; do
         "${trellis[@]}" bench --endpoint "unix://$socket" --image "$image" --iterations 0 --concurrency 4 --rounds 5 \
             --stats-containers 0 --list-pods 0 >>"$root/bench.log" 2>&1 || { tail -n 20 "$root/bench.log" >&2; exit 1; }
+        cycles=$((cycles + 20))
     done
+    say "$cycles pod+container cycles; then 40 pods of one running container"
+    # --hold keeps the 40 pods up while we look at what runs in runtime's cgroup.
+    mkfifo "$root/hold"
     "${trellis[@]}" bench --endpoint "unix://$socket" --image "$image" --iterations 0 --concurrency 0 \
-        --stats-containers 40 --stats-calls 20 --list-pods 40 --list-calls 50 >>"$root/bench.log" 2>&1 \
-        || { tail -n 20 "$root/bench.log" >&2; exit 1; }
+        --stats-containers 40 --stats-calls 20 --list-pods 40 --list-calls 50 --hold <"$root/hold" >"$root/bench-hold.log" 2>&1 &
+    bench_pid=$!
+    exec 3>"$root/hold"
+    for _ in $(seq 1 600); do
+        grep -q "holding the list pods" "$root/bench-hold.log" && break
+        kill -0 "$bench_pid" 2>/dev/null || break
+        sleep 0.2
+    done
+    runtime_id=$(printf '%s\n' "${entries[@]}" | awk -F: '$1 == "runtime" {print $2}')
+    echo "    in runtime's cgroup with 40 containers up (process: count, threads):"
+    while read -r task; do
+        echo "$(cat "/proc/$task/comm" 2>/dev/null) $(awk '/^Threads/ {print $2}' "/proc/$task/status" 2>/dev/null)"
+    done <"/sys/fs/cgroup/pids/libpod_parent/libpod-$runtime_id/cgroup.procs" | awk 'NF == 2 {n[$1]++; t[$1] += $2} END {for (c in n) printf "      %s: %d, %d\n", c, n[c], t[c]}'
+    echo >&3
+    exec 3>&-
+    wait "$bench_pid" || { tail -n 20 "$root/bench-hold.log" >&2; exit 1; }
     kill "$sampler_pid"
     wait "$sampler_pid" 2>/dev/null || true
     sampler_pid=
-    printf '    %-8s %12s %12s %10s %10s %8s\n' service cgroup-peak VmHWM VmRSS-now cpu-s tasks
-    for entry in "${ids[@]}"; do
-        service=${entry%%:*} id=${entry#*:}
-        pid=$(podman inspect --format '{{.State.Pid}}' "${project}_${service}_1")
+    printf '    %-8s %12s %10s %10s %8s %8s %8s\n' service cgroup-peak VmHWM VmRSS-now cpu-s tasks threads
+    for entry in "${entries[@]}"; do
+        IFS=: read -r service id pid <<<"$entry"
         peak=$(($(cat "/sys/fs/cgroup/memory/libpod_parent/libpod-$id/memory.max_usage_in_bytes") >> 20))
         hwm=$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$pid/status")
         rss=$(awk '/VmRSS/ {print int($2/1024)}' "/proc/$pid/status")
         cpu=$(awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' "/proc/$pid/stat")
         tasks=$(awk -v s="$service" '$1 == s && $2 > max {max = $2} END {print max + 0}' "$root/tasks.samples")
-        printf '    %-8s %10s M %10s M %8s M %10s %8s\n' "$service" "$peak" "$hwm" "$rss" "$cpu" "$tasks"
+        threads=$(awk -v s="$service" '$1 == s && $3 > max {max = $3} END {print max + 0}' "$root/tasks.samples")
+        printf '    %-8s %10s M %8s M %8s M %8s %8s %8s\n' "$service" "$peak" "$hwm" "$rss" "$cpu" "$tasks" "$threads"
     done
 fi
 

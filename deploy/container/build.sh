@@ -39,7 +39,10 @@ if [ -z "$sources" ]; then
         if [ -s "$candidate" ]; then sources=$candidate; break; fi
     done
 fi
-[ -n "$sources" ] && [ -r "$sources" ] || { echo "build.sh: no apt sources to build the rootfs from (set TRELLIS_APT_SOURCES)" >&2; exit 1; }
+if [ -z "$sources" ] || [ ! -r "$sources" ]; then
+    echo "build.sh: no apt sources to build the rootfs from (set TRELLIS_APT_SOURCES)" >&2
+    exit 1
+fi
 [ "$(id -u)" = 0 ] || { echo "build.sh: run as root (rootful podman, mmdebstrap in root mode)" >&2; exit 1; }
 for tool in mmdebstrap podman; do
     command -v "$tool" >/dev/null || { echo "build.sh: $tool is missing (apt-get install $tool)" >&2; exit 1; }
@@ -54,6 +57,9 @@ done
 # it. Docs, man pages, locales and apt's lists stay out; copyright files stay in.
 packages=$(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$here/packages.txt" | tr -d ' \t' | paste -sd, -)
 suite=bookworm
+# mmdebstrap runs the hook with the rootfs as $1.
+# shellcheck disable=SC2016
+cleanup_hook='rm -rf "$1"/var/log/* "$1"/var/cache/debconf/*-old "$1"/var/lib/dpkg/*-old'
 options=(
     --variant=essential
     --include="$packages"
@@ -65,7 +71,7 @@ options=(
     --dpkgopt='path-include=/usr/share/locale/locale.alias'
     --dpkgopt='path-exclude=/usr/share/doc/*'
     --dpkgopt='path-include=/usr/share/doc/*/copyright'
-    --customize-hook='rm -rf "$1"/var/log/* "$1"/var/cache/debconf/*-old "$1"/var/lib/dpkg/*-old'
+    --customize-hook="$cleanup_hook"
 )
 key=$( { echo "$suite $(dpkg --print-architecture)"; printf '%s\n' "${options[@]}"; cat "$sources"; } | sha256sum | cut -c1-16)
 rootfs=$cache/rootfs-$key.tar
