@@ -65,8 +65,9 @@ export TRELLIS_CNI_STATE_DIR=$node/cni-state
 TRELLIS_NATS_PORT=$(free_port)
 export TRELLIS_NATS_PORT
 registry_port=$(free_port)
-# podman-hostnet: podman-compose 1.0.3 cannot start host-networked services without it.
-compose=(podman-compose --podman-path "$repo/deploy/container/podman-hostnet" --project-name "$project" --file "$repo/compose.yaml")
+# podman-compat: podman-compose 1.0.3 cannot start host-networked services without it,
+# and drops pids_limit.
+compose=(podman-compose --podman-path "$repo/deploy/container/podman-compat" --project-name "$project" --file "$repo/compose.yaml")
 
 cleanup() {
     local status=$?
@@ -219,8 +220,7 @@ if ! "${trellis[@]}" status >"$root/status.log" 2>&1; then
 fi
 say "node healthy: $(tr '\n' ' ' <"$root/status.log" | tr -s ' ' | cut -c1-200)"
 
-# Each container's limits as compose.yaml states them (podman-compose 1.0.3 drops
-# pids_limit; newer ones and docker compose apply it).
+# Each container's limits as compose.yaml states them.
 expected=$(python3 - "$repo/compose.yaml" <<'EOF'
 import re, sys, yaml
 units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -229,16 +229,30 @@ for name, service in yaml.safe_load(open(sys.argv[1]))["services"].items():
     print(name, int(float(number) * units[unit]), int(float(service["cpus"]) * 1e9), service["pids_limit"])
 EOF
 )
+# What the kernel enforces: the container's cgroup (cgroupfs driver: libpod_parent/).
+limits_of() {
+    local id quota period
+    id=libpod_parent/libpod-$(podman inspect --format '{{.Id}}' "$1")
+    if [ -d /sys/fs/cgroup/memory ]; then
+        quota=$(cat "/sys/fs/cgroup/cpu/$id/cpu.cfs_quota_us")
+        period=$(cat "/sys/fs/cgroup/cpu/$id/cpu.cfs_period_us")
+        echo "$(cat "/sys/fs/cgroup/memory/$id/memory.limit_in_bytes")" \
+            "$((quota * 1000000000 / period))" "$(cat "/sys/fs/cgroup/pids/$id/pids.max")"
+    else
+        read -r quota period <"/sys/fs/cgroup/$id/cpu.max"
+        echo "$(cat "/sys/fs/cgroup/$id/memory.max")" \
+            "$((quota * 1000000000 / period))" "$(cat "/sys/fs/cgroup/$id/pids.max")"
+    fi
+}
 while read -r service memory cpus pids; do
-    got=$(podman inspect --format '{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}} {{.HostConfig.PidsLimit}}' "${project}_${service}_1")
-    read -r got_memory got_cpus got_pids <<<"$got"
-    if [ "$got_memory" != "$memory" ] || [ "$got_cpus" != "$cpus" ]; then
-        echo "compose-check: $service has memory $got_memory and cpus $got_cpus (nano), compose.yaml says $memory and $cpus" >&2
+    read -r got_memory got_cpus got_pids < <(limits_of "${project}_${service}_1")
+    if [ "$got_memory" != "$memory" ] || [ "$got_cpus" != "$cpus" ] || [ "$got_pids" != "$pids" ]; then
+        echo "compose-check: $service's cgroup has memory $got_memory, cpus $got_cpus (nano) and" \
+            "pids $got_pids; compose.yaml says $memory, $cpus and $pids" >&2
         exit 1
     fi
-    [ "$got_pids" = "$pids" ] || say "note: $service's pids limit is $got_pids, not compose.yaml's $pids (podman-compose $(podman-compose version 2>/dev/null | awk '/^podman-compose(r)? version/ {print $NF; exit}') ignores pids_limit)"
 done <<<"$expected"
-say "limits from compose.yaml applied (memory, cpus)"
+say "limits from compose.yaml applied (memory, cpus, pids)"
 
 say "pods and containers through $socket"
 "${trellis[@]}" bench --endpoint "unix://$socket" --image "$image" --iterations 3 --concurrency 3 --rounds 2 \
