@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Trellis needs to build, run and test on Debian 12, skipping what is
 # already there. Safe to run again. Needs root for apt-get.
+# With --deploy, also what the deployment checks need (scripts/compose-check.sh,
+# scripts/systemd-check.sh, deploy/container/build.sh).
 set -euo pipefail
 
 packages=(
@@ -13,6 +15,14 @@ packages=(
     iproute2 iptables      # pod networking
     ca-certificates curl
 )
+if [ "${1:-}" = --deploy ]; then
+    packages+=(
+        podman podman-compose  # the compose check (podman brings runc and conmon too)
+        mmdebstrap             # the image's Debian root filesystem
+        binutils               # strip, for a small image
+        systemd                # systemd-analyze verify
+    )
+fi
 
 missing=()
 for package in "${packages[@]}"; do
