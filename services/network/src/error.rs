@@ -68,6 +68,9 @@ impl NetworkError {
     }
 
     pub fn code(&self) -> tonic::Code {
+        if trellis_common::error::is_out_of_space(self) {
+            return tonic::Code::ResourceExhausted;
+        }
         match self {
             Self::InvalidArgument(_) => tonic::Code::InvalidArgument,
             Self::NotReady { .. } => tonic::Code::FailedPrecondition,
@@ -77,6 +80,7 @@ impl NetworkError {
                 tonic::Code::Unavailable
             }
             Self::RollbackFailed { error, .. } => error.code(),
+            Self::Store(error) => error.code(),
             _ => tonic::Code::Internal,
         }
     }

@@ -74,6 +74,11 @@ impl RuntimeError {
 impl From<RuntimeError> for Status {
     fn from(error: RuntimeError) -> Self {
         let message = error.to_string();
+        // A full disk (a pod directory, a log, a record) is retried once space is
+        // freed: never Internal.
+        if trellis_common::error::is_out_of_space(&error) {
+            return Status::resource_exhausted(message);
+        }
         match error {
             RuntimeError::InvalidArgument(_) => Status::invalid_argument(message),
             RuntimeError::NotFound(_) => Status::not_found(message),
@@ -81,6 +86,7 @@ impl From<RuntimeError> for Status {
             RuntimeError::FailedPrecondition(_) => Status::failed_precondition(message),
             RuntimeError::Backend { status, .. } => Status::new(status.code(), message),
             RuntimeError::Timeout { .. } => Status::deadline_exceeded(message),
+            RuntimeError::Store(error) => Status::new(error.code(), message),
             _ => Status::internal(message),
         }
     }

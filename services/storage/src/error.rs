@@ -13,6 +13,13 @@ pub enum StorageError {
     },
     #[error(transparent)]
     Extract(#[from] ExtractError),
+    /// A full disk or quota met while writing under `path` (a layer being unpacked).
+    #[error("no space left to write {path}: {source}")]
+    OutOfSpace {
+        path: std::path::PathBuf,
+        #[source]
+        source: Box<StorageError>,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("pulling {image}: blob {digest} does not match its digest (got {actual})")]
@@ -72,27 +79,13 @@ impl StorageError {
             source,
         }
     }
-
-    /// A full disk or quota: the caller may retry once space is freed.
-    fn is_out_of_space(&self) -> bool {
-        let source = match self {
-            Self::Io { source, .. } => Some(source),
-            Self::Extract(error) => error.io_source(),
-            _ => None,
-        };
-        source.is_some_and(|e| {
-            matches!(
-                e.kind(),
-                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-            )
-        })
-    }
 }
 
 impl From<StorageError> for Status {
     fn from(error: StorageError) -> Self {
         let message = error.to_string();
-        if error.is_out_of_space() {
+        // A full disk or quota: the caller may retry once space is freed.
+        if trellis_common::error::is_out_of_space(&error) {
             return Status::resource_exhausted(message);
         }
         match error {
@@ -105,6 +98,7 @@ impl From<StorageError> for Status {
             StorageError::NotFound(_) => Status::not_found(message),
             StorageError::FailedPrecondition(_) => Status::failed_precondition(message),
             StorageError::InUse { .. } => Status::failed_precondition(message),
+            StorageError::Store(error) => Status::new(error.code(), message),
             // Bad content from a registry: the caller's input was wrong, not us.
             StorageError::DigestMismatch { .. }
             | StorageError::SizeMismatch { .. }
