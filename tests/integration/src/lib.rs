@@ -88,6 +88,9 @@ pub struct NodeOptions {
     pub with_cni_config: bool,
     /// The node's name (in its bus subjects); none makes a unique one (`new_node_name`).
     pub node_name: Option<String>,
+    /// Put the state directory on a tmpfs of this many bytes, so a test can fill it.
+    /// It is unmounted when the node stops or is dropped.
+    pub state_tmpfs_bytes: Option<u64>,
 }
 
 /// A node name no other test uses at the same time.
@@ -105,6 +108,8 @@ pub struct Node {
     /// The pod network of `with_cni_config`: its bridge goes when the node does (fields
     /// drop after `Drop::drop`, so after the node has stopped).
     _network: Option<netns::TestNetwork>,
+    /// Whether `state` is a tmpfs of the node's own (`NodeOptions::state_tmpfs_bytes`).
+    state_tmpfs: bool,
     root: tempfile::TempDir,
 }
 
@@ -118,6 +123,18 @@ impl Node {
         let node_name = options.node_name.clone().unwrap_or_else(new_node_name);
         for dir in ["run", "state", "cni"] {
             std::fs::create_dir_all(path.join(dir)).expect("node dirs");
+        }
+        if let Some(bytes) = options.state_tmpfs_bytes {
+            // Unmounted by `release_containers_and_mounts` when the node is dropped,
+            // like every other mount under the root.
+            nix::mount::mount(
+                Some("tmpfs"),
+                &path.join("state"),
+                Some("tmpfs"),
+                nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+                Some(format!("size={bytes},mode=0700").as_str()),
+            )
+            .expect("mount the state tmpfs");
         }
         // A network of this node's own (bridge, subnet, address allocations under its
         // root), not the default one, so that parallel tests share nothing on the host.
@@ -153,6 +170,7 @@ impl Node {
             node_name,
             up: Some(up),
             _network: network,
+            state_tmpfs: options.state_tmpfs_bytes.is_some(),
         };
         node.wait_ready(Duration::from_secs(30)).await;
         node
@@ -289,6 +307,11 @@ impl Node {
             "trellis up did not exit cleanly ({status:?}):\n{}",
             self.log_tail()
         );
+        // The node's own tmpfs is no leftover; a mount still under it keeps it busy,
+        // and is reported below.
+        if self.state_tmpfs {
+            let _ = nix::mount::umount(&self.root().join("state"));
+        }
         let leftovers = leftovers(self.root());
         assert!(
             leftovers.is_empty(),
