@@ -91,3 +91,31 @@ impl From<NetworkError> for tonic::Status {
         tonic::Status::new(error.code(), error.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_space_is_resource_exhausted_and_a_store_being_reopened_unavailable() {
+        let records = NetworkError::Store(StoreError::Engine {
+            path: "/var/lib/trellis/network/db".into(),
+            table: "pods".into(),
+            source: sled::Error::Io(std::io::Error::from(std::io::ErrorKind::StorageFull)),
+        });
+        assert_eq!(records.code(), tonic::Code::ResourceExhausted);
+        assert!(records.to_string().contains("/var/lib/trellis/network/db"));
+        let netns = NetworkError::Netns(NetnsError::Sys {
+            sandbox_id: "x".into(),
+            what: "pin",
+            path: "/run/trellis/netns/x".into(),
+            source: nix::errno::Errno::ENOSPC,
+        });
+        assert_eq!(netns.code(), tonic::Code::ResourceExhausted);
+        let broken = NetworkError::Store(StoreError::Broken {
+            path: "/var/lib/trellis/network/db".into(),
+            source: sled::Error::Io(std::io::Error::from(std::io::ErrorKind::Other)),
+        });
+        assert_eq!(broken.code(), tonic::Code::Unavailable);
+    }
+}

@@ -109,3 +109,61 @@ impl From<StorageError> for Status {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enospc() -> std::io::Error {
+        std::io::Error::from_raw_os_error(nix::errno::Errno::ENOSPC as i32)
+    }
+
+    #[test]
+    fn out_of_space_is_resource_exhausted_never_data_loss_or_internal() {
+        let unpack = StorageError::OutOfSpace {
+            path: "/var/lib/trellis/storage/layers/tmp-1".into(),
+            source: Box::new(StorageError::Extract(ExtractError::Io {
+                entry: "bin/busybox".into(),
+                source: enospc(),
+            })),
+        };
+        let status = Status::from(unpack);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status
+                .message()
+                .contains("/var/lib/trellis/storage/layers/tmp-1"),
+            "{status:?}"
+        );
+        for error in [
+            StorageError::Extract(ExtractError::Io {
+                entry: "etc".into(),
+                source: enospc(),
+            }),
+            StorageError::io(
+                "cannot create /var/lib/trellis/storage/containers/x",
+                enospc(),
+            ),
+            StorageError::Mount {
+                action: "mount",
+                target: "/var/lib/trellis/storage/containers/x/merged".into(),
+                source: nix::errno::Errno::ENOSPC,
+            },
+            StorageError::Store(trellis_common::store::StoreError::Engine {
+                path: "/var/lib/trellis/storage/db".into(),
+                table: "images".into(),
+                source: sled::Error::Io(std::io::Error::from(std::io::ErrorKind::QuotaExceeded)),
+            }),
+        ] {
+            let message = error.to_string();
+            assert_eq!(
+                Status::from(error).code(),
+                tonic::Code::ResourceExhausted,
+                "{message}"
+            );
+        }
+        // Bad content stays DataLoss.
+        let garbage = StorageError::Extract(ExtractError::Tar("bad header".into()));
+        assert_eq!(Status::from(garbage).code(), tonic::Code::DataLoss);
+    }
+}
