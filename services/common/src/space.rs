@@ -15,12 +15,24 @@ use crate::service::ReadinessProbe;
 /// How much a probe writes: more than the page a file system may still have room in.
 const PROBE_BYTES: usize = 64 * 1024;
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct SpaceWatch {
+    /// Where the probe file is written: a directory of the service's own that nothing
+    /// sweeps (a stray file among layers would be taken for one).
+    probe_dir: PathBuf,
+    /// The directory that ran out, until a probe write works.
     full: Arc<Mutex<Option<PathBuf>>>,
 }
 
 impl SpaceWatch {
+    /// A watch whose probe writes in `probe_dir`, on the file system it watches.
+    pub fn new(probe_dir: &Path) -> Self {
+        Self {
+            probe_dir: probe_dir.to_path_buf(),
+            full: Arc::default(),
+        }
+    }
+
     /// Notes that writing under `dir` failed for want of space.
     pub fn ran_out(&self, dir: &Path) {
         let mut full = self.full.lock().unwrap_or_else(|p| p.into_inner());
@@ -35,7 +47,9 @@ impl SpaceWatch {
         let Some(dir) = self.full.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
             return Ok(());
         };
-        let probe = dir.join(format!(".space-probe-{}", std::process::id()));
+        let probe = self
+            .probe_dir
+            .join(format!(".space-probe-{}", std::process::id()));
         let written = std::fs::File::create(&probe).and_then(|mut file| {
             file.write_all(&[0; PROBE_BYTES])?;
             file.sync_all()
@@ -50,7 +64,11 @@ impl SpaceWatch {
                 }
                 Ok(())
             }
-            Err(error) => Err(format!("cannot write in {}: {error}", dir.display())),
+            Err(error) => Err(format!(
+                "cannot write in {} (probed in {}): {error}",
+                dir.display(),
+                self.probe_dir.display()
+            )),
         }
     }
 
@@ -68,10 +86,10 @@ mod tests {
     #[test]
     fn a_directory_that_ran_out_is_unready_until_a_write_there_works() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let watch = SpaceWatch::default();
-        watch.check().expect("nothing ran out");
         let gone = dir.path().join("gone");
-        watch.ran_out(&gone);
+        let watch = SpaceWatch::new(&gone);
+        watch.check().expect("nothing ran out");
+        watch.ran_out(&gone.join("layers"));
         let error = watch
             .check()
             .expect_err("cannot write in a missing directory");

@@ -48,7 +48,7 @@ pub struct LayerStore {
     /// client may still be cleaning up when the next import of that layer begins.
     imports: AtomicU64,
     /// Told when an unpack runs out of space, so health says so until space is back.
-    space: SpaceWatch,
+    space: Option<SpaceWatch>,
 }
 
 /// How large a layer may grow when unpacked (`storage.max_layer_bytes`,
@@ -95,7 +95,7 @@ impl LayerStore {
             table: Records::open(store, TABLE)?,
             limits,
             imports: AtomicU64::new(0),
-            space: SpaceWatch::default(),
+            space: None,
         };
         layers.remove_unrecorded()?;
         // Nodes from before short links: each recorded layer gets its own.
@@ -113,7 +113,7 @@ impl LayerStore {
 
     /// Reports running out of space to `space` (whose probe is in the service's health).
     pub fn watch_space(&mut self, space: SpaceWatch) {
-        self.space = space;
+        self.space = Some(space);
     }
 
     pub fn root(&self) -> &Path {
@@ -203,7 +203,9 @@ impl LayerStore {
                     let _ = std::fs::remove_dir_all(&temp);
                     // The entry alone does not say where the disk is full.
                     if trellis_common::error::is_out_of_space(&error) {
-                        self.space.ran_out(&self.root);
+                        if let Some(space) = &self.space {
+                            space.ran_out(&self.root);
+                        }
                         return Err(StorageError::OutOfSpace {
                             path: temp,
                             source: Box::new(error),

@@ -27,7 +27,8 @@ fn main() -> anyhow::Result<()> {
             .ok_or("the storage service needs its record store")?;
         let storage_config = context.config.storage.clone();
         let stopping = context.stopping.clone();
-        let space = trellis_common::space::SpaceWatch::default();
+        // Probed in the service's own directory, on the layers' file system.
+        let space = trellis_common::space::SpaceWatch::new(&state);
         context.add_readiness_probe(space.readiness_probe());
         let storage = tokio::task::spawn_blocking(move || -> Result<_, error::StorageError> {
             let mut layers = layers::LayerStore::open(
