@@ -328,7 +328,7 @@ async fn keep_running(
                 let after = watch.unhealthy_after.unwrap_or_default();
                 tracing::warn!(child = %spec.name, not_serving_for = ?after, %reason, "child NOT_SERVING for too long (supervisor.unhealthy_restart_after_seconds); restarting it");
                 let status = terminate(&spec.name, &mut child, STOP_GRACE).await;
-                tracing::info!(child = %spec.name, status = %describe(&status.ok_or_else(|| std::io::Error::other("not waited for"))), restart_in = ?delay, "stopped the unhealthy child");
+                tracing::info!(child = %spec.name, ?status, restart_in = ?delay, "stopped the unhealthy child");
             }
         }
         let mut delay = delay;

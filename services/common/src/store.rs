@@ -13,9 +13,11 @@ use crate::text::excerpt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open the record store at {path} (is another instance using it?): {source}")]
+    #[error("cannot open the record store at {path}{hint}: {source}")]
     Open {
         path: PathBuf,
+        /// What the operator may look at (another instance holding the lock).
+        hint: &'static str,
         #[source]
         source: sled::Error,
     },

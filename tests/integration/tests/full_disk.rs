@@ -260,3 +260,83 @@ async fn a_full_state_directory_fails_calls_then_heals_by_itself_once_freed() {
     }
     node.stop();
 }
+
+/// A service that stays NOT_SERVING past `supervisor.unhealthy_restart_after_seconds`
+/// is restarted by `trellis up`, which says why; the node works once space is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_not_serving_past_the_configured_time_is_restarted() {
+    let node = Node::start(NodeOptions {
+        state_tmpfs_bytes: Some(STATE_BYTES),
+        extra_config: "[supervisor]\nunhealthy_restart_after_seconds = 2\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let state = node.root().join("state");
+    let old = node.info("runtime").await.expect("runtime info").pid;
+    let filler = state.join("filler");
+    fill(&filler);
+    let mut failed = false;
+    for attempt in 0..20 {
+        if run_pod_sandbox(&node, &format!("full-{attempt}"))
+            .await
+            .is_err()
+        {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "RunPodSandbox must fail on a full disk");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let said = loop {
+        let log = node.log();
+        if let Some(line) = log
+            .lines()
+            .find(|line| line.contains("NOT_SERVING for too long"))
+        {
+            break line.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "runtime not restarted for being NOT_SERVING:\n{}",
+            node.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        said.contains("runtime") && said.contains(&state.display().to_string()),
+        "says which child and why: {said}"
+    );
+    // The new runtime may not start while the disk is full (each attempt logged, with
+    // backoff): it must once space is back.
+    std::fs::remove_file(&filler).expect("free the space");
+    let deadline = Instant::now() + HEAL_BOUND;
+    let pod = loop {
+        match run_pod_sandbox(&node, "after").await {
+            Ok(id) => break id,
+            Err(error) => assert!(
+                Instant::now() < deadline,
+                "no pod after space was freed: {error:?}\n{}",
+                node.log_tail()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_ne!(node.info("runtime").await.expect("info").pid, old);
+    let pods = node
+        .runtime()
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items;
+    assert!(pods.iter().any(|p| p.id == pod), "{pods:?}");
+    for pod in &pods {
+        node.runtime()
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod.id.clone(),
+            })
+            .await
+            .expect("RemovePodSandbox");
+    }
+    node.stop();
+}

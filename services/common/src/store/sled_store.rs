@@ -80,6 +80,11 @@ impl SledStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = open_db(path).map_err(|source| StoreError::Open {
             path: path.to_path_buf(),
+            hint: if is_lock_error(&source) {
+                " (is another instance using it?)"
+            } else {
+                ""
+            },
             source,
         })?;
         Ok(Self {
@@ -121,15 +126,18 @@ fn open_db(path: &Path) -> Result<sled::Db, sled::Error> {
             .flush_every_ms(None)
             .open()
         {
-            Err(sled::Error::Io(error))
-                if error.to_string().contains("could not acquire lock")
-                    && Instant::now() < deadline =>
-            {
+            Err(error) if is_lock_error(&error) && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20));
             }
             other => return other,
         }
     }
+}
+
+/// sled's refusal to open a store whose file lock another handle holds (it says so
+/// only in words).
+fn is_lock_error(error: &sled::Error) -> bool {
+    matches!(error, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
 }
 
 /// Errors after which sled refuses everything: the engine must be reopened.

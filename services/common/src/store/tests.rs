@@ -107,7 +107,8 @@ fn second_open_of_a_live_store_fails_with_its_path() {
         .expect("must fail")
         .to_string();
     assert!(
-        message.contains(&dir.path().display().to_string()),
+        message.contains(&dir.path().display().to_string())
+            && message.contains("is another instance using it?"),
         "{message}"
     );
 }
