@@ -273,21 +273,25 @@ async fn watch_readiness(
                 Ok(failure) => failure,
                 Err(error) => Some(format!("readiness probe failed: {error}")),
             };
-        match (&failure, serving) {
-            (Some(why), true) => {
+        let now_serving = failure.is_none();
+        match &failure {
+            Some(why) if serving => {
                 tracing::warn!(reason = %why, "NOT_SERVING: this service cannot do its job")
             }
-            (None, false) => tracing::info!("SERVING again"),
+            None if !serving => tracing::info!("SERVING again"),
             _ => {}
         }
-        serving = failure.is_none();
         *reason.lock().unwrap_or_else(|p| p.into_inner()) = failure.unwrap_or_default();
-        let status = if serving {
-            tonic_health::ServingStatus::Serving
-        } else {
-            tonic_health::ServingStatus::NotServing
-        };
-        health.set_service_status("", status).await;
+        // Set on changes only: every set wakes the health watchers.
+        if now_serving != serving {
+            serving = now_serving;
+            let status = if serving {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            health.set_service_status("", status).await;
+        }
     }
 }
 
@@ -395,5 +399,66 @@ impl ServiceInfo for Info {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_server::Health;
+    use tonic_health::server::{HealthReporter, HealthService};
+
+    use super::*;
+
+    async fn status(health: &HealthService) -> i32 {
+        health
+            .check(tonic::Request::new(HealthCheckRequest {
+                service: String::new(),
+            }))
+            .await
+            .expect("check")
+            .into_inner()
+            .status
+    }
+
+    /// A failing probe turns health NOT_SERVING with its reason; once it passes,
+    /// SERVING again with no reason.
+    #[tokio::test]
+    async fn health_follows_the_readiness_probes() {
+        let reporter = HealthReporter::new();
+        let health = HealthService::from_health_reporter(reporter.clone());
+        let full = Arc::new(AtomicBool::new(true));
+        let probe_full = full.clone();
+        let probes: Vec<ReadinessProbe> = vec![
+            Box::new(|| Ok(())),
+            Box::new(move || {
+                if probe_full.load(Ordering::SeqCst) {
+                    Err("no space left in /var/lib/trellis".into())
+                } else {
+                    Ok(())
+                }
+            }),
+        ];
+        let reason = Arc::new(std::sync::Mutex::new(String::new()));
+        let watcher = tokio::spawn(watch_readiness(probes, reporter, reason.clone()));
+        tokio::time::sleep(HEALTH_INTERVAL / 2).await;
+        assert_eq!(
+            status(&health).await,
+            tonic_health::ServingStatus::NotServing as i32
+        );
+        assert_eq!(
+            *reason.lock().expect("reason"),
+            "no space left in /var/lib/trellis"
+        );
+        full.store(false, Ordering::SeqCst);
+        tokio::time::sleep(HEALTH_INTERVAL + HEALTH_INTERVAL / 2).await;
+        assert_eq!(
+            status(&health).await,
+            tonic_health::ServingStatus::Serving as i32
+        );
+        assert!(reason.lock().expect("reason").is_empty());
+        watcher.abort();
     }
 }
