@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1::*;
 use tonic::Code;
-use trellis_integration::cri::{host_network_pod, list_images, pull, run_pod};
+use trellis_integration::cri::{
+    Pod, container_status, create, host_network_pod, list_images, pull, run_pod, start,
+};
+use trellis_integration::pods::container_config;
 use trellis_integration::registry::{Registry, small_image};
 use trellis_integration::{Node, NodeOptions};
 
@@ -67,6 +70,11 @@ async fn run_pod_sandbox(node: &Node, name: &str) -> Result<String, tonic::Statu
 }
 
 fn assert_out_of_space(what: &str, error: &tonic::Status, state: &Path) {
+    println!(
+        "{what} on a full disk: {:?} {}",
+        error.code(),
+        error.message()
+    );
     assert_eq!(
         error.code(),
         Code::ResourceExhausted,
@@ -120,7 +128,21 @@ async fn a_full_state_directory_fails_calls_then_heals_by_itself_once_freed() {
     let error = pull(&node, &during).await.expect_err("pull on a full disk");
     assert_out_of_space("PullImage", &error, &state);
     // The first writes may still fit in pages sled's log file has already; a full
-    // disk is met a few records later.
+    // disk is met a few records later. A container's root filesystem and records
+    // (storage's store and the runtime's), then a pod's.
+    let mut failure = None;
+    for attempt in 0..20 {
+        let config = container_config(&format!("c{attempt}"), &before, &["sleep", "60"]);
+        match create(&node, &kept_pod, config).await {
+            Ok(id) => eprintln!("CreateContainer {attempt} fitted in the space left ({id})"),
+            Err(error) => {
+                failure = Some(error);
+                break;
+            }
+        }
+    }
+    let error = failure.expect("CreateContainer must fail on a full disk");
+    assert_out_of_space("CreateContainer", &error, &state);
     let mut failure = None;
     for attempt in 0..20 {
         match run_pod_sandbox(&node, &format!("full-{attempt}")).await {
@@ -152,13 +174,17 @@ async fn a_full_state_directory_fails_calls_then_heals_by_itself_once_freed() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let layers = state.join("storage/layers").display().to_string();
-    let records = state.join("runtime/db").display().to_string();
-    assert!(
-        text.contains(&format!("why: cannot write in {layers}"))
-            && text.contains(&format!("why: record store {records}")),
-        "status says why:\n{text}"
-    );
+    for service in ["runtime", "storage"] {
+        let why = text
+            .lines()
+            .skip_while(|line| !line.starts_with(service))
+            .nth(1)
+            .unwrap_or_default();
+        assert!(
+            why.trim_start().starts_with("why: ") && why.contains(&state.display().to_string()),
+            "status says why {service} is NOT_SERVING, naming the full path:\n{text}"
+        );
+    }
     println!("{text}");
 
     std::fs::remove_file(&filler).expect("free the space");
@@ -189,6 +215,20 @@ async fn a_full_state_directory_fails_calls_then_heals_by_itself_once_freed() {
         }
     }
     let healed = freed.elapsed();
+    let pod = Pod {
+        id: pod.expect("pod"),
+        config: host_network_pod("after", false),
+    };
+    let container = start(
+        &node,
+        &pod,
+        container_config("after", &during, &["sleep", "60"]),
+    )
+    .await;
+    assert_eq!(
+        container_status(&node, &container).await.state,
+        ContainerState::ContainerRunning as i32
+    );
     println!(
         "healed {:.2} s after space was freed (a pull and a pod start succeed)",
         healed.as_secs_f64()
