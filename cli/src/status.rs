@@ -20,6 +20,7 @@ pub async fn run(config: &Config) -> bool {
             Err(_) => "DOWN".to_string(),
         };
         all_serving &= health == "SERVING";
+        let mut not_serving_reason = String::new();
         let (pid, version, bus) = match probe::info(&socket).await {
             Ok(info) => {
                 let bus = match info.bus {
@@ -41,6 +42,7 @@ pub async fn run(config: &Config) -> bool {
                     ),
                     None => "-".to_string(),
                 };
+                not_serving_reason = info.not_serving_reason;
                 (info.pid.to_string(), info.version, bus)
             }
             Err(error) => ("-".into(), "-".into(), error),
@@ -54,6 +56,13 @@ pub async fn run(config: &Config) -> bool {
             socket.display(),
             bus
         );
+        if health != "SERVING" && !not_serving_reason.is_empty() {
+            println!(
+                "{:<8} why: {}",
+                "",
+                trellis_common::text::excerpt_to(&not_serving_reason, 400)
+            );
+        }
     }
     all_serving
 }

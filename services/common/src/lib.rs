@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod mounts;
 pub mod reference;
 pub mod service;
+pub mod space;
 pub mod store;
 pub mod telemetry;
 pub mod text;

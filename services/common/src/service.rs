@@ -79,6 +79,24 @@ pub struct ServiceContext {
     /// Turns true when the process begins to stop: a stream that would never end on
     /// its own (a watch) ends then, rather than holding the stop for its grace period.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Checks, besides the record store's, that the service can do its job; see
+    /// [`ServiceContext::add_readiness_probe`].
+    probes: Vec<ReadinessProbe>,
+}
+
+/// One check of whether a service can do its job: `Err` says why not. Called from a
+/// blocking thread every [`HEALTH_INTERVAL`]; it should be quick.
+pub type ReadinessProbe = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// How often the skeleton checks readiness and sets the gRPC health status.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+
+impl ServiceContext {
+    /// Adds a check to the service's health: while any fails, health is NOT_SERVING
+    /// with its reason (`trellis up` restarts a child that stays so).
+    pub fn add_readiness_probe(&mut self, probe: ReadinessProbe) {
+        self.probes.push(probe);
+    }
 }
 
 /// Runs a service process to completion. `build` returns the service's own gRPC
@@ -142,6 +160,7 @@ where
         store,
         bus: bus.clone(),
         registry: Registry::with_prefix("trellis"),
+        probes: Vec::new(),
     };
     let routes = build(&mut context).await.map_err(CommonError::Build)?;
 
@@ -155,6 +174,17 @@ where
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
+    let not_serving_reason = Arc::new(std::sync::Mutex::new(String::new()));
+    let mut probes = std::mem::take(&mut context.probes);
+    if let Some(store) = context.store.clone() {
+        // A store that failed to write is reopened here too, so a service with no
+        // calls coming heals as soon as writing works again.
+        probes.insert(
+            0,
+            Box::new(move || store.check().map_err(|e| e.to_string())),
+        );
+    }
+    tokio::spawn(watch_readiness(probes, health, not_serving_reason.clone()));
     let info = Info {
         kind,
         node,
@@ -165,6 +195,7 @@ where
             .unwrap_or_default(),
         bus: bus.clone(),
         metrics_address,
+        not_serving_reason,
     };
     let routes = routes
         .add_service(health_service)
@@ -215,6 +246,53 @@ where
     drop(socket);
     telemetry.shutdown();
     result.map_err(|e| CommonError::Serve(e.to_string()))
+}
+
+/// Runs the readiness probes every [`HEALTH_INTERVAL`] and sets the health status
+/// (and the reason `Info` gives) from them, logging each change once.
+async fn watch_readiness(
+    probes: Vec<ReadinessProbe>,
+    health: tonic_health::server::HealthReporter,
+    reason: Arc<std::sync::Mutex<String>>,
+) {
+    if probes.is_empty() {
+        return;
+    }
+    let probes = Arc::new(probes);
+    let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut serving = true;
+    loop {
+        tick.tick().await;
+        let run = probes.clone();
+        // Probes touch the disk (a store reopen may wait for a file lock).
+        let failure =
+            match tokio::task::spawn_blocking(move || run.iter().find_map(|probe| probe().err()))
+                .await
+            {
+                Ok(failure) => failure,
+                Err(error) => Some(format!("readiness probe failed: {error}")),
+            };
+        let now_serving = failure.is_none();
+        match &failure {
+            Some(why) if serving => {
+                tracing::warn!(reason = %why, "NOT_SERVING: this service cannot do its job")
+            }
+            None if !serving => tracing::info!("SERVING again"),
+            _ => {}
+        }
+        *reason.lock().unwrap_or_else(|p| p.into_inner()) = failure.unwrap_or_default();
+        // Set on changes only: every set wakes the health watchers.
+        if now_serving != serving {
+            serving = now_serving;
+            let status = if serving {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            health.set_service_status("", status).await;
+        }
+    }
 }
 
 fn publish_lifecycle(bus: &EventBus, kind: service_event::Kind) {
@@ -288,6 +366,7 @@ struct Info {
     started: i64,
     bus: EventBus,
     metrics_address: Option<SocketAddr>,
+    not_serving_reason: Arc<std::sync::Mutex<String>>,
 }
 
 #[tonic::async_trait]
@@ -314,6 +393,72 @@ impl ServiceInfo for Info {
                 .metrics_address
                 .map(|a| a.to_string())
                 .unwrap_or_default(),
+            not_serving_reason: self
+                .not_serving_reason
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_server::Health;
+    use tonic_health::server::{HealthReporter, HealthService};
+
+    use super::*;
+
+    async fn status(health: &HealthService) -> i32 {
+        health
+            .check(tonic::Request::new(HealthCheckRequest {
+                service: String::new(),
+            }))
+            .await
+            .expect("check")
+            .into_inner()
+            .status
+    }
+
+    /// A failing probe turns health NOT_SERVING with its reason; once it passes,
+    /// SERVING again with no reason.
+    #[tokio::test]
+    async fn health_follows_the_readiness_probes() {
+        let reporter = HealthReporter::new();
+        let health = HealthService::from_health_reporter(reporter.clone());
+        let full = Arc::new(AtomicBool::new(true));
+        let probe_full = full.clone();
+        let probes: Vec<ReadinessProbe> = vec![
+            Box::new(|| Ok(())),
+            Box::new(move || {
+                if probe_full.load(Ordering::SeqCst) {
+                    Err("no space left in /var/lib/trellis".into())
+                } else {
+                    Ok(())
+                }
+            }),
+        ];
+        let reason = Arc::new(std::sync::Mutex::new(String::new()));
+        let watcher = tokio::spawn(watch_readiness(probes, reporter, reason.clone()));
+        tokio::time::sleep(HEALTH_INTERVAL / 2).await;
+        assert_eq!(
+            status(&health).await,
+            tonic_health::ServingStatus::NotServing as i32
+        );
+        assert_eq!(
+            *reason.lock().expect("reason"),
+            "no space left in /var/lib/trellis"
+        );
+        full.store(false, Ordering::SeqCst);
+        tokio::time::sleep(HEALTH_INTERVAL + HEALTH_INTERVAL / 2).await;
+        assert_eq!(
+            status(&health).await,
+            tonic_health::ServingStatus::Serving as i32
+        );
+        assert!(reason.lock().expect("reason").is_empty());
+        watcher.abort();
     }
 }

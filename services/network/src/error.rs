@@ -71,6 +71,9 @@ impl NetworkError {
     }
 
     pub fn code(&self) -> tonic::Code {
+        if trellis_common::error::is_out_of_space(self) {
+            return tonic::Code::ResourceExhausted;
+        }
         match self {
             Self::InvalidArgument(_) => tonic::Code::InvalidArgument,
             Self::NotReady { .. } => tonic::Code::FailedPrecondition,
@@ -80,6 +83,7 @@ impl NetworkError {
                 tonic::Code::Unavailable
             }
             Self::RollbackFailed { error, .. } => error.code(),
+            Self::Store(error) => error.code(),
             _ => tonic::Code::Internal,
         }
     }
@@ -88,5 +92,33 @@ impl NetworkError {
 impl From<NetworkError> for tonic::Status {
     fn from(error: NetworkError) -> Self {
         tonic::Status::new(error.code(), error.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_space_is_resource_exhausted_and_a_store_being_reopened_unavailable() {
+        let records = NetworkError::Store(StoreError::Engine {
+            path: "/var/lib/trellis/network/db".into(),
+            table: "pods".into(),
+            source: sled::Error::Io(std::io::Error::from(std::io::ErrorKind::StorageFull)),
+        });
+        assert_eq!(records.code(), tonic::Code::ResourceExhausted);
+        assert!(records.to_string().contains("/var/lib/trellis/network/db"));
+        let netns = NetworkError::Netns(NetnsError::Sys {
+            sandbox_id: "x".into(),
+            what: "pin",
+            path: "/run/trellis/netns/x".into(),
+            source: nix::errno::Errno::ENOSPC,
+        });
+        assert_eq!(netns.code(), tonic::Code::ResourceExhausted);
+        let broken = NetworkError::Store(StoreError::Broken {
+            path: "/var/lib/trellis/network/db".into(),
+            source: sled::Error::Io(std::io::Error::from(std::io::ErrorKind::Other)),
+        });
+        assert_eq!(broken.code(), tonic::Code::Unavailable);
     }
 }

@@ -85,6 +85,11 @@ impl RuntimeError {
 impl From<RuntimeError> for Status {
     fn from(error: RuntimeError) -> Self {
         let message = error.to_string();
+        // A full disk (a pod directory, a log, a record) is retried once space is
+        // freed: never Internal.
+        if trellis_common::error::is_out_of_space(&error) {
+            return Status::resource_exhausted(message);
+        }
         match error {
             RuntimeError::InvalidArgument(_) => Status::invalid_argument(message),
             RuntimeError::NotFound(_) => Status::not_found(message),
@@ -95,6 +100,7 @@ impl From<RuntimeError> for Status {
             RuntimeError::Unfinished { source, .. } => {
                 Status::new(Status::from(*source).code(), message)
             }
+            RuntimeError::Store(error) => Status::new(error.code(), message),
             _ => Status::internal(message),
         }
     }
@@ -108,5 +114,58 @@ impl From<trellis_streaming::StreamingError> for RuntimeError {
             }
             other => RuntimeError::Streaming(other.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn enospc() -> std::io::Error {
+        std::io::Error::from_raw_os_error(nix::errno::Errno::ENOSPC as i32)
+    }
+
+    #[test]
+    fn out_of_space_is_resource_exhausted_naming_the_path_never_internal() {
+        let log = RuntimeError::io("cannot create the log /var/log/pods/x/c.log", enospc());
+        let status = Status::from(log);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().contains("/var/log/pods/x/c.log"),
+            "{status:?}"
+        );
+
+        let record = RuntimeError::Store(StoreError::Engine {
+            path: PathBuf::from("/var/lib/trellis/runtime/db"),
+            table: "pods".into(),
+            source: sled::Error::Io(std::io::Error::from(std::io::ErrorKind::StorageFull)),
+        });
+        let status = Status::from(record);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().contains("/var/lib/trellis/runtime/db"),
+            "{status:?}"
+        );
+
+        let quota = RuntimeError::system(
+            "cannot write /run/trellis/runtime/pods/x/hosts",
+            nix::errno::Errno::EDQUOT,
+        );
+        assert_eq!(Status::from(quota).code(), tonic::Code::ResourceExhausted);
+    }
+
+    #[test]
+    fn a_store_being_reopened_is_unavailable_and_other_io_errors_internal() {
+        let broken = RuntimeError::Store(StoreError::Broken {
+            path: PathBuf::from("/var/lib/trellis/runtime/db"),
+            source: sled::Error::Io(std::io::Error::from(std::io::ErrorKind::Other)),
+        });
+        assert_eq!(Status::from(broken).code(), tonic::Code::Unavailable);
+        let denied = RuntimeError::io(
+            "cannot open /x",
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        );
+        assert_eq!(Status::from(denied).code(), tonic::Code::Internal);
     }
 }

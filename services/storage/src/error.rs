@@ -13,6 +13,13 @@ pub enum StorageError {
     },
     #[error(transparent)]
     Extract(#[from] ExtractError),
+    /// A full disk or quota met while writing under `path` (a layer being unpacked).
+    #[error("no space left to write {path}: {source}")]
+    OutOfSpace {
+        path: std::path::PathBuf,
+        #[source]
+        source: Box<StorageError>,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("pulling {image}: blob {digest} does not match its digest (got {actual})")]
@@ -75,27 +82,13 @@ impl StorageError {
             source,
         }
     }
-
-    /// A full disk or quota: the caller may retry once space is freed.
-    fn is_out_of_space(&self) -> bool {
-        let source = match self {
-            Self::Io { source, .. } => Some(source),
-            Self::Extract(error) => error.io_source(),
-            _ => None,
-        };
-        source.is_some_and(|e| {
-            matches!(
-                e.kind(),
-                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-            )
-        })
-    }
 }
 
 impl From<StorageError> for Status {
     fn from(error: StorageError) -> Self {
         let message = error.to_string();
-        if error.is_out_of_space() {
+        // A full disk or quota: the caller may retry once space is freed.
+        if trellis_common::error::is_out_of_space(&error) {
             return Status::resource_exhausted(message);
         }
         match error {
@@ -108,6 +101,7 @@ impl From<StorageError> for Status {
             StorageError::NotFound(_) => Status::not_found(message),
             StorageError::FailedPrecondition(_) => Status::failed_precondition(message),
             StorageError::InUse { .. } => Status::failed_precondition(message),
+            StorageError::Store(error) => Status::new(error.code(), message),
             // Bad content from a registry: the caller's input was wrong, not us.
             StorageError::DigestMismatch { .. }
             | StorageError::SizeMismatch { .. }
@@ -116,5 +110,63 @@ impl From<StorageError> for Status {
             | StorageError::Corrupt(_) => Status::data_loss(message),
             _ => Status::internal(message),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enospc() -> std::io::Error {
+        std::io::Error::from_raw_os_error(nix::errno::Errno::ENOSPC as i32)
+    }
+
+    #[test]
+    fn out_of_space_is_resource_exhausted_never_data_loss_or_internal() {
+        let unpack = StorageError::OutOfSpace {
+            path: "/var/lib/trellis/storage/layers/tmp-1".into(),
+            source: Box::new(StorageError::Extract(ExtractError::Io {
+                entry: "bin/busybox".into(),
+                source: enospc(),
+            })),
+        };
+        let status = Status::from(unpack);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status
+                .message()
+                .contains("/var/lib/trellis/storage/layers/tmp-1"),
+            "{status:?}"
+        );
+        for error in [
+            StorageError::Extract(ExtractError::Io {
+                entry: "etc".into(),
+                source: enospc(),
+            }),
+            StorageError::io(
+                "cannot create /var/lib/trellis/storage/containers/x",
+                enospc(),
+            ),
+            StorageError::Mount {
+                action: "mount",
+                target: "/var/lib/trellis/storage/containers/x/merged".into(),
+                source: nix::errno::Errno::ENOSPC,
+            },
+            StorageError::Store(trellis_common::store::StoreError::Engine {
+                path: "/var/lib/trellis/storage/db".into(),
+                table: "images".into(),
+                source: sled::Error::Io(std::io::Error::from(std::io::ErrorKind::QuotaExceeded)),
+            }),
+        ] {
+            let message = error.to_string();
+            assert_eq!(
+                Status::from(error).code(),
+                tonic::Code::ResourceExhausted,
+                "{message}"
+            );
+        }
+        // Bad content stays DataLoss.
+        let garbage = StorageError::Extract(ExtractError::Tar("bad header".into()));
+        assert_eq!(Status::from(garbage).code(), tonic::Code::DataLoss);
     }
 }

@@ -59,16 +59,6 @@ pub enum ExtractError {
     Tar(String),
 }
 
-impl ExtractError {
-    /// The I/O error underneath, for callers that tell a full disk from bad content.
-    pub fn io_source(&self) -> Option<&io::Error> {
-        match self {
-            Self::Io { source, .. } => Some(source),
-            _ => None,
-        }
-    }
-}
-
 fn refused(entry: &Path, reason: impl Into<String>) -> ExtractError {
     ExtractError::Refused {
         entry: excerpt_path(entry),

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use sha2::{Digest, Sha256};
 use trellis_common::config::{COMPRESSION_RATIO_GRACE_BYTES, StorageConfig};
 use trellis_common::reference::chain_id;
+use trellis_common::space::SpaceWatch;
 use trellis_common::store::{Records, Store};
 use trellis_common::text::excerpt;
 use trellis_proto::storage::v1::LayerHeader;
@@ -46,6 +47,8 @@ pub struct LayerStore {
     /// Makes every temporary directory's name unique: an import cut short by its
     /// client may still be cleaning up when the next import of that layer begins.
     imports: AtomicU64,
+    /// Told when an unpack runs out of space, so health says so until space is back.
+    space: Option<SpaceWatch>,
 }
 
 /// How large a layer may grow when unpacked (`storage.max_layer_bytes`,
@@ -92,6 +95,7 @@ impl LayerStore {
             table: Records::open(store, TABLE)?,
             limits,
             imports: AtomicU64::new(0),
+            space: None,
         };
         layers.remove_unrecorded()?;
         // Nodes from before short links: each recorded layer gets its own.
@@ -105,6 +109,11 @@ impl LayerStore {
             })?;
         }
         Ok(layers)
+    }
+
+    /// Reports running out of space to `space` (whose probe is in the service's health).
+    pub fn watch_space(&mut self, space: SpaceWatch) {
+        self.space = Some(space);
     }
 
     pub fn root(&self) -> &Path {
@@ -195,6 +204,16 @@ impl LayerStore {
                 Ok(bytes) => bytes,
                 Err(error) => {
                     let _ = std::fs::remove_dir_all(&temp);
+                    // The entry alone does not say where the disk is full.
+                    if trellis_common::error::is_out_of_space(&error) {
+                        if let Some(space) = &self.space {
+                            space.ran_out(&self.root);
+                        }
+                        return Err(StorageError::OutOfSpace {
+                            path: temp,
+                            source: Box::new(error),
+                        });
+                    }
                     return Err(error);
                 }
             };

@@ -27,12 +27,16 @@ fn main() -> anyhow::Result<()> {
             .ok_or("the storage service needs its record store")?;
         let storage_config = context.config.storage.clone();
         let stopping = context.stopping.clone();
+        // Probed in the service's own directory, on the layers' file system.
+        let space = trellis_common::space::SpaceWatch::new(&state);
+        context.add_readiness_probe(space.readiness_probe());
         let storage = tokio::task::spawn_blocking(move || -> Result<_, error::StorageError> {
-            let layers = layers::LayerStore::open(
+            let mut layers = layers::LayerStore::open(
                 state.join("layers"),
                 store.as_ref(),
                 layers::Limits::from(&storage_config),
             )?;
+            layers.watch_space(space);
             let images = images::ImageStore::open(store.as_ref())?;
             let rootfs = rootfs::RootfsStore::open(state.join("containers"), store.as_ref())?;
             Ok(storage::Storage::new(layers, images, rootfs))

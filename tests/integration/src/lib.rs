@@ -92,6 +92,9 @@ pub struct NodeOptions {
     /// Fail points (`point=action;…`, see `trellis_common::failpoint`): the services
     /// read them from a file of the node's, which `Node::set_failpoints` changes.
     pub failpoints: Option<String>,
+    /// Put the state directory on a tmpfs of this many bytes, so a test can fill it.
+    /// It is unmounted when the node stops or is dropped.
+    pub state_tmpfs_bytes: Option<u64>,
 }
 
 /// A node name no other test uses at the same time.
@@ -109,6 +112,8 @@ pub struct Node {
     /// The pod network of `with_cni_config`: its bridge goes when the node does (fields
     /// drop after `Drop::drop`, so after the node has stopped).
     _network: Option<netns::TestNetwork>,
+    /// Whether `state` is a tmpfs of the node's own (`NodeOptions::state_tmpfs_bytes`).
+    state_tmpfs: bool,
     root: tempfile::TempDir,
 }
 
@@ -122,6 +127,18 @@ impl Node {
         let node_name = options.node_name.clone().unwrap_or_else(new_node_name);
         for dir in ["run", "state", "cni"] {
             std::fs::create_dir_all(path.join(dir)).expect("node dirs");
+        }
+        if let Some(bytes) = options.state_tmpfs_bytes {
+            // Unmounted by `release_containers_and_mounts` when the node is dropped,
+            // like every other mount under the root.
+            nix::mount::mount(
+                Some("tmpfs"),
+                &path.join("state"),
+                Some("tmpfs"),
+                nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+                Some(format!("size={bytes},mode=0700").as_str()),
+            )
+            .expect("mount the state tmpfs");
         }
         // A network of this node's own (bridge, subnet, address allocations under its
         // root), not the default one, so that parallel tests share nothing on the host.
@@ -167,6 +184,7 @@ impl Node {
             node_name,
             up: Some(up),
             _network: network,
+            state_tmpfs: options.state_tmpfs_bytes.is_some(),
         };
         node.wait_ready(Duration::from_secs(30)).await;
         node
@@ -312,9 +330,16 @@ impl Node {
             "trellis up did not exit cleanly ({status:?}):\n{}",
             self.log_tail()
         );
+        // Every pod was removed: nothing of one may remain (`faults`). Looked at
+        // before the node's own tmpfs goes, which would hide what is under it.
+        let state_leftovers = self.state_leftovers();
+        // The node's own tmpfs is no leftover; a mount still under it keeps it busy,
+        // and is reported below.
+        if self.state_tmpfs {
+            let _ = nix::mount::umount(&self.root().join("state"));
+        }
         let mut leftovers = leftovers(self.root());
-        // Every pod was removed: nothing of one may remain (`faults`).
-        leftovers.extend(self.state_leftovers());
+        leftovers.extend(state_leftovers);
         assert!(
             leftovers.is_empty(),
             "left behind after stop: {leftovers:#?}\n{}",

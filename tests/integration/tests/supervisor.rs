@@ -82,6 +82,33 @@ async fn status_command_shows_every_service() {
     node.stop();
 }
 
+/// A child stopped cleanly by someone else (SIGTERM, exit status 0) is restarted, and
+/// the supervisor says so without calling it a death.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_child_that_exits_cleanly_is_restarted_without_an_error() {
+    let node = Node::start(NodeOptions::default()).await;
+    let old = node.info("image").await.expect("image info").pid;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    node.wait_restarted("image", old, Duration::from_secs(10))
+        .await;
+    let log = node.log();
+    let said = log
+        .lines()
+        .find(|line| line.contains("child exited cleanly"))
+        .unwrap_or_else(|| panic!("no word of the clean exit:\n{}", node.log_tail()));
+    assert!(said.contains("INFO") && said.contains("image"), "{said}");
+    assert!(
+        !log.contains("child died"),
+        "a clean exit is no death:\n{}",
+        node.log_tail()
+    );
+    node.stop();
+}
+
 /// A supervisor killed with SIGKILL cannot stop its children itself; they are told
 /// by the kernel (parent-death signal) and shut down cleanly.
 #[tokio::test(flavor = "multi_thread")]

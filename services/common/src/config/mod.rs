@@ -24,6 +24,7 @@ pub use network::NetworkConfig;
 pub use node::{NodeConfig, TelemetryConfig};
 pub use runtime::{RuntimeConfig, RuntimeHandler};
 pub use storage::{COMPRESSION_RATIO_GRACE_BYTES, StorageConfig};
+pub use supervisor::SupervisorConfig;
 
 use load::Provenance;
 
@@ -37,6 +38,7 @@ mod network;
 mod node;
 mod runtime;
 mod storage;
+mod supervisor;
 
 /// The default configuration file; a missing default file is not an error.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/trellis/trellis.toml";
@@ -103,6 +105,7 @@ pub struct Config {
     pub image: ImageConfig,
     pub storage: StorageConfig,
     pub network: NetworkConfig,
+    pub supervisor: SupervisorConfig,
     /// What loading found that the operator should hear about (keys of older
     /// releases), logged as warnings once logging is up.
     #[serde(skip)]
