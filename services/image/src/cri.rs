@@ -3,6 +3,7 @@
 //! lists and statuses from its index of the records (`index`) while that is current.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use k8s_cri::v1::*;
@@ -20,6 +21,8 @@ use crate::pull::Puller;
 
 pub struct ImageService {
     storage: Channel,
+    /// Where `storage` dials, for messages.
+    storage_socket: PathBuf,
     puller: Arc<Puller>,
     bus: EventBus,
     index: Arc<ImageIndex>,
@@ -74,12 +77,14 @@ fn image_event(kind: image_event::Kind, image: &storage::Image) -> Payload {
 impl ImageService {
     pub fn new(
         storage: Channel,
+        storage_socket: PathBuf,
         puller: Arc<Puller>,
         bus: EventBus,
         index: Arc<ImageIndex>,
     ) -> Self {
         Self {
             storage,
+            storage_socket,
             puller,
             bus,
             index,
@@ -89,6 +94,11 @@ impl ImageService {
     fn storage(&self) -> StorageClient<Channel> {
         StorageClient::new(self.storage.clone())
             .max_decoding_message_size(trellis_common::grpc::MAX_MESSAGE_BYTES)
+    }
+
+    /// A failed call to storage, naming it (see `trellis_common::upstream`).
+    fn storage_failed(&self, status: Status) -> Status {
+        trellis_common::upstream::pass_on("storage", &self.storage_socket, &status)
     }
 
     /// Every image: from the index when it is current, else listed by storage (and
@@ -101,7 +111,8 @@ impl ImageService {
         let listed = self
             .storage()
             .list_images(traced_request(storage::ListImagesRequest {}))
-            .await?
+            .await
+            .map_err(|status| self.storage_failed(status))?
             .into_inner();
         self.index
             .install(listing, listed.images.clone(), listed.generation);
@@ -134,7 +145,7 @@ impl ImageService {
         {
             Ok(image) => Ok(Some(image.into_inner())),
             Err(status) if status.code() == Code::NotFound => Ok(None),
-            Err(status) => Err(status),
+            Err(status) => Err(self.storage_failed(status)),
         }
     }
 
@@ -232,7 +243,8 @@ impl image_service_server::ImageService for ImageService {
             .remove_image(traced_request(storage::RemoveImageRequest {
                 reference: name,
             }))
-            .await?
+            .await
+            .map_err(|status| self.storage_failed(status))?
             .into_inner();
         if let Some(image) = removal.image {
             if removal.deleted {
@@ -254,7 +266,8 @@ impl image_service_server::ImageService for ImageService {
         let usage = self
             .storage()
             .fs_usage(traced_request(FsUsageRequest {}))
-            .await?
+            .await
+            .map_err(|status| self.storage_failed(status))?
             .into_inner();
         let filesystem = FilesystemUsage {
             timestamp: usage.timestamp_unix_nano,

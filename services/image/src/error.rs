@@ -28,7 +28,7 @@ pub enum ImageError {
         digest: String,
         reason: String,
     },
-    #[error("storage service: {0}")]
+    #[error("storage service: {}", .0.message())]
     Storage(Status),
     #[error("credentials file {path}: {reason}")]
     Credentials { path: String, reason: String },

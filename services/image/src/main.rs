@@ -5,6 +5,7 @@
 
 mod cri;
 mod error;
+mod failure;
 mod index;
 mod inflight;
 mod pull;
@@ -27,17 +28,20 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("a TLS crypto provider was already installed");
     }
     trellis_common::service::run(ServiceKind::Image, async |context| {
-        let storage = unix_channel(&context.config.endpoint(ServiceKind::Storage).socket);
+        let storage_socket = context.config.endpoint(ServiceKind::Storage).socket;
+        let storage = unix_channel(&storage_socket);
         let index = Arc::new(index::ImageIndex::default());
         tokio::spawn(watch::follow(storage.clone(), index.clone()));
         let puller = Arc::new(pull::Puller::new(
             context.config.image.clone(),
             storage.clone(),
+            storage_socket.clone(),
             index.clone(),
             &mut context.registry,
         )?);
         puller.prune_at_start();
-        let service = cri::ImageService::new(storage, puller, context.bus.clone(), index);
+        let service =
+            cri::ImageService::new(storage, storage_socket, puller, context.bus.clone(), index);
         Ok(tonic::service::Routes::new(
             ImageServiceServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -9,11 +9,11 @@
 //! its downloads and its streams to storage. Whatever the way a pull ended without
 //! its image, the layers it imported and nobody needs are pruned.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use oci_client::errors::OciDistributionError;
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use prometheus_client::metrics::counter::Counter;
@@ -31,6 +31,7 @@ use trellis_common::metrics::RpcLabels;
 use trellis_common::reference::{NamedRef, chain_id};
 use trellis_common::telemetry::traced_request;
 use trellis_common::text::excerpt_to;
+use trellis_common::upstream;
 use trellis_proto::storage::v1::storage_client::StorageClient;
 use trellis_proto::storage::v1::{
     HasLayerRequest, Image, ImageConfig as StoredConfig, ImportLayerChunk, LayerHeader,
@@ -38,6 +39,7 @@ use trellis_proto::storage::v1::{
 };
 
 use crate::error::ImageError;
+use crate::failure::{REGISTRY_TEXT_CHARS, SourceFailure, broken_download, classify};
 use crate::index::{Change, ImageIndex};
 use crate::inflight::{InFlight, Outcome, Start};
 use crate::registry::{Source, auth_for, client_for, sources};
@@ -48,12 +50,12 @@ const PARALLEL_LAYERS: usize = 3;
 const PRUNE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the prune at start waits for a storage service that is not up yet.
 const STARTUP_PRUNE_PATIENCE: Duration = Duration::from_secs(30);
-/// How much of a registry's own error text a message quotes.
-const REGISTRY_TEXT_CHARS: usize = 300;
 
 pub struct Puller {
     config: ImageConfig,
     storage: Channel,
+    /// Where `storage` dials, for messages.
+    storage_socket: PathBuf,
     /// Told of each image recorded, before the pull answers its callers.
     index: Arc<ImageIndex>,
     credentials: std::collections::HashMap<String, RegistryAuth>,
@@ -104,56 +106,6 @@ impl PullMetrics {
     }
 }
 
-/// A source failed; `code` says how, for the final answer.
-struct SourceFailure {
-    message: String,
-    code: Code,
-    /// Bad content rather than an unreachable or empty source: stop, do not try others.
-    fatal: bool,
-}
-
-impl From<Status> for SourceFailure {
-    fn from(status: Status) -> Self {
-        // Storage refusing the content (bad bytes, unsafe entries, over its size limits)
-        // would refuse it from any source.
-        let fatal = matches!(
-            status.code(),
-            Code::DataLoss | Code::InvalidArgument | Code::ResourceExhausted
-        );
-        Self {
-            fatal,
-            code: status.code(),
-            message: format!("storage: {}", status.message()),
-        }
-    }
-}
-
-fn classify(error: OciDistributionError) -> SourceFailure {
-    let code = match &error {
-        OciDistributionError::AuthenticationFailure(_)
-        | OciDistributionError::UnauthorizedError { .. } => Code::Unauthenticated,
-        OciDistributionError::ImageManifestNotFoundError(_) => Code::NotFound,
-        OciDistributionError::DigestError(_) => Code::DataLoss,
-        OciDistributionError::RegistryError { envelope, .. }
-            if envelope
-                .errors
-                .iter()
-                .any(|e| format!("{:?}", e.code).contains("Unauthorized")) =>
-        {
-            Code::Unauthenticated
-        }
-        OciDistributionError::ServerError { code: 401, .. } => Code::Unauthenticated,
-        OciDistributionError::ServerError { code: 404, .. } => Code::NotFound,
-        _ => Code::Unavailable,
-    };
-    // The text can hold whatever a registry or token endpoint chose to answer.
-    SourceFailure {
-        fatal: code == Code::DataLoss,
-        code,
-        message: excerpt_to(&error.to_string(), REGISTRY_TEXT_CHARS),
-    }
-}
-
 fn auth_fingerprint(auth: &RegistryAuth) -> String {
     let secret = match auth {
         RegistryAuth::Anonymous => return "anonymous".into(),
@@ -177,6 +129,7 @@ impl Puller {
     pub fn new(
         config: ImageConfig,
         storage: Channel,
+        storage_socket: PathBuf,
         index: Arc<ImageIndex>,
         registry: &mut Registry,
     ) -> Result<Self, ImageError> {
@@ -184,6 +137,7 @@ impl Puller {
         Ok(Self {
             config,
             storage,
+            storage_socket,
             index,
             credentials,
             inflight: Arc::default(),
@@ -195,6 +149,10 @@ impl Puller {
     fn storage(&self) -> StorageClient<Channel> {
         StorageClient::new(self.storage.clone())
             .max_decoding_message_size(trellis_common::grpc::MAX_MESSAGE_BYTES)
+    }
+
+    fn storage_failed(&self, status: Status) -> SourceFailure {
+        SourceFailure::storage(&self.storage_socket, status)
     }
 
     /// Removes every layer no image uses: what pulls cut short by a crash or a kill of
@@ -362,6 +320,12 @@ impl Puller {
         for source in sources(&self.config, image) {
             match self.pull_from(id, image, &source, auth).await {
                 Ok(pulled) => return Ok(pulled),
+                Err(failure) if failure.storage_down => {
+                    tracing::warn!(image = %image, error = %failure.message, "pull failed: storage is down");
+                    failures = vec![failure.message];
+                    code = failure.code;
+                    break;
+                }
                 Err(failure) => {
                     tracing::warn!(image = %image, source = %source.label, error = %failure.message, "pull source failed");
                     failures.push(format!("{}: {}", source.label, failure.message));
@@ -396,11 +360,7 @@ impl Puller {
                 source_name: source.label.clone(),
                 seconds: timeout.as_secs(),
             };
-            SourceFailure {
-                message: error.to_string(),
-                code: Code::DeadlineExceeded,
-                fatal: false,
-            }
+            SourceFailure::new(Code::DeadlineExceeded, error.to_string())
         };
         let (manifest, manifest_digest, list_digest) = tokio::time::timeout(
             timeout,
@@ -419,14 +379,16 @@ impl Puller {
         .map_err(classify)?;
         let config_digest = manifest.config.digest.clone();
         let bad_config = |reason: String| SourceFailure {
-            message: ImageError::BadConfig {
-                image: image.to_string(),
-                digest: config_digest.clone(),
-                reason,
-            }
-            .to_string(),
-            code: Code::DataLoss,
             fatal: true,
+            ..SourceFailure::new(
+                Code::DataLoss,
+                ImageError::BadConfig {
+                    image: image.to_string(),
+                    digest: config_digest.clone(),
+                    reason,
+                }
+                .to_string(),
+            )
         };
         let config: serde_json::Value = serde_json::from_slice(&config_bytes)
             .map_err(|e| bad_config(format!("not JSON: {e}")))?;
@@ -497,12 +459,12 @@ impl Puller {
             .put_image(traced_request(PutImageRequest {
                 image: Some(record),
             }))
-            .await?
+            .await
+            .map_err(|status| self.storage_failed(status))?
             .into_inner();
         let image = stored.image.ok_or_else(|| SourceFailure {
-            message: "storage returned no image".into(),
-            code: Code::Internal,
             fatal: true,
+            ..SourceFailure::new(Code::Internal, "storage returned no image".into())
         })?;
         self.index
             .applied(epoch, stored.generation, Change::Put(image.clone()));
@@ -515,7 +477,8 @@ impl Puller {
             .has_layer(traced_request(HasLayerRequest {
                 chain_id: chain_id.to_string(),
             }))
-            .await?
+            .await
+            .map_err(|status| self.storage_failed(status))?
             .into_inner()
             .present)
     }
@@ -554,11 +517,10 @@ impl Puller {
             .await
             .is_err()
         {
-            return Err(SourceFailure {
-                message: "storage stream closed".into(),
-                code: Code::Unavailable,
-                fatal: false,
-            });
+            return Err(SourceFailure::new(
+                Code::Unavailable,
+                "storage stream closed".into(),
+            ));
         }
         let mut storage = self.storage();
         let upload = storage.import_layer(traced_request(
@@ -576,11 +538,10 @@ impl Puller {
                             source_name: source.label.clone(),
                             seconds: timeout.as_secs(),
                         };
-                        return Err(SourceFailure {
-                            message: stalled.to_string(),
-                            code: Code::DeadlineExceeded,
-                            fatal: false,
-                        });
+                        return Err(SourceFailure::new(
+                            Code::DeadlineExceeded,
+                            stalled.to_string(),
+                        ));
                     }
                 };
                 match next {
@@ -598,20 +559,25 @@ impl Puller {
                             return Ok(());
                         }
                     }
-                    Some(Err(error)) => {
-                        return Err(SourceFailure {
-                            message: format!("downloading {digest}: {error}"),
-                            code: Code::Unavailable,
-                            fatal: false,
-                        });
-                    }
+                    Some(Err(error)) => return Err(broken_download(&digest, &error)),
                 }
             }
         };
         let (forwarded, uploaded) = tokio::join!(forward, upload);
-        // Storage's verdict (digest, size, unsafe entries) is the more precise one.
-        uploaded?;
-        forwarded?;
+        match (forwarded, uploaded) {
+            // The download broke: storage's complaint about a stream cut short (or a
+            // stream it could not take at all, being down) follows from that.
+            (Err(broken), Err(status))
+                if broken.code == Code::Unavailable && !upstream::not_reached(&status) =>
+            {
+                return Err(broken);
+            }
+            // Otherwise storage's verdict (digest, size, unsafe entries) is the more
+            // precise one.
+            (_, Err(status)) => return Err(self.storage_failed(status)),
+            (Err(broken), Ok(_)) => return Err(broken),
+            (Ok(()), Ok(_)) => {}
+        }
         self.metrics
             .layer_import
             .observe(started.elapsed().as_secs_f64());
@@ -664,43 +630,5 @@ fn stored_config(config: &serde_json::Value) -> StoredConfig {
                     .collect()
             })
             .unwrap_or_default(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn storage_refusing_the_content_ends_the_pull_with_its_code() {
-        for code in [
-            Code::DataLoss,
-            Code::InvalidArgument,
-            Code::ResourceExhausted,
-        ] {
-            let failure = SourceFailure::from(Status::new(code, "layer over the size limit"));
-            assert!(failure.fatal, "{code:?}: no other source is tried");
-            assert_eq!(failure.code, code, "passed through");
-        }
-        for code in [Code::Unavailable, Code::DeadlineExceeded, Code::Internal] {
-            assert!(
-                !SourceFailure::from(Status::new(code, "down")).fatal,
-                "{code:?}: another source may do"
-            );
-        }
-    }
-
-    #[test]
-    fn registry_text_is_quoted_short() {
-        let failure = classify(OciDistributionError::AuthenticationFailure(format!(
-            "denied\n{}",
-            "x".repeat(20_000)
-        )));
-        assert_eq!(failure.code, Code::Unauthenticated);
-        assert!(
-            failure.message.len() < REGISTRY_TEXT_CHARS + 60 && !failure.message.contains('\n'),
-            "{}",
-            failure.message
-        );
     }
 }

@@ -27,10 +27,19 @@ pub enum RuntimeError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{service} service: {status}")]
+    /// The service answered with an error: its code and words are passed on.
+    #[error("{service} service: {}", status.message())]
     Backend {
         service: &'static str,
         status: Status,
+    },
+    /// The service was not reached, or dropped the call: that service, not this one,
+    /// is down.
+    /// (`trellis_common::upstream::unreached_message` words it.)
+    #[error("{message}")]
+    Unreachable {
+        service: &'static str,
+        message: String,
     },
     #[error("{0}")]
     Oci(String),
@@ -80,6 +89,7 @@ impl From<RuntimeError> for Status {
             RuntimeError::AlreadyExists(_) => Status::already_exists(message),
             RuntimeError::FailedPrecondition(_) => Status::failed_precondition(message),
             RuntimeError::Backend { status, .. } => Status::new(status.code(), message),
+            RuntimeError::Unreachable { .. } => Status::unavailable(message),
             RuntimeError::Timeout { .. } => Status::deadline_exceeded(message),
             _ => Status::internal(message),
         }

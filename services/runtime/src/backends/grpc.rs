@@ -1,11 +1,16 @@
 //! The backends as gRPC clients of the other services on their internal sockets.
-//! Each call carries the trace context; a failed call names the service.
+//! Each call carries the trace context; a failed call names the service, and whether
+//! that service answered with an error (passed on with its code) or could not be
+//! reached (see `trellis_common::upstream`).
 
-use tonic::Code;
+use std::path::PathBuf;
+
 use tonic::transport::Channel;
+use tonic::{Code, Status};
 use trellis_common::config::{Config, ServiceKind};
 use trellis_common::telemetry::traced_request;
 use trellis_common::transport::unix_channel;
+use trellis_common::upstream::{not_reached, unreached_message};
 use trellis_proto::network::v1 as network;
 use trellis_proto::network::v1::network_client::NetworkClient;
 use trellis_proto::storage::v1 as storage;
@@ -14,27 +19,67 @@ use trellis_proto::storage::v1::storage_client::StorageClient;
 use super::{Backends, ImageBackend, NetworkBackend, StorageBackend};
 use crate::error::RuntimeError;
 
-pub struct GrpcStorage(Channel);
-pub struct GrpcImages(Channel);
-pub struct GrpcNetwork(Channel);
+/// A channel to one service, and what a failure of it is told as.
+struct Peer {
+    service: &'static str,
+    socket: PathBuf,
+    channel: Channel,
+}
 
-/// Clients of the node's storage, image and network services.
-pub fn connect(config: &Config) -> Backends {
-    let channel = |kind| unix_channel(&config.endpoint(kind).socket);
-    Backends {
-        storage: std::sync::Arc::new(GrpcStorage(channel(ServiceKind::Storage))),
-        images: std::sync::Arc::new(GrpcImages(channel(ServiceKind::Image))),
-        network: std::sync::Arc::new(GrpcNetwork(channel(ServiceKind::Network))),
+impl Peer {
+    fn new(config: &Config, kind: ServiceKind, service: &'static str) -> Self {
+        let socket = config.endpoint(kind).socket;
+        Self {
+            service,
+            channel: unix_channel(&socket),
+            socket,
+        }
+    }
+
+    fn failed(&self, status: Status) -> RuntimeError {
+        if not_reached(&status) {
+            RuntimeError::Unreachable {
+                service: self.service,
+                message: unreached_message(self.service, &self.socket, &status),
+            }
+        } else {
+            RuntimeError::Backend {
+                service: self.service,
+                status,
+            }
+        }
+    }
+
+    fn absent_if_not_found<T>(
+        &self,
+        result: Result<tonic::Response<T>, Status>,
+    ) -> Result<Option<T>, RuntimeError> {
+        match result {
+            Ok(response) => Ok(Some(response.into_inner())),
+            Err(status) if status.code() == Code::NotFound && !not_reached(&status) => Ok(None),
+            Err(status) => Err(self.failed(status)),
+        }
     }
 }
 
-fn absent_if_not_found<T>(
-    result: Result<tonic::Response<T>, tonic::Status>,
-) -> Result<Option<T>, RuntimeError> {
-    match result {
-        Ok(response) => Ok(Some(response.into_inner())),
-        Err(status) if status.code() == Code::NotFound => Ok(None),
-        Err(status) => Err(RuntimeError::storage(status)),
+pub struct GrpcStorage(Peer);
+pub struct GrpcImages(Peer);
+pub struct GrpcNetwork(Peer);
+
+/// Clients of the node's storage, image and network services.
+pub fn connect(config: &Config) -> Backends {
+    Backends {
+        storage: std::sync::Arc::new(GrpcStorage(Peer::new(
+            config,
+            ServiceKind::Storage,
+            "storage",
+        ))),
+        images: std::sync::Arc::new(GrpcImages(Peer::new(config, ServiceKind::Image, "image"))),
+        network: std::sync::Arc::new(GrpcNetwork(Peer::new(
+            config,
+            ServiceKind::Network,
+            "network",
+        ))),
     }
 }
 
@@ -44,7 +89,10 @@ impl StorageBackend for GrpcStorage {
         let request = traced_request(storage::GetImageRequest {
             reference: reference.to_string(),
         });
-        absent_if_not_found(StorageClient::new(self.0.clone()).get_image(request).await)
+        let answer = StorageClient::new(self.0.channel.clone())
+            .get_image(request)
+            .await;
+        self.0.absent_if_not_found(answer)
     }
 
     async fn prepare_rootfs(
@@ -56,21 +104,20 @@ impl StorageBackend for GrpcStorage {
             container_id: container_id.to_string(),
             image: image.to_string(),
         });
-        absent_if_not_found(
-            StorageClient::new(self.0.clone())
-                .prepare_rootfs(request)
-                .await,
-        )
+        let answer = StorageClient::new(self.0.channel.clone())
+            .prepare_rootfs(request)
+            .await;
+        self.0.absent_if_not_found(answer)
     }
 
     async fn release_rootfs(&self, container_id: &str) -> Result<(), RuntimeError> {
         let request = traced_request(storage::ReleaseRootfsRequest {
             container_id: container_id.to_string(),
         });
-        StorageClient::new(self.0.clone())
+        StorageClient::new(self.0.channel.clone())
             .release_rootfs(request)
             .await
-            .map_err(RuntimeError::storage)?;
+            .map_err(|status| self.0.failed(status))?;
         Ok(())
     }
 
@@ -79,10 +126,10 @@ impl StorageBackend for GrpcStorage {
         container_ids: Vec<String>,
     ) -> Result<storage::WritableLayerUsageResponse, RuntimeError> {
         let request = traced_request(storage::WritableLayerUsageRequest { container_ids });
-        Ok(StorageClient::new(self.0.clone())
+        Ok(StorageClient::new(self.0.channel.clone())
             .writable_layer_usage(request)
             .await
-            .map_err(RuntimeError::storage)?
+            .map_err(|status| self.0.failed(status))?
             .into_inner())
     }
 }
@@ -99,13 +146,10 @@ impl ImageBackend for GrpcImages {
             }),
             ..Default::default()
         });
-        ImageServiceClient::new(self.0.clone())
+        ImageServiceClient::new(self.0.channel.clone())
             .pull_image(request)
             .await
-            .map_err(|status| RuntimeError::Backend {
-                service: "image",
-                status,
-            })?;
+            .map_err(|status| self.0.failed(status))?;
         Ok(())
     }
 }
@@ -116,10 +160,10 @@ impl NetworkBackend for GrpcNetwork {
         &self,
         request: network::SetUpPodRequest,
     ) -> Result<network::PodNetwork, RuntimeError> {
-        Ok(NetworkClient::new(self.0.clone())
+        Ok(NetworkClient::new(self.0.channel.clone())
             .set_up_pod(traced_request(request))
             .await
-            .map_err(RuntimeError::network)?
+            .map_err(|status| self.0.failed(status))?
             .into_inner())
     }
 
@@ -127,10 +171,10 @@ impl NetworkBackend for GrpcNetwork {
         let request = traced_request(network::TearDownPodRequest {
             sandbox_id: sandbox_id.to_string(),
         });
-        NetworkClient::new(self.0.clone())
+        NetworkClient::new(self.0.channel.clone())
             .tear_down_pod(request)
             .await
-            .map_err(RuntimeError::network)?;
+            .map_err(|status| self.0.failed(status))?;
         Ok(())
     }
 }
