@@ -52,15 +52,17 @@ impl SourceFailure {
             };
         }
         // Storage refusing the content (bad bytes, unsafe entries, over its size
-        // limits) would refuse it from any source.
-        let fatal = matches!(
-            status.code(),
-            Code::DataLoss | Code::InvalidArgument | Code::ResourceExhausted
-        );
+        // limits) would refuse it from any source; the source served it.
+        let refused = matches!(status.code(), Code::DataLoss | Code::InvalidArgument);
+        let message = if refused {
+            format!("refused by storage: {}", status.message())
+        } else {
+            format!("storage service: {}", status.message())
+        };
         Self {
-            fatal,
+            fatal: refused || status.code() == Code::ResourceExhausted,
             code: status.code(),
-            message: format!("storage service: {}", status.message()),
+            message,
             storage_down: false,
         }
     }
@@ -332,9 +334,10 @@ mod tests {
                 SourceFailure::storage(socket, Status::new(code, "layer over the size limit"));
             assert!(failure.fatal, "{code:?}: no other source is tried");
             assert_eq!(failure.code, code, "passed through");
-            assert_eq!(
-                failure.message,
-                "storage service: layer over the size limit"
+            assert!(
+                failure.message.ends_with(": layer over the size limit"),
+                "{}",
+                failure.message
             );
         }
         for code in [Code::Unavailable, Code::DeadlineExceeded, Code::Internal] {
