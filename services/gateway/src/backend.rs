@@ -22,7 +22,7 @@ use trellis_common::config::{Config, ServiceKind};
 use trellis_common::metrics::RpcMetrics;
 use trellis_common::telemetry::inject_grpc_context;
 use trellis_common::transport::unix_channel;
-use trellis_common::upstream::not_reached;
+use trellis_common::upstream::{not_reached, parse_grpc_timeout};
 
 /// Whether a call may be sent again after a failure to reach its backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,23 +189,6 @@ pub fn caller_deadline<T>(request: &Request<T>, now: Instant) -> Option<Instant>
     parse_grpc_timeout(raw).map(|timeout| now + timeout)
 }
 
-fn parse_grpc_timeout(raw: &str) -> Option<Duration> {
-    if raw.len() < 2 || raw.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = raw.split_at(raw.len() - 1);
-    let value: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(value.checked_mul(3600)?),
-        "M" => Duration::from_secs(value.checked_mul(60)?),
-        "S" => Duration::from_secs(value),
-        "m" => Duration::from_millis(value),
-        "u" => Duration::from_micros(value),
-        "n" => Duration::from_nanos(value),
-        _ => return None,
-    })
-}
-
 /// Implements a CRI service trait on a gateway type by forwarding each listed RPC to
 /// one backend, with the methods that need more written out after the list. One
 /// macro emits the whole impl because `#[async_trait]` must see every method.
@@ -360,20 +343,5 @@ mod tests {
                 status.message()
             );
         }
-    }
-
-    #[test]
-    fn grpc_timeout_units() {
-        assert_eq!(
-            parse_grpc_timeout("1999m"),
-            Some(Duration::from_millis(1999))
-        );
-        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("10u"), Some(Duration::from_micros(10)));
-        assert_eq!(parse_grpc_timeout("S"), None);
-        assert_eq!(parse_grpc_timeout("12x"), None);
-        assert_eq!(parse_grpc_timeout("1234567890S"), None, "at most 8 digits");
     }
 }

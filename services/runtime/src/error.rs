@@ -41,6 +41,13 @@ pub enum RuntimeError {
         service: &'static str,
         message: String,
     },
+    /// The service took the call but did not answer within what the caller's
+    /// deadline left (`trellis_common::upstream::no_answer_message`).
+    #[error("{message}")]
+    NoAnswer {
+        service: &'static str,
+        message: String,
+    },
     #[error("{0}")]
     Oci(String),
     #[error("{what} timed out after {seconds} s")]
@@ -90,6 +97,7 @@ impl From<RuntimeError> for Status {
             RuntimeError::FailedPrecondition(_) => Status::failed_precondition(message),
             RuntimeError::Backend { status, .. } => Status::new(status.code(), message),
             RuntimeError::Unreachable { .. } => Status::unavailable(message),
+            RuntimeError::NoAnswer { .. } => Status::deadline_exceeded(message),
             RuntimeError::Timeout { .. } => Status::deadline_exceeded(message),
             _ => Status::internal(message),
         }

@@ -1,8 +1,12 @@
 //! The backends as gRPC clients of the other services on their internal sockets.
 //! Each call carries the trace context; a failed call names the service, and whether
 //! that service answered with an error (passed on with its code) or could not be
-//! reached (see `trellis_common::upstream`).
+//! reached (see `trellis_common::upstream`). A call gives up a little before the
+//! deadline of the CRI call it serves, so that a service that took it and never
+//! answered (stopped, stuck) is named rather than the caller reading only that its
+//! time ran out.
 
+use std::future::Future;
 use std::path::PathBuf;
 
 use tonic::transport::Channel;
@@ -10,7 +14,7 @@ use tonic::{Code, Status};
 use trellis_common::config::{Config, ServiceKind};
 use trellis_common::telemetry::traced_request;
 use trellis_common::transport::unix_channel;
-use trellis_common::upstream::{not_reached, unreached_message};
+use trellis_common::upstream::{no_answer_message, not_reached, time_left, unreached_message};
 use trellis_proto::network::v1 as network;
 use trellis_proto::network::v1::network_client::NetworkClient;
 use trellis_proto::storage::v1 as storage;
@@ -50,14 +54,39 @@ impl Peer {
         }
     }
 
-    fn absent_if_not_found<T>(
+    /// Runs `call` within what the deadline of the call being served leaves.
+    async fn bounded<T>(
         &self,
-        result: Result<tonic::Response<T>, Status>,
+        call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+    ) -> Result<T, RuntimeError> {
+        let answer = match time_left() {
+            None => call.await,
+            Some(left) => match tokio::time::timeout(left, call).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    return Err(RuntimeError::NoAnswer {
+                        service: self.service,
+                        message: no_answer_message(self.service, &self.socket, left),
+                    });
+                }
+            },
+        };
+        answer
+            .map(tonic::Response::into_inner)
+            .map_err(|status| self.failed(status))
+    }
+
+    /// [`Peer::bounded`], with a `NotFound` answer as `None`.
+    async fn absent_if_not_found<T>(
+        &self,
+        call: impl Future<Output = Result<tonic::Response<T>, Status>>,
     ) -> Result<Option<T>, RuntimeError> {
-        match result {
-            Ok(response) => Ok(Some(response.into_inner())),
-            Err(status) if status.code() == Code::NotFound && !not_reached(&status) => Ok(None),
-            Err(status) => Err(self.failed(status)),
+        match self.bounded(call).await {
+            Ok(answer) => Ok(Some(answer)),
+            Err(RuntimeError::Backend { status, .. }) if status.code() == Code::NotFound => {
+                Ok(None)
+            }
+            Err(error) => Err(error),
         }
     }
 }
@@ -89,10 +118,8 @@ impl StorageBackend for GrpcStorage {
         let request = traced_request(storage::GetImageRequest {
             reference: reference.to_string(),
         });
-        let answer = StorageClient::new(self.0.channel.clone())
-            .get_image(request)
-            .await;
-        self.0.absent_if_not_found(answer)
+        let mut client = StorageClient::new(self.0.channel.clone());
+        self.0.absent_if_not_found(client.get_image(request)).await
     }
 
     async fn prepare_rootfs(
@@ -104,20 +131,18 @@ impl StorageBackend for GrpcStorage {
             container_id: container_id.to_string(),
             image: image.to_string(),
         });
-        let answer = StorageClient::new(self.0.channel.clone())
-            .prepare_rootfs(request)
-            .await;
-        self.0.absent_if_not_found(answer)
+        let mut client = StorageClient::new(self.0.channel.clone());
+        self.0
+            .absent_if_not_found(client.prepare_rootfs(request))
+            .await
     }
 
     async fn release_rootfs(&self, container_id: &str) -> Result<(), RuntimeError> {
         let request = traced_request(storage::ReleaseRootfsRequest {
             container_id: container_id.to_string(),
         });
-        StorageClient::new(self.0.channel.clone())
-            .release_rootfs(request)
-            .await
-            .map_err(|status| self.0.failed(status))?;
+        let mut client = StorageClient::new(self.0.channel.clone());
+        self.0.bounded(client.release_rootfs(request)).await?;
         Ok(())
     }
 
@@ -126,11 +151,8 @@ impl StorageBackend for GrpcStorage {
         container_ids: Vec<String>,
     ) -> Result<storage::WritableLayerUsageResponse, RuntimeError> {
         let request = traced_request(storage::WritableLayerUsageRequest { container_ids });
-        Ok(StorageClient::new(self.0.channel.clone())
-            .writable_layer_usage(request)
-            .await
-            .map_err(|status| self.0.failed(status))?
-            .into_inner())
+        let mut client = StorageClient::new(self.0.channel.clone());
+        self.0.bounded(client.writable_layer_usage(request)).await
     }
 }
 
@@ -146,10 +168,8 @@ impl ImageBackend for GrpcImages {
             }),
             ..Default::default()
         });
-        ImageServiceClient::new(self.0.channel.clone())
-            .pull_image(request)
-            .await
-            .map_err(|status| self.0.failed(status))?;
+        let mut client = ImageServiceClient::new(self.0.channel.clone());
+        self.0.bounded(client.pull_image(request)).await?;
         Ok(())
     }
 }
@@ -160,21 +180,18 @@ impl NetworkBackend for GrpcNetwork {
         &self,
         request: network::SetUpPodRequest,
     ) -> Result<network::PodNetwork, RuntimeError> {
-        Ok(NetworkClient::new(self.0.channel.clone())
-            .set_up_pod(traced_request(request))
+        let mut client = NetworkClient::new(self.0.channel.clone());
+        self.0
+            .bounded(client.set_up_pod(traced_request(request)))
             .await
-            .map_err(|status| self.0.failed(status))?
-            .into_inner())
     }
 
     async fn tear_down_pod(&self, sandbox_id: &str) -> Result<(), RuntimeError> {
         let request = traced_request(network::TearDownPodRequest {
             sandbox_id: sandbox_id.to_string(),
         });
-        NetworkClient::new(self.0.channel.clone())
-            .tear_down_pod(request)
-            .await
-            .map_err(|status| self.0.failed(status))?;
+        let mut client = NetworkClient::new(self.0.channel.clone());
+        self.0.bounded(client.tear_down_pod(request)).await?;
         Ok(())
     }
 }
