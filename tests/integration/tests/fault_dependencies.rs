@@ -481,3 +481,111 @@ async fn storage_or_network_down_is_named_by_the_calls_that_need_it() {
     remove_pod(&node, &pod.id).await;
     node.stop();
 }
+
+/// A process stopped (SIGSTOP) until this is dropped: it keeps its socket and takes
+/// connections, but answers nothing.
+struct Stopped(Pid);
+
+impl Stopped {
+    fn stop(pid: u32) -> Stopped {
+        let pid = Pid::from_raw(pid as i32);
+        kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGCONT);
+    }
+}
+
+/// The words of a call that waited on `service` until the caller's deadline neared.
+fn assert_names_the_service_stuck(node: &Node, error: &tonic::Status, service: &str) {
+    assert_eq!(error.code(), Code::DeadlineExceeded, "{}", error.message());
+    assert!(
+        error
+            .message()
+            .contains(&format!("{service} service did not answer within "))
+            && error
+                .message()
+                .contains(&node.socket(service).display().to_string()),
+        "names {service}: {}",
+        error.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_storage_or_network_is_named_before_the_callers_deadline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = Registry::start(dir.path(), None);
+    let built = image(vec![busybox_layer()], &["/bin/sh"], "amd64", false);
+    registry.push("tests/stuck", "1", &built).await;
+    let node = Node::start(NodeOptions {
+        with_cni_config: true,
+        ..Default::default()
+    })
+    .await;
+    let name = format!("{}/tests/stuck:1", registry.address);
+    pull(&node, &name).await.expect("pull");
+    let pod = trellis_integration::cri::run_pod(&node, pod_config("stuck", false)).await;
+    let container = ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: "c".into(),
+            attempt: 0,
+        }),
+        image: trellis_integration::cri::image_spec(&name),
+        command: vec!["sleep".into(), "60".into()],
+        ..Default::default()
+    };
+    let deadline = Duration::from_secs(4);
+    {
+        // Nothing restarts a child that stops answering while this runs.
+        let _held = SupervisorHeld::hold(&node);
+
+        let _stopped = Stopped::stop(node.info("storage").await.expect("storage").pid);
+        let mut request = tonic::Request::new(CreateContainerRequest {
+            pod_sandbox_id: pod.id.clone(),
+            config: Some(container.clone()),
+            sandbox_config: Some(pod.config.clone()),
+        });
+        request.set_timeout(deadline);
+        let started = Instant::now();
+        let error = node
+            .runtime()
+            .create_container(request)
+            .await
+            .expect_err("storage is stopped");
+        assert!(started.elapsed() < deadline, "{:?}", started.elapsed());
+        assert_names_the_service_stuck(&node, &error, "storage");
+        drop(_stopped);
+
+        let _stopped = Stopped::stop(node.info("network").await.expect("network").pid);
+        let mut request = tonic::Request::new(RunPodSandboxRequest {
+            config: Some(pod_config("stuck-network", false)),
+            runtime_handler: String::new(),
+        });
+        request.set_timeout(deadline);
+        let started = Instant::now();
+        let error = node
+            .runtime()
+            .run_pod_sandbox(request)
+            .await
+            .expect_err("network is stopped");
+        assert!(started.elapsed() < deadline, "{:?}", started.elapsed());
+        assert_names_the_service_stuck(&node, &error, "network");
+    }
+    // A rollback the stuck services cut short is finished by a runtime's start.
+    let runtime = node.info("runtime").await.expect("runtime").pid;
+    kill9(runtime);
+    node.wait_restarted("runtime", runtime, Duration::from_secs(10))
+        .await;
+
+    trellis_integration::cri::start(&node, &pod, container).await;
+    let id = run_pod_sandbox(&node, "stuck-network")
+        .await
+        .expect("a pod once network answers");
+    remove_pod(&node, &id).await;
+    remove_pod(&node, &pod.id).await;
+    node.stop();
+}
