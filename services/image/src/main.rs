@@ -18,6 +18,7 @@ use k8s_cri::v1::image_service_server::ImageServiceServer;
 use trellis_common::ServiceKind;
 use trellis_common::grpc::MAX_MESSAGE_BYTES;
 use trellis_common::transport::unix_channel;
+use trellis_common::upstream::WithDeadlines;
 
 fn main() -> anyhow::Result<()> {
     // oci-client's TLS is rustls without a chosen crypto provider; ring it is.
@@ -42,11 +43,12 @@ fn main() -> anyhow::Result<()> {
         puller.prune_at_start();
         let service =
             cri::ImageService::new(storage, storage_socket, puller, context.bus.clone(), index);
-        Ok(tonic::service::Routes::new(
+        // Calls to storage give up before the CRI caller's deadline, naming it.
+        Ok(tonic::service::Routes::new(WithDeadlines(
             ImageServiceServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        ))
+        )))
     })?;
     Ok(())
 }

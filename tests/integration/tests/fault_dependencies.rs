@@ -558,6 +558,14 @@ async fn a_stopped_storage_or_network_is_named_before_the_callers_deadline() {
             .expect_err("storage is stopped");
         assert!(started.elapsed() < deadline, "{:?}", started.elapsed());
         assert_names_the_service_stuck(&node, &error, "storage");
+        let mut request = tonic::Request::new(ImageFsInfoRequest::default());
+        request.set_timeout(deadline);
+        let error = node
+            .images()
+            .image_fs_info(request)
+            .await
+            .expect_err("storage is stopped");
+        assert_names_the_service_stuck(&node, &error, "storage");
         drop(_stopped);
 
         let _stopped = Stopped::stop(node.info("network").await.expect("network").pid);
