@@ -89,6 +89,10 @@ async fn a_30_s_bus_outage_under_pod_churn_fails_no_call_and_loses_no_event() {
     pods.push(pod_cycle(&node, pods.len()).await);
     wait_for_bus(&node, true, true).await;
     assert!(during >= 10, "only {during} pods during the outage");
+    eprintln!(
+        "{during} pods run, stopped and removed during the {OUTAGE:?} outage, {} in all",
+        pods.len()
+    );
 
     let total = stream_len(&nats.url()).await;
     let filter = format!("trellis.{}.events.>", node.node_name);
