@@ -99,11 +99,10 @@ pub fn time_left() -> Option<Duration> {
     Some(left.saturating_sub((left / 10).min(MAX_ANSWER_MARGIN)))
 }
 
-/// Words for a call to `service` on `socket` that got no answer within `waited`, the
-/// time the caller's deadline left it.
+/// Words for a call to `service` on `socket` that got no answer within `waited`.
 pub fn no_answer_message(service: &str, socket: &Path, waited: Duration) -> String {
     format!(
-        "{service} service did not answer within {waited:.1?} on {} (the time the caller's deadline left)",
+        "{service} service did not answer within {waited:.1?} on {}",
         socket.display()
     )
 }

@@ -13,7 +13,7 @@ use std::path::Path;
 use oci_client::errors::{DigestError, OciDistributionError, OciEnvelope, OciErrorCode};
 use tonic::{Code, Status};
 use trellis_common::text::excerpt_to;
-use trellis_common::upstream::{not_reached, unreached_message};
+use trellis_common::upstream::{no_answer_message, not_reached, unreached_message};
 
 /// How much of a registry's own error text a message quotes.
 pub const REGISTRY_TEXT_CHARS: usize = 300;
@@ -38,6 +38,20 @@ impl SourceFailure {
             code,
             fatal: false,
             storage_down: false,
+        }
+    }
+
+    /// The storage service on `socket` took a call of the pull (or a layer's bytes)
+    /// and did nothing with it for `waited`, the pull's progress timeout.
+    pub fn storage_stuck(socket: &Path, waited: std::time::Duration) -> Self {
+        Self {
+            message: format!(
+                "{} (image.pull_progress_timeout_seconds)",
+                no_answer_message("storage", socket, waited)
+            ),
+            code: Code::DeadlineExceeded,
+            fatal: true,
+            storage_down: true,
         }
     }
 
@@ -345,5 +359,12 @@ mod tests {
             assert!(!failure.fatal, "{code:?}: another source may do");
             assert!(!failure.storage_down, "storage answered");
         }
+        let stuck = SourceFailure::storage_stuck(socket, std::time::Duration::from_secs(2));
+        assert_eq!(stuck.code, Code::DeadlineExceeded);
+        assert!(stuck.storage_down && stuck.fatal, "no source is at fault");
+        assert_eq!(
+            stuck.message,
+            "storage service did not answer within 2.0s on /run/trellis/storage.sock (image.pull_progress_timeout_seconds)"
+        );
     }
 }

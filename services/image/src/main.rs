@@ -6,6 +6,7 @@
 mod cri;
 mod error;
 mod failure;
+mod image_config;
 mod index;
 mod inflight;
 mod pull;

@@ -34,12 +34,13 @@ use trellis_common::text::excerpt_to;
 use trellis_common::upstream;
 use trellis_proto::storage::v1::storage_client::StorageClient;
 use trellis_proto::storage::v1::{
-    HasLayerRequest, Image, ImageConfig as StoredConfig, ImportLayerChunk, LayerHeader,
-    PruneLayersRequest, PutImageRequest, import_layer_chunk::Part,
+    HasLayerRequest, Image, ImportLayerChunk, LayerHeader, PruneLayersRequest, PutImageRequest,
+    import_layer_chunk::Part,
 };
 
 use crate::error::ImageError;
 use crate::failure::{REGISTRY_TEXT_CHARS, SourceFailure, broken_download, classify};
+use crate::image_config::stored_config;
 use crate::index::{Change, ImageIndex};
 use crate::inflight::{InFlight, Outcome, Start};
 use crate::registry::{Source, auth_for, client_for, sources};
@@ -238,10 +239,15 @@ impl Puller {
             let image = image.clone();
             async move { this.pull_from_sources(id, &image, &auth).await }.in_current_span()
         });
+        // Waiters are answered once what the pull left is pruned, so that they see
+        // the store as the pull left it; but a storage down or stuck may not prune
+        // for a long time (PRUNE_TIMEOUT), and what it says is known already.
+        let mut answer_first = false;
         let ended: Option<Outcome> = tokio::select! {
             joined = &mut worker => Some(match joined {
                 Ok(Ok(pulled)) => Ok(pulled),
                 Ok(Err(error)) => {
+                    answer_first = matches!(error, ImageError::StorageDown { .. });
                     let status = Status::from(error);
                     Err((status.code(), status.message().to_string()))
                 }
@@ -264,6 +270,9 @@ impl Puller {
             Some(Ok(pulled)) => pulled.chain_ids.clone(),
             _ => Vec::new(),
         };
+        if answer_first {
+            outcome.send_replace(ended.clone());
+        }
         self.prune_leftovers(id, &image, &kept).await;
         let label = match &ended {
             Some(Ok(_)) => "ok",
@@ -276,7 +285,7 @@ impl Puller {
                 method: label.into(),
             })
             .observe(started.elapsed().as_secs_f64());
-        if let Some(ended) = ended {
+        if let Some(ended) = ended.filter(|_| !answer_first) {
             outcome.send_replace(Some(ended));
         }
     }
@@ -322,9 +331,11 @@ impl Puller {
                 Ok(pulled) => return Ok(pulled),
                 Err(failure) if failure.storage_down => {
                     tracing::warn!(image = %image, error = %failure.message, "pull failed: storage is down");
-                    failures = vec![failure.message];
-                    code = failure.code;
-                    break;
+                    return Err(ImageError::StorageDown {
+                        image: image.to_string(),
+                        message: failure.message,
+                        code: failure.code,
+                    });
                 }
                 Err(failure) => {
                     tracing::warn!(image = %image, source = %source.label, error = %failure.message, "pull source failed");
@@ -454,14 +465,13 @@ impl Puller {
             pulled_unix_nano: trellis_common::clock::now_nanos(),
         };
         let epoch = self.index.epoch();
+        let mut storage = self.storage();
+        let request = traced_request(PutImageRequest {
+            image: Some(record),
+        });
         let stored = self
-            .storage()
-            .put_image(traced_request(PutImageRequest {
-                image: Some(record),
-            }))
-            .await
-            .map_err(|status| self.storage_failed(status))?
-            .into_inner();
+            .ask_storage(timeout, storage.put_image(request))
+            .await?;
         let image = stored.image.ok_or_else(|| SourceFailure {
             fatal: true,
             ..SourceFailure::new(Code::Internal, "storage returned no image".into())
@@ -471,15 +481,27 @@ impl Puller {
         Ok(image)
     }
 
-    async fn has_layer(&self, chain_id: &str) -> Result<bool, SourceFailure> {
-        Ok(self
-            .storage()
-            .has_layer(traced_request(HasLayerRequest {
-                chain_id: chain_id.to_string(),
-            }))
+    /// A call to storage that must answer within the pull's progress timeout.
+    async fn ask_storage<T>(
+        &self,
+        timeout: Duration,
+        call: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    ) -> Result<T, SourceFailure> {
+        tokio::time::timeout(timeout, call)
             .await
-            .map_err(|status| self.storage_failed(status))?
-            .into_inner()
+            .map_err(|_| SourceFailure::storage_stuck(&self.storage_socket, timeout))?
+            .map(tonic::Response::into_inner)
+            .map_err(|status| self.storage_failed(status))
+    }
+
+    async fn has_layer(&self, chain_id: &str, timeout: Duration) -> Result<bool, SourceFailure> {
+        let mut storage = self.storage();
+        let request = traced_request(HasLayerRequest {
+            chain_id: chain_id.to_string(),
+        });
+        Ok(self
+            .ask_storage(timeout, storage.has_layer(request))
+            .await?
             .present)
     }
 
@@ -493,11 +515,11 @@ impl Puller {
         header: LayerHeader,
         timeout: Duration,
     ) -> Result<(), SourceFailure> {
-        if self.has_layer(&header.chain_id).await? {
+        if self.has_layer(&header.chain_id, timeout).await? {
             return Ok(());
         }
         let _downloading = self.blobs.lock(&layer.digest).await;
-        if self.has_layer(&header.chain_id).await? {
+        if self.has_layer(&header.chain_id, timeout).await? {
             return Ok(());
         }
         // From here storage may end up with the layer, whatever happens to this pull.
@@ -510,6 +532,10 @@ impl Puller {
         let (chunks, outgoing) = mpsc::channel::<ImportLayerChunk>(16);
         let digest = header.digest.clone();
         let image = header.image.clone();
+        // Storage taking no bytes, or giving no answer once it has them all, for the
+        // progress timeout is stuck: said so, rather than the pull waiting forever.
+        let stuck = || SourceFailure::storage_stuck(&self.storage_socket, timeout);
+        let (done, forward_done) = tokio::sync::oneshot::channel::<()>();
         if chunks
             .send(ImportLayerChunk {
                 part: Some(Part::Header(header)),
@@ -523,10 +549,19 @@ impl Puller {
             ));
         }
         let mut storage = self.storage();
-        let upload = storage.import_layer(traced_request(
-            tokio_stream::wrappers::ReceiverStream::new(outgoing),
-        ));
+        let upload = async {
+            let upload = storage.import_layer(traced_request(
+                tokio_stream::wrappers::ReceiverStream::new(outgoing),
+            ));
+            tokio::pin!(upload);
+            tokio::select! {
+                answer = &mut upload => Ok(answer),
+                _ = forward_done => tokio::time::timeout(timeout, upload).await.map_err(|_| stuck()),
+            }
+        };
         let forward = async move {
+            // Dropped when the forwarding ends, however it ends.
+            let _done = done;
             let mut stream = blob.stream;
             loop {
                 let next = match tokio::time::timeout(timeout, stream.next()).await {
@@ -548,15 +583,14 @@ impl Puller {
                     None => return Ok(()),
                     Some(Ok(bytes)) => {
                         self.metrics.bytes.inc_by(bytes.len() as u64);
-                        if chunks
-                            .send(ImportLayerChunk {
-                                part: Some(Part::Data(bytes)),
-                            })
-                            .await
-                            .is_err()
-                        {
+                        let chunk = ImportLayerChunk {
+                            part: Some(Part::Data(bytes)),
+                        };
+                        match tokio::time::timeout(timeout, chunks.send(chunk)).await {
+                            Ok(Ok(())) => {}
                             // Storage stopped reading: its answer says why.
-                            return Ok(());
+                            Ok(Err(_)) => return Ok(()),
+                            Err(_) => return Err(stuck()),
                         }
                     }
                     Some(Err(error)) => return Err(broken_download(&digest, &error)),
@@ -564,17 +598,16 @@ impl Puller {
             }
         };
         let (forwarded, uploaded) = tokio::join!(forward, upload);
-        match (forwarded, uploaded) {
-            // The download broke: storage's complaint about a stream cut short (or a
-            // stream it could not take at all, being down) follows from that.
-            (Err(broken), Err(status))
-                if broken.code == Code::Unavailable && !upstream::not_reached(&status) =>
-            {
-                return Err(broken);
+        match (forwarded, uploaded?) {
+            (_, Err(status)) if upstream::not_reached(&status) => {
+                return Err(self.storage_failed(status));
             }
-            // Otherwise storage's verdict (digest, size, unsafe entries) is the more
-            // precise one.
-            (_, Err(status)) => return Err(self.storage_failed(status)),
+            (Err(failure), _) if failure.storage_down => return Err(failure),
+            // The download broke, stalled or brought bytes that do not match: storage's
+            // complaint about the stream it got follows from that.
+            (Err(broken), Err(_)) => return Err(broken),
+            // Storage's verdict (digest, size, unsafe entries) on a whole download.
+            (Ok(()), Err(status)) => return Err(self.storage_failed(status)),
             (Err(broken), Ok(_)) => return Err(broken),
             (Ok(()), Ok(_)) => {}
         }
@@ -582,53 +615,5 @@ impl Puller {
             .layer_import
             .observe(started.elapsed().as_secs_f64());
         Ok(())
-    }
-}
-
-/// What the runtime needs from the image config.
-fn stored_config(config: &serde_json::Value) -> StoredConfig {
-    let inner = config.get("config").cloned().unwrap_or_default();
-    let string = |key: &str| {
-        inner
-            .get(key)
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_string()
-    };
-    let strings = |key: &str| -> Vec<String> {
-        inner
-            .get(key)
-            .and_then(|v| v.as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let keys = |key: &str| -> Vec<String> {
-        inner
-            .get(key)
-            .and_then(|v| v.as_object())
-            .map(|o| o.keys().cloned().collect())
-            .unwrap_or_default()
-    };
-    StoredConfig {
-        user: string("User"),
-        env: strings("Env"),
-        entrypoint: strings("Entrypoint"),
-        cmd: strings("Cmd"),
-        working_dir: string("WorkingDir"),
-        volumes: keys("Volumes"),
-        stop_signal: string("StopSignal"),
-        labels: inner
-            .get("Labels")
-            .and_then(|v| v.as_object())
-            .map(|o| {
-                o.iter()
-                    .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
-                    .collect()
-            })
-            .unwrap_or_default(),
     }
 }
