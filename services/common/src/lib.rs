@@ -20,6 +20,7 @@ pub mod store;
 pub mod telemetry;
 pub mod text;
 pub mod transport;
+pub mod upstream;
 
 pub use config::{Config, ConfigSource, ServiceKind};
 pub use error::CommonError;

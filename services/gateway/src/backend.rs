@@ -1,9 +1,15 @@
 //! Calls to the services behind the gateway.
 //!
-//! A backend that is down answers `Unavailable` at once (its socket refuses the
-//! connection). Idempotent reads are retried with backoff for a bounded time, so a
-//! kubelet sees no error while a service restarts; the caller's own deadline
-//! (`grpc-timeout`) always wins and is passed on to the backend.
+//! A backend that is down fails a call at once (its socket refuses the connection).
+//! Idempotent reads are retried with backoff for a bounded time, so a kubelet sees no
+//! error while a service restarts; the caller's own deadline (`grpc-timeout`) always
+//! wins and is passed on to the backend.
+//!
+//! Only a backend that did not answer is said to be "not answering". One that
+//! answered `Unavailable` is up and says that something further down is not (storage
+//! restarting, a registry down): a read is retried for the same budget, since that
+//! too may pass, but the caller gets the backend's own answer, which names the part
+//! that failed.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -16,6 +22,7 @@ use trellis_common::config::{Config, ServiceKind};
 use trellis_common::metrics::RpcMetrics;
 use trellis_common::telemetry::inject_grpc_context;
 use trellis_common::transport::unix_channel;
+use trellis_common::upstream::{not_reached, parse_grpc_timeout};
 
 /// Whether a call may be sent again after a failure to reach its backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +101,8 @@ impl Backends {
         }
     }
 
-    /// One backend call, retried while the backend cannot be reached if `retry` allows.
+    /// One backend call, retried while the backend cannot be reached or answers
+    /// `Unavailable`, if `retry` allows.
     pub async fn call<Req, Resp, F, Fut>(
         &self,
         backend: &Backend,
@@ -112,7 +120,7 @@ impl Backends {
         if retry == Retry::Once {
             // Sent once, so its message is sent as it came, not a copy.
             return match call(backend.channel.clone(), outgoing(message, deadline)).await {
-                Err(status) if is_unreachable(&status) => {
+                Err(status) if not_reached(&status) => {
                     Err(unreachable(backend, 1, started, &status))
                 }
                 answer => answer,
@@ -129,11 +137,15 @@ impl Backends {
             let request = outgoing(message.clone(), deadline);
             let error = match call(backend.channel.clone(), request).await {
                 Ok(response) => return Ok(response),
-                Err(status) if is_unreachable(&status) => status,
+                Err(status) if worth_retrying(&status) => status,
                 Err(status) => return Err(status),
             };
             if Instant::now() + delay >= give_up {
-                return Err(unreachable(backend, attempts, started, &error));
+                return Err(if not_reached(&error) {
+                    unreachable(backend, attempts, started, &error)
+                } else {
+                    error
+                });
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(MAX_RETRY_DELAY);
@@ -163,50 +175,18 @@ fn unreachable(backend: &Backend, attempts: u32, started: Instant, error: &Statu
     ))
 }
 
-/// The backend could not be reached or dropped the connection: the call did not run
-/// to completion there, so an idempotent one may be sent again.
-///
-/// A status the backend answered carries no source; one made by the client from a
-/// transport failure keeps the failure as its source. A connection that closes under
-/// a call in flight (the backend was killed after accepting it) comes back as
-/// `Cancelled` with hyper's "operation was canceled", which is a transport failure,
-/// not a cancel by anyone; our own deadline (`TimeoutExpired`) is not retried.
-fn is_unreachable(status: &Status) -> bool {
-    if status.code() == Code::Unavailable {
-        return true;
-    }
-    let mut source = std::error::Error::source(status);
-    let transport = source.is_some();
-    while let Some(error) = source {
-        if error.is::<tonic::TimeoutExpired>() {
-            return false;
-        }
-        source = error.source();
-    }
-    transport
+/// Whether an idempotent call may be sent again after `status`: the backend was not
+/// reached (see [`not_reached`]: the call did not run to completion there), or it
+/// answered `Unavailable` (a service it needs is restarting). Other answers of the
+/// backend and our own deadline are final.
+fn worth_retrying(status: &Status) -> bool {
+    not_reached(status) || status.code() == Code::Unavailable
 }
 
 /// The caller's deadline from its `grpc-timeout` header, e.g. `1999m` or `5S`.
 pub fn caller_deadline<T>(request: &Request<T>, now: Instant) -> Option<Instant> {
     let raw = request.metadata().get("grpc-timeout")?.to_str().ok()?;
     parse_grpc_timeout(raw).map(|timeout| now + timeout)
-}
-
-fn parse_grpc_timeout(raw: &str) -> Option<Duration> {
-    if raw.len() < 2 || raw.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = raw.split_at(raw.len() - 1);
-    let value: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(value.checked_mul(3600)?),
-        "M" => Duration::from_secs(value.checked_mul(60)?),
-        "S" => Duration::from_secs(value),
-        "m" => Duration::from_millis(value),
-        "u" => Duration::from_micros(value),
-        "n" => Duration::from_nanos(value),
-        _ => return None,
-    })
 }
 
 /// Declares the RPCs of a CRI service that go to one backend as bytes
@@ -270,36 +250,103 @@ mod tests {
             .await
             .expect_err("nobody answered");
         dying_backend.await.expect("backend task");
-        assert!(is_unreachable(&status), "{status:?}");
+        assert!(not_reached(&status), "{status:?}");
     }
 
     #[test]
     fn answers_of_the_backend_and_our_own_deadline_are_not_retried() {
-        assert!(!is_unreachable(&Status::cancelled(
-            "cancelled by the backend"
-        )));
-        assert!(!is_unreachable(&Status::unknown(
-            "transport error, said the backend"
-        )));
-        assert!(!is_unreachable(&Status::not_found("no such pod")));
-        assert!(is_unreachable(&Status::unavailable("connection refused")));
+        for answer in [
+            Status::cancelled("cancelled by the backend"),
+            Status::unknown("transport error, said the backend"),
+            Status::not_found("no such pod"),
+        ] {
+            assert!(!worth_retrying(&answer), "{answer:?}");
+        }
         let timeout = Status::from_error(Box::new(tonic::TimeoutExpired(())));
         assert_eq!(timeout.code(), Code::Cancelled);
-        assert!(!is_unreachable(&timeout));
+        assert!(!worth_retrying(&timeout));
     }
 
-    #[test]
-    fn grpc_timeout_units() {
-        assert_eq!(
-            parse_grpc_timeout("1999m"),
-            Some(Duration::from_millis(1999))
-        );
-        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("10u"), Some(Duration::from_micros(10)));
-        assert_eq!(parse_grpc_timeout("S"), None);
-        assert_eq!(parse_grpc_timeout("12x"), None);
-        assert_eq!(parse_grpc_timeout("1234567890S"), None, "at most 8 digits");
+    fn backends(dir: &std::path::Path, retry_budget: Duration) -> Backends {
+        let backend = |kind: ServiceKind| {
+            let socket = dir.join(format!("{}.sock", kind.name()));
+            Backend {
+                kind,
+                channel: unix_channel(&socket),
+                socket,
+            }
+        };
+        let mut registry = prometheus_client::registry::Registry::default();
+        Backends {
+            runtime: backend(ServiceKind::Runtime),
+            image: backend(ServiceKind::Image),
+            network: backend(ServiceKind::Network),
+            retry_budget,
+            metrics: RpcMetrics::register(&mut registry, "test"),
+        }
+    }
+
+    /// The runtime answered `Unavailable` because storage is down: the caller reads
+    /// the runtime's words, never that the runtime is not answering, whether the call
+    /// is sent once or retried for the budget.
+    #[tokio::test]
+    async fn an_answered_unavailable_is_passed_on_not_called_not_answering() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backends = backends(dir.path(), Duration::from_millis(200));
+        let words = "storage service unavailable: not answering on /run/trellis/storage.sock";
+        let attempts = std::sync::atomic::AtomicU32::new(0);
+        for retry in [Retry::Once, Retry::Idempotent] {
+            attempts.store(0, std::sync::atomic::Ordering::SeqCst);
+            let started = Instant::now();
+            let status = backends
+                .call(&backends.runtime, retry, None, (), |_, _| async {
+                    attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    Err::<Response<()>, _>(Status::unavailable(words))
+                })
+                .await
+                .expect_err("the backend failed");
+            assert_eq!(status.code(), Code::Unavailable, "{retry:?}");
+            assert_eq!(status.message(), words, "{retry:?}");
+            let sent = attempts.load(std::sync::atomic::Ordering::SeqCst);
+            match retry {
+                Retry::Once => assert_eq!(sent, 1),
+                Retry::Idempotent => assert!(
+                    sent > 1 && started.elapsed() >= Duration::from_millis(100),
+                    "retried for the budget: {sent} attempts in {:?}",
+                    started.elapsed()
+                ),
+            }
+        }
+    }
+
+    /// Nobody listens on the runtime's socket: that, and only that, is "not answering".
+    #[tokio::test]
+    async fn a_backend_nobody_listens_for_is_not_answering() {
+        use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backends = backends(dir.path(), Duration::from_millis(100));
+        for retry in [Retry::Once, Retry::Idempotent] {
+            let status = backends
+                .call(
+                    &backends.runtime,
+                    retry,
+                    None,
+                    k8s_cri::v1::VersionRequest::default(),
+                    |channel, request| async move {
+                        RuntimeServiceClient::new(channel).version(request).await
+                    },
+                )
+                .await
+                .expect_err("nobody listens");
+            assert_eq!(status.code(), Code::Unavailable);
+            assert!(
+                status
+                    .message()
+                    .starts_with("trellis-runtime is not answering on ")
+                    && status.message().contains("runtime.sock"),
+                "{retry:?}: {}",
+                status.message()
+            );
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! lists and statuses from its index of the records (`index`) while that is current.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use k8s_cri::v1::*;
@@ -20,6 +21,8 @@ use crate::pull::Puller;
 
 pub struct ImageService {
     storage: Channel,
+    /// Where `storage` dials, for messages.
+    storage_socket: PathBuf,
     puller: Arc<Puller>,
     bus: EventBus,
     index: Arc<ImageIndex>,
@@ -74,12 +77,14 @@ fn image_event(kind: image_event::Kind, image: &storage::Image) -> Payload {
 impl ImageService {
     pub fn new(
         storage: Channel,
+        storage_socket: PathBuf,
         puller: Arc<Puller>,
         bus: EventBus,
         index: Arc<ImageIndex>,
     ) -> Self {
         Self {
             storage,
+            storage_socket,
             puller,
             bus,
             index,
@@ -91,6 +96,24 @@ impl ImageService {
             .max_decoding_message_size(trellis_common::grpc::MAX_MESSAGE_BYTES)
     }
 
+    /// A call to storage within what the caller's deadline leaves, failing with
+    /// words that name storage (see `trellis_common::upstream`).
+    async fn ask<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<Response<T>, Status>>,
+    ) -> Result<T, Status> {
+        use trellis_common::upstream::{no_answer_message, pass_on, time_left};
+        let answer = match time_left() {
+            None => call.await,
+            Some(left) => tokio::time::timeout(left, call).await.map_err(|_| {
+                Status::deadline_exceeded(no_answer_message("storage", &self.storage_socket, left))
+            })?,
+        };
+        answer
+            .map(Response::into_inner)
+            .map_err(|status| pass_on("storage", &self.storage_socket, &status))
+    }
+
     /// Every image: from the index when it is current, else listed by storage (and
     /// the index rebuilt from that listing).
     async fn list(&self) -> Result<Vec<storage::Image>, Status> {
@@ -98,11 +121,10 @@ impl ImageService {
             return Ok(images);
         }
         let listing = self.index.listing();
+        let mut client = self.storage();
         let listed = self
-            .storage()
-            .list_images(traced_request(storage::ListImagesRequest {}))
-            .await?
-            .into_inner();
+            .ask(client.list_images(traced_request(storage::ListImagesRequest {})))
+            .await?;
         self.index
             .install(listing, listed.images.clone(), listed.generation);
         Ok(listed.images)
@@ -125,14 +147,12 @@ impl ImageService {
 
     /// The image `reference` names, as storage has it (with its config as pulled).
     async fn stored(&self, reference: &str) -> Result<Option<storage::Image>, Status> {
-        match self
-            .storage()
-            .get_image(traced_request(GetImageRequest {
-                reference: reference.to_string(),
-            }))
-            .await
-        {
-            Ok(image) => Ok(Some(image.into_inner())),
+        let mut client = self.storage();
+        let request = traced_request(GetImageRequest {
+            reference: reference.to_string(),
+        });
+        match self.ask(client.get_image(request)).await {
+            Ok(image) => Ok(Some(image)),
             Err(status) if status.code() == Code::NotFound => Ok(None),
             Err(status) => Err(status),
         }
@@ -227,13 +247,14 @@ impl image_service_server::ImageService for ImageService {
     ) -> Result<Response<RemoveImageResponse>, Status> {
         let name = image_name(request.get_ref().image.as_ref(), "RemoveImage")?;
         let epoch = self.index.epoch();
+        let mut client = self.storage();
         let removal = self
-            .storage()
-            .remove_image(traced_request(storage::RemoveImageRequest {
-                reference: name,
-            }))
-            .await?
-            .into_inner();
+            .ask(
+                client.remove_image(traced_request(storage::RemoveImageRequest {
+                    reference: name,
+                })),
+            )
+            .await?;
         if let Some(image) = removal.image {
             if removal.deleted {
                 self.publish(image_event(image_event::Kind::Removed, &image));
@@ -251,11 +272,10 @@ impl image_service_server::ImageService for ImageService {
         &self,
         _request: Request<ImageFsInfoRequest>,
     ) -> Result<Response<ImageFsInfoResponse>, Status> {
+        let mut client = self.storage();
         let usage = self
-            .storage()
-            .fs_usage(traced_request(FsUsageRequest {}))
-            .await?
-            .into_inner();
+            .ask(client.fs_usage(traced_request(FsUsageRequest {})))
+            .await?;
         let filesystem = FilesystemUsage {
             timestamp: usage.timestamp_unix_nano,
             fs_id: Some(FilesystemIdentifier {

@@ -28,8 +28,15 @@ pub enum ImageError {
         digest: String,
         reason: String,
     },
-    #[error("storage service: {0}")]
+    #[error("storage service: {}", .0.message())]
     Storage(Status),
+    /// Storage was down or stuck during the pull: no source is at fault.
+    #[error("pulling {image}: {message}")]
+    StorageDown {
+        image: String,
+        message: String,
+        code: Code,
+    },
     #[error("credentials file {path}: {reason}")]
     Credentials { path: String, reason: String },
 }
@@ -51,6 +58,7 @@ impl From<ImageError> for Status {
             ImageError::Stalled { .. } => Status::deadline_exceeded(message),
             ImageError::BadConfig { .. } => Status::data_loss(message),
             ImageError::Storage(status) => Status::new(status.code(), message),
+            ImageError::StorageDown { code, .. } => Status::new(code, message),
             ImageError::Credentials { .. } => Status::failed_precondition(message),
         }
     }

@@ -9,11 +9,11 @@
 //! its downloads and its streams to storage. Whatever the way a pull ended without
 //! its image, the layers it imported and nobody needs are pruned.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use oci_client::errors::OciDistributionError;
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use prometheus_client::metrics::counter::Counter;
@@ -31,13 +31,16 @@ use trellis_common::metrics::RpcLabels;
 use trellis_common::reference::{NamedRef, chain_id};
 use trellis_common::telemetry::traced_request;
 use trellis_common::text::excerpt_to;
+use trellis_common::upstream;
 use trellis_proto::storage::v1::storage_client::StorageClient;
 use trellis_proto::storage::v1::{
-    HasLayerRequest, Image, ImageConfig as StoredConfig, ImportLayerChunk, LayerHeader,
-    PruneLayersRequest, PutImageRequest, import_layer_chunk::Part,
+    HasLayerRequest, Image, ImportLayerChunk, LayerHeader, PruneLayersRequest, PutImageRequest,
+    import_layer_chunk::Part,
 };
 
 use crate::error::ImageError;
+use crate::failure::{REGISTRY_TEXT_CHARS, SourceFailure, broken_download, classify};
+use crate::image_config::stored_config;
 use crate::index::{Change, ImageIndex};
 use crate::inflight::{InFlight, Outcome, Start};
 use crate::registry::{Source, auth_for, client_for, sources};
@@ -48,12 +51,12 @@ const PARALLEL_LAYERS: usize = 3;
 const PRUNE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the prune at start waits for a storage service that is not up yet.
 const STARTUP_PRUNE_PATIENCE: Duration = Duration::from_secs(30);
-/// How much of a registry's own error text a message quotes.
-const REGISTRY_TEXT_CHARS: usize = 300;
 
 pub struct Puller {
     config: ImageConfig,
     storage: Channel,
+    /// Where `storage` dials, for messages.
+    storage_socket: PathBuf,
     /// Told of each image recorded, before the pull answers its callers.
     index: Arc<ImageIndex>,
     credentials: std::collections::HashMap<String, RegistryAuth>,
@@ -104,56 +107,6 @@ impl PullMetrics {
     }
 }
 
-/// A source failed; `code` says how, for the final answer.
-struct SourceFailure {
-    message: String,
-    code: Code,
-    /// Bad content rather than an unreachable or empty source: stop, do not try others.
-    fatal: bool,
-}
-
-impl From<Status> for SourceFailure {
-    fn from(status: Status) -> Self {
-        // Storage refusing the content (bad bytes, unsafe entries, over its size limits)
-        // would refuse it from any source.
-        let fatal = matches!(
-            status.code(),
-            Code::DataLoss | Code::InvalidArgument | Code::ResourceExhausted
-        );
-        Self {
-            fatal,
-            code: status.code(),
-            message: format!("storage: {}", status.message()),
-        }
-    }
-}
-
-fn classify(error: OciDistributionError) -> SourceFailure {
-    let code = match &error {
-        OciDistributionError::AuthenticationFailure(_)
-        | OciDistributionError::UnauthorizedError { .. } => Code::Unauthenticated,
-        OciDistributionError::ImageManifestNotFoundError(_) => Code::NotFound,
-        OciDistributionError::DigestError(_) => Code::DataLoss,
-        OciDistributionError::RegistryError { envelope, .. }
-            if envelope
-                .errors
-                .iter()
-                .any(|e| format!("{:?}", e.code).contains("Unauthorized")) =>
-        {
-            Code::Unauthenticated
-        }
-        OciDistributionError::ServerError { code: 401, .. } => Code::Unauthenticated,
-        OciDistributionError::ServerError { code: 404, .. } => Code::NotFound,
-        _ => Code::Unavailable,
-    };
-    // The text can hold whatever a registry or token endpoint chose to answer.
-    SourceFailure {
-        fatal: code == Code::DataLoss,
-        code,
-        message: excerpt_to(&error.to_string(), REGISTRY_TEXT_CHARS),
-    }
-}
-
 fn auth_fingerprint(auth: &RegistryAuth) -> String {
     let secret = match auth {
         RegistryAuth::Anonymous => return "anonymous".into(),
@@ -177,6 +130,7 @@ impl Puller {
     pub fn new(
         config: ImageConfig,
         storage: Channel,
+        storage_socket: PathBuf,
         index: Arc<ImageIndex>,
         registry: &mut Registry,
     ) -> Result<Self, ImageError> {
@@ -184,6 +138,7 @@ impl Puller {
         Ok(Self {
             config,
             storage,
+            storage_socket,
             index,
             credentials,
             inflight: Arc::default(),
@@ -195,6 +150,10 @@ impl Puller {
     fn storage(&self) -> StorageClient<Channel> {
         StorageClient::new(self.storage.clone())
             .max_decoding_message_size(trellis_common::grpc::MAX_MESSAGE_BYTES)
+    }
+
+    fn storage_failed(&self, status: Status) -> SourceFailure {
+        SourceFailure::storage(&self.storage_socket, status)
     }
 
     /// Removes every layer no image uses: what pulls cut short by a crash or a kill of
@@ -280,10 +239,15 @@ impl Puller {
             let image = image.clone();
             async move { this.pull_from_sources(id, &image, &auth).await }.in_current_span()
         });
+        // Waiters are answered once what the pull left is pruned, so that they see
+        // the store as the pull left it; but a storage down or stuck may not prune
+        // for a long time (PRUNE_TIMEOUT), and what it says is known already.
+        let mut answer_first = false;
         let ended: Option<Outcome> = tokio::select! {
             joined = &mut worker => Some(match joined {
                 Ok(Ok(pulled)) => Ok(pulled),
                 Ok(Err(error)) => {
+                    answer_first = matches!(error, ImageError::StorageDown { .. });
                     let status = Status::from(error);
                     Err((status.code(), status.message().to_string()))
                 }
@@ -306,6 +270,9 @@ impl Puller {
             Some(Ok(pulled)) => pulled.chain_ids.clone(),
             _ => Vec::new(),
         };
+        if answer_first {
+            outcome.send_replace(ended.clone());
+        }
         self.prune_leftovers(id, &image, &kept).await;
         let label = match &ended {
             Some(Ok(_)) => "ok",
@@ -318,7 +285,7 @@ impl Puller {
                 method: label.into(),
             })
             .observe(started.elapsed().as_secs_f64());
-        if let Some(ended) = ended {
+        if let Some(ended) = ended.filter(|_| !answer_first) {
             outcome.send_replace(Some(ended));
         }
     }
@@ -362,6 +329,14 @@ impl Puller {
         for source in sources(&self.config, image) {
             match self.pull_from(id, image, &source, auth).await {
                 Ok(pulled) => return Ok(pulled),
+                Err(failure) if failure.storage_down => {
+                    tracing::warn!(image = %image, error = %failure.message, "pull failed: storage is down");
+                    return Err(ImageError::StorageDown {
+                        image: image.to_string(),
+                        message: failure.message,
+                        code: failure.code,
+                    });
+                }
                 Err(failure) => {
                     tracing::warn!(image = %image, source = %source.label, error = %failure.message, "pull source failed");
                     failures.push(format!("{}: {}", source.label, failure.message));
@@ -396,11 +371,7 @@ impl Puller {
                 source_name: source.label.clone(),
                 seconds: timeout.as_secs(),
             };
-            SourceFailure {
-                message: error.to_string(),
-                code: Code::DeadlineExceeded,
-                fatal: false,
-            }
+            SourceFailure::new(Code::DeadlineExceeded, error.to_string())
         };
         let (manifest, manifest_digest, list_digest) = tokio::time::timeout(
             timeout,
@@ -419,14 +390,16 @@ impl Puller {
         .map_err(classify)?;
         let config_digest = manifest.config.digest.clone();
         let bad_config = |reason: String| SourceFailure {
-            message: ImageError::BadConfig {
-                image: image.to_string(),
-                digest: config_digest.clone(),
-                reason,
-            }
-            .to_string(),
-            code: Code::DataLoss,
             fatal: true,
+            ..SourceFailure::new(
+                Code::DataLoss,
+                ImageError::BadConfig {
+                    image: image.to_string(),
+                    digest: config_digest.clone(),
+                    reason,
+                }
+                .to_string(),
+            )
         };
         let config: serde_json::Value = serde_json::from_slice(&config_bytes)
             .map_err(|e| bad_config(format!("not JSON: {e}")))?;
@@ -493,31 +466,43 @@ impl Puller {
         };
         fail_point("image.pull.before-record").await?;
         let epoch = self.index.epoch();
+        let mut storage = self.storage();
+        let request = traced_request(PutImageRequest {
+            image: Some(record),
+        });
         let stored = self
-            .storage()
-            .put_image(traced_request(PutImageRequest {
-                image: Some(record),
-            }))
-            .await?
-            .into_inner();
+            .ask_storage(timeout, storage.put_image(request))
+            .await?;
         let image = stored.image.ok_or_else(|| SourceFailure {
-            message: "storage returned no image".into(),
-            code: Code::Internal,
             fatal: true,
+            ..SourceFailure::new(Code::Internal, "storage returned no image".into())
         })?;
         self.index
             .applied(epoch, stored.generation, Change::Put(image.clone()));
         Ok(image)
     }
 
-    async fn has_layer(&self, chain_id: &str) -> Result<bool, SourceFailure> {
+    /// A call to storage that must answer within the pull's progress timeout.
+    async fn ask_storage<T>(
+        &self,
+        timeout: Duration,
+        call: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    ) -> Result<T, SourceFailure> {
+        tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| SourceFailure::storage_stuck(&self.storage_socket, timeout))?
+            .map(tonic::Response::into_inner)
+            .map_err(|status| self.storage_failed(status))
+    }
+
+    async fn has_layer(&self, chain_id: &str, timeout: Duration) -> Result<bool, SourceFailure> {
+        let mut storage = self.storage();
+        let request = traced_request(HasLayerRequest {
+            chain_id: chain_id.to_string(),
+        });
         Ok(self
-            .storage()
-            .has_layer(traced_request(HasLayerRequest {
-                chain_id: chain_id.to_string(),
-            }))
+            .ask_storage(timeout, storage.has_layer(request))
             .await?
-            .into_inner()
             .present)
     }
 
@@ -531,11 +516,11 @@ impl Puller {
         header: LayerHeader,
         timeout: Duration,
     ) -> Result<(), SourceFailure> {
-        if self.has_layer(&header.chain_id).await? {
+        if self.has_layer(&header.chain_id, timeout).await? {
             return Ok(());
         }
         let _downloading = self.blobs.lock(&layer.digest).await;
-        if self.has_layer(&header.chain_id).await? {
+        if self.has_layer(&header.chain_id, timeout).await? {
             return Ok(());
         }
         // From here storage may end up with the layer, whatever happens to this pull.
@@ -548,6 +533,10 @@ impl Puller {
         let (chunks, outgoing) = mpsc::channel::<ImportLayerChunk>(16);
         let digest = header.digest.clone();
         let image = header.image.clone();
+        // Storage taking no bytes, or giving no answer once it has them all, for the
+        // progress timeout is stuck: said so, rather than the pull waiting forever.
+        let stuck = || SourceFailure::storage_stuck(&self.storage_socket, timeout);
+        let (done, forward_done) = tokio::sync::oneshot::channel::<()>();
         if chunks
             .send(ImportLayerChunk {
                 part: Some(Part::Header(header)),
@@ -555,17 +544,25 @@ impl Puller {
             .await
             .is_err()
         {
-            return Err(SourceFailure {
-                message: "storage stream closed".into(),
-                code: Code::Unavailable,
-                fatal: false,
-            });
+            return Err(SourceFailure::new(
+                Code::Unavailable,
+                "storage stream closed".into(),
+            ));
         }
         let mut storage = self.storage();
-        let upload = storage.import_layer(traced_request(
-            tokio_stream::wrappers::ReceiverStream::new(outgoing),
-        ));
+        let upload = async {
+            let upload = storage.import_layer(traced_request(
+                tokio_stream::wrappers::ReceiverStream::new(outgoing),
+            ));
+            tokio::pin!(upload);
+            tokio::select! {
+                answer = &mut upload => Ok(answer),
+                _ = forward_done => tokio::time::timeout(timeout, upload).await.map_err(|_| stuck()),
+            }
+        };
         let forward = async move {
+            // Dropped when the forwarding ends, however it ends.
+            let _done = done;
             let mut stream = blob.stream;
             loop {
                 let next = match tokio::time::timeout(timeout, stream.next()).await {
@@ -577,42 +574,44 @@ impl Puller {
                             source_name: source.label.clone(),
                             seconds: timeout.as_secs(),
                         };
-                        return Err(SourceFailure {
-                            message: stalled.to_string(),
-                            code: Code::DeadlineExceeded,
-                            fatal: false,
-                        });
+                        return Err(SourceFailure::new(
+                            Code::DeadlineExceeded,
+                            stalled.to_string(),
+                        ));
                     }
                 };
                 match next {
                     None => return Ok(()),
                     Some(Ok(bytes)) => {
                         self.metrics.bytes.inc_by(bytes.len() as u64);
-                        if chunks
-                            .send(ImportLayerChunk {
-                                part: Some(Part::Data(bytes)),
-                            })
-                            .await
-                            .is_err()
-                        {
+                        let chunk = ImportLayerChunk {
+                            part: Some(Part::Data(bytes)),
+                        };
+                        match tokio::time::timeout(timeout, chunks.send(chunk)).await {
+                            Ok(Ok(())) => {}
                             // Storage stopped reading: its answer says why.
-                            return Ok(());
+                            Ok(Err(_)) => return Ok(()),
+                            Err(_) => return Err(stuck()),
                         }
                     }
-                    Some(Err(error)) => {
-                        return Err(SourceFailure {
-                            message: format!("downloading {digest}: {error}"),
-                            code: Code::Unavailable,
-                            fatal: false,
-                        });
-                    }
+                    Some(Err(error)) => return Err(broken_download(&digest, &error)),
                 }
             }
         };
         let (forwarded, uploaded) = tokio::join!(forward, upload);
-        // Storage's verdict (digest, size, unsafe entries) is the more precise one.
-        uploaded?;
-        forwarded?;
+        match (forwarded, uploaded?) {
+            (_, Err(status)) if upstream::not_reached(&status) => {
+                return Err(self.storage_failed(status));
+            }
+            (Err(failure), _) if failure.storage_down => return Err(failure),
+            // The download broke, stalled or brought bytes that do not match: storage's
+            // complaint about the stream it got follows from that.
+            (Err(broken), Err(_)) => return Err(broken),
+            // Storage's verdict (digest, size, unsafe entries) on a whole download.
+            (Ok(()), Err(status)) => return Err(self.storage_failed(status)),
+            (Err(broken), Ok(_)) => return Err(broken),
+            (Ok(()), Ok(_)) => {}
+        }
         self.metrics
             .layer_import
             .observe(started.elapsed().as_secs_f64());
@@ -625,94 +624,7 @@ async fn fail_point(point: &'static str) -> Result<(), SourceFailure> {
     trellis_common::failpoint::hit_async(point)
         .await
         .map_err(|error| SourceFailure {
-            message: error.to_string(),
-            code: Code::Internal,
             fatal: true,
+            ..SourceFailure::new(Code::Internal, error.to_string())
         })
-}
-
-/// What the runtime needs from the image config.
-fn stored_config(config: &serde_json::Value) -> StoredConfig {
-    let inner = config.get("config").cloned().unwrap_or_default();
-    let string = |key: &str| {
-        inner
-            .get(key)
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_string()
-    };
-    let strings = |key: &str| -> Vec<String> {
-        inner
-            .get(key)
-            .and_then(|v| v.as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let keys = |key: &str| -> Vec<String> {
-        inner
-            .get(key)
-            .and_then(|v| v.as_object())
-            .map(|o| o.keys().cloned().collect())
-            .unwrap_or_default()
-    };
-    StoredConfig {
-        user: string("User"),
-        env: strings("Env"),
-        entrypoint: strings("Entrypoint"),
-        cmd: strings("Cmd"),
-        working_dir: string("WorkingDir"),
-        volumes: keys("Volumes"),
-        stop_signal: string("StopSignal"),
-        labels: inner
-            .get("Labels")
-            .and_then(|v| v.as_object())
-            .map(|o| {
-                o.iter()
-                    .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
-                    .collect()
-            })
-            .unwrap_or_default(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn storage_refusing_the_content_ends_the_pull_with_its_code() {
-        for code in [
-            Code::DataLoss,
-            Code::InvalidArgument,
-            Code::ResourceExhausted,
-        ] {
-            let failure = SourceFailure::from(Status::new(code, "layer over the size limit"));
-            assert!(failure.fatal, "{code:?}: no other source is tried");
-            assert_eq!(failure.code, code, "passed through");
-        }
-        for code in [Code::Unavailable, Code::DeadlineExceeded, Code::Internal] {
-            assert!(
-                !SourceFailure::from(Status::new(code, "down")).fatal,
-                "{code:?}: another source may do"
-            );
-        }
-    }
-
-    #[test]
-    fn registry_text_is_quoted_short() {
-        let failure = classify(OciDistributionError::AuthenticationFailure(format!(
-            "denied\n{}",
-            "x".repeat(20_000)
-        )));
-        assert_eq!(failure.code, Code::Unauthenticated);
-        assert!(
-            failure.message.len() < REGISTRY_TEXT_CHARS + 60 && !failure.message.contains('\n'),
-            "{}",
-            failure.message
-        );
-    }
 }

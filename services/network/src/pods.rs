@@ -30,7 +30,7 @@ pub struct PodIdentity {
 
 pub struct Pods {
     config_dir: PathBuf,
-    plugin_dirs: Vec<PathBuf>,
+    plugins: cni::Plugins,
     run_dir: PathBuf,
     records: Records,
     /// One operation per sandbox at a time: a SetUpPod and a TearDownPod of one pod
@@ -51,7 +51,10 @@ impl Pods {
     ) -> Result<Self, NetworkError> {
         Ok(Self {
             config_dir: config.network.cni_config_dir.clone(),
-            plugin_dirs: config.network.cni_plugin_dirs.clone(),
+            plugins: cni::Plugins {
+                dirs: config.network.cni_plugin_dirs.clone(),
+                timeout: std::time::Duration::from_secs(config.network.cni_plugin_timeout_seconds),
+            },
             run_dir: config.node.run_dir.clone(),
             records: Records::open(store)?,
             locks: KeyedLocks::new(),
@@ -65,7 +68,7 @@ impl Pods {
     }
 
     pub fn network_status(&self) -> Result<cni_config::CniNetwork, cni_config::CniError> {
-        cni_config::load_network(&self.config_dir, &self.plugin_dirs)
+        cni_config::load_network(&self.config_dir, &self.plugins.dirs)
     }
 
     /// Sets the pod's network up, or answers the one it has. A failed set-up is rolled
@@ -149,7 +152,7 @@ impl Pods {
         let _turn = self.cni_turn().await?;
         netns::create(&attachment.netns, &attachment.sandbox_id).await?;
         trellis_common::failpoint::hit_async("network.setup.after-netns").await?;
-        let result = cni::add(attachment, &self.plugin_dirs).await?;
+        let result = cni::add(attachment, &self.plugins).await?;
         record.result = Some(result.clone());
         trellis_common::failpoint::hit_async("network.setup.after-add").await?;
         addresses(record)
@@ -199,7 +202,7 @@ impl Pods {
                 attachment,
                 record.result.as_ref(),
                 netns_exists,
-                &self.plugin_dirs,
+                &self.plugins,
             )
             .await?;
             netns::remove(&attachment.netns, &record.sandbox_id).await?;
@@ -222,7 +225,7 @@ impl Pods {
             && record.state == PodState::Ready
             && let (Some(attachment), Some(result)) = (&record.attachment, &record.result)
         {
-            cni::check(attachment, result, &self.plugin_dirs).await?;
+            cni::check(attachment, result, &self.plugins).await?;
         }
         let addresses = addresses(&record)?;
         Ok((record, addresses))

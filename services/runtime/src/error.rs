@@ -27,10 +27,26 @@ pub enum RuntimeError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{service} service: {status}")]
+    /// The service answered with an error: its code and words are passed on.
+    #[error("{service} service: {}", status.message())]
     Backend {
         service: &'static str,
         status: Status,
+    },
+    /// The service was not reached, or dropped the call: that service, not this one,
+    /// is down.
+    /// (`trellis_common::upstream::unreached_message` words it.)
+    #[error("{message}")]
+    Unreachable {
+        service: &'static str,
+        message: String,
+    },
+    /// The service took the call but did not answer within what the caller's
+    /// deadline left (`trellis_common::upstream::no_answer_message`).
+    #[error("{message}")]
+    NoAnswer {
+        service: &'static str,
+        message: String,
     },
     #[error("{0}")]
     Oci(String),
@@ -66,20 +82,6 @@ impl RuntimeError {
             source,
         }
     }
-
-    pub fn storage(status: Status) -> Self {
-        Self::Backend {
-            service: "storage",
-            status,
-        }
-    }
-
-    pub fn network(status: Status) -> Self {
-        Self::Backend {
-            service: "network",
-            status,
-        }
-    }
 }
 
 impl From<RuntimeError> for Status {
@@ -96,6 +98,8 @@ impl From<RuntimeError> for Status {
             RuntimeError::AlreadyExists(_) => Status::already_exists(message),
             RuntimeError::FailedPrecondition(_) => Status::failed_precondition(message),
             RuntimeError::Backend { status, .. } => Status::new(status.code(), message),
+            RuntimeError::Unreachable { .. } => Status::unavailable(message),
+            RuntimeError::NoAnswer { .. } => Status::deadline_exceeded(message),
             RuntimeError::Timeout { .. } => Status::deadline_exceeded(message),
             RuntimeError::Unfinished { source, .. } => {
                 Status::new(Status::from(*source).code(), message)

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 use trellis_common::ServiceKind;
 use trellis_common::grpc::{MAX_MESSAGE_BYTES, find_executable};
+use trellis_common::upstream::WithDeadlines;
 use trellis_runtime::lifecycle::{Parts, Runtime};
 use trellis_runtime::namespaces::HostNamespaces;
 use trellis_runtime::oci::ConmonRunc;
@@ -42,11 +43,13 @@ fn main() -> anyhow::Result<()> {
             oci,
         );
         let service = RuntimeService::new(&config.runtime, runtime, streaming);
-        Ok(tonic::service::Routes::new(
+        // Calls to storage, image and network give up before the CRI caller's deadline
+        // and name the service that kept them waiting.
+        Ok(tonic::service::Routes::new(WithDeadlines(
             RuntimeServiceServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        ))
+        )))
     })?;
     Ok(())
 }

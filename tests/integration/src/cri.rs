@@ -166,6 +166,34 @@ pub async fn run_pod(node: &Node, config: PodSandboxConfig) -> Pod {
     Pod { id, config }
 }
 
+/// RunPodSandbox of `config` under a deadline, as a kubelet sends it: the pod's id,
+/// or the status it failed with.
+pub async fn try_run_pod(
+    node: &Node,
+    config: PodSandboxConfig,
+    timeout: Duration,
+) -> Result<String, tonic::Status> {
+    let mut request = tonic::Request::new(RunPodSandboxRequest {
+        config: Some(config),
+        runtime_handler: String::new(),
+    });
+    request.set_timeout(timeout);
+    node.runtime()
+        .run_pod_sandbox(request)
+        .await
+        .map(|r| r.into_inner().pod_sandbox_id)
+}
+
+/// RemovePodSandbox of the pod `id`, which must succeed.
+pub async fn remove_pod(node: &Node, id: &str) {
+    node.runtime()
+        .remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: id.to_string(),
+        })
+        .await
+        .expect("RemovePodSandbox");
+}
+
 /// Stops and removes pods (and so their containers), which a node must have done
 /// before `Node::stop`.
 pub async fn remove_pods(node: &Node, pods: &[&Pod]) {

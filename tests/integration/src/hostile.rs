@@ -1,7 +1,7 @@
 //! Hostile network peers for pull tests: a token endpoint that hands out a token no
 //! HTTP header can carry, and a TCP proxy that trickles a registry's answers so a
-//! test can abandon a pull in the middle of a layer. Both are real servers on
-//! loopback ports, stopped when dropped.
+//! test can abandon a pull in the middle of a layer, or cut the registry off under
+//! it. Both are real servers on loopback ports, stopped when dropped.
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -83,10 +83,12 @@ impl Drop for TokenServer {
 }
 
 /// A TCP proxy to `upstream` that, while slow, passes the upstream's bytes on a few
-/// at a time. It counts what it passed and the connections open through it.
+/// at a time. It counts what it passed and the connections open through it. Cut, it
+/// closes every connection and each new one at once, as a registry that went away.
 pub struct TrickleProxy {
     pub address: String,
     slow: Arc<AtomicBool>,
+    cut: Arc<AtomicBool>,
     forwarded: Arc<AtomicU64>,
     open: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
@@ -108,22 +110,32 @@ impl TrickleProxy {
             .await
             .expect("bind");
         let address = listener.local_addr().expect("address").to_string();
-        let (slow, forwarded, open) = (
+        let (slow, cut, forwarded, open) = (
             Arc::new(AtomicBool::new(true)),
+            Arc::new(AtomicBool::new(false)),
             Arc::new(AtomicU64::new(0)),
             Arc::new(AtomicUsize::new(0)),
         );
         let upstream = upstream.to_string();
         let task = tokio::spawn({
-            let (slow, forwarded, open) = (slow.clone(), forwarded.clone(), open.clone());
+            let (slow, cut, forwarded, open) =
+                (slow.clone(), cut.clone(), forwarded.clone(), open.clone());
             async move {
                 // Dropped with this task, which aborts every connection's task.
                 let mut connections = tokio::task::JoinSet::new();
                 while let Ok((client, _)) = listener.accept().await {
+                    if cut.load(Ordering::SeqCst) {
+                        drop(client);
+                        continue;
+                    }
                     open.fetch_add(1, Ordering::SeqCst);
                     let guard = OpenGuard(open.clone());
-                    let (slow, forwarded, upstream) =
-                        (slow.clone(), forwarded.clone(), upstream.clone());
+                    let (slow, cut, forwarded, upstream) = (
+                        slow.clone(),
+                        cut.clone(),
+                        forwarded.clone(),
+                        upstream.clone(),
+                    );
                     connections.spawn(async move {
                         let _guard = guard;
                         let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
@@ -135,6 +147,9 @@ impl TrickleProxy {
                         let answers = async {
                             let mut buffer = vec![0u8; 64 * 1024];
                             loop {
+                                if cut.load(Ordering::SeqCst) {
+                                    return;
+                                }
                                 let limit = if slow.load(Ordering::Relaxed) {
                                     chunk
                                 } else {
@@ -166,6 +181,7 @@ impl TrickleProxy {
         TrickleProxy {
             address,
             slow,
+            cut,
             forwarded,
             open,
             task,
@@ -175,6 +191,16 @@ impl TrickleProxy {
     /// From now on, bytes pass at full speed.
     pub fn full_speed(&self) {
         self.slow.store(false, Ordering::Relaxed);
+    }
+
+    /// Closes every connection (within one tick) and each new one at once.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+    }
+
+    /// Passes connections again, after [`TrickleProxy::cut`].
+    pub fn mend(&self) {
+        self.cut.store(false, Ordering::SeqCst);
     }
 
     /// Bytes passed from the upstream to clients so far.

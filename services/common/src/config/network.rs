@@ -17,6 +17,10 @@ pub struct NetworkConfig {
     /// CNI plugin chains (ADD or DEL) run at once at most; more wait their turn, first
     /// come first served. 0 = two per CPU (plugins also wait on the network and locks).
     pub max_parallel_cni: u64,
+    /// A CNI plugin that has not answered after this long is killed and its pod's
+    /// set-up or tear-down fails naming it: a hung plugin must not hold a pod (and
+    /// its per-sandbox lock) forever.
+    pub cni_plugin_timeout_seconds: u64,
 }
 
 impl Default for NetworkConfig {
@@ -28,6 +32,7 @@ impl Default for NetworkConfig {
             cni_config_dir: PathBuf::from("/etc/cni/net.d"),
             cni_plugin_dirs: vec![PathBuf::from("/usr/lib/cni"), PathBuf::from("/opt/cni/bin")],
             max_parallel_cni: 0,
+            cni_plugin_timeout_seconds: 120,
         }
     }
 }
@@ -39,6 +44,13 @@ impl NetworkConfig {
                 "network.cni_config_dir",
                 "an absolute path",
                 &self.cni_config_dir.display().to_string(),
+            ));
+        }
+        if self.cni_plugin_timeout_seconds == 0 {
+            return Err(provenance.bad_value(
+                "network.cni_plugin_timeout_seconds",
+                "at least 1",
+                "0",
             ));
         }
         Ok(())

@@ -1,18 +1,51 @@
 //! Running one CNI plugin binary as the spec says: the operation in environment
 //! variables, the network configuration on stdin, a result or an error on stdout.
+//!
+//! A plugin runs in a process group of its own, so that one that hangs past its
+//! timeout, or whose call is given up, is killed with whatever it started (a shell
+//! script's `sleep`, a helper holding its stdout open), not just its first process.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
 use tokio::io::AsyncWriteExt;
+use trellis_common::text::excerpt_to;
 
 use super::result::CniErrorReply;
 use crate::cni_config;
 
-/// A plugin that has not answered after this long is killed: a hung plugin must not
-/// hold a pod (and its per-sandbox lock) forever.
-const PLUGIN_TIMEOUT: Duration = Duration::from_secs(120);
+/// How much of a plugin's own output a message quotes.
+const PLUGIN_TEXT_CHARS: usize = 500;
+
+/// Where plugins are found and how long one may run (`network.cni_plugin_dirs`,
+/// `network.cni_plugin_timeout_seconds`).
+#[derive(Debug, Clone)]
+pub struct Plugins {
+    pub dirs: Vec<PathBuf>,
+    pub timeout: Duration,
+}
+
+/// Kills a plugin's process group unless the plugin finished: on a timeout, and when
+/// the call running it is dropped.
+struct GroupGuard(Option<Pid>);
+
+impl GroupGuard {
+    fn finished(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(group) = self.0.take() {
+            // Gone already is fine: the group's last process may have just exited.
+            let _ = killpg(group, Signal::SIGKILL);
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CniCommand {
@@ -124,7 +157,7 @@ pub struct Invocation<'a> {
     pub interface: &'a str,
     /// `CNI_ARGS`: `key=value` pairs joined by `;`.
     pub args: &'a str,
-    pub plugin_dirs: &'a [PathBuf],
+    pub plugins: &'a Plugins,
 }
 
 /// Runs plugin `plugin` with `stdin`; the parsed stdout after ADD (a result), `None`
@@ -136,13 +169,13 @@ pub async fn run_plugin(
 ) -> Result<Option<serde_json::Value>, CniExecError> {
     let command = invocation.command;
     let sandbox_id = invocation.sandbox_id.to_string();
-    let path = cni_config::find_plugin(plugin, invocation.plugin_dirs).ok_or_else(|| {
-        CniExecError::NotFound {
-            plugin: plugin.to_string(),
-            dirs: cni_config::describe_dirs(invocation.plugin_dirs),
-        }
+    let dirs = &invocation.plugins.dirs;
+    let timeout = invocation.plugins.timeout;
+    let path = cni_config::find_plugin(plugin, dirs).ok_or_else(|| CniExecError::NotFound {
+        plugin: plugin.to_string(),
+        dirs: cni_config::describe_dirs(dirs),
     })?;
-    let cni_path = std::env::join_paths(invocation.plugin_dirs).unwrap_or_default();
+    let cni_path = std::env::join_paths(dirs).unwrap_or_default();
     let mut child = tokio::process::Command::new(&path)
         .env("CNI_COMMAND", command.as_str())
         .env("CNI_CONTAINERID", invocation.sandbox_id)
@@ -153,6 +186,7 @@ pub async fn run_plugin(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| CniExecError::Spawn {
@@ -160,6 +194,13 @@ pub async fn run_plugin(
             path: path.clone(),
             source,
         })?;
+    // The group is the plugin's pid (`process_group(0)`).
+    let mut group = GroupGuard(
+        child
+            .id()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .map(Pid::from_raw),
+    );
     let io_error = |what: &'static str| {
         let sandbox_id = sandbox_id.clone();
         move |source| CniExecError::Io {
@@ -178,14 +219,19 @@ pub async fn run_plugin(
             other => other.map_err(io_error("cannot write its configuration"))?,
         }
     }
-    let output = match tokio::time::timeout(PLUGIN_TIMEOUT, child.wait_with_output()).await {
-        Ok(output) => output.map_err(io_error("cannot read its answer"))?,
+    let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(output) => {
+            group.finished();
+            output.map_err(io_error("cannot read its answer"))?
+        }
         Err(_) => {
+            drop(group);
+            tracing::warn!(plugin, %command, sandbox_id, ?timeout, "CNI plugin timed out; killed with its process group");
             return Err(CniExecError::Timeout {
                 plugin: plugin.to_string(),
                 command,
                 sandbox_id,
-                after: PLUGIN_TIMEOUT,
+                after: timeout,
             });
         }
     };
@@ -211,7 +257,7 @@ pub async fn run_plugin(
             command,
             sandbox_id,
             status: output.status.to_string(),
-            output: text,
+            output: excerpt_to(&text, PLUGIN_TEXT_CHARS),
         });
     }
     if command != CniCommand::Add {
@@ -223,6 +269,77 @@ pub async fn run_plugin(
             plugin: plugin.to_string(),
             command,
             sandbox_id,
-            message: format!("{e}: {}", String::from_utf8_lossy(&output.stdout)),
+            message: excerpt_to(
+                &format!("{e}: {}", String::from_utf8_lossy(&output.stdout)),
+                PLUGIN_TEXT_CHARS,
+            ),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A plugin that starts a helper and hangs: past its timeout the call fails naming
+    /// the plugin and the time, and neither the plugin nor its helper lives on.
+    #[tokio::test]
+    async fn a_hung_plugin_is_killed_with_what_it_started() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pids = dir.path().join("pids");
+        let script = format!(
+            "#!/bin/sh\nsleep 600 &\necho $$ $! > {}\nwait\n",
+            pids.display()
+        );
+        let plugin = dir.path().join("hang");
+        std::fs::write(&plugin, script).expect("write plugin");
+        std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod plugin");
+        let plugins = Plugins {
+            dirs: vec![dir.path().to_path_buf()],
+            timeout: Duration::from_millis(500),
+        };
+        let invocation = Invocation {
+            command: CniCommand::Add,
+            sandbox_id: "sandbox-1",
+            netns: Path::new("/proc/self/ns/net"),
+            interface: "eth0",
+            args: "",
+            plugins: &plugins,
+        };
+        let started = std::time::Instant::now();
+        let error = run_plugin("hang", &invocation, b"{}")
+            .await
+            .expect_err("hangs");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(matches!(error, CniExecError::Timeout { .. }), "{error}");
+        let message = error.to_string();
+        assert!(
+            message.contains("`hang`") && message.contains("500ms"),
+            "{message}"
+        );
+        let recorded = std::fs::read_to_string(&pids).expect("the plugin ran");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        for pid in recorded.split_whitespace() {
+            let proc_dir = Path::new("/proc").join(pid);
+            // Killed; a zombie until its parent (tokio's reaper, or init) collects it.
+            while proc_dir.exists()
+                && !std::fs::read_to_string(proc_dir.join("stat")).is_ok_and(|stat| {
+                    stat.rsplit(')')
+                        .next()
+                        .is_some_and(|s| s.trim_start().starts_with('Z'))
+                })
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "process {pid} of the hung plugin lives on"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-pub use exec::{CniCommand, CniExecError};
+pub use exec::{CniCommand, CniExecError, Plugins};
 use exec::{Invocation, run_plugin};
 
 /// The interface every pod gets inside its namespace.
@@ -37,7 +37,7 @@ impl Attachment {
         command: CniCommand,
         netns: &'a Path,
         interface: &'a str,
-        plugin_dirs: &'a [PathBuf],
+        plugins: &'a Plugins,
     ) -> Invocation<'a> {
         Invocation {
             command,
@@ -45,7 +45,7 @@ impl Attachment {
             netns,
             interface,
             args: &self.args,
-            plugin_dirs,
+            plugins,
         }
     }
 
@@ -72,19 +72,18 @@ pub fn kubernetes_args(
 }
 
 /// ADD through the whole list; the last plugin's result.
-pub async fn add(attachment: &Attachment, plugin_dirs: &[PathBuf]) -> Result<Value, CniExecError> {
-    add_chain(attachment, POD_INTERFACE, plugin_dirs).await
+pub async fn add(attachment: &Attachment, plugins: &Plugins) -> Result<Value, CniExecError> {
+    add_chain(attachment, POD_INTERFACE, plugins).await
 }
 
 async fn add_chain(
     attachment: &Attachment,
     interface: &str,
-    plugin_dirs: &[PathBuf],
+    plugins: &Plugins,
 ) -> Result<Value, CniExecError> {
-    let invocation =
-        attachment.invocation(CniCommand::Add, &attachment.netns, interface, plugin_dirs);
+    let invocation = attachment.invocation(CniCommand::Add, &attachment.netns, interface, plugins);
     let mut previous: Option<Value> = None;
-    for plugin in plugins(&attachment.network) {
+    for plugin in listed_plugins(&attachment.network) {
         let plugin_type = plugin_type(plugin);
         let stdin = plugin_stdin(
             &attachment.network,
@@ -106,18 +105,18 @@ pub async fn del(
     attachment: &Attachment,
     result: Option<&Value>,
     netns_exists: bool,
-    plugin_dirs: &[PathBuf],
+    plugins: &Plugins,
 ) -> Result<(), CniExecError> {
     let netns = if netns_exists {
         attachment.netns.as_path()
     } else {
         Path::new("")
     };
-    let invocation = attachment.invocation(CniCommand::Del, netns, POD_INTERFACE, plugin_dirs);
+    let invocation = attachment.invocation(CniCommand::Del, netns, POD_INTERFACE, plugins);
     // prevResult on DEL came with 0.4.0; older plugins do not expect it.
     let previous = result.filter(|r| !r.is_null() && attachment.version() >= Version::V0_4_0);
     let mut first_error = None;
-    for plugin in plugins(&attachment.network).iter().rev() {
+    for plugin in listed_plugins(&attachment.network).iter().rev() {
         let stdin = plugin_stdin(
             &attachment.network,
             plugin,
@@ -137,7 +136,7 @@ pub async fn del(
 pub async fn check(
     attachment: &Attachment,
     result: &Value,
-    plugin_dirs: &[PathBuf],
+    plugins: &Plugins,
 ) -> Result<bool, CniExecError> {
     let disabled = attachment
         .network
@@ -147,13 +146,9 @@ pub async fn check(
     if disabled || attachment.version() < Version::V0_4_0 {
         return Ok(false);
     }
-    let invocation = attachment.invocation(
-        CniCommand::Check,
-        &attachment.netns,
-        POD_INTERFACE,
-        plugin_dirs,
-    );
-    for plugin in plugins(&attachment.network) {
+    let invocation =
+        attachment.invocation(CniCommand::Check, &attachment.netns, POD_INTERFACE, plugins);
+    for plugin in listed_plugins(&attachment.network) {
         let stdin = plugin_stdin(
             &attachment.network,
             plugin,
@@ -165,7 +160,7 @@ pub async fn check(
     Ok(true)
 }
 
-fn plugins(network: &Value) -> &[Value] {
+fn listed_plugins(network: &Value) -> &[Value] {
     network
         .get("plugins")
         .and_then(Value::as_array)

@@ -1,11 +1,20 @@
 //! The backends as gRPC clients of the other services on their internal sockets.
-//! Each call carries the trace context; a failed call names the service.
+//! Each call carries the trace context; a failed call names the service, and whether
+//! that service answered with an error (passed on with its code) or could not be
+//! reached (see `trellis_common::upstream`). A call gives up a little before the
+//! deadline of the CRI call it serves, so that a service that took it and never
+//! answered (stopped, stuck) is named rather than the caller reading only that its
+//! time ran out.
 
-use tonic::Code;
+use std::future::Future;
+use std::path::PathBuf;
+
 use tonic::transport::Channel;
+use tonic::{Code, Status};
 use trellis_common::config::{Config, ServiceKind};
 use trellis_common::telemetry::traced_request;
 use trellis_common::transport::unix_channel;
+use trellis_common::upstream::{no_answer_message, not_reached, time_left, unreached_message};
 use trellis_proto::network::v1 as network;
 use trellis_proto::network::v1::network_client::NetworkClient;
 use trellis_proto::storage::v1 as storage;
@@ -14,27 +23,92 @@ use trellis_proto::storage::v1::storage_client::StorageClient;
 use super::{Backends, ImageBackend, NetworkBackend, StorageBackend};
 use crate::error::RuntimeError;
 
-pub struct GrpcStorage(Channel);
-pub struct GrpcImages(Channel);
-pub struct GrpcNetwork(Channel);
+/// A channel to one service, and what a failure of it is told as.
+struct Peer {
+    service: &'static str,
+    socket: PathBuf,
+    channel: Channel,
+}
 
-/// Clients of the node's storage, image and network services.
-pub fn connect(config: &Config) -> Backends {
-    let channel = |kind| unix_channel(&config.endpoint(kind).socket);
-    Backends {
-        storage: std::sync::Arc::new(GrpcStorage(channel(ServiceKind::Storage))),
-        images: std::sync::Arc::new(GrpcImages(channel(ServiceKind::Image))),
-        network: std::sync::Arc::new(GrpcNetwork(channel(ServiceKind::Network))),
+impl Peer {
+    fn new(config: &Config, kind: ServiceKind, service: &'static str) -> Self {
+        let socket = config.endpoint(kind).socket;
+        Self {
+            service,
+            channel: unix_channel(&socket),
+            socket,
+        }
+    }
+
+    fn failed(&self, status: Status) -> RuntimeError {
+        if not_reached(&status) {
+            RuntimeError::Unreachable {
+                service: self.service,
+                message: unreached_message(self.service, &self.socket, &status),
+            }
+        } else {
+            RuntimeError::Backend {
+                service: self.service,
+                status,
+            }
+        }
+    }
+
+    /// Runs `call` within what the deadline of the call being served leaves.
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+    ) -> Result<T, RuntimeError> {
+        let answer = match time_left() {
+            None => call.await,
+            Some(left) => match tokio::time::timeout(left, call).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    return Err(RuntimeError::NoAnswer {
+                        service: self.service,
+                        message: no_answer_message(self.service, &self.socket, left),
+                    });
+                }
+            },
+        };
+        answer
+            .map(tonic::Response::into_inner)
+            .map_err(|status| self.failed(status))
+    }
+
+    /// [`Peer::bounded`], with a `NotFound` answer as `None`.
+    async fn absent_if_not_found<T>(
+        &self,
+        call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+    ) -> Result<Option<T>, RuntimeError> {
+        match self.bounded(call).await {
+            Ok(answer) => Ok(Some(answer)),
+            Err(RuntimeError::Backend { status, .. }) if status.code() == Code::NotFound => {
+                Ok(None)
+            }
+            Err(error) => Err(error),
+        }
     }
 }
 
-fn absent_if_not_found<T>(
-    result: Result<tonic::Response<T>, tonic::Status>,
-) -> Result<Option<T>, RuntimeError> {
-    match result {
-        Ok(response) => Ok(Some(response.into_inner())),
-        Err(status) if status.code() == Code::NotFound => Ok(None),
-        Err(status) => Err(RuntimeError::storage(status)),
+pub struct GrpcStorage(Peer);
+pub struct GrpcImages(Peer);
+pub struct GrpcNetwork(Peer);
+
+/// Clients of the node's storage, image and network services.
+pub fn connect(config: &Config) -> Backends {
+    Backends {
+        storage: std::sync::Arc::new(GrpcStorage(Peer::new(
+            config,
+            ServiceKind::Storage,
+            "storage",
+        ))),
+        images: std::sync::Arc::new(GrpcImages(Peer::new(config, ServiceKind::Image, "image"))),
+        network: std::sync::Arc::new(GrpcNetwork(Peer::new(
+            config,
+            ServiceKind::Network,
+            "network",
+        ))),
     }
 }
 
@@ -44,7 +118,8 @@ impl StorageBackend for GrpcStorage {
         let request = traced_request(storage::GetImageRequest {
             reference: reference.to_string(),
         });
-        absent_if_not_found(StorageClient::new(self.0.clone()).get_image(request).await)
+        let mut client = StorageClient::new(self.0.channel.clone());
+        self.0.absent_if_not_found(client.get_image(request)).await
     }
 
     async fn prepare_rootfs(
@@ -56,21 +131,18 @@ impl StorageBackend for GrpcStorage {
             container_id: container_id.to_string(),
             image: image.to_string(),
         });
-        absent_if_not_found(
-            StorageClient::new(self.0.clone())
-                .prepare_rootfs(request)
-                .await,
-        )
+        let mut client = StorageClient::new(self.0.channel.clone());
+        self.0
+            .absent_if_not_found(client.prepare_rootfs(request))
+            .await
     }
 
     async fn release_rootfs(&self, container_id: &str) -> Result<(), RuntimeError> {
         let request = traced_request(storage::ReleaseRootfsRequest {
             container_id: container_id.to_string(),
         });
-        StorageClient::new(self.0.clone())
-            .release_rootfs(request)
-            .await
-            .map_err(RuntimeError::storage)?;
+        let mut client = StorageClient::new(self.0.channel.clone());
+        self.0.bounded(client.release_rootfs(request)).await?;
         Ok(())
     }
 
@@ -79,11 +151,8 @@ impl StorageBackend for GrpcStorage {
         container_ids: Vec<String>,
     ) -> Result<storage::WritableLayerUsageResponse, RuntimeError> {
         let request = traced_request(storage::WritableLayerUsageRequest { container_ids });
-        Ok(StorageClient::new(self.0.clone())
-            .writable_layer_usage(request)
-            .await
-            .map_err(RuntimeError::storage)?
-            .into_inner())
+        let mut client = StorageClient::new(self.0.channel.clone());
+        self.0.bounded(client.writable_layer_usage(request)).await
     }
 }
 
@@ -99,13 +168,8 @@ impl ImageBackend for GrpcImages {
             }),
             ..Default::default()
         });
-        ImageServiceClient::new(self.0.clone())
-            .pull_image(request)
-            .await
-            .map_err(|status| RuntimeError::Backend {
-                service: "image",
-                status,
-            })?;
+        let mut client = ImageServiceClient::new(self.0.channel.clone());
+        self.0.bounded(client.pull_image(request)).await?;
         Ok(())
     }
 }
@@ -116,21 +180,18 @@ impl NetworkBackend for GrpcNetwork {
         &self,
         request: network::SetUpPodRequest,
     ) -> Result<network::PodNetwork, RuntimeError> {
-        Ok(NetworkClient::new(self.0.clone())
-            .set_up_pod(traced_request(request))
+        let mut client = NetworkClient::new(self.0.channel.clone());
+        self.0
+            .bounded(client.set_up_pod(traced_request(request)))
             .await
-            .map_err(RuntimeError::network)?
-            .into_inner())
     }
 
     async fn tear_down_pod(&self, sandbox_id: &str) -> Result<(), RuntimeError> {
         let request = traced_request(network::TearDownPodRequest {
             sandbox_id: sandbox_id.to_string(),
         });
-        NetworkClient::new(self.0.clone())
-            .tear_down_pod(request)
-            .await
-            .map_err(RuntimeError::network)?;
+        let mut client = NetworkClient::new(self.0.channel.clone());
+        self.0.bounded(client.tear_down_pod(request)).await?;
         Ok(())
     }
 }
