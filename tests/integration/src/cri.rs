@@ -318,3 +318,21 @@ pub async fn list_images(node: &Node) -> Vec<Image> {
         .into_inner()
         .images
 }
+
+pub async fn list_pods(node: &Node) -> Vec<PodSandbox> {
+    node.runtime()
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items
+}
+
+pub async fn list_containers(node: &Node) -> Vec<Container> {
+    node.runtime()
+        .list_containers(ListContainersRequest::default())
+        .await
+        .expect("ListContainers")
+        .into_inner()
+        .containers
+}

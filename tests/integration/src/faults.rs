@@ -141,7 +141,8 @@ pub fn cgroup_dirs(parent: &str) -> Vec<PathBuf> {
     dirs
 }
 
-fn entries(dir: &Path) -> Vec<String> {
+/// The names in `dir`, sorted (none if it cannot be read).
+pub fn entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()

@@ -219,3 +219,24 @@ impl Drop for TrickleProxy {
         self.task.abort();
     }
 }
+
+/// A small layer that lands at once, then 3 MB that a trickling proxy takes seconds
+/// to pass: a pull that can be caught half-way.
+pub fn slow_image() -> crate::registry::BuiltImage {
+    use crate::registry::{Compression, Entry, image, layer};
+    let big: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    image(
+        vec![
+            layer(
+                &[Entry::File("small", b"small".to_vec())],
+                Compression::Gzip,
+            ),
+            layer(&[Entry::File("big", big)], Compression::None),
+        ],
+        &["/x"],
+        "amd64",
+        false,
+    )
+}

@@ -580,3 +580,15 @@ impl Drop for ServiceProcess {
         terminate(&mut self.child, Duration::from_secs(10));
     }
 }
+
+/// Polls `condition` every 20 ms for up to `within`; whether it came true.
+pub async fn eventually(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while !condition() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}

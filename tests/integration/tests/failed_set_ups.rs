@@ -17,24 +17,6 @@ fn run_request(config: &PodSandboxConfig) -> RunPodSandboxRequest {
     }
 }
 
-async fn list_pods(node: &Node) -> Vec<PodSandbox> {
-    node.runtime()
-        .list_pod_sandbox(ListPodSandboxRequest::default())
-        .await
-        .expect("ListPodSandbox")
-        .into_inner()
-        .items
-}
-
-async fn list_containers(node: &Node) -> Vec<Container> {
-    node.runtime()
-        .list_containers(ListContainersRequest::default())
-        .await
-        .expect("ListContainers")
-        .into_inner()
-        .containers
-}
-
 async fn wait_until<F, Fut>(what: &str, within: Duration, node: &Node, mut done: F)
 where
     F: FnMut() -> Fut,
@@ -77,7 +59,7 @@ async fn a_pod_whose_clean_up_fails_is_listed_then_retried_in_the_background() {
         "{failed:?}"
     );
     // Its network is still held: the kubelet sees the pod, not ready.
-    let pods = list_pods(&node).await;
+    let pods = cri::list_pods(&node).await;
     assert_eq!(pods.len(), 1, "listed until its clean-up finishes");
     assert_eq!(pods[0].state, PodSandboxState::SandboxNotready as i32);
     let status = node
@@ -106,7 +88,7 @@ async fn a_pod_whose_clean_up_fails_is_listed_then_retried_in_the_background() {
         "the background clean-up",
         Duration::from_secs(10),
         &node,
-        || async { list_pods(&node).await.is_empty() },
+        || async { cri::list_pods(&node).await.is_empty() },
     )
     .await;
     println!(
@@ -138,7 +120,7 @@ async fn a_pod_whose_clean_up_keeps_failing_is_removed_by_the_kubelet() {
         .run_pod_sandbox(run_request(&config))
         .await
         .expect_err("the set-up fails");
-    let pods = list_pods(&node).await;
+    let pods = cri::list_pods(&node).await;
     assert_eq!(pods.len(), 1);
     // A kubelet retrying the same pod is told why not yet, not AlreadyExists.
     let again = node
@@ -165,7 +147,7 @@ async fn a_pod_whose_clean_up_keeps_failing_is_removed_by_the_kubelet() {
         })
         .await
         .expect("RemovePodSandbox");
-    assert!(list_pods(&node).await.is_empty());
+    assert!(cri::list_pods(&node).await.is_empty());
     assert_eq!(node.state_leftovers(), Vec::<String>::new());
     node.set_failpoints("");
     runtime
@@ -192,7 +174,7 @@ async fn a_container_whose_clean_up_fails_is_shown_then_removed_in_the_backgroun
         .await
         .expect_err("the creation fails");
     assert!(failed.message().contains("fail point"), "{failed:?}");
-    let containers = list_containers(node).await;
+    let containers = cri::list_containers(node).await;
     assert_eq!(containers.len(), 1, "shown until its clean-up finishes");
     assert_eq!(containers[0].state, ContainerState::ContainerUnknown as i32);
     let status = cri::container_status(node, &containers[0].id).await;
@@ -201,7 +183,7 @@ async fn a_container_whose_clean_up_fails_is_shown_then_removed_in_the_backgroun
         "the background clean-up",
         Duration::from_secs(10),
         node,
-        || async { list_containers(node).await.is_empty() },
+        || async { cri::list_containers(node).await.is_empty() },
     )
     .await;
     let id = cri::create(

@@ -5,30 +5,17 @@
 //! again. (The node's own services down or stuck: `fault_services.rs`; the bus down
 //! under churn: `fault_bus_outage.rs`.)
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1::*;
 use tonic::Code;
 use trellis_integration::cri::{list_images, pod_config, pull, remove_pod, try_run_pod};
+use trellis_integration::faults::entries;
 use trellis_integration::hostile::TrickleProxy;
+use trellis_integration::hostile::slow_image;
 use trellis_integration::netns::{self, TestNetwork};
-use trellis_integration::registry::{
-    BuiltImage, Compression, Entry, Registry, image, layer, small_image,
-};
-use trellis_integration::{Node, NodeOptions};
-
-/// Polls `condition` every 20 ms for up to `within`.
-async fn eventually(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while !condition() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
-}
+use trellis_integration::registry::{Registry, small_image};
+use trellis_integration::{Node, NodeOptions, eventually};
 
 /// A CNI plugin chained after bridge and portmap that does what `<dir>/mode` says on
 /// ADD: `fail` (a CNI error), `hang` (starts a helper, records both pids in
@@ -119,17 +106,6 @@ fn alive(pid: i32) -> bool {
             .next()
             .is_some_and(|rest| rest.trim_start().starts_with('Z'))
     })
-}
-
-fn entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
 }
 
 /// No pod of the node holds anything: no pod listed, no pod directory, no netns pin,
@@ -235,25 +211,6 @@ async fn a_hung_cni_plugin_is_killed_at_its_timeout_and_the_pod_runs_once_it_ans
     remove_pod(&node, &id).await;
     assert_no_pod_left(&node, &network).await;
     node.stop();
-}
-
-/// A small layer, then 3 MB that a trickling proxy takes seconds to pass.
-fn slow_image() -> BuiltImage {
-    let big: Vec<u8> = (0..3_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
-    image(
-        vec![
-            layer(
-                &[Entry::File("small", b"small".to_vec())],
-                Compression::Gzip,
-            ),
-            layer(&[Entry::File("big", big)], Compression::None),
-        ],
-        &["/x"],
-        "amd64",
-        false,
-    )
 }
 
 /// Nothing of a failed pull is left: no image, and (once storage has seen the

@@ -96,24 +96,6 @@ fn pod(name: &str, cgroup_parent: &str, shared_pid: bool) -> PodSandboxConfig {
     config
 }
 
-async fn list_pods(node: &Node) -> Vec<PodSandbox> {
-    node.runtime()
-        .list_pod_sandbox(ListPodSandboxRequest::default())
-        .await
-        .expect("ListPodSandbox")
-        .into_inner()
-        .items
-}
-
-async fn list_containers(node: &Node) -> Vec<Container> {
-    node.runtime()
-        .list_containers(ListContainersRequest::default())
-        .await
-        .expect("ListContainers")
-        .into_inner()
-        .containers
-}
-
 /// Removes the pod, then checks that the node holds nothing of it any more.
 async fn remove_and_check(node: &Node, case: &str, pod_id: &str, cgroup_parent: &str) {
     node.runtime()
@@ -122,9 +104,9 @@ async fn remove_and_check(node: &Node, case: &str, pod_id: &str, cgroup_parent: 
         })
         .await
         .unwrap_or_else(|e| panic!("{case}: RemovePodSandbox: {e}"));
-    assert!(list_pods(node).await.is_empty(), "{case}: pods left");
+    assert!(cri::list_pods(node).await.is_empty(), "{case}: pods left");
     assert!(
-        list_containers(node).await.is_empty(),
+        cri::list_containers(node).await.is_empty(),
         "{case}: containers left"
     );
     let mut left = node.state_leftovers();
@@ -279,7 +261,7 @@ async fn kill_9_at_every_step_of_pod_and_container_set_up() {
         .await
         .into_inner()
         .pod_sandbox_id;
-        let pods = list_pods(&node).await;
+        let pods = cri::list_pods(&node).await;
         assert_eq!(pods.len(), 1, "{case}: the failed pod is gone: {pods:?}");
         assert_eq!(
             (pods[0].id.as_str(), pods[0].state),
@@ -325,7 +307,7 @@ async fn kill_9_at_every_step_of_pod_and_container_set_up() {
             })
             .await
             .unwrap_or_else(|e| panic!("{case}: StartContainer: {e}"));
-        let containers = list_containers(&node).await;
+        let containers = cri::list_containers(&node).await;
         assert_eq!(
             containers.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
             [id.as_str()],

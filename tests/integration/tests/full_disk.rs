@@ -59,14 +59,30 @@ fn health_of(status: &str, service: &str) -> String {
         .to_string()
 }
 
-async fn run_pod_sandbox(node: &Node, name: &str) -> Result<String, tonic::Status> {
+async fn run_pod_sandbox(node: &Node, name: String) -> Result<String, tonic::Status> {
     node.runtime()
         .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(host_network_pod(name, false)),
+            config: Some(host_network_pod(&name, false)),
             runtime_handler: String::new(),
         })
         .await
         .map(|r| r.into_inner().pod_sandbox_id)
+}
+
+/// Makes `attempt` calls until one fails (the first may still fit in space a file
+/// had already); its error.
+async fn first_failure<F, Fut>(what: &str, mut attempt: F) -> tonic::Status
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<String, tonic::Status>>,
+{
+    for n in 0..20 {
+        match attempt(n).await {
+            Ok(id) => eprintln!("{what} {n} fitted in the space left ({id})"),
+            Err(error) => return error,
+        }
+    }
+    panic!("{what} must fail on a full disk");
 }
 
 fn assert_out_of_space(what: &str, error: &tonic::Status, state: &Path) {
@@ -130,30 +146,16 @@ async fn a_full_state_directory_fails_calls_then_heals_by_itself_once_freed() {
     // The first writes may still fit in pages sled's log file has already; a full
     // disk is met a few records later. A container's root filesystem and records
     // (storage's store and the runtime's), then a pod's.
-    let mut failure = None;
-    for attempt in 0..20 {
+    let error = first_failure("CreateContainer", |attempt| {
         let config = container_config(&format!("c{attempt}"), &before, &["sleep", "60"]);
-        match create(&node, &kept_pod, config).await {
-            Ok(id) => eprintln!("CreateContainer {attempt} fitted in the space left ({id})"),
-            Err(error) => {
-                failure = Some(error);
-                break;
-            }
-        }
-    }
-    let error = failure.expect("CreateContainer must fail on a full disk");
+        create(&node, &kept_pod, config)
+    })
+    .await;
     assert_out_of_space("CreateContainer", &error, &state);
-    let mut failure = None;
-    for attempt in 0..20 {
-        match run_pod_sandbox(&node, &format!("full-{attempt}")).await {
-            Ok(id) => eprintln!("RunPodSandbox {attempt} fitted in the space left ({id})"),
-            Err(error) => {
-                failure = Some(error);
-                break;
-            }
-        }
-    }
-    let error = failure.expect("RunPodSandbox must fail on a full disk");
+    let error = first_failure("RunPodSandbox", |attempt| {
+        run_pod_sandbox(&node, format!("full-{attempt}"))
+    })
+    .await;
     assert_out_of_space("RunPodSandbox", &error, &state);
 
     // Storage cannot unpack, the runtime's store cannot write: both NOT_SERVING, and
@@ -205,7 +207,7 @@ async fn a_full_state_directory_fails_calls_then_heals_by_itself_once_freed() {
             }
         }
         if pod.is_none() {
-            match run_pod_sandbox(&node, "after").await {
+            match run_pod_sandbox(&node, "after".into()).await {
                 Ok(id) => pod = Some(id),
                 Err(error) => last = format!("RunPodSandbox: {error:?}"),
             }
@@ -317,7 +319,7 @@ async fn a_service_not_serving_past_the_configured_time_is_restarted() {
     fill(&filler);
     let mut failed = false;
     for attempt in 0..20 {
-        if run_pod_sandbox(&node, &format!("full-{attempt}"))
+        if run_pod_sandbox(&node, format!("full-{attempt}"))
             .await
             .is_err()
         {
@@ -351,7 +353,7 @@ async fn a_service_not_serving_past_the_configured_time_is_restarted() {
     std::fs::remove_file(&filler).expect("free the space");
     let deadline = Instant::now() + HEAL_BOUND;
     let pod = loop {
-        match run_pod_sandbox(&node, "after").await {
+        match run_pod_sandbox(&node, "after".into()).await {
             Ok(id) => break id,
             Err(error) => assert!(
                 Instant::now() < deadline,

@@ -2,47 +2,14 @@
 //! credentials refused up front, a registry client panic contained to its pull,
 //! abandoned pulls stopped and cleaned up, loose references never sent anywhere.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_cri::v1::*;
 use tonic::Code;
 use trellis_integration::cri::{image_spec, pull, pull_in_background};
-use trellis_integration::hostile::{TokenServer, TrickleProxy};
-use trellis_integration::registry::{
-    BuiltImage, Compression, Entry, Registry, busybox_layer, image, layer,
-};
-use trellis_integration::{Node, NodeOptions, kill9};
-
-/// Polls `condition` every 20 ms for up to `within`.
-async fn eventually(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while !condition() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
-}
-
-/// A small layer that lands at once, then 3 MB that take a trickling proxy ~15 s.
-fn slow_image() -> BuiltImage {
-    let big: Vec<u8> = (0..3_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
-    image(
-        vec![
-            layer(
-                &[Entry::File("small", b"small".to_vec())],
-                Compression::Gzip,
-            ),
-            layer(&[Entry::File("big", big)], Compression::None),
-        ],
-        &["/x"],
-        "amd64",
-        false,
-    )
-}
+use trellis_integration::hostile::{TokenServer, TrickleProxy, slow_image};
+use trellis_integration::registry::{BuiltImage, Registry, busybox_layer, image};
+use trellis_integration::{Node, NodeOptions, eventually, kill9};
 
 /// Waits until the pull is mid-way: the small layer stored (one more than the
 /// `stored_before` layers), the big one unpacking.

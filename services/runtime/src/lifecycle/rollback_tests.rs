@@ -165,14 +165,7 @@ async fn a_container_whose_rollback_cannot_finish_is_shown_and_its_name_freed_la
 async fn a_restart_hands_unfinished_clean_ups_to_the_retries_and_still_serves() {
     let mut node = Node::new();
     let half = node.run_pod("half").await.expect("half");
-    node.runtime()
-        .store
-        .sandboxes
-        .update(&half, |record| {
-            record.set_state(SandboxState::Creating);
-            Ok(())
-        })
-        .expect("back to creating");
+    node.cut_pod_set_up_short(&half);
     // The network service is not back yet when the runtime starts again.
     node.fakes.network.failures.fail("tear_down_pod");
     node.restart().await;

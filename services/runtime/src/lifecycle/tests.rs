@@ -126,6 +126,19 @@ impl Node {
             .expect("container record")
             .state()
     }
+
+    /// Puts a pod back to `Creating`, as a restart would find one whose set-up was
+    /// cut short.
+    pub(super) fn cut_pod_set_up_short(&self, id: &str) {
+        self.runtime()
+            .store
+            .sandboxes
+            .update(id, |record| {
+                record.set_state(SandboxState::Creating);
+                Ok(())
+            })
+            .expect("back to creating");
+    }
 }
 
 pub(super) fn pod_config(name: &str) -> PodSandboxConfig {
@@ -457,14 +470,7 @@ async fn a_restart_undoes_creations_cut_short_and_reads_exits_from_the_outage() 
         .expect("back to creating");
     // A pod whose set-up was cut short.
     let half = node.run_pod("half").await.expect("half");
-    node.runtime()
-        .store
-        .sandboxes
-        .update(&half, |record| {
-            record.set_state(SandboxState::Creating);
-            Ok(())
-        })
-        .expect("back to creating");
+    node.cut_pod_set_up_short(&half);
     node.oci.exit_by_itself(&app, 0, false);
 
     node.restart().await;
