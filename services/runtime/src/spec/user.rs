@@ -1,6 +1,7 @@
 //! Who a container runs as: the CRI's run_as_user / run_as_username / run_as_group
 //! over the image's USER, names resolved in the image's /etc/passwd and /etc/group,
-//! plus the groups that list the user and the requested supplemental groups.
+//! plus the primary group, the groups that list the user and the requested
+//! supplemental groups.
 
 use std::path::Path;
 
@@ -151,9 +152,11 @@ pub fn resolve(
             })
             .unwrap_or_default(),
     );
+    // The primary group is listed too, as containerd, CRI-O and Docker do: `id`
+    // in the container shows it among the process's groups.
+    additional.push(gid);
     additional.sort_unstable();
     additional.dedup();
-    additional.retain(|g| *g != gid);
     Ok(ResolvedUser {
         uid,
         gid,
@@ -189,7 +192,7 @@ mod tests {
             ResolvedUser {
                 uid: 33,
                 gid: 33,
-                additional_gids: vec![50000]
+                additional_gids: vec![33, 50000]
             }
         );
         assert_eq!(
@@ -197,7 +200,7 @@ mod tests {
             ResolvedUser {
                 uid: 1003,
                 gid: 1004,
-                additional_gids: vec![]
+                additional_gids: vec![1004]
             }
         );
         assert_eq!(
@@ -223,7 +226,7 @@ mod tests {
             ResolvedUser {
                 uid: 33,
                 gid: 33,
-                additional_gids: vec![7, 50000]
+                additional_gids: vec![7, 33, 50000]
             }
         );
     }

@@ -1,0 +1,35 @@
+//! Differences from containerd that the differential check (`bin/differential.rs`)
+//! found and that are fixed, kept fixed without containerd present.
+
+use k8s_cri::v1::*;
+use trellis_integration::cri::{BusyboxNode, host_network_pod, remove_pods, run_pod, shell, start};
+
+/// A process's supplementary groups include its primary group, with and without a
+/// requested user (`id` lists it under `groups=`), as under containerd, CRI-O and
+/// Docker.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_primary_group_is_among_the_process_groups() {
+    let busybox = BusyboxNode::start().await;
+    let node = &busybox.node;
+    let pod = run_pod(node, host_network_pod("groups", false)).await;
+    let mut as_user = busybox.container("as-user", &["sleep", "3600"]);
+    as_user.linux = Some(LinuxContainerConfig {
+        security_context: Some(LinuxContainerSecurityContext {
+            run_as_user: Some(Int64Value { value: 1000 }),
+            run_as_group: Some(Int64Value { value: 3000 }),
+            supplemental_groups: vec![4000],
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let as_user = start(node, &pod, as_user).await;
+    let as_root = start(node, &pod, busybox.container("as-root", &["sleep", "3600"])).await;
+    let groups = "sed -n 's/^Groups:[[:space:]]*//p' /proc/self/status";
+    assert_eq!(
+        shell(node, &as_user, groups).await.stdout.trim(),
+        "3000 4000"
+    );
+    assert_eq!(shell(node, &as_root, groups).await.stdout.trim(), "0");
+    remove_pods(node, &[&pod]).await;
+    busybox.node.stop();
+}
