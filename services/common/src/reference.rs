@@ -80,6 +80,26 @@ fn is_hex_digest(value: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// The id prefix a short image id stands for (`crictl images` shows 13 hex
+/// characters, and users type fewer): `sha256:<hex>`, for hex shorter than a whole
+/// id. A name is looked up as a reference first; only when it names no image is it
+/// tried as an id prefix, as containerd does.
+pub fn short_id_prefix(value: &str) -> Option<String> {
+    let hex = !value.is_empty()
+        && value.len() < 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    hex.then(|| format!("sha256:{value}"))
+}
+
+/// The one id among `ids` that starts with `prefix`; none when none or several do.
+pub fn unique_by_prefix<'a>(prefix: &str, ids: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let mut matching = ids.filter(|id| id.starts_with(prefix));
+    let first = matching.next()?;
+    matching.next().is_none().then_some(first)
+}
+
 fn is_digest(value: &str) -> bool {
     value.strip_prefix("sha256:").is_some_and(is_hex_digest)
 }
@@ -521,5 +541,24 @@ mod tests {
         let component = format!("quay.io/{}/x", "Z".repeat(300));
         let message = parse(&component).expect_err("bad component").to_string();
         assert!(message.len() < 400, "{} bytes: {message}", message.len());
+    }
+
+    #[test]
+    fn short_ids_are_hex_prefixes_of_one_id() {
+        assert_eq!(short_id_prefix("0a1b2c"), Some("sha256:0a1b2c".into()));
+        for not_short in ["", "busybox", "0A1B", &"a".repeat(64), "ab:1"] {
+            assert_eq!(short_id_prefix(not_short), None, "{not_short}");
+        }
+        let ids = ["sha256:aa11", "sha256:aa22", "sha256:bb33"];
+        assert_eq!(
+            unique_by_prefix("sha256:b", ids.into_iter()),
+            Some("sha256:bb33")
+        );
+        assert_eq!(
+            unique_by_prefix("sha256:aa", ids.into_iter()),
+            None,
+            "ambiguous"
+        );
+        assert_eq!(unique_by_prefix("sha256:c", ids.into_iter()), None);
     }
 }

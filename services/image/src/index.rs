@@ -145,7 +145,15 @@ impl ImageIndex {
                 };
                 match state.references.get(&key) {
                     Some(id) => id.clone(),
-                    None => return Some(None),
+                    None => {
+                        let ids = state.images.keys().map(String::as_str);
+                        let found = reference::short_id_prefix(name)
+                            .and_then(|prefix| reference::unique_by_prefix(&prefix, ids));
+                        match found {
+                            Some(id) => id.to_string(),
+                            None => return Some(None),
+                        }
+                    }
                 }
             }
         };
@@ -303,6 +311,7 @@ mod tests {
         assert_eq!(found(&a.repo_digests[0]), Some(a.id.clone()));
         assert_eq!(found("x:2"), None);
         assert_eq!(found("y"), None);
+        assert_eq!(found("aaaaaaaaaaaa"), Some(a.id.clone()), "a short id");
         assert_eq!(
             index.resolve("x").flatten().map(|i| i.config_json),
             Some(String::new()),

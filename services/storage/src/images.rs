@@ -76,6 +76,20 @@ impl ImageStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The one image whose id a short id (`crictl images` shows 13 hex characters)
+    /// begins, if `reference` is one and names exactly one.
+    fn by_short_id(&self, reference: &str) -> Result<Option<Image>, StorageError> {
+        let Some(prefix) = reference::short_id_prefix(reference) else {
+            return Ok(None);
+        };
+        let images = self.images.all()?;
+        let ids = images.iter().map(|image| image.id.as_str());
+        let Some(id) = reference::unique_by_prefix(&prefix, ids) else {
+            return Ok(None);
+        };
+        Ok(images.iter().find(|image| image.id == id).cloned())
+    }
+
     fn load(&self, id: &str) -> Result<Option<Image>, StorageError> {
         self.images.get(id)
     }
@@ -102,7 +116,7 @@ impl ImageStore {
                 };
                 match self.references.get(key.as_bytes())? {
                     Some(id) => self.load(&String::from_utf8_lossy(&id)),
-                    None => Ok(None),
+                    None => self.by_short_id(reference),
                 }
             }
         }

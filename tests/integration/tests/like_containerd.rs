@@ -2,7 +2,9 @@
 //! found and that are fixed, kept fixed without containerd present.
 
 use k8s_cri::v1::*;
-use trellis_integration::cri::{BusyboxNode, host_network_pod, remove_pods, run_pod, shell, start};
+use trellis_integration::cri::{
+    BusyboxNode, host_network_pod, image_status, remove_pods, run_pod, shell, start,
+};
 
 /// A process's supplementary groups include its primary group, with and without a
 /// requested user (`id` lists it under `groups=`), as under containerd, CRI-O and
@@ -31,5 +33,22 @@ async fn the_primary_group_is_among_the_process_groups() {
     );
     assert_eq!(shell(node, &as_root, groups).await.stdout.trim(), "0");
     remove_pods(node, &[&pod]).await;
+    busybox.node.stop();
+}
+
+/// ImageStatus finds an image by the short id `crictl images` shows (13 hex
+/// characters) or fewer, when no image is named so.
+#[tokio::test(flavor = "multi_thread")]
+async fn image_status_takes_a_short_image_id() {
+    let busybox = BusyboxNode::start().await;
+    let node = &busybox.node;
+    let id = image_status(node, &busybox.image)
+        .await
+        .expect("the busybox image")
+        .id;
+    let short = &id["sha256:".len().."sha256:".len() + 13];
+    let found = image_status(node, short).await.map(|image| image.id);
+    assert_eq!(found, Some(id.clone()), "ImageStatus {short}");
+    assert_eq!(image_status(node, "fffffffffffff").await, None);
     busybox.node.stop();
 }
