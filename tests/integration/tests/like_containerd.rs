@@ -52,3 +52,38 @@ async fn image_status_takes_a_short_image_id() {
     assert_eq!(image_status(node, "fffffffffffff").await, None);
     busybox.node.stop();
 }
+
+/// A host-network pod's processes see the node's hostname everywhere: `hostname`,
+/// `$HOSTNAME` and `/etc/hostname` agree, as under containerd and CRI-O.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_network_pod_has_the_nodes_hostname_everywhere() {
+    let busybox = BusyboxNode::start().await;
+    let node = &busybox.node;
+    let node_hostname = nix::unistd::gethostname()
+        .expect("hostname")
+        .to_string_lossy()
+        .into_owned();
+    let pod = run_pod(node, host_network_pod("on-the-host", false)).await;
+    let id = start(node, &pod, busybox.container("c", &["sleep", "3600"])).await;
+    let seen = shell(node, &id, "hostname; echo $HOSTNAME; cat /etc/hostname").await;
+    assert_eq!(
+        seen.stdout,
+        format!("{node_hostname}\n{node_hostname}\n{node_hostname}\n")
+    );
+    remove_pods(node, &[&pod]).await;
+    busybox.node.stop();
+}
+
+/// A host-network pod resolves the node's names as the node does: its /etc/hosts is
+/// the node's, as under containerd and CRI-O.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_network_pod_has_the_nodes_hosts_file() {
+    let busybox = BusyboxNode::start().await;
+    let node = &busybox.node;
+    let pod = run_pod(node, host_network_pod("hosts", false)).await;
+    let id = start(node, &pod, busybox.container("c", &["sleep", "3600"])).await;
+    let node_hosts = std::fs::read_to_string("/etc/hosts").expect("the node's /etc/hosts");
+    assert_eq!(shell(node, &id, "cat /etc/hosts").await.stdout, node_hosts);
+    remove_pods(node, &[&pod]).await;
+    busybox.node.stop();
+}

@@ -188,6 +188,7 @@ impl Runtime {
             .and_then(|l| l.security_context.as_ref());
         let user = crate::spec::user::resolve(&rootfs, &image_config.user, security)?;
         let pid_namespace = self.pod_pid_namespace(&record.sandbox_id, record.infra)?;
+        let node_hostname = super::node_hostname()?;
         let spec = build(&SpecInput {
             container_id: &record.id,
             container: config,
@@ -199,6 +200,7 @@ impl Runtime {
             user,
             oom_score_floor: self.oom_score_floor,
             pid_namespace,
+            node_hostname: &node_hostname,
         })?;
         let cgroup_path = spec
             .linux()

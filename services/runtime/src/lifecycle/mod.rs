@@ -81,6 +81,14 @@ pub struct Runtime {
     rollbacks: Arc<rollback::Rollbacks>,
 }
 
+/// The node's hostname as it is now (an operator may change it while the runtime
+/// runs): a host-network pod's.
+pub(super) fn node_hostname() -> Result<String, RuntimeError> {
+    nix::unistd::gethostname()
+        .map(|name| name.to_string_lossy().into_owned())
+        .map_err(|error| RuntimeError::system("cannot read the node's hostname", error))
+}
+
 impl Runtime {
     /// `dir` is the runtime's own directory (made private, 0700, here).
     pub fn new(config: RuntimeConfig, dir: PathBuf, parts: Parts) -> Result<Self, RuntimeError> {

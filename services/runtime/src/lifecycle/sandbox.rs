@@ -15,7 +15,7 @@ use trellis_proto::network::v1 as network;
 use super::Runtime;
 use crate::error::RuntimeError;
 use crate::namespaces::OwnNamespaces;
-use crate::spec::pod::hostname_of;
+use crate::spec::pod::{hostname_of, on_host_network};
 use crate::store::{SandboxRecord, SandboxState, new_id, now_nanos};
 
 fn sandbox_event(kind: sandbox_event::Kind, id: &str, config: &PodSandboxConfig) -> Payload {
@@ -43,12 +43,20 @@ fn write_pod_files(
     config: &PodSandboxConfig,
     ips: &[String],
 ) -> Result<(), RuntimeError> {
-    let hostname = hostname_of(config);
-    let mut hosts =
-        String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
-    for ip in ips {
-        hosts.push_str(&format!("{ip}\t{hostname}\n"));
-    }
+    let hostname = hostname_of(config, &super::node_hostname()?);
+    // A pod on the node's network resolves the node's names as the node does (as
+    // under containerd and CRI-O); a pod of its own network gets its own entries.
+    let hosts = match std::fs::read_to_string("/etc/hosts") {
+        Ok(node_hosts) if on_host_network(config) => node_hosts,
+        _ => {
+            let mut hosts =
+                String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+            for ip in ips {
+                hosts.push_str(&format!("{ip}\t{hostname}\n"));
+            }
+            hosts
+        }
+    };
     let resolv = match &config.dns_config {
         Some(dns)
             if !dns.servers.is_empty() || !dns.searches.is_empty() || !dns.options.is_empty() =>
@@ -211,7 +219,7 @@ impl Runtime {
         let (namespaces, namespaces_dir, hostname) = (
             self.namespaces.clone(),
             pod_dir.clone(),
-            hostname_of(config),
+            hostname_of(config, &super::node_hostname()?),
         );
         let pod_namespaces =
             tokio::task::spawn_blocking(move || namespaces.set_up(&namespaces_dir, &hostname, own));

@@ -43,6 +43,8 @@ pub struct SpecInput<'a> {
     pub oom_score_floor: i32,
     /// The PID namespace to join (the pod's pause process's), when the pod shares one.
     pub pid_namespace: Option<PathBuf>,
+    /// The node's hostname: a host-network pod's.
+    pub node_hostname: &'a str,
 }
 
 /// The cgroupfs path of a container under the pod's cgroup parent: a cgroupfs path
@@ -195,7 +197,7 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
     if privileged && !pod_security.is_some_and(|s| s.privileged) {
         return Err(RuntimeError::InvalidArgument("a privileged container needs a privileged pod sandbox (linux.security_context.privileged)".into()));
     }
-    let hostname = pod::hostname_of(input.sandbox);
+    let hostname = pod::hostname_of(input.sandbox, input.node_hostname);
 
     let mut spec = Spec::default();
     spec.set_hostname((namespaces.network != NamespaceMode::Node as i32).then(|| hostname.clone()));

@@ -117,6 +117,7 @@ fn spec_of(container: ContainerConfig, pod_privileged: bool) -> Result<Spec, Run
         },
         oom_score_floor: 0,
         pid_namespace: None,
+        node_hostname: "node",
     })
 }
 
