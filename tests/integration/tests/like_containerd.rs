@@ -3,7 +3,7 @@
 
 use k8s_cri::v1::*;
 use trellis_integration::cri::{
-    BusyboxNode, host_network_pod, image_status, remove_pods, run_pod, shell, start,
+    BusyboxNode, create, host_network_pod, image_status, remove_pods, run_pod, shell, start,
 };
 
 /// A process's supplementary groups include its primary group, with and without a
@@ -84,6 +84,29 @@ async fn a_host_network_pod_has_the_nodes_hosts_file() {
     let id = start(node, &pod, busybox.container("c", &["sleep", "3600"])).await;
     let node_hosts = std::fs::read_to_string("/etc/hosts").expect("the node's /etc/hosts");
     assert_eq!(shell(node, &id, "cat /etc/hosts").await.stdout, node_hosts);
+    remove_pods(node, &[&pod]).await;
+    busybox.node.stop();
+}
+
+/// A container whose command cannot run fails with what the OCI runtime said went
+/// wrong, not with its raw log lines (timestamps, levels, warnings).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_create_says_what_went_wrong_without_runc_log_lines() {
+    let busybox = BusyboxNode::start().await;
+    let node = &busybox.node;
+    let pod = run_pod(node, host_network_pod("missing", false)).await;
+    let error = create(node, &pod, busybox.container("c", &["/no/such/binary"]))
+        .await
+        .expect_err("no such executable");
+    let message = error.message();
+    assert!(
+        message
+            .contains("exec: \"/no/such/binary\": stat /no/such/binary: no such file or directory"),
+        "{message}"
+    );
+    for raw in ["time=", "level=", "msg="] {
+        assert!(!message.contains(raw), "{raw} in {message}");
+    }
     remove_pods(node, &[&pod]).await;
     busybox.node.stop();
 }

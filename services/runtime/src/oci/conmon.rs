@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::process::Command;
 use trellis_common::text::excerpt;
 
+use super::runtime_log::failure_message;
 use super::{ExecOutput, Exit, Launch, MAX_EXEC_OUTPUT, OciRuntime};
 use crate::error::RuntimeError;
 
@@ -125,7 +126,7 @@ impl ConmonRunc {
             "{} {}: {}",
             runtime.display(),
             args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
+            failure_message(&String::from_utf8_lossy(&output.stderr))
         )))
     }
 
@@ -258,7 +259,7 @@ impl OciRuntime for ConmonRunc {
             return Err(RuntimeError::Oci(format!(
                 "creating container {}: {}",
                 launch.id,
-                message.message.trim()
+                failure_message(&message.message)
             )));
         }
         Ok(message.data as u32)

@@ -6,6 +6,7 @@
 mod conmon;
 #[cfg(test)]
 pub mod fake;
+mod runtime_log;
 
 use std::collections::HashSet;
 use std::path::Path;
