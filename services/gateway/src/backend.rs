@@ -5,6 +5,15 @@
 //! error while a service restarts; the caller's own deadline (`grpc-timeout`) always
 //! wins and is passed on to the backend.
 //!
+//! Three creations are safe to repeat (RunPodSandbox, CreateContainer, PullImage:
+//! the backend answers a repeat of a call it completed with the earlier result, and
+//! a pull joins the one under way): they are sent again, within the same budget and
+//! deadline, when the backend gave no answer, whether the connection was refused
+//! (never reached) or closed under the call (the backend killed, perhaps after it
+//! finished: the repeat finds the result). An answer of the backend, `Unavailable`
+//! included, is final for them: it knows what it did and undid, and the kubelet
+//! retries such a failure on its own schedule. Other changes are sent once.
+//!
 //! Only a backend that did not answer is said to be "not answering". One that
 //! answered `Unavailable` is up and says that something further down is not (storage
 //! restarting, a registry down): a read is retried for the same budget, since that
@@ -29,8 +38,26 @@ use trellis_common::upstream::{not_reached, parse_grpc_timeout};
 pub enum Retry {
     /// Reads: retried across a backend restart.
     Idempotent,
-    /// Anything that changes state: one attempt, so it is never applied twice.
+    /// Creations the backend answers a repeat of with the earlier result: retried
+    /// while the backend gives no answer, never after it answered.
+    Repeatable,
+    /// Anything else that changes state: one attempt, so it is never applied twice.
     Once,
+}
+
+impl Retry {
+    /// Whether a call may be sent again after `status`. For idempotent calls: the
+    /// backend was not reached (see [`not_reached`]: the call did not run to
+    /// completion there, or ran without answering), or it answered `Unavailable` (a
+    /// service it needs is restarting). For repeatable ones: only no answer. Other
+    /// answers of the backend and our own deadline are final.
+    fn worth_retrying(self, status: &Status) -> bool {
+        match self {
+            Retry::Idempotent => not_reached(status) || status.code() == Code::Unavailable,
+            Retry::Repeatable => not_reached(status),
+            Retry::Once => false,
+        }
+    }
 }
 
 pub struct Backend {
@@ -137,7 +164,7 @@ impl Backends {
             let request = outgoing(message.clone(), deadline);
             let error = match call(backend.channel.clone(), request).await {
                 Ok(response) => return Ok(response),
-                Err(status) if worth_retrying(&status) => status,
+                Err(status) if retry.worth_retrying(&status) => status,
                 Err(status) => return Err(status),
             };
             if Instant::now() + delay >= give_up {
@@ -173,14 +200,6 @@ fn unreachable(backend: &Backend, attempts: u32, started: Instant, error: &Statu
         started.elapsed(),
         error.message()
     ))
-}
-
-/// Whether an idempotent call may be sent again after `status`: the backend was not
-/// reached (see [`not_reached`]: the call did not run to completion there), or it
-/// answered `Unavailable` (a service it needs is restarting). Other answers of the
-/// backend and our own deadline are final.
-fn worth_retrying(status: &Status) -> bool {
-    not_reached(status) || status.code() == Code::Unavailable
 }
 
 /// The caller's deadline from its `grpc-timeout` header, e.g. `1999m` or `5S`.
@@ -255,16 +274,23 @@ mod tests {
 
     #[test]
     fn answers_of_the_backend_and_our_own_deadline_are_not_retried() {
-        for answer in [
-            Status::cancelled("cancelled by the backend"),
-            Status::unknown("transport error, said the backend"),
-            Status::not_found("no such pod"),
-        ] {
-            assert!(!worth_retrying(&answer), "{answer:?}");
-        }
         let timeout = Status::from_error(Box::new(tonic::TimeoutExpired(())));
         assert_eq!(timeout.code(), Code::Cancelled);
-        assert!(!worth_retrying(&timeout));
+        for retry in [Retry::Idempotent, Retry::Repeatable, Retry::Once] {
+            for answer in [
+                Status::cancelled("cancelled by the backend"),
+                Status::unknown("transport error, said the backend"),
+                Status::not_found("no such pod"),
+                Status::already_exists("pod web already exists as sandbox 1234"),
+            ] {
+                assert!(!retry.worth_retrying(&answer), "{retry:?}: {answer:?}");
+            }
+            assert!(!retry.worth_retrying(&timeout), "{retry:?}");
+        }
+        // A creation the backend answered Unavailable for was undone there: final.
+        let answered = Status::unavailable("network service unavailable");
+        assert!(Retry::Idempotent.worth_retrying(&answered));
+        assert!(!Retry::Repeatable.worth_retrying(&answered));
     }
 
     fn backends(dir: &std::path::Path, retry_budget: Duration) -> Backends {
@@ -295,7 +321,7 @@ mod tests {
         let backends = backends(dir.path(), Duration::from_millis(200));
         let words = "storage service unavailable: not answering on /run/trellis/storage.sock";
         let attempts = std::sync::atomic::AtomicU32::new(0);
-        for retry in [Retry::Once, Retry::Idempotent] {
+        for retry in [Retry::Once, Retry::Repeatable, Retry::Idempotent] {
             attempts.store(0, std::sync::atomic::Ordering::SeqCst);
             let started = Instant::now();
             let status = backends
@@ -309,12 +335,50 @@ mod tests {
             assert_eq!(status.message(), words, "{retry:?}");
             let sent = attempts.load(std::sync::atomic::Ordering::SeqCst);
             match retry {
-                Retry::Once => assert_eq!(sent, 1),
+                Retry::Once | Retry::Repeatable => assert_eq!(sent, 1, "{retry:?}"),
                 Retry::Idempotent => assert!(
                     sent > 1 && started.elapsed() >= Duration::from_millis(100),
                     "retried for the budget: {sent} attempts in {:?}",
                     started.elapsed()
                 ),
+            }
+        }
+    }
+
+    /// The backend went away under the call (killed after it may have finished): a
+    /// repeatable creation is sent again and its answer passed on; one sent once
+    /// fails as not answering.
+    #[tokio::test]
+    async fn a_repeatable_call_is_sent_again_when_the_backend_gave_no_answer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backends = backends(dir.path(), Duration::from_secs(2));
+        let attempts = std::sync::atomic::AtomicU32::new(0);
+        for retry in [Retry::Once, Retry::Repeatable] {
+            attempts.store(0, std::sync::atomic::Ordering::SeqCst);
+            let answer = backends
+                .call(&backends.runtime, retry, None, (), |_, _| async {
+                    if attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                        let closed = std::io::Error::new(
+                            std::io::ErrorKind::ConnectionReset,
+                            "connection closed under the call",
+                        );
+                        return Err(Status::from_error(Box::new(closed)));
+                    }
+                    Ok(Response::new("pod-1"))
+                })
+                .await;
+            let sent = attempts.load(std::sync::atomic::Ordering::SeqCst);
+            match retry {
+                Retry::Repeatable => {
+                    assert_eq!(answer.expect("the repeat's answer").into_inner(), "pod-1");
+                    assert_eq!(sent, 2);
+                }
+                _ => {
+                    let status = answer.expect_err("sent once");
+                    assert_eq!(status.code(), Code::Unavailable);
+                    assert!(status.message().contains("not answering"), "{status:?}");
+                    assert_eq!(sent, 1);
+                }
             }
         }
     }
@@ -325,7 +389,7 @@ mod tests {
         use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
         let dir = tempfile::tempdir().expect("tempdir");
         let backends = backends(dir.path(), Duration::from_millis(100));
-        for retry in [Retry::Once, Retry::Idempotent] {
+        for retry in [Retry::Once, Retry::Repeatable, Retry::Idempotent] {
             let status = backends
                 .call(
                     &backends.runtime,

@@ -142,7 +142,9 @@ async fn backend_down_is_unavailable_quickly_and_deadlines_hold() {
 
     let started = Instant::now();
     let error = client
-        .run_pod_sandbox(RunPodSandboxRequest::default())
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: "0123456789ab".into(),
+        })
         .await
         .expect_err("no runtime");
     assert_eq!(error.code(), tonic::Code::Unavailable);
@@ -155,6 +157,24 @@ async fn backend_down_is_unavailable_quickly_and_deadlines_hold() {
         started.elapsed() < Duration::from_millis(300),
         "a write is not retried: {:?}",
         started.elapsed()
+    );
+
+    // A creation the runtime answers a repeat of is retried like a read.
+    let started = Instant::now();
+    let error = client
+        .run_pod_sandbox(RunPodSandboxRequest::default())
+        .await
+        .expect_err("no runtime");
+    assert_eq!(error.code(), tonic::Code::Unavailable);
+    assert!(
+        error.message().contains("runtime.sock"),
+        "{}",
+        error.message()
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(2),
+        "a repeatable creation retries for the budget: {waited:?}"
     );
 
     let started = Instant::now();
