@@ -5,6 +5,10 @@
 //! error while a service restarts; the caller's own deadline (`grpc-timeout`) always
 //! wins and is passed on to the backend.
 //!
+//! A call whose connection was refused (or whose socket is not there: the backend
+//! is restarting) was provably never sent: any call, a change included, is sent
+//! again then, within the same budget and deadline.
+//!
 //! Three creations are safe to repeat (RunPodSandbox, CreateContainer, PullImage:
 //! the backend answers a repeat of a call it completed with the earlier result, and
 //! a pull joins the one under way): they are sent again, within the same budget and
@@ -41,7 +45,8 @@ pub enum Retry {
     /// Creations the backend answers a repeat of with the earlier result: retried
     /// while the backend gives no answer, never after it answered.
     Repeatable,
-    /// Anything else that changes state: one attempt, so it is never applied twice.
+    /// Anything else that changes state: never applied twice, so sent again only
+    /// when it was never sent (the connection was refused).
     Once,
 }
 
@@ -55,9 +60,26 @@ impl Retry {
         match self {
             Retry::Idempotent => not_reached(status) || status.code() == Code::Unavailable,
             Retry::Repeatable => not_reached(status),
-            Retry::Once => false,
+            Retry::Once => never_sent(status),
         }
     }
+}
+
+/// Whether a call failed before its connection existed: the backend's socket
+/// refused it or is not there (a restart), so no byte of the call was sent. A
+/// connection that broke under the call is not this: the call may have run.
+fn never_sent(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+            );
+        }
+        source = error.source();
+    }
+    false
 }
 
 pub struct Backend {
@@ -128,8 +150,10 @@ impl Backends {
         }
     }
 
-    /// One backend call, retried while the backend cannot be reached or answers
-    /// `Unavailable`, if `retry` allows.
+    /// One backend call, sent again after a failure `retry` allows (see
+    /// [`Retry::worth_retrying`]) until the budget or the caller's deadline is spent.
+    /// The message is cloned for each attempt: forwarded calls carry `Bytes`, so that
+    /// is a reference count.
     pub async fn call<Req, Resp, F, Fut>(
         &self,
         backend: &Backend,
@@ -144,15 +168,6 @@ impl Backends {
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
         let started = Instant::now();
-        if retry == Retry::Once {
-            // Sent once, so its message is sent as it came, not a copy.
-            return match call(backend.channel.clone(), outgoing(message, deadline)).await {
-                Err(status) if not_reached(&status) => {
-                    Err(unreachable(backend, 1, started, &status))
-                }
-                answer => answer,
-            };
-        }
         let mut give_up = started + self.retry_budget;
         if let Some(deadline) = deadline {
             give_up = give_up.min(deadline.checked_sub(DEADLINE_MARGIN).unwrap_or(deadline));
@@ -165,6 +180,9 @@ impl Backends {
             let error = match call(backend.channel.clone(), request).await {
                 Ok(response) => return Ok(response),
                 Err(status) if retry.worth_retrying(&status) => status,
+                Err(status) if not_reached(&status) => {
+                    return Err(unreachable(backend, attempts, started, &status));
+                }
                 Err(status) => return Err(status),
             };
             if Instant::now() + delay >= give_up {
@@ -381,6 +399,52 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A socket that refuses connections (its service restarting): even a call sent
+    /// once is sent again until the budget is spent, since none of it was sent; a
+    /// connection closed under the call is not retried for it.
+    #[tokio::test]
+    async fn a_refused_connection_is_retried_for_every_call() {
+        use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backends = backends(dir.path(), Duration::from_millis(300));
+        // Bound and closed: the file stays, connections are refused.
+        drop(std::os::unix::net::UnixListener::bind(&backends.runtime.socket).expect("bind"));
+        let attempts = std::sync::atomic::AtomicU32::new(0);
+        let status = backends
+            .call(
+                &backends.runtime,
+                Retry::Once,
+                None,
+                k8s_cri::v1::StopPodSandboxRequest::default(),
+                |channel, request| {
+                    attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    async move {
+                        RuntimeServiceClient::new(channel)
+                            .stop_pod_sandbox(request)
+                            .await
+                    }
+                },
+            )
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.message().contains("not answering"), "{status:?}");
+        assert!(
+            attempts.load(std::sync::atomic::Ordering::SeqCst) > 1,
+            "sent again: {status:?}"
+        );
+        let closed = Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "closed under the call",
+        )));
+        assert!(!Retry::Once.worth_retrying(&closed));
+        let refused = Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "refused",
+        )));
+        assert!(Retry::Once.worth_retrying(&refused));
     }
 
     /// Nobody listens on the runtime's socket: that, and only that, is "not answering".

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::*;
 use tonic::Code;
 use trellis_integration::cri::{image_spec, pull, pull_in_background};
@@ -11,7 +12,7 @@ use trellis_integration::hostile::{TokenServer, TrickleProxy};
 use trellis_integration::registry::{
     BuiltImage, Compression, Entry, Registry, busybox_layer, image, layer,
 };
-use trellis_integration::{Node, NodeOptions, kill9};
+use trellis_integration::{Node, NodeOptions, kill9, unix_channel};
 
 /// Polls `condition` every 20 ms for up to `within`.
 async fn eventually(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
@@ -304,7 +305,14 @@ async fn layers_a_killed_image_service_left_are_pruned_when_it_starts_again() {
         .expect("an image to keep");
     let image_pid = node.info("image").await.expect("info").pid;
 
-    let call = pull_in_background(&node, &name);
+    // On the image service's own socket: the gateway would repeat the pull on the
+    // next process, and this is about what the killed one left.
+    let mut images = ImageServiceClient::new(unix_channel(&node.socket("image")));
+    let request = PullImageRequest {
+        image: image_spec(&name),
+        ..Default::default()
+    };
+    let call = tokio::spawn(async move { images.pull_image(request).await });
     wait_mid_pull(&node, &proxy, 1).await;
     kill9(image_pid);
     assert!(
