@@ -24,10 +24,12 @@
 //! - runtime.sandbox.before-network, runtime.sandbox.after-network (network and
 //!   namespaces set up), runtime.sandbox.after-files (hostname, hosts, resolv.conf),
 //!   runtime.sandbox.after-pause (pause process started), runtime.sandbox.before-record
-//!   (before the pod is recorded Ready);
+//!   (before the pod is recorded Ready), runtime.sandbox.after-record (Ready and
+//!   announced, not yet answered);
 //! - runtime.container.after-rootfs, runtime.container.after-bundle (config.json
-//!   written), runtime.container.after-create (OCI create done), and
-//!   runtime.container.before-record (before the container is recorded Created);
+//!   written), runtime.container.after-create (OCI create done),
+//!   runtime.container.before-record (before the container is recorded Created) and
+//!   runtime.container.after-record (Created and announced, not yet answered);
 //! - runtime.rollback.start (a failed set-up's clean-up, each attempt);
 //! - network.setup.after-netns, network.setup.after-add (CNI ADD done, before the
 //!   record says so);

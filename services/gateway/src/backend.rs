@@ -5,6 +5,19 @@
 //! error while a service restarts; the caller's own deadline (`grpc-timeout`) always
 //! wins and is passed on to the backend.
 //!
+//! A call whose connection was refused (or whose socket is not there: the backend
+//! is restarting) was provably never sent: any call, a change included, is sent
+//! again then, within the same budget and deadline.
+//!
+//! Three creations are safe to repeat (RunPodSandbox, CreateContainer, PullImage:
+//! the backend answers a repeat of a call it completed with the earlier result, and
+//! a pull joins the one under way): they are sent again, within the same budget and
+//! deadline, when the backend gave no answer, whether the connection was refused
+//! (never reached) or closed under the call (the backend killed, perhaps after it
+//! finished: the repeat finds the result). An answer of the backend, `Unavailable`
+//! included, is final for them: it knows what it did and undid, and the kubelet
+//! retries such a failure on its own schedule. Other changes are sent once.
+//!
 //! Only a backend that did not answer is said to be "not answering". One that
 //! answered `Unavailable` is up and says that something further down is not (storage
 //! restarting, a registry down): a read is retried for the same budget, since that
@@ -29,8 +42,44 @@ use trellis_common::upstream::{not_reached, parse_grpc_timeout};
 pub enum Retry {
     /// Reads: retried across a backend restart.
     Idempotent,
-    /// Anything that changes state: one attempt, so it is never applied twice.
+    /// Creations the backend answers a repeat of with the earlier result: retried
+    /// while the backend gives no answer, never after it answered.
+    Repeatable,
+    /// Anything else that changes state: never applied twice, so sent again only
+    /// when it was never sent (the connection was refused).
     Once,
+}
+
+impl Retry {
+    /// Whether a call may be sent again after `status`. For idempotent calls: the
+    /// backend was not reached (see [`not_reached`]: the call did not run to
+    /// completion there, or ran without answering), or it answered `Unavailable` (a
+    /// service it needs is restarting). For repeatable ones: only no answer. Other
+    /// answers of the backend and our own deadline are final.
+    fn worth_retrying(self, status: &Status) -> bool {
+        match self {
+            Retry::Idempotent => not_reached(status) || status.code() == Code::Unavailable,
+            Retry::Repeatable => not_reached(status),
+            Retry::Once => never_sent(status),
+        }
+    }
+}
+
+/// Whether a call failed before its connection existed: the backend's socket
+/// refused it or is not there (a restart), so no byte of the call was sent. A
+/// connection that broke under the call is not this: the call may have run.
+fn never_sent(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+            );
+        }
+        source = error.source();
+    }
+    false
 }
 
 pub struct Backend {
@@ -101,8 +150,10 @@ impl Backends {
         }
     }
 
-    /// One backend call, retried while the backend cannot be reached or answers
-    /// `Unavailable`, if `retry` allows.
+    /// One backend call, sent again after a failure `retry` allows (see
+    /// [`Retry::worth_retrying`]) until the budget or the caller's deadline is spent.
+    /// The message is cloned for each attempt: forwarded calls carry `Bytes`, so that
+    /// is a reference count.
     pub async fn call<Req, Resp, F, Fut>(
         &self,
         backend: &Backend,
@@ -117,15 +168,6 @@ impl Backends {
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
         let started = Instant::now();
-        if retry == Retry::Once {
-            // Sent once, so its message is sent as it came, not a copy.
-            return match call(backend.channel.clone(), outgoing(message, deadline)).await {
-                Err(status) if not_reached(&status) => {
-                    Err(unreachable(backend, 1, started, &status))
-                }
-                answer => answer,
-            };
-        }
         let mut give_up = started + self.retry_budget;
         if let Some(deadline) = deadline {
             give_up = give_up.min(deadline.checked_sub(DEADLINE_MARGIN).unwrap_or(deadline));
@@ -137,7 +179,10 @@ impl Backends {
             let request = outgoing(message.clone(), deadline);
             let error = match call(backend.channel.clone(), request).await {
                 Ok(response) => return Ok(response),
-                Err(status) if worth_retrying(&status) => status,
+                Err(status) if retry.worth_retrying(&status) => status,
+                Err(status) if not_reached(&status) => {
+                    return Err(unreachable(backend, attempts, started, &status));
+                }
                 Err(status) => return Err(status),
             };
             if Instant::now() + delay >= give_up {
@@ -173,14 +218,6 @@ fn unreachable(backend: &Backend, attempts: u32, started: Instant, error: &Statu
         started.elapsed(),
         error.message()
     ))
-}
-
-/// Whether an idempotent call may be sent again after `status`: the backend was not
-/// reached (see [`not_reached`]: the call did not run to completion there), or it
-/// answered `Unavailable` (a service it needs is restarting). Other answers of the
-/// backend and our own deadline are final.
-fn worth_retrying(status: &Status) -> bool {
-    not_reached(status) || status.code() == Code::Unavailable
 }
 
 /// The caller's deadline from its `grpc-timeout` header, e.g. `1999m` or `5S`.
@@ -255,16 +292,23 @@ mod tests {
 
     #[test]
     fn answers_of_the_backend_and_our_own_deadline_are_not_retried() {
-        for answer in [
-            Status::cancelled("cancelled by the backend"),
-            Status::unknown("transport error, said the backend"),
-            Status::not_found("no such pod"),
-        ] {
-            assert!(!worth_retrying(&answer), "{answer:?}");
-        }
         let timeout = Status::from_error(Box::new(tonic::TimeoutExpired(())));
         assert_eq!(timeout.code(), Code::Cancelled);
-        assert!(!worth_retrying(&timeout));
+        for retry in [Retry::Idempotent, Retry::Repeatable, Retry::Once] {
+            for answer in [
+                Status::cancelled("cancelled by the backend"),
+                Status::unknown("transport error, said the backend"),
+                Status::not_found("no such pod"),
+                Status::already_exists("pod web already exists as sandbox 1234"),
+            ] {
+                assert!(!retry.worth_retrying(&answer), "{retry:?}: {answer:?}");
+            }
+            assert!(!retry.worth_retrying(&timeout), "{retry:?}");
+        }
+        // A creation the backend answered Unavailable for was undone there: final.
+        let answered = Status::unavailable("network service unavailable");
+        assert!(Retry::Idempotent.worth_retrying(&answered));
+        assert!(!Retry::Repeatable.worth_retrying(&answered));
     }
 
     fn backends(dir: &std::path::Path, retry_budget: Duration) -> Backends {
@@ -295,7 +339,7 @@ mod tests {
         let backends = backends(dir.path(), Duration::from_millis(200));
         let words = "storage service unavailable: not answering on /run/trellis/storage.sock";
         let attempts = std::sync::atomic::AtomicU32::new(0);
-        for retry in [Retry::Once, Retry::Idempotent] {
+        for retry in [Retry::Once, Retry::Repeatable, Retry::Idempotent] {
             attempts.store(0, std::sync::atomic::Ordering::SeqCst);
             let started = Instant::now();
             let status = backends
@@ -309,7 +353,7 @@ mod tests {
             assert_eq!(status.message(), words, "{retry:?}");
             let sent = attempts.load(std::sync::atomic::Ordering::SeqCst);
             match retry {
-                Retry::Once => assert_eq!(sent, 1),
+                Retry::Once | Retry::Repeatable => assert_eq!(sent, 1, "{retry:?}"),
                 Retry::Idempotent => assert!(
                     sent > 1 && started.elapsed() >= Duration::from_millis(100),
                     "retried for the budget: {sent} attempts in {:?}",
@@ -319,13 +363,97 @@ mod tests {
         }
     }
 
+    /// The backend went away under the call (killed after it may have finished): a
+    /// repeatable creation is sent again and its answer passed on; one sent once
+    /// fails as not answering.
+    #[tokio::test]
+    async fn a_repeatable_call_is_sent_again_when_the_backend_gave_no_answer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backends = backends(dir.path(), Duration::from_secs(2));
+        let attempts = std::sync::atomic::AtomicU32::new(0);
+        for retry in [Retry::Once, Retry::Repeatable] {
+            attempts.store(0, std::sync::atomic::Ordering::SeqCst);
+            let answer = backends
+                .call(&backends.runtime, retry, None, (), |_, _| async {
+                    if attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                        let closed = std::io::Error::new(
+                            std::io::ErrorKind::ConnectionReset,
+                            "connection closed under the call",
+                        );
+                        return Err(Status::from_error(Box::new(closed)));
+                    }
+                    Ok(Response::new("pod-1"))
+                })
+                .await;
+            let sent = attempts.load(std::sync::atomic::Ordering::SeqCst);
+            match retry {
+                Retry::Repeatable => {
+                    assert_eq!(answer.expect("the repeat's answer").into_inner(), "pod-1");
+                    assert_eq!(sent, 2);
+                }
+                _ => {
+                    let status = answer.expect_err("sent once");
+                    assert_eq!(status.code(), Code::Unavailable);
+                    assert!(status.message().contains("not answering"), "{status:?}");
+                    assert_eq!(sent, 1);
+                }
+            }
+        }
+    }
+
+    /// A socket that refuses connections (its service restarting): even a call sent
+    /// once is sent again until the budget is spent, since none of it was sent; a
+    /// connection closed under the call is not retried for it.
+    #[tokio::test]
+    async fn a_refused_connection_is_retried_for_every_call() {
+        use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backends = backends(dir.path(), Duration::from_millis(300));
+        // Bound and closed: the file stays, connections are refused.
+        drop(std::os::unix::net::UnixListener::bind(&backends.runtime.socket).expect("bind"));
+        let attempts = std::sync::atomic::AtomicU32::new(0);
+        let status = backends
+            .call(
+                &backends.runtime,
+                Retry::Once,
+                None,
+                k8s_cri::v1::StopPodSandboxRequest::default(),
+                |channel, request| {
+                    attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    async move {
+                        RuntimeServiceClient::new(channel)
+                            .stop_pod_sandbox(request)
+                            .await
+                    }
+                },
+            )
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.message().contains("not answering"), "{status:?}");
+        assert!(
+            attempts.load(std::sync::atomic::Ordering::SeqCst) > 1,
+            "sent again: {status:?}"
+        );
+        let closed = Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "closed under the call",
+        )));
+        assert!(!Retry::Once.worth_retrying(&closed));
+        let refused = Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "refused",
+        )));
+        assert!(Retry::Once.worth_retrying(&refused));
+    }
+
     /// Nobody listens on the runtime's socket: that, and only that, is "not answering".
     #[tokio::test]
     async fn a_backend_nobody_listens_for_is_not_answering() {
         use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
         let dir = tempfile::tempdir().expect("tempdir");
         let backends = backends(dir.path(), Duration::from_millis(100));
-        for retry in [Retry::Once, Retry::Idempotent] {
+        for retry in [Retry::Once, Retry::Repeatable, Retry::Idempotent] {
             let status = backends
                 .call(
                     &backends.runtime,

@@ -14,7 +14,7 @@ forwarding_impl! {
         list_images(ListImagesRequest) -> ListImagesResponse = "ListImages", Idempotent;
         image_status(ImageStatusRequest) -> ImageStatusResponse = "ImageStatus", Idempotent;
         image_fs_info(ImageFsInfoRequest) -> ImageFsInfoResponse = "ImageFsInfo", Idempotent;
-        pull_image(PullImageRequest) -> PullImageResponse = "PullImage", Once;
+        pull_image(PullImageRequest) -> PullImageResponse = "PullImage", Repeatable;
         remove_image(RemoveImageRequest) -> RemoveImageResponse = "RemoveImage", Once;
     }
 }

@@ -31,10 +31,10 @@ forwarding_impl! {
         list_metric_descriptors(ListMetricDescriptorsRequest) -> ListMetricDescriptorsResponse = "ListMetricDescriptors", Idempotent;
         list_pod_sandbox_metrics(ListPodSandboxMetricsRequest) -> ListPodSandboxMetricsResponse = "ListPodSandboxMetrics", Idempotent;
         runtime_config(RuntimeConfigRequest) -> RuntimeConfigResponse = "RuntimeConfig", Idempotent;
-        run_pod_sandbox(RunPodSandboxRequest) -> RunPodSandboxResponse = "RunPodSandbox", Once;
+        run_pod_sandbox(RunPodSandboxRequest) -> RunPodSandboxResponse = "RunPodSandbox", Repeatable;
         stop_pod_sandbox(StopPodSandboxRequest) -> StopPodSandboxResponse = "StopPodSandbox", Once;
         remove_pod_sandbox(RemovePodSandboxRequest) -> RemovePodSandboxResponse = "RemovePodSandbox", Once;
-        create_container(CreateContainerRequest) -> CreateContainerResponse = "CreateContainer", Once;
+        create_container(CreateContainerRequest) -> CreateContainerResponse = "CreateContainer", Repeatable;
         start_container(StartContainerRequest) -> StartContainerResponse = "StartContainer", Once;
         stop_container(StopContainerRequest) -> StopContainerResponse = "StopContainer", Once;
         remove_container(RemoveContainerRequest) -> RemoveContainerResponse = "RemoveContainer", Once;

@@ -1,8 +1,11 @@
 //! kill -9 of each service at each step of RunPodSandbox, CreateContainer and
 //! PullImage, through fail points (`1*kill`: a real SIGKILL of the service at that
-//! point, once). For each step: the supervisor restarts the service; the same CRI
-//! call, retried as a kubelet would (these calls are not idempotent, so the gateway
-//! does not retry them), succeeds; and once everything is removed, nothing is left:
+//! point, once). For each step: the supervisor restarts the service; the call
+//! succeeds, either at once (the killed service is the gateway's own backend, which
+//! repeats these calls when the backend went away under them: the backend answers a
+//! repeat with the earlier result) or retried as a kubelet would after the
+//! service behind the backend answered the failure; and once everything is
+//! removed, nothing is left:
 //! no mount, netns, IP allocation, NAT rule, cgroup, conmon, runc state, attach
 //! link, root filesystem, layer or record. The retried calls that failed are
 //! counted and printed (the goal: none).
@@ -251,16 +254,21 @@ async fn kill_9_at_every_step_of_pod_and_container_set_up() {
         }
         let old_pid = arm_kill(&node, point, service, step.also).await;
         let first = node.runtime().run_pod_sandbox(run_request(&config)).await;
-        assert!(first.is_err(), "{case}: succeeded through the kill");
         fired_and_restarted(&node, point, service, old_pid).await;
-        let id = retried(&case, &mut failed, || {
-            let mut client = node.runtime();
-            let request = run_request(&config);
-            async move { client.run_pod_sandbox(request).await }
-        })
-        .await
-        .into_inner()
-        .pod_sandbox_id;
+        let id = match first {
+            Ok(answer) => answer.into_inner().pod_sandbox_id,
+            Err(status) => {
+                eprintln!("{case}: the first call failed: {status:?}");
+                retried(&case, &mut failed, || {
+                    let mut client = node.runtime();
+                    let request = run_request(&config);
+                    async move { client.run_pod_sandbox(request).await }
+                })
+                .await
+                .into_inner()
+                .pod_sandbox_id
+            }
+        };
         let pods = cri::list_pods(&node).await;
         assert_eq!(pods.len(), 1, "{case}: the failed pod is gone: {pods:?}");
         assert_eq!(
@@ -291,16 +299,21 @@ async fn kill_9_at_every_step_of_pod_and_container_set_up() {
         };
         let old_pid = arm_kill(&node, point, service, "").await;
         let first = node.runtime().create_container(request.clone()).await;
-        assert!(first.is_err(), "{case}: succeeded through the kill");
         fired_and_restarted(&node, point, service, old_pid).await;
-        let id = retried(&case, &mut failed, || {
-            let mut client = node.runtime();
-            let request = request.clone();
-            async move { client.create_container(request).await }
-        })
-        .await
-        .into_inner()
-        .container_id;
+        let id = match first {
+            Ok(answer) => answer.into_inner().container_id,
+            Err(status) => {
+                eprintln!("{case}: the first call failed: {status:?}");
+                retried(&case, &mut failed, || {
+                    let mut client = node.runtime();
+                    let request = request.clone();
+                    async move { client.create_container(request).await }
+                })
+                .await
+                .into_inner()
+                .container_id
+            }
+        };
         node.runtime()
             .start_container(StartContainerRequest {
                 container_id: id.clone(),
@@ -352,9 +365,14 @@ async fn kill_9_at_every_step_of_a_pull() {
         let name = format!("{}/{repository}:1", registry.address);
         let old_pid = arm_kill(&node, point, service, "").await;
         let first = cri::pull(&node, &name).await;
-        assert!(first.is_err(), "{case}: succeeded through the kill");
         fired_and_restarted(&node, point, service, old_pid).await;
-        let id = retried(&case, &mut failed, || cri::pull(&node, &name)).await;
+        let id = match first {
+            Ok(id) => id,
+            Err(status) => {
+                eprintln!("{case}: the first call failed: {status:?}");
+                retried(&case, &mut failed, || cri::pull(&node, &name)).await
+            }
+        };
         let listed: Vec<String> = cri::list_images(&node)
             .await
             .into_iter()

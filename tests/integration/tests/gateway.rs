@@ -114,10 +114,10 @@ async fn rpcs_not_built_yet_are_unimplemented_by_name() {
     node.stop();
 }
 
-/// A gateway whose backends are not there at all: writes fail at once, reads give
-/// up after the retry budget, and nothing outlives the caller's deadline.
+/// A gateway whose backends are not there at all: every call, nothing of which was
+/// sent, gives up after the retry budget, and nothing outlives the caller's deadline.
 #[tokio::test(flavor = "multi_thread")]
-async fn backend_down_is_unavailable_quickly_and_deadlines_hold() {
+async fn backend_down_is_unavailable_after_the_budget_and_deadlines_hold() {
     let root = tempfile::tempdir().expect("tempdir");
     let config = root.path().join("trellis.toml");
     std::fs::write(
@@ -132,7 +132,8 @@ async fn backend_down_is_unavailable_quickly_and_deadlines_hold() {
     );
     let socket = root.path().join("run/trellis.sock");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
+    // Accepting, not only there: the file exists a moment before the listener does.
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         assert!(Instant::now() < deadline, "gateway did not start");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -140,9 +141,13 @@ async fn backend_down_is_unavailable_quickly_and_deadlines_hold() {
         trellis_integration::unix_channel(&socket),
     );
 
+    // No socket: nothing of a call was sent, so every call, a write included, is
+    // sent again until the budget is spent, then named as not answering.
     let started = Instant::now();
     let error = client
-        .run_pod_sandbox(RunPodSandboxRequest::default())
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: "0123456789ab".into(),
+        })
         .await
         .expect_err("no runtime");
     assert_eq!(error.code(), tonic::Code::Unavailable);
@@ -151,10 +156,26 @@ async fn backend_down_is_unavailable_quickly_and_deadlines_hold() {
         "{}",
         error.message()
     );
+    let waited = started.elapsed();
     assert!(
-        started.elapsed() < Duration::from_millis(300),
-        "a write is not retried: {:?}",
-        started.elapsed()
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(2),
+        "a write never sent is retried for the budget: {waited:?}"
+    );
+    let started = Instant::now();
+    let error = client
+        .run_pod_sandbox(RunPodSandboxRequest::default())
+        .await
+        .expect_err("no runtime");
+    assert_eq!(error.code(), tonic::Code::Unavailable);
+    assert!(
+        error.message().contains("runtime.sock"),
+        "{}",
+        error.message()
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(2),
+        "a creation never sent is retried for the budget: {waited:?}"
     );
 
     let started = Instant::now();

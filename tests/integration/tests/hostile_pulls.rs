@@ -4,12 +4,13 @@
 
 use std::time::Duration;
 
+use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::*;
 use tonic::Code;
 use trellis_integration::cri::{image_spec, pull, pull_in_background};
 use trellis_integration::hostile::{TokenServer, TrickleProxy, slow_image};
 use trellis_integration::registry::{BuiltImage, Registry, busybox_layer, image};
-use trellis_integration::{Node, NodeOptions, eventually, kill9};
+use trellis_integration::{Node, NodeOptions, eventually, kill9, unix_channel};
 
 /// Waits until the pull is mid-way: the small layer stored (one more than the
 /// `stored_before` layers), the big one unpacking.
@@ -271,7 +272,14 @@ async fn layers_a_killed_image_service_left_are_pruned_when_it_starts_again() {
         .expect("an image to keep");
     let image_pid = node.info("image").await.expect("info").pid;
 
-    let call = pull_in_background(&node, &name);
+    // On the image service's own socket: the gateway would repeat the pull on the
+    // next process, and this is about what the killed one left.
+    let mut images = ImageServiceClient::new(unix_channel(&node.socket("image")));
+    let request = PullImageRequest {
+        image: image_spec(&name),
+        ..Default::default()
+    };
+    let call = tokio::spawn(async move { images.pull_image(request).await });
     wait_mid_pull(&node, &proxy, 1).await;
     kill9(image_pid);
     assert!(

@@ -273,9 +273,13 @@ async fn bad_input_gets_a_clear_status() {
         pod_config("dup", logs.to_str().expect("utf-8"), true),
     )
     .await;
+    // The same call again is answered with the same pod (`repeated_calls.rs`);
+    // another config under the same name is not.
+    let mut other = pod.config.clone();
+    other.hostname = "other".into();
     let error = runtime
         .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod.config.clone()),
+            config: Some(other),
             runtime_handler: String::new(),
         })
         .await

@@ -15,7 +15,8 @@ use crate::error::RuntimeError;
 use crate::oci::{ExecOutput, Launch};
 use crate::spec::{SpecInput, build};
 use crate::store::{
-    ContainerRecord, ContainerState, SandboxRecord, SandboxState, new_id, now_nanos,
+    ContainerRecord, ContainerState, SandboxRecord, SandboxState, container_config_digest, new_id,
+    now_nanos,
 };
 
 const KILL_WAIT: Duration = Duration::from_secs(10);
@@ -96,6 +97,16 @@ impl Runtime {
         let bundle = self.bundle_dir(&id);
         let log = log_path(&sandbox_config.log_directory, &config.log_path, &bundle)?;
         let oci_runtime = self.oci_runtime(&sandbox.runtime_handler)?;
+        let config_digest = container_config_digest(&config);
+        // Creations in a pod hold its lock, so a repeat sees the first one's outcome.
+        if let Some(earlier) = self.earlier_container(
+            &sandbox.id,
+            &metadata.name,
+            metadata.attempt,
+            &config_digest,
+        )? {
+            return Ok(earlier);
+        }
         self.free_container_name(&sandbox.id, &metadata.name, metadata.attempt)
             .await?;
         // The store claims the name (and attempt) in the pod with the record.
@@ -109,6 +120,7 @@ impl Runtime {
             created_at: now_nanos(),
             oci_runtime: oci_runtime.display().to_string(),
             infra,
+            config_digest,
             ..Default::default()
         })?;
         let place = Placement {
@@ -133,6 +145,8 @@ impl Runtime {
         match create.await {
             Ok((record, ())) => {
                 self.publish(container_event(container_event::Kind::Created, &record));
+                // Done but not answered: a kill here leaves a caller to retry.
+                failpoint::hit_async("runtime.container.after-record").await?;
                 Ok(id)
             }
             Err(error) => {

@@ -10,12 +10,15 @@
 
 mod container;
 mod recover;
+mod repeat;
 mod rollback;
 mod sandbox;
 mod stats;
 mod update;
 mod views;
 
+#[cfg(test)]
+mod repeat_tests;
 #[cfg(test)]
 mod rollback_tests;
 #[cfg(test)]

@@ -112,11 +112,11 @@ impl Runtime {
         left
     }
 
-    fn pod_owed(&self, id: &str, state: SandboxState) -> bool {
+    pub(super) fn pod_owed(&self, id: &str, state: SandboxState) -> bool {
         state == SandboxState::RollingBack || self.rollbacks.unrecorded().contains(id)
     }
 
-    fn container_owed(&self, id: &str, state: ContainerState) -> bool {
+    pub(super) fn container_owed(&self, id: &str, state: ContainerState) -> bool {
         state == ContainerState::RollingBack || self.rollbacks.unrecorded().contains(id)
     }
 

@@ -16,7 +16,14 @@ use super::Runtime;
 use crate::error::RuntimeError;
 use crate::namespaces::OwnNamespaces;
 use crate::spec::pod::{hostname_of, on_host_network};
-use crate::store::{SandboxRecord, SandboxState, new_id, now_nanos};
+use crate::store::{SandboxRecord, SandboxState, new_id, now_nanos, pod_config_digest};
+
+/// What claiming a pod's name found.
+enum Claim {
+    /// A repeat of an earlier call: the pod it made.
+    Earlier(String),
+    Claimed(std::sync::Arc<SandboxRecord>),
+}
 
 fn sandbox_event(kind: sandbox_event::Kind, id: &str, config: &PodSandboxConfig) -> Payload {
     let metadata = config.metadata.clone().unwrap_or_default();
@@ -96,22 +103,25 @@ impl Runtime {
     ) -> Result<String, RuntimeError> {
         crate::validate::pod_config(&config)?;
         self.oci_runtime(&handler)?;
+        let config_digest = pod_config_digest(&config);
         let record = SandboxRecord {
             id: new_id()?,
             state: SandboxState::Creating as i32,
             config: Some(config.clone()),
             created_at: now_nanos(),
             runtime_handler: handler,
+            config_digest,
             ..Default::default()
         };
-        // A pod whose earlier set-up failed is finished before its name is claimed
-        // again, so that a kubelet's retry succeeds once the clean-up can.
-        self.free_pod_name(&record.name_key()).await?;
-        // The store claims the pod's name with the record: a second RunPodSandbox of
-        // the same pod is AlreadyExists, naming the first.
-        let record = self.store.insert_sandbox(record)?;
+        let key = record.name_key();
+        // Held from before the name is claimed, so that a repeat of this call finds
+        // the name and waits for the outcome instead of seeing a half-made pod.
+        let _guard = self.lock(&record.id).await;
+        let record = match self.claim_pod_name(record, &key).await? {
+            Claim::Earlier(id) => return Ok(id),
+            Claim::Claimed(record) => record,
+        };
         let id = record.id.clone();
-        let _guard = self.lock(&id).await;
         let set_up = async {
             self.set_up_pod(&record, &config).await?;
             failpoint::hit_async("runtime.sandbox.before-record").await?;
@@ -124,6 +134,8 @@ impl Runtime {
             Ok(_) => {
                 self.publish(sandbox_event(sandbox_event::Kind::Created, &id, &config));
                 self.publish(sandbox_event(sandbox_event::Kind::Started, &id, &config));
+                // Done but not answered: a kill here leaves a caller to retry.
+                failpoint::hit_async("runtime.sandbox.after-record").await?;
                 Ok(id)
             }
             Err(error) => {
@@ -133,6 +145,35 @@ impl Runtime {
                 let _ = self.roll_back_pod_locked(&id).await;
                 Err(error)
             }
+        }
+    }
+
+    /// Claims the pod's name for `record`, unless a repeat of this call finds the pod
+    /// it made before. A failed pod still holding the name is finished first, so
+    /// that a kubelet's retry succeeds once the clean-up can.
+    async fn claim_pod_name(
+        &self,
+        record: SandboxRecord,
+        key: &str,
+    ) -> Result<Claim, RuntimeError> {
+        let handler = record.runtime_handler.clone();
+        let digest = record.config_digest.clone();
+        if let Some(id) = self.earlier_pod(key, &handler, &digest).await? {
+            return Ok(Claim::Earlier(id));
+        }
+        self.free_pod_name(key).await?;
+        // The store claims the name with the record: a different pod under it is
+        // AlreadyExists, naming the holder.
+        match self.store.insert_sandbox(record) {
+            Ok(record) => Ok(Claim::Claimed(record)),
+            // Two first calls at once: the later answers the earlier's pod.
+            Err(RuntimeError::AlreadyExists(message)) => {
+                match self.earlier_pod(key, &handler, &digest).await? {
+                    Some(id) => Ok(Claim::Earlier(id)),
+                    None => Err(RuntimeError::AlreadyExists(message)),
+                }
+            }
+            Err(error) => Err(error),
         }
     }
 

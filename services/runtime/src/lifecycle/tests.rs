@@ -253,15 +253,21 @@ use k8s_cri::v1::ContainerState as ContainerState_;
 async fn names_are_unique_until_their_holder_is_removed() {
     let node = Node::new();
     let pod = node.run_pod("web").await.expect("first");
-    let again = node.run_pod("web").await;
+    // The same name with another config (a repeat of the same call is answered:
+    // `repeat_tests`).
+    let mut other = pod_config("web");
+    other.hostname = "other".into();
+    let again = node.runtime().run_pod_sandbox(other, String::new()).await;
     assert!(
         matches!(&again, Err(RuntimeError::AlreadyExists(m)) if m.contains(&pod)),
         "{again:?}"
     );
     let app = node.create(&pod, "app").await.expect("app");
-    let twice = node.create(&pod, "app").await;
+    let mut other = container_config("app");
+    other.command = vec!["true".into()];
+    let twice = node.runtime().create_container(&pod, other).await;
     assert!(
-        matches!(twice, Err(RuntimeError::AlreadyExists(_))),
+        matches!(&twice, Err(RuntimeError::AlreadyExists(m)) if m.contains(&app)),
         "{twice:?}"
     );
     node.runtime().remove_container(&app).await.expect("remove");

@@ -7,6 +7,7 @@
 //! attempt; a container per pod, name and attempt), checked and claimed atomically
 //! with the insert, so two creations of the same name cannot both succeed.
 
+mod digest;
 mod records;
 mod table;
 
@@ -18,6 +19,7 @@ use trellis_common::text::excerpt;
 
 use crate::error::RuntimeError;
 pub use crate::ids::{new_id, now_nanos};
+pub use digest::{container_config_digest, pod_config_digest};
 pub use records::{ContainerRecord, ContainerState, SandboxRecord, SandboxState};
 pub use table::{Record, Table};
 

@@ -40,6 +40,11 @@ pub struct SandboxRecord {
     /// The pause container, for pods whose containers share one PID namespace.
     #[prost(string, tag = "8")]
     pub pause_container_id: String,
+    /// `store::pod_config_digest` of the config as sent, to tell a repeated
+    /// RunPodSandbox from a different pod under the same name (empty in records
+    /// written before: computed from `config`, which a pod never changes).
+    #[prost(bytes = "vec", tag = "9")]
+    pub config_digest: Vec<u8>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
@@ -96,6 +101,12 @@ pub struct ContainerRecord {
     /// The container's cgroup, relative to each hierarchy's root.
     #[prost(string, tag = "18")]
     pub cgroup_path: String,
+    /// `store::container_config_digest` of the config as sent to CreateContainer
+    /// (before any update of its resources), to tell a repeated CreateContainer
+    /// from a different one under the same name; empty in records written before,
+    /// which no repeat matches.
+    #[prost(bytes = "vec", tag = "19")]
+    pub config_digest: Vec<u8>,
 }
 
 impl SandboxRecord {
