@@ -163,6 +163,10 @@ pub async fn run(args: &ConfigArgs, config: Config) -> anyhow::Result<()> {
     let telemetry = trellis_common::telemetry::Telemetry::init("trellis-up", &config.telemetry)?;
     config.log_notices();
     let result = supervise_node(args, &config).await;
+    match &result {
+        Ok(()) => tracing::info!("node stopped cleanly"),
+        Err(error) => tracing::error!(%error, "node stopped"),
+    }
     telemetry.shutdown();
     Ok(result?)
 }
