@@ -65,9 +65,11 @@ impl Telemetry {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         let filter = EnvFilter::try_new(&config.log_level)
             .map_err(|_| TelemetryError::Filter(config.log_level.clone()))?;
-        // Colours only for a person at a terminal: in a file or a journal they are
-        // escape codes in the way of grep.
-        let ansi = std::io::stderr().is_terminal();
+        // Colours only for a person at a terminal, who has not asked for none
+        // (https://no-color.org): in a file or a journal they are escape codes in the
+        // way of grep.
+        let ansi = std::io::stderr().is_terminal()
+            && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
         let ids = format::TraceIds::default();
         let service = process.strip_prefix("trellis-").unwrap_or(process);
         let json = config.log_format == "json";

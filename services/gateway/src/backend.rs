@@ -100,13 +100,7 @@ impl Backends {
         self.metrics
             .observe(method, started.elapsed(), error.map(Status::code));
         if let Some(status) = error {
-            // The message may quote the caller's input (an id, a name).
-            tracing::warn!(
-                method,
-                code = ?status.code(),
-                error = %trellis_common::text::excerpt_to(status.message(), 400),
-                "CRI call failed"
-            );
+            log_failed(method, status);
         }
     }
 
@@ -160,6 +154,17 @@ impl Backends {
             delay = (delay * 2).min(MAX_RETRY_DELAY);
         }
     }
+}
+
+/// The one line of a failed CRI call: at warn, where an operator's alerts look.
+pub fn log_failed(method: &'static str, status: &Status) {
+    // The message may quote the caller's input (an id, a name).
+    tracing::warn!(
+        method,
+        code = ?status.code(),
+        error = %trellis_common::text::excerpt_to(status.message(), 400),
+        "CRI call failed"
+    );
 }
 
 /// The request sent to a backend: the caller's deadline passed on, and the trace.

@@ -42,6 +42,9 @@ async fn the_node_log_names_services_and_traces_and_logs_failed_calls_at_warn() 
         env: vec![
             ("OTEL_EXPORTER_OTLP_ENDPOINT".to_string(), endpoint),
             ("OTEL_BSP_SCHEDULE_DELAY".to_string(), "100".to_string()),
+            // The harness sets NO_COLOR for every node; a log file must be free of
+            // colour codes without it.
+            ("NO_COLOR".to_string(), String::new()),
         ],
         ..Default::default()
     })
