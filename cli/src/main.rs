@@ -7,6 +7,7 @@ mod child;
 mod output;
 mod private_bus;
 mod probe;
+mod restarts;
 mod status;
 mod up;
 

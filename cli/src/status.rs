@@ -24,8 +24,7 @@ pub struct ServiceStatus {
     /// `host:port` of its Prometheus endpoint; none when it exports no metrics.
     pub metrics_address: Option<String>,
     pub bus: Option<BusStatus>,
-    /// Restarts are counted by `trellis up`, which has no interface to ask yet: always
-    /// null, kept so scripts need not change when it does.
+    /// Restarts of the service by `trellis up`; none when no `trellis up` runs it.
     pub restarts: Option<u64>,
     /// Why the service's info could not be read, when it could not.
     pub error: Option<String>,
@@ -42,9 +41,14 @@ pub struct BusStatus {
 
 /// Prints the table (or, with `json`, one document); true when every service is serving.
 pub async fn run(config: &Config, json: bool) -> bool {
+    let restarts = crate::restarts::read(&config.node.run_dir);
     let mut services = Vec::new();
     for kind in ServiceKind::START_ORDER {
-        services.push(ask(config, kind).await);
+        let mut status = ask(config, kind).await;
+        status.restarts = restarts
+            .as_ref()
+            .map(|counts| counts.get(kind.name()).copied().unwrap_or(0));
+        services.push(status);
     }
     let all_serving = services.iter().all(|s| s.health == "SERVING");
     if json {
@@ -112,12 +116,13 @@ fn fill(status: &mut ServiceStatus, info: InfoResponse, now: i64) {
 
 fn print_table(services: &[ServiceStatus]) {
     outln!(
-        "{:<8} {:<12} {:>8} {:<8} {:>9} {:<21} {:<34} BUS",
+        "{:<8} {:<12} {:>8} {:<8} {:>9} {:>8} {:<21} {:<34} BUS",
         "SERVICE",
         "HEALTH",
         "PID",
         "VERSION",
         "UPTIME",
+        "RESTARTS",
         "METRICS",
         "SOCKET"
     );
@@ -143,7 +148,7 @@ fn print_table(services: &[ServiceStatus]) {
             (None, None) => "-".to_string(),
         };
         outln!(
-            "{:<8} {:<12} {:>8} {:<8} {:>9} {:<21} {:<34} {}",
+            "{:<8} {:<12} {:>8} {:<8} {:>9} {:>8} {:<21} {:<34} {}",
             status.service,
             status.health,
             status.pid.map_or("-".to_string(), |pid| pid.to_string()),
@@ -151,6 +156,7 @@ fn print_table(services: &[ServiceStatus]) {
             status
                 .uptime_seconds
                 .map_or("-".to_string(), |s| uptime(Duration::from_secs(s))),
+            status.restarts.map_or("-".to_string(), |n| n.to_string()),
             status.metrics_address.as_deref().unwrap_or("-"),
             status.socket,
             bus

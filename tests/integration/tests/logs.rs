@@ -160,6 +160,7 @@ async fn status_json_lists_every_service_and_a_closed_output_ends_it_quietly() {
         assert_eq!(entry["version"], info.version.as_str(), "{entry:#}");
         assert!(entry["uptime_seconds"].is_u64(), "{entry:#}");
         assert_eq!(entry["bus"]["connected"], true, "{entry:#}");
+        assert_eq!(entry["restarts"], 0, "{entry:#}");
         let metrics = (!info.metrics_address.is_empty()).then_some(info.metrics_address);
         assert_eq!(
             entry["metrics_address"].as_str(),
@@ -184,6 +185,19 @@ async fn status_json_lists_every_service_and_a_closed_output_ends_it_quietly() {
         .find(|line| line.starts_with("gateway"))
         .unwrap_or_else(|| panic!("no gateway line in\n{text}"));
     assert!(gateway.contains(metrics), "{gateway}");
+
+    let old = node.info("image").await.expect("image info").pid;
+    trellis_integration::kill9(old);
+    node.wait_restarted("image", old, Duration::from_secs(10))
+        .await;
+    let output = status(&node, &["--json"], Stdio::piped());
+    let document: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("one JSON document");
+    let image = document["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["service"] == "image"))
+        .expect("image");
+    assert_eq!(image["restarts"], 1, "{document:#}");
 
     // The reader is gone before anything is written: every write meets EPIPE.
     for args in [&[][..], &["--json"][..]] {
