@@ -14,6 +14,8 @@ use k8s_cri::v1::*;
 use tonic::transport::Channel;
 use trellis_common::transport::unix_channel;
 
+use crate::output::{errln, outln_or_drop};
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// CRI endpoint, e.g. unix:///run/containerd/containerd.sock [default: this node's gateway]
@@ -306,7 +308,7 @@ async fn stats(
             })
             .await
         {
-            eprintln!("could not remove benchmark pod {pod}: {status}");
+            errln!("could not remove benchmark pod {pod}: {status}");
         }
     }
     measured
@@ -397,7 +399,7 @@ async fn time_stats(
         .await;
     }
     for (call, message) in failures {
-        println!("  {call}: {message}");
+        outln_or_drop!("  {call}: {message}");
     }
     Ok(timings)
 }
@@ -427,10 +429,14 @@ struct Summary {
 type Report = Vec<(String, Vec<(&'static str, Summary)>)>;
 
 fn print(report: &mut Report, title: &str, timings: &mut Timings) {
-    println!("{title}");
-    println!(
+    outln_or_drop!("{title}");
+    outln_or_drop!(
         "  {:<22} {:>9} {:>9} {:>9} {:>6}",
-        "operation (ms)", "p50", "p90", "p99", "n"
+        "operation (ms)",
+        "p50",
+        "p90",
+        "p99",
+        "n"
     );
     let mut phase = Vec::new();
     for name in OPERATIONS {
@@ -444,9 +450,13 @@ fn print(report: &mut Report, title: &str, timings: &mut Timings) {
             p99: percentile(samples, 0.99),
             n: samples.len(),
         };
-        println!(
+        outln_or_drop!(
             "  {:<22} {:>9.3} {:>9.3} {:>9.3} {:>6}",
-            name, summary.p50, summary.p90, summary.p99, summary.n
+            name,
+            summary.p50,
+            summary.p90,
+            summary.p99,
+            summary.n
         );
         phase.push((name, summary));
     }
@@ -500,7 +510,7 @@ pub async fn run(args: BenchArgs, default_socket: PathBuf) -> Result<(), BenchEr
     };
     check("PullImage", images.clone().pull_image(pull).await)?;
     let mut report = Report::new();
-    println!(
+    outln_or_drop!(
         "{} {} on {}: image {}, {} network",
         version.runtime_name,
         version.runtime_version,
@@ -546,7 +556,7 @@ pub async fn run(args: BenchArgs, default_socket: PathBuf) -> Result<(), BenchEr
             for handle in futures::future::join_all(cycles).await {
                 match handle {
                     Ok(result) => record(&mut concurrent, result?),
-                    Err(error) => eprintln!("a benchmark cycle stopped: {error}"),
+                    Err(error) => errln!("a benchmark cycle stopped: {error}"),
                 }
             }
         }

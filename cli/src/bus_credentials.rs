@@ -14,6 +14,7 @@ use trellis_common::bus::server_config::{ServerConfig, ServerTls};
 use trellis_common::config::{Config, ServiceKind};
 use trellis_common::dirs::ensure_private_dir;
 
+use crate::output::outln;
 use crate::private_bus::{SERVER_CONFIG_FILE, seed_file, write_credentials};
 use crate::up::UpError;
 
@@ -79,14 +80,14 @@ pub fn run(args: &BusCredentialsArgs, config: &Config) -> Result<(), UpError> {
             tls,
         },
     )?;
-    println!(
+    outln!(
         "wrote {} (node {node}, stream {}): start nats-server with -c {}",
         conf.display(),
         config.bus.stream,
         conf.display()
     );
     for kind in ServiceKind::START_ORDER {
-        println!(
+        outln!(
             "  {:<8} TRELLIS_BUS_NKEY_SEED_FILE={}",
             kind.name(),
             seed_file(&args.dir, kind).display()

@@ -4,8 +4,10 @@
 mod bench;
 mod bus_credentials;
 mod child;
+mod output;
 mod private_bus;
 mod probe;
+mod restarts;
 mod status;
 mod up;
 
@@ -26,8 +28,13 @@ enum Command {
     /// Run a whole node: a private NATS when no bus is configured, then storage,
     /// network, image, runtime and gateway, restarted when they die.
     Up,
-    /// Show each service's health, version, pid, socket and bus connection.
-    Status,
+    /// Show each service's health, version, pid, uptime, metrics address, socket and
+    /// bus connection.
+    Status {
+        /// One JSON document, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Time pod and container lifecycles against a CRI endpoint (this node's, or another runtime's).
     Bench(bench::BenchArgs),
     /// Write this node's credentials for a bus outside `trellis up`: an nkey seed per
@@ -41,7 +48,7 @@ fn main() -> anyhow::Result<()> {
     if !matches!(cli.command, Command::Up) {
         // `up` logs them once its logging is set up; the other commands have none.
         for notice in &config.notices {
-            eprintln!("warning: {notice}");
+            output::errln!("warning: {notice}");
         }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -54,8 +61,8 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(bench::run(args, socket))?;
         }
         Command::BusCredentials(args) => bus_credentials::run(&args, &config)?,
-        Command::Status => {
-            let healthy = runtime.block_on(status::run(&config));
+        Command::Status { json } => {
+            let healthy = runtime.block_on(status::run(&config, json));
             if !healthy {
                 std::process::exit(1);
             }

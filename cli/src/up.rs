@@ -162,7 +162,13 @@ struct Supervised {
 pub async fn run(args: &ConfigArgs, config: Config) -> anyhow::Result<()> {
     let telemetry = trellis_common::telemetry::Telemetry::init("trellis-up", &config.telemetry)?;
     config.log_notices();
+    crate::restarts::start(&config.node.run_dir);
     let result = supervise_node(args, &config).await;
+    crate::restarts::stop();
+    match &result {
+        Ok(()) => tracing::info!("node stopped cleanly"),
+        Err(error) => tracing::error!(%error, "node stopped"),
+    }
     telemetry.shutdown();
     Ok(result?)
 }
@@ -342,6 +348,7 @@ async fn keep_running(
                     child = new;
                     started = Instant::now();
                     tracing::info!(child = %spec.name, pid = child.id(), "restarted");
+                    crate::restarts::count(&spec.name);
                     break;
                 }
                 Err(error) => {

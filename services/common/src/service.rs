@@ -244,6 +244,10 @@ where
         );
     }
     drop(socket);
+    match &result {
+        Ok(()) => tracing::info!("{process} stopped cleanly"),
+        Err(error) => tracing::error!(%error, "{process} stopped: serving failed"),
+    }
     telemetry.shutdown();
     result.map_err(|e| CommonError::Serve(e.to_string()))
 }

@@ -3,9 +3,13 @@
 //! Every process logs through `tracing`. When the standard `OTEL_EXPORTER_OTLP_*`
 //! variables name an endpoint, spans are also exported over OTLP/gRPC, and the W3C
 //! trace context travels in gRPC metadata and NATS headers, so one CRI call is one
-//! trace across the gateway and the services behind it.
+//! trace across the gateway and the services behind it. Log lines name their service
+//! and, inside an exported trace, its trace and span ids (see `format`).
+
+mod format;
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::propagation::{Extractor, Injector};
@@ -61,11 +65,21 @@ impl Telemetry {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         let filter = EnvFilter::try_new(&config.log_level)
             .map_err(|_| TelemetryError::Filter(config.log_level.clone()))?;
+        // Colours only for a person at a terminal, who has not asked for none
+        // (https://no-color.org): in a file or a journal they are escape codes in the
+        // way of grep.
+        let ansi = std::io::stderr().is_terminal()
+            && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+        let ids = format::TraceIds::default();
+        let service = process.strip_prefix("trellis-").unwrap_or(process);
+        let json = config.log_format == "json";
         let fmt = tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
-            .with_target(true);
-        let fmt = if config.log_format == "json" {
-            fmt.json().boxed()
+            .with_ansi(ansi)
+            .event_format(format::LineFormat::new(service, json, ansi, ids.clone()));
+        let fmt = if json {
+            fmt.fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+                .boxed()
         } else {
             fmt.boxed()
         };
@@ -98,10 +112,16 @@ impl Telemetry {
             opentelemetry::global::set_tracer_provider(provider.clone());
             tracing_opentelemetry::layer().with_tracer(provider.tracer("trellis"))
         });
-        tracing_subscriber::registry()
+        let exporting = otel.is_some();
+        let dispatch: tracing::Dispatch = tracing_subscriber::registry()
             .with(filter)
             .with(fmt)
             .with(otel)
+            .into();
+        if exporting {
+            ids.enable(&dispatch);
+        }
+        dispatch
             .try_init()
             .map_err(|e| TelemetryError::Install(e.to_string()))?;
         if let Some(endpoint) = endpoint {

@@ -139,14 +139,17 @@ impl Backends {
         let result = self
             .call(backend, retry, deadline, request.into_inner(), call)
             .await;
-        self.observe(method, started, result.as_ref().err().map(Status::code));
+        self.observe(method, started, result.as_ref().err());
         result
     }
 
-    pub fn observe(&self, method: &'static str, started: Instant, error: Option<Code>) {
-        self.metrics.observe(method, started.elapsed(), error);
-        if let Some(code) = error {
-            tracing::debug!(method, ?code, "CRI call failed");
+    /// Records one CRI call; a failed one is logged here, once: the gateway is where
+    /// every CRI call ends, so an operator finds all of them in one service's lines.
+    pub fn observe(&self, method: &'static str, started: Instant, error: Option<&Status>) {
+        self.metrics
+            .observe(method, started.elapsed(), error.map(Status::code));
+        if let Some(status) = error {
+            log_failed(method, status);
         }
     }
 
@@ -196,6 +199,17 @@ impl Backends {
             delay = (delay * 2).min(MAX_RETRY_DELAY);
         }
     }
+}
+
+/// The one line of a failed CRI call: at warn, where an operator's alerts look.
+pub fn log_failed(method: &'static str, status: &Status) {
+    // The message may quote the caller's input (an id, a name).
+    tracing::warn!(
+        method,
+        code = ?status.code(),
+        error = %trellis_common::text::excerpt_to(status.message(), 400),
+        "CRI call failed"
+    );
 }
 
 /// The request sent to a backend: the caller's deadline passed on, and the trace.

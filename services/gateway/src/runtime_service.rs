@@ -51,7 +51,10 @@ forwarding_impl! {
     type GetContainerEventsStream = EventStream;
 
     async fn get_container_events(&self, _request: Request<GetEventsRequest>) -> Result<Response<EventStream>, Status> {
-        Ok(Response::new(crate::events::subscribe(self.backends.clone(), self.bus.clone(), &self.node).await?))
+        let events = crate::events::subscribe(self.backends.clone(), self.bus.clone(), &self.node)
+            .await
+            .inspect_err(|status| crate::backend::log_failed("GetContainerEvents", status))?;
+        Ok(Response::new(events))
     }
 
     async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {

@@ -410,8 +410,9 @@ fn spawn_logged(binary_name: &str, args: &[&str], env: &[(String, String)], log:
     let log = std::fs::File::create(log).expect("log file");
     Command::new(binary(binary_name))
         .args(args)
-        .envs(env.iter().cloned())
+        // Before the test's own environment, so that a test can unset it.
         .env("NO_COLOR", "1")
+        .envs(env.iter().cloned())
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
