@@ -22,7 +22,7 @@ use trellis_common::config::{Config, ServiceKind};
 use trellis_common::metrics::RpcMetrics;
 use trellis_common::telemetry::inject_grpc_context;
 use trellis_common::transport::unix_channel;
-use trellis_common::upstream::{not_reached, parse_grpc_timeout};
+use trellis_common::upstream::{never_sent, not_reached, parse_grpc_timeout};
 
 /// Whether a call may be sent again after a failure to reach its backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +47,9 @@ pub struct Backends {
     metrics: RpcMetrics,
 }
 
+/// How often a call is tried that never left the gateway (see `never_sent`): each
+/// attempt goes to a new connection, so a second one hitting the same race is rare.
+const NEVER_SENT_ATTEMPTS: u32 = 3;
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(20);
 const MAX_RETRY_DELAY: Duration = Duration::from_millis(250);
 /// Left of the caller's deadline to send our own answer back in time.
@@ -118,13 +121,22 @@ impl Backends {
     {
         let started = Instant::now();
         if retry == Retry::Once {
-            // Sent once, so its message is sent as it came, not a copy.
-            return match call(backend.channel.clone(), outgoing(message, deadline)).await {
-                Err(status) if not_reached(&status) => {
-                    Err(unreachable(backend, 1, started, &status))
-                }
-                answer => answer,
-            };
+            // Applied once at most: sent again only if it was never sent at all (it
+            // raced the GOAWAY of a backend that is draining to restart).
+            let mut attempts = 0u32;
+            loop {
+                attempts += 1;
+                let sent = call(backend.channel.clone(), outgoing(message.clone(), deadline));
+                return match sent.await {
+                    Err(status) if never_sent(&status) && attempts < NEVER_SENT_ATTEMPTS => {
+                        continue;
+                    }
+                    Err(status) if not_reached(&status) => {
+                        Err(unreachable(backend, attempts, started, &status))
+                    }
+                    answer => answer,
+                };
+            }
         }
         let mut give_up = started + self.retry_budget;
         if let Some(deadline) = deadline {
