@@ -259,7 +259,10 @@ where
             "bus unreachable: undelivered events stay in the outbox for the next start"
         );
     }
-    drop(socket);
+    match socket {
+        Some(owned) => drop(owned),
+        None => crate::transport::remove_if_orphaned(&endpoint.socket),
+    }
     telemetry.shutdown();
     result.map_err(|e| CommonError::Serve(e.to_string()))
 }

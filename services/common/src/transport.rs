@@ -133,6 +133,22 @@ impl Drop for OwnedSocket {
     }
 }
 
+/// For a service whose socket was handed down: removes the socket and its lock file if
+/// the owner that made them (`trellis up`) is gone, which the free lock proves (it died
+/// with SIGKILL and its children stop after it). A socket with no lock file is not one
+/// of ours to remove (systemd's), and a held lock means the owner lives on.
+pub fn remove_if_orphaned(socket: &Path) {
+    let lock_path = lock_path_of(socket);
+    if !lock_path.exists() {
+        return;
+    }
+    if let Ok(Some(_lock)) = crate::dirs::try_lock_file(&lock_path) {
+        tracing::info!(socket = %socket.display(), "the socket's owner is gone: removing it");
+        let _ = std::fs::remove_file(socket);
+        let _ = std::fs::remove_file(&lock_path);
+    }
+}
+
 pub fn lock_path_of(socket: &Path) -> PathBuf {
     let mut name = socket.as_os_str().to_os_string();
     name.push(".lock");
