@@ -36,10 +36,10 @@ for service in storage network image runtime gateway; do
 done
 place "$(readlink -f "$nats")" "$root/usr/sbin/nats-server"
 cp -a /usr/lib/systemd/system "$root/usr/lib/systemd/"
-cp deploy/systemd/*.service deploy/systemd/*.target "$root/etc/systemd/system/"
+cp deploy/systemd/*.service deploy/systemd/*.socket deploy/systemd/*.target "$root/etc/systemd/system/"
 
 units=()
-for unit in deploy/systemd/*.service deploy/systemd/*.target; do units+=("$(basename "$unit")"); done
+for unit in deploy/systemd/*.service deploy/systemd/*.socket deploy/systemd/*.target; do units+=("$(basename "$unit")"); done
 # verify's warnings go to stderr and do not all change its exit status: any line fails.
 if ! (cd "$root/etc/systemd/system" && systemd-analyze verify --root="$root" --man=no "${units[@]}") >"$root/verify.log" 2>&1 \
     || [ -s "$root/verify.log" ]; then

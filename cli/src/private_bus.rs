@@ -80,6 +80,7 @@ impl PrivateBus {
                 program,
                 args,
                 env: Vec::new(),
+                listen: None,
             },
             address,
             dir,

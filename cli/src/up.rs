@@ -1,7 +1,9 @@
 //! `trellis up`: the all-in-one node supervisor.
 
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -10,6 +12,7 @@ use tokio::time::Instant;
 use tonic_health::pb::health_check_response::ServingStatus;
 use trellis_common::config::{Config, ServiceKind};
 use trellis_common::service::ConfigArgs;
+use trellis_common::transport::OwnedSocket;
 
 use crate::child::{ChildError, ChildSpec, describe, terminate};
 use crate::private_bus::PrivateBus;
@@ -21,6 +24,12 @@ pub enum UpError {
     MissingProgram { program: String, hint: String },
     #[error(transparent)]
     Child(#[from] ChildError),
+    #[error("cannot hold the {service} socket: {source}")]
+    Socket {
+        service: String,
+        #[source]
+        source: trellis_common::transport::TransportError,
+    },
     #[error("cannot find a free loopback port for the private bus: {0}")]
     Port(std::io::Error),
     #[error("cannot create {path}: {source}")]
@@ -52,7 +61,9 @@ pub enum UpError {
 }
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How much longer than its own drain (`node.shutdown_grace_seconds`) a child gets to
+/// exit after SIGTERM before it is killed: the bus flush and its exit come after.
+const STOP_MARGIN: Duration = Duration::from_secs(5);
 /// A child that ran this long before dying is restarted at once; quicker deaths back off.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -146,11 +157,13 @@ async fn until_unhealthy_for(readiness: &Readiness, after: Option<Duration>) -> 
     }
 }
 
-/// A ready child is restarted after `unhealthy_after` of NOT_SERVING (never if `None`).
+/// A ready child is restarted after `unhealthy_after` of NOT_SERVING (never if `None`);
+/// asked to stop, it gets `stop_grace` before it is killed.
 #[derive(Debug, Clone)]
 struct Watch {
     readiness: Readiness,
     unhealthy_after: Option<Duration>,
+    stop_grace: Duration,
 }
 
 struct Supervised {
@@ -182,6 +195,30 @@ async fn supervise_node(args: &ConfigArgs, config: &Config) -> Result<(), UpErro
         0 => None,
         seconds => Some(Duration::from_secs(seconds)),
     };
+    let stop_grace = Duration::from_secs(config.node.shutdown_grace_seconds) + STOP_MARGIN;
+    // Every service socket is created and held here for the life of the node, and a
+    // copy handed to the service: a service that restarts (or is killed) leaves its
+    // socket listening, so callers wait in the backlog for the next process instead of
+    // being refused. Dropped (files removed) only after every child has stopped.
+    let mut held = Vec::new();
+    let mut sockets = Vec::new();
+    for kind in ServiceKind::START_ORDER {
+        let endpoint = config.endpoint(kind);
+        let socket_error = |source| UpError::Socket {
+            service: kind.name().to_string(),
+            source,
+        };
+        let mut socket =
+            OwnedSocket::bind(&endpoint.socket, endpoint.socket_mode).map_err(socket_error)?;
+        let listener = socket.listener.take().ok_or_else(|| {
+            socket_error(trellis_common::transport::TransportError::Bind {
+                path: endpoint.socket.clone(),
+                source: std::io::Error::other("listener already taken"),
+            })
+        })?;
+        sockets.push((kind, Arc::new(OwnedFd::from(listener))));
+        held.push(socket);
+    }
     let mut running: Vec<Supervised> = Vec::new();
 
     let startup = async {
@@ -194,6 +231,7 @@ async fn supervise_node(args: &ConfigArgs, config: &Config) -> Result<(), UpErro
                     Watch {
                         readiness: Readiness::Tcp(private.address),
                         unhealthy_after: None,
+                        stop_grace,
                     },
                 )
                 .await?,
@@ -209,15 +247,21 @@ async fn supervise_node(args: &ConfigArgs, config: &Config) -> Result<(), UpErro
                 });
             }
             let env = bus.as_ref().map(|bus| bus.env(kind)).unwrap_or_default();
+            let listen = sockets
+                .iter()
+                .find(|(held, _)| *held == kind)
+                .map(|(_, fd)| (fd.clone(), kind.name().to_string()));
             let spec = ChildSpec {
                 name: kind.name().to_string(),
                 program,
                 args: args.to_args(),
                 env,
+                listen,
             };
             let watch = Watch {
                 readiness: Readiness::Grpc(config.endpoint(kind).socket),
                 unhealthy_after,
+                stop_grace,
             };
             running.push(start(spec, watch).await?);
         }
@@ -241,6 +285,8 @@ async fn supervise_node(args: &ConfigArgs, config: &Config) -> Result<(), UpErro
         let _ = child.task.await;
         tracing::info!(child = %child.name, "stopped");
     }
+    drop(sockets);
+    drop(held);
     match started {
         // Asked to stop before the node was complete: a clean stop all the same.
         Err(UpError::Interrupted) => {
@@ -270,7 +316,7 @@ async fn start(spec: ChildSpec, watch: Watch) -> Result<Supervised, UpError> {
             Err(reason) => last = reason,
         }
         if Instant::now() > deadline {
-            terminate(&spec.name, &mut child, STOP_GRACE).await;
+            terminate(&spec.name, &mut child, watch.stop_grace).await;
             return Err(UpError::StartTimeout {
                 name: spec.name.clone(),
                 timeout: START_TIMEOUT,
@@ -309,7 +355,7 @@ async fn keep_running(
         let ended = tokio::select! {
             status = child.wait() => Ended::Exited(status),
             _ = stop.changed() => {
-                terminate(&spec.name, &mut child, STOP_GRACE).await;
+                terminate(&spec.name, &mut child, watch.stop_grace).await;
                 return;
             }
             reason = until_unhealthy_for(&watch.readiness, watch.unhealthy_after) => {
@@ -333,7 +379,7 @@ async fn keep_running(
             Ended::Unhealthy { reason } => {
                 let after = watch.unhealthy_after.unwrap_or_default();
                 tracing::warn!(child = %spec.name, not_serving_for = ?after, %reason, "child NOT_SERVING for too long (supervisor.unhealthy_restart_after_seconds); restarting it");
-                let status = terminate(&spec.name, &mut child, STOP_GRACE).await;
+                let status = terminate(&spec.name, &mut child, watch.stop_grace).await;
                 tracing::info!(child = %spec.name, ?status, restart_in = ?delay, "stopped the unhealthy child");
             }
         }
@@ -433,6 +479,7 @@ mod tests {
                 format!("echo $$ >> {}; exec sleep 60", starts.display()),
             ],
             env: Vec::new(),
+            listen: None,
         }
     }
 
@@ -463,6 +510,7 @@ mod tests {
         let watch = Watch {
             readiness: Readiness::Scripted(health.clone()),
             unhealthy_after: Some(unhealthy_after),
+            stop_grace: Duration::from_secs(10),
         };
         let task = tokio::spawn(keep_running(spec, child, watch, stopped));
         for (status, hold) in script {

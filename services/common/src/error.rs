@@ -12,6 +12,8 @@ pub enum CommonError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Transport(#[from] TransportError),
+    #[error("socket activation: {0}")]
+    Activation(#[from] crate::activation::ActivationError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]

@@ -2,6 +2,7 @@
 //! socket transport, the record store, keyed locks, metrics, and the service runner.
 #![deny(unsafe_code)]
 
+pub mod activation;
 pub mod authority;
 pub mod bus;
 pub mod clock;

@@ -26,9 +26,6 @@ use crate::transport::OwnedSocket;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// How long calls in flight may take to finish once a stop is asked for.
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
-
 /// The flags every service binary and `trellis` share.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ConfigArgs {
@@ -131,7 +128,27 @@ where
     let telemetry = Telemetry::init(process, &config.telemetry)?;
     config.log_notices();
     let endpoint = config.endpoint(kind);
-    let mut socket = OwnedSocket::bind(&endpoint.socket, endpoint.socket_mode)?;
+    // Handed down by `trellis up` or systemd, the socket is the parent's: it stays
+    // (and keeps queueing connections) when this process ends. Alone, the service
+    // binds and owns it.
+    let (socket, listener) = match crate::activation::take_listener(kind.name())? {
+        Some(listener) => {
+            tracing::info!(socket = %endpoint.socket.display(), "serving on the socket handed down by the parent (LISTEN_FDS)");
+            (None, listener)
+        }
+        None => {
+            let mut socket = OwnedSocket::bind(&endpoint.socket, endpoint.socket_mode)?;
+            let listener = socket.listener.take().ok_or_else(|| CommonError::Io {
+                what: format!("socket {} has no listener", endpoint.socket.display()),
+                source: std::io::Error::other("listener already taken"),
+            })?;
+            (Some(socket), listener)
+        }
+    };
+    let listener = crate::transport::into_async(listener).map_err(|source| CommonError::Io {
+        what: format!("cannot serve on {}", endpoint.socket.display()),
+        source,
+    })?;
 
     let store: Option<Arc<dyn Store>> = if kind.is_stateful() {
         // The state directory holds image layers and container files: root only.
@@ -204,10 +221,6 @@ where
     publish_lifecycle(&bus, service_event::Kind::Started);
     tracing::info!(socket = %endpoint.socket.display(), metrics = ?metrics_address, bus = %config.bus.url, pid = std::process::id(), "{process} {VERSION} serving");
 
-    let listener = socket.listener.take().ok_or_else(|| CommonError::Io {
-        what: format!("socket {} has no listener", endpoint.socket.display()),
-        source: std::io::Error::other("listener already taken"),
-    })?;
     // Every connection goes through the authority shim: Go clients dialling a socket
     // path would otherwise be refused by the HTTP/2 server (see `authority`).
     let incoming =
@@ -221,16 +234,19 @@ where
             let mut stop = stop;
             let _ = stop.wait_for(|stopping| *stopping).await;
         });
-    // In-flight calls get a grace period after the signal; streams that never end (a
-    // kubelet's GetContainerEvents) must not hold the process past it.
+    // On the signal the server stops accepting (callers wait in the socket's backlog
+    // for the next process when the socket is held by a parent), sends GOAWAY, and
+    // waits for the calls it accepted; watch streams end at once (`stopping`), asked to
+    // come back. Only calls still open after the grace are cut.
+    let grace = Duration::from_secs(config.node.shutdown_grace_seconds);
     let result = tokio::select! {
         result = server => result,
         _ = async {
             shutdown_signal().await;
             let _ = stopping.send(true);
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
+            tokio::time::sleep(grace).await;
         } => {
-            tracing::warn!(grace = ?SHUTDOWN_GRACE, "calls still open after the grace period are cut");
+            tracing::warn!(?grace, "calls still open after node.shutdown_grace_seconds are cut");
             Ok(())
         }
     };
@@ -243,7 +259,10 @@ where
             "bus unreachable: undelivered events stay in the outbox for the next start"
         );
     }
-    drop(socket);
+    match socket {
+        Some(owned) => drop(owned),
+        None => crate::transport::remove_if_orphaned(&endpoint.socket),
+    }
     match &result {
         Ok(()) => tracing::info!("{process} stopped cleanly"),
         Err(error) => tracing::error!(%error, "{process} stopped: serving failed"),

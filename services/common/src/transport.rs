@@ -2,7 +2,9 @@
 //!
 //! A server takes an exclusive `flock` on `<socket>.lock` before touching the socket:
 //! a live owner keeps the lock, so a second instance refuses to start, while a socket
-//! left by a crashed owner (kill -9) is stale and replaced.
+//! left by a crashed owner (kill -9) is stale and replaced. The owner is the service
+//! itself when it runs alone, or `trellis up`, which holds every socket of the node and
+//! hands each to its service (see `activation`), so the socket outlives the service.
 
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
@@ -11,7 +13,8 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use nix::fcntl::Flock;
-use tokio::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
+use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +55,9 @@ pub enum TransportError {
 }
 
 /// A bound socket and the lock that proves this process owns it. Dropping it removes
-/// the socket file, so a clean shutdown leaves nothing behind.
+/// the socket file, so a clean shutdown leaves nothing behind. The listener is a
+/// blocking std one: `trellis up` holds it without ever accepting, and a service makes
+/// it asynchronous when it serves.
 pub struct OwnedSocket {
     pub listener: Option<UnixListener>,
     path: PathBuf,
@@ -114,11 +119,33 @@ impl OwnedSocket {
     }
 }
 
+/// Makes a listener (bound here or handed down) ready for the async runtime.
+pub fn into_async(listener: UnixListener) -> std::io::Result<tokio::net::UnixListener> {
+    listener.set_nonblocking(true)?;
+    tokio::net::UnixListener::from_std(listener)
+}
+
 impl Drop for OwnedSocket {
     fn drop(&mut self) {
         // Still holding the lock here, so no newer instance can own these files yet.
         let _ = std::fs::remove_file(&self.path);
         let _ = std::fs::remove_file(&self.lock_path);
+    }
+}
+
+/// For a service whose socket was handed down: removes the socket and its lock file if
+/// the owner that made them (`trellis up`) is gone, which the free lock proves (it died
+/// with SIGKILL and its children stop after it). A socket with no lock file is not one
+/// of ours to remove (systemd's), and a held lock means the owner lives on.
+pub fn remove_if_orphaned(socket: &Path) {
+    let lock_path = lock_path_of(socket);
+    if !lock_path.exists() {
+        return;
+    }
+    if let Ok(Some(_lock)) = crate::dirs::try_lock_file(&lock_path) {
+        tracing::info!(socket = %socket.display(), "the socket's owner is gone: removing it");
+        let _ = std::fs::remove_file(socket);
+        let _ = std::fs::remove_file(&lock_path);
     }
 }
 

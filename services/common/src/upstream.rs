@@ -128,6 +128,24 @@ pub fn not_reached(status: &Status) -> bool {
     transport
 }
 
+/// Whether the client gave the call up before writing any of it: hyper cancels the
+/// calls queued for a connection that closes first, which is what a draining server's
+/// HTTP/2 GOAWAY does to calls racing it. Such a call never reached the server, so it
+/// may be sent again whatever it does (as grpc-go's transparent retry does).
+pub fn never_sent(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if error
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
 /// Words for a call to `service` on `socket` that got no answer (see
 /// [`not_reached`]): `<service> service unavailable: not answering on <socket>: <why>`.
 pub fn unreached_message(service: &str, socket: &Path, status: &Status) -> String {

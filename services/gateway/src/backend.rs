@@ -35,7 +35,7 @@ use trellis_common::config::{Config, ServiceKind};
 use trellis_common::metrics::RpcMetrics;
 use trellis_common::telemetry::inject_grpc_context;
 use trellis_common::transport::unix_channel;
-use trellis_common::upstream::{not_reached, parse_grpc_timeout};
+use trellis_common::upstream::{never_sent, not_reached, parse_grpc_timeout};
 
 /// Whether a call may be sent again after a failure to reach its backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,15 +60,17 @@ impl Retry {
         match self {
             Retry::Idempotent => not_reached(status) || status.code() == Code::Unavailable,
             Retry::Repeatable => not_reached(status),
-            Retry::Once => never_sent(status),
+            Retry::Once => never_connected(status) || never_sent(status),
         }
     }
 }
 
 /// Whether a call failed before its connection existed: the backend's socket
 /// refused it or is not there (a restart), so no byte of the call was sent. A
-/// connection that broke under the call is not this: the call may have run.
-fn never_sent(status: &Status) -> bool {
+/// connection that broke under the call is not this: the call may have run. (A call
+/// hyper gave up before writing it, racing a draining backend's GOAWAY, is the other
+/// case of a call never sent: `upstream::never_sent`.)
+fn never_connected(status: &Status) -> bool {
     let mut source = std::error::Error::source(status);
     while let Some(error) = source {
         if let Some(io) = error.downcast_ref::<std::io::Error>() {

@@ -137,10 +137,14 @@ async fn statuses(
 }
 
 /// Subscribes now, and streams what follows.
+/// The stream ends when the gateway begins to stop, with UNAVAILABLE: the subscriber
+/// comes back (to the next gateway process, waiting in the socket's backlog) rather
+/// than holding this one open through its drain.
 pub async fn subscribe(
     backends: Arc<Backends>,
     bus: Option<async_nats::Client>,
     node: &str,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
 ) -> Result<EventStream, Status> {
     let bus = bus.ok_or_else(|| {
         Status::unavailable(
@@ -162,7 +166,19 @@ pub async fn subscribe(
     let node = node.to_string();
     let (events, receiver) = mpsc::channel(SUBSCRIBER_BUFFER);
     tokio::spawn(async move {
-        while let Some(message) = subscription.next().await {
+        loop {
+            let message = tokio::select! {
+                message = subscription.next() => message,
+                _ = stopping.wait_for(|stopping| *stopping) => {
+                    let _ = events.try_send(Err(Status::unavailable(
+                        "the gateway is restarting: subscribe again (and relist)",
+                    )));
+                    break;
+                }
+            };
+            let Some(message) = message else {
+                break;
+            };
             let Ok(event) = Event::decode(message.payload) else {
                 continue;
             };

@@ -35,6 +35,7 @@ fn main() -> anyhow::Result<()> {
             backends: backends.clone(),
             bus: context.bus.client().cloned(),
             node: context.node.clone(),
+            stopping: context.stopping.clone(),
         };
         let runtime = RuntimeServiceServer::new(gateway)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

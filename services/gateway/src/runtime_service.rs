@@ -14,6 +14,8 @@ pub struct Gateway {
     pub backends: Arc<Backends>,
     pub bus: Option<async_nats::Client>,
     pub node: String,
+    /// Turns true when the gateway begins to stop; event streams end then.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 forwarding_impl! {
@@ -51,7 +53,7 @@ forwarding_impl! {
     type GetContainerEventsStream = EventStream;
 
     async fn get_container_events(&self, _request: Request<GetEventsRequest>) -> Result<Response<EventStream>, Status> {
-        let events = crate::events::subscribe(self.backends.clone(), self.bus.clone(), &self.node)
+        let events = crate::events::subscribe(self.backends.clone(), self.bus.clone(), &self.node, self.stopping.clone())
             .await
             .inspect_err(|status| crate::backend::log_failed("GetContainerEvents", status))?;
         Ok(Response::new(events))

@@ -15,7 +15,13 @@ pub struct NodeConfig {
     pub run_dir: PathBuf,
     /// Where `trellis up` finds the service binaries; empty means beside `trellis`.
     pub bin_dir: String,
+    /// How long a stopping service lets the calls it accepted finish before it cuts
+    /// them (watch streams end at once, asked to come back).
+    pub shutdown_grace_seconds: u64,
 }
+
+/// A stop that waits longer than this is a stuck service, not a drain.
+pub const MAX_SHUTDOWN_GRACE_SECONDS: u64 = 600;
 
 impl Default for NodeConfig {
     fn default() -> Self {
@@ -24,12 +30,20 @@ impl Default for NodeConfig {
             state_dir: PathBuf::from("/var/lib/trellis"),
             run_dir: PathBuf::from("/run/trellis"),
             bin_dir: String::new(),
+            shutdown_grace_seconds: 10,
         }
     }
 }
 
 impl NodeConfig {
     pub(super) fn validate(&self, provenance: &Provenance) -> Result<(), ConfigError> {
+        if self.shutdown_grace_seconds > MAX_SHUTDOWN_GRACE_SECONDS {
+            return Err(provenance.bad_value(
+                "node.shutdown_grace_seconds",
+                "at most 600 (seconds)",
+                &self.shutdown_grace_seconds.to_string(),
+            ));
+        }
         if !self.name.is_empty() && sanitize_subject_token(&self.name) != self.name {
             return Err(provenance.bad_value(
                 "node.name",
