@@ -152,3 +152,21 @@ pub fn entries(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// Asserts that a running node whose pods are all removed holds nothing of them
+/// (`Node::state_leftovers`, and the node root's mounts), `more` included; its
+/// sockets and service processes are the node's own.
+pub fn assert_nothing_left(node: &Node, case: &str, more: Vec<String>) {
+    let mut left = node.state_leftovers();
+    left.extend(more);
+    left.extend(
+        crate::leftovers(node.root())
+            .into_iter()
+            .filter(|l| !l.starts_with("socket") && !l.starts_with("process")),
+    );
+    assert!(
+        left.is_empty(),
+        "{case}: left behind: {left:#?}\n{}",
+        node.log_tail()
+    );
+}

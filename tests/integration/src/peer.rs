@@ -124,3 +124,59 @@ pub fn summary(samples: &mut [Duration]) -> (f64, f64, f64) {
     };
     (at(0.5), at(0.95), at(0.99))
 }
+
+/// A Trellis node and containerd side by side, for the benchmarks and the
+/// differential check: one registry with a busybox image (and the pause image
+/// containerd's sandboxes need: a shell that exits on SIGTERM), one CNI network.
+/// Fields are dropped in order: containerd first, the registry last.
+pub struct SideBySide {
+    pub containerd: Containerd,
+    pub network: crate::netns::TestNetwork,
+    pub node: crate::Node,
+    /// The busybox image's name.
+    pub image: String,
+    pub registry: crate::registry::Registry,
+}
+
+impl SideBySide {
+    /// Starts both under `dir`, the images pushed under `repository/`.
+    pub async fn start(dir: &Path, repository: &str) -> SideBySide {
+        use crate::registry::{Registry, busybox_layer, image};
+        let registry = Registry::start(dir, None);
+        let shell = image(vec![busybox_layer()], &["/bin/sh"], "amd64", false);
+        registry
+            .push(&format!("{repository}/busybox"), "latest", &shell)
+            .await;
+        let pause = image(
+            vec![busybox_layer()],
+            &[
+                "/bin/sh",
+                "-c",
+                "trap 'exit 0' TERM; while true; do sleep 1; done",
+            ],
+            "amd64",
+            false,
+        );
+        registry
+            .push(&format!("{repository}/pause"), "3.9", &pause)
+            .await;
+        let image = format!("{}/{repository}/busybox:latest", registry.address);
+        let node = crate::Node::start(crate::NodeOptions::default()).await;
+        let network = crate::netns::TestNetwork::new(node.root());
+        network.write(&node.cni_dir());
+        let containerd = Containerd::start(
+            dir,
+            &[&registry.address],
+            &node.cni_dir(),
+            &format!("{}/{repository}/pause:3.9", registry.address),
+        )
+        .await;
+        SideBySide {
+            containerd,
+            network,
+            node,
+            image,
+            registry,
+        }
+    }
+}

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::*;
 use trellis_integration::cri::{self, image_spec};
 use trellis_integration::faults::{
-    cgroup_dirs, cgroup_leftovers, records_left, remove_cgroup_parent,
+    assert_nothing_left, cgroup_dirs, cgroup_leftovers, records_left, remove_cgroup_parent,
 };
 use trellis_integration::netns::random_hex;
 use trellis_integration::registry::{
@@ -112,18 +112,7 @@ async fn remove_and_check(node: &Node, case: &str, pod_id: &str, cgroup_parent: 
         cri::list_containers(node).await.is_empty(),
         "{case}: containers left"
     );
-    let mut left = node.state_leftovers();
-    left.extend(cgroup_leftovers(cgroup_parent));
-    left.extend(
-        trellis_integration::leftovers(node.root())
-            .into_iter()
-            .filter(|l| !l.starts_with("socket") && !l.starts_with("process")),
-    );
-    assert!(
-        left.is_empty(),
-        "{case}: left behind: {left:#?}\n{}",
-        node.log_tail()
-    );
+    assert_nothing_left(node, case, cgroup_leftovers(cgroup_parent));
 }
 
 /// Tables that must be empty once every pod is removed (the images stay).

@@ -13,7 +13,7 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 use tonic::transport::Channel;
 use trellis_integration::cri::{self, image_spec};
-use trellis_integration::faults::records_left;
+use trellis_integration::faults::{assert_nothing_left, records_left};
 use trellis_integration::registry::{Registry, busybox_layer, image};
 use trellis_integration::{Node, NodeOptions, unix_channel};
 
@@ -88,27 +88,9 @@ fn create_request(pod: &str, image: &str) -> CreateContainerRequest {
     }
 }
 
-async fn pods(node: &Node) -> Vec<PodSandbox> {
-    node.runtime()
-        .list_pod_sandbox(ListPodSandboxRequest::default())
-        .await
-        .expect("ListPodSandbox")
-        .into_inner()
-        .items
-}
-
-async fn containers(node: &Node) -> Vec<Container> {
-    node.runtime()
-        .list_containers(ListContainersRequest::default())
-        .await
-        .expect("ListContainers")
-        .into_inner()
-        .containers
-}
-
 /// One pod, Ready, with the id answered; one container, Created, likewise.
 async fn one_pod_and_container(node: &Node, case: &str, pod: &str, container: &str) {
-    let listed = pods(node).await;
+    let listed = cri::list_pods(node).await;
     assert_eq!(
         listed
             .iter()
@@ -117,7 +99,7 @@ async fn one_pod_and_container(node: &Node, case: &str, pod: &str, container: &s
         [(pod, PodSandboxState::SandboxReady as i32)],
         "{case}"
     );
-    let listed = containers(node).await;
+    let listed = cri::list_containers(node).await;
     assert_eq!(
         listed
             .iter()
@@ -130,18 +112,8 @@ async fn one_pod_and_container(node: &Node, case: &str, pod: &str, container: &s
 
 async fn remove_and_check(node: &Node, case: &str, pod: &str) {
     cri::remove_pod(node, pod).await;
-    assert!(pods(node).await.is_empty(), "{case}: pods left");
-    let mut left = node.state_leftovers();
-    left.extend(
-        trellis_integration::leftovers(node.root())
-            .into_iter()
-            .filter(|l| !l.starts_with("socket") && !l.starts_with("process")),
-    );
-    assert!(
-        left.is_empty(),
-        "{case}: left behind: {left:#?}\n{}",
-        node.log_tail()
-    );
+    assert!(cri::list_pods(node).await.is_empty(), "{case}: pods left");
+    assert_nothing_left(node, case, Vec::new());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -191,7 +163,7 @@ async fn a_creation_whose_answer_a_kill_lost_is_answered_again_when_repeated() {
     .unwrap_or_else(|status| panic!("{case}: RunPodSandbox retried: {status:?}"))
     .into_inner()
     .pod_sandbox_id;
-    assert_eq!(pods(&node).await.len(), 1, "{case}: one pod");
+    assert_eq!(cri::list_pods(&node).await.len(), 1, "{case}: one pod");
 
     let point = "runtime.container.after-record";
     let old_pid = arm_kill(&node, point).await;

@@ -26,10 +26,8 @@ use std::time::Duration;
 use trellis_integration::memory::{
     processes_named, rss_parts_kib, threads, total_rss_kib, vm_rss_kib,
 };
-use trellis_integration::netns::TestNetwork;
-use trellis_integration::peer::Containerd;
-use trellis_integration::registry::{Registry, busybox_layer, image};
-use trellis_integration::{Node, NodeOptions, SERVICES, binary};
+use trellis_integration::peer::{Containerd, SideBySide};
+use trellis_integration::{SERVICES, binary};
 
 /// What `trellis bench` appends to the title of the lists timed past the gateway.
 const DIRECT_PHASE: &str = ", straight to the runtime and image services";
@@ -270,38 +268,13 @@ async fn main() {
         .prefix("trellis-bench-")
         .tempdir()
         .expect("temp dir");
-    let registry = Registry::start(dir.path(), None);
-    registry
-        .push(
-            "bench/busybox",
-            "latest",
-            &image(vec![busybox_layer()], &["/bin/sh"], "amd64", false),
-        )
-        .await;
-    // containerd's sandboxes need a pause image; a shell that exits on SIGTERM does.
-    let pause = image(
-        vec![busybox_layer()],
-        &[
-            "/bin/sh",
-            "-c",
-            "trap 'exit 0' TERM; while true; do sleep 1; done",
-        ],
-        "amd64",
-        false,
-    );
-    registry.push("bench/pause", "3.9", &pause).await;
-    let images = format!("{}/bench/busybox:latest", registry.address);
-
-    let node = Node::start(NodeOptions::default()).await;
-    let network = TestNetwork::new(node.root());
-    network.write(&node.cni_dir());
-    let containerd = Containerd::start(
-        dir.path(),
-        &[&registry.address],
-        &node.cni_dir(),
-        &format!("{}/bench/pause:3.9", registry.address),
-    )
-    .await;
+    let SideBySide {
+        containerd,
+        network: _network,
+        node,
+        image: images,
+        registry: _registry,
+    } = SideBySide::start(dir.path(), "bench").await;
     let mut services = Vec::new();
     for service in SERVICES {
         let info = node.info(service).await.expect("service info");

@@ -19,10 +19,7 @@ use k8s_cri::v1::*;
 use tonic::transport::Channel;
 use trellis_common::text::excerpt;
 use trellis_integration::cri::pod_config;
-use trellis_integration::netns::TestNetwork;
-use trellis_integration::peer::Containerd;
-use trellis_integration::registry::{Registry, busybox_layer, image};
-use trellis_integration::{Node, NodeOptions};
+use trellis_integration::peer::SideBySide;
 
 /// One runtime under test.
 struct Side {
@@ -468,32 +465,13 @@ async fn main() {
         .prefix("trellis-differential-")
         .tempdir()
         .expect("temp dir");
-    let registry = Registry::start(dir.path(), None);
-    let shell = image(vec![busybox_layer()], &["/bin/sh"], "amd64", false);
-    registry.push("diff/busybox", "latest", &shell).await;
-    let pause = image(
-        vec![busybox_layer()],
-        &[
-            "/bin/sh",
-            "-c",
-            "trap 'exit 0' TERM; while true; do sleep 1; done",
-        ],
-        "amd64",
-        false,
-    );
-    registry.push("diff/pause", "3.9", &pause).await;
-    let image_name = format!("{}/diff/busybox:latest", registry.address);
-
-    let node = Node::start(NodeOptions::default()).await;
-    let network = TestNetwork::new(node.root());
-    network.write(&node.cni_dir());
-    let containerd = Containerd::start(
-        dir.path(),
-        &[&registry.address],
-        &node.cni_dir(),
-        &format!("{}/diff/pause:3.9", registry.address),
-    )
-    .await;
+    let SideBySide {
+        containerd,
+        network: _network,
+        node,
+        image: image_name,
+        registry: _registry,
+    } = SideBySide::start(dir.path(), "diff").await;
     let sides = [
         Side {
             name: "trellis",
