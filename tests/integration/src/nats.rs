@@ -185,10 +185,17 @@ pub async fn read_events_with(
     timeout: Duration,
     done: impl Fn(&[StoredEvent]) -> bool,
 ) -> Vec<StoredEvent> {
-    let stream = jetstream::new(client)
-        .get_stream("TRELLIS_EVENTS")
-        .await
-        .expect("events stream");
+    // The services make the stream when they first reach the bus, which may come
+    // after a node's sockets answer (they are held for the services from the start).
+    let context = jetstream::new(client);
+    let started = std::time::Instant::now();
+    let stream = loop {
+        match context.get_stream("TRELLIS_EVENTS").await {
+            Ok(stream) => break stream,
+            Err(error) if started.elapsed() > timeout => panic!("events stream: {error:?}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::Config {
             filter_subject: filter.to_string(),
