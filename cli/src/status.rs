@@ -10,7 +10,7 @@ use crate::output::outln;
 use crate::probe;
 
 /// What `trellis status` learnt of one service.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct ServiceStatus {
     pub service: &'static str,
     /// SERVING, NOT_SERVING, UNKNOWN... or DOWN when its socket did not answer.
@@ -74,13 +74,7 @@ async fn ask(config: &Config, kind: ServiceKind) -> ServiceStatus {
         health,
         not_serving_reason: String::new(),
         socket: socket.display().to_string(),
-        pid: None,
-        version: None,
-        uptime_seconds: None,
-        metrics_address: None,
-        bus: None,
-        restarts: None,
-        error: None,
+        ..Default::default()
     };
     match probe::info(&socket).await {
         Ok(info) => fill(&mut status, info, now_unix_seconds()),
@@ -204,13 +198,7 @@ mod tests {
             health: "NOT_SERVING".into(),
             not_serving_reason: String::new(),
             socket: "/run/trellis/runtime.sock".into(),
-            pid: None,
-            version: None,
-            uptime_seconds: None,
-            metrics_address: None,
-            bus: None,
-            restarts: None,
-            error: None,
+            ..Default::default()
         };
         let info = InfoResponse {
             pid: 42,

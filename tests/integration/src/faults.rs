@@ -170,3 +170,19 @@ pub fn assert_nothing_left(node: &Node, case: &str, more: Vec<String>) {
         node.log_tail()
     );
 }
+
+/// Waits until fail point `point` fired (the file counted it down) and the supervisor
+/// started `service` again in place of `old_pid`.
+pub async fn fired_and_restarted(node: &Node, point: &str, service: &str, old_pid: u32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while node.failpoints().contains(point) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fail point {point} never fired:\n{}",
+            node.log_tail()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    node.wait_restarted(service, old_pid, std::time::Duration::from_secs(20))
+        .await;
+}

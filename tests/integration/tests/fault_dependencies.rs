@@ -7,9 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_cri::v1::*;
 use tonic::Code;
-use trellis_integration::cri::{list_images, pod_config, pull, remove_pod, try_run_pod};
+use trellis_integration::cri::{self, list_images, pod_config, pull, remove_pod, try_run_pod};
 use trellis_integration::faults::entries;
 use trellis_integration::hostile::TrickleProxy;
 use trellis_integration::hostile::slow_image;
@@ -111,13 +110,7 @@ fn alive(pid: i32) -> bool {
 /// No pod of the node holds anything: no pod listed, no pod directory, no netns pin,
 /// no veth on the bridge, no address allocated, no NAT rule of the network.
 async fn assert_no_pod_left(node: &Node, network: &TestNetwork) {
-    let pods = node
-        .runtime()
-        .list_pod_sandbox(ListPodSandboxRequest::default())
-        .await
-        .expect("ListPodSandbox")
-        .into_inner()
-        .items;
+    let pods = cri::list_pods(node).await;
     assert!(pods.is_empty(), "pods left: {pods:?}");
     let run = node.root().join("run");
     assert_eq!(entries(&run.join("runtime/pods")), Vec::<String>::new());

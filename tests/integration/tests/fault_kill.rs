@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::*;
 use trellis_integration::cri::{self, image_spec};
 use trellis_integration::faults::{
-    assert_nothing_left, cgroup_dirs, cgroup_leftovers, records_left, remove_cgroup_parent,
+    assert_nothing_left, cgroup_dirs, cgroup_leftovers, fired_and_restarted, records_left,
+    remove_cgroup_parent,
 };
 use trellis_integration::netns::random_hex;
 use trellis_integration::registry::{
@@ -37,21 +38,6 @@ async fn arm_kill(node: &Node, point: &str, service: &str, also: &str) -> u32 {
     let pid = node.info(service).await.expect("service info").pid;
     node.set_failpoints(&format!("{also};{point}=1*kill"));
     pid
-}
-
-/// The point fired (the file counted it down) and the supervisor restarted the service.
-async fn fired_and_restarted(node: &Node, point: &str, service: &str, old_pid: u32) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while node.failpoints().contains(point) {
-        assert!(
-            Instant::now() < deadline,
-            "fail point {point} never fired:\n{}",
-            node.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    node.wait_restarted(service, old_pid, Duration::from_secs(20))
-        .await;
 }
 
 /// `call`, retried as a kubelet would until it succeeds; each failure is counted.

@@ -50,21 +50,26 @@ impl Drop for SupervisorHeld {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn storage_or_network_down_is_named_by_the_calls_that_need_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let registry = Registry::start(dir.path(), None);
-    let built = image(vec![busybox_layer()], &["/bin/sh"], "amd64", false);
-    registry.push("tests/down", "1", &built).await;
-    let node = Node::start(NodeOptions {
+/// A node with CNI whose pulls give up on storage after 2 s, so a stopped storage
+/// is named quickly.
+fn short_pull_timeout() -> NodeOptions {
+    NodeOptions {
         with_cni_config: true,
         env: vec![(
             "TRELLIS_IMAGE_PULL_PROGRESS_TIMEOUT_SECONDS".into(),
             "2".into(),
         )],
         ..Default::default()
-    })
-    .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn storage_or_network_down_is_named_by_the_calls_that_need_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = Registry::start(dir.path(), None);
+    let built = image(vec![busybox_layer()], &["/bin/sh"], "amd64", false);
+    registry.push("tests/down", "1", &built).await;
+    let node = Node::start(short_pull_timeout()).await;
     let name = format!("{}/tests/down:1", registry.address);
     let pod = run_pod(&node, pod_config("down", false)).await;
     let container = sleeper(&name);
@@ -187,15 +192,7 @@ async fn a_stopped_storage_or_network_is_named_before_the_callers_deadline() {
     registry
         .push("tests/stuck", "2", &small_image("stuck"))
         .await;
-    let node = Node::start(NodeOptions {
-        with_cni_config: true,
-        env: vec![(
-            "TRELLIS_IMAGE_PULL_PROGRESS_TIMEOUT_SECONDS".into(),
-            "2".into(),
-        )],
-        ..Default::default()
-    })
-    .await;
+    let node = Node::start(short_pull_timeout()).await;
     let name = format!("{}/tests/stuck:1", registry.address);
     pull(&node, &name).await.expect("pull");
     let pod = run_pod(&node, pod_config("stuck", false)).await;

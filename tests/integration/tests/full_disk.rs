@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::*;
 use tonic::Code;
 use trellis_integration::cri::{
-    Pod, container_status, create, host_network_pod, list_images, pull, run_pod, start,
+    Pod, container_status, create, host_network_pod, list_images, list_pods, pull, run_pod, start,
 };
 use trellis_integration::pods::container_config;
 use trellis_integration::registry::{Registry, small_image};
@@ -271,13 +271,7 @@ async fn a_full_state_directory_fails_calls_then_heals_by_itself_once_freed() {
         images.contains(&before) && images.contains(&during),
         "{images:?}"
     );
-    let pods = node
-        .runtime()
-        .list_pod_sandbox(ListPodSandboxRequest::default())
-        .await
-        .expect("ListPodSandbox")
-        .into_inner()
-        .items;
+    let pods = list_pods(&node).await;
     assert!(
         pods.iter().any(|p| p.id == kept_pod.id),
         "the pod made before is still there: {pods:?}"
@@ -364,13 +358,7 @@ async fn a_service_not_serving_past_the_configured_time_is_restarted() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_ne!(node.info("runtime").await.expect("info").pid, old);
-    let pods = node
-        .runtime()
-        .list_pod_sandbox(ListPodSandboxRequest::default())
-        .await
-        .expect("ListPodSandbox")
-        .into_inner()
-        .items;
+    let pods = list_pods(&node).await;
     assert!(pods.iter().any(|p| p.id == pod), "{pods:?}");
     for pod in &pods {
         node.runtime()

@@ -13,7 +13,7 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 use tonic::transport::Channel;
 use trellis_integration::cri::{self, image_spec};
-use trellis_integration::faults::{assert_nothing_left, records_left};
+use trellis_integration::faults::{assert_nothing_left, fired_and_restarted, records_left};
 use trellis_integration::registry::{Registry, busybox_layer, image};
 use trellis_integration::{Node, NodeOptions, unix_channel};
 
@@ -27,21 +27,6 @@ async fn arm_kill(node: &Node, point: &str) -> u32 {
     let pid = node.info("runtime").await.expect("runtime info").pid;
     node.set_failpoints(&format!("{point}=1*kill"));
     pid
-}
-
-/// The point fired and the supervisor started the runtime again.
-async fn fired_and_restarted(node: &Node, point: &str, old_pid: u32) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while node.failpoints().contains(point) {
-        assert!(
-            Instant::now() < deadline,
-            "fail point {point} never fired:\n{}",
-            node.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    node.wait_restarted("runtime", old_pid, Duration::from_secs(20))
-        .await;
 }
 
 /// A call as a kubelet retries it once the runtime is back: until it is answered.
@@ -153,7 +138,7 @@ async fn a_creation_whose_answer_a_kill_lost_is_answered_again_when_repeated() {
         first.is_err(),
         "{case}: answered through the kill: {first:?}"
     );
-    fired_and_restarted(&node, point, old_pid).await;
+    fired_and_restarted(&node, point, "runtime", old_pid).await;
     let pod = until_answered(case, || {
         let mut client = runtime_direct(&node);
         let request = run_request(&config);
@@ -174,7 +159,7 @@ async fn a_creation_whose_answer_a_kill_lost_is_answered_again_when_repeated() {
         first.is_err(),
         "{case}: answered through the kill: {first:?}"
     );
-    fired_and_restarted(&node, point, old_pid).await;
+    fired_and_restarted(&node, point, "runtime", old_pid).await;
     let container = until_answered(case, || {
         let mut client = runtime_direct(&node);
         let request = create_request(&pod, &busybox);
@@ -217,7 +202,7 @@ async fn a_creation_whose_answer_a_kill_lost_is_answered_again_when_repeated() {
         .unwrap_or_else(|status| panic!("{case}: RunPodSandbox: {status:?}"))
         .into_inner()
         .pod_sandbox_id;
-    fired_and_restarted(&node, point, old_pid).await;
+    fired_and_restarted(&node, point, "runtime", old_pid).await;
     let point = "runtime.container.after-record";
     let old_pid = arm_kill(&node, point).await;
     let container = node
@@ -227,7 +212,7 @@ async fn a_creation_whose_answer_a_kill_lost_is_answered_again_when_repeated() {
         .unwrap_or_else(|status| panic!("{case}: CreateContainer: {status:?}"))
         .into_inner()
         .container_id;
-    fired_and_restarted(&node, point, old_pid).await;
+    fired_and_restarted(&node, point, "runtime", old_pid).await;
     one_pod_and_container(&node, case, &pod, &container).await;
     remove_and_check(&node, case, &pod).await;
 

@@ -167,10 +167,8 @@ async fn a_repeated_create_container_answers_the_container_it_made() {
 async fn a_repeat_after_a_failed_creation_creates_the_container_afresh() {
     let node = Node::new();
     let pod = node.run_pod("web").await.expect("pod");
-    node.oci.fail("create");
-    node.fakes.storage.failures.fail("release_rootfs");
-    let failed = node.create(&pod, "app").await;
-    assert!(matches!(failed, Err(RuntimeError::Oci(_))), "{failed:?}");
+    node.create_failing_with_an_unfinished_clean_up(&pod, "app")
+        .await;
     let runtime = node.runtime();
     let stuck = runtime.list_containers(None).expect("list")[0].id.clone();
     assert_eq!(node.state_of(&stuck), ContainerState::RollingBack);

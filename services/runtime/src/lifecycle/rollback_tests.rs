@@ -129,10 +129,8 @@ async fn unfinished_rollbacks_are_retried_in_the_background_within_seconds() {
 async fn a_container_whose_rollback_cannot_finish_is_shown_and_its_name_freed_later() {
     let node = Node::new();
     let pod = node.run_pod("web").await.expect("pod");
-    node.oci.fail("create");
-    node.fakes.storage.failures.fail("release_rootfs");
-    let failed = node.create(&pod, "app").await;
-    assert!(matches!(failed, Err(RuntimeError::Oci(_))), "{failed:?}");
+    node.create_failing_with_an_unfinished_clean_up(&pod, "app")
+        .await;
     node.oci.heal("create");
     let runtime = node.runtime();
     let listed = runtime.list_containers(None).expect("list");

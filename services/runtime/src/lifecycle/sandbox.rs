@@ -48,21 +48,23 @@ pub(super) fn namespace_options(config: &PodSandboxConfig) -> NamespaceOption {
 fn write_pod_files(
     pod_dir: &Path,
     config: &PodSandboxConfig,
+    hostname: &str,
     ips: &[String],
 ) -> Result<(), RuntimeError> {
-    let hostname = hostname_of(config, &super::node_hostname()?);
+    let own_hosts = || {
+        let mut hosts =
+            String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+        for ip in ips {
+            hosts.push_str(&format!("{ip}\t{hostname}\n"));
+        }
+        hosts
+    };
     // A pod on the node's network resolves the node's names as the node does (as
     // under containerd and CRI-O); a pod of its own network gets its own entries.
-    let hosts = match std::fs::read_to_string("/etc/hosts") {
-        Ok(node_hosts) if on_host_network(config) => node_hosts,
-        _ => {
-            let mut hosts =
-                String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
-            for ip in ips {
-                hosts.push_str(&format!("{ip}\t{hostname}\n"));
-            }
-            hosts
-        }
+    let hosts = if on_host_network(config) {
+        std::fs::read_to_string("/etc/hosts").unwrap_or_else(|_| own_hosts())
+    } else {
+        own_hosts()
     };
     let resolv = match &config.dns_config {
         Some(dns)
@@ -256,14 +258,13 @@ impl Runtime {
             ipc: options.ipc != NamespaceMode::Node as i32,
             uts: !host_network,
         };
+        let hostname = hostname_of(config, &super::node_hostname()?);
         // The pod's own namespaces are made while the network service sets its network up.
-        let (namespaces, namespaces_dir, hostname) = (
-            self.namespaces.clone(),
-            pod_dir.clone(),
-            hostname_of(config, &super::node_hostname()?),
-        );
-        let pod_namespaces =
-            tokio::task::spawn_blocking(move || namespaces.set_up(&namespaces_dir, &hostname, own));
+        let (namespaces, namespaces_dir, pod_hostname) =
+            (self.namespaces.clone(), pod_dir.clone(), hostname.clone());
+        let pod_namespaces = tokio::task::spawn_blocking(move || {
+            namespaces.set_up(&namespaces_dir, &pod_hostname, own)
+        });
 
         let metadata = config.metadata.clone().unwrap_or_default();
         let port_mappings = config
@@ -304,7 +305,7 @@ impl Runtime {
             record.netns_path = pod_network.netns_path;
             Ok(())
         })?;
-        write_pod_files(&pod_dir, config, &record.ips)?;
+        write_pod_files(&pod_dir, config, &hostname, &record.ips)?;
         failpoint::hit_async("runtime.sandbox.after-files").await?;
         if options.pid == NamespaceMode::Pod as i32 {
             self.start_pause(&record, config).await?;

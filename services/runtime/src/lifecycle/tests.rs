@@ -127,6 +127,15 @@ impl Node {
             .state()
     }
 
+    /// A CreateContainer of `name` that fails at the OCI runtime and whose clean-up
+    /// cannot finish (storage will not release the root filesystem).
+    pub(super) async fn create_failing_with_an_unfinished_clean_up(&self, pod: &str, name: &str) {
+        self.oci.fail("create");
+        self.fakes.storage.failures.fail("release_rootfs");
+        let failed = self.create(pod, name).await;
+        assert!(matches!(failed, Err(RuntimeError::Oci(_))), "{failed:?}");
+    }
+
     /// Puts a pod back to `Creating`, as a restart would find one whose set-up was
     /// cut short.
     pub(super) fn cut_pod_set_up_short(&self, id: &str) {

@@ -20,6 +20,7 @@ use tonic::transport::Channel;
 use trellis_common::text::excerpt;
 use trellis_integration::cri::pod_config;
 use trellis_integration::peer::SideBySide;
+use trellis_integration::pods::container_config;
 
 /// One runtime under test.
 struct Side {
@@ -96,23 +97,14 @@ impl Side {
         })
     }
 
+    /// The busybox image running `command`, with one variable from the request.
     fn container(&self, name: &str, command: &[&str]) -> ContainerConfig {
         ContainerConfig {
-            metadata: Some(ContainerMetadata {
-                name: name.into(),
-                attempt: 0,
-            }),
-            image: Some(ImageSpec {
-                image: self.image.clone(),
-                ..Default::default()
-            }),
-            command: command.iter().map(|s| s.to_string()).collect(),
             envs: vec![KeyValue {
                 key: "FROM_REQUEST".into(),
                 value: "yes".into(),
             }],
-            log_path: format!("{name}.log"),
-            ..Default::default()
+            ..container_config(name, &self.image, command)
         }
     }
 
