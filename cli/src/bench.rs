@@ -2,6 +2,7 @@
 //! runtime's), timing each lifecycle call, sequentially and N at once, the stats
 //! calls, and the list and status calls over a node full of pods (`lists`).
 
+mod churn;
 mod lists;
 
 use std::collections::BTreeMap;
@@ -17,7 +18,10 @@ use trellis_common::transport::unix_channel;
 use crate::output::{errln, outln_or_drop};
 
 #[derive(Debug, Clone, clap::Args)]
+#[command(args_conflicts_with_subcommands = false)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub mode: Option<BenchMode>,
     /// CRI endpoint, e.g. unix:///run/containerd/containerd.sock [default: this node's gateway]
     #[arg(long)]
     pub endpoint: Option<String>,
@@ -62,6 +66,13 @@ pub struct BenchArgs {
     /// Also write every figure to this file as JSON (phase → call → p50/p90/p99 in ms).
     #[arg(long)]
     pub report: Option<PathBuf>,
+}
+
+/// A workload other than the default lifecycle, stats and list timings.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum BenchMode {
+    /// Clients cycling pod+container while services are restarted, upgraded or killed.
+    Churn(churn::ChurnArgs),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -474,8 +485,15 @@ fn write_report(path: &std::path::Path, runtime: &str, report: &Report) -> Resul
             (title.clone(), serde_json::Value::Object(calls))
         })
         .collect();
-    let json = serde_json::json!({ "runtime": runtime, "phases": phases });
-    std::fs::write(path, json.to_string()).map_err(|source| BenchError::Report {
+    write_json(
+        path,
+        &serde_json::json!({ "runtime": runtime, "phases": phases }),
+    )
+}
+
+fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<(), BenchError> {
+    let json = serde_json::to_string(value).unwrap_or_default();
+    std::fs::write(path, json).map_err(|source| BenchError::Report {
         path: path.to_path_buf(),
         source,
     })
@@ -489,10 +507,10 @@ fn socket_of(endpoint: &str) -> Result<PathBuf, BenchError> {
         .ok_or_else(|| BenchError::Endpoint(endpoint.to_string()))
 }
 
-pub async fn run(args: BenchArgs, default_socket: PathBuf) -> Result<(), BenchError> {
+pub async fn run(args: BenchArgs, config: &trellis_common::Config) -> Result<(), BenchError> {
     let socket = match &args.endpoint {
         Some(endpoint) => socket_of(endpoint)?,
-        None => default_socket,
+        None => config.endpoint(trellis_common::ServiceKind::Gateway).socket,
     };
     let channel = unix_channel(&socket);
     let runtime = RuntimeServiceClient::new(channel.clone());
@@ -509,6 +527,13 @@ pub async fn run(args: BenchArgs, default_socket: PathBuf) -> Result<(), BenchEr
         ..Default::default()
     };
     check("PullImage", images.clone().pull_image(pull).await)?;
+    if let Some(BenchMode::Churn(churn)) = &args.mode {
+        let report = churn::run(runtime, &args, churn, config).await?;
+        if let Some(path) = &args.report {
+            write_json(path, &report)?;
+        }
+        return Ok(());
+    }
     let mut report = Report::new();
     outln_or_drop!(
         "{} {} on {}: image {}, {} network",

@@ -4,11 +4,14 @@
 mod bench;
 mod bus_credentials;
 mod child;
+mod control;
+mod notifications;
 mod output;
 mod private_bus;
 mod probe;
 mod restarts;
 mod status;
+mod supervise;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +38,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Replace a service's process through `trellis up`, without its callers noticing:
+    /// the gateway's successor serves before it drains; a service with a record store
+    /// drains and hands over while callers wait.
+    Restart {
+        /// gateway, runtime, image, storage or network.
+        service: String,
+    },
+    /// Like restart, onto another binary; if it does not become ready, the old one
+    /// serves again.
+    Upgrade {
+        service: String,
+        /// The new binary: a root-owned executable no one else can write.
+        #[arg(long)]
+        binary: std::path::PathBuf,
+    },
     /// Time pod and container lifecycles against a CRI endpoint (this node's, or another runtime's).
     Bench(bench::BenchArgs),
     /// Write this node's credentials for a bus outside `trellis up`: an nkey seed per
@@ -56,11 +74,17 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Up => runtime.block_on(up::run(&cli.config, config))?,
-        Command::Bench(args) => {
-            let socket = config.endpoint(trellis_common::ServiceKind::Gateway).socket;
-            runtime.block_on(bench::run(args, socket))?;
-        }
+        Command::Bench(args) => runtime.block_on(bench::run(args, &config))?,
         Command::BusCredentials(args) => bus_credentials::run(&args, &config)?,
+        Command::Restart { service } => {
+            let request = control::Request::Restart { service };
+            runtime.block_on(replace(&config, &request))?;
+        }
+        Command::Upgrade { service, binary } => {
+            let binary = std::path::absolute(&binary)?;
+            let request = control::Request::Upgrade { service, binary };
+            runtime.block_on(replace(&config, &request))?;
+        }
         Command::Status { json } => {
             let healthy = runtime.block_on(status::run(&config, json));
             if !healthy {
@@ -68,5 +92,23 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Orders a replacement from this node's `trellis up` and says how it went.
+async fn replace(
+    config: &trellis_common::Config,
+    request: &control::Request,
+) -> anyhow::Result<()> {
+    let done = control::order(&config.node.run_dir, request).await?;
+    output::outln!(
+        "{}: pid {} -> {} ({}, {} ms), {}",
+        done.service,
+        done.old_pid,
+        done.new_pid,
+        done.takeover,
+        done.millis,
+        done.program
+    );
     Ok(())
 }

@@ -229,11 +229,15 @@ where
         .initial_stream_window_size(crate::transport::STREAM_WINDOW_BYTES)
         .initial_connection_window_size(crate::transport::CONNECTION_WINDOW_BYTES)
         .trace_fn(grpc_server_span)
+        .layer(crate::detach::DetachLayer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, async move {
             let mut stop = stop;
             let _ = stop.wait_for(|stopping| *stopping).await;
         });
+    // The listener is polled from the first await below; until then callers wait in
+    // its backlog, so ready means ready.
+    crate::notify::tell(crate::notify::READY);
     // On the signal the server stops accepting (callers wait in the socket's backlog
     // for the next process when the socket is held by a parent), sends GOAWAY, and
     // waits for the calls it accepted; watch streams end at once (`stopping`), asked to
@@ -243,6 +247,7 @@ where
         result = server => result,
         _ = async {
             shutdown_signal().await;
+            crate::notify::tell(crate::notify::STOPPING);
             let _ = stopping.send(true);
             tokio::time::sleep(grace).await;
         } => {

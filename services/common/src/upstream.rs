@@ -146,6 +146,34 @@ pub fn never_sent(status: &Status) -> bool {
     false
 }
 
+/// How often a call that was never sent is sent again: each try meets a new
+/// connection, so more than a couple means something else is wrong.
+const MAX_RESENDS: usize = 3;
+
+/// Makes a call with `send`, and again while it was never sent ([`never_sent`]: it
+/// raced a draining server's GOAWAY), which is safe whatever the call does. A client
+/// of a service that an operator restarts needs it: the restart drains, and the
+/// calls racing the drain go to the next process instead of failing.
+pub async fn resending<T, F, Fut>(mut send: F) -> Result<tonic::Response<T>, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    let mut resent = 0;
+    loop {
+        match send().await {
+            Err(status) if resent < MAX_RESENDS && never_sent(&status) => {
+                resent += 1;
+                tracing::debug!(
+                    resent,
+                    "call never sent (its connection was closing); sending it again"
+                );
+            }
+            answer => return answer,
+        }
+    }
+}
+
 /// Words for a call to `service` on `socket` that got no answer (see
 /// [`not_reached`]): `<service> service unavailable: not answering on <socket>: <why>`.
 pub fn unreached_message(service: &str, socket: &Path, status: &Status) -> String {
@@ -158,7 +186,7 @@ pub fn unreached_message(service: &str, socket: &Path, status: &Status) -> Strin
 
 /// What went wrong with the connection, for a message: the status's own words, or
 /// the innermost cause when tonic's words are only "transport error".
-fn reason(status: &Status) -> String {
+pub fn reason(status: &Status) -> String {
     let mut innermost = None;
     let mut source = std::error::Error::source(status);
     while let Some(error) = source {

@@ -98,11 +98,19 @@ impl ImageService {
 
     /// A call to storage within what the caller's deadline leaves, failing with
     /// words that name storage (see `trellis_common::upstream`).
-    async fn ask<T>(
+    /// `send` gets a client and the request (with the trace context); a call never
+    /// sent (storage was draining for a restart) is sent again.
+    async fn ask<M, T, Fut>(
         &self,
-        call: impl std::future::Future<Output = Result<Response<T>, Status>>,
-    ) -> Result<T, Status> {
-        use trellis_common::upstream::{no_answer_message, pass_on, time_left};
+        message: M,
+        send: impl Fn(StorageClient<Channel>, Request<M>) -> Fut,
+    ) -> Result<T, Status>
+    where
+        M: Clone,
+        Fut: std::future::Future<Output = Result<Response<T>, Status>>,
+    {
+        use trellis_common::upstream::{no_answer_message, pass_on, resending, time_left};
+        let call = resending(|| send(self.storage(), traced_request(message.clone())));
         let answer = match time_left() {
             None => call.await,
             Some(left) => tokio::time::timeout(left, call).await.map_err(|_| {
@@ -121,9 +129,11 @@ impl ImageService {
             return Ok(images);
         }
         let listing = self.index.listing();
-        let mut client = self.storage();
         let listed = self
-            .ask(client.list_images(traced_request(storage::ListImagesRequest {})))
+            .ask(
+                storage::ListImagesRequest {},
+                |mut client, request| async move { client.list_images(request).await },
+            )
             .await?;
         self.index
             .install(listing, listed.images.clone(), listed.generation);
@@ -147,11 +157,13 @@ impl ImageService {
 
     /// The image `reference` names, as storage has it (with its config as pulled).
     async fn stored(&self, reference: &str) -> Result<Option<storage::Image>, Status> {
-        let mut client = self.storage();
-        let request = traced_request(GetImageRequest {
+        let message = GetImageRequest {
             reference: reference.to_string(),
+        };
+        let asked = self.ask(message, |mut client, request| async move {
+            client.get_image(request).await
         });
-        match self.ask(client.get_image(request)).await {
+        match asked.await {
             Ok(image) => Ok(Some(image)),
             Err(status) if status.code() == Code::NotFound => Ok(None),
             Err(status) => Err(status),
@@ -247,13 +259,11 @@ impl image_service_server::ImageService for ImageService {
     ) -> Result<Response<RemoveImageResponse>, Status> {
         let name = image_name(request.get_ref().image.as_ref(), "RemoveImage")?;
         let epoch = self.index.epoch();
-        let mut client = self.storage();
+        let message = storage::RemoveImageRequest { reference: name };
         let removal = self
-            .ask(
-                client.remove_image(traced_request(storage::RemoveImageRequest {
-                    reference: name,
-                })),
-            )
+            .ask(message, |mut client, request| async move {
+                client.remove_image(request).await
+            })
             .await?;
         if let Some(image) = removal.image {
             if removal.deleted {
@@ -272,9 +282,10 @@ impl image_service_server::ImageService for ImageService {
         &self,
         _request: Request<ImageFsInfoRequest>,
     ) -> Result<Response<ImageFsInfoResponse>, Status> {
-        let mut client = self.storage();
         let usage = self
-            .ask(client.fs_usage(traced_request(FsUsageRequest {})))
+            .ask(FsUsageRequest {}, |mut client, request| async move {
+                client.fs_usage(request).await
+            })
             .await?;
         let filesystem = FilesystemUsage {
             timestamp: usage.timestamp_unix_nano,

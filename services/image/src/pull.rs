@@ -466,12 +466,13 @@ impl Puller {
         };
         fail_point("image.pull.before-record").await?;
         let epoch = self.index.epoch();
-        let mut storage = self.storage();
-        let request = traced_request(PutImageRequest {
+        let message = PutImageRequest {
             image: Some(record),
-        });
+        };
         let stored = self
-            .ask_storage(timeout, storage.put_image(request))
+            .ask_storage(timeout, message, |mut storage, request| async move {
+                storage.put_image(request).await
+            })
             .await?;
         let image = stored.image.ok_or_else(|| SourceFailure {
             fatal: true,
@@ -483,11 +484,21 @@ impl Puller {
     }
 
     /// A call to storage that must answer within the pull's progress timeout.
-    async fn ask_storage<T>(
+    /// `send` gets a client and the request (with the trace context); a call never
+    /// sent (storage was draining for a restart) is sent again.
+    async fn ask_storage<M, T, Fut>(
         &self,
         timeout: Duration,
-        call: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>,
-    ) -> Result<T, SourceFailure> {
+        message: M,
+        send: impl Fn(StorageClient<Channel>, tonic::Request<M>) -> Fut,
+    ) -> Result<T, SourceFailure>
+    where
+        M: Clone,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let call = trellis_common::upstream::resending(|| {
+            send(self.storage(), traced_request(message.clone()))
+        });
         tokio::time::timeout(timeout, call)
             .await
             .map_err(|_| SourceFailure::storage_stuck(&self.storage_socket, timeout))?
@@ -496,14 +507,13 @@ impl Puller {
     }
 
     async fn has_layer(&self, chain_id: &str, timeout: Duration) -> Result<bool, SourceFailure> {
-        let mut storage = self.storage();
-        let request = traced_request(HasLayerRequest {
+        let message = HasLayerRequest {
             chain_id: chain_id.to_string(),
+        };
+        let asked = self.ask_storage(timeout, message, |mut storage, request| async move {
+            storage.has_layer(request).await
         });
-        Ok(self
-            .ask_storage(timeout, storage.has_layer(request))
-            .await?
-            .present)
+        Ok(asked.await?.present)
     }
 
     /// Streams one layer from the source into the storage service, unless present.

@@ -177,6 +177,7 @@ pub async fn run_plugin(
     })?;
     let cni_path = std::env::join_paths(dirs).unwrap_or_default();
     let mut child = tokio::process::Command::new(&path)
+        .env_remove(trellis_common::notify::ENV)
         .env("CNI_COMMAND", command.as_str())
         .env("CNI_CONTAINERID", invocation.sandbox_id)
         .env("CNI_NETNS", invocation.netns)

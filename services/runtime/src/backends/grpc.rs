@@ -14,7 +14,9 @@ use tonic::{Code, Status};
 use trellis_common::config::{Config, ServiceKind};
 use trellis_common::telemetry::traced_request;
 use trellis_common::transport::unix_channel;
-use trellis_common::upstream::{no_answer_message, not_reached, time_left, unreached_message};
+use trellis_common::upstream::{
+    no_answer_message, not_reached, resending, time_left, unreached_message,
+};
 use trellis_proto::network::v1 as network;
 use trellis_proto::network::v1::network_client::NetworkClient;
 use trellis_proto::storage::v1 as storage;
@@ -54,11 +56,19 @@ impl Peer {
         }
     }
 
-    /// Runs `call` within what the deadline of the call being served leaves.
-    async fn bounded<T>(
+    /// Makes the call `send` makes (again if it was never sent: the service was
+    /// draining for a restart) within what the deadline of the call being served
+    /// leaves. `send` gets the channel and a request carrying the trace context.
+    async fn bounded<M, T, Fut>(
         &self,
-        call: impl Future<Output = Result<tonic::Response<T>, Status>>,
-    ) -> Result<T, RuntimeError> {
+        message: M,
+        send: impl Fn(Channel, tonic::Request<M>) -> Fut,
+    ) -> Result<T, RuntimeError>
+    where
+        M: Clone,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let call = resending(|| send(self.channel.clone(), traced_request(message.clone())));
         let answer = match time_left() {
             None => call.await,
             Some(left) => match tokio::time::timeout(left, call).await {
@@ -77,11 +87,16 @@ impl Peer {
     }
 
     /// [`Peer::bounded`], with a `NotFound` answer as `None`.
-    async fn absent_if_not_found<T>(
+    async fn absent_if_not_found<M, T, Fut>(
         &self,
-        call: impl Future<Output = Result<tonic::Response<T>, Status>>,
-    ) -> Result<Option<T>, RuntimeError> {
-        match self.bounded(call).await {
+        message: M,
+        send: impl Fn(Channel, tonic::Request<M>) -> Fut,
+    ) -> Result<Option<T>, RuntimeError>
+    where
+        M: Clone,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        match self.bounded(message, send).await {
             Ok(answer) => Ok(Some(answer)),
             Err(RuntimeError::Backend { status, .. }) if status.code() == Code::NotFound => {
                 Ok(None)
@@ -115,11 +130,14 @@ pub fn connect(config: &Config) -> Backends {
 #[tonic::async_trait]
 impl StorageBackend for GrpcStorage {
     async fn image(&self, reference: &str) -> Result<Option<storage::Image>, RuntimeError> {
-        let request = traced_request(storage::GetImageRequest {
+        let message = storage::GetImageRequest {
             reference: reference.to_string(),
-        });
-        let mut client = StorageClient::new(self.0.channel.clone());
-        self.0.absent_if_not_found(client.get_image(request)).await
+        };
+        self.0
+            .absent_if_not_found(message, |channel, request| async move {
+                StorageClient::new(channel).get_image(request).await
+            })
+            .await
     }
 
     async fn prepare_rootfs(
@@ -127,22 +145,26 @@ impl StorageBackend for GrpcStorage {
         container_id: &str,
         image: &str,
     ) -> Result<Option<storage::PrepareRootfsResponse>, RuntimeError> {
-        let request = traced_request(storage::PrepareRootfsRequest {
+        let message = storage::PrepareRootfsRequest {
             container_id: container_id.to_string(),
             image: image.to_string(),
-        });
-        let mut client = StorageClient::new(self.0.channel.clone());
+        };
         self.0
-            .absent_if_not_found(client.prepare_rootfs(request))
+            .absent_if_not_found(message, |channel, request| async move {
+                StorageClient::new(channel).prepare_rootfs(request).await
+            })
             .await
     }
 
     async fn release_rootfs(&self, container_id: &str) -> Result<(), RuntimeError> {
-        let request = traced_request(storage::ReleaseRootfsRequest {
+        let message = storage::ReleaseRootfsRequest {
             container_id: container_id.to_string(),
-        });
-        let mut client = StorageClient::new(self.0.channel.clone());
-        self.0.bounded(client.release_rootfs(request)).await?;
+        };
+        self.0
+            .bounded(message, |channel, request| async move {
+                StorageClient::new(channel).release_rootfs(request).await
+            })
+            .await?;
         Ok(())
     }
 
@@ -150,9 +172,14 @@ impl StorageBackend for GrpcStorage {
         &self,
         container_ids: Vec<String>,
     ) -> Result<storage::WritableLayerUsageResponse, RuntimeError> {
-        let request = traced_request(storage::WritableLayerUsageRequest { container_ids });
-        let mut client = StorageClient::new(self.0.channel.clone());
-        self.0.bounded(client.writable_layer_usage(request)).await
+        let message = storage::WritableLayerUsageRequest { container_ids };
+        self.0
+            .bounded(message, |channel, request| async move {
+                StorageClient::new(channel)
+                    .writable_layer_usage(request)
+                    .await
+            })
+            .await
     }
 }
 
@@ -161,15 +188,18 @@ impl ImageBackend for GrpcImages {
     async fn pull(&self, image: &str) -> Result<(), RuntimeError> {
         use k8s_cri::v1::image_service_client::ImageServiceClient;
         use k8s_cri::v1::{ImageSpec, PullImageRequest};
-        let request = traced_request(PullImageRequest {
+        let message = PullImageRequest {
             image: Some(ImageSpec {
                 image: image.to_string(),
                 ..Default::default()
             }),
             ..Default::default()
-        });
-        let mut client = ImageServiceClient::new(self.0.channel.clone());
-        self.0.bounded(client.pull_image(request)).await?;
+        };
+        self.0
+            .bounded(message, |channel, request| async move {
+                ImageServiceClient::new(channel).pull_image(request).await
+            })
+            .await?;
         Ok(())
     }
 }
@@ -180,18 +210,22 @@ impl NetworkBackend for GrpcNetwork {
         &self,
         request: network::SetUpPodRequest,
     ) -> Result<network::PodNetwork, RuntimeError> {
-        let mut client = NetworkClient::new(self.0.channel.clone());
         self.0
-            .bounded(client.set_up_pod(traced_request(request)))
+            .bounded(request, |channel, request| async move {
+                NetworkClient::new(channel).set_up_pod(request).await
+            })
             .await
     }
 
     async fn tear_down_pod(&self, sandbox_id: &str) -> Result<(), RuntimeError> {
-        let request = traced_request(network::TearDownPodRequest {
+        let message = network::TearDownPodRequest {
             sandbox_id: sandbox_id.to_string(),
-        });
-        let mut client = NetworkClient::new(self.0.channel.clone());
-        self.0.bounded(client.tear_down_pod(request)).await?;
+        };
+        self.0
+            .bounded(message, |channel, request| async move {
+                NetworkClient::new(channel).tear_down_pod(request).await
+            })
+            .await?;
         Ok(())
     }
 }

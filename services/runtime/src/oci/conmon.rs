@@ -93,6 +93,7 @@ impl ConmonRunc {
     ) -> Result<(), RuntimeError> {
         use tokio::io::AsyncWriteExt;
         let mut child = Command::new(runtime)
+            .env_remove(trellis_common::notify::ENV)
             .arg("--root")
             .arg(self.runc_root())
             .args(args)
@@ -145,6 +146,7 @@ impl ConmonRunc {
             .join(format!("exec-{}", crate::ids::new_id()?));
         let mut command = Command::new(runtime);
         command
+            .env_remove(trellis_common::notify::ENV)
             .arg("--root")
             .arg(self.runc_root())
             .arg("exec")
@@ -178,6 +180,8 @@ impl OciRuntime for ConmonRunc {
             .map_err(|source| RuntimeError::io("cannot create conmon.log", source))?;
         let mut command = Command::new(&self.conmon);
         command
+            // Our starter's readiness socket is not the container's (see `notify`).
+            .env_remove(trellis_common::notify::ENV)
             .args([
                 "--api-version",
                 "1",
