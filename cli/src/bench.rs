@@ -2,6 +2,7 @@
 //! runtime's), timing each lifecycle call, sequentially and N at once, the stats
 //! calls, and the list and status calls over a node full of pods (`lists`).
 
+mod actions;
 mod churn;
 mod lists;
 
