@@ -170,3 +170,97 @@ async fn kill9_of_every_service_under_churn_fails_only_unavailable_calls_that_th
     assert_nothing_left(&node, "kill -9 of each service", left);
     node.stop();
 }
+
+/// Runs `trellis restart SERVICE` (or `upgrade` with `binary`) for `node`.
+fn trellis_restart(node: &Node, service: &str) -> String {
+    let output = std::process::Command::new(binary("trellis"))
+        .arg("--config")
+        .arg(&node.config_path)
+        .args(["restart", service])
+        .output()
+        .expect("run trellis restart");
+    assert!(
+        output.status.success(),
+        "trellis restart {service}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Connects to `socket` every few milliseconds until `stop`; the connects refused.
+fn count_refusals(
+    socket: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(usize, usize)> {
+    tokio::spawn(async move {
+        let (mut tries, mut refused) = (0, 0);
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            tries += 1;
+            if tokio::net::UnixStream::connect(&socket).await.is_err() {
+                refused += 1;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        (tries, refused)
+    })
+}
+
+/// `trellis restart gateway` with two GetContainerEvents subscribers, as two kubelet
+/// clients with evented PLEG keep: no connect is refused, both streams end with
+/// UNAVAILABLE (come back), and both subscribe again and see the next pod's event.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gateway_restart_ends_both_event_streams_cleanly_and_they_subscribe_again() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+    let node = Node::start(trellis_integration::NodeOptions {
+        with_cni_config: true,
+        ..Default::default()
+    })
+    .await;
+    node.wait_bus_connected(Duration::from_secs(10)).await;
+    let subscribe = || async {
+        node.runtime()
+            .get_container_events(GetEventsRequest::default())
+            .await
+            .expect("subscribe")
+            .into_inner()
+    };
+    let mut streams = vec![subscribe().await, subscribe().await];
+    let stop = Arc::new(AtomicBool::new(false));
+    let refusals = count_refusals(node.socket("gateway"), stop.clone());
+    let said = trellis_restart(&node, "gateway");
+    for stream in &mut streams {
+        let ended = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .expect("the stream ends well before the grace");
+        let status = ended.expect_err("the stream ends with a status");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (tries, refused) = refusals.await.expect("refusal counter");
+    eprintln!("{said}: both streams ended, {refused} of {tries} connects refused");
+    assert_eq!(
+        refused, 0,
+        "connects refused while the gateway was replaced"
+    );
+
+    let mut streams = vec![subscribe().await, subscribe().await];
+    let logs = node.root().join("logs").display().to_string();
+    let pod = run_pod(&node, pod_config("after", &logs, true)).await;
+    for stream in &mut streams {
+        let event = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("an event within 10 s")
+            .expect("stream")
+            .expect("an event");
+        assert_eq!(event.container_id, pod.id, "the new pod's event");
+    }
+    node.runtime()
+        .remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod.id.clone(),
+        })
+        .await
+        .expect("remove pod");
+    node.stop();
+}
