@@ -12,7 +12,8 @@ use crate::probe;
 /// What `trellis status` learnt of one service.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct ServiceStatus {
-    pub service: &'static str,
+    /// The service, or one of its replicas (`image-2`).
+    pub service: String,
     /// SERVING, NOT_SERVING, UNKNOWN... or DOWN when its socket did not answer.
     pub health: String,
     /// Why the service says it cannot do its job; empty while SERVING.
@@ -44,11 +45,15 @@ pub async fn run(config: &Config, json: bool) -> bool {
     let restarts = crate::restarts::read(&config.node.run_dir);
     let mut services = Vec::new();
     for kind in ServiceKind::START_ORDER {
-        let mut status = ask(config, kind).await;
-        status.restarts = restarts
-            .as_ref()
-            .map(|counts| counts.get(kind.name()).copied().unwrap_or(0));
-        services.push(status);
+        // Gateway replicas share the CRI socket: whichever answers stands for them.
+        for (index, socket) in config.replica_sockets(kind).into_iter().enumerate() {
+            let name = trellis_common::config::replica_name(kind, index as u32 + 1);
+            let mut status = ask(&name, socket).await;
+            status.restarts = restarts
+                .as_ref()
+                .map(|counts| counts.get(&name).copied().unwrap_or(0));
+            services.push(status);
+        }
     }
     let all_serving = services.iter().all(|s| s.health == "SERVING");
     if json {
@@ -63,14 +68,13 @@ pub async fn run(config: &Config, json: bool) -> bool {
     all_serving
 }
 
-async fn ask(config: &Config, kind: ServiceKind) -> ServiceStatus {
-    let socket = config.endpoint(kind).socket;
+async fn ask(name: &str, socket: std::path::PathBuf) -> ServiceStatus {
     let health = match probe::health(&socket).await {
         Ok(status) => status.as_str_name().to_string(),
         Err(_) => "DOWN".to_string(),
     };
     let mut status = ServiceStatus {
-        service: kind.name(),
+        service: name.to_string(),
         health,
         not_serving_reason: String::new(),
         socket: socket.display().to_string(),
@@ -194,7 +198,7 @@ mod tests {
     #[test]
     fn info_fills_uptime_metrics_and_bus() {
         let mut status = ServiceStatus {
-            service: "runtime",
+            service: "runtime".into(),
             health: "NOT_SERVING".into(),
             not_serving_reason: String::new(),
             socket: "/run/trellis/runtime.sock".into(),

@@ -181,7 +181,9 @@ pub struct Supervised {
 /// Starts a child, waits until it is ready, then leaves it to a supervising task.
 pub async fn start(spec: ChildSpec, watch: Watch) -> Result<Supervised, UpError> {
     let mut child = spec.spawn()?;
-    if let Err(failure) = wait_ready(&mut child, &watch.readiness, None).await {
+    // Its own word when it can give it: a replica's socket may be answered by another.
+    let ready = wait_ready(&mut child, &watch.readiness, watch.notify.as_deref()).await;
+    if let Err(failure) = ready {
         return Err(match failure {
             NotReady::Exited(reason) => UpError::StartFailed {
                 name: spec.name.clone(),

@@ -96,24 +96,7 @@ async fn supervise_node(args: &ConfigArgs, config: &Config) -> Result<(), UpErro
     // socket listening, so callers wait in the backlog for the next process instead of
     // being refused. Dropped (files removed) only after every child has stopped.
     let mut held = Vec::new();
-    let mut sockets = Vec::new();
-    for kind in ServiceKind::START_ORDER {
-        let endpoint = config.endpoint(kind);
-        let socket_error = |source| UpError::Socket {
-            service: kind.name().to_string(),
-            source,
-        };
-        let mut socket =
-            OwnedSocket::bind(&endpoint.socket, endpoint.socket_mode).map_err(socket_error)?;
-        let listener = socket.listener.take().ok_or_else(|| {
-            socket_error(trellis_common::transport::TransportError::Bind {
-                path: endpoint.socket.clone(),
-                source: std::io::Error::other("listener already taken"),
-            })
-        })?;
-        sockets.push((kind, Arc::new(OwnedFd::from(listener))));
-        held.push(socket);
-    }
+    let members = hold_sockets(config, &mut held)?;
     let mut running: Vec<Supervised> = Vec::new();
 
     let startup = async {
@@ -135,7 +118,8 @@ async fn supervise_node(args: &ConfigArgs, config: &Config) -> Result<(), UpErro
             );
             bus = Some(private);
         }
-        for kind in ServiceKind::START_ORDER {
+        for member in &members {
+            let kind = member.kind;
             let program = bin_dir.join(kind.binary());
             if !program.is_file() {
                 return Err(UpError::MissingProgram {
@@ -145,7 +129,7 @@ async fn supervise_node(args: &ConfigArgs, config: &Config) -> Result<(), UpErro
             }
             let mut env = bus.as_ref().map(|bus| bus.env(kind)).unwrap_or_default();
             let notify_dir = crate::control::private_dir(&config.node.run_dir);
-            let notify = Notifications::bind(&notify_dir, kind.name()).map_err(|source| {
+            let notify = Notifications::bind(&notify_dir, &member.name).map_err(|source| {
                 UpError::Notify {
                     path: notify_dir.clone(),
                     source,
@@ -155,19 +139,19 @@ async fn supervise_node(args: &ConfigArgs, config: &Config) -> Result<(), UpErro
                 trellis_common::notify::ENV.to_string(),
                 notify.path().display().to_string(),
             ));
-            let listen = sockets
-                .iter()
-                .find(|(held, _)| *held == kind)
-                .map(|(_, fd)| (fd.clone(), kind.name().to_string()));
+            env.push((
+                trellis_common::config::REPLICA_ENV.to_string(),
+                member.replica.to_string(),
+            ));
             let spec = ChildSpec {
-                name: kind.name().to_string(),
+                name: member.name.clone(),
                 program,
                 args: args.to_args(),
                 env,
-                listen,
+                listen: Some((member.listener.clone(), member.name.clone())),
             };
             let watch = Watch {
-                readiness: Readiness::Grpc(config.endpoint(kind).socket),
+                readiness: Readiness::Grpc(member.socket.clone()),
                 unhealthy_after,
                 stop_grace,
                 // A record store is one process's at a time.
@@ -212,7 +196,7 @@ async fn supervise_node(args: &ConfigArgs, config: &Config) -> Result<(), UpErro
         let _ = child.task.await;
         tracing::info!(child = %child.name, "stopped");
     }
-    drop(sockets);
+    drop(members);
     drop(held);
     match started {
         // Asked to stop before the node was complete: a clean stop all the same.
@@ -223,6 +207,61 @@ async fn supervise_node(args: &ConfigArgs, config: &Config) -> Result<(), UpErro
         // The private bus (its lock) is let go only once every child has stopped.
         other => other.map(drop),
     }
+}
+
+/// One process `trellis up` runs for a service: the service, or one of its replicas.
+struct Member {
+    kind: ServiceKind,
+    replica: u32,
+    name: String,
+    socket: PathBuf,
+    listener: Arc<OwnedFd>,
+}
+
+/// Binds and holds every service socket for the life of the node (into `held`, which
+/// removes the files when dropped), and says which process gets which: each image
+/// replica its own socket, every gateway replica the one CRI socket. A service that
+/// restarts (or is killed) leaves its socket listening, so callers wait in the
+/// backlog for the next process instead of being refused.
+fn hold_sockets(config: &Config, held: &mut Vec<OwnedSocket>) -> Result<Vec<Member>, UpError> {
+    let mut members = Vec::new();
+    for kind in ServiceKind::START_ORDER {
+        let mode = config.endpoint(kind).socket_mode;
+        let mut shared: Option<Arc<OwnedFd>> = None;
+        for replica in 1..=config.replicas(kind) {
+            let name = trellis_common::config::replica_name(kind, replica);
+            let socket = config.replica_socket(kind, replica);
+            let listener = match &shared {
+                Some(listener) => listener.clone(),
+                None => {
+                    let socket_error = |source| UpError::Socket {
+                        service: name.clone(),
+                        source,
+                    };
+                    let mut owned = OwnedSocket::bind(&socket, mode).map_err(socket_error)?;
+                    let listener = owned.listener.take().ok_or_else(|| {
+                        socket_error(trellis_common::transport::TransportError::Bind {
+                            path: socket.clone(),
+                            source: std::io::Error::other("listener already taken"),
+                        })
+                    })?;
+                    held.push(owned);
+                    Arc::new(OwnedFd::from(listener))
+                }
+            };
+            if kind == ServiceKind::Gateway {
+                shared = Some(listener.clone());
+            }
+            members.push(Member {
+                kind,
+                replica,
+                name,
+                socket,
+                listener,
+            });
+        }
+    }
+    Ok(members)
 }
 
 fn binary_dir(config: &Config) -> PathBuf {

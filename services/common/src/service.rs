@@ -124,14 +124,17 @@ async fn serve<B>(kind: ServiceKind, config: Config, build: B) -> Result<(), Com
 where
     B: AsyncFnOnce(&mut ServiceContext) -> Result<Routes, Box<dyn std::error::Error + Send + Sync>>,
 {
-    let process = kind.binary();
+    let replica = replica_of(&config, kind)?;
+    let name = crate::config::replica_name(kind, replica);
+    let process = format!("trellis-{name}");
+    let process = process.as_str();
     let telemetry = Telemetry::init(process, &config.telemetry)?;
     config.log_notices();
-    let endpoint = config.endpoint(kind);
+    let endpoint = replica_endpoint(&config, kind, replica);
     // Handed down by `trellis up` or systemd, the socket is the parent's: it stays
     // (and keeps queueing connections) when this process ends. Alone, the service
     // binds and owns it.
-    let (socket, listener) = match crate::activation::take_listener(kind.name())? {
+    let (socket, listener) = match crate::activation::take_listener(&name)? {
         Some(listener) => {
             tracing::info!(socket = %endpoint.socket.display(), "serving on the socket handed down by the parent (LISTEN_FDS)");
             (None, listener)
@@ -161,7 +164,8 @@ where
                 source,
             }
         })?;
-        let path = config.state_dir(kind).join("db");
+        // Each replica its own records (an image replica's are only its outbox).
+        let path = config.node.state_dir.join(&name).join("db");
         Some(Arc::new(SledStore::open(&path)?))
     } else {
         None
@@ -274,6 +278,44 @@ where
     }
     telemetry.shutdown();
     result.map_err(|e| CommonError::Serve(e.to_string()))
+}
+
+/// Which replica of `kind` this process is (`TRELLIS_REPLICA`, 1 when unset), checked
+/// against the configured count: a replica the configuration does not have would
+/// serve on a socket nobody calls.
+fn replica_of(config: &Config, kind: ServiceKind) -> Result<u32, CommonError> {
+    let Some(raw) = std::env::var_os(crate::config::REPLICA_ENV) else {
+        return Ok(1);
+    };
+    let raw = raw.to_string_lossy();
+    let count = config.replicas(kind);
+    raw.parse::<u32>()
+        .ok()
+        .filter(|replica| (1..=count).contains(replica))
+        .ok_or_else(|| CommonError::Io {
+            what: format!(
+                "{} `{}` is not a replica of the {} service (it has {count}: {}.replicas)",
+                crate::config::REPLICA_ENV,
+                crate::text::excerpt(&raw),
+                kind.name(),
+                kind.name()
+            ),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        })
+}
+
+/// Where replica `replica` of `kind` serves: its own socket, and its metrics on the
+/// configured port plus `replica - 1` (port 0, any free one, stays 0).
+fn replica_endpoint(config: &Config, kind: ServiceKind, replica: u32) -> crate::config::Endpoint {
+    let mut endpoint = config.endpoint(kind);
+    endpoint.socket = config.replica_socket(kind, replica);
+    if let Some(address) = endpoint.metrics_listen.as_mut()
+        && address.port() != 0
+    {
+        let offset = u16::try_from(replica.saturating_sub(1)).unwrap_or(0);
+        address.set_port(address.port().saturating_add(offset));
+    }
+    endpoint
 }
 
 /// Runs the readiness probes every [`HEALTH_INTERVAL`] and sets the health status

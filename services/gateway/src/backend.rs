@@ -26,6 +26,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -84,10 +85,52 @@ fn never_connected(status: &Status) -> bool {
     false
 }
 
+/// One service behind the gateway: its processes, one socket each (several only for
+/// the image service's replicas). Calls go round the replicas in turn, and a call
+/// sent again after a failure goes to the next one, so a dead replica costs a retry
+/// rather than the call.
 pub struct Backend {
     pub kind: ServiceKind,
+    /// Replica 1's socket, for messages about the service as a whole.
     pub socket: PathBuf,
+    replicas: Vec<Replica>,
+    next: AtomicUsize,
+}
+
+struct Replica {
+    socket: PathBuf,
     channel: Channel,
+}
+
+impl Backend {
+    pub fn new(kind: ServiceKind, sockets: Vec<PathBuf>) -> Self {
+        let replicas: Vec<Replica> = sockets
+            .into_iter()
+            .map(|socket| Replica {
+                channel: unix_channel(&socket),
+                socket,
+            })
+            .collect();
+        Self {
+            kind,
+            socket: replicas
+                .first()
+                .map(|replica| replica.socket.clone())
+                .unwrap_or_default(),
+            replicas,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The replica for a call's first attempt; later attempts take the next ones.
+    fn first_replica(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn replica(&self, first: usize, attempt: u32) -> Option<&Replica> {
+        let count = self.replicas.len();
+        (count > 0).then(|| &self.replicas[(first + attempt as usize) % count])
+    }
 }
 
 pub struct Backends {
@@ -105,14 +148,7 @@ const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
 
 impl Backends {
     pub fn new(config: &Config, retry_budget: Duration, metrics: RpcMetrics) -> Self {
-        let backend = |kind| {
-            let socket = config.endpoint(kind).socket;
-            Backend {
-                kind,
-                channel: unix_channel(&socket),
-                socket,
-            }
-        };
+        let backend = |kind| Backend::new(kind, config.replica_sockets(kind));
         Self {
             runtime: backend(ServiceKind::Runtime),
             image: backend(ServiceKind::Image),
@@ -179,23 +215,34 @@ impl Backends {
         }
         let mut delay = FIRST_RETRY_DELAY;
         let mut attempts = 0u32;
+        let first = backend.first_replica();
         loop {
+            let Some(replica) = backend.replica(first, attempts) else {
+                return Err(Status::unavailable(format!(
+                    "trellis-{} has no socket configured",
+                    backend.kind.name()
+                )));
+            };
             attempts += 1;
             let request = outgoing(message.clone(), deadline);
-            let error = match call(backend.channel.clone(), request).await {
+            let error = match call(replica.channel.clone(), request).await {
                 Ok(response) => return Ok(response),
                 Err(status) if retry.worth_retrying(&status) => status,
                 Err(status) if not_reached(&status) => {
-                    return Err(unreachable(backend, attempts, started, &status));
+                    return Err(unreachable(backend, replica, attempts, started, &status));
                 }
                 Err(status) => return Err(status),
             };
             if Instant::now() + delay >= give_up {
                 return Err(if not_reached(&error) {
-                    unreachable(backend, attempts, started, &error)
+                    unreachable(backend, replica, attempts, started, &error)
                 } else {
                     error
                 });
+            }
+            if !(attempts as usize).is_multiple_of(backend.replicas.len().max(1)) {
+                // A replica not tried in this round takes it at once.
+                continue;
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(MAX_RETRY_DELAY);
@@ -224,11 +271,17 @@ fn outgoing<Req>(message: Req, deadline: Option<Instant>) -> Request<Req> {
     request
 }
 
-fn unreachable(backend: &Backend, attempts: u32, started: Instant, error: &Status) -> Status {
+fn unreachable(
+    backend: &Backend,
+    replica: &Replica,
+    attempts: u32,
+    started: Instant,
+    error: &Status,
+) -> Status {
     Status::unavailable(format!(
         "trellis-{} is not answering on {} ({} attempt{} over {:?}): {}",
         backend.kind.name(),
-        backend.socket.display(),
+        replica.socket.display(),
         attempts,
         if attempts == 1 { "" } else { "s" },
         started.elapsed(),
@@ -328,14 +381,8 @@ mod tests {
     }
 
     fn backends(dir: &std::path::Path, retry_budget: Duration) -> Backends {
-        let backend = |kind: ServiceKind| {
-            let socket = dir.join(format!("{}.sock", kind.name()));
-            Backend {
-                kind,
-                channel: unix_channel(&socket),
-                socket,
-            }
-        };
+        let backend =
+            |kind: ServiceKind| Backend::new(kind, vec![dir.join(format!("{}.sock", kind.name()))]);
         let mut registry = prometheus_client::registry::Registry::default();
         Backends {
             runtime: backend(ServiceKind::Runtime),
@@ -344,6 +391,34 @@ mod tests {
             retry_budget,
             metrics: RpcMetrics::register(&mut registry, "test"),
         }
+    }
+
+    #[tokio::test]
+    async fn calls_go_round_the_replicas_and_a_retry_takes_the_next_one() {
+        let sockets: Vec<_> = ["image.sock", "image-2.sock", "image-3.sock"]
+            .iter()
+            .map(std::path::PathBuf::from)
+            .collect();
+        let backend = Backend::new(ServiceKind::Image, sockets.clone());
+        let socket = |first, attempt| {
+            backend
+                .replica(first, attempt)
+                .map(|replica| replica.socket.clone())
+        };
+        let (a, b) = (backend.first_replica(), backend.first_replica());
+        assert_ne!(socket(a, 0), socket(b, 0), "two calls, two replicas");
+        assert_eq!(
+            socket(a, 1),
+            socket(b, 0),
+            "a retry goes to the next replica"
+        );
+        assert_eq!(socket(a, 3), socket(a, 0), "and round again");
+        assert_eq!(backend.socket, sockets[0]);
+        assert!(
+            Backend::new(ServiceKind::Image, Vec::new())
+                .replica(0, 0)
+                .is_none()
+        );
     }
 
     /// The runtime answered `Unavailable` because storage is down: the caller reads

@@ -170,6 +170,7 @@ impl Puller {
             loop {
                 let request = traced_request(PruneLayersRequest {
                     chain_ids: Vec::new(),
+                    holder: String::new(),
                 });
                 match tokio::time::timeout(PRUNE_TIMEOUT, this.storage().prune_layers(request))
                     .await
@@ -304,6 +305,7 @@ impl Puller {
         }
         let request = traced_request(PruneLayersRequest {
             chain_ids: chains.clone(),
+            holder: holder(id),
         });
         match tokio::time::timeout(PRUNE_TIMEOUT, self.storage().prune_layers(request)).await {
             Ok(Ok(response)) => {
@@ -440,6 +442,7 @@ impl Puller {
                     chain_ids[i - 1].clone()
                 },
                 image: image_name.clone(),
+                holder: holder(id),
             };
             imports.push(self.import_layer(id, &client, source, layer, header, timeout));
         }
@@ -468,6 +471,7 @@ impl Puller {
         let epoch = self.index.epoch();
         let message = PutImageRequest {
             image: Some(record),
+            holder: holder(id),
         };
         let stored = self
             .ask_storage(timeout, message, |mut storage, request| async move {
@@ -506,9 +510,15 @@ impl Puller {
             .map_err(|status| self.storage_failed(status))
     }
 
-    async fn has_layer(&self, chain_id: &str, timeout: Duration) -> Result<bool, SourceFailure> {
+    async fn has_layer(
+        &self,
+        id: u64,
+        chain_id: &str,
+        timeout: Duration,
+    ) -> Result<bool, SourceFailure> {
         let message = HasLayerRequest {
             chain_id: chain_id.to_string(),
+            holder: holder(id),
         };
         let asked = self.ask_storage(timeout, message, |mut storage, request| async move {
             storage.has_layer(request).await
@@ -526,11 +536,11 @@ impl Puller {
         header: LayerHeader,
         timeout: Duration,
     ) -> Result<(), SourceFailure> {
-        if self.has_layer(&header.chain_id, timeout).await? {
+        if self.has_layer(id, &header.chain_id, timeout).await? {
             return Ok(());
         }
         let _downloading = self.blobs.lock(&layer.digest).await;
-        if self.has_layer(&header.chain_id, timeout).await? {
+        if self.has_layer(id, &header.chain_id, timeout).await? {
             return Ok(());
         }
         // From here storage may end up with the layer, whatever happens to this pull.
@@ -630,6 +640,12 @@ impl Puller {
 }
 
 /// A fail point set by a test (debug builds only), failing the pull as Internal.
+/// Pull `id` of this process as storage knows it when it holds layers for it: the
+/// pid tells this replica's pulls from another's (see storage's `holds`).
+fn holder(id: u64) -> String {
+    format!("image-pid-{}/pull-{id}", std::process::id())
+}
+
 async fn fail_point(point: &'static str) -> Result<(), SourceFailure> {
     trellis_common::failpoint::hit_async(point)
         .await

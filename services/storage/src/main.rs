@@ -4,6 +4,7 @@
 
 mod error;
 mod extract;
+mod holds;
 mod images;
 mod layers;
 mod links;

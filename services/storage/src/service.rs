@@ -40,7 +40,8 @@ impl storage_server::Storage for StorageService {
         &self,
         request: Request<HasLayerRequest>,
     ) -> Result<Response<HasLayerResponse>, Status> {
-        let present = self.storage.has_layer(&request.get_ref().chain_id)?;
+        let request = request.get_ref();
+        let present = self.storage.has_layer(&request.chain_id, &request.holder)?;
         Ok(Response::new(HasLayerResponse { present }))
     }
 
@@ -84,9 +85,10 @@ impl storage_server::Storage for StorageService {
         &self,
         request: Request<PruneLayersRequest>,
     ) -> Result<Response<PruneLayersResponse>, Status> {
+        let request = request.into_inner();
         let removed = self
             .storage
-            .prune_layers(request.into_inner().chain_ids)
+            .prune_layers(request.chain_ids, &request.holder)
             .await?;
         Ok(Response::new(PruneLayersResponse { removed }))
     }
@@ -95,11 +97,11 @@ impl storage_server::Storage for StorageService {
         &self,
         request: Request<PutImageRequest>,
     ) -> Result<Response<PutImageResponse>, Status> {
+        let request = request.into_inner();
         let image = request
-            .into_inner()
             .image
             .ok_or_else(|| Status::invalid_argument("PutImage needs an image"))?;
-        let (image, generation) = self.storage.put_image(image)?;
+        let (image, generation) = self.storage.put_image(image, &request.holder)?;
         Ok(Response::new(PutImageResponse {
             image: Some(image),
             generation,

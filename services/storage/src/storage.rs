@@ -29,6 +29,8 @@ pub struct Storage {
     rootfs: Arc<RootfsStore>,
     /// One import per chain at a time; a second waits and then finds it present.
     importing: KeyedLocks,
+    /// Layers that pulls under way need and have not recorded an image with.
+    holds: crate::holds::Holds,
     /// The mount point holding the writable layers, found once: reading mountinfo,
     /// long with a hundred overlays in it, cost more than the layers' own walk.
     writable_mountpoint: Arc<OnceLock<String>>,
@@ -54,6 +56,7 @@ impl Storage {
             images: Arc::new(images),
             rootfs: Arc::new(rootfs),
             importing: KeyedLocks::new(),
+            holds: crate::holds::Holds::default(),
             writable_mountpoint: Arc::default(),
         }
     }
@@ -62,7 +65,9 @@ impl Storage {
         crate::usage::fs_usage(self.layers.root().to_path_buf()).await
     }
 
-    pub fn has_layer(&self, chain_id: &str) -> Result<bool, StorageError> {
+    /// Whether the layer is here; `holder`, a pull, holds it from now on either way.
+    pub fn has_layer(&self, chain_id: &str, holder: &str) -> Result<bool, StorageError> {
+        self.holds.hold(holder, chain_id);
         Ok(self.layers.get(chain_id)?.is_some())
     }
 
@@ -74,6 +79,7 @@ impl Storage {
         header: LayerHeader,
         mut body: impl Stream<Item = io::Result<Bytes>> + Unpin,
     ) -> Result<Imported, StorageError> {
+        self.holds.hold(&header.holder, &header.chain_id);
         let present = |layers: &LayerStore| -> Result<Option<Imported>, StorageError> {
             Ok(layers.get(&header.chain_id)?.map(|record| Imported {
                 record,
@@ -119,7 +125,13 @@ impl Storage {
 
     /// Removes the named chains (all when none are named) that no image uses; the
     /// chains it removed.
-    pub async fn prune_layers(&self, named: Vec<String>) -> Result<Vec<String>, StorageError> {
+    /// `holder`'s own holds end first; a chain another pull holds is kept.
+    pub async fn prune_layers(
+        &self,
+        named: Vec<String>,
+        holder: &str,
+    ) -> Result<Vec<String>, StorageError> {
+        self.holds.release(holder);
         let mut candidates = if named.is_empty() {
             self.layers.chain_ids()?
         } else {
@@ -137,7 +149,10 @@ impl Storage {
         let in_use = self.images.chains_in_use()?;
         let mut unused = Vec::new();
         for chain in candidates {
-            if !in_use.contains(&chain) && self.layers.get(&chain)?.is_some() {
+            if !in_use.contains(&chain)
+                && !self.holds.held_by_another(&chain, holder)
+                && self.layers.get(&chain)?.is_some()
+            {
                 unused.push(chain);
             }
         }
@@ -154,7 +169,9 @@ impl Storage {
     /// Records an image whose layers are all imported.
     /// Stores an image whose layers are all present; answers it with the generation
     /// of the image records after the change.
-    pub fn put_image(&self, image: Image) -> Result<(Image, u64), StorageError> {
+    /// The holds of `holder`, the pull that recorded it, end: the image keeps its
+    /// layers now.
+    pub fn put_image(&self, image: Image, holder: &str) -> Result<(Image, u64), StorageError> {
         for chain in &image.chain_ids {
             if self.layers.get(chain)?.is_none() {
                 return Err(StorageError::FailedPrecondition(format!(
@@ -165,7 +182,9 @@ impl Storage {
             }
         }
         trellis_common::failpoint::hit("storage.image.before-record")?;
-        self.images.put(image)
+        let stored = self.images.put(image)?;
+        self.holds.release(holder);
+        Ok(stored)
     }
 
     pub fn get_image(&self, reference: &str) -> Result<Image, StorageError> {

@@ -134,6 +134,61 @@ impl Config {
     }
 }
 
+/// The most processes of one service a node runs.
+pub const MAX_REPLICAS: u32 = 8;
+/// Which replica (1-based) of its service a process is, as `trellis up` (or a unit)
+/// says; unset is replica 1.
+pub const REPLICA_ENV: &str = "TRELLIS_REPLICA";
+
+impl Config {
+    /// How many processes of `service` serve the node: the gateway and the image
+    /// service may run several; the others own node state no second process may touch.
+    pub fn replicas(&self, service: ServiceKind) -> u32 {
+        match service {
+            ServiceKind::Gateway => self.gateway.replicas,
+            ServiceKind::Image => self.image.replicas,
+            _ => 1,
+        }
+    }
+
+    /// The socket replica `replica` (1-based) of `service` serves on: the gateways
+    /// share the CRI socket (the kubelet knows one); image replica k > 1 has
+    /// `<stem>-k.sock` beside replica 1's socket, so each can be reached on its own.
+    pub fn replica_socket(&self, service: ServiceKind, replica: u32) -> PathBuf {
+        let socket = self.endpoint(service).socket;
+        if replica <= 1 || service == ServiceKind::Gateway {
+            return socket;
+        }
+        let stem = socket
+            .file_stem()
+            .map(|stem| stem.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        socket.with_file_name(format!("{stem}-{replica}.sock"))
+    }
+
+    /// Every socket of `service`'s replicas, replica 1's first (the gateways: one).
+    pub fn replica_sockets(&self, service: ServiceKind) -> Vec<PathBuf> {
+        let count = if service == ServiceKind::Gateway {
+            1
+        } else {
+            self.replicas(service)
+        };
+        (1..=count.max(1))
+            .map(|replica| self.replica_socket(service, replica))
+            .collect()
+    }
+}
+
+/// How replica `replica` of `service` is named in logs, `trellis status` and
+/// `trellis restart`: the service's name, then `-k` from the second on.
+pub fn replica_name(service: ServiceKind, replica: u32) -> String {
+    if replica <= 1 {
+        service.name().to_string()
+    } else {
+        format!("{}-{replica}", service.name())
+    }
+}
+
 /// The socket and metrics keys of every section.
 pub(super) fn validate_listeners(
     config: &Config,
@@ -141,6 +196,14 @@ pub(super) fn validate_listeners(
 ) -> Result<(), ConfigError> {
     for service in ServiceKind::START_ORDER {
         let section = service.name();
+        let replicas = config.replicas(service);
+        if !(1..=MAX_REPLICAS).contains(&replicas) {
+            return Err(provenance.bad_value(
+                &format!("{section}.replicas"),
+                &format!("1 to {MAX_REPLICAS}"),
+                &replicas.to_string(),
+            ));
+        }
         let listener = config.listener(service);
         if !listener.socket.is_empty() && !Path::new(listener.socket).is_absolute() {
             return Err(provenance.bad_value(

@@ -14,6 +14,8 @@ pub struct GatewayConfig {
     pub metrics_listen: String,
     /// How long an idempotent read waits for a restarting backend.
     pub backend_retry_ms: u64,
+    /// Gateway processes accepting on the one CRI socket (1 to 8).
+    pub replicas: u32,
 }
 
 impl Default for GatewayConfig {
@@ -23,6 +25,7 @@ impl Default for GatewayConfig {
             socket_mode: SocketMode::GROUP,
             metrics_listen: String::new(),
             backend_retry_ms: 10_000,
+            replicas: 1,
         }
     }
 }

@@ -25,6 +25,10 @@ pub struct ImageConfig {
     pub credentials_file: String,
     /// A pull that receives nothing for this long is cancelled.
     pub pull_progress_timeout_seconds: u64,
+    /// Image service processes serving the node (1 to 8): replica 1 on `socket`,
+    /// replica k on `image-k.sock` beside it. The gateway balances calls across them
+    /// and fails over when one is down; image records are in storage, which all see.
+    pub replicas: u32,
 }
 
 impl Default for ImageConfig {
@@ -37,6 +41,7 @@ impl Default for ImageConfig {
             insecure_registries: Vec::new(),
             credentials_file: String::new(),
             pull_progress_timeout_seconds: 60,
+            replicas: 1,
         }
     }
 }

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use bus::BusConfig;
-pub use endpoint::{Endpoint, SocketMode};
+pub use endpoint::{Endpoint, MAX_REPLICAS, REPLICA_ENV, SocketMode, replica_name};
 pub use gateway::GatewayConfig;
 pub use image::{ImageConfig, Mirror, MirrorEndpoint};
 pub use load::ConfigSource;

@@ -83,7 +83,7 @@ async fn images_need_their_layers_and_take_unused_ones_with_them() {
     let chain = header.chain_id.clone();
 
     let refused = storage
-        .put_image(image('a', &[&chain], "docker.io/tests/a:1"))
+        .put_image(image('a', &[&chain], "docker.io/tests/a:1"), "")
         .expect_err("layer not imported");
     assert!(
         matches!(refused, StorageError::FailedPrecondition(_)),
@@ -105,13 +105,13 @@ async fn images_need_their_layers_and_take_unused_ones_with_them() {
         .await
         .expect("present");
     assert!(again.already_present, "a second import reads nothing");
-    assert!(storage.has_layer(&chain).expect("has"));
+    assert!(storage.has_layer(&chain, "").expect("has"));
 
     let (a, first) = storage
-        .put_image(image('a', &[&chain], "docker.io/tests/a:1"))
+        .put_image(image('a', &[&chain], "docker.io/tests/a:1"), "")
         .expect("put a");
     let (_, second) = storage
-        .put_image(image('b', &[&chain], "docker.io/tests/b:1"))
+        .put_image(image('b', &[&chain], "docker.io/tests/b:1"), "")
         .expect("put b");
     assert!(second > first, "each change is a new generation");
     assert_eq!(storage.get_image("tests/a:1").expect("get").id, a.id);
@@ -127,7 +127,7 @@ async fn images_need_their_layers_and_take_unused_ones_with_them() {
 
     assert!(
         storage
-            .prune_layers(Vec::new())
+            .prune_layers(Vec::new(), "")
             .await
             .expect("prune")
             .is_empty(),
@@ -135,10 +135,13 @@ async fn images_need_their_layers_and_take_unused_ones_with_them() {
     );
     let removal = storage.remove_image("tests/a:1").await.expect("remove a");
     assert!(removal.deleted.is_some());
-    assert!(storage.has_layer(&chain).expect("has"), "b still uses it");
+    assert!(
+        storage.has_layer(&chain, "").expect("has"),
+        "b still uses it"
+    );
     storage.remove_image("tests/b:1").await.expect("remove b");
     assert!(
-        !storage.has_layer(&chain).expect("has"),
+        !storage.has_layer(&chain, "").expect("has"),
         "the last image took its layer"
     );
 }
@@ -173,7 +176,7 @@ async fn a_prune_waits_for_an_import_of_its_chain() {
     let pruning = {
         let storage = scene.storage.clone();
         let chain = chain.clone();
-        tokio::spawn(async move { storage.prune_layers(vec![chain]).await })
+        tokio::spawn(async move { storage.prune_layers(vec![chain], "").await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!pruning.is_finished(), "the prune waits for the import");
@@ -195,5 +198,37 @@ async fn a_prune_waits_for_an_import_of_its_chain() {
         vec![chain.clone()],
         "no image uses it: pruned after"
     );
-    assert!(!scene.storage.has_layer(&chain).expect("has"));
+    assert!(!scene.storage.has_layer(&chain, "").expect("has"));
+}
+
+/// Two image replicas: one imports a layer for its pull, the other prunes (its own
+/// failed pull's leftovers, or everything unused at its start). The layer stays until
+/// the first records its image; then the image keeps it.
+#[tokio::test]
+async fn a_prune_keeps_a_layer_another_pull_holds_until_its_image_is_recorded() {
+    let scene = scene();
+    let storage = &scene.storage;
+    let (blob, mut header) = layer(b"held");
+    let chain = header.chain_id.clone();
+    header.holder = "replica-2/pull-1".into();
+    storage
+        .import_layer(header, whole(&blob))
+        .await
+        .expect("import");
+    for (named, holder) in [(Vec::new(), ""), (vec![chain.clone()], "replica-1/pull-9")] {
+        let removed = storage.prune_layers(named, holder).await.expect("prune");
+        assert!(removed.is_empty(), "a held layer stays: {removed:?}");
+    }
+    assert!(storage.has_layer(&chain, "").expect("has"));
+    storage
+        .put_image(
+            image('c', &[&chain], "docker.io/tests/h:1"),
+            "replica-2/pull-1",
+        )
+        .expect("put");
+    storage.remove_image("tests/h:1").await.expect("remove");
+    assert!(
+        !storage.has_layer(&chain, "").expect("has"),
+        "once recorded, the hold is over: the image took its layer with it"
+    );
 }
