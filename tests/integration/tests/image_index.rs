@@ -133,6 +133,7 @@ async fn lists_follow_other_writers_of_storage_and_its_restarts() {
     storage
         .put_image(PutImageRequest {
             image: Some(retagged),
+            ..Default::default()
         })
         .await
         .expect("PutImage on storage");
