@@ -167,7 +167,10 @@ async fn an_ambiguous_short_image_id_is_refused() {
     let removed = removed.expect_err("an ambiguous prefix");
     assert_eq!(removed.code(), tonic::Code::InvalidArgument, "{removed:?}");
     for twin in &twins.twins {
-        assert!(image_status(node, twin).await.is_some(), "{twin} was removed");
+        assert!(
+            image_status(node, twin).await.is_some(),
+            "{twin} was removed"
+        );
     }
     busybox.node.stop();
 }

@@ -260,11 +260,13 @@ impl OciRuntime for ConmonRunc {
             let error = format!("creating container {}: {reason}", launch.id);
             // A command the image cannot run (missing, not executable) is the
             // caller's to fix, not a fault of this service: not Internal.
-            return Err(if reason.contains("unable to start container process: exec: ") {
-                RuntimeError::FailedPrecondition(error)
-            } else {
-                RuntimeError::Oci(error)
-            });
+            return Err(
+                if reason.contains("unable to start container process: exec: ") {
+                    RuntimeError::FailedPrecondition(error)
+                } else {
+                    RuntimeError::Oci(error)
+                },
+            );
         }
         Ok(message.data as u32)
     }

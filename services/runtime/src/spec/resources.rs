@@ -100,9 +100,8 @@ pub fn validate(resources: &LinuxContainerResources) -> Result<(), RuntimeError>
 /// it cannot set.
 fn swap_accounted() -> bool {
     static ACCOUNTED: OnceLock<bool> = OnceLock::new();
-    *ACCOUNTED.get_or_init(|| {
-        Path::new("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists()
-    })
+    *ACCOUNTED
+        .get_or_init(|| Path::new("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists())
 }
 
 /// The OCI resources for `resources`, with the given device rules; zero and empty

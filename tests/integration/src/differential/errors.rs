@@ -84,7 +84,10 @@ pub async fn invalid_configs(side: &Side, observed: &mut Observed) {
         ),
         (
             "no command anywhere",
-            with_image(side.container("no-command", &[]), &side.extra.without_command),
+            with_image(
+                side.container("no-command", &[]),
+                &side.extra.without_command,
+            ),
         ),
     ];
     for (case, config) in cases {
@@ -166,11 +169,15 @@ async fn unknown_ids(side: &Side, note: &mut impl FnMut(&str, String)) {
         .await;
     note("PodSandboxStatus(unknown id)", code_of(&status));
     let stop = runtime
-        .stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: id() })
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: id(),
+        })
         .await;
     note("StopPodSandbox(unknown id)", code_of(&stop));
     let remove = runtime
-        .remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id() })
+        .remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: id(),
+        })
         .await;
     note("RemovePodSandbox(unknown id)", code_of(&remove));
 }

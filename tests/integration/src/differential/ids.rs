@@ -40,7 +40,11 @@ pub async fn short_ids(side: &Side, observed: &mut Observed) {
     let found = side.image_id(short).await;
     observed.insert(
         "short-ids/ImageStatus(12 hex chars)".into(),
-        format!("{} same {:?}", code_of(&found), found.ok().map(|f| f == image_id)),
+        format!(
+            "{} same {:?}",
+            code_of(&found),
+            found.ok().map(|f| f == image_id)
+        ),
     );
     let stopped = side
         .runtime
@@ -50,10 +54,7 @@ pub async fn short_ids(side: &Side, observed: &mut Observed) {
             timeout: 0,
         })
         .await;
-    observed.insert(
-        "short-ids/StopContainer(8 chars)".into(),
-        code_of(&stopped),
-    );
+    observed.insert("short-ids/StopContainer(8 chars)".into(), code_of(&stopped));
     let removed = side
         .runtime
         .clone()
@@ -64,7 +65,11 @@ pub async fn short_ids(side: &Side, observed: &mut Observed) {
     let gone = side.status(&id).await;
     observed.insert(
         "short-ids/RemoveContainer(8 chars)".into(),
-        format!("{}, then ContainerStatus {}", code_of(&removed), code_of(&gone)),
+        format!(
+            "{}, then ContainerStatus {}",
+            code_of(&removed),
+            code_of(&gone)
+        ),
     );
 }
 
@@ -83,7 +88,11 @@ pub async fn ambiguous_prefixes(side: &Side, observed: &mut Observed) {
     let status = side.image_id(prefix).await;
     observed.insert(
         "ambiguous/ImageStatus(shared prefix)".into(),
-        format!("{} {:?}", code_of(&status), status.ok().map(|found| found.is_some())),
+        format!(
+            "{} {:?}",
+            code_of(&status),
+            status.ok().map(|found| found.is_some())
+        ),
     );
     let removed = remove_image(side, prefix).await;
     let kept = [&one, &other].map(|id| id.clone());
@@ -108,7 +117,13 @@ async fn ambiguous_containers_and_pods(side: &Side, observed: &mut Observed) {
         .clone()
         .list_containers(ListContainersRequest::default())
         .await
-        .map(|r| r.into_inner().containers.into_iter().map(|c| c.id).collect())
+        .map(|r| {
+            r.into_inner()
+                .containers
+                .into_iter()
+                .map(|c| c.id)
+                .collect()
+        })
         .unwrap_or_default();
     let seen = match shared_prefix(&containers) {
         Some(prefix) => {

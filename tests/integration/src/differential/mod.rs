@@ -5,8 +5,8 @@
 
 pub mod errors;
 pub mod exits;
-pub mod ids;
 pub mod identity;
+pub mod ids;
 pub mod logs;
 pub mod mounts;
 
@@ -315,7 +315,9 @@ impl Images {
                 seen.insert(prefix, candidate);
                 continue;
             };
-            registry.push(&format!("{repository}/twin"), "a", &twin).await;
+            registry
+                .push(&format!("{repository}/twin"), "a", &twin)
+                .await;
             registry
                 .push(&format!("{repository}/twin"), "b", &candidate)
                 .await;

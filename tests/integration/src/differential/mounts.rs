@@ -100,6 +100,17 @@ pub async fn mounts_and_limits(side: &Side, observed: &mut Observed) {
         replacements.push((id.clone(), "<container-id>"));
         let mountinfo = side.exec(&id, "cat /proc/self/mountinfo").await;
         let mounts = normalised_mounts(&replace_all(mountinfo, &replacements));
+        // The overlay's `uuid=` on its own: the kernel picks it by how the upper
+        // directory was first mounted, nothing a process sees.
+        let (uuid, mounts): (Vec<String>, Vec<String>) = mounts
+            .into_iter()
+            .map(|line| match line.split_once(",uuid=") {
+                Some((before, uuid)) => (format!("uuid={uuid}"), before.to_string()),
+                None => (String::new(), line),
+            })
+            .unzip();
+        let uuid: Vec<String> = uuid.into_iter().filter(|u| !u.is_empty()).collect();
+        observed.insert(key("overlay-uuid"), format!("{uuid:?}"));
         observed.insert(key("mountinfo"), mounts.join("\n"));
         observed.insert(
             key("read-only"),
@@ -174,7 +185,9 @@ fn access_of(mounts: &[String], path: &str) -> String {
             let options = fields.nth(1)?;
             let holds = point == "/"
                 || path == point
-                || path.strip_prefix(point).is_some_and(|rest| rest.starts_with('/'));
+                || path
+                    .strip_prefix(point)
+                    .is_some_and(|rest| rest.starts_with('/'));
             holds.then(|| (point.len(), options.split(',').next().unwrap_or("?")))
         })
         .max_by_key(|(length, _)| *length)
