@@ -38,7 +38,7 @@ const DELIBERATE: &[(&str, &str)] = &[
         "a long line is logged in the pieces conmon reads",
     ),
     (
-        "exits/missing-executable/",
+        "exits/missing-",
         "a command that cannot run fails CreateContainer",
     ),
     (
@@ -54,7 +54,7 @@ const DELIBERATE: &[(&str, &str)] = &[
         "without a cgroup parent, each runtime's own (trellis, k8s.io)",
     ),
     (
-        "ambiguous/",
+        "(shared prefix)/code",
         "explicit codes: an ambiguous prefix is InvalidArgument",
     ),
     (

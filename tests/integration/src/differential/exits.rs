@@ -14,12 +14,13 @@ pub async fn exits(side: &Side, observed: &mut Observed) {
     };
     // dd's block buffer is one allocation it fills from /dev/zero: 64 MiB touched.
     let allocate = "dd if=/dev/zero of=/dev/null bs=64M count=1";
-    let cases: [(&str, &[&str]); 6] = [
+    let cases: [(&str, &[&str]); 7] = [
         ("exit-0", &["/bin/sh", "-c", "exit 0"]),
         ("exit-3", &["/bin/sh", "-c", "exit 3"]),
         ("stopped-after-sigterm-ignored", &["sleep", "3600"]),
         ("oom", &["/bin/sh", "-c", allocate]),
         ("missing-executable", &["/no/such/binary"]),
+        ("missing-from-path", &["no-such-command"]),
         ("not-executable", &["/etc/passwd"]),
     ];
     for (case, command) in cases {

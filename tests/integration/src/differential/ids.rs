@@ -86,20 +86,25 @@ pub async fn ambiguous_prefixes(side: &Side, observed: &mut Observed) {
     };
     let prefix = &side.extra.twin_prefix;
     let status = side.image_id(prefix).await;
+    let found = status.as_ref().ok().map(|found| found.is_some());
     observed.insert(
-        "ambiguous/ImageStatus(shared prefix)".into(),
-        format!(
-            "{} {:?}",
-            code_of(&status),
-            status.ok().map(|found| found.is_some())
-        ),
+        "ambiguous/ImageStatus(shared prefix)/code".into(),
+        code_of(&status),
+    );
+    observed.insert(
+        "ambiguous/ImageStatus(shared prefix)/found".into(),
+        format!("{found:?}"),
     );
     let removed = remove_image(side, prefix).await;
     let kept = [&one, &other].map(|id| id.clone());
     let still = count_present(side, &kept).await;
     observed.insert(
-        "ambiguous/RemoveImage(shared prefix)".into(),
-        format!("{}, twins left: {still}", code_of(&removed)),
+        "ambiguous/RemoveImage(shared prefix)/code".into(),
+        code_of(&removed),
+    );
+    observed.insert(
+        "ambiguous/RemoveImage(shared prefix)/twins left".into(),
+        still.to_string(),
     );
     let unique = &hex_of(&other)[..12];
     let removed = remove_image(side, unique).await;
@@ -112,8 +117,92 @@ pub async fn ambiguous_prefixes(side: &Side, observed: &mut Observed) {
 }
 
 async fn ambiguous_containers_and_pods(side: &Side, observed: &mut Observed) {
-    let containers: Vec<String> = side
-        .runtime
+    let containers = container_ids(side).await;
+    let seen = match shared_prefix(&containers) {
+        Some(prefix) => {
+            let status = side.status(&prefix).await;
+            let removed = side
+                .runtime
+                .clone()
+                .remove_container(RemoveContainerRequest {
+                    container_id: prefix,
+                })
+                .await;
+            let left = container_ids(side).await.len();
+            Some([
+                code_of(&status),
+                code_of(&removed),
+                (containers.len() - left).to_string(),
+            ])
+        }
+        None => None,
+    };
+    let keys = prefix_keys("ContainerStatus", "RemoveContainer", "containers");
+    note_prefix(observed, keys, seen);
+    let mut spare = 0;
+    let (pods, prefix) = loop {
+        let pods = pod_ids(side).await;
+        if let Some(prefix) = shared_prefix(&pods) {
+            break (pods, Some(prefix));
+        }
+        // Among 17 ids two share their first hex digit: more pods until they do.
+        spare += 1;
+        if spare > 17
+            || side
+                .run_pod(&format!("spare-{spare}"), true, false)
+                .await
+                .is_err()
+        {
+            break (pods, None);
+        }
+    };
+    let seen = match prefix {
+        Some(prefix) => {
+            let mut runtime = side.runtime.clone();
+            let status = runtime
+                .pod_sandbox_status(PodSandboxStatusRequest {
+                    pod_sandbox_id: prefix.clone(),
+                    verbose: false,
+                })
+                .await;
+            let removed = runtime
+                .remove_pod_sandbox(RemovePodSandboxRequest {
+                    pod_sandbox_id: prefix,
+                })
+                .await;
+            let left = pod_ids(side).await.len();
+            Some([
+                code_of(&status),
+                code_of(&removed),
+                (pods.len() - left).to_string(),
+            ])
+        }
+        None => None,
+    };
+    let keys = prefix_keys("PodSandboxStatus", "RemovePodSandbox", "pods");
+    note_prefix(observed, keys, seen);
+}
+
+/// The names of the three observations of a kind of id: what a status call and a
+/// removal answer a shared prefix, and how many the removal removed.
+fn prefix_keys(status: &str, remove: &str, kind: &str) -> [String; 3] {
+    [
+        format!("ambiguous/{status}(shared prefix)/code"),
+        format!("ambiguous/{remove}(shared prefix)/code"),
+        format!("ambiguous/{remove}(shared prefix)/{kind} removed"),
+    ]
+}
+
+/// The three observations, or a note on each when no two ids shared a prefix.
+fn note_prefix(observed: &mut Observed, keys: [String; 3], seen: Option<[String; 3]>) {
+    let seen = seen.unwrap_or_else(|| std::array::from_fn(|_| "no two ids share a prefix".into()));
+    for (key, seen) in keys.into_iter().zip(seen) {
+        observed.insert(key, seen);
+    }
+}
+
+async fn container_ids(side: &Side) -> Vec<String> {
+    side.runtime
         .clone()
         .list_containers(ListContainersRequest::default())
         .await
@@ -124,53 +213,16 @@ async fn ambiguous_containers_and_pods(side: &Side, observed: &mut Observed) {
                 .map(|c| c.id)
                 .collect()
         })
-        .unwrap_or_default();
-    let seen = match shared_prefix(&containers) {
-        Some(prefix) => {
-            let status = side.status(&prefix).await;
-            code_of(&status)
-        }
-        None => "no two ids share a prefix".into(),
-    };
-    observed.insert("ambiguous/ContainerStatus(shared prefix)".into(), seen);
-    let mut spare = 0;
-    let prefix = loop {
-        let pods: Vec<String> = side
-            .runtime
-            .clone()
-            .list_pod_sandbox(ListPodSandboxRequest::default())
-            .await
-            .map(|r| r.into_inner().items.into_iter().map(|p| p.id).collect())
-            .unwrap_or_default();
-        if let Some(prefix) = shared_prefix(&pods) {
-            break Some(prefix);
-        }
-        // Among 17 ids two share their first hex digit: more pods until they do.
-        spare += 1;
-        if spare > 17
-            || side
-                .run_pod(&format!("spare-{spare}"), true, false)
-                .await
-                .is_err()
-        {
-            break None;
-        }
-    };
-    let seen = match prefix {
-        Some(prefix) => {
-            let status = side
-                .runtime
-                .clone()
-                .pod_sandbox_status(PodSandboxStatusRequest {
-                    pod_sandbox_id: prefix,
-                    verbose: false,
-                })
-                .await;
-            code_of(&status)
-        }
-        None => "no two ids share a prefix".into(),
-    };
-    observed.insert("ambiguous/PodSandboxStatus(shared prefix)".into(), seen);
+        .unwrap_or_default()
+}
+
+async fn pod_ids(side: &Side) -> Vec<String> {
+    side.runtime
+        .clone()
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .map(|r| r.into_inner().items.into_iter().map(|p| p.id).collect())
+        .unwrap_or_default()
 }
 
 async fn remove_image(side: &Side, image: &str) -> Result<(), tonic::Status> {

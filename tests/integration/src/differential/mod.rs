@@ -74,6 +74,15 @@ impl Side {
         if host_network || !hostname {
             config.hostname.clear();
         }
+        self.run_pod_of(config).await
+    }
+
+    /// RunPodSandbox of `config`, logging under a directory named after the pod.
+    pub async fn run_pod_of(
+        &self,
+        mut config: PodSandboxConfig,
+    ) -> Result<PodUnderTest, tonic::Status> {
+        let name = config.metadata.as_ref().map_or("", |m| m.name.as_str());
         let log_directory = self.logs.join(name);
         std::fs::create_dir_all(&log_directory).expect("log directory");
         config.log_directory = log_directory.display().to_string();
@@ -286,6 +295,7 @@ pub async fn observe(side: &Side) -> Observed {
     let mut observed = Observed::new();
     identity::identity_and_environment(side, &mut observed).await;
     mounts::mounts_and_limits(side, &mut observed).await;
+    mounts::privileged(side, &mut observed).await;
     exits::exits(side, &mut observed).await;
     logs::log_lines(side, &mut observed).await;
     errors::invalid_configs(side, &mut observed).await;

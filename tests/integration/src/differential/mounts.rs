@@ -99,27 +99,11 @@ pub async fn mounts_and_limits(side: &Side, observed: &mut Observed) {
         let mut replacements = pod.replacements.clone();
         replacements.push((id.clone(), "<container-id>"));
         let mountinfo = side.exec(&id, "cat /proc/self/mountinfo").await;
-        let mounts = normalised_mounts(&replace_all(mountinfo, &replacements));
-        // The overlay's `uuid=` on its own: the kernel picks it by how the upper
-        // directory was first mounted, nothing a process sees.
-        let (uuid, mounts): (Vec<String>, Vec<String>) = mounts
-            .into_iter()
-            .map(|line| match line.split_once(",uuid=") {
-                Some((before, uuid)) => (format!("uuid={uuid}"), before.to_string()),
-                None => (String::new(), line),
-            })
-            .unzip();
-        let uuid: Vec<String> = uuid.into_iter().filter(|u| !u.is_empty()).collect();
-        observed.insert(key("overlay-uuid"), format!("{uuid:?}"));
+        let (uuid, mounts) =
+            without_uuid(normalised_mounts(&replace_all(mountinfo, &replacements)));
+        observed.insert(key("overlay-uuid"), uuid);
         observed.insert(key("mountinfo"), mounts.join("\n"));
-        observed.insert(
-            key("read-only"),
-            READ_ONLY
-                .iter()
-                .map(|path| format!("{path} {}", access_of(&mounts, path)))
-                .collect::<Vec<_>>()
-                .join("\n"),
-        );
+        observed.insert(key("read-only"), read_only(&mounts));
         let masked = format!(
             "for p in {}; do if [ ! -e $p ]; then echo $p absent; \
              elif [ -d $p ]; then echo $p dir $(ls -A $p | wc -l) entries; \
@@ -141,6 +125,64 @@ pub async fn mounts_and_limits(side: &Side, observed: &mut Observed) {
             replace_all(cgroups, &replacements),
         );
     }
+}
+
+/// A privileged container in a privileged pod: its mounts and what is read-only.
+pub async fn privileged(side: &Side, observed: &mut Observed) {
+    let mut config = crate::cri::host_network_pod("mounts-privileged", true);
+    config.hostname.clear();
+    let pod = match side.run_pod_of(config).await {
+        Ok(pod) => pod,
+        Err(status) => {
+            observed.insert(
+                "mounts/privileged/RunPodSandbox".into(),
+                format!("{:?}", status.code()),
+            );
+            return;
+        }
+    };
+    let mut config = side.container("privileged", &["sleep", "3600"]);
+    config.linux = Some(LinuxContainerConfig {
+        security_context: Some(LinuxContainerSecurityContext {
+            privileged: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let key = "mounts/privileged";
+    let Some(id) = side.create_and_start(&pod, config, key, observed).await else {
+        return;
+    };
+    let mut replacements = pod.replacements.clone();
+    replacements.push((id.clone(), "<container-id>"));
+    let mountinfo = side.exec(&id, "cat /proc/self/mountinfo").await;
+    let (uuid, mounts) = without_uuid(normalised_mounts(&replace_all(mountinfo, &replacements)));
+    observed.insert(format!("{key}/overlay-uuid"), uuid);
+    observed.insert(format!("{key}/mountinfo"), mounts.join("\n"));
+    observed.insert(format!("{key}/read-only"), read_only(&mounts));
+}
+
+/// The overlay's `uuid=` on its own, and the mounts without it: the kernel picks it
+/// by how the upper directory was first mounted, nothing a process sees.
+fn without_uuid(mounts: Vec<String>) -> (String, Vec<String>) {
+    let (uuid, mounts): (Vec<String>, Vec<String>) = mounts
+        .into_iter()
+        .map(|line| match line.split_once(",uuid=") {
+            Some((before, uuid)) => (format!("uuid={uuid}"), before.to_string()),
+            None => (String::new(), line),
+        })
+        .unzip();
+    let uuid: Vec<String> = uuid.into_iter().filter(|u| !u.is_empty()).collect();
+    (format!("{uuid:?}"), mounts)
+}
+
+/// `ro` or `rw` for each of the paths runtimes make read-only.
+fn read_only(mounts: &[String]) -> String {
+    READ_ONLY
+        .iter()
+        .map(|path| format!("{path} {}", access_of(mounts, path)))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Each mount as `point type options super-options`, sorted: the fields that must
