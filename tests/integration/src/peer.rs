@@ -15,14 +15,15 @@ pub struct Containerd {
     root: PathBuf,
     pub socket: PathBuf,
     child: Option<Child>,
-    /// The directories containerd makes outside its root for its `k8s.io` namespace
-    /// (cgroups of pods without a cgroup parent, runc's state) that were not there
-    /// before it started: removed, once empty, when it stops.
+    /// The directories containerd makes outside its root (cgroups of pods without a
+    /// cgroup parent, runc's state, shim sockets) that were not there before it
+    /// started: removed, once empty, when it stops.
     made_outside: Vec<PathBuf>,
 }
 
-/// Where containerd's `k8s.io` namespace leaves directories outside its root: one
-/// cgroup per v1 hierarchy (and the unified one), and runc's state directory.
+/// Where containerd leaves directories outside its root: one `k8s.io` cgroup per v1
+/// hierarchy (and the unified one), runc's state and the shims' sockets under
+/// /run/containerd; children before their parents.
 fn namespace_directories() -> Vec<PathBuf> {
     let mut directories: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
         .map(|hierarchies| {
@@ -32,7 +33,9 @@ fn namespace_directories() -> Vec<PathBuf> {
                 .collect()
         })
         .unwrap_or_default();
-    directories.push(PathBuf::from("/run/containerd/runc/k8s.io"));
+    for run in ["runc/k8s.io", "runc", "s", ""] {
+        directories.push(Path::new("/run/containerd").join(run));
+    }
     directories
 }
 

@@ -192,6 +192,20 @@ fn leftovers(socket: &Path, netns_before: &BTreeSet<String>, cgroups_before: boo
     if !cgroups_before && Path::new("/sys/fs/cgroup/memory/k8s.io").exists() {
         left.push("cgroup /sys/fs/cgroup/memory/k8s.io".into());
     }
+    // Any container's cgroup under k8s.io (one from before this run counts too).
+    let containers = std::fs::read_dir("/sys/fs/cgroup/memory/k8s.io")
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.path().is_dir())
+                .count()
+        })
+        .unwrap_or(0);
+    if containers > 0 {
+        left.push(format!(
+            "{containers} cgroups under /sys/fs/cgroup/memory/k8s.io"
+        ));
+    }
     left
 }
 
