@@ -93,11 +93,21 @@ pub fn short_id_prefix(value: &str) -> Option<String> {
     hex.then(|| format!("sha256:{value}"))
 }
 
-/// The one id among `ids` that starts with `prefix`; none when none or several do.
-pub fn unique_by_prefix<'a>(prefix: &str, ids: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+/// The one id among `ids` that starts with `prefix`, or none; `Err` with how many do
+/// when several do, which a caller must refuse rather than take for "no such image"
+/// (containerd refuses an ambiguous prefix too).
+pub fn unique_by_prefix<'a>(
+    prefix: &str,
+    ids: impl Iterator<Item = &'a str>,
+) -> Result<Option<&'a str>, usize> {
     let mut matching = ids.filter(|id| id.starts_with(prefix));
-    let first = matching.next()?;
-    matching.next().is_none().then_some(first)
+    let Some(first) = matching.next() else {
+        return Ok(None);
+    };
+    match matching.count() {
+        0 => Ok(Some(first)),
+        others => Err(others + 1),
+    }
 }
 
 fn is_digest(value: &str) -> bool {
@@ -552,13 +562,13 @@ mod tests {
         let ids = ["sha256:aa11", "sha256:aa22", "sha256:bb33"];
         assert_eq!(
             unique_by_prefix("sha256:b", ids.into_iter()),
-            Some("sha256:bb33")
+            Ok(Some("sha256:bb33"))
         );
         assert_eq!(
             unique_by_prefix("sha256:aa", ids.into_iter()),
-            None,
+            Err(2),
             "ambiguous"
         );
-        assert_eq!(unique_by_prefix("sha256:c", ids.into_iter()), None);
+        assert_eq!(unique_by_prefix("sha256:c", ids.into_iter()), Ok(None));
     }
 }

@@ -148,10 +148,12 @@ impl ImageIndex {
                     None => {
                         let ids = state.images.keys().map(String::as_str);
                         let found = reference::short_id_prefix(name)
-                            .and_then(|prefix| reference::unique_by_prefix(&prefix, ids));
+                            .map(|prefix| reference::unique_by_prefix(&prefix, ids));
                         match found {
-                            Some(id) => id.to_string(),
-                            None => return Some(None),
+                            Some(Ok(Some(id))) => id.to_string(),
+                            // Storage refuses an ambiguous prefix, saying why.
+                            Some(Err(_)) => return None,
+                            Some(Ok(None)) | None => return Some(None),
                         }
                     }
                 }

@@ -84,8 +84,15 @@ impl ImageStore {
         };
         let images = self.images.all()?;
         let ids = images.iter().map(|image| image.id.as_str());
-        let Some(id) = reference::unique_by_prefix(&prefix, ids) else {
-            return Ok(None);
+        let id = match reference::unique_by_prefix(&prefix, ids) {
+            Ok(Some(id)) => id,
+            Ok(None) => return Ok(None),
+            Err(several) => {
+                return Err(StorageError::InvalidArgument(format!(
+                    "short image id `{}` is ambiguous: {several} images have ids that begin so",
+                    excerpt(reference)
+                )));
+            }
         };
         Ok(images.iter().find(|image| image.id == id).cloned())
     }
@@ -177,11 +184,15 @@ impl ImageStore {
                     Some(digest) => named.with_digest(digest),
                     None => named.tagged().unwrap_or_default(),
                 };
+                // A name the image does not carry found it as a short id, which names
+                // the image itself, as its whole id does.
+                let by_short_id =
+                    !image.repo_tags.contains(&name) && !image.repo_digests.contains(&name);
                 image.repo_tags.retain(|t| *t != name);
                 image.repo_digests.retain(|d| *d != name);
                 // With its last tag gone, nothing but a digest would keep the image; it
                 // goes (kubelet and crictl expect `rmi <tag>` to free the image).
-                image.repo_tags.is_empty()
+                by_short_id || image.repo_tags.is_empty()
             }
         };
         if delete_whole {

@@ -20,6 +20,7 @@ use trellis_proto::service::v1::InfoResponse;
 use trellis_proto::service::v1::service_info_client::ServiceInfoClient;
 
 pub mod cri;
+pub mod differential;
 pub mod faults;
 pub mod hostile;
 pub mod memory;

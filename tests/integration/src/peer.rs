@@ -15,6 +15,28 @@ pub struct Containerd {
     root: PathBuf,
     pub socket: PathBuf,
     child: Option<Child>,
+    /// The directories containerd makes outside its root (cgroups of pods without a
+    /// cgroup parent, runc's state, shim sockets) that were not there before it
+    /// started: removed, once empty, when it stops.
+    made_outside: Vec<PathBuf>,
+}
+
+/// Where containerd leaves directories outside its root: one `k8s.io` cgroup per v1
+/// hierarchy (and the unified one), runc's state and the shims' sockets under
+/// /run/containerd; children before their parents.
+fn namespace_directories() -> Vec<PathBuf> {
+    let mut directories: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+        .map(|hierarchies| {
+            hierarchies
+                .filter_map(Result::ok)
+                .map(|hierarchy| hierarchy.path().join("k8s.io"))
+                .collect()
+        })
+        .unwrap_or_default();
+    for run in ["runc/k8s.io", "runc", "s", ""] {
+        directories.push(Path::new("/run/containerd").join(run));
+    }
+    directories
 }
 
 impl Containerd {
@@ -44,6 +66,10 @@ impl Containerd {
             config.push_str(&format!("[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{registry}\"]\n  endpoint = [\"http://{registry}\"]\n"));
         }
         std::fs::write(root.join("config.toml"), config).expect("containerd config");
+        let made_outside = namespace_directories()
+            .into_iter()
+            .filter(|directory| !directory.exists())
+            .collect();
         let log = std::fs::File::create(root.join("containerd.log")).expect("containerd log");
         let child = Command::new("containerd")
             .arg("--config")
@@ -57,6 +83,7 @@ impl Containerd {
             root,
             socket,
             child: Some(child),
+            made_outside,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -97,6 +124,10 @@ impl Drop for Containerd {
         if let Some(mut child) = self.child.take() {
             let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
             let _ = child.wait();
+        }
+        // rmdir removes only what is empty: what another containerd still uses stays.
+        for directory in &self.made_outside {
+            let _ = std::fs::remove_dir(directory);
         }
         // Unmount whatever containerd left mounted under its root before removal.
         let root = self.root.display().to_string();

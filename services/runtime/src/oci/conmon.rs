@@ -260,11 +260,17 @@ impl OciRuntime for ConmonRunc {
                 ))
             })?;
         if message.data <= 0 {
-            return Err(RuntimeError::Oci(format!(
-                "creating container {}: {}",
-                launch.id,
-                failure_message(&message.message)
-            )));
+            let reason = failure_message(&message.message);
+            let error = format!("creating container {}: {reason}", launch.id);
+            // A command the image cannot run (missing, not executable) is the
+            // caller's to fix, not a fault of this service: not Internal.
+            return Err(
+                if reason.contains("unable to start container process: exec: ") {
+                    RuntimeError::FailedPrecondition(error)
+                } else {
+                    RuntimeError::Oci(error)
+                },
+            );
         }
         Ok(message.data as u32)
     }

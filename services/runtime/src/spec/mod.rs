@@ -279,6 +279,20 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, RuntimeError> {
         .into_iter()
         .filter(|m| m.destination() != Path::new("/dev/shm"))
         .collect();
+    // /proc as containerd and CRI-O mount it: nothing set-uid, executable or a
+    // device node through it.
+    for mount in mounts
+        .iter_mut()
+        .filter(|m| m.destination() == Path::new("/proc"))
+    {
+        let mut options = mount.options().clone().unwrap_or_default();
+        for wanted in ["nosuid", "noexec", "nodev"] {
+            if !options.iter().any(|o| o == wanted) {
+                options.push(wanted.to_string());
+            }
+        }
+        mount.set_options(Some(options));
+    }
     if privileged {
         for mount in mounts
             .iter_mut()

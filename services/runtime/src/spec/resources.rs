@@ -1,6 +1,9 @@
 //! A container's cgroup resources: from the CRI's `LinuxContainerResources` to the OCI
 //! spec's `LinuxResources`, for CreateContainer and UpdateContainerResources alike.
 
+use std::path::Path;
+use std::sync::OnceLock;
+
 use k8s_cri::v1::LinuxContainerResources;
 use oci_spec::runtime::{
     LinuxCpuBuilder, LinuxDeviceCgroup, LinuxHugepageLimitBuilder, LinuxMemoryBuilder,
@@ -92,6 +95,15 @@ pub fn validate(resources: &LinuxContainerResources) -> Result<(), RuntimeError>
     Ok(())
 }
 
+/// Whether the host limits memory and swap together per cgroup (cgroup v1's memsw
+/// files, present when the kernel accounts swap): the OCI runtime fails a swap limit
+/// it cannot set.
+fn swap_accounted() -> bool {
+    static ACCOUNTED: OnceLock<bool> = OnceLock::new();
+    *ACCOUNTED
+        .get_or_init(|| Path::new("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists())
+}
+
 /// The OCI resources for `resources`, with the given device rules; zero and empty
 /// fields are left to the cgroup's defaults.
 pub fn linux_resources(
@@ -105,6 +117,10 @@ pub fn linux_resources(
     }
     if resources.memory_swap_limit_in_bytes > 0 {
         memory = memory.swap(resources.memory_swap_limit_in_bytes);
+    } else if resources.memory_limit_in_bytes > 0 && swap_accounted() {
+        // Memory and swap together at the memory limit: no swapping past the limit
+        // the kubelet set, as containerd and CRI-O do when swap is not asked for.
+        memory = memory.swap(resources.memory_limit_in_bytes);
     }
     let mut cpu = LinuxCpuBuilder::default();
     if resources.cpu_shares > 0 {
@@ -178,6 +194,8 @@ mod tests {
             )
         );
         assert_eq!(resources.memory().expect("memory").limit(), Some(64 << 20));
+        let swap = swap_accounted().then_some(64 << 20);
+        assert_eq!(resources.memory().expect("memory").swap(), swap);
         assert_eq!(
             resources.hugepage_limits().clone().expect("hugepages")[0].page_size(),
             "2MB"
