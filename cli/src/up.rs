@@ -154,8 +154,8 @@ async fn supervise_node(args: &ConfigArgs, config: &Config) -> Result<(), UpErro
                 readiness: Readiness::Grpc(member.socket.clone()),
                 unhealthy_after,
                 stop_grace,
-                // A record store is one process's at a time.
-                takeover: if kind.is_stateful() {
+                // A record store is one process's at a time; an outbox has a spare.
+                takeover: if kind.is_stateful() && !kind.keeps_only_an_outbox() {
                     Takeover::HandOver
                 } else {
                     Takeover::Overlap

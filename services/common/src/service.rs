@@ -165,8 +165,10 @@ where
             }
         })?;
         // Each replica its own records (an image replica's are only its outbox).
-        let path = config.node.state_dir.join(&name).join("db");
-        Some(Arc::new(SledStore::open(&path)?))
+        Some(Arc::new(open_store(
+            kind,
+            &config.node.state_dir.join(&name),
+        )?))
     } else {
         None
     };
@@ -278,6 +280,27 @@ where
     }
     telemetry.shutdown();
     result.map_err(|e| CommonError::Serve(e.to_string()))
+}
+
+/// The record store in `dir`. A service whose records are only its outbox may start
+/// while its predecessor still drains (an overlapping restart): when `db` is held, it
+/// takes `db-2` (and the other way round next time). Events the predecessor could not
+/// deliver wait in its outbox for the next process that opens it.
+fn open_store(kind: ServiceKind, dir: &std::path::Path) -> Result<SledStore, CommonError> {
+    let first = dir.join("db");
+    let opened = if kind.keeps_only_an_outbox() {
+        SledStore::open_unless_held(&first)
+    } else {
+        SledStore::open(&first)
+    };
+    match opened {
+        Err(error) if kind.keeps_only_an_outbox() && error.held_by_another() => {
+            let second = dir.join("db-2");
+            tracing::info!(held = %first.display(), using = %second.display(), "the previous process still holds its outbox (an overlapping restart); using the other one");
+            Ok(SledStore::open(&second)?)
+        }
+        opened => Ok(opened?),
+    }
 }
 
 /// Which replica of `kind` this process is (`TRELLIS_REPLICA`, 1 when unset), checked

@@ -164,6 +164,13 @@ impl ServiceKind {
         }
     }
 
+    /// Whether the only records the service keeps are its event outbox (the image
+    /// service: image records are storage's). Such a service may overlap with its
+    /// successor, which takes a second outbox while the first is held.
+    pub fn keeps_only_an_outbox(self) -> bool {
+        matches!(self, Self::Image)
+    }
+
     /// Whether the service keeps records (and so an event outbox) under the state dir.
     pub fn is_stateful(self) -> bool {
         !matches!(self, Self::Gateway)

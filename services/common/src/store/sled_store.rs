@@ -76,12 +76,32 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The hint of a store another process holds open.
+const HELD_BY_ANOTHER: &str = " (is another instance using it?)";
+
+impl StoreError {
+    /// Whether opening failed because another process holds the store.
+    pub fn held_by_another(&self) -> bool {
+        matches!(self, StoreError::Open { hint, .. } if *hint == HELD_BY_ANOTHER)
+    }
+}
+
 impl SledStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = open_db(path).map_err(|source| StoreError::Open {
+        Self::open_within(path, LOCK_WAIT)
+    }
+
+    /// [`SledStore::open`] without waiting for a held lock: for a process choosing
+    /// between stores, one of which its still-running predecessor holds.
+    pub fn open_unless_held(path: &Path) -> Result<Self, StoreError> {
+        Self::open_within(path, Duration::ZERO)
+    }
+
+    fn open_within(path: &Path, lock_wait: Duration) -> Result<Self, StoreError> {
+        let db = open_db(path, lock_wait).map_err(|source| StoreError::Open {
             path: path.to_path_buf(),
             hint: if is_lock_error(&source) {
-                " (is another instance using it?)"
+                HELD_BY_ANOTHER
             } else {
                 ""
             },
@@ -110,12 +130,12 @@ impl SledStore {
     }
 }
 
-fn open_db(path: &Path) -> Result<sled::Db, sled::Error> {
+fn open_db(path: &Path, lock_wait: Duration) -> Result<sled::Db, sled::Error> {
     // sled lets go of its file lock a moment after the last handle is dropped (its
     // flusher thread holds one), so an open right after a close in the same process
     // may find it still held. A live owner in another process keeps it: that still
     // fails, once the short wait is over.
-    let deadline = Instant::now() + LOCK_WAIT;
+    let deadline = Instant::now() + lock_wait;
     loop {
         // No periodic flush: every change is flushed before it returns, so sled's
         // flusher thread would only wake up for nothing.
@@ -286,7 +306,7 @@ impl Engine {
         if let Some(error) = self.injected_failure() {
             return Err(error);
         }
-        let db = open_db(&self.path)?;
+        let db = open_db(&self.path, LOCK_WAIT)?;
         db.insert(PROBE_KEY, &[])?;
         db.flush()?;
         let trees = names
