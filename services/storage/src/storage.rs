@@ -34,6 +34,14 @@ pub struct Storage {
     writable_mountpoint: Arc<OnceLock<String>>,
 }
 
+/// The stores themselves, for the figures the metrics read.
+#[derive(Clone)]
+pub struct Stores {
+    pub layers: Arc<LayerStore>,
+    pub images: Arc<ImageStore>,
+    pub rootfs: Arc<RootfsStore>,
+}
+
 /// A layer after `import_layer`.
 pub struct Imported {
     pub record: LayerRecord,
@@ -55,6 +63,14 @@ impl Storage {
             rootfs: Arc::new(rootfs),
             importing: KeyedLocks::new(),
             writable_mountpoint: Arc::default(),
+        }
+    }
+
+    pub fn stores(&self) -> Stores {
+        Stores {
+            layers: self.layers.clone(),
+            images: self.images.clone(),
+            rootfs: self.rootfs.clone(),
         }
     }
 
