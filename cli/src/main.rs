@@ -10,6 +10,7 @@ mod probe;
 mod restarts;
 mod status;
 mod up;
+mod up_metrics;
 
 use clap::{Parser, Subcommand};
 use trellis_common::service::{ConfigArgs, VERSION};

@@ -17,6 +17,7 @@ use trellis_common::transport::OwnedSocket;
 use crate::child::{ChildError, ChildSpec, describe, terminate};
 use crate::private_bus::PrivateBus;
 use crate::probe;
+use crate::up_metrics::RestartReason;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpError {
@@ -176,6 +177,11 @@ pub async fn run(args: &ConfigArgs, config: Config) -> anyhow::Result<()> {
     let telemetry = trellis_common::telemetry::Telemetry::init("trellis-up", &config.telemetry)?;
     config.log_notices();
     crate::restarts::start(&config.node.run_dir);
+    // Checked when the configuration was loaded: an address that does not parse is none.
+    let listen = config.supervisor.metrics_listen.parse().ok();
+    if let Some(address) = crate::up_metrics::start(listen).await? {
+        tracing::info!(metrics = %address, "serving the supervisor's metrics");
+    }
     let result = supervise_node(args, &config).await;
     crate::restarts::stop();
     match &result {
@@ -368,6 +374,10 @@ async fn keep_running(
             quick_deaths.saturating_add(1)
         };
         let delay = backoff(quick_deaths);
+        let reason = match &ended {
+            Ended::Exited(status) => RestartReason::of(status),
+            Ended::Unhealthy { .. } => RestartReason::Unhealthy,
+        };
         match &ended {
             // Stopped by someone else (a SIGTERM from an operator, say): nothing failed.
             Ended::Exited(Ok(status)) if status.success() => {
@@ -395,6 +405,7 @@ async fn keep_running(
                     started = Instant::now();
                     tracing::info!(child = %spec.name, pid = child.id(), "restarted");
                     crate::restarts::count(&spec.name);
+                    crate::up_metrics::restarted(&spec.name, reason);
                     break;
                 }
                 Err(error) => {

@@ -150,6 +150,8 @@ mod tests {
         metrics.pulled(PullOutcome::Failed(Code::NotFound), 0.5);
         text.clear();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
-        assert!(text.contains("trellis_image_pulls_total{outcome=\"failed\",reason=\"NotFound\"} 1"));
+        assert!(
+            text.contains("trellis_image_pulls_total{outcome=\"failed\",reason=\"NotFound\"} 1")
+        );
     }
 }

@@ -236,8 +236,7 @@ impl Puller {
             Some(Err((code, _))) => PullOutcome::Failed(*code),
             None => PullOutcome::Abandoned,
         };
-        self.metrics
-            .pulled(pulled, started.elapsed().as_secs_f64());
+        self.metrics.pulled(pulled, started.elapsed().as_secs_f64());
         if let Some(ended) = ended.filter(|_| !answer_first) {
             outcome.send_replace(Some(ended));
         }

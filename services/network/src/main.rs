@@ -27,10 +27,9 @@ fn main() -> anyhow::Result<()> {
             .ok_or("the network service needs its record store")?;
         // A network configured later has its plugins' series from their first run.
         let network = &context.config.network;
-        let plugins =
-            cni_config::load_network(&network.cni_config_dir, &network.cni_plugin_dirs)
-                .map(|network| network.plugins)
-                .unwrap_or_default();
+        let plugins = cni_config::load_network(&network.cni_config_dir, &network.cni_plugin_dirs)
+            .map(|network| network.plugins)
+            .unwrap_or_default();
         let metrics = NetworkMetrics::register(&mut context.registry, &plugins);
         let pods = Arc::new(Pods::new(
             &context.config,

@@ -175,8 +175,7 @@ mod tests {
     #[test]
     fn failure_series_exist_before_any_failure() {
         let mut registry = Registry::with_prefix("trellis");
-        let metrics =
-            NetworkMetrics::register(&mut registry, &["bridge".into(), "portmap".into()]);
+        let metrics = NetworkMetrics::register(&mut registry, &["bridge".into(), "portmap".into()]);
         metrics.observe_plugin("ADD", "firewall", Duration::from_millis(3));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");

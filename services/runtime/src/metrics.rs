@@ -109,12 +109,18 @@ impl RuntimeMetrics {
             "Streaming sessions open, by kind",
             self.sessions.clone(),
         );
-        precreate(&self.exits, EXIT_REASONS.map(|reason| ReasonLabels { reason }));
+        precreate(
+            &self.exits,
+            EXIT_REASONS.map(|reason| ReasonLabels { reason }),
+        );
         precreate(
             &self.oci,
             OCI_OPERATIONS.map(|operation| OperationLabels { operation }),
         );
-        precreate(&self.sessions, SESSION_KINDS.map(|kind| KindLabels { kind }));
+        precreate(
+            &self.sessions,
+            SESSION_KINDS.map(|kind| KindLabels { kind }),
+        );
         registry.register_collector(Box::new(StateCollector(states)));
     }
 
@@ -225,8 +231,9 @@ mod tests {
             assert!(text.contains(&series), "{series} missing from\n{text}");
         }
         for operation in OCI_OPERATIONS {
-            let series =
-                format!("trellis_runtime_oci_duration_seconds_count{{operation=\"{operation}\"}} 0");
+            let series = format!(
+                "trellis_runtime_oci_duration_seconds_count{{operation=\"{operation}\"}} 0"
+            );
             assert!(text.contains(&series), "{series} missing from\n{text}");
         }
         for kind in SESSION_KINDS {

@@ -104,16 +104,15 @@ impl StorageMetrics {
     pub fn failed(&self, store: StoreKind, error: &StorageError) {
         if error.is_write_failure() {
             self.write_errors
-                .get_or_create(&StoreLabels { store: store.name() })
+                .get_or_create(&StoreLabels {
+                    store: store.name(),
+                })
                 .inc();
         }
     }
 }
 
-async fn walk_containers(
-    stores: Stores,
-    bytes: Gauge<u64, std::sync::atomic::AtomicU64>,
-) {
+async fn walk_containers(stores: Stores, bytes: Gauge<u64, std::sync::atomic::AtomicU64>) {
     let mut tick = tokio::time::interval(WALK_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -165,10 +164,20 @@ impl Collector for StoreCollector {
         let images = self.stores.images.list().ok();
         let containers = self.stores.rootfs.container_ids().ok();
         if let Some(layers) = &layers {
-            gauge(&mut encoder, "storage_layers", "Layers stored", layers.len() as u64)?;
+            gauge(
+                &mut encoder,
+                "storage_layers",
+                "Layers stored",
+                layers.len() as u64,
+            )?;
         }
         if let Some(images) = &images {
-            gauge(&mut encoder, "storage_images", "Images recorded", images.len() as u64)?;
+            gauge(
+                &mut encoder,
+                "storage_images",
+                "Images recorded",
+                images.len() as u64,
+            )?;
         }
         if let Some(containers) = &containers {
             gauge(

@@ -69,7 +69,12 @@ pub async fn scrape(node: &Node, service: &str) -> Scrape {
         !address.is_empty(),
         "{service} has no metrics listener: was the node started with_metrics?"
     );
-    let mut stream = std::net::TcpStream::connect(&address).expect("connect to metrics");
+    scrape_address(&address)
+}
+
+/// Scrapes the metrics listener at `address` (`host:port`).
+pub fn scrape_address(address: &str) -> Scrape {
+    let mut stream = std::net::TcpStream::connect(address).expect("connect to metrics");
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .expect("request");

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use k8s_cri::v1::{ImageSpec, PullImageRequest};
 use trellis_integration::cri::{self, Pod};
-use trellis_integration::metrics::{Scrape, scrape};
+use trellis_integration::metrics::{Scrape, scrape, scrape_address};
 use trellis_integration::registry::{Registry, busybox_layer, image};
-use trellis_integration::{Node, NodeOptions, pods};
+use trellis_integration::{Node, NodeOptions, free_port, kill9, pods};
 
 const SERVICES: [&str; 5] = ["gateway", "runtime", "image", "storage", "network"];
 const CRI_RUNTIME: &str = "runtime.v1.RuntimeService";
@@ -61,7 +61,13 @@ fn expect_before_any_call(service: &str, scrape: &Scrape) {
         _ => &[],
     };
     for method in zero {
-        for code in ["OK", "Internal", "NotFound", "Unavailable", "DeadlineExceeded"] {
+        for code in [
+            "OK",
+            "Internal",
+            "NotFound",
+            "Unavailable",
+            "DeadlineExceeded",
+        ] {
             assert_eq!(scrape.value(&handled(CRI_RUNTIME, method, code)), 0.0);
         }
     }
@@ -219,28 +225,54 @@ async fn every_service_reports_its_calls_and_its_work() {
 
     let during = scrape_all(&node).await;
     let code = format!("{:?}", failed.code());
-    let code = if code == "Cancelled" { "Canceled" } else { &code };
+    let code = if code == "Cancelled" {
+        "Canceled"
+    } else {
+        &code
+    };
     let gateway = of(&during, "gateway");
     assert_eq!(gateway.value(&handled(CRI_IMAGE, "PullImage", "OK")), 2.0);
     assert_eq!(gateway.value(&handled(CRI_IMAGE, "PullImage", code)), 1.0);
-    assert_eq!(gateway.value(&handled(CRI_RUNTIME, "RunPodSandbox", "OK")), 1.0);
-    assert_eq!(gateway.value(&handled(CRI_RUNTIME, "StartContainer", "OK")), 1.0);
-    assert_eq!(gateway.value(&handling_count(CRI_RUNTIME, "RunPodSandbox")), 1.0);
+    assert_eq!(
+        gateway.value(&handled(CRI_RUNTIME, "RunPodSandbox", "OK")),
+        1.0
+    );
+    assert_eq!(
+        gateway.value(&handled(CRI_RUNTIME, "StartContainer", "OK")),
+        1.0
+    );
+    assert_eq!(
+        gateway.value(&handling_count(CRI_RUNTIME, "RunPodSandbox")),
+        1.0
+    );
 
     let runtime = of(&during, "runtime");
-    assert_eq!(runtime.value(&handled(CRI_RUNTIME, "CreateContainer", "OK")), 1.0);
+    assert_eq!(
+        runtime.value(&handled(CRI_RUNTIME, "CreateContainer", "OK")),
+        1.0
+    );
     assert_eq!(runtime.value("trellis_runtime_pods{state=\"ready\"}"), 1.0);
-    assert_eq!(runtime.value("trellis_runtime_containers{state=\"exited\"}"), 1.0);
+    assert_eq!(
+        runtime.value("trellis_runtime_containers{state=\"exited\"}"),
+        1.0
+    );
     assert_eq!(
         runtime.value("trellis_runtime_container_exits_total{reason=\"Error\"}"),
         1.0
     );
-    assert!(runtime.value("trellis_runtime_oci_duration_seconds_count{operation=\"create\"}") >= 1.0);
-    assert!(runtime.value("trellis_runtime_oci_duration_seconds_count{operation=\"start\"}") >= 1.0);
+    assert!(
+        runtime.value("trellis_runtime_oci_duration_seconds_count{operation=\"create\"}") >= 1.0
+    );
+    assert!(
+        runtime.value("trellis_runtime_oci_duration_seconds_count{operation=\"start\"}") >= 1.0
+    );
 
     let image = of(&during, "image");
     assert_eq!(image.value(&handled(CRI_IMAGE, "PullImage", code)), 1.0);
-    assert_eq!(image.value("trellis_image_pulls_total{outcome=\"ok\",reason=\"\"}"), 2.0);
+    assert_eq!(
+        image.value("trellis_image_pulls_total{outcome=\"ok\",reason=\"\"}"),
+        2.0
+    );
     assert_eq!(
         image.value(&format!(
             "trellis_image_pulls_total{{outcome=\"failed\",reason=\"{code}\"}}"
@@ -256,19 +288,31 @@ async fn every_service_reports_its_calls_and_its_work() {
         storage.value(&handled("trellis.storage.v1.Storage", "ImportLayer", "OK")),
         1.0
     );
-    assert!(storage.value(&handled("trellis.storage.v1.Storage", "PrepareRootfs", "OK")) >= 1.0);
+    assert!(
+        storage.value(&handled(
+            "trellis.storage.v1.Storage",
+            "PrepareRootfs",
+            "OK"
+        )) >= 1.0
+    );
     assert_eq!(storage.value("trellis_storage_layers"), 1.0);
     assert_eq!(storage.value("trellis_storage_images"), 2.0);
     assert!(storage.value("trellis_storage_used_bytes{store=\"layers\"}") > 0.0);
     assert!(storage.value("trellis_storage_unpacked_bytes_total") > 0.0);
-    assert_eq!(storage.value("trellis_storage_unpack_duration_seconds_count"), 1.0);
+    assert_eq!(
+        storage.value("trellis_storage_unpack_duration_seconds_count"),
+        1.0
+    );
 
     let network = of(&during, "network");
     assert_eq!(
         network.value(&handled("trellis.network.v1.Network", "SetUpPod", "OK")),
         1.0
     );
-    assert_eq!(network.value("trellis_network_pod_add_duration_seconds_count"), 1.0);
+    assert_eq!(
+        network.value("trellis_network_pod_add_duration_seconds_count"),
+        1.0
+    );
     assert_eq!(
         network.value(
             "trellis_network_cni_plugin_duration_seconds_count{command=\"ADD\",plugin=\"bridge\"}"
@@ -280,7 +324,10 @@ async fn every_service_reports_its_calls_and_its_work() {
     cri::remove_pod(&node, &pod.id).await;
     let after = scrape_all(&node).await;
     let network = of(&after, "network");
-    assert_eq!(network.value("trellis_network_pod_del_duration_seconds_count"), 1.0);
+    assert_eq!(
+        network.value("trellis_network_pod_del_duration_seconds_count"),
+        1.0
+    );
     assert!(
         network.value(
             "trellis_network_cni_plugin_duration_seconds_count{command=\"DEL\",plugin=\"bridge\"}"
@@ -302,5 +349,40 @@ async fn every_service_reports_its_calls_and_its_work() {
     }
     assert_no_ids(&during, &[&pod.id, &container]);
     assert_no_ids(&after, &[&pod.id, &container]);
+    node.stop();
+}
+
+/// `trellis up` counts each restart under its child and reason; every pair is at 0
+/// before the first.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_supervisor_counts_restarts_by_child_and_reason() {
+    let address = format!("127.0.0.1:{}", free_port());
+    let node = Node::start(NodeOptions {
+        env: vec![("TRELLIS_SUPERVISOR_METRICS_LISTEN".into(), address.clone())],
+        ..Default::default()
+    })
+    .await;
+    let killed = "trellis_supervisor_restarts_total{service=\"runtime\",reason=\"killed\"}";
+    let before = scrape_address(&address);
+    for service in SERVICES.iter().chain(&["nats"]) {
+        for reason in ["exited", "killed", "unhealthy", "operator"] {
+            let series = format!(
+                "trellis_supervisor_restarts_total{{service=\"{service}\",reason=\"{reason}\"}}"
+            );
+            assert_eq!(before.value(&series), 0.0, "{series}");
+        }
+    }
+    assert!(before.has("trellis_process_resident_memory_bytes"));
+
+    let pid = node.info("runtime").await.expect("info").pid;
+    kill9(pid);
+    node.wait_restarted("runtime", pid, Duration::from_secs(30))
+        .await;
+    let after = scrape_address(&address);
+    assert_eq!(after.value(killed), 1.0);
+    assert_eq!(
+        after.value("trellis_supervisor_restarts_total{service=\"runtime\",reason=\"exited\"}"),
+        0.0
+    );
     node.stop();
 }

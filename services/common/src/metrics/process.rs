@@ -21,13 +21,18 @@ pub fn register(
     version: &'static str,
     bus: EventBus,
 ) {
+    register_process(registry, service, version);
+    registry.register_collector(Box::new(BusCollector(bus)));
+}
+
+/// Registers the process and build metrics of `service` (a process with no bus).
+pub fn register_process(registry: &mut Registry, service: &'static str, version: &'static str) {
     registry.register(
         "build",
         "The service and version this process runs (always 1)",
         Info::new(vec![("service", service), ("version", version)]),
     );
     registry.register_collector(Box::new(ProcessCollector));
-    registry.register_collector(Box::new(BusCollector(bus)));
 }
 
 /// The figures of `/proc/self/stat` the metrics use.

@@ -37,9 +37,9 @@ use trellis_proto::events::v1::event::Payload;
 
 use crate::backends::Backends;
 use crate::error::RuntimeError;
+use crate::metrics::{RuntimeMetrics, StateCounts};
 use crate::namespaces::PodNamespaces;
 use crate::oci::OciRuntime;
-use crate::metrics::{RuntimeMetrics, StateCounts};
 use crate::store::{ContainerRecord, ContainerState, RecordStore, SandboxRecord, SandboxState};
 
 /// Where the lifecycle announces changes (the node's event bus).

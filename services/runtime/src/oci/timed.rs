@@ -40,7 +40,8 @@ impl OciRuntime for Timed {
     }
 
     async fn start(&self, runtime: &Path, id: &str, pid: u32) -> Result<(), RuntimeError> {
-        self.timed("start", self.inner.start(runtime, id, pid)).await
+        self.timed("start", self.inner.start(runtime, id, pid))
+            .await
     }
 
     async fn update(
@@ -54,7 +55,8 @@ impl OciRuntime for Timed {
     }
 
     async fn kill(&self, runtime: &Path, id: &str, signal: &str) -> Result<(), RuntimeError> {
-        self.timed("kill", self.inner.kill(runtime, id, signal)).await
+        self.timed("kill", self.inner.kill(runtime, id, signal))
+            .await
     }
 
     async fn delete(&self, runtime: &Path, id: &str) -> Result<(), RuntimeError> {
@@ -84,11 +86,8 @@ impl OciRuntime for Timed {
         cmd: &[String],
         timeout: Option<Duration>,
     ) -> Result<ExecOutput, RuntimeError> {
-        self.timed(
-            "exec_sync",
-            self.inner.exec_sync(runtime, id, cmd, timeout),
-        )
-        .await
+        self.timed("exec_sync", self.inner.exec_sync(runtime, id, cmd, timeout))
+            .await
     }
 
     async fn reopen_log(&self, id: &str, bundle: &Path) -> Result<(), RuntimeError> {
