@@ -84,3 +84,39 @@ fn code_names_follow_the_code_numbers() {
         assert_eq!(Code::from(number as i32), *code);
     }
 }
+
+/// The tables of Trellis's own services name every rpc of their protos, and only
+/// those (the CRI's are checked against the gateway's, which the compiler holds to
+/// the CRI).
+#[test]
+fn tables_match_the_protos() {
+    let protos = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    for (file, table) in [
+        ("trellis/storage/v1/storage.proto", STORAGE),
+        ("trellis/network/v1/network.proto", NETWORK),
+        ("trellis/service/v1/service.proto", SERVICE_INFO),
+    ] {
+        let text = std::fs::read_to_string(protos.join(file)).expect("read proto");
+        let package = text
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("package "))
+            .map(|package| package.trim_end_matches(';').trim())
+            .expect("package");
+        let service = text
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("service "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("service");
+        assert_eq!(table.name, format!("{package}.{service}"));
+        let mut rpcs: Vec<&str> = text
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("rpc "))
+            .filter_map(|rest| rest.split('(').next())
+            .map(str::trim)
+            .collect();
+        let mut methods = table.methods.to_vec();
+        rpcs.sort_unstable();
+        methods.sort_unstable();
+        assert_eq!(methods, rpcs, "{file}");
+    }
+}
