@@ -9,13 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use trellis_common::metrics::precreate;
+use trellis_common::metrics::{encode_gauge, precreate};
 
 use crate::pods::Pods;
 
@@ -156,13 +155,12 @@ impl Collector for AddressCollector {
         let Ok(count) = self.0.addresses_in_use() else {
             return Ok(());
         };
-        let gauge = ConstGauge::new(count as i64);
-        gauge.encode(encoder.encode_descriptor(
+        encode_gauge(
+            &mut encoder,
             "network_pod_ips",
             "Pod IP addresses in use (of pods whose network is set up)",
-            None,
-            gauge.metric_type(),
-        )?)
+            count as f64,
+        )
     }
 }
 

@@ -12,10 +12,10 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use trellis_common::metrics::precreate;
+use trellis_common::metrics::{encode_gauge, precreate};
 
 use crate::error::StorageError;
 use crate::storage::Stores;
@@ -151,11 +151,6 @@ impl Debug for StoreCollector {
     }
 }
 
-fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
-    let gauge = ConstGauge::new(value as f64);
-    gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
-}
-
 impl Collector for StoreCollector {
     /// A store whose records cannot be read is left out of the scrape (its health
     /// says why), rather than failing the whole scrape.
@@ -164,27 +159,27 @@ impl Collector for StoreCollector {
         let images = self.stores.images.list().ok();
         let containers = self.stores.rootfs.container_ids().ok();
         if let Some(layers) = &layers {
-            gauge(
+            encode_gauge(
                 &mut encoder,
                 "storage_layers",
                 "Layers stored",
-                layers.len() as u64,
+                layers.len() as f64,
             )?;
         }
         if let Some(images) = &images {
-            gauge(
+            encode_gauge(
                 &mut encoder,
                 "storage_images",
                 "Images recorded",
-                images.len() as u64,
+                images.len() as f64,
             )?;
         }
         if let Some(containers) = &containers {
-            gauge(
+            encode_gauge(
                 &mut encoder,
                 "storage_containers",
                 "Containers' root filesystems prepared",
-                containers.len() as u64,
+                containers.len() as f64,
             )?;
         }
         let mut bytes = Vec::new();
@@ -209,5 +204,45 @@ impl Collector for StoreCollector {
             None,
             used.metric_type(),
         )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(registry: &Registry) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).expect("encode");
+        text
+    }
+
+    /// Every store's write errors exist at 0 from the start; a failed write counts, a
+    /// refused request does not.
+    #[tokio::test]
+    async fn write_errors_exist_at_zero_and_count_failures_only() {
+        let scene = crate::storage::tests::scene();
+        let mut registry = Registry::with_prefix("trellis");
+        let metrics = StorageMetrics::register(&mut registry, scene.storage.stores());
+        let before = text(&registry);
+        for store in ["layers", "images", "containers"] {
+            let series = format!("trellis_storage_write_errors_total{{store=\"{store}\"}} 0");
+            assert!(before.contains(&series), "{series} missing from\n{before}");
+        }
+        for series in [
+            "trellis_storage_layers 0",
+            "trellis_storage_images 0",
+            "trellis_storage_used_bytes{store=\"layers\"} 0",
+            "trellis_storage_unpacked_bytes_total 0",
+        ] {
+            assert!(before.contains(series), "{series} missing from\n{before}");
+        }
+        let full = std::io::Error::from_raw_os_error(28);
+        metrics.failed(StoreKind::Images, &StorageError::io("cannot write", full));
+        metrics.failed(
+            StoreKind::Images,
+            &StorageError::InvalidArgument("no image".into()),
+        );
+        assert!(text(&registry).contains("trellis_storage_write_errors_total{store=\"images\"} 1"));
     }
 }

@@ -335,7 +335,7 @@ fn worker_stopped(error: tokio::task::JoinError) -> StorageError {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// The config as pulled is for ImageStatus; lists and removals need not carry it.
 pub fn without_config(image: Image) -> Image {

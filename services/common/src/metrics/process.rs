@@ -6,12 +6,11 @@
 use std::fmt::{self, Debug};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
+use super::{encode_counter as counter, encode_gauge as gauge};
 use crate::bus::EventBus;
 
 /// Registers the process, build and bus metrics of service `service`.
@@ -82,21 +81,6 @@ fn open_fds() -> Option<u64> {
     Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as u64)
 }
 
-fn gauge(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    value: impl Into<f64>,
-) -> fmt::Result {
-    let gauge = ConstGauge::new(value.into());
-    gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
-}
-
-fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
-    let counter = ConstCounter::new(value);
-    counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)
-}
-
 #[derive(Debug)]
 struct ProcessCollector;
 
@@ -104,13 +88,12 @@ impl Collector for ProcessCollector {
     /// A figure `/proc` does not give is left out of the scrape rather than failing it.
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         if let Some(stat) = read_stat() {
-            let cpu = ConstCounter::new(stat.cpu_seconds);
-            cpu.encode(encoder.encode_descriptor(
+            counter(
+                &mut encoder,
                 "process_cpu_seconds",
                 "User and system CPU time spent",
-                None,
-                cpu.metric_type(),
-            )?)?;
+                stat.cpu_seconds,
+            )?;
             gauge(
                 &mut encoder,
                 "process_resident_memory_bytes",
@@ -157,7 +140,7 @@ impl Collector for BusCollector {
             &mut encoder,
             "bus_connected",
             "1 while connected to NATS",
-            u8::from(status.connected),
+            f64::from(u8::from(status.connected)),
         )?;
         gauge(
             &mut encoder,
