@@ -13,6 +13,7 @@ mod restarts;
 mod status;
 mod supervise;
 mod up;
+mod up_metrics;
 
 use clap::{Parser, Subcommand};
 use trellis_common::service::{ConfigArgs, VERSION};

@@ -25,6 +25,7 @@ use crate::child::{ChildSpec, describe, terminate};
 use crate::notifications::Notifications;
 use crate::probe;
 use crate::up::UpError;
+use crate::up_metrics::RestartReason;
 
 /// How long a starting child has to become ready.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -319,6 +320,10 @@ async fn keep_running(
             quick_deaths.saturating_add(1)
         };
         let delay = backoff(quick_deaths);
+        let reason = match &ended {
+            Ended::Exited(status) => RestartReason::of(status),
+            Ended::Unhealthy { .. } => RestartReason::Unhealthy,
+        };
         match &ended {
             // Stopped by someone else (a SIGTERM from an operator, say): nothing failed.
             Ended::Exited(Ok(status)) if status.success() => {
@@ -346,6 +351,7 @@ async fn keep_running(
                     running.started = Instant::now();
                     tracing::info!(child = %name, pid = running.child.id(), "restarted");
                     crate::restarts::count(&name);
+                    crate::up_metrics::restarted(&name, reason);
                     break;
                 }
                 Err(error) => {
@@ -431,6 +437,7 @@ async fn replace(
     running.spec = next;
     running.started = Instant::now();
     crate::restarts::count(&name);
+    crate::up_metrics::restarted(&name, RestartReason::Operator);
     let new_pid = running.child.id().unwrap_or_default();
     let replaced = Replaced {
         service: name.clone(),

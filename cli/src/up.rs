@@ -71,6 +71,11 @@ pub async fn run(args: &ConfigArgs, config: Config) -> anyhow::Result<()> {
     let telemetry = trellis_common::telemetry::Telemetry::init("trellis-up", &config.telemetry)?;
     config.log_notices();
     crate::restarts::start(&config.node.run_dir);
+    // Checked when the configuration was loaded: an address that does not parse is none.
+    let listen = config.supervisor.metrics_listen.parse().ok();
+    if let Some(address) = crate::up_metrics::start(listen).await? {
+        tracing::info!(metrics = %address, "serving the supervisor's metrics");
+    }
     let result = supervise_node(args, &config).await;
     crate::restarts::stop();
     match &result {

@@ -1,15 +1,55 @@
-//! Prometheus metrics: a registry per process and a small HTTP listener for it.
+//! Prometheus metrics: a registry per process and a small HTTP listener for it. What
+//! every service exports is here too: its gRPC calls (`grpc`), and its process, build
+//! and bus (`process`). Names follow Prometheus's conventions: the registry adds the
+//! `trellis_` prefix and a counter's `_total`; units are seconds and bytes; labels
+//! take a bounded set of values, never an id.
 
-use std::borrow::Cow;
+pub mod grpc;
+pub mod process;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeCounterValue, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
+
+/// Writes a gauge read at scrape time (in a `Collector`).
+pub fn encode_gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: f64,
+) -> std::fmt::Result {
+    let gauge = ConstGauge::new(value);
+    gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
+}
+
+/// Writes a counter read at scrape time (in a `Collector`).
+pub fn encode_counter<N: EncodeCounterValue>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: N,
+) -> std::fmt::Result {
+    let counter = ConstCounter::new(value);
+    counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)
+}
+
+/// Creates the series of `labels` in `family` (at 0), so that a scrape shows them
+/// before anything happened and `rate()` sees the first increase.
+pub fn precreate<S, M, C>(family: &Family<S, M, C>, labels: impl IntoIterator<Item = S>)
+where
+    S: Clone + std::hash::Hash + Eq,
+    C: MetricConstructor<M>,
+{
+    for set in labels {
+        drop(family.get_or_create(&set));
+    }
+}
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -21,65 +61,6 @@ pub enum MetricsError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// Labels borrow their names (methods are `'static` strings), so that a call observed
-/// allocates nothing for its labels.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RpcLabels {
-    pub method: Cow<'static, str>,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RpcErrorLabels {
-    pub method: Cow<'static, str>,
-    pub code: Cow<'static, str>,
-}
-
-/// Latency and errors per RPC, as an operator's dashboard shows them.
-#[derive(Clone)]
-pub struct RpcMetrics {
-    latency: Family<RpcLabels, Histogram>,
-    errors: Family<RpcErrorLabels, Counter>,
-}
-
-impl RpcMetrics {
-    pub fn register(registry: &mut Registry, prefix: &str) -> Self {
-        let latency = Family::<RpcLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0, 30.0,
-            ])
-        });
-        let errors = Family::<RpcErrorLabels, Counter>::default();
-        registry.register(
-            format!("{prefix}_request_duration_seconds"),
-            "Time to answer a request, by method",
-            latency.clone(),
-        );
-        registry.register(
-            format!("{prefix}_request_errors"),
-            "Requests answered with an error, by method and gRPC code",
-            errors.clone(),
-        );
-        Self { latency, errors }
-    }
-
-    pub fn observe(&self, method: &'static str, elapsed: Duration, error: Option<tonic::Code>) {
-        self.latency
-            .get_or_create(&RpcLabels {
-                method: Cow::Borrowed(method),
-            })
-            .observe(elapsed.as_secs_f64());
-        if let Some(code) = error {
-            self.errors
-                .get_or_create(&RpcErrorLabels {
-                    method: Cow::Borrowed(method),
-                    code: Cow::Owned(format!("{code:?}")),
-                })
-                .inc();
-        }
-    }
 }
 
 /// Serves `GET /metrics` in the Prometheus text format until the process ends.

@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -20,6 +19,7 @@ use trellis_proto::service::v1::{BusInfo, InfoRequest, InfoResponse};
 use crate::bus::EventBus;
 use crate::config::{Config, ConfigSource, ServiceKind};
 use crate::error::CommonError;
+use crate::metrics::grpc::{GrpcMetrics, GrpcService};
 use crate::store::{SledStore, Store};
 use crate::telemetry::{Telemetry, grpc_server_span};
 use crate::transport::OwnedSocket;
@@ -187,7 +187,8 @@ where
     };
     let routes = build(&mut context).await.map_err(CommonError::Build)?;
 
-    register_bus_metrics(&mut context.registry, bus.clone());
+    crate::metrics::process::register(&mut context.registry, kind.name(), VERSION, bus.clone());
+    let grpc_metrics = GrpcMetrics::register(&mut context.registry, &served_by(kind));
     let metrics_address = match endpoint.metrics_listen {
         Some(address) => Some(crate::metrics::serve(address, Arc::new(context.registry)).await?),
         None => None,
@@ -235,7 +236,9 @@ where
         .initial_stream_window_size(crate::transport::STREAM_WINDOW_BYTES)
         .initial_connection_window_size(crate::transport::CONNECTION_WINDOW_BYTES)
         .trace_fn(grpc_server_span)
+        // Outermost: a call its caller dropped still runs, and is counted, to its end.
         .layer(crate::detach::DetachLayer)
+        .layer(grpc_metrics.layer())
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, async move {
             let mut stop = stop;
@@ -414,42 +417,17 @@ async fn shutdown_signal() {
     }
 }
 
-fn register_bus_metrics(registry: &mut Registry, bus: EventBus) {
-    let pending = Gauge::<i64>::default();
-    let published = Gauge::<i64>::default();
-    let dropped = Gauge::<i64>::default();
-    let connected = Gauge::<i64>::default();
-    registry.register(
-        "events_outbox_pending",
-        "Events raised and not yet acknowledged by the bus",
-        pending.clone(),
-    );
-    registry.register(
-        "events_published",
-        "Events delivered to the bus since start",
-        published.clone(),
-    );
-    registry.register(
-        "events_dropped",
-        "Events dropped because the outbox was full",
-        dropped.clone(),
-    );
-    registry.register(
-        "bus_connected",
-        "1 while connected to NATS",
-        connected.clone(),
-    );
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            let status = bus.status();
-            pending.set(status.pending as i64);
-            published.set(status.published as i64);
-            dropped.set(status.dropped as i64);
-            connected.set(i64::from(status.connected));
-        }
-    });
+/// The gRPC services a process of `kind` serves, for its call metrics.
+fn served_by(kind: ServiceKind) -> Vec<GrpcService> {
+    use crate::metrics::grpc::{CRI_IMAGE, CRI_RUNTIME, HEALTH, NETWORK, SERVICE_INFO, STORAGE};
+    let own: &[GrpcService] = match kind {
+        ServiceKind::Gateway => &[CRI_RUNTIME, CRI_IMAGE],
+        ServiceKind::Runtime => &[CRI_RUNTIME],
+        ServiceKind::Image => &[CRI_IMAGE],
+        ServiceKind::Storage => &[STORAGE],
+        ServiceKind::Network => &[NETWORK],
+    };
+    own.iter().copied().chain([HEALTH, SERVICE_INFO]).collect()
 }
 
 struct Info {

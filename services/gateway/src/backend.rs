@@ -33,7 +33,6 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 use trellis_common::config::{Config, ServiceKind};
-use trellis_common::metrics::RpcMetrics;
 use trellis_common::telemetry::inject_grpc_context;
 use trellis_common::transport::unix_channel;
 use trellis_common::upstream::{never_sent, not_reached, parse_grpc_timeout};
@@ -138,7 +137,6 @@ pub struct Backends {
     pub image: Backend,
     pub network: Backend,
     retry_budget: Duration,
-    metrics: RpcMetrics,
 }
 
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(20);
@@ -147,18 +145,17 @@ const MAX_RETRY_DELAY: Duration = Duration::from_millis(250);
 const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
 
 impl Backends {
-    pub fn new(config: &Config, retry_budget: Duration, metrics: RpcMetrics) -> Self {
+    pub fn new(config: &Config, retry_budget: Duration) -> Self {
         let backend = |kind| Backend::new(kind, config.replica_sockets(kind));
         Self {
             runtime: backend(ServiceKind::Runtime),
             image: backend(ServiceKind::Image),
             network: backend(ServiceKind::Network),
             retry_budget,
-            metrics,
         }
     }
 
-    /// Forwards one CRI call and records its latency and outcome.
+    /// Forwards one CRI call (the skeleton's layer records its latency and code).
     pub async fn forward<Req, Resp, F, Fut>(
         &self,
         method: &'static str,
@@ -177,18 +174,10 @@ impl Backends {
         let result = self
             .call(backend, retry, deadline, request.into_inner(), call)
             .await;
-        self.observe(method, started, result.as_ref().err());
-        result
-    }
-
-    /// Records one CRI call; a failed one is logged here, once: the gateway is where
-    /// every CRI call ends, so an operator finds all of them in one service's lines.
-    pub fn observe(&self, method: &'static str, started: Instant, error: Option<&Status>) {
-        self.metrics
-            .observe(method, started.elapsed(), error.map(Status::code));
-        if let Some(status) = error {
+        if let Err(status) = &result {
             log_failed(method, status);
         }
+        result
     }
 
     /// One backend call, sent again after a failure `retry` allows (see
@@ -383,13 +372,11 @@ mod tests {
     fn backends(dir: &std::path::Path, retry_budget: Duration) -> Backends {
         let backend =
             |kind: ServiceKind| Backend::new(kind, vec![dir.join(format!("{}.sock", kind.name()))]);
-        let mut registry = prometheus_client::registry::Registry::default();
         Backends {
             runtime: backend(ServiceKind::Runtime),
             image: backend(ServiceKind::Image),
             network: backend(ServiceKind::Network),
             retry_budget,
-            metrics: RpcMetrics::register(&mut registry, "test"),
         }
     }
 

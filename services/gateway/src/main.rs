@@ -18,18 +18,15 @@ use k8s_cri::v1::image_service_server::ImageServiceServer;
 use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 use trellis_common::ServiceKind;
 use trellis_common::grpc::MAX_MESSAGE_BYTES;
-use trellis_common::metrics::RpcMetrics;
 
 use crate::backend::Backends;
 use crate::passthrough::Passthrough;
 
 fn main() -> anyhow::Result<()> {
     trellis_common::service::run(ServiceKind::Gateway, async |context| {
-        let metrics = RpcMetrics::register(&mut context.registry, "gateway");
         let backends = Arc::new(Backends::new(
             &context.config,
             Duration::from_millis(context.config.gateway.backend_retry_ms),
-            metrics,
         ));
         let gateway = runtime_service::Gateway {
             backends: backends.clone(),

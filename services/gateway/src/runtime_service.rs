@@ -63,3 +63,28 @@ forwarding_impl! {
         crate::status::fan_in(&self.backends, request).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use trellis_common::metrics::grpc::{CRI_IMAGE, CRI_RUNTIME};
+
+    /// The call metrics pre-create the series of every CRI method: the gateway's
+    /// methods (forwarded, and written out here) are the whole CRI, since the
+    /// compiler holds the gateway to the CRI's traits.
+    #[test]
+    fn the_metrics_know_every_cri_method() {
+        let runtime: BTreeSet<&str> = super::FORWARDED
+            .iter()
+            .map(|forwarded| forwarded.name)
+            .chain(["Status", "GetContainerEvents"])
+            .collect();
+        assert_eq!(runtime, CRI_RUNTIME.methods.iter().copied().collect());
+        let image: BTreeSet<&str> = crate::image_service::FORWARDED
+            .iter()
+            .map(|forwarded| forwarded.name)
+            .collect();
+        assert_eq!(image, CRI_IMAGE.methods.iter().copied().collect());
+    }
+}

@@ -19,8 +19,7 @@ pub async fn fan_in(
     backends: &Backends,
     request: Request<StatusRequest>,
 ) -> Result<Response<StatusResponse>, Status> {
-    let started = Instant::now();
-    let deadline = caller_deadline(&request, started);
+    let deadline = caller_deadline(&request, Instant::now());
     let message = request.into_inner();
     let (runtime, network) = tokio::join!(
             backends.call(
@@ -79,7 +78,6 @@ pub async fn fan_in(
     conditions.retain(|condition| condition.r#type != NETWORK_READY);
     conditions.push(network_condition);
 
-    backends.observe("Status", started, None);
     Ok(Response::new(response))
 }
 

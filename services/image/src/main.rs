@@ -9,6 +9,7 @@ mod failure;
 mod image_config;
 mod index;
 mod inflight;
+mod metrics;
 mod pull;
 mod registry;
 mod watch;

@@ -16,9 +16,6 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -27,7 +24,6 @@ use tonic::{Code, Status};
 use tracing::Instrument;
 use trellis_common::config::ImageConfig;
 use trellis_common::locks::KeyedLocks;
-use trellis_common::metrics::RpcLabels;
 use trellis_common::reference::{NamedRef, chain_id};
 use trellis_common::telemetry::traced_request;
 use trellis_common::text::excerpt_to;
@@ -43,6 +39,7 @@ use crate::failure::{REGISTRY_TEXT_CHARS, SourceFailure, broken_download, classi
 use crate::image_config::stored_config;
 use crate::index::{Change, ImageIndex};
 use crate::inflight::{InFlight, Outcome, Start};
+use crate::metrics::{PullMetrics, PullOutcome};
 use crate::registry::{Source, auth_for, client_for, sources};
 
 /// Layers downloaded at once for one image.
@@ -65,46 +62,6 @@ pub struct Puller {
     /// wait for the first and then find it stored.
     blobs: KeyedLocks,
     metrics: PullMetrics,
-}
-
-#[derive(Clone)]
-struct PullMetrics {
-    bytes: Counter,
-    duration: Family<RpcLabels, Histogram>,
-    layer_import: Histogram,
-}
-
-impl PullMetrics {
-    fn register(registry: &mut Registry) -> Self {
-        let bytes = Counter::default();
-        let duration = Family::<RpcLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([
-                0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-            ])
-        });
-        let layer_import =
-            Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]);
-        registry.register(
-            "image_pull_bytes",
-            "Compressed bytes downloaded from registries",
-            bytes.clone(),
-        );
-        registry.register(
-            "image_pull_duration_seconds",
-            "Time to pull an image, by outcome (method=ok|error|abandoned)",
-            duration.clone(),
-        );
-        registry.register(
-            "image_layer_import_duration_seconds",
-            "Time to download, verify and unpack one layer",
-            layer_import.clone(),
-        );
-        Self {
-            bytes,
-            duration,
-            layer_import,
-        }
-    }
 }
 
 fn auth_fingerprint(auth: &RegistryAuth) -> String {
@@ -275,17 +232,12 @@ impl Puller {
             outcome.send_replace(ended.clone());
         }
         self.prune_leftovers(id, &image, &kept).await;
-        let label = match &ended {
-            Some(Ok(_)) => "ok",
-            Some(Err(_)) => "error",
-            None => "abandoned",
+        let pulled = match &ended {
+            Some(Ok(_)) => PullOutcome::Ok,
+            Some(Err((code, _))) => PullOutcome::Failed(*code),
+            None => PullOutcome::Abandoned,
         };
-        self.metrics
-            .duration
-            .get_or_create(&RpcLabels {
-                method: label.into(),
-            })
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.pulled(pulled, started.elapsed().as_secs_f64());
         if let Some(ended) = ended.filter(|_| !answer_first) {
             outcome.send_replace(Some(ended));
         }
@@ -537,10 +489,13 @@ impl Puller {
         timeout: Duration,
     ) -> Result<(), SourceFailure> {
         if self.has_layer(id, &header.chain_id, timeout).await? {
+            self.metrics.layers_reused.inc();
             return Ok(());
         }
         let _downloading = self.blobs.lock(&layer.digest).await;
+        // Another pull may have brought it meanwhile.
         if self.has_layer(id, &header.chain_id, timeout).await? {
+            self.metrics.layers_reused.inc();
             return Ok(());
         }
         // From here storage may end up with the layer, whatever happens to this pull.

@@ -25,7 +25,12 @@ fn main() -> anyhow::Result<()> {
             .store
             .clone()
             .ok_or("the network service needs its record store")?;
-        let metrics = NetworkMetrics::register(&mut context.registry);
+        // A network configured later has its plugins' series from their first run.
+        let network = &context.config.network;
+        let plugins = cni_config::load_network(&network.cni_config_dir, &network.cni_plugin_dirs)
+            .map(|network| network.plugins)
+            .unwrap_or_default();
+        let metrics = NetworkMetrics::register(&mut context.registry, &plugins);
         let pods = Arc::new(Pods::new(
             &context.config,
             store.as_ref(),
@@ -34,6 +39,7 @@ fn main() -> anyhow::Result<()> {
         )?);
         // Before serving: a half-done pod must be repaired before anyone asks about it.
         pods.recover().await?;
+        metrics::register_addresses(&mut context.registry, pods.clone());
         Ok(tonic::service::Routes::new(NetworkServer::new(
             service::NetworkService::new(pods),
         )))

@@ -54,6 +54,7 @@ impl Pods {
             plugins: cni::Plugins {
                 dirs: config.network.cni_plugin_dirs.clone(),
                 timeout: std::time::Duration::from_secs(config.network.cni_plugin_timeout_seconds),
+                metrics: metrics.clone(),
             },
             run_dir: config.node.run_dir.clone(),
             records: Records::open(store)?,
@@ -268,6 +269,18 @@ impl Pods {
         if let Err(error) = self.bus.publish(Payload::Network(event)) {
             tracing::error!(%error, sandbox_id = %record.sandbox_id, "cannot record a network event");
         }
+    }
+}
+
+impl Pods {
+    /// The addresses of the pods whose network is set up.
+    pub fn addresses_in_use(&self) -> Result<usize, NetworkError> {
+        let ready = self.records.finished()?;
+        Ok(ready
+            .iter()
+            .filter(|record| record.state == PodState::Ready)
+            .map(|record| addresses(record).map_or(0, |found| found.len()))
+            .sum())
     }
 }
 

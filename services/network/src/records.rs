@@ -182,6 +182,15 @@ impl Records {
             .transpose()
     }
 
+    /// Every finished record (a pod whose network is set up, or a repair parked).
+    pub fn finished(&self) -> Result<Vec<PodRecord>, NetworkError> {
+        self.pods
+            .all()?
+            .into_iter()
+            .map(|stored| stored.into_record(PODS))
+            .collect()
+    }
+
     /// Intent: an ADD or DEL is about to change the world for this pod.
     pub fn begin(&self, record: &PodRecord) -> Result<(), NetworkError> {
         self.in_flight

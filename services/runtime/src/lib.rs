@@ -8,7 +8,7 @@
 //!        ├─ store      typed records and states, indexed in memory
 //!        ├─ backends   storage, image and network services behind traits
 //!        └─ namespaces the pod's own namespaces on the host, behind a trait
-//! error, validate      shared by all
+//! error, validate, metrics   shared by all
 //! ```
 //! A module imports only modules below it; `docs/architecture.md` tells the whole.
 #![deny(unsafe_code)]
@@ -19,6 +19,7 @@ pub mod error;
 pub mod ids;
 mod inherit_fd;
 pub mod lifecycle;
+pub mod metrics;
 pub mod namespaces;
 pub mod oci;
 pub mod server;

@@ -10,8 +10,9 @@ use trellis_common::ServiceKind;
 use trellis_common::grpc::{MAX_MESSAGE_BYTES, find_executable};
 use trellis_common::upstream::WithDeadlines;
 use trellis_runtime::lifecycle::{Parts, Runtime};
+use trellis_runtime::metrics::RuntimeMetrics;
 use trellis_runtime::namespaces::HostNamespaces;
-use trellis_runtime::oci::ConmonRunc;
+use trellis_runtime::oci::{ConmonRunc, Timed};
 use trellis_runtime::server::RuntimeService;
 use trellis_runtime::server::streaming::StreamingServer;
 use trellis_runtime::store::RecordStore;
@@ -27,14 +28,17 @@ fn main() -> anyhow::Result<()> {
         let conmon = find_executable(&config.runtime.conmon)
             .unwrap_or_else(|| config.runtime.conmon.clone().into());
         let oci = Arc::new(ConmonRunc::new(conmon, dir.clone()));
+        let metrics = RuntimeMetrics::default();
         let parts = Parts {
             store: RecordStore::open(store.as_ref())?,
-            oci: oci.clone(),
+            oci: Arc::new(Timed::new(oci.clone(), metrics.clone())),
             backends: trellis_runtime::backends::grpc::connect(config),
             namespaces: Arc::new(HostNamespaces),
             events: Arc::new(context.bus.clone()),
+            metrics: metrics.clone(),
         };
         let runtime = Arc::new(Runtime::new(config.runtime.clone(), dir, parts)?);
+        metrics.register(&mut context.registry, runtime.clone());
         runtime.recover().await?;
         runtime.retry_rollbacks_in_background();
         let streaming = StreamingServer::new(

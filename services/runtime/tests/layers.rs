@@ -6,9 +6,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Each top-level module and its layer; higher numbers sit above lower ones.
-const LAYERS: [(&str, u8); 12] = [
+const LAYERS: [(&str, u8); 13] = [
     ("error", 0),
     ("ids", 1),
+    ("metrics", 1),
     ("validate", 1),
     ("inherit_fd", 1),
     ("spec", 2),

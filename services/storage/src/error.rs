@@ -76,6 +76,19 @@ pub enum StorageError {
 }
 
 impl StorageError {
+    /// Whether the file system or the record store failed, rather than the request
+    /// or the content being refused.
+    pub fn is_write_failure(&self) -> bool {
+        matches!(
+            self,
+            Self::Io { .. }
+                | Self::OutOfSpace { .. }
+                | Self::Store(_)
+                | Self::Worker(_)
+                | Self::Mount { .. }
+        )
+    }
+
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         Self::Io {
             what: what.into(),

@@ -252,7 +252,7 @@ impl LayerStore {
         Ok(self.records()?.into_iter().map(|r| r.chain_id).collect())
     }
 
-    fn records(&self) -> Result<Vec<LayerRecord>, StorageError> {
+    pub fn records(&self) -> Result<Vec<LayerRecord>, StorageError> {
         self.table.all()
     }
 

@@ -8,6 +8,7 @@ mod holds;
 mod images;
 mod layers;
 mod links;
+mod metrics;
 mod rootfs;
 mod service;
 mod storage;
@@ -43,8 +44,9 @@ fn main() -> anyhow::Result<()> {
             Ok(storage::Storage::new(layers, images, rootfs))
         })
         .await??;
+        let metrics = metrics::StorageMetrics::register(&mut context.registry, storage.stores());
         Ok(tonic::service::Routes::new(
-            StorageServer::new(service::StorageService::new(storage, stopping))
+            StorageServer::new(service::StorageService::new(storage, metrics, stopping))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         ))

@@ -102,6 +102,15 @@ impl RootfsStore {
         self.table.all()
     }
 
+    /// The containers with a root filesystem recorded.
+    pub fn container_ids(&self) -> Result<Vec<String>, StorageError> {
+        Ok(self
+            .records()?
+            .into_iter()
+            .map(|record| record.container_id)
+            .collect())
+    }
+
     fn save(&self, record: &RootfsRecord) -> Result<(), StorageError> {
         self.table.put(&record.container_id, record)
     }

@@ -9,6 +9,8 @@ use trellis_proto::storage::v1::import_layer_chunk::Part;
 use trellis_proto::storage::v1::storage_server;
 use trellis_proto::storage::v1::*;
 
+use crate::error::StorageError;
+use crate::metrics::{StorageMetrics, StoreKind};
 use crate::storage::{Storage, without_config};
 
 /// What WatchImages answers: generations until the service stops.
@@ -17,13 +19,31 @@ pub type ImagesGenerations =
 
 pub struct StorageService {
     storage: Storage,
+    metrics: StorageMetrics,
     /// Turns true when the service begins to stop.
     stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl StorageService {
-    pub fn new(storage: Storage, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
-        Self { storage, stopping }
+    pub fn new(
+        storage: Storage,
+        metrics: StorageMetrics,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            storage,
+            metrics,
+            stopping,
+        }
+    }
+
+    /// Counts a failed write to `store` (see [`StorageMetrics::failed`]) on its way
+    /// to the caller.
+    fn failed(&self, store: StoreKind) -> impl Fn(StorageError) -> Status + '_ {
+        move |error| {
+            self.metrics.failed(store, &error);
+            Status::from(error)
+        }
     }
 }
 
@@ -73,7 +93,16 @@ impl storage_server::Storage for StorageService {
                 status.message()
             ))),
         });
-        let imported = self.storage.import_layer(header, body).await?;
+        let started = std::time::Instant::now();
+        let imported = self
+            .storage
+            .import_layer(header, body)
+            .await
+            .map_err(self.failed(StoreKind::Layers))?;
+        if !imported.already_present {
+            self.metrics
+                .unpacked(imported.record.unpacked_bytes, started.elapsed());
+        }
         Ok(Response::new(ImportLayerResponse {
             chain_id: imported.record.chain_id,
             unpacked_bytes: imported.record.unpacked_bytes,
@@ -89,7 +118,8 @@ impl storage_server::Storage for StorageService {
         let removed = self
             .storage
             .prune_layers(request.chain_ids, &request.holder)
-            .await?;
+            .await
+            .map_err(self.failed(StoreKind::Layers))?;
         Ok(Response::new(PruneLayersResponse { removed }))
     }
 
@@ -101,7 +131,10 @@ impl storage_server::Storage for StorageService {
         let image = request
             .image
             .ok_or_else(|| Status::invalid_argument("PutImage needs an image"))?;
-        let (image, generation) = self.storage.put_image(image, &request.holder)?;
+        let (image, generation) = self
+            .storage
+            .put_image(image, &request.holder)
+            .map_err(self.failed(StoreKind::Images))?;
         Ok(Response::new(PutImageResponse {
             image: Some(image),
             generation,
@@ -132,7 +165,8 @@ impl storage_server::Storage for StorageService {
         let removal = self
             .storage
             .remove_image(&request.get_ref().reference)
-            .await?;
+            .await
+            .map_err(self.failed(StoreKind::Images))?;
         let deleted = removal.deleted.is_some();
         Ok(Response::new(RemoveImageResponse {
             image_id: removal.image_id,
@@ -169,7 +203,8 @@ impl storage_server::Storage for StorageService {
         let prepared = self
             .storage
             .prepare_rootfs(&request.image, request.container_id)
-            .await?;
+            .await
+            .map_err(self.failed(StoreKind::Containers))?;
         Ok(Response::new(PrepareRootfsResponse {
             mount_path: prepared.mount_path.display().to_string(),
             image_id: prepared.image_id,
@@ -196,7 +231,8 @@ impl storage_server::Storage for StorageService {
     ) -> Result<Response<ReleaseRootfsResponse>, Status> {
         self.storage
             .release_rootfs(request.into_inner().container_id)
-            .await?;
+            .await
+            .map_err(self.failed(StoreKind::Containers))?;
         Ok(Response::new(ReleaseRootfsResponse {}))
     }
 }

@@ -36,6 +36,14 @@ pub struct Storage {
     writable_mountpoint: Arc<OnceLock<String>>,
 }
 
+/// The stores themselves, for the figures the metrics read.
+#[derive(Clone)]
+pub struct Stores {
+    pub layers: Arc<LayerStore>,
+    pub images: Arc<ImageStore>,
+    pub rootfs: Arc<RootfsStore>,
+}
+
 /// A layer after `import_layer`.
 pub struct Imported {
     pub record: LayerRecord,
@@ -58,6 +66,14 @@ impl Storage {
             importing: KeyedLocks::new(),
             holds: crate::holds::Holds::default(),
             writable_mountpoint: Arc::default(),
+        }
+    }
+
+    pub fn stores(&self) -> Stores {
+        Stores {
+            layers: self.layers.clone(),
+            images: self.images.clone(),
+            rootfs: self.rootfs.clone(),
         }
     }
 
@@ -338,7 +354,7 @@ fn worker_stopped(error: tokio::task::JoinError) -> StorageError {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// The config as pulled is for ImageStatus; lists and removals need not carry it.
 pub fn without_config(image: Image) -> Image {

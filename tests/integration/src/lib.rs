@@ -24,6 +24,7 @@ pub mod differential;
 pub mod faults;
 pub mod hostile;
 pub mod memory;
+pub mod metrics;
 pub mod nats;
 pub mod netns;
 pub mod otlp;
@@ -93,6 +94,9 @@ pub struct NodeOptions {
     /// Fail points (`point=action;…`, see `trellis_common::failpoint`): the services
     /// read them from a file of the node's, which `Node::set_failpoints` changes.
     pub failpoints: Option<String>,
+    /// Every service serves Prometheus metrics on a free loopback port (its Info says
+    /// which; `metrics::scrape` reads them).
+    pub with_metrics: bool,
     /// Put the state directory on a tmpfs of this many bytes, so a test can fill it.
     /// It is unmounted when the node stops or is dropped.
     pub state_tmpfs_bytes: Option<u64>,
@@ -164,6 +168,9 @@ impl Node {
         std::fs::write(&config_path, config).expect("write config");
         let config_arg = config_path.to_str().expect("utf-8 temp path");
         let mut env = options.env.clone();
+        if options.with_metrics {
+            env.extend(metrics::listeners_env());
+        }
         if let Some(failpoints) = &options.failpoints {
             let file = faults::failpoints_file(path);
             std::fs::write(&file, failpoints).expect("write fail points");

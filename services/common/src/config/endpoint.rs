@@ -220,5 +220,13 @@ pub(super) fn validate_listeners(
             ));
         }
     }
+    let supervisor = &config.supervisor.metrics_listen;
+    if !supervisor.is_empty() && supervisor.parse::<SocketAddr>().is_err() {
+        return Err(provenance.bad_value(
+            "supervisor.metrics_listen",
+            "empty (no metrics listener) or an address such as 127.0.0.1:9465",
+            supervisor,
+        ));
+    }
     Ok(())
 }

@@ -9,12 +9,16 @@ pub struct SupervisorConfig {
     /// Services heal what they can by themselves (a record store reopens once the disk
     /// has room again), so this is the last resort for what they cannot.
     pub unhealthy_restart_after_seconds: u64,
+    /// Where `trellis up` serves its own metrics (restarts per child and why); empty
+    /// for none.
+    pub metrics_listen: String,
 }
 
 impl Default for SupervisorConfig {
     fn default() -> Self {
         Self {
             unhealthy_restart_after_seconds: 30,
+            metrics_listen: String::new(),
         }
     }
 }

@@ -200,6 +200,7 @@ fn shipped_example_lists_every_key_with_its_default() {
         (&mut expected.image.metrics_listen, 9462),
         (&mut expected.storage.metrics_listen, 9463),
         (&mut expected.network.metrics_listen, 9464),
+        (&mut expected.supervisor.metrics_listen, 9465),
     ] {
         *listen = format!("127.0.0.1:{port}");
     }

@@ -12,7 +12,6 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::Routes;
 use tonic::{Code, Request, Response, Status};
 use trellis_common::config::Config;
-use trellis_common::metrics::RpcMetrics;
 use trellis_common::transport::unix_channel;
 
 use super::*;
@@ -87,14 +86,7 @@ async fn gateway_over_one_image(
 ) {
     let mut config = Config::default();
     config.node.run_dir = dir.to_path_buf();
-    let backends = Arc::new(Backends::new(
-        &config,
-        Duration::from_secs(1),
-        RpcMetrics::register(
-            &mut prometheus_client::registry::Registry::default(),
-            "test",
-        ),
-    ));
+    let backends = Arc::new(Backends::new(&config, Duration::from_secs(1)));
     let backend = serve(
         &config.endpoint(trellis_common::ServiceKind::Image).socket,
         Routes::new(ImageServiceServer::new(OneImage)),

@@ -26,6 +26,8 @@ const PLUGIN_TEXT_CHARS: usize = 500;
 pub struct Plugins {
     pub dirs: Vec<PathBuf>,
     pub timeout: Duration,
+    /// Where each plugin's run time goes.
+    pub metrics: crate::metrics::NetworkMetrics,
 }
 
 /// Kills a plugin's process group unless the plugin finished: on a timeout, and when
@@ -176,6 +178,7 @@ pub async fn run_plugin(
         dirs: cni_config::describe_dirs(dirs),
     })?;
     let cni_path = std::env::join_paths(dirs).unwrap_or_default();
+    let started = std::time::Instant::now();
     let mut child = tokio::process::Command::new(&path)
         .env_remove(trellis_common::notify::ENV)
         .env("CNI_COMMAND", command.as_str())
@@ -223,6 +226,10 @@ pub async fn run_plugin(
     let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(output) => {
             group.finished();
+            invocation
+                .plugins
+                .metrics
+                .observe_plugin(command.as_str(), plugin, started.elapsed());
             output.map_err(io_error("cannot read its answer"))?
         }
         Err(_) => {
@@ -299,6 +306,7 @@ mod tests {
         let plugins = Plugins {
             dirs: vec![dir.path().to_path_buf()],
             timeout: Duration::from_millis(500),
+            metrics: Default::default(),
         };
         let invocation = Invocation {
             command: CniCommand::Add,

@@ -312,19 +312,13 @@ impl Runtime {
             record.set_state(ContainerState::Exited);
             record.exit_code = exit.code;
             record.finished_at = exit.finished_at;
-            record.reason = if exit.oom_killed {
-                "OOMKilled"
-            } else if exit.code == 0 {
-                "Completed"
-            } else {
-                "Error"
-            }
-            .into();
+            record.reason = exit_reason(&exit).into();
             Ok(true)
         });
         match updated {
             Ok((record, exited_now)) => {
                 if exited_now {
+                    self.metrics.exited(exit_reason(&exit));
                     self.publish(container_event(container_event::Kind::Stopped, &record));
                 }
                 Ok(record)
@@ -411,6 +405,7 @@ impl Runtime {
             return Ok(());
         }
         let runtime = Self::runtime_binary(&record);
+        let stopping = Instant::now();
         if timeout > 0 {
             let signal = if record.stop_signal.is_empty() {
                 "TERM".to_string()
@@ -422,6 +417,7 @@ impl Runtime {
                 .wait_exit(id, Duration::from_secs(timeout as u64))
                 .await
             {
+                self.metrics.stopped(stopping.elapsed());
                 self.refresh(record)?;
                 return Ok(());
             }
@@ -433,6 +429,7 @@ impl Runtime {
                 seconds: KILL_WAIT.as_secs(),
             });
         }
+        self.metrics.stopped(stopping.elapsed());
         self.refresh(record)?;
         Ok(())
     }
@@ -558,4 +555,15 @@ struct Created {
     stop_signal: String,
     cgroup_path: String,
     pid: u32,
+}
+
+/// The CRI's reason for an exit (one of `metrics::EXIT_REASONS`).
+fn exit_reason(exit: &crate::oci::Exit) -> &'static str {
+    if exit.oom_killed {
+        "OOMKilled"
+    } else if exit.code == 0 {
+        "Completed"
+    } else {
+        "Error"
+    }
 }

@@ -37,9 +37,10 @@ use trellis_proto::events::v1::event::Payload;
 
 use crate::backends::Backends;
 use crate::error::RuntimeError;
+use crate::metrics::{RuntimeMetrics, StateCounts};
 use crate::namespaces::PodNamespaces;
 use crate::oci::OciRuntime;
-use crate::store::{ContainerRecord, RecordStore, SandboxRecord};
+use crate::store::{ContainerRecord, ContainerState, RecordStore, SandboxRecord, SandboxState};
 
 /// Where the lifecycle announces changes (the node's event bus).
 pub trait Events: Send + Sync {
@@ -61,6 +62,8 @@ pub struct Parts {
     pub backends: Backends,
     pub namespaces: Arc<dyn PodNamespaces>,
     pub events: Arc<dyn Events>,
+    /// Exits and stops are counted here (the OCI steps by `oci::Timed`).
+    pub metrics: RuntimeMetrics,
 }
 
 pub struct Runtime {
@@ -82,6 +85,7 @@ pub struct Runtime {
     create_slots: tokio::sync::Semaphore,
     /// Clean-ups of failed set-ups still owed, for the background retries.
     rollbacks: Arc<rollback::Rollbacks>,
+    metrics: RuntimeMetrics,
 }
 
 /// The node's hostname as it is now (an operator may change it while the runtime
@@ -128,7 +132,12 @@ impl Runtime {
             cpu_samples: Mutex::new(HashMap::new()),
             create_slots: tokio::sync::Semaphore::new(create_turns),
             rollbacks: Arc::default(),
+            metrics: parts.metrics,
         })
+    }
+
+    pub fn metrics(&self) -> &RuntimeMetrics {
+        &self.metrics
     }
 
     pub fn pod_dir(&self, sandbox_id: &str) -> PathBuf {
@@ -190,5 +199,44 @@ impl Runtime {
 
     fn runtime_binary(record: &ContainerRecord) -> &Path {
         Path::new(&record.oci_runtime)
+    }
+}
+
+impl StateCounts for Runtime {
+    fn pods_by_state(&self) -> Vec<(&'static str, u64)> {
+        let mut counts = [
+            (SandboxState::Creating, "creating", 0),
+            (SandboxState::Ready, "ready", 0),
+            (SandboxState::NotReady, "notready", 0),
+            (SandboxState::RollingBack, "rolling_back", 0),
+        ];
+        for pod in self.store.sandboxes.all() {
+            if let Some(count) = counts.iter_mut().find(|(state, ..)| *state == pod.state()) {
+                count.2 += 1;
+            }
+        }
+        counts.map(|(_, name, count)| (name, count)).to_vec()
+    }
+
+    fn containers_by_state(&self) -> Vec<(&'static str, u64)> {
+        let mut counts = [
+            (ContainerState::Creating, "creating", 0),
+            (ContainerState::Created, "created", 0),
+            (ContainerState::Running, "running", 0),
+            (ContainerState::Exited, "exited", 0),
+            (ContainerState::RollingBack, "rolling_back", 0),
+        ];
+        for container in self.store.containers.all() {
+            if container.infra {
+                continue;
+            }
+            if let Some(count) = counts
+                .iter_mut()
+                .find(|(state, ..)| *state == container.state())
+            {
+                count.2 += 1;
+            }
+        }
+        counts.map(|(_, name, count)| (name, count)).to_vec()
     }
 }

@@ -86,6 +86,7 @@ impl Node {
             backends: self.fakes.backends(),
             namespaces: Arc::new(NoNamespaces),
             events: self.events.clone(),
+            metrics: Default::default(),
         };
         let runtime = Runtime::new(config, self.dir.path().join("runtime"), parts);
         self.runtime = Some(Arc::new(runtime.expect("runtime")));

@@ -7,6 +7,7 @@ mod conmon;
 #[cfg(test)]
 pub mod fake;
 mod runtime_log;
+mod timed;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use trellis_common::grpc::MAX_MESSAGE_BYTES;
 
 pub use conmon::{ConmonRunc, ExecProcess};
+pub use timed::Timed;
 
 use crate::error::RuntimeError;
 

@@ -11,12 +11,13 @@ use trellis_common::store::SledStore;
 use super::*;
 use crate::layers::Limits;
 
-struct Scene {
-    storage: Arc<Storage>,
+pub(crate) struct Scene {
+    pub(crate) storage: Arc<Storage>,
     _dir: tempfile::TempDir,
 }
 
-fn scene() -> Scene {
+/// Stores in a temporary directory (also for the metrics' tests).
+pub(crate) fn scene() -> Scene {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = SledStore::open(&dir.path().join("db")).expect("store");
     let limits = Limits {

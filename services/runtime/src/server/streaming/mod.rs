@@ -39,6 +39,7 @@ use self::exec::ExecSession;
 use self::portforward::PortForwardSession;
 use crate::error::RuntimeError;
 use crate::lifecycle::Runtime;
+use crate::metrics::RuntimeMetrics;
 use crate::oci::ConmonRunc;
 use crate::store::{ContainerRecord, SandboxState};
 
@@ -186,7 +187,11 @@ impl StreamingServer {
             .local_addr()
             .map_err(|source| RuntimeError::io("streaming listener", source))?;
         tracing::info!(%address, "streaming server listening");
-        tokio::spawn(accept(listener, self.pending.clone()));
+        tokio::spawn(accept(
+            listener,
+            self.pending.clone(),
+            self.runtime.metrics().clone(),
+        ));
         Ok(address)
     }
 }
@@ -206,13 +211,14 @@ fn validate(options: &Options) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-async fn accept(listener: TcpListener, pending: Pending) {
+async fn accept(listener: TcpListener, pending: Pending, metrics: RuntimeMetrics) {
     loop {
         match listener.accept().await {
             Ok((socket, peer)) => {
                 let pending = pending.clone();
+                let metrics = metrics.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = serve_connection(socket, pending).await {
+                    if let Err(error) = serve_connection(socket, pending, metrics).await {
                         tracing::info!(%peer, %error, "streaming request refused");
                     }
                 });
@@ -232,7 +238,11 @@ struct Upgrade {
     protocols: Vec<String>,
 }
 
-async fn serve_connection(mut socket: TcpStream, pending: Pending) -> Result<(), RuntimeError> {
+async fn serve_connection(
+    mut socket: TcpStream,
+    pending: Pending,
+    metrics: RuntimeMetrics,
+) -> Result<(), RuntimeError> {
     let (request, rest) = tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut socket))
         .await
         .map_err(|_| RuntimeError::Timeout {
@@ -311,6 +321,7 @@ async fn serve_connection(mut socket: TcpStream, pending: Pending) -> Result<(),
     let _ = socket.set_nodelay(true);
     let (read, write) = socket.into_split();
     let connection = spdy::Connection::start(read, write, rest)?;
+    let _open = metrics.session(session.kind());
     match session {
         Session::Exec(session) => {
             let span = tracing::info_span!("exec", container = %session.container_id, tty = session.options.tty, protocol);
