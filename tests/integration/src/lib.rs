@@ -601,3 +601,23 @@ pub async fn eventually(within: Duration, mut condition: impl FnMut() -> bool) -
     }
     true
 }
+
+/// Connects to `socket` every few milliseconds until `stop`, counting the connects
+/// refused (no listener, or no socket file): what a kubelet dialling then would see.
+pub fn count_refusals(
+    socket: &Path,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(usize, usize)> {
+    let socket = socket.to_path_buf();
+    tokio::spawn(async move {
+        let (mut tries, mut refused) = (0, 0);
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            tries += 1;
+            if tokio::net::UnixStream::connect(&socket).await.is_err() {
+                refused += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (tries, refused)
+    })
+}

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use k8s_cri::v1::{ImageSpec, PullImageRequest};
 use trellis_integration::cri::{self, Pod};
 use trellis_integration::metrics::{Scrape, scrape, scrape_address};
 use trellis_integration::registry::{Registry, busybox_layer, image};
@@ -122,19 +121,6 @@ fn expect_before_any_call(service: &str, scrape: &Scrape) {
     }
 }
 
-async fn pull(node: &Node, image: &str) -> Result<(), tonic::Status> {
-    node.images()
-        .pull_image(PullImageRequest {
-            image: Some(ImageSpec {
-                image: image.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .map(|_| ())
-}
-
 async fn scrape_all(node: &Node) -> Vec<(&'static str, Scrape)> {
     let mut scrapes = Vec::new();
     for service in SERVICES {
@@ -200,10 +186,10 @@ async fn every_service_reports_its_calls_and_its_work() {
     }
 
     let missing = format!("{}/tests/missing:1", registry.address);
-    let failed = pull(&node, &missing).await.expect_err("no such image");
+    let failed = cri::pull(&node, &missing).await.expect_err("no such image");
     let busybox = format!("{}/tests/busybox:1", registry.address);
-    pull(&node, &busybox).await.expect("pull busybox");
-    pull(&node, &format!("{}/tests/busybox:2", registry.address))
+    cri::pull(&node, &busybox).await.expect("pull busybox");
+    cri::pull(&node, &format!("{}/tests/busybox:2", registry.address))
         .await
         .expect("pull busybox:2");
 

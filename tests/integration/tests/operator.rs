@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use k8s_cri::v1::*;
 use trellis_integration::faults::assert_nothing_left;
 use trellis_integration::pods::*;
-use trellis_integration::{Node, bin_dir, binary};
+use trellis_integration::{Node, bin_dir, binary, count_refusals};
 
 const SERVICES: [&str; 5] = ["storage", "network", "image", "runtime", "gateway"];
 
@@ -187,24 +187,6 @@ fn trellis_restart(node: &Node, service: &str) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// Connects to `socket` every few milliseconds until `stop`; the connects refused.
-fn count_refusals(
-    socket: PathBuf,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> tokio::task::JoinHandle<(usize, usize)> {
-    tokio::spawn(async move {
-        let (mut tries, mut refused) = (0, 0);
-        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-            tries += 1;
-            if tokio::net::UnixStream::connect(&socket).await.is_err() {
-                refused += 1;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        (tries, refused)
-    })
-}
-
 /// `trellis restart gateway` with two GetContainerEvents subscribers, as two kubelet
 /// clients with evented PLEG keep: no connect is refused, both streams end with
 /// UNAVAILABLE (come back), and both subscribe again and see the next pod's event.
@@ -228,7 +210,7 @@ async fn a_gateway_restart_ends_both_event_streams_cleanly_and_they_subscribe_ag
     };
     let mut streams = vec![subscribe().await, subscribe().await];
     let stop = Arc::new(AtomicBool::new(false));
-    let refusals = count_refusals(node.socket("gateway"), stop.clone());
+    let refusals = count_refusals(&node.socket("gateway"), stop.clone());
     let said = trellis_restart(&node, "gateway");
     for stream in &mut streams {
         let ended = tokio::time::timeout(Duration::from_secs(5), stream.message())

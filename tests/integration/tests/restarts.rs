@@ -2,7 +2,6 @@
 //! by `trellis up`, so callers wait for the next process instead of being refused, and
 //! a SIGTERM drains, so a call accepted before it is never cut.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -12,7 +11,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::sync::Mutex;
 use trellis_integration::pods::*;
-use trellis_integration::{Node, NodeOptions, kill9};
+use trellis_integration::{Node, NodeOptions, count_refusals, kill9};
 
 /// Every CRI call of the churn gets this long; the kubelet's default is 2 minutes.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -183,23 +182,6 @@ async fn churn(
             tally.cycles.fetch_add(1, Ordering::SeqCst);
         }
     }
-}
-
-/// Connects to `socket` every few milliseconds until `stop`, counting the connects
-/// refused (no listener, or no socket file): what a kubelet dialling then would see.
-fn count_refusals(socket: &Path, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(usize, usize)> {
-    let socket = socket.to_path_buf();
-    tokio::spawn(async move {
-        let (mut tries, mut refused) = (0, 0);
-        while !stop.load(Ordering::SeqCst) {
-            tries += 1;
-            if tokio::net::UnixStream::connect(&socket).await.is_err() {
-                refused += 1;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        (tries, refused)
-    })
 }
 
 /// Waits until `pid` has exited (gone, or a zombie not yet reaped).
