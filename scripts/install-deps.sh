@@ -10,6 +10,7 @@ packages=(
     runc crun conmon       # OCI runtimes and the per-container monitor
     containernetworking-plugins  # CNI plugins: bridge, host-local, portmap, loopback
     docker-registry        # a real registry for the tests, on 127.0.0.1
+    prometheus             # the dashboards test runs every panel's query on it
     busybox-static         # the tests build their images from it
     protobuf-compiler      # protoc for the CRI and internal protos
     iproute2 iptables      # pod networking
