@@ -42,6 +42,12 @@ pub enum ControlError {
         #[source]
         source: std::io::Error,
     },
+    #[error("only root may order `trellis up` ({path}: {source})")]
+    NotAllowed {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("talking to `trellis up` at {path}: {source}")]
     Io {
         path: PathBuf,
@@ -260,13 +266,14 @@ fn fit_to_run_as_root(binary: &Path) -> Result<(), String> {
 /// Sends `request` to the `trellis up` of `run_dir` and waits for its answer.
 pub async fn order(run_dir: &Path, request: &Request) -> Result<Replaced, ControlError> {
     let path = socket_path(run_dir);
-    let mut stream =
-        UnixStream::connect(&path)
-            .await
-            .map_err(|source| ControlError::NotRunning {
-                path: path.clone(),
-                source,
-            })?;
+    let mut stream = UnixStream::connect(&path).await.map_err(|source| {
+        let path = path.clone();
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            ControlError::NotAllowed { path, source }
+        } else {
+            ControlError::NotRunning { path, source }
+        }
+    })?;
     let io_error = |source| ControlError::Io {
         path: path.clone(),
         source,
