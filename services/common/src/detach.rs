@@ -15,21 +15,29 @@ use std::task::{Context, Poll};
 
 use tracing::Instrument;
 
-/// The tower layer: wraps a service so that each call runs detached.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct DetachLayer;
+/// The tower layer: wraps a service so that each call runs detached (when `enabled`;
+/// a service that acts on its callers leaving, as the image service stops a pull no
+/// one waits for, keeps its calls attached).
+#[derive(Debug, Clone, Copy)]
+pub struct DetachLayer {
+    pub enabled: bool,
+}
 
 impl<S> tower::Layer<S> for DetachLayer {
     type Service = Detached<S>;
 
     fn layer(&self, inner: S) -> Detached<S> {
-        Detached { inner }
+        Detached {
+            inner,
+            enabled: self.enabled,
+        }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct Detached<S> {
     inner: S,
+    enabled: bool,
 }
 
 type Body = tonic::body::Body;
@@ -49,6 +57,9 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if !self.enabled {
+            return Box::pin(self.inner.call(request));
+        }
         let method = request.uri().path().to_string();
         let task = tokio::spawn(self.inner.call(request).in_current_span());
         Box::pin(async move {
@@ -98,7 +109,7 @@ mod tests {
                 Ok::<_, std::convert::Infallible>(http::Response::new(Body::empty()))
             }
         });
-        let mut service = DetachLayer.layer(slow);
+        let mut service = DetachLayer { enabled: true }.layer(slow);
         let call = service.ready().await.expect("ready").call(request());
         // The caller gives up at once.
         drop(tokio::time::timeout(Duration::from_millis(10), call).await);
@@ -114,7 +125,7 @@ mod tests {
             }
             Ok::<_, std::convert::Infallible>(http::Response::new(Body::empty()))
         });
-        let mut service = DetachLayer.layer(panicking);
+        let mut service = DetachLayer { enabled: true }.layer(panicking);
         let answer = service
             .ready()
             .await

@@ -76,6 +76,11 @@ pub struct ServiceContext {
     /// Turns true when the process begins to stop: a stream that would never end on
     /// its own (a watch) ends then, rather than holding the stop for its grace period.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// This process's name among its service's replicas (`image`, `image-2`).
+    pub replica: String,
+    /// Whether an earlier process of this replica still serves (an overlapping
+    /// restart: it drains the calls it took while this one starts).
+    pub predecessor_serving: bool,
     /// Checks, besides the record store's, that the service can do its job; see
     /// [`ServiceContext::add_readiness_probe`].
     probes: Vec<ReadinessProbe>,
@@ -153,6 +158,7 @@ where
         source,
     })?;
 
+    let mut predecessor_serving = false;
     let store: Option<Arc<dyn Store>> = if kind.is_stateful() {
         // The state directory holds image layers and container files: root only.
         crate::dirs::ensure_private_dir(&config.node.state_dir).map_err(|source| {
@@ -165,10 +171,9 @@ where
             }
         })?;
         // Each replica its own records (an image replica's are only its outbox).
-        Some(Arc::new(open_store(
-            kind,
-            &config.node.state_dir.join(&name),
-        )?))
+        let (store, spare) = open_store(kind, &config.node.state_dir.join(&name))?;
+        predecessor_serving = spare;
+        Some(Arc::new(store))
     } else {
         None
     };
@@ -183,6 +188,8 @@ where
         store,
         bus: bus.clone(),
         registry: Registry::with_prefix("trellis"),
+        replica: name.clone(),
+        predecessor_serving,
         probes: Vec::new(),
     };
     let routes = build(&mut context).await.map_err(CommonError::Build)?;
@@ -237,7 +244,9 @@ where
         .initial_connection_window_size(crate::transport::CONNECTION_WINDOW_BYTES)
         .trace_fn(grpc_server_span)
         // Outermost: a call its caller dropped still runs, and is counted, to its end.
-        .layer(crate::detach::DetachLayer)
+        .layer(crate::detach::DetachLayer {
+            enabled: kind.runs_calls_to_their_end(),
+        })
         .layer(grpc_metrics.layer())
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, async move {
@@ -288,8 +297,9 @@ where
 /// The record store in `dir`. A service whose records are only its outbox may start
 /// while its predecessor still drains (an overlapping restart): when `db` is held, it
 /// takes `db-2` (and the other way round next time). Events the predecessor could not
-/// deliver wait in its outbox for the next process that opens it.
-fn open_store(kind: ServiceKind, dir: &std::path::Path) -> Result<SledStore, CommonError> {
+/// deliver wait in its outbox for the next process that opens it. Says whether it
+/// took the spare, so whether the predecessor still serves.
+fn open_store(kind: ServiceKind, dir: &std::path::Path) -> Result<(SledStore, bool), CommonError> {
     let first = dir.join("db");
     let opened = if kind.keeps_only_an_outbox() {
         SledStore::open_unless_held(&first)
@@ -300,9 +310,9 @@ fn open_store(kind: ServiceKind, dir: &std::path::Path) -> Result<SledStore, Com
         Err(error) if kind.keeps_only_an_outbox() && error.held_by_another() => {
             let second = dir.join("db-2");
             tracing::info!(held = %first.display(), using = %second.display(), "the previous process still holds its outbox (an overlapping restart); using the other one");
-            Ok(SledStore::open(&second)?)
+            Ok((SledStore::open(&second)?, true))
         }
-        opened => Ok(opened?),
+        opened => Ok((opened?, false)),
     }
 }
 

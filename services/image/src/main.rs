@@ -41,6 +41,8 @@ fn main() -> anyhow::Result<()> {
             storage_socket.clone(),
             index.clone(),
             &mut context.registry,
+            &context.replica,
+            context.predecessor_serving,
         )?);
         puller.prune_at_start();
         let service =

@@ -62,6 +62,10 @@ pub struct Puller {
     /// wait for the first and then find it stored.
     blobs: KeyedLocks,
     metrics: PullMetrics,
+    /// This process among the image replicas (see [`Puller::holder`]).
+    replica: String,
+    /// Whether this replica's previous process still drains its pulls.
+    predecessor_serving: bool,
 }
 
 fn auth_fingerprint(auth: &RegistryAuth) -> String {
@@ -90,6 +94,8 @@ impl Puller {
         storage_socket: PathBuf,
         index: Arc<ImageIndex>,
         registry: &mut Registry,
+        replica: &str,
+        predecessor_serving: bool,
     ) -> Result<Self, ImageError> {
         let credentials = crate::registry::load_credentials(&config.credentials_file)?;
         Ok(Self {
@@ -101,7 +107,16 @@ impl Puller {
             inflight: Arc::default(),
             blobs: Default::default(),
             metrics: PullMetrics::register(registry),
+            replica: replica.to_string(),
+            predecessor_serving,
         })
+    }
+
+    /// Pull `id` as storage knows it when it holds layers for it (storage's `holds`):
+    /// `<replica>:<pid>/pull-<id>`, so that a later process of the same replica can
+    /// release what a killed one held (`<replica>:`), and no other replica's.
+    fn holder(&self, id: u64) -> String {
+        format!("{}:{}/pull-{id}", self.replica, std::process::id())
     }
 
     fn storage(&self) -> StorageClient<Channel> {
@@ -125,9 +140,17 @@ impl Puller {
             let _gate = gate;
             let deadline = Instant::now() + STARTUP_PRUNE_PATIENCE;
             loop {
+                // This replica's earlier process is gone, unless it still drains (an
+                // overlapping restart): its pulls hold nothing any more.
+                let released_prefix = if this.predecessor_serving {
+                    String::new()
+                } else {
+                    format!("{}:", this.replica)
+                };
                 let request = traced_request(PruneLayersRequest {
                     chain_ids: Vec::new(),
                     holder: String::new(),
+                    released_prefix,
                 });
                 match tokio::time::timeout(PRUNE_TIMEOUT, this.storage().prune_layers(request))
                     .await
@@ -257,7 +280,8 @@ impl Puller {
         }
         let request = traced_request(PruneLayersRequest {
             chain_ids: chains.clone(),
-            holder: holder(id),
+            holder: self.holder(id),
+            ..Default::default()
         });
         match tokio::time::timeout(PRUNE_TIMEOUT, self.storage().prune_layers(request)).await {
             Ok(Ok(response)) => {
@@ -394,7 +418,7 @@ impl Puller {
                     chain_ids[i - 1].clone()
                 },
                 image: image_name.clone(),
-                holder: holder(id),
+                holder: self.holder(id),
             };
             imports.push(self.import_layer(id, &client, source, layer, header, timeout));
         }
@@ -423,7 +447,7 @@ impl Puller {
         let epoch = self.index.epoch();
         let message = PutImageRequest {
             image: Some(record),
-            holder: holder(id),
+            holder: self.holder(id),
         };
         let stored = self
             .ask_storage(timeout, message, |mut storage, request| async move {
@@ -470,7 +494,7 @@ impl Puller {
     ) -> Result<bool, SourceFailure> {
         let message = HasLayerRequest {
             chain_id: chain_id.to_string(),
-            holder: holder(id),
+            holder: self.holder(id),
         };
         let asked = self.ask_storage(timeout, message, |mut storage, request| async move {
             storage.has_layer(request).await
@@ -595,12 +619,6 @@ impl Puller {
 }
 
 /// A fail point set by a test (debug builds only), failing the pull as Internal.
-/// Pull `id` of this process as storage knows it when it holds layers for it: the
-/// pid tells this replica's pulls from another's (see storage's `holds`).
-fn holder(id: u64) -> String {
-    format!("image-pid-{}/pull-{id}", std::process::id())
-}
-
 async fn fail_point(point: &'static str) -> Result<(), SourceFailure> {
     trellis_common::failpoint::hit_async(point)
         .await

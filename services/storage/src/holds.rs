@@ -67,6 +67,18 @@ impl Holds {
         });
     }
 
+    /// Ends every hold of a holder whose name starts with `prefix` (none when empty).
+    pub fn release_prefix(&self, prefix: &str) {
+        if prefix.is_empty() {
+            return;
+        }
+        let mut chains = self.chains.lock().unwrap_or_else(|p| p.into_inner());
+        chains.retain(|_, holders| {
+            holders.retain(|holder, _| !holder.starts_with(prefix));
+            !holders.is_empty()
+        });
+    }
+
     /// Whether a live holder other than `asking` holds `chain`.
     pub fn held_by_another(&self, chain: &str, asking: &str) -> bool {
         self.held_by_another_at(chain, asking, Instant::now())
@@ -101,6 +113,15 @@ mod tests {
             !holds.held_by_another_at("chain-a", "", now + HOLD_TTL + Duration::from_secs(1)),
             "a silent holder's hold ends"
         );
+        holds.hold_at("image-2:41/pull-1", "chain-c", now);
+        holds.hold_at("image:40/pull-1", "chain-c", now);
+        holds.release_prefix("image:");
+        assert!(
+            holds.held_by_another_at("chain-c", "", now),
+            "image-2's hold stays"
+        );
+        holds.release_prefix("image-2:");
+        assert!(!holds.held_by_another_at("chain-c", "", now));
         holds.release("replica-2/pull-7");
         assert!(!holds.held_by_another_at("chain-a", "", now));
         holds.hold_at("", "chain-a", now);

@@ -117,7 +117,7 @@ impl storage_server::Storage for StorageService {
         let request = request.into_inner();
         let removed = self
             .storage
-            .prune_layers(request.chain_ids, &request.holder)
+            .prune_layers(request.chain_ids, &request.holder, &request.released_prefix)
             .await
             .map_err(self.failed(StoreKind::Layers))?;
         Ok(Response::new(PruneLayersResponse { removed }))

@@ -141,13 +141,16 @@ impl Storage {
 
     /// Removes the named chains (all when none are named) that no image uses; the
     /// chains it removed.
-    /// `holder`'s own holds end first; a chain another pull holds is kept.
+    /// `holder`'s own holds end first, and those of holders named `released_prefix…`
+    /// (an image replica's earlier process, gone); a chain another pull holds is kept.
     pub async fn prune_layers(
         &self,
         named: Vec<String>,
         holder: &str,
+        released_prefix: &str,
     ) -> Result<Vec<String>, StorageError> {
         self.holds.release(holder);
+        self.holds.release_prefix(released_prefix);
         let mut candidates = if named.is_empty() {
             self.layers.chain_ids()?
         } else {

@@ -171,6 +171,14 @@ impl ServiceKind {
         matches!(self, Self::Image)
     }
 
+    /// Whether a call runs to its end when its caller goes away (`detach`): the
+    /// services that change node state a half-done call would leave behind. Not the
+    /// gateway, which passes a caller's leaving on to the service behind it, nor the
+    /// image service, which stops a pull every caller left (and cleans up after it).
+    pub fn runs_calls_to_their_end(self) -> bool {
+        matches!(self, Self::Runtime | Self::Network | Self::Storage)
+    }
+
     /// Whether the service keeps records (and so an event outbox) under the state dir.
     pub fn is_stateful(self) -> bool {
         !matches!(self, Self::Gateway)

@@ -128,7 +128,7 @@ async fn images_need_their_layers_and_take_unused_ones_with_them() {
 
     assert!(
         storage
-            .prune_layers(Vec::new(), "")
+            .prune_layers(Vec::new(), "", "")
             .await
             .expect("prune")
             .is_empty(),
@@ -177,7 +177,7 @@ async fn a_prune_waits_for_an_import_of_its_chain() {
     let pruning = {
         let storage = scene.storage.clone();
         let chain = chain.clone();
-        tokio::spawn(async move { storage.prune_layers(vec![chain], "").await })
+        tokio::spawn(async move { storage.prune_layers(vec![chain], "", "").await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!pruning.is_finished(), "the prune waits for the import");
@@ -217,7 +217,10 @@ async fn a_prune_keeps_a_layer_another_pull_holds_until_its_image_is_recorded() 
         .await
         .expect("import");
     for (named, holder) in [(Vec::new(), ""), (vec![chain.clone()], "replica-1/pull-9")] {
-        let removed = storage.prune_layers(named, holder).await.expect("prune");
+        let removed = storage
+            .prune_layers(named, holder, "")
+            .await
+            .expect("prune");
         assert!(removed.is_empty(), "a held layer stays: {removed:?}");
     }
     assert!(storage.has_layer(&chain, "").expect("has"));
