@@ -201,15 +201,23 @@ pub async fn read_events_with(
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::Config {
-            filter_subject: filter.to_string(),
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
-            ack_policy: jetstream::consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await
-        .expect("consumer");
+    // In a cluster that just lost a server, creating a consumer may time out until
+    // JetStream has elected new leaders: try again until `timeout`.
+    let consumer = loop {
+        let created = stream
+            .create_consumer(jetstream::consumer::pull::Config {
+                filter_subject: filter.to_string(),
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                ack_policy: jetstream::consumer::AckPolicy::None,
+                ..Default::default()
+            })
+            .await;
+        match created {
+            Ok(consumer) => break consumer,
+            Err(error) if started.elapsed() > timeout => panic!("consumer: {error:?}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
     let mut messages = consumer.messages().await.expect("messages");
     let deadline = Instant::now() + timeout;
     let mut events = Vec::new();

@@ -182,11 +182,22 @@ async fn two_nodes_publish_through_a_three_server_cluster_that_loses_its_leader(
     for (node, name) in nodes.iter().zip(&names) {
         // The publishes the kill interrupted, sent again (a retry logs at its 1st,
         // 2nd, 4th, ... failure in a row).
-        let retries = node
-            .log()
-            .matches("event delivery failed; retrying")
-            .count();
-        eprintln!("  {name}: {retries} delivery failures logged");
+        let log = node.log();
+        let failures: Vec<&str> = log
+            .lines()
+            .filter(|line| line.contains("event delivery failed; retrying"))
+            .collect();
+        let mut reasons: Vec<&str> = failures
+            .iter()
+            .filter_map(|line| line.split("error=").nth(1))
+            .map(|error| error.split(" failures=").next().unwrap_or(error))
+            .collect();
+        reasons.sort_unstable();
+        reasons.dedup();
+        eprintln!(
+            "  {name}: {} delivery failures logged: {reasons:?}",
+            failures.len()
+        );
     }
     for ((node, kind), count) in &by_kind {
         eprintln!("  {node} {kind}: {count}");
