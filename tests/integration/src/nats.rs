@@ -234,22 +234,27 @@ pub async fn read_events_with(
                 events.len()
             ),
         };
-        let event = Event::decode(message.payload.clone()).expect("event payload");
-        let header = |name: &str| {
-            message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_string())
-        };
-        events.push(StoredEvent {
-            event,
-            message_id: header("Nats-Msg-Id"),
-            subject: message.subject.to_string(),
-            node_header: header(trellis_common::bus::NODE_HEADER),
-        });
+        events.push(stored_event(&message));
     }
     events
+}
+
+/// An event message of the stream, decoded.
+pub fn stored_event(message: &async_nats::Message) -> StoredEvent {
+    let event = Event::decode(message.payload.clone()).expect("event payload");
+    let header = |name: &str| {
+        message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_string())
+    };
+    StoredEvent {
+        event,
+        message_id: header("Nats-Msg-Id"),
+        subject: message.subject.to_string(),
+        node_header: header(trellis_common::bus::NODE_HEADER),
+    }
 }
 
 /// How many messages the events stream holds.

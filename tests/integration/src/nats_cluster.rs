@@ -1,18 +1,48 @@
 //! A NATS cluster on loopback: several `nats-server -js` processes routed to each
 //! other, the shared bus of a fleet of test nodes.
 //!
-//! Each server has its own client port, route port, store and log under the
+//! Every server takes the same nkey users (the caller's, and an administrator of the
+//! cluster's own, through which the cluster is checked and `client` connects); each
+//! has its own client port, route port, store and log under the
 //! cluster's temporary directory, so clusters of parallel tests share nothing. A test
 //! may kill a server with SIGKILL to see the fleet ride it out; every server still
 //! running is stopped, and the directory removed, when the cluster is dropped, even
 //! when the test failed.
 
 use std::path::PathBuf;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use trellis_common::bus::permissions::Permissions;
+use trellis_common::bus::server_config::{NatsUser, ServerConfig};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+
+/// A user of a test's bus, with its seed written to a 0600 file of its own.
+pub struct TestUser {
+    pub user: NatsUser,
+    pub seed: String,
+    pub seed_file: PathBuf,
+}
+
+impl TestUser {
+    pub fn new(dir: &std::path::Path, name: &str, permissions: Permissions) -> TestUser {
+        let pair = nkeys::KeyPair::new_user();
+        let seed = pair.seed().expect("seed");
+        let seed_file = dir.join(format!("{name}.nk"));
+        trellis_common::dirs::write_private_file(&seed_file, seed.as_bytes())
+            .expect("write the seed");
+        TestUser {
+            user: NatsUser {
+                public_key: pair.public_key(),
+                permissions,
+            },
+            seed,
+            seed_file,
+        }
+    }
+}
 
 struct ClusterServer {
     name: String,
@@ -23,14 +53,16 @@ struct ClusterServer {
 
 pub struct NatsCluster {
     servers: Vec<ClusterServer>,
+    admin: TestUser,
     // Dropped after `Drop::drop` has stopped the servers that use it.
     dir: tempfile::TempDir,
 }
 
 impl NatsCluster {
-    /// Starts `size` clustered servers named `<name>-0`, `<name>-1`, … and returns
-    /// once JetStream has a meta leader (before that, streams cannot be created).
-    pub async fn start(name: &str, size: usize) -> NatsCluster {
+    /// Starts `size` clustered servers named `<name>-0`, `<name>-1`, …, taking
+    /// `users`, and returns once JetStream has a meta leader (before that, streams
+    /// cannot be created).
+    pub async fn start(name: &str, size: usize, users: &[&NatsUser]) -> NatsCluster {
         let dir = tempfile::Builder::new()
             .prefix("trellis-nats-cluster-")
             .tempdir()
@@ -41,8 +73,16 @@ impl NatsCluster {
             .map(|port| format!("nats://127.0.0.1:{port}"))
             .collect::<Vec<_>>()
             .join(",");
+        let everything = Permissions {
+            publish: vec![">".into()],
+            subscribe: vec![">".into()],
+        };
+        let admin = TestUser::new(dir.path(), "admin", everything);
+        let mut users: Vec<NatsUser> = users.iter().map(|&user| user.clone()).collect();
+        users.push(admin.user.clone());
         let mut cluster = NatsCluster {
             servers: Vec::new(),
+            admin,
             dir,
         };
         for (n, route_port) in route_ports.iter().enumerate() {
@@ -50,13 +90,25 @@ impl NatsCluster {
             let port = crate::free_port();
             let store = cluster.dir.path().join(&server_name);
             let log = cluster.dir.path().join(format!("{server_name}.log"));
+            let config = cluster.dir.path().join(format!("{server_name}.conf"));
+            let text = ServerConfig {
+                listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                store_dir: store,
+                users: users.clone(),
+                tls: None,
+            }
+            .render()
+            .expect("render the nats-server configuration");
+            trellis_common::dirs::write_private_file(&config, text.as_bytes())
+                .expect("write the nats-server configuration");
             let log_file = std::fs::File::create(&log).expect("nats log");
+            // The file for users, port and store; the flags for the cluster.
             let child = Command::new(crate::nats::nats_server())
-                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+                .arg("-c")
+                .arg(&config)
                 .args(["-n", &server_name, "--cluster_name", name])
                 .args(["--cluster", &format!("nats://127.0.0.1:{route_port}")])
-                .args(["--routes", &routes, "-sd"])
-                .arg(&store)
+                .args(["--routes", &routes])
                 .stdin(Stdio::null())
                 .stdout(log_file.try_clone().expect("log"))
                 .stderr(log_file)
@@ -83,6 +135,20 @@ impl NatsCluster {
 
     pub fn url(&self, n: usize) -> String {
         format!("nats://127.0.0.1:{}", self.servers[n].port)
+    }
+
+    /// A client of the cluster's administrator (every permission), on a server
+    /// still running.
+    pub async fn client(&self) -> async_nats::Client {
+        self.connect(&self.live_url())
+            .await
+            .expect("connect to the NATS cluster")
+    }
+
+    async fn connect(&self, url: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+        async_nats::ConnectOptions::with_nkey(self.admin.seed.clone())
+            .connect(url)
+            .await
     }
 
     /// The URL of a server still running.
@@ -135,7 +201,8 @@ impl NatsCluster {
                     self.logs()
                 );
                 let ready = async {
-                    let client = async_nats::connect(self.url(n))
+                    let client = self
+                        .connect(&self.url(n))
                         .await
                         .map_err(|e| e.to_string())?;
                     // Raw: async-nats 0.51 cannot parse nats-server 2.9's answer.

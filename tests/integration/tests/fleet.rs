@@ -2,6 +2,8 @@
 //! over a cluster of three NATS servers, and an operator's consumer reading
 //! `trellis.*.events.>` finds every event of both nodes, with its node's name, exactly
 //! once, though the stream's leader was killed (SIGKILL) in the middle of pod churn.
+//! The consumer is deploy/nats/cluster.md's: a user of its own that may only read the
+//! stream, a durable pull consumer, explicit acknowledgements.
 //!
 //! Each node's services count what JetStream acknowledged
 //! (`trellis_events_published_total`); the stream must hold exactly that many distinct
@@ -13,12 +15,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream;
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
 use trellis_common::bus::EVENTS_SUBJECT_FILTER;
+use trellis_common::bus::permissions::{Permissions, for_consumer};
 use trellis_integration::nats::{
-    assert_pod_life, histories, read_events, stream_len, wait_for_bus,
+    StoredEvent, assert_pod_life, histories, stored_event, wait_for_bus,
 };
-use trellis_integration::nats_cluster::NatsCluster;
+use trellis_integration::nats_cluster::{NatsCluster, TestUser};
 use trellis_integration::pods::pod_cycle;
 use trellis_integration::{Node, NodeOptions, metrics, new_node_name};
 
@@ -27,11 +31,18 @@ const PODS_PER_NODE: usize = 10;
 const KILL_AFTER: usize = 4;
 const PUBLISHERS: [&str; 4] = ["storage", "network", "image", "runtime"];
 
-async fn fleet_node(cluster: &NatsCluster, name: &str) -> Node {
+/// The consumer's inbox prefix, as in deploy/nats/cluster.md.
+const CONSUMER_INBOX: &str = "_INBOX.fleet-consumer";
+
+async fn fleet_node(cluster: &NatsCluster, name: &str, user: &TestUser) -> Node {
     Node::start(NodeOptions {
         node_name: Some(name.to_string()),
         // Every server, so that a node reconnects to the others when one dies.
-        extra_config: format!("[bus]\nurl = \"{}\"\nstream_replicas = 3\n", cluster.urls()),
+        extra_config: format!(
+            "[bus]\nurl = \"{}\"\nstream_replicas = 3\nnkey_seed_file = \"{}\"\n",
+            cluster.urls(),
+            user.seed_file.display()
+        ),
         with_cni_config: true,
         with_metrics: true,
         ..Default::default()
@@ -51,9 +62,8 @@ async fn churn(node: &Node, done: &AtomicUsize) -> Vec<String> {
 }
 
 /// The events stream as a server still running sees it.
-async fn stream_info(url: &str) -> jetstream::stream::Info {
-    let client = async_nats::connect(url).await.expect("connect to NATS");
-    let mut stream = jetstream::new(client)
+async fn stream_info(cluster: &NatsCluster) -> jetstream::stream::Info {
+    let mut stream = jetstream::new(cluster.client().await)
         .get_stream("TRELLIS_EVENTS")
         .await
         .expect("events stream");
@@ -73,19 +83,80 @@ async fn published(node: &Node) -> BTreeMap<String, u64> {
     counts
 }
 
+/// Reads the whole stream (`total` messages) as deploy/nats/cluster.md's operator
+/// does: its own user, a durable pull consumer of every node's events, each message
+/// acknowledged.
+async fn read_as_operator(cluster: &NatsCluster, user: &TestUser, total: u64) -> Vec<StoredEvent> {
+    let client = async_nats::ConnectOptions::with_nkey(user.seed.clone())
+        .custom_inbox_prefix(CONSUMER_INBOX)
+        .connect(cluster.urls().split(',').collect::<Vec<_>>().as_slice())
+        .await
+        .expect("the consumer connects");
+    let stream = jetstream::new(client)
+        .get_stream("TRELLIS_EVENTS")
+        .await
+        .expect("the consumer finds the stream");
+    let config = consumer::pull::Config {
+        durable_name: Some("fleet-audit".into()),
+        filter_subject: EVENTS_SUBJECT_FILTER.into(),
+        deliver_policy: consumer::DeliverPolicy::All,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ..Default::default()
+    };
+    // Made while the cluster may still be electing after the kill: try again.
+    let started = std::time::Instant::now();
+    let durable = loop {
+        match stream
+            .get_or_create_consumer("fleet-audit", config.clone())
+            .await
+        {
+            Ok(durable) => break durable,
+            Err(error) if started.elapsed() > Duration::from_secs(30) => {
+                panic!("the durable consumer: {error}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let mut messages: consumer::pull::Stream = durable.messages().await.expect("messages");
+    let mut events = Vec::new();
+    while (events.len() as u64) < total {
+        let message = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .unwrap_or_else(|_| panic!("no message after {} of {total}", events.len()))
+            .expect("the stream goes on")
+            .expect("a message");
+        events.push(stored_event(&message));
+        message.ack().await.expect("the consumer acknowledges");
+    }
+    events
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_publish_through_a_three_server_cluster_that_loses_its_leader() {
-    let mut cluster = NatsCluster::start("fleet", 3).await;
+    let keys = tempfile::tempdir().expect("tempdir");
+    // Both nodes' services share one user with every permission: deploy/nats/ and
+    // bus_security.rs cover per-service users; this test is about the cluster.
+    let everything = Permissions {
+        publish: vec![">".into()],
+        subscribe: vec![">".into()],
+    };
+    let nodes_user = TestUser::new(keys.path(), "nodes", everything);
+    let operator = TestUser::new(
+        keys.path(),
+        "operator",
+        for_consumer("TRELLIS_EVENTS", CONSUMER_INBOX),
+    );
+    let mut cluster = NatsCluster::start("fleet", 3, &[&nodes_user.user, &operator.user]).await;
     let base = new_node_name();
     let names = [format!("{base}a"), format!("{base}b")];
     let nodes = [
-        fleet_node(&cluster, &names[0]).await,
-        fleet_node(&cluster, &names[1]).await,
+        fleet_node(&cluster, &names[0], &nodes_user).await,
+        fleet_node(&cluster, &names[1], &nodes_user).await,
     ];
     for node in &nodes {
         wait_for_bus(node, true, true).await;
     }
-    let before = stream_info(&cluster.live_url()).await;
+    let before = stream_info(&cluster).await;
     assert_eq!(
         before.config.num_replicas, 3,
         "bus.stream_replicas made the stream"
@@ -114,18 +185,10 @@ async fn two_nodes_publish_through_a_three_server_cluster_that_loses_its_leader(
         wait_for_bus(node, true, true).await;
     }
 
-    let url = cluster.live_url();
-    let after = stream_info(&url).await;
+    let after = stream_info(&cluster).await;
     let new_leader = after.cluster.as_ref().and_then(|c| c.leader.clone());
     assert_ne!(new_leader.as_deref(), Some(leader.as_str()), "a new leader");
-    let total = stream_len(&url).await;
-    let stored = read_events(
-        &url,
-        EVENTS_SUBJECT_FILTER,
-        Duration::from_secs(30),
-        |events| events.len() as u64 >= total,
-    )
-    .await;
+    let stored = read_as_operator(&cluster, &operator, after.state.messages).await;
 
     // Every message: its id is the event's, and its node is named alike by the
     // header, the subject and the payload.
