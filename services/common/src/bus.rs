@@ -10,6 +10,7 @@
 mod connect;
 pub mod permissions;
 pub mod server_config;
+mod stream;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -55,6 +56,11 @@ pub enum BusError {
 
 /// Subjects all Trellis events live under, for the JetStream stream.
 pub const EVENTS_SUBJECT_FILTER: &str = "trellis.*.events.>";
+/// Headers naming the node and service that raised an event, so that a consumer of a
+/// fleet's stream tells nodes apart without decoding the payload (which says it too)
+/// or parsing the subject.
+pub const NODE_HEADER: &str = "Trellis-Node";
+pub const SERVICE_HEADER: &str = "Trellis-Service";
 const OUTBOX_TABLE: &str = "event-outbox";
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -150,7 +156,9 @@ impl EventBus {
         };
         let subject = event_subject(&inner.node, &payload);
         let time = crate::clock::now_nanos();
-        let headers = current_trace_headers();
+        let mut headers = current_trace_headers();
+        headers.insert(NODE_HEADER.to_string(), inner.node.clone());
+        headers.insert(SERVICE_HEADER.to_string(), inner.service.to_string());
         let _order = inner
             .enqueue
             .lock()
@@ -254,6 +262,7 @@ async fn deliver(inner: Arc<Inner>) {
     };
     let jetstream = jetstream::new(client.clone());
     let mut stream_ready = false;
+    let mut stream_warned = false;
     let mut failures: u32 = 0;
     loop {
         let woken = inner.wake.notified();
@@ -288,7 +297,7 @@ async fn deliver(inner: Arc<Inner>) {
         }
         let result = async {
             if !stream_ready {
-                ensure_stream(&jetstream, &inner.config).await?;
+                stream::ensure(&jetstream, &inner.config, &mut stream_warned).await?;
                 stream_ready = true;
             }
             send(&jetstream, &record, &inner.config).await
@@ -312,21 +321,6 @@ async fn deliver(inner: Arc<Inner>) {
             }
         }
     }
-}
-
-async fn ensure_stream(jetstream: &jetstream::Context, config: &BusConfig) -> Result<(), String> {
-    jetstream
-        .get_or_create_stream(jetstream::stream::Config {
-            name: config.stream.clone(),
-            subjects: vec![EVENTS_SUBJECT_FILTER.to_string()],
-            max_age: Duration::from_secs(config.stream_max_age_seconds),
-            duplicate_window: Duration::from_secs(120),
-            storage: jetstream::stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .map(|_| ())
-        .map_err(|e| format!("cannot create or find stream {}: {e}", config.stream))
 }
 
 async fn send(

@@ -26,6 +26,7 @@ pub mod hostile;
 pub mod memory;
 pub mod metrics;
 pub mod nats;
+pub mod nats_cluster;
 pub mod netns;
 pub mod otlp;
 pub mod peer;

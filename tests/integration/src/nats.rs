@@ -6,10 +6,12 @@ use std::path::{Path, PathBuf};
 use async_nats::jetstream;
 use futures::StreamExt;
 use prost::Message;
+use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use trellis_common::bus::server_config::ServerConfig;
 use trellis_proto::events::v1::Event;
+use trellis_proto::events::v1::event::Payload;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -141,7 +143,7 @@ impl Drop for NatsServer {
     }
 }
 
-fn nats_server() -> PathBuf {
+pub(crate) fn nats_server() -> PathBuf {
     [
         "/usr/bin/nats-server",
         "/usr/sbin/nats-server",
@@ -159,6 +161,9 @@ fn nats_server() -> PathBuf {
 pub struct StoredEvent {
     pub event: Event,
     pub message_id: Option<String>,
+    pub subject: String,
+    /// The `Trellis-Node` header: the node that raised it, for a fleet's consumers.
+    pub node_header: Option<String>,
 }
 
 /// Reads the events stream from its start, on subjects matching `filter`, until
@@ -196,15 +201,23 @@ pub async fn read_events_with(
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::Config {
-            filter_subject: filter.to_string(),
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
-            ack_policy: jetstream::consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await
-        .expect("consumer");
+    // In a cluster that just lost a server, creating a consumer may time out until
+    // JetStream has elected new leaders: try again until `timeout`.
+    let consumer = loop {
+        let created = stream
+            .create_consumer(jetstream::consumer::pull::Config {
+                filter_subject: filter.to_string(),
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                ack_policy: jetstream::consumer::AckPolicy::None,
+                ..Default::default()
+            })
+            .await;
+        match created {
+            Ok(consumer) => break consumer,
+            Err(error) if started.elapsed() > timeout => panic!("consumer: {error:?}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
     let mut messages = consumer.messages().await.expect("messages");
     let deadline = Instant::now() + timeout;
     let mut events = Vec::new();
@@ -221,15 +234,27 @@ pub async fn read_events_with(
                 events.len()
             ),
         };
-        let event = Event::decode(message.payload.clone()).expect("event payload");
-        let message_id = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Msg-Id"))
-            .map(|v| v.as_str().to_string());
-        events.push(StoredEvent { event, message_id });
+        events.push(stored_event(&message));
     }
     events
+}
+
+/// An event message of the stream, decoded.
+pub fn stored_event(message: &async_nats::Message) -> StoredEvent {
+    let event = Event::decode(message.payload.clone()).expect("event payload");
+    let header = |name: &str| {
+        message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_string())
+    };
+    StoredEvent {
+        event,
+        message_id: header("Nats-Msg-Id"),
+        subject: message.subject.to_string(),
+        node_header: header(trellis_common::bus::NODE_HEADER),
+    }
 }
 
 /// How many messages the events stream holds.
@@ -240,4 +265,64 @@ pub async fn stream_len(url: &str) -> u64 {
         .await
         .expect("events stream");
     stream.info().await.expect("stream info").state.messages
+}
+
+/// Waits until every service of `node` is connected to the bus and, with `drained`,
+/// has nothing left in its outbox.
+pub async fn wait_for_bus(node: &crate::Node, connected: bool, drained: bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for service in crate::SERVICES {
+        loop {
+            let bus = node.info(service).await.ok().and_then(|i| i.bus);
+            if bus
+                .as_ref()
+                .is_some_and(|b| b.connected == connected && (!drained || b.outbox_pending == 0))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{service}: bus never connected={connected} drained={drained}: {bus:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Per sandbox id, in stored order: the kinds of its sandbox events, and of its
+/// network events.
+pub type Histories = (BTreeMap<String, Vec<String>>, BTreeMap<String, Vec<String>>);
+
+pub fn histories(stored: &[StoredEvent]) -> Histories {
+    let mut sandbox: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut network: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for stored in stored {
+        match &stored.event.payload {
+            Some(Payload::Sandbox(e)) => sandbox
+                .entry(e.sandbox_id.clone())
+                .or_default()
+                .push(e.kind().as_str_name().to_string()),
+            Some(Payload::Network(e)) => network
+                .entry(e.sandbox_id.clone())
+                .or_default()
+                .push(e.kind().as_str_name().to_string()),
+            _ => {}
+        }
+    }
+    (sandbox, network)
+}
+
+/// What a pod run, stopped and removed leaves: each sandbox event once, in order, and
+/// each network event once, in order.
+pub fn assert_pod_life(histories: &Histories, pod: &str) {
+    assert_eq!(
+        histories.0.get(pod).map(Vec::as_slice),
+        Some(&["CREATED", "STARTED", "STOPPED", "DELETED"].map(String::from)[..]),
+        "pod {pod}: each sandbox event once, in order"
+    );
+    assert_eq!(
+        histories.1.get(pod).map(Vec::as_slice),
+        Some(&["SET_UP", "TORN_DOWN"].map(String::from)[..]),
+        "pod {pod}: each network event once, in order"
+    );
 }

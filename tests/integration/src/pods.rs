@@ -74,3 +74,31 @@ pub async fn status(node: &Node, id: &str) -> ContainerStatus {
 pub async fn wait_exited(node: &Node, id: &str) -> ContainerStatus {
     crate::cri::wait_exited(node, id, Duration::from_secs(20)).await
 }
+
+/// One pod's whole life (run with a network of its own, stop, remove), every call of
+/// which must succeed; returns the sandbox's id.
+pub async fn pod_cycle(node: &Node, name: &str) -> String {
+    let mut runtime = node.runtime();
+    let id = runtime
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(crate::cri::pod_config(name, false)),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}"))
+        .into_inner()
+        .pod_sandbox_id;
+    runtime
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: id.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StopPodSandbox {name}: {e}"));
+    runtime
+        .remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: id.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RemovePodSandbox {name}: {e}"));
+    id
+}

@@ -75,8 +75,11 @@ pub(super) async fn connect(
     {
         options = options.require_tls(true);
     }
+    // async-nats reads a string as one server: a cluster's list is handed over as a
+    // list, and the client moves to another of its servers when one goes away.
+    let servers: Vec<&str> = config.url.split(',').map(str::trim).collect();
     options
-        .connect(config.url.as_str())
+        .connect(servers.as_slice())
         .await
         .map_err(|source| BusError::Connect {
             url: config.url.clone(),

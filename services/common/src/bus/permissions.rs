@@ -56,6 +56,26 @@ pub fn for_service(kind: ServiceKind, node: &str, stream: &str) -> Permissions {
     Permissions { publish, subscribe }
 }
 
+/// An operator's consumer of a fleet's events (deploy/nats/cluster.md): it may make,
+/// read and acknowledge JetStream consumers of stream `stream` (durable or not), and
+/// hears replies on inbox prefix `inbox` only. It publishes no event and subscribes
+/// to none directly, so it can neither forge events nor see other clients' replies.
+pub fn for_consumer(stream: &str, inbox: &str) -> Permissions {
+    Permissions {
+        publish: vec![
+            "$JS.API.INFO".into(),
+            format!("$JS.API.STREAM.INFO.{stream}"),
+            // CREATE, INFO, DELETE, NAMES, LIST of the stream's consumers.
+            format!("$JS.API.CONSUMER.*.{stream}"),
+            format!("$JS.API.CONSUMER.*.{stream}.>"),
+            format!("$JS.API.CONSUMER.DURABLE.CREATE.{stream}.>"),
+            format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.>"),
+            format!("$JS.ACK.{stream}.>"),
+        ],
+        subscribe: vec![format!("{inbox}.>")],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use trellis_proto::events::v1::event::Payload;

@@ -26,6 +26,10 @@ pub struct BusConfig {
     /// JetStream stream holding recent events.
     pub stream: String,
     pub stream_max_age_seconds: u64,
+    /// Copies of the stream JetStream keeps, on as many servers of a cluster (1 to 5;
+    /// 3 for a three-server cluster, so that one server may fail). Used when the
+    /// stream is created; an existing stream keeps its own and a difference is logged.
+    pub stream_replicas: usize,
     /// Events kept on disk while the bus is unreachable; beyond it the oldest go.
     pub outbox_max_events: u64,
     pub publish_timeout_ms: u64,
@@ -50,6 +54,7 @@ impl Default for BusConfig {
             url: String::new(),
             stream: "TRELLIS_EVENTS".into(),
             stream_max_age_seconds: 24 * 3600,
+            stream_replicas: 1,
             outbox_max_events: 100_000,
             publish_timeout_ms: 5_000,
             nats_server: "nats-server".into(),
@@ -119,6 +124,14 @@ pub(super) fn validate(bus: &BusConfig, provenance: &Provenance) -> Result<(), C
             "bus.stream",
             "a JetStream stream name of letters, digits, '-' and '_'",
             &bus.stream,
+        ));
+    }
+    // JetStream's own bounds: one copy at least, five at most.
+    if !(1..=5).contains(&bus.stream_replicas) {
+        return Err(bad(
+            "bus.stream_replicas",
+            "1 to 5 (3 for a three-server NATS cluster)",
+            &bus.stream_replicas.to_string(),
         ));
     }
     if bus.outbox_max_events == 0 {

@@ -171,3 +171,42 @@ fn the_shipped_sample_grants_what_the_services_need() {
         );
     }
 }
+
+/// deploy/nats/cluster.md shows the users of a fleet's servers: a node's (as above)
+/// and an operator's consumer, whose permissions the fleet test uses.
+#[test]
+fn the_cluster_example_grants_the_consumer_what_it_needs() {
+    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/nats/cluster.md");
+    let text = std::fs::read_to_string(&doc).expect("read deploy/nats/cluster.md");
+    let users = [
+        NatsUser {
+            public_key: "<NODE1_RUNTIME_PUBLIC_KEY>".into(),
+            permissions: for_service(ServiceKind::Runtime, "node1", "TRELLIS_EVENTS"),
+        },
+        NatsUser {
+            public_key: "<CONSUMER_PUBLIC_KEY>".into(),
+            permissions: crate::bus::permissions::for_consumer(
+                "TRELLIS_EVENTS",
+                "_INBOX.fleet-consumer",
+            ),
+        },
+    ];
+    for user in users {
+        let config = ServerConfig {
+            listen: "127.0.0.1:4222".parse().expect("address"),
+            store_dir: "/var/lib/trellis/nats".into(),
+            users: vec![user],
+            tls: None,
+        };
+        let rendered = config.render().expect("render");
+        let line = rendered
+            .lines()
+            .find(|line| line.contains("nkey:"))
+            .expect("user line");
+        assert!(
+            text.contains(line.trim()),
+            "deploy/nats/cluster.md lacks:\n{}",
+            line.trim()
+        );
+    }
+}

@@ -277,3 +277,26 @@ fn a_stream_name_that_could_leave_its_subject_or_quotes_is_refused() {
         .load(&[("stream", "TRELLIS_EVENTS-2")])
         .expect("a plain name");
 }
+
+#[test]
+fn stream_replicas_are_those_jetstream_can_keep() {
+    let files = Files::new();
+    let load = |replicas: &str| {
+        let file = files.path("trellis.toml");
+        std::fs::write(&file, format!("[bus]\nstream_replicas = {replicas}\n")).expect("write");
+        ConfigSource {
+            file: Some(file),
+            overrides: Vec::new(),
+        }
+        .load_with_env(&[])
+    };
+    for replicas in ["0", "6"] {
+        let message = load(replicas).expect_err("refused").to_string();
+        assert!(
+            message.contains("bus.stream_replicas") && message.contains("1 to 5"),
+            "{message}"
+        );
+    }
+    let config = load("3").expect("three copies");
+    assert_eq!(config.bus.stream_replicas, 3);
+}
