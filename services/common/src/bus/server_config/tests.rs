@@ -152,17 +152,7 @@ fn the_shipped_sample_grants_what_the_services_need() {
             public_key: format!("<{}_PUBLIC_KEY>", kind.name().to_ascii_uppercase()),
             permissions: for_service(kind, "node1", "TRELLIS_EVENTS"),
         };
-        let config = ServerConfig {
-            listen: "127.0.0.1:4222".parse().expect("address"),
-            store_dir: "/var/lib/trellis/nats".into(),
-            users: vec![user],
-            tls: None,
-        };
-        let rendered = config.render().expect("render");
-        let line = rendered
-            .lines()
-            .find(|line| line.contains("nkey:"))
-            .expect("user line");
+        let line = user_line(user);
         assert!(
             text.contains(line.trim()),
             "deploy/nats/nats-server.conf lacks, for {}:\n{}",
@@ -192,21 +182,27 @@ fn the_cluster_example_grants_the_consumer_what_it_needs() {
         },
     ];
     for user in users {
-        let config = ServerConfig {
-            listen: "127.0.0.1:4222".parse().expect("address"),
-            store_dir: "/var/lib/trellis/nats".into(),
-            users: vec![user],
-            tls: None,
-        };
-        let rendered = config.render().expect("render");
-        let line = rendered
-            .lines()
-            .find(|line| line.contains("nkey:"))
-            .expect("user line");
+        let line = user_line(user);
         assert!(
             text.contains(line.trim()),
             "deploy/nats/cluster.md lacks:\n{}",
             line.trim()
         );
     }
+}
+
+/// The line a server configuration gives `user` (its nkey and permissions).
+fn user_line(user: NatsUser) -> String {
+    let config = ServerConfig {
+        listen: "127.0.0.1:4222".parse().expect("address"),
+        store_dir: "/var/lib/trellis/nats".into(),
+        users: vec![user],
+        tls: None,
+    };
+    let rendered = config.render().expect("render");
+    rendered
+        .lines()
+        .find(|line| line.contains("nkey:"))
+        .expect("user line")
+        .to_string()
 }
