@@ -50,6 +50,10 @@ pub enum RuntimeError {
     },
     #[error("{0}")]
     Oci(String),
+    /// The OCI runtime was asked to start a container it had started already (it
+    /// runs, or ran and ended): an earlier start whose record was lost to a kill.
+    #[error("container {0} was started already")]
+    AlreadyStarted(String),
     #[error("{what} timed out after {seconds} s")]
     Timeout { what: String, seconds: u64 },
     /// A fail point set by a test (debug builds only).
@@ -96,7 +100,9 @@ impl From<RuntimeError> for Status {
             RuntimeError::InvalidArgument(_) => Status::invalid_argument(message),
             RuntimeError::NotFound(_) => Status::not_found(message),
             RuntimeError::AlreadyExists(_) => Status::already_exists(message),
-            RuntimeError::FailedPrecondition(_) => Status::failed_precondition(message),
+            RuntimeError::FailedPrecondition(_) | RuntimeError::AlreadyStarted(_) => {
+                Status::failed_precondition(message)
+            }
             RuntimeError::Backend { status, .. } => Status::new(status.code(), message),
             RuntimeError::Unreachable { .. } => Status::unavailable(message),
             RuntimeError::NoAnswer { .. } => Status::deadline_exceeded(message),

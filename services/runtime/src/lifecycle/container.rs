@@ -370,9 +370,19 @@ impl Runtime {
         if record.state() != ContainerState::Created {
             return Err(not_created());
         }
-        self.oci
+        match self
+            .oci
             .start(Self::runtime_binary(&record), &record.id, record.pid)
-            .await?;
+            .await
+        {
+            Ok(()) => {}
+            // An earlier process of this service started it and was killed before it
+            // could record that: the start is done, only the record is behind.
+            Err(RuntimeError::AlreadyStarted(_)) => {
+                tracing::info!(container = %id, "started already by an earlier process of this service; recording it");
+            }
+            Err(error) => return Err(error),
+        }
         let (record, ()) = self.store.containers.update(id, |record| {
             // An exit seen meanwhile (a command that ends at once) stays recorded.
             if record.state() == ContainerState::Created {

@@ -211,3 +211,24 @@ async fn records_written_before_digests_repeat_pods_but_not_containers() {
         "{again:?}"
     );
 }
+
+/// A runtime killed between `runc start` and recording it: the container runs, its
+/// record still says Created. The kubelet's retry of StartContainer finds the start
+/// done and records it, instead of failing on the OCI runtime's "already running".
+#[tokio::test]
+async fn a_start_whose_record_was_lost_is_recorded_when_repeated() {
+    use crate::oci::OciRuntime;
+    let node = Node::new();
+    let pod = node.run_pod("web").await.expect("pod");
+    let app = node.create(&pod, "app").await.expect("app");
+    node.oci
+        .start(std::path::Path::new("runc"), &app, 0)
+        .await
+        .expect("the earlier process's start");
+    assert_eq!(node.state_of(&app), ContainerState::Created);
+    node.runtime()
+        .start_container(&app)
+        .await
+        .expect("the repeated start");
+    assert_eq!(node.state_of(&app), ContainerState::Running);
+}

@@ -284,7 +284,16 @@ impl OciRuntime for ConmonRunc {
         let fifo = self.runc_root().join(id).join("exec.fifo");
         match start_through_exec_fifo(&fifo, pid).await {
             Ok(true) => Ok(()),
-            Ok(false) => self.runtime_command(runtime, &["start", id]).await,
+            Ok(false) => match self.runtime_command(runtime, &["start", id]).await {
+                // runc's words for a container past its start (the fifo is gone).
+                Err(RuntimeError::Oci(message))
+                    if message.contains("cannot start an already running container")
+                        || message.contains("cannot start a container that has stopped") =>
+                {
+                    Err(RuntimeError::AlreadyStarted(id.to_string()))
+                }
+                other => other,
+            },
             Err(source) => Err(RuntimeError::io(
                 format!("cannot start container {id} through {}", fifo.display()),
                 source,

@@ -113,6 +113,9 @@ impl OciRuntime for FakeOci {
                 *state = FakeState::Running;
                 Ok(())
             }
+            Some(FakeState::Running | FakeState::Stopped) => {
+                Err(RuntimeError::AlreadyStarted(id.to_string()))
+            }
             other => Err(RuntimeError::Oci(format!(
                 "fake runtime: cannot start {id} in state {other:?}"
             ))),
