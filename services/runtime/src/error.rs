@@ -50,8 +50,8 @@ pub enum RuntimeError {
     },
     #[error("{0}")]
     Oci(String),
-    /// The OCI runtime was asked to start a container it had started already (it
-    /// runs, or ran and ended): an earlier start whose record was lost to a kill.
+    /// The OCI runtime was asked to start a container it had started already and that
+    /// still runs: an earlier start whose record was lost to a kill.
     #[error("container {0} was started already")]
     AlreadyStarted(String),
     #[error("{what} timed out after {seconds} s")]

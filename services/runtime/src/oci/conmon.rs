@@ -285,10 +285,11 @@ impl OciRuntime for ConmonRunc {
         match start_through_exec_fifo(&fifo, pid).await {
             Ok(true) => Ok(()),
             Ok(false) => match self.runtime_command(runtime, &["start", id]).await {
-                // runc's words for a container past its start (the fifo is gone).
+                // runc's words for a container started before (the fifo is gone). One
+                // that "has stopped" may never have started (its process died first):
+                // that stays an error.
                 Err(RuntimeError::Oci(message))
-                    if message.contains("cannot start an already running container")
-                        || message.contains("cannot start a container that has stopped") =>
+                    if message.contains("cannot start an already running container") =>
                 {
                     Err(RuntimeError::AlreadyStarted(id.to_string()))
                 }

@@ -113,9 +113,7 @@ impl OciRuntime for FakeOci {
                 *state = FakeState::Running;
                 Ok(())
             }
-            Some(FakeState::Running | FakeState::Stopped) => {
-                Err(RuntimeError::AlreadyStarted(id.to_string()))
-            }
+            Some(FakeState::Running) => Err(RuntimeError::AlreadyStarted(id.to_string())),
             other => Err(RuntimeError::Oci(format!(
                 "fake runtime: cannot start {id} in state {other:?}"
             ))),
