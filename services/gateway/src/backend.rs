@@ -25,7 +25,7 @@
 //! that failed.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -90,8 +90,6 @@ fn never_connected(status: &Status) -> bool {
 /// rather than the call.
 pub struct Backend {
     pub kind: ServiceKind,
-    /// Replica 1's socket, for messages about the service as a whole.
-    pub socket: PathBuf,
     replicas: Vec<Replica>,
     next: AtomicUsize,
 }
@@ -112,13 +110,16 @@ impl Backend {
             .collect();
         Self {
             kind,
-            socket: replicas
-                .first()
-                .map(|replica| replica.socket.clone())
-                .unwrap_or_default(),
             replicas,
             next: AtomicUsize::new(0),
         }
+    }
+
+    /// Replica 1's socket, for messages about the service as a whole.
+    pub fn socket(&self) -> &Path {
+        self.replicas
+            .first()
+            .map_or(Path::new(""), |replica| replica.socket.as_path())
     }
 
     /// The replica for a call's first attempt; later attempts take the next ones.
@@ -400,7 +401,7 @@ mod tests {
             "a retry goes to the next replica"
         );
         assert_eq!(socket(a, 3), socket(a, 0), "and round again");
-        assert_eq!(backend.socket, sockets[0]);
+        assert_eq!(backend.socket(), sockets[0]);
         assert!(
             Backend::new(ServiceKind::Image, Vec::new())
                 .replica(0, 0)
@@ -488,7 +489,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let backends = backends(dir.path(), Duration::from_millis(300));
         // Bound and closed: the file stays, connections are refused.
-        drop(std::os::unix::net::UnixListener::bind(&backends.runtime.socket).expect("bind"));
+        drop(std::os::unix::net::UnixListener::bind(backends.runtime.socket()).expect("bind"));
         let attempts = std::sync::atomic::AtomicU32::new(0);
         let status = backends
             .call(

@@ -94,7 +94,7 @@ fn unreachable(
         message: format!(
             "trellis-{} on {}: {}",
             backend.kind.name(),
-            backend.socket.display(),
+            backend.socket().display(),
             error.message()
         ),
     }

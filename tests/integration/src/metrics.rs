@@ -74,14 +74,7 @@ pub async fn scrape(node: &Node, service: &str) -> Scrape {
 
 /// Scrapes the metrics listener at `address` (`host:port`).
 pub fn scrape_address(address: &str) -> Scrape {
-    let mut stream = std::net::TcpStream::connect(address).expect("connect to metrics");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    let (head, text) = response.split_once("\r\n\r\n").expect("an HTTP answer");
-    assert!(head.starts_with("HTTP/1.1 200 OK"), "{response}");
+    let text = http_get(address, "/metrics").unwrap_or_else(|error| panic!("{error}"));
     let series = text
         .lines()
         .filter(|line| !line.starts_with('#') && !line.is_empty())
@@ -94,4 +87,47 @@ pub fn scrape_address(address: &str) -> Scrape {
         text: text.to_string(),
         series,
     }
+}
+
+/// The body of `GET path` on `address` (`host:port`), or why there is none (not 200).
+/// One request a connection, the body read to the end (chunks joined).
+pub fn http_get(address: &str, path: &str) -> Result<String, String> {
+    let mut stream =
+        std::net::TcpStream::connect(address).map_err(|e| format!("{address}: {e}"))?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| e.to_string())?;
+    let (head, body) = response.split_once("\r\n\r\n").ok_or("no HTTP body")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("{path}: {response}"));
+    }
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Ok(dechunk(body));
+    }
+    Ok(body.to_string())
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
 }

@@ -102,3 +102,27 @@ pub async fn pod_cycle(node: &Node, name: &str) -> String {
         .unwrap_or_else(|e| panic!("RemovePodSandbox {name}: {e}"));
     id
 }
+
+/// Runs a pod and checks that its first event is the next one each of `streams`
+/// (GetContainerEvents subscriptions) receives, within 10 s; then removes the pod.
+pub async fn next_pod_event_reaches(
+    node: &Node,
+    streams: &mut [tonic::Streaming<ContainerEventResponse>],
+) {
+    let logs = node.root().join("logs").display().to_string();
+    let pod = run_pod(node, pod_config("after", &logs, true)).await;
+    for stream in streams.iter_mut() {
+        let event = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("an event within 10 s")
+            .expect("stream")
+            .expect("an event");
+        assert_eq!(event.container_id, pod.id, "the new pod's event");
+    }
+    node.runtime()
+        .remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod.id.clone(),
+        })
+        .await
+        .expect("remove pod");
+}

@@ -2,12 +2,12 @@
 //! test node (its five services and `trellis up`) under load, and every query of every
 //! panel, with the node variable set to the node's host, returns at least one series.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use trellis_integration::cri::{self, BusyboxNode};
+use trellis_integration::metrics::http_get;
 use trellis_integration::{NodeOptions, eventually, free_port, kill9};
 
 /// A Prometheus of the test's own: its config, data and port; killed when dropped.
@@ -75,50 +75,6 @@ fn percent_encode(text: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-fn http_get(address: &str, path: &str) -> Result<String, String> {
-    let mut stream = std::net::TcpStream::connect(address).map_err(|e| e.to_string())?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .map_err(|e| e.to_string())?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .map_err(|e| e.to_string())?;
-    let (head, body) = response.split_once("\r\n\r\n").ok_or("no HTTP body")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!(
-            "{}: {body}",
-            head.lines().next().unwrap_or_default()
-        ));
-    }
-    // Prometheus answers small queries in one piece; a chunked one starts with a size.
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        return Ok(dechunk(body));
-    }
-    Ok(body.to_string())
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if size == 0 || rest.len() < size {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        body = rest[size..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 /// Every `(panel title, query)` of every dashboard under `deploy/grafana/`.

@@ -228,21 +228,6 @@ async fn a_gateway_restart_ends_both_event_streams_cleanly_and_they_subscribe_ag
     );
 
     let mut streams = vec![subscribe().await, subscribe().await];
-    let logs = node.root().join("logs").display().to_string();
-    let pod = run_pod(&node, pod_config("after", &logs, true)).await;
-    for stream in &mut streams {
-        let event = tokio::time::timeout(Duration::from_secs(10), stream.message())
-            .await
-            .expect("an event within 10 s")
-            .expect("stream")
-            .expect("an event");
-        assert_eq!(event.container_id, pod.id, "the new pod's event");
-    }
-    node.runtime()
-        .remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: pod.id.clone(),
-        })
-        .await
-        .expect("remove pod");
+    next_pod_event_reaches(&node, &mut streams).await;
     node.stop();
 }

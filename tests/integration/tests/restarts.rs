@@ -298,20 +298,7 @@ async fn gateway_sigterm_ends_event_streams_with_unavailable_and_refuses_no_conn
         .await
         .expect("subscribe again")
         .into_inner();
-    let logs = node.root().join("logs").display().to_string();
-    let pod = run_pod(&node, pod_config("after", &logs, true)).await;
-    let event = tokio::time::timeout(Duration::from_secs(10), events.message())
-        .await
-        .expect("an event within 10 s")
-        .expect("stream")
-        .expect("an event");
-    assert_eq!(event.container_id, pod.id, "the new pod's event");
-    node.runtime()
-        .remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: pod.id.clone(),
-        })
-        .await
-        .expect("remove pod");
+    next_pod_event_reaches(&node, std::slice::from_mut(&mut events)).await;
     node.stop();
 }
 
