@@ -398,11 +398,10 @@ async fn containers_need_a_ready_pod_and_the_right_state() {
         Err(RuntimeError::FailedPrecondition(_))
     ));
     runtime.start_container(&app).await.expect("start");
-    let twice = runtime.start_container(&app).await;
-    assert!(
-        matches!(twice, Err(RuntimeError::FailedPrecondition(_))),
-        "{twice:?}"
-    );
+    runtime
+        .start_container(&app)
+        .await
+        .expect("a repeated start of a running container answers as the start did");
     let output = runtime
         .exec_sync(&app, vec!["echo".into(), "hi".into()], 1)
         .await
