@@ -1,8 +1,10 @@
 //! Starting and stopping the node's child processes.
 //!
 //! Children get their own process group, so a Ctrl-C at the terminal reaches only
-//! `trellis up`, which then stops them in order; and they are asked (SIGTERM) to
-//! stop if `trellis up` itself dies, so a killed supervisor leaves no orphans.
+//! `trellis up`, which then stops them in order; and they are told (SIGHUP, their
+//! parent-death signal) when `trellis up` itself dies, so a killed supervisor leaves
+//! no orphans. SIGHUP rather than SIGTERM tells a service that the socket its starter
+//! held is now its to remove; nats-server gets SIGTERM.
 //!
 //! A service child gets its listening socket, held by `trellis up`, with the
 //! socket-activation protocol (see `trellis_common::activation`): as fd 3, with
@@ -75,7 +77,14 @@ impl ChildSpec {
             .stdin(Stdio::null())
             .process_group(0)
             .kill_on_drop(false);
-        inherit::stop_with_parent(&mut command);
+        // A service on a handed-down socket learns of the death as SIGHUP (see the
+        // header); nats-server would take SIGHUP for "reload".
+        let parent_death = if self.listen.is_some() {
+            Signal::SIGHUP
+        } else {
+            Signal::SIGTERM
+        };
+        inherit::stop_with_parent(&mut command, parent_death);
         command.spawn().map_err(|source| ChildError::Spawn {
             program: self.program.clone(),
             source,
@@ -119,12 +128,12 @@ mod inherit {
         }
     }
 
-    pub fn stop_with_parent(command: &mut tokio::process::Command) {
+    pub fn stop_with_parent(command: &mut tokio::process::Command, signal: Signal) {
         // SAFETY: the closure runs in the forked child before exec and only makes the
         // async-signal-safe prctl(2) system call.
         unsafe {
-            command.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)
+            command.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(signal).map_err(std::io::Error::from)
             });
         }
     }

@@ -1,7 +1,7 @@
 //! What every Trellis service process does around its own gRPC services: load the
 //! configuration, install telemetry, own its socket, open its records, start the
 //! event bus, serve health and info next to its services, export metrics, and shut
-//! down cleanly on SIGTERM or SIGINT.
+//! down cleanly on SIGTERM or SIGINT (or SIGHUP, when its starter died).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -261,11 +261,15 @@ where
     // waits for the calls it accepted; watch streams end at once (`stopping`), asked to
     // come back. Only calls still open after the grace are cut.
     let grace = Duration::from_secs(config.node.shutdown_grace_seconds);
+    let why = std::sync::OnceLock::new();
     let result = tokio::select! {
         result = server => result,
         _ = async {
-            shutdown_signal().await;
-            crate::notify::tell(crate::notify::STOPPING);
+            let reason = shutdown_signal().await;
+            let _ = why.set(reason);
+            if reason == StopReason::Asked {
+                crate::notify::tell(crate::notify::STOPPING);
+            }
             let _ = stopping.send(true);
             tokio::time::sleep(grace).await;
         } => {
@@ -284,7 +288,15 @@ where
     }
     match socket {
         Some(owned) => drop(owned),
-        None => crate::transport::remove_if_orphaned(&endpoint.socket),
+        // The starter's lock goes with its last thread, a moment after the signal
+        // that its first dying thread sent.
+        None => crate::transport::remove_if_orphaned(
+            &endpoint.socket,
+            match why.get() {
+                Some(StopReason::StarterGone) => Duration::from_secs(3),
+                _ => Duration::ZERO,
+            },
+        ),
     }
     match &result {
         Ok(()) => tracing::info!("{process} stopped cleanly"),
@@ -412,11 +424,23 @@ fn publish_lifecycle(bus: &EventBus, kind: service_event::Kind) {
     }
 }
 
-async fn shutdown_signal() {
+/// Why a service stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    /// SIGTERM or SIGINT: an operator, systemd or `trellis up` asked.
+    Asked,
+    /// SIGHUP, the parent-death signal `trellis up` gives its children: the starter
+    /// holding this service's socket died (SIGKILL), so the socket is this
+    /// service's to remove (see `transport::remove_if_orphaned`).
+    StarterGone,
+}
+
+async fn shutdown_signal() -> StopReason {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
@@ -424,7 +448,12 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
+        _ = hup.recv() => {
+            tracing::info!("SIGHUP received: the process that started this one is gone");
+            return StopReason::StarterGone;
+        }
     }
+    StopReason::Asked
 }
 
 /// The gRPC services a process of `kind` serves, for its call metrics.

@@ -136,16 +136,28 @@ impl Drop for OwnedSocket {
 /// For a service whose socket was handed down: removes the socket and its lock file if
 /// the owner that made them (`trellis up`) is gone, which the free lock proves (it died
 /// with SIGKILL and its children stop after it). A socket with no lock file is not one
-/// of ours to remove (systemd's), and a held lock means the owner lives on.
-pub fn remove_if_orphaned(socket: &Path) {
+/// of ours to remove (systemd's), and a held lock means the owner lives on. An owner
+/// known to be dying is waited for up to `dying_owner`: the kernel signals its children
+/// when its first thread exits and frees its files with the last.
+pub fn remove_if_orphaned(socket: &Path, dying_owner: Duration) {
     let lock_path = lock_path_of(socket);
     if !lock_path.exists() {
         return;
     }
-    if let Ok(Some(_lock)) = crate::dirs::try_lock_file(&lock_path) {
-        tracing::info!(socket = %socket.display(), "the socket's owner is gone: removing it");
-        let _ = std::fs::remove_file(socket);
-        let _ = std::fs::remove_file(&lock_path);
+    let deadline = std::time::Instant::now() + dying_owner;
+    loop {
+        match crate::dirs::try_lock_file(&lock_path) {
+            Ok(Some(_lock)) => {
+                tracing::info!(socket = %socket.display(), "the socket's owner is gone: removing it");
+                let _ = std::fs::remove_file(socket);
+                let _ = std::fs::remove_file(&lock_path);
+                return;
+            }
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            _ => return,
+        }
     }
 }
 

@@ -123,7 +123,8 @@ async fn children_stop_when_the_supervisor_is_killed() {
         }
         assert!(
             Instant::now() < deadline,
-            "still there 15 s after the supervisor died: {left:#?}"
+            "still there 15 s after the supervisor died: {left:#?}\n{}",
+            node.log_tail()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
