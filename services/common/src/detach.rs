@@ -61,8 +61,12 @@ where
             return Box::pin(self.inner.call(request));
         }
         let method = request.uri().path().to_string();
-        let task = tokio::spawn(self.inner.call(request).in_current_span());
+        let call = self.inner.call(request);
+        // Spawned at the first poll, which tonic makes inside the call's server span
+        // (its `call` runs outside it), so that the handler's logs and calls belong
+        // to the call's trace.
         Box::pin(async move {
+            let task = tokio::spawn(call.in_current_span());
             match task.await {
                 Ok(answer) => answer,
                 Err(failed) => {

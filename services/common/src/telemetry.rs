@@ -213,3 +213,89 @@ pub fn current_trace_headers() -> HashMap<String, String> {
     });
     headers
 }
+
+/// A span for one step inside a call (`runc create`, a CNI plugin run, a layer's
+/// unpack): a child of the current span when spans are exported, nothing otherwise,
+/// so a node that exports none pays nothing for its steps. Fields as in
+/// `tracing::info_span!`; `otel.name = %name` names a step whose name is known only
+/// at run time.
+#[macro_export]
+macro_rules! step_span {
+    ($name:literal $(, $($fields:tt)*)?) => {
+        if $crate::telemetry::exporting() {
+            ::tracing::info_span!($name $(, $($fields)*)?)
+        } else {
+            ::tracing::Span::none()
+        }
+    };
+}
+
+/// The client span of a call to another Trellis service (`peer` is its process
+/// name, `trellis-storage`): it covers the whole exchange, the socket's and the peer's
+/// HTTP/2 included, so the caller's trace has no gap around the peer's server span.
+/// Requests made inside it (`traced_request`) carry it as their parent.
+pub fn client_span(peer: &str) -> tracing::Span {
+    crate::step_span!("grpc.client", otel.name = %format!("call {peer}"), otel.kind = "client", peer.service = %peer)
+}
+
+/// Attributes of the current span (inside a handler: the call's server span) under
+/// OpenTelemetry's names (`k8s.pod.uid`, `container.id`, ...). Empty values are left
+/// out; nothing happens when spans are not exported.
+pub fn annotate(pairs: &[(&'static str, &str)]) {
+    if !exporting() {
+        return;
+    }
+    let span = tracing::Span::current();
+    for (key, value) in pairs {
+        if !value.is_empty() {
+            span.set_attribute(*key, value.to_string());
+        }
+    }
+}
+
+/// The current span's context, to link a later span to (a streaming session to the
+/// Exec call that made it); none when spans are not exported.
+pub fn current_span_context() -> Option<opentelemetry::trace::SpanContext> {
+    if !exporting() {
+        return None;
+    }
+    use opentelemetry::trace::TraceContextExt;
+    let context = tracing::Span::current().context();
+    let span_context = context.span().span_context().clone();
+    span_context.is_valid().then_some(span_context)
+}
+
+/// Links `span` to the span whose context `headers` carry (a bus event's
+/// `traceparent`), so a consumer's work is found from the publisher's trace.
+pub fn link_to_headers<'a>(
+    span: &tracing::Span,
+    headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+) {
+    if !exporting() {
+        return;
+    }
+    use opentelemetry::trace::TraceContextExt;
+    let headers: HashMap<String, String> = headers
+        .into_iter()
+        .map(|(key, value)| (key.to_ascii_lowercase(), value.to_string()))
+        .collect();
+    let context =
+        opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&headers));
+    let linked = context.span().span_context().clone();
+    if linked.is_valid() {
+        span.add_link(linked);
+    }
+}
+
+/// Ends the current call's server span with its gRPC code: the
+/// `rpc.grpc.status_code` attribute, and an error status with the message for any
+/// code but OK.
+pub fn record_grpc_outcome(span: &tracing::Span, code: tonic::Code, message: &str) {
+    span.set_attribute("rpc.grpc.status_code", code as i64);
+    if code != tonic::Code::Ok {
+        span.set_status(opentelemetry::trace::Status::error(format!(
+            "{}: {message}",
+            crate::metrics::grpc::code_name(code)
+        )));
+    }
+}

@@ -32,6 +32,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
 use trellis_common::config::{Config, ServiceKind};
 use trellis_common::telemetry::inject_grpc_context;
 use trellis_common::transport::unix_channel;
@@ -214,8 +215,11 @@ impl Backends {
                 )));
             };
             attempts += 1;
-            let request = outgoing(message.clone(), deadline);
-            let error = match call(replica.channel.clone(), request).await {
+            let peer = format!("trellis-{}", backend.kind.name());
+            let attempt =
+                async { call(replica.channel.clone(), outgoing(message.clone(), deadline)).await }
+                    .instrument(trellis_common::telemetry::client_span(&peer));
+            let error = match attempt.await {
                 Ok(response) => return Ok(response),
                 Err(status) if retry.worth_retrying(&status) => status,
                 Err(status) if not_reached(&status) => {

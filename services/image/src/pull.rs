@@ -478,7 +478,8 @@ impl Puller {
     {
         let call = trellis_common::upstream::resending(|| {
             send(self.storage(), traced_request(message.clone()))
-        });
+        })
+        .instrument(trellis_common::telemetry::client_span("trellis-storage"));
         tokio::time::timeout(timeout, call)
             .await
             .map_err(|_| SourceFailure::storage_stuck(&self.storage_socket, timeout))?

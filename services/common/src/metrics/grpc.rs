@@ -248,12 +248,23 @@ impl MethodLabels {
 }
 
 /// One call under way: recorded once, when its answer ends or when it is dropped
-/// (the caller went away: `Canceled`, unless a code was already known).
+/// (the caller went away: `Canceled`, unless a code was already known). The code
+/// that ends its count ends its server span too (kept open until then), when spans
+/// are exported.
 struct Call {
     metrics: GrpcMetrics,
     labels: MethodLabels,
     started: Instant,
     code: Option<Code>,
+    message: String,
+    span: Option<tracing::Span>,
+}
+
+impl Call {
+    fn answered(&mut self, status: tonic::Status) {
+        self.code = Some(status.code());
+        self.message = status.message().to_string();
+    }
 }
 
 impl Drop for Call {
@@ -261,13 +272,20 @@ impl Drop for Call {
         let code = self.code.unwrap_or(Code::Cancelled);
         self.metrics
             .record(&self.labels, code, self.started.elapsed().as_secs_f64());
+        if let Some(span) = &self.span {
+            let message = match self.code {
+                None => "the caller went away before the answer",
+                Some(_) => &self.message,
+            };
+            crate::telemetry::record_grpc_outcome(span, code, message);
+        }
     }
 }
 
-fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
-    headers
-        .get("grpc-status")
-        .map(|value| Code::from_bytes(value.as_bytes()))
+/// The code and message in `headers` (a trailers-only answer's, or trailers).
+fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Status> {
+    headers.get("grpc-status")?;
+    tonic::Status::from_header_map(headers)
 }
 
 #[derive(Clone)]
@@ -311,13 +329,21 @@ where
             metrics: self.metrics.clone(),
             started: Instant::now(),
             code: None,
+            message: String::new(),
+            span: None,
         };
         let answer = self.inner.call(request);
         Box::pin(async move {
+            // Polled inside the server span (`Server::trace_fn`).
+            if crate::telemetry::exporting() {
+                call.span = Some(tracing::Span::current());
+            }
             let response = answer.await?;
             let (parts, body) = response.into_parts();
             // A failed call is usually "trailers only": its code is in the headers.
-            call.code = grpc_status(&parts.headers);
+            if let Some(status) = grpc_status(&parts.headers) {
+                call.answered(status);
+            }
             let body = MeteredBody {
                 inner: body,
                 call: Some(call),
@@ -348,14 +374,14 @@ impl http_body::Body for MeteredBody {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                let code = frame.trailers_ref().and_then(grpc_status);
-                if let (Some(code), Some(call)) = (code, self.call.as_mut()) {
-                    call.code = Some(code);
+                let status = frame.trailers_ref().and_then(grpc_status);
+                if let (Some(status), Some(call)) = (status, self.call.as_mut()) {
+                    call.answered(status);
                 }
             }
             Poll::Ready(Some(Err(status))) => {
                 if let Some(call) = self.call.as_mut() {
-                    call.code = Some(status.code());
+                    call.answered(status.clone());
                 }
             }
             Poll::Ready(None) => {

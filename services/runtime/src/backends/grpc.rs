@@ -11,8 +11,9 @@ use std::path::PathBuf;
 
 use tonic::transport::Channel;
 use tonic::{Code, Status};
+use tracing::Instrument;
 use trellis_common::config::{Config, ServiceKind};
-use trellis_common::telemetry::traced_request;
+use trellis_common::telemetry::{client_span, traced_request};
 use trellis_common::transport::unix_channel;
 use trellis_common::upstream::{
     no_answer_message, not_reached, resending, time_left, unreached_message,
@@ -68,7 +69,8 @@ impl Peer {
         M: Clone,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let call = resending(|| send(self.channel.clone(), traced_request(message.clone())));
+        let call = resending(|| send(self.channel.clone(), traced_request(message.clone())))
+            .instrument(client_span(&format!("trellis-{}", self.service)));
         let answer = match time_left() {
             None => call.await,
             Some(left) => match tokio::time::timeout(left, call).await {
