@@ -155,6 +155,10 @@ impl EventBus {
             return Ok(String::new());
         };
         let subject = event_subject(&inner.node, &payload);
+        // Written to the outbox and flushed before the call goes on: a step of its own,
+        // whose context the event carries to its consumers.
+        let _step =
+            crate::step_span!("event.publish", messaging.destination.name = %subject).entered();
         let time = crate::clock::now_nanos();
         let mut headers = current_trace_headers();
         headers.insert(NODE_HEADER.to_string(), inner.node.clone());

@@ -255,7 +255,7 @@ pub fn annotate(pairs: &[(&'static str, &str)]) {
 
 /// The current span's context, to link a later span to (a streaming session to the
 /// Exec call that made it); none when spans are not exported.
-pub fn current_span_context() -> Option<opentelemetry::trace::SpanContext> {
+pub fn current_span_context() -> Option<SpanContext> {
     if !exporting() {
         return None;
     }
@@ -263,6 +263,15 @@ pub fn current_span_context() -> Option<opentelemetry::trace::SpanContext> {
     let context = tracing::Span::current().context();
     let span_context = context.span().span_context().clone();
     span_context.is_valid().then_some(span_context)
+}
+
+pub use opentelemetry::trace::SpanContext;
+
+/// Links `span` to an earlier one (a streaming session to the call that made it).
+pub fn link_to(span: &tracing::Span, earlier: Option<SpanContext>) {
+    if let Some(earlier) = earlier {
+        span.add_link(earlier);
+    }
 }
 
 /// Links `span` to the span whose context `headers` carry (a bus event's
@@ -297,5 +306,12 @@ pub fn record_grpc_outcome(span: &tracing::Span, code: tonic::Code, message: &st
             "{}: {message}",
             crate::metrics::grpc::code_name(code)
         )));
+    }
+}
+
+/// Marks a step's span as failed, with the error's words.
+pub fn record_error(span: &tracing::Span, error: &dyn std::fmt::Display) {
+    if exporting() {
+        span.set_status(opentelemetry::trace::Status::error(error.to_string()));
     }
 }

@@ -4,6 +4,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use tracing::Instrument;
 
 use futures::StreamExt;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
@@ -191,7 +192,24 @@ pub async fn subscribe(
             let Some((id, sandbox_id, kind)) = translate(&event) else {
                 continue;
             };
-            let (pod_sandbox_status, containers_statuses) = statuses(&backends, &sandbox_id).await;
+            // Its own trace (the subscription outlives many), linked to the call
+            // that raised the event, whose context the message carries.
+            let delivery = trellis_common::step_span!(
+                "event.deliver",
+                otel.kind = "consumer",
+                messaging.destination.name = %message.subject,
+                container.id = %id
+            );
+            if let Some(headers) = &message.headers {
+                trellis_common::telemetry::link_to_headers(
+                    &delivery,
+                    ["traceparent", "tracestate"]
+                        .into_iter()
+                        .filter_map(|key| headers.get(key).map(|value| (key, value.as_str()))),
+                );
+            }
+            let (pod_sandbox_status, containers_statuses) =
+                statuses(&backends, &sandbox_id).instrument(delivery).await;
             let response = ContainerEventResponse {
                 container_id: id,
                 container_event_type: kind as i32,

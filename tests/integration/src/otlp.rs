@@ -218,15 +218,22 @@ pub fn share_outside_children(spans: &[ReceivedSpan], span: &ReceivedSpan) -> f6
     total.saturating_sub(covered) as f64 / total as f64
 }
 
-/// The tree under `root`, one span a line: name, service, duration and the share of
-/// its time outside its children (for spans that have children).
+/// The tree under `root`, one span a line: name, service, start after the root's
+/// start and duration (ms), and the share of its time outside its children (for
+/// spans that have children).
 pub fn render_tree(spans: &[ReceivedSpan], root: &ReceivedSpan) -> String {
     let mut out = String::new();
-    render_into(&mut out, spans, root, 0);
+    render_into(&mut out, spans, root, 0, root.start_ns);
     out
 }
 
-fn render_into(out: &mut String, spans: &[ReceivedSpan], span: &ReceivedSpan, depth: usize) {
+fn render_into(
+    out: &mut String,
+    spans: &[ReceivedSpan],
+    span: &ReceivedSpan,
+    depth: usize,
+    root_start: u64,
+) {
     let below = children(spans, span);
     let outside = if below.is_empty() {
         String::new()
@@ -238,14 +245,15 @@ fn render_into(out: &mut String, spans: &[ReceivedSpan], span: &ReceivedSpan, de
     };
     let _ = writeln!(
         out,
-        "{:indent$}{} [{}] {:.2} ms{outside}",
+        "{:indent$}{} [{}] +{:.2} {:.2} ms{outside}",
         "",
         span.name,
         span.service.trim_start_matches("trellis-"),
+        span.start_ns.saturating_sub(root_start) as f64 / 1e6,
         span.duration().as_secs_f64() * 1000.0,
         indent = depth * 2
     );
     for child in below {
-        render_into(out, spans, child, depth + 1);
+        render_into(out, spans, child, depth + 1, root_start);
     }
 }

@@ -8,6 +8,7 @@ use trellis_integration::cri::{self, Pod};
 use trellis_integration::otlp::{self, ReceivedSpan, Receiver};
 use trellis_integration::pods::container_config;
 use trellis_integration::registry::{Registry, busybox_layer, image};
+use trellis_integration::spdy_client::SpdyClient;
 use trellis_integration::{Node, NodeOptions};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -111,8 +112,9 @@ async fn a_failed_call_ends_its_spans_with_an_error_status() {
 
 /// One pod start (pull, run, create, start) as the kubelet makes it: every CRI call's
 /// time, at the gateway and at the service that serves it, lies at least 90 % in
-/// child spans (the steps inside); the steps are there under their names, and the
-/// spans carry the pod's, container's and image's names.
+/// child spans (the steps inside; for calls under 5 ms, all but 0.5 ms); the steps
+/// are there under their names, and the spans carry the pod's, container's and
+/// image's names.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pod_start_spends_nine_tenths_of_each_call_in_named_steps() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -163,13 +165,22 @@ async fn a_pod_start_spends_nine_tenths_of_each_call_in_named_steps() {
         let served = served_span(&spans, gateway).expect("served span");
         report.push_str(&otlp::render_tree(&spans, gateway));
         for span in [gateway, served] {
-            let outside = otlp::share_outside_children(&spans, span);
-            if outside > 0.10 {
+            let share = otlp::share_outside_children(&spans, span);
+            let outside = span.duration().mul_f64(share);
+            // A call of a few milliseconds spends a fixed few tenths of one in
+            // receiving, handing over and answering it (unoptimised build): that
+            // share is bounded in time instead.
+            let explained = if span.duration() >= Duration::from_millis(5) {
+                share <= 0.10
+            } else {
+                outside <= Duration::from_micros(500)
+            };
+            if !explained {
                 too_much.push(format!(
-                    "{} at {}: {:.1} % of {:?} outside child spans",
+                    "{} at {}: {:.1} % ({outside:?}) of {:?} outside child spans",
                     method,
                     span.service,
-                    outside * 100.0,
+                    share * 100.0,
                     span.duration()
                 ));
             }
@@ -238,4 +249,126 @@ async fn a_pod_start_spends_nine_tenths_of_each_call_in_named_steps() {
 
     cri::remove_pod(&node, &pod.id).await;
     node.stop();
+}
+
+/// A node of busybox whose services export their spans to `endpoint`, with a pod
+/// whose container sleeps.
+async fn traced_busybox(endpoint: &str) -> (cri::BusyboxNode, Pod, String) {
+    let busybox = cri::BusyboxNode::start_with(NodeOptions {
+        env: Receiver::node_env(endpoint),
+        with_cni_config: true,
+        ..Default::default()
+    })
+    .await;
+    let pod = cri::run_pod(&busybox.node, cri::pod_config("linked", false)).await;
+    let sleeper = cri::start(
+        &busybox.node,
+        &pod,
+        busybox.container("sleeper", &["sleep", "600"]),
+    )
+    .await;
+    (busybox, pod, sleeper)
+}
+
+/// The span of an exec session (served later, on its own connection) links to the
+/// Exec call that made its URL.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_streaming_session_links_to_the_call_that_made_it() {
+    let (receiver, endpoint) = Receiver::start().await;
+    let (busybox, pod, sleeper) = traced_busybox(&endpoint).await;
+    let node = &busybox.node;
+    let url = node
+        .runtime()
+        .exec(ExecRequest {
+            container_id: sleeper.clone(),
+            cmd: vec!["true".into()],
+            stdin: false,
+            stdout: true,
+            stderr: true,
+            tty: false,
+        })
+        .await
+        .expect("Exec")
+        .into_inner()
+        .url;
+    let mut client = SpdyClient::connect(&url, &["v4.channel.k8s.io"])
+        .await
+        .expect("upgrade");
+    let error = client.open(&[("streamtype", "error")]).await;
+    client.open(&[("streamtype", "stdout")]).await;
+    client.open(&[("streamtype", "stderr")]).await;
+    client
+        .read_until(WAIT, |_, finished| finished.contains(&error))
+        .await;
+
+    let (call, session) = receiver
+        .wait_for("the Exec call and its session", WAIT, |spans| {
+            let gateway = gateway_span(spans, "Exec")?;
+            let call = served_span(spans, gateway)?;
+            let session = spans
+                .iter()
+                .find(|s| s.service == "trellis-runtime" && s.name == "exec")?;
+            Some((call.clone(), session.clone()))
+        })
+        .await;
+    assert!(session.links_to(&call), "{session:#?}\nlinks to\n{call:#?}");
+    assert_eq!(session.attribute("container.id"), Some(sleeper.as_str()));
+    assert_eq!(call.attribute("container.id"), Some(sleeper.as_str()));
+
+    cri::remove_pod(node, &pod.id).await;
+    busybox.node.stop();
+}
+
+/// An event's delivery to a GetContainerEvents subscriber is a span linked to the
+/// call that raised the event: the event carries its trace context over the bus.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_events_delivery_links_to_the_call_that_raised_it() {
+    let (receiver, endpoint) = Receiver::start().await;
+    let busybox = cri::BusyboxNode::start_with(NodeOptions {
+        env: Receiver::node_env(&endpoint),
+        with_cni_config: true,
+        ..Default::default()
+    })
+    .await;
+    let node = &busybox.node;
+    let mut events = node
+        .runtime()
+        .get_container_events(GetEventsRequest::default())
+        .await
+        .expect("GetContainerEvents")
+        .into_inner();
+    let pod = cri::run_pod(node, cri::pod_config("evented", false)).await;
+    let first = tokio::time::timeout(WAIT, events.message())
+        .await
+        .expect("an event within the limit")
+        .expect("the stream stays open")
+        .expect("an event");
+    assert_eq!(first.container_id, pod.id);
+
+    let (delivery, raised_in) = receiver
+        .wait_for(
+            "the event's delivery and the RunPodSandbox trace",
+            WAIT,
+            |spans| {
+                let run = gateway_span(spans, "RunPodSandbox")?;
+                let delivery = spans.iter().find(|s| {
+                    s.service == "trellis-gateway"
+                        && s.name == "event.deliver"
+                        && s.attribute("container.id") == Some(pod.id.as_str())
+                })?;
+                Some((delivery.clone(), run.trace_id.clone()))
+            },
+        )
+        .await;
+    assert!(
+        delivery.links.iter().any(|(trace, _)| *trace == raised_in),
+        "the delivery links into RunPodSandbox's trace: {delivery:#?}"
+    );
+    assert_ne!(
+        delivery.trace_id, raised_in,
+        "a delivery is a trace of its own"
+    );
+
+    cri::remove_pod(node, &pod.id).await;
+    busybox.node.stop();
 }

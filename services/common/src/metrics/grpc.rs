@@ -258,6 +258,9 @@ struct Call {
     code: Option<Code>,
     message: String,
     span: Option<tracing::Span>,
+    /// From the handler's answer to the answer's end (the message and trailers written
+    /// out to the caller): a step of the call's span of its own.
+    responding: Option<tracing::Span>,
 }
 
 impl Call {
@@ -269,6 +272,7 @@ impl Call {
 
 impl Drop for Call {
     fn drop(&mut self) {
+        self.responding.take();
         let code = self.code.unwrap_or(Code::Cancelled);
         self.metrics
             .record(&self.labels, code, self.started.elapsed().as_secs_f64());
@@ -331,6 +335,7 @@ where
             code: None,
             message: String::new(),
             span: None,
+            responding: None,
         };
         let answer = self.inner.call(request);
         Box::pin(async move {
@@ -339,6 +344,7 @@ where
                 call.span = Some(tracing::Span::current());
             }
             let response = answer.await?;
+            call.responding = Some(crate::step_span!("grpc.respond"));
             let (parts, body) = response.into_parts();
             // A failed call is usually "trailers only": its code is in the headers.
             if let Some(status) = grpc_status(&parts.headers) {

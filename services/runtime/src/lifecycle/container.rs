@@ -4,6 +4,7 @@
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use k8s_cri::v1::*;
 use trellis_common::failpoint;
@@ -196,6 +197,8 @@ impl Runtime {
         let image_config = stored.config.clone().unwrap_or_default();
         let rootfs = PathBuf::from(prepared.mount_path);
         failpoint::hit_async("runtime.container.after-rootfs").await?;
+        let spec_step = trellis_common::step_span!("spec.build");
+        let spec_entered = spec_step.enter();
         let security = config
             .linux
             .as_ref()
@@ -239,6 +242,7 @@ impl Runtime {
                 bundle.display()
             ))
         })?;
+        drop(spec_entered);
         failpoint::hit_async("runtime.container.after-bundle").await?;
         let name = config
             .metadata
@@ -256,9 +260,11 @@ impl Runtime {
             stdin_once: config.stdin_once,
             tty: config.tty,
         };
+        // Creations beyond the slots wait here (`runtime.max_parallel_creates`).
         let _turn = self
             .create_slots
             .acquire()
+            .instrument(trellis_common::step_span!("create.queue"))
             .await
             .map_err(|_| RuntimeError::Oci("the runtime service is stopping".into()))?;
         let pid = self.oci.create(&launch).await?;

@@ -27,6 +27,7 @@ mod tests;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use tracing::Instrument;
 
 use trellis_common::bus::EventBus;
 use trellis_common::config::RuntimeConfig;
@@ -150,7 +151,11 @@ impl Runtime {
 
     /// Serialises operations on one pod or container.
     async fn lock(&self, id: &str) -> KeyGuard {
-        self.locks.lock(id).await
+        // Another call on the same pod or container goes first: time spent waiting.
+        self.locks
+            .lock(id)
+            .instrument(trellis_common::step_span!("lock.wait"))
+            .await
     }
 
     /// The OCI runtime binary for a CRI runtime handler ("" is the default).

@@ -262,8 +262,9 @@ impl Runtime {
         // The pod's own namespaces are made while the network service sets its network up.
         let (namespaces, namespaces_dir, pod_hostname) =
             (self.namespaces.clone(), pod_dir.clone(), hostname.clone());
+        let step = trellis_common::step_span!("namespaces.set_up");
         let pod_namespaces = tokio::task::spawn_blocking(move || {
-            namespaces.set_up(&namespaces_dir, &pod_hostname, own)
+            step.in_scope(|| namespaces.set_up(&namespaces_dir, &pod_hostname, own))
         });
 
         let metadata = config.metadata.clone().unwrap_or_default();
@@ -305,7 +306,8 @@ impl Runtime {
             record.netns_path = pod_network.netns_path;
             Ok(())
         })?;
-        write_pod_files(&pod_dir, config, &hostname, &record.ips)?;
+        trellis_common::step_span!("pod.files")
+            .in_scope(|| write_pod_files(&pod_dir, config, &hostname, &record.ips))?;
         failpoint::hit_async("runtime.sandbox.after-files").await?;
         if options.pid == NamespaceMode::Pod as i32 {
             self.start_pause(&record, config).await?;

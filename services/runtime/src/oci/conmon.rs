@@ -9,6 +9,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
+use tracing::Instrument;
 
 use tokio::process::Command;
 use trellis_common::text::excerpt;
@@ -222,12 +223,13 @@ impl OciRuntime for ConmonRunc {
             .current_dir(launch.bundle)
             .process_group(0);
         crate::inherit_fd::keep_open_in_child(&mut command, sync_write.as_raw_fd());
-        let mut child = command.spawn().map_err(|source| {
+        let spawn = trellis_common::step_span!("conmon.spawn");
+        let mut child = spawn.in_scope(|| command.spawn()).map_err(|source| {
             RuntimeError::io(format!("cannot start {}", self.conmon.display()), source)
         })?;
         drop(sync_write);
         // conmon forks its monitor and the first process exits: reap it.
-        let _ = child.wait().await;
+        let _ = child.wait().instrument(spawn).await;
 
         // conmon keeps the pipe open after reporting, so read its first message only.
         let reader = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
@@ -240,7 +242,9 @@ impl OciRuntime for ConmonRunc {
             }
             Ok(text)
         });
+        // conmon runs `runc create` and reports the container's pid, or why not.
         let text = tokio::time::timeout(CREATE_TIMEOUT, reader)
+            .instrument(trellis_common::step_span!("conmon.report"))
             .await
             .map_err(|_| RuntimeError::Timeout {
                 what: format!("creating container {}", launch.id),

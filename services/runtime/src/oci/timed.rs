@@ -1,10 +1,13 @@
-//! An OCI runtime whose steps are timed for the metrics: wraps the real one, so the
-//! lifecycle and the conmon code stay as they are.
+//! An OCI runtime whose steps are timed for the metrics and traced (one span each,
+//! `runc.create`, `runc.start`, ...): wraps the real one, so the lifecycle and the
+//! conmon code stay as they are.
 
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tracing::Instrument;
 
 use super::{ExecOutput, Exit, Launch, OciRuntime};
 use crate::error::RuntimeError;
@@ -26,9 +29,13 @@ impl Timed {
         operation: &'static str,
         step: impl Future<Output = Result<T, RuntimeError>>,
     ) -> Result<T, RuntimeError> {
+        let span = trellis_common::step_span!("oci", otel.name = %format!("runc.{operation}"));
         let started = Instant::now();
-        let result = step.await;
+        let result = step.instrument(span.clone()).await;
         self.metrics.oci_step(operation, started.elapsed());
+        if let Err(error) = &result {
+            trellis_common::telemetry::record_error(&span, error);
+        }
         result
     }
 }

@@ -4,6 +4,7 @@
 //! and status; `streaming/` is the HTTP server the URLs point at. The trait impl below only routes, because `#[async_trait]` must see
 //! every method of the trait in one impl.
 
+mod attributes;
 mod containers;
 mod exec;
 mod pods;

@@ -3,6 +3,7 @@
 use k8s_cri::v1::*;
 use tonic::Status;
 
+use super::attributes;
 use crate::lifecycle::Runtime;
 
 pub async fn run(
@@ -12,9 +13,11 @@ pub async fn run(
     let config = request
         .config
         .ok_or_else(|| Status::invalid_argument("RunPodSandbox needs a config"))?;
+    attributes::pod_metadata(config.metadata.as_ref());
     let pod_sandbox_id = runtime
         .run_pod_sandbox(config, request.runtime_handler)
         .await?;
+    attributes::pod(&pod_sandbox_id);
     Ok(RunPodSandboxResponse { pod_sandbox_id })
 }
 
@@ -22,6 +25,7 @@ pub async fn stop(
     runtime: &Runtime,
     request: StopPodSandboxRequest,
 ) -> Result<StopPodSandboxResponse, Status> {
+    attributes::recorded_pod(runtime, &request.pod_sandbox_id);
     runtime.stop_pod_sandbox(&request.pod_sandbox_id).await?;
     Ok(StopPodSandboxResponse {})
 }
@@ -30,6 +34,7 @@ pub async fn remove(
     runtime: &Runtime,
     request: RemovePodSandboxRequest,
 ) -> Result<RemovePodSandboxResponse, Status> {
+    attributes::recorded_pod(runtime, &request.pod_sandbox_id);
     runtime.remove_pod_sandbox(&request.pod_sandbox_id).await?;
     Ok(RemovePodSandboxResponse {})
 }
@@ -38,6 +43,7 @@ pub fn status(
     runtime: &Runtime,
     request: PodSandboxStatusRequest,
 ) -> Result<PodSandboxStatusResponse, Status> {
+    attributes::pod(&request.pod_sandbox_id);
     Ok(runtime.pod_sandbox_status(&request.pod_sandbox_id, request.verbose)?)
 }
 

@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use trellis_common::telemetry::{SpanContext, current_span_context, link_to};
 
 use k8s_cri::v1::{AttachRequest, ExecRequest, PortForwardRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -68,7 +69,15 @@ impl Session {
     }
 }
 
-type Pending = Arc<Mutex<HashMap<String, (Session, Instant)>>>;
+/// A session waiting for its client: until when, and the span of the call that made
+/// it (Exec, Attach, PortForward), which the session's own span links to.
+struct PendingSession {
+    session: Session,
+    expires: Instant,
+    made_by: Option<SpanContext>,
+}
+
+type Pending = Arc<Mutex<HashMap<String, PendingSession>>>;
 
 pub struct StreamingServer {
     address: String,
@@ -168,8 +177,15 @@ impl StreamingServer {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let now = Instant::now();
-        pending.retain(|_, (_, expires)| *expires > now);
-        pending.insert(token.clone(), (session, now + TOKEN_LIFETIME));
+        pending.retain(|_, waiting| waiting.expires > now);
+        pending.insert(
+            token.clone(),
+            PendingSession {
+                session,
+                expires: now + TOKEN_LIFETIME,
+                made_by: current_span_context(),
+            },
+        );
         Ok(format!("http://{address}/{kind}/{token}"))
     }
 
@@ -260,10 +276,12 @@ async fn serve_connection(
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         pending
             .remove(token)
-            .filter(|(session, expires)| session.kind() == kind && *expires > Instant::now())
-            .map(|(session, _)| session)
+            .filter(|waiting| waiting.session.kind() == kind && waiting.expires > Instant::now())
     };
-    let Some(session) = session else {
+    let Some(PendingSession {
+        session, made_by, ..
+    }) = session
+    else {
         respond(
             &mut socket,
             "404 Not Found",
@@ -324,19 +342,23 @@ async fn serve_connection(
     let _open = metrics.session(session.kind());
     match session {
         Session::Exec(session) => {
-            let span = tracing::info_span!("exec", container = %session.container_id, tty = session.options.tty, protocol);
+            let span = tracing::info_span!("exec", container.id = %session.container_id, tty = session.options.tty, protocol);
+            link_to(&span, made_by);
             exec::serve(session, connection, protocol)
                 .instrument(span)
                 .await;
         }
         Session::Attach(session) => {
-            let span = tracing::info_span!("attach", container = %session.container_id, tty = session.options.tty, protocol);
+            let span = tracing::info_span!("attach", container.id = %session.container_id, tty = session.options.tty, protocol);
+            link_to(&span, made_by);
             attach::serve(session, connection, protocol)
                 .instrument(span)
                 .await;
         }
         Session::PortForward(session) => {
-            let span = tracing::info_span!("port_forward", sandbox = %session.sandbox_id);
+            let span =
+                tracing::info_span!("port_forward", k8s.pod.sandbox_id = %session.sandbox_id);
+            link_to(&span, made_by);
             portforward::serve(session, connection)
                 .instrument(span)
                 .await;
