@@ -85,6 +85,20 @@ impl BusyboxNode {
         }
     }
 
+    /// A node started with `options`, with a pod named `pod_name` (a network of its
+    /// own) whose container `sleeper` sleeps; returns the pod and the container's id.
+    pub async fn with_sleeper(options: NodeOptions, pod_name: &str) -> (BusyboxNode, Pod, String) {
+        let busybox = Self::start_with(options).await;
+        let pod = run_pod(&busybox.node, pod_config(pod_name, false)).await;
+        let sleeper = start(
+            &busybox.node,
+            &pod,
+            busybox.container("sleeper", &["/bin/sleep", "3600"]),
+        )
+        .await;
+        (busybox, pod, sleeper)
+    }
+
     /// A container of the busybox image running `command`.
     pub fn container(&self, name: &str, command: &[&str]) -> ContainerConfig {
         ContainerConfig {

@@ -73,15 +73,11 @@ impl Session {
 
 /// A busybox node with a pod named `name` whose container `sleeper` sleeps.
 async fn sleeper_pod(name: &str) -> (BusyboxNode, trellis_integration::cri::Pod, String) {
-    let busybox = BusyboxNode::start().await;
-    let pod = run_pod(&busybox.node, pod_config(name, false)).await;
-    let sleeper = start(
-        &busybox.node,
-        &pod,
-        busybox.container("sleeper", &["/bin/sleep", "3600"]),
-    )
-    .await;
-    (busybox, pod, sleeper)
+    let options = trellis_integration::NodeOptions {
+        with_cni_config: true,
+        ..Default::default()
+    };
+    BusyboxNode::with_sleeper(options, name).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -254,20 +254,12 @@ async fn a_pod_start_spends_nine_tenths_of_each_call_in_named_steps() {
 /// A node of busybox whose services export their spans to `endpoint`, with a pod
 /// whose container sleeps.
 async fn traced_busybox(endpoint: &str) -> (cri::BusyboxNode, Pod, String) {
-    let busybox = cri::BusyboxNode::start_with(NodeOptions {
+    let options = NodeOptions {
         env: Receiver::node_env(endpoint),
         with_cni_config: true,
         ..Default::default()
-    })
-    .await;
-    let pod = cri::run_pod(&busybox.node, cri::pod_config("linked", false)).await;
-    let sleeper = cri::start(
-        &busybox.node,
-        &pod,
-        busybox.container("sleeper", &["sleep", "600"]),
-    )
-    .await;
-    (busybox, pod, sleeper)
+    };
+    cri::BusyboxNode::with_sleeper(options, "linked").await
 }
 
 /// The span of an exec session (served later, on its own connection) links to the
