@@ -186,7 +186,9 @@ impl Puller {
     ) -> Result<Image, Status> {
         let auth = auth_for(request_auth, &self.credentials, &image.registry)?;
         let key = format!("{image}|{}", auth_fingerprint(&auth));
+        let mut started = false;
         let mut waiter = self.inflight.join(&key, |start| {
+            started = true;
             // A child of the first caller's span, so storage calls stay in its trace.
             let span = tracing::info_span!("pull", container.image.name = %image);
             tokio::spawn(
@@ -195,7 +197,13 @@ impl Puller {
                     .instrument(span),
             );
         });
-        match waiter.outcome().await {
+        // A caller that joined a pull under way waits for it: its trace says so (the
+        // steps are in the first caller's).
+        let waiting = match started {
+            true => tracing::Span::none(),
+            false => step_span!("pull.wait", container.image.name = %image),
+        };
+        match waiter.outcome().instrument(waiting).await {
             Some(Ok(pulled)) => Ok(pulled),
             Some(Err((code, message))) => Err(Status::new(code, message)),
             None => Err(Status::internal(format!(
