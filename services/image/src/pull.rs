@@ -199,9 +199,10 @@ impl Puller {
         });
         // A caller that joined a pull under way waits for it: its trace says so (the
         // steps are in the first caller's).
-        let waiting = match started {
-            true => tracing::Span::none(),
-            false => step_span!("pull.wait", container.image.name = %image),
+        let waiting = if started {
+            tracing::Span::none()
+        } else {
+            step_span!("pull.wait", container.image.name = %image)
         };
         match waiter.outcome().instrument(waiting).await {
             Some(Ok(pulled)) => Ok(pulled),
