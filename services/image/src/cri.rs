@@ -12,7 +12,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 use trellis_common::bus::EventBus;
 use trellis_common::reference::{self, ImageRef};
-use trellis_common::telemetry::{client_span, traced_request};
+use trellis_common::telemetry::{annotate, client_span, traced_request};
 use trellis_proto::events::v1::{ImageEvent, event::Payload, image_event};
 use trellis_proto::storage::v1::storage_client::StorageClient;
 use trellis_proto::storage::v1::{self as storage, FsUsageRequest, GetImageRequest};
@@ -206,6 +206,7 @@ impl image_service_server::ImageService for ImageService {
     ) -> Result<Response<ImageStatusResponse>, Status> {
         let request = request.into_inner();
         let name = image_name(request.image.as_ref(), "ImageStatus")?;
+        annotate(&[("container.image.name", &name)]);
         // The index keeps no config as pulled, which verbose status shows.
         let found = if request.verbose {
             self.stored(&name).await?
@@ -236,6 +237,7 @@ impl image_service_server::ImageService for ImageService {
     ) -> Result<Response<PullImageResponse>, Status> {
         let request = request.into_inner();
         let name = image_name(request.image.as_ref(), "PullImage")?;
+        annotate(&[("container.image.name", &name)]);
         let named =
             match reference::parse(&name).map_err(|e| Status::invalid_argument(e.to_string()))? {
                 ImageRef::Named(named) => named,
@@ -260,6 +262,7 @@ impl image_service_server::ImageService for ImageService {
         request: Request<RemoveImageRequest>,
     ) -> Result<Response<RemoveImageResponse>, Status> {
         let name = image_name(request.get_ref().image.as_ref(), "RemoveImage")?;
+        annotate(&[("container.image.name", &name)]);
         let epoch = self.index.epoch();
         let message = storage::RemoveImageRequest { reference: name };
         let removal = self

@@ -9,33 +9,30 @@
 //! its downloads and its streams to storage. Whatever the way a pull ended without
 //! its image, the layers it imported and nobody needs are pruned.
 
+mod layer;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::Instrument;
 use trellis_common::config::ImageConfig;
 use trellis_common::locks::KeyedLocks;
 use trellis_common::reference::{NamedRef, chain_id};
+use trellis_common::step_span;
 use trellis_common::telemetry::traced_request;
 use trellis_common::text::excerpt_to;
-use trellis_common::upstream;
 use trellis_proto::storage::v1::storage_client::StorageClient;
-use trellis_proto::storage::v1::{
-    HasLayerRequest, Image, ImportLayerChunk, LayerHeader, PruneLayersRequest, PutImageRequest,
-    import_layer_chunk::Part,
-};
+use trellis_proto::storage::v1::{Image, LayerHeader, PruneLayersRequest, PutImageRequest};
 
 use crate::error::ImageError;
-use crate::failure::{REGISTRY_TEXT_CHARS, SourceFailure, broken_download, classify};
+use crate::failure::{REGISTRY_TEXT_CHARS, SourceFailure, classify};
 use crate::image_config::stored_config;
 use crate::index::{Change, ImageIndex};
 use crate::inflight::{InFlight, Outcome, Start};
@@ -189,16 +186,25 @@ impl Puller {
     ) -> Result<Image, Status> {
         let auth = auth_for(request_auth, &self.credentials, &image.registry)?;
         let key = format!("{image}|{}", auth_fingerprint(&auth));
+        let mut started = false;
         let mut waiter = self.inflight.join(&key, |start| {
+            started = true;
             // A child of the first caller's span, so storage calls stay in its trace.
-            let span = tracing::info_span!("pull", image = %image);
+            let span = tracing::info_span!("pull", container.image.name = %image);
             tokio::spawn(
                 self.clone()
                     .run(key.clone(), image.clone(), auth, start)
                     .instrument(span),
             );
         });
-        match waiter.outcome().await {
+        // A caller that joined a pull under way waits for it: its trace says so (the
+        // steps are in the first caller's).
+        let waiting = if started {
+            tracing::Span::none()
+        } else {
+            step_span!("pull.wait", container.image.name = %image)
+        };
+        match waiter.outcome().instrument(waiting).await {
             Some(Ok(pulled)) => Ok(pulled),
             Some(Err((code, message))) => Err(Status::new(code, message)),
             None => Err(Status::internal(format!(
@@ -341,7 +347,10 @@ impl Puller {
     ) -> Result<Image, SourceFailure> {
         let timeout = Duration::from_secs(self.config.pull_progress_timeout_seconds);
         // The HTTP client's own read timeout is a backstop; ours fires first and says what stalled.
-        let client = client_for(source, timeout + Duration::from_secs(5));
+        // A client of its own per pull (see `client_for`), whose TLS set-up (the root
+        // certificates read and parsed) takes milliseconds: a step of its own.
+        let client = step_span!("registry.client", registry.source = %source.label)
+            .in_scope(|| client_for(source, timeout + Duration::from_secs(5)));
         let stalled = |what: &str| {
             let error = ImageError::Stalled {
                 image: image.to_string(),
@@ -351,18 +360,28 @@ impl Puller {
             };
             SourceFailure::new(Code::DeadlineExceeded, error.to_string())
         };
+        // The registry's token exchange, when it asks for one, happens in here: the
+        // client fetches a token at its first request.
+        let manifest_step = step_span!(
+            "registry.manifest",
+            registry.reference = %source.reference,
+            registry.source = %source.label
+        );
         let (manifest, manifest_digest, list_digest) = tokio::time::timeout(
             timeout,
             client.pull_image_manifest_and_list_digest(&source.reference, auth),
         )
+        .instrument(manifest_step)
         .await
         .map_err(|_| stalled("the manifest"))?
         .map_err(classify)?;
         let mut config_bytes = Vec::new();
+        let config_step = step_span!("registry.config", oci.blob.digest = %manifest.config.digest);
         tokio::time::timeout(
             timeout,
             client.pull_blob(&source.reference, &manifest.config, &mut config_bytes),
         )
+        .instrument(config_step)
         .await
         .map_err(|_| stalled(&manifest.config.digest))?
         .map_err(classify)?;
@@ -485,137 +504,6 @@ impl Puller {
             .map_err(|_| SourceFailure::storage_stuck(&self.storage_socket, timeout))?
             .map(tonic::Response::into_inner)
             .map_err(|status| self.storage_failed(status))
-    }
-
-    async fn has_layer(
-        &self,
-        id: u64,
-        chain_id: &str,
-        timeout: Duration,
-    ) -> Result<bool, SourceFailure> {
-        let message = HasLayerRequest {
-            chain_id: chain_id.to_string(),
-            holder: self.holder(id),
-        };
-        let asked = self.ask_storage(timeout, message, |mut storage, request| async move {
-            storage.has_layer(request).await
-        });
-        Ok(asked.await?.present)
-    }
-
-    /// Streams one layer from the source into the storage service, unless present.
-    async fn import_layer(
-        &self,
-        id: u64,
-        client: &oci_client::Client,
-        source: &Source,
-        layer: &OciDescriptor,
-        header: LayerHeader,
-        timeout: Duration,
-    ) -> Result<(), SourceFailure> {
-        if self.has_layer(id, &header.chain_id, timeout).await? {
-            self.metrics.layers_reused.inc();
-            return Ok(());
-        }
-        let _downloading = self.blobs.lock(&layer.digest).await;
-        // Another pull may have brought it meanwhile.
-        if self.has_layer(id, &header.chain_id, timeout).await? {
-            self.metrics.layers_reused.inc();
-            return Ok(());
-        }
-        // From here storage may end up with the layer, whatever happens to this pull.
-        self.inflight.importing(id, &header.chain_id);
-        let started = Instant::now();
-        let blob = client
-            .pull_blob_stream(&source.reference, layer)
-            .await
-            .map_err(classify)?;
-        let (chunks, outgoing) = mpsc::channel::<ImportLayerChunk>(16);
-        let digest = header.digest.clone();
-        let image = header.image.clone();
-        // Storage taking no bytes, or giving no answer once it has them all, for the
-        // progress timeout is stuck: said so, rather than the pull waiting forever.
-        let stuck = || SourceFailure::storage_stuck(&self.storage_socket, timeout);
-        let (done, forward_done) = tokio::sync::oneshot::channel::<()>();
-        if chunks
-            .send(ImportLayerChunk {
-                part: Some(Part::Header(header)),
-            })
-            .await
-            .is_err()
-        {
-            return Err(SourceFailure::new(
-                Code::Unavailable,
-                "storage stream closed".into(),
-            ));
-        }
-        let mut storage = self.storage();
-        let upload = async {
-            let upload = storage.import_layer(traced_request(
-                tokio_stream::wrappers::ReceiverStream::new(outgoing),
-            ));
-            tokio::pin!(upload);
-            tokio::select! {
-                answer = &mut upload => Ok(answer),
-                _ = forward_done => tokio::time::timeout(timeout, upload).await.map_err(|_| stuck()),
-            }
-        };
-        let forward = async move {
-            // Dropped when the forwarding ends, however it ends.
-            let _done = done;
-            let mut stream = blob.stream;
-            loop {
-                let next = match tokio::time::timeout(timeout, stream.next()).await {
-                    Ok(next) => next,
-                    Err(_) => {
-                        let stalled = ImageError::Stalled {
-                            image,
-                            digest,
-                            source_name: source.label.clone(),
-                            seconds: timeout.as_secs(),
-                        };
-                        return Err(SourceFailure::new(
-                            Code::DeadlineExceeded,
-                            stalled.to_string(),
-                        ));
-                    }
-                };
-                match next {
-                    None => return Ok(()),
-                    Some(Ok(bytes)) => {
-                        self.metrics.bytes.inc_by(bytes.len() as u64);
-                        let chunk = ImportLayerChunk {
-                            part: Some(Part::Data(bytes)),
-                        };
-                        match tokio::time::timeout(timeout, chunks.send(chunk)).await {
-                            Ok(Ok(())) => {}
-                            // Storage stopped reading: its answer says why.
-                            Ok(Err(_)) => return Ok(()),
-                            Err(_) => return Err(stuck()),
-                        }
-                    }
-                    Some(Err(error)) => return Err(broken_download(&digest, &error)),
-                }
-            }
-        };
-        let (forwarded, uploaded) = tokio::join!(forward, upload);
-        match (forwarded, uploaded?) {
-            (_, Err(status)) if upstream::not_reached(&status) => {
-                return Err(self.storage_failed(status));
-            }
-            (Err(failure), _) if failure.storage_down => return Err(failure),
-            // The download broke, stalled or brought bytes that do not match: storage's
-            // complaint about the stream it got follows from that.
-            (Err(broken), Err(_)) => return Err(broken),
-            // Storage's verdict (digest, size, unsafe entries) on a whole download.
-            (Ok(()), Err(status)) => return Err(self.storage_failed(status)),
-            (Err(broken), Ok(_)) => return Err(broken),
-            (Ok(()), Ok(_)) => {}
-        }
-        self.metrics
-            .layer_import
-            .observe(started.elapsed().as_secs_f64());
-        fail_point("image.pull.after-layer").await
     }
 }
 

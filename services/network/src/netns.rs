@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
+use tracing::Instrument;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
@@ -39,6 +40,11 @@ pub fn pin_path(run_dir: &Path, sandbox_id: &str) -> PathBuf {
 /// thread of its own that ends right after pinning it: unsharing changes the calling
 /// thread for good, so it must never be a thread that runs anything else.
 pub async fn create(pin: &Path, sandbox_id: &str) -> Result<(), NetnsError> {
+    let span = trellis_common::step_span!("netns.create", k8s.pod.sandbox_id = %sandbox_id);
+    create_pinned(pin, sandbox_id).instrument(span).await
+}
+
+async fn create_pinned(pin: &Path, sandbox_id: &str) -> Result<(), NetnsError> {
     let io = |what: &'static str| {
         let (pin, sandbox_id) = (pin.to_path_buf(), sandbox_id.to_string());
         move |source| NetnsError::Io {
@@ -165,6 +171,11 @@ fn loopback_up() -> Result<(), Errno> {
 
 /// Unmounts and removes the pin; a pin (or mount) already gone is fine.
 pub async fn remove(pin: &Path, sandbox_id: &str) -> Result<(), NetnsError> {
+    let span = trellis_common::step_span!("netns.remove", k8s.pod.sandbox_id = %sandbox_id);
+    unpin(pin, sandbox_id).instrument(span).await
+}
+
+async fn unpin(pin: &Path, sandbox_id: &str) -> Result<(), NetnsError> {
     let (path, id) = (pin.to_path_buf(), sandbox_id.to_string());
     let unmounted = tokio::task::spawn_blocking(move || {
         match nix::mount::umount2(&path, MntFlags::MNT_DETACH) {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use serde_json::{Map, Value};
+use tracing::Instrument;
 use trellis_common::bus::EventBus;
 use trellis_common::config::Config;
 use trellis_common::locks::KeyedLocks;
@@ -160,8 +161,15 @@ impl Pods {
     }
 
     async fn cni_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, NetworkError> {
+        if let Ok(turn) = self.cni_slots.try_acquire() {
+            return Ok(turn);
+        }
+        // A wait for a turn is a step of its own in the trace: under a burst of pods it
+        // can be most of a set-up's time.
+        let span = trellis_common::step_span!("cni.wait");
         self.cni_slots
             .acquire()
+            .instrument(span)
             .await
             .map_err(|_| NetworkError::ShuttingDown)
     }

@@ -4,6 +4,8 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use trellis_common::telemetry::annotate;
 use trellis_proto::network::v1::network_server::Network;
 use trellis_proto::network::v1::{
     PodIp, PodNetwork, PodNetworkStatusRequest, SetUpPodRequest, StatusRequest, StatusResponse,
@@ -57,6 +59,13 @@ impl Network for NetworkService {
     ) -> Result<Response<PodNetwork>, Status> {
         let request = request.into_inner();
         let runtime_config = request::runtime_config(&request)?;
+        // After the checks: only names fit for CNI_ARGS go into the trace.
+        annotate(&[
+            ("k8s.pod.name", &request.pod_name),
+            ("k8s.namespace.name", &request.pod_namespace),
+            ("k8s.pod.uid", &request.pod_uid),
+            ("k8s.pod.sandbox_id", &request.sandbox_id),
+        ]);
         let pod = PodIdentity {
             sandbox_id: request.sandbox_id,
             name: request.pod_name,
@@ -66,10 +75,9 @@ impl Network for NetworkService {
         // The work goes on even if the caller gives up: stopping half-way through the
         // plugin chain would leave more to repair than finishing.
         let pods = self.pods.clone();
-        let record =
-            tokio::spawn(
-                async move { pods.set_up(pod, request.host_network, runtime_config).await },
-            )
+        // The task runs inside this call's span, so that its steps are in its trace.
+        let set_up = async move { pods.set_up(pod, request.host_network, runtime_config).await };
+        let record = tokio::spawn(set_up.in_current_span())
             .await
             .map_err(|e| Status::internal(format!("set-up task failed: {e}")))??;
         let addresses = crate::pods::addresses(&record)?;
@@ -82,8 +90,9 @@ impl Network for NetworkService {
     ) -> Result<Response<TearDownPodResponse>, Status> {
         let sandbox_id = request.into_inner().sandbox_id;
         request::validate_sandbox_id(&sandbox_id)?;
+        annotate(&[("k8s.pod.sandbox_id", &sandbox_id)]);
         let pods = self.pods.clone();
-        tokio::spawn(async move { pods.tear_down(&sandbox_id).await })
+        tokio::spawn(async move { pods.tear_down(&sandbox_id).await }.in_current_span())
             .await
             .map_err(|e| Status::internal(format!("tear-down task failed: {e}")))??;
         Ok(Response::new(TearDownPodResponse {}))
@@ -95,6 +104,7 @@ impl Network for NetworkService {
     ) -> Result<Response<PodNetwork>, Status> {
         let request = request.into_inner();
         request::validate_sandbox_id(&request.sandbox_id)?;
+        annotate(&[("k8s.pod.sandbox_id", &request.sandbox_id)]);
         let (record, addresses) = self.pods.status(&request.sandbox_id, request.check).await?;
         Ok(Response::new(pod_network(&record, &addresses)))
     }

@@ -105,6 +105,20 @@ impl ImageStore {
         self.images.put(&image.id, image)
     }
 
+    /// A reference's write is flushed to disk as a record's is, and is a step of the
+    /// call's trace under the same name (`Records` does that for the images).
+    fn put_reference(&self, name: &str, id: &str) -> Result<(), StorageError> {
+        let _step =
+            trellis_common::step_span!("record.write", db.collection.name = REFERENCES).entered();
+        Ok(self.references.put(name.as_bytes(), id.as_bytes())?)
+    }
+
+    fn delete_reference(&self, name: &str) -> Result<(), StorageError> {
+        let _step =
+            trellis_common::step_span!("record.delete", db.collection.name = REFERENCES).entered();
+        Ok(self.references.delete(name.as_bytes())?)
+    }
+
     pub fn list(&self) -> Result<Vec<Image>, StorageError> {
         self.images.all()
     }
@@ -152,7 +166,7 @@ impl ImageStore {
                 previous.repo_digests.retain(|d| d != name);
                 self.save(&previous)?;
             }
-            self.references.put(name.as_bytes(), image.id.as_bytes())?;
+            self.put_reference(name, &image.id)?;
         }
         let saved = self.save(&image);
         // Records may have moved before a failure: watchers look again either way.
@@ -227,7 +241,7 @@ impl ImageStore {
     fn delete_whole(&self, image: &Image) -> Result<(), StorageError> {
         for name in image.repo_tags.iter().chain(&image.repo_digests) {
             if self.references.get(name.as_bytes())?.as_deref() == Some(image.id.as_bytes()) {
-                self.references.delete(name.as_bytes())?;
+                self.delete_reference(name)?;
             }
         }
         self.images.delete(&image.id)?;
@@ -242,7 +256,7 @@ impl ImageStore {
                 .map(|d| named.with_digest(d))
                 .or_else(|| named.tagged())
                 .unwrap_or_default();
-            self.references.delete(name.as_bytes())?;
+            self.delete_reference(&name)?;
         }
         self.save(image)
     }

@@ -68,6 +68,17 @@ impl From<&StorageConfig> for Limits {
     }
 }
 
+/// The step of a layer's unpack in the current call's trace (nothing when spans are
+/// not exported); its unpacked size is recorded when known.
+pub fn unpack_step(header: &LayerHeader) -> tracing::Span {
+    trellis_common::step_span!(
+        "layer.unpack",
+        layer.digest = %header.digest,
+        layer.size = header.size,
+        layer.unpacked_bytes = tracing::field::Empty
+    )
+}
+
 /// `sha256:<hex>` and nothing else.
 pub fn valid_digest(value: &str) -> bool {
     value.strip_prefix("sha256:").is_some_and(|hex| {
@@ -174,15 +185,21 @@ impl LayerStore {
     }
 
     /// Unpacks and records one layer whose compressed bytes `reader` yields. Blocking.
+    /// `unpack` is the trace's step for the unpack ([`unpack_step`]), made by the
+    /// caller when it handed the work to a thread, so that the wait for one counts;
+    /// it ends once the layer's files are in place, before the record is written.
     pub fn import(
         &self,
         header: &LayerHeader,
         reader: impl Read,
+        unpack: tracing::Span,
     ) -> Result<LayerRecord, StorageError> {
+        let unpack = unpack.entered();
         Self::check_header(header)?;
         let final_dir = self.dir_of(&header.diff_id);
         let unpacked_bytes = if final_dir.is_dir() {
             // Same content under another chain: nothing to unpack again.
+            unpack.record("layer.unpacked_bytes", 0);
             self.table_record_for_diff(&header.diff_id)?
                 .map_or(0, |r| r.unpacked_bytes)
         } else {
@@ -226,6 +243,7 @@ impl LayerStore {
                     ));
                 }
             }
+            unpack.record("layer.unpacked_bytes", bytes);
             bytes
         };
         let hex = header.diff_id.trim_start_matches("sha256:");
@@ -235,6 +253,7 @@ impl LayerStore {
                 source,
             )
         })?;
+        drop(unpack);
         let record = LayerRecord {
             chain_id: header.chain_id.clone(),
             diff_id: header.diff_id.clone(),
@@ -265,7 +284,8 @@ impl LayerStore {
         for chain in chain_ids {
             self.table.delete(chain)?;
         }
-        self.remove_unrecorded()
+        let step = trellis_common::step_span!("layer.remove", layer.count = chain_ids.len());
+        step.in_scope(|| self.remove_unrecorded())
     }
 
     /// Removes `tmp-` leftovers, and layer directories no record points at with their

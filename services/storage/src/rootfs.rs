@@ -153,7 +153,8 @@ impl RootfsStore {
             lower_dirs: lower_dirs.iter().map(|d| d.display().to_string()).collect(),
         };
         self.save(&record)?;
-        let mounted = self.mount(&record).and_then(|()| {
+        let step = trellis_common::step_span!("rootfs.prepare", container.id = %container_id);
+        let mounted = step.in_scope(|| self.mount(&record)).and_then(|()| {
             trellis_common::failpoint::hit("storage.rootfs.after-mount")?;
             Ok(())
         });
@@ -199,7 +200,8 @@ impl RootfsStore {
                 ..record
             })?;
         }
-        self.teardown(container_id)?;
+        let step = trellis_common::step_span!("rootfs.remove", container.id = %container_id);
+        step.in_scope(|| self.teardown(container_id))?;
         self.table.delete(container_id)?;
         Ok(())
     }

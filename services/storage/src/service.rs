@@ -5,6 +5,7 @@ use std::io;
 
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
+use trellis_common::telemetry::annotate;
 use trellis_proto::storage::v1::import_layer_chunk::Part;
 use trellis_proto::storage::v1::storage_server;
 use trellis_proto::storage::v1::*;
@@ -80,6 +81,10 @@ impl storage_server::Storage for StorageService {
                 ));
             }
         };
+        annotate(&[
+            ("container.image.name", &header.image),
+            ("layer.digest", &header.digest),
+        ]);
         let body = stream.map(|message| match message {
             Ok(ImportLayerChunk {
                 part: Some(Part::Data(data)),
@@ -131,6 +136,7 @@ impl storage_server::Storage for StorageService {
         let image = request
             .image
             .ok_or_else(|| Status::invalid_argument("PutImage needs an image"))?;
+        annotate(&[("container.image.id", &image.id)]);
         let (image, generation) = self
             .storage
             .put_image(image, &request.holder)
@@ -145,6 +151,7 @@ impl storage_server::Storage for StorageService {
         &self,
         request: Request<GetImageRequest>,
     ) -> Result<Response<Image>, Status> {
+        annotate(&[("container.image.name", &request.get_ref().reference)]);
         Ok(Response::new(
             self.storage.get_image(&request.get_ref().reference)?,
         ))
@@ -162,6 +169,7 @@ impl storage_server::Storage for StorageService {
         &self,
         request: Request<RemoveImageRequest>,
     ) -> Result<Response<RemoveImageResponse>, Status> {
+        annotate(&[("container.image.name", &request.get_ref().reference)]);
         let removal = self
             .storage
             .remove_image(&request.get_ref().reference)
@@ -200,6 +208,10 @@ impl storage_server::Storage for StorageService {
         request: Request<PrepareRootfsRequest>,
     ) -> Result<Response<PrepareRootfsResponse>, Status> {
         let request = request.into_inner();
+        annotate(&[
+            ("container.id", &request.container_id),
+            ("container.image.name", &request.image),
+        ]);
         let prepared = self
             .storage
             .prepare_rootfs(&request.image, request.container_id)
@@ -229,8 +241,10 @@ impl storage_server::Storage for StorageService {
         &self,
         request: Request<ReleaseRootfsRequest>,
     ) -> Result<Response<ReleaseRootfsResponse>, Status> {
+        let container_id = request.into_inner().container_id;
+        annotate(&[("container.id", &container_id)]);
         self.storage
-            .release_rootfs(request.into_inner().container_id)
+            .release_rootfs(container_id)
             .await
             .map_err(self.failed(StoreKind::Containers))?;
         Ok(Response::new(ReleaseRootfsResponse {}))

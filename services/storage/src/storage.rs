@@ -113,15 +113,19 @@ impl Storage {
         let (chunks, receiver) = mpsc::channel(32);
         let layers = self.layers.clone();
         let unpack_header = header.clone();
+        // A blocking thread is in no span: its steps (the unpack, the record) are
+        // this call's once it enters it.
+        let call = tracing::Span::current();
+        let unpack = crate::layers::unpack_step(&header);
         let unpacking = tokio::task::spawn_blocking(move || {
             let _importing = importing;
-            layers.import(
-                &unpack_header,
-                ChannelReader {
+            call.in_scope(|| {
+                let reader = ChannelReader {
                     chunks: receiver,
                     current: Bytes::new(),
-                },
-            )
+                };
+                layers.import(&unpack_header, reader, unpack)
+            })
         });
         while let Some(chunk) = body.next().await {
             let failed = chunk.is_err();
@@ -257,8 +261,9 @@ impl Storage {
         let lower_dirs = self.layers.lower_dirs(&image.chain_ids)?;
         let rootfs = self.rootfs.clone();
         let image_id = image.id.clone();
+        let call = tracing::Span::current();
         let mount_path = tokio::task::spawn_blocking(move || {
-            rootfs.prepare(&container_id, &image_id, lower_dirs)
+            call.in_scope(|| rootfs.prepare(&container_id, &image_id, lower_dirs))
         })
         .await
         .map_err(worker_stopped)??;
@@ -310,14 +315,16 @@ impl Storage {
 
     pub async fn release_rootfs(&self, container_id: String) -> Result<(), StorageError> {
         let rootfs = self.rootfs.clone();
-        tokio::task::spawn_blocking(move || rootfs.release(&container_id))
+        let call = tracing::Span::current();
+        tokio::task::spawn_blocking(move || call.in_scope(|| rootfs.release(&container_id)))
             .await
             .map_err(worker_stopped)?
     }
 
     async fn remove_chains(&self, chains: Vec<String>) -> Result<(), StorageError> {
         let layers = self.layers.clone();
-        tokio::task::spawn_blocking(move || layers.remove_chains(&chains))
+        let call = tracing::Span::current();
+        tokio::task::spawn_blocking(move || call.in_scope(|| layers.remove_chains(&chains)))
             .await
             .map_err(worker_stopped)?
     }

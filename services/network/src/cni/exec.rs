@@ -57,6 +57,15 @@ pub enum CniCommand {
 }
 
 impl CniCommand {
+    /// The name of one plugin run's span in a trace.
+    pub fn span_name(self) -> &'static str {
+        match self {
+            CniCommand::Add => "cni.add",
+            CniCommand::Del => "cni.del",
+            CniCommand::Check => "cni.check",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Add => "ADD",

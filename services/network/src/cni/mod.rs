@@ -8,6 +8,7 @@ pub mod result;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
+use tracing::Instrument;
 
 pub use exec::{CniCommand, CniExecError, Plugins};
 use exec::{Invocation, run_plugin};
@@ -91,7 +92,7 @@ async fn add_chain(
             previous.as_ref(),
             &attachment.runtime_config,
         );
-        let answer = run_plugin(plugin_type, &invocation, &stdin).await?;
+        let answer = run_step(plugin_type, &invocation, &attachment.network, &stdin).await?;
         previous = answer;
     }
     Ok(previous.unwrap_or(Value::Null))
@@ -123,7 +124,13 @@ pub async fn del(
             previous,
             &attachment.runtime_config,
         );
-        if let Err(error) = run_plugin(plugin_type(plugin), &invocation, &stdin).await {
+        let ran = run_step(
+            plugin_type(plugin),
+            &invocation,
+            &attachment.network,
+            &stdin,
+        );
+        if let Err(error) = ran.await {
             tracing::warn!(sandbox_id = %attachment.sandbox_id, %error, "CNI DEL failed; asking the other plugins anyway");
             first_error.get_or_insert(error);
         }
@@ -155,9 +162,36 @@ pub async fn check(
             Some(result),
             &attachment.runtime_config,
         );
-        run_plugin(plugin_type(plugin), &invocation, &stdin).await?;
+        run_step(
+            plugin_type(plugin),
+            &invocation,
+            &attachment.network,
+            &stdin,
+        )
+        .await?;
     }
     Ok(true)
+}
+
+/// One plugin run, as a step of its own in the call's trace (`cni.add`, `cni.del`,
+/// `cni.check`): which plugin of a chain is slow is what a slow pod network asks.
+async fn run_step(
+    plugin: &str,
+    invocation: &Invocation<'_>,
+    network: &Value,
+    stdin: &[u8],
+) -> Result<Option<Value>, CniExecError> {
+    let network_name = network
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let span = trellis_common::step_span!(
+        "cni",
+        otel.name = invocation.command.span_name(),
+        cni.plugin = %plugin,
+        cni.network = %network_name
+    );
+    run_plugin(plugin, invocation, stdin).instrument(span).await
 }
 
 fn listed_plugins(network: &Value) -> &[Value] {
