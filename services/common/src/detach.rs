@@ -66,7 +66,15 @@ where
         // (its `call` runs outside it), so that the handler's logs and calls belong
         // to the call's trace.
         Box::pin(async move {
-            let task = tokio::spawn(call.in_current_span());
+            // Until the task runs: a busy service shows here.
+            let dispatch = crate::step_span!("grpc.dispatch");
+            let task = tokio::spawn(
+                async move {
+                    drop(dispatch);
+                    call.await
+                }
+                .in_current_span(),
+            );
             match task.await {
                 Ok(answer) => answer,
                 Err(failed) => {

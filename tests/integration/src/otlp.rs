@@ -188,6 +188,33 @@ impl TraceService for Receiver {
     }
 }
 
+/// The gateway's span of the one call to `method` (`RunPodSandbox`, ...).
+pub fn gateway_span<'a>(spans: &'a [ReceivedSpan], method: &str) -> Option<&'a ReceivedSpan> {
+    spans
+        .iter()
+        .find(|s| s.service == "trellis-gateway" && s.name.ends_with(&format!("/{method}")))
+}
+
+/// The span of the service that served the call the gateway forwarded as `gateway`
+/// (a grandchild: the gateway's client span lies between).
+pub fn served_span<'a>(
+    spans: &'a [ReceivedSpan],
+    gateway: &ReceivedSpan,
+) -> Option<&'a ReceivedSpan> {
+    children(spans, gateway)
+        .into_iter()
+        .flat_map(|client| children(spans, client))
+        .find(|s| s.name == gateway.name)
+}
+
+/// Every span of `root`'s trace.
+pub fn trace_of<'a>(spans: &'a [ReceivedSpan], root: &ReceivedSpan) -> Vec<&'a ReceivedSpan> {
+    spans
+        .iter()
+        .filter(|s| s.trace_id == root.trace_id)
+        .collect()
+}
+
 /// The spans whose parent is `parent`, earliest first.
 pub fn children<'a>(spans: &'a [ReceivedSpan], parent: &ReceivedSpan) -> Vec<&'a ReceivedSpan> {
     let mut found: Vec<&ReceivedSpan> = spans
