@@ -131,17 +131,13 @@ impl<T: prost::Message + Default, E: From<StoreError>> Records<T, E> {
             .transpose()?)
     }
 
-    /// Writes `record` under `key`, flushed to disk before it returns (a step of its
-    /// own in a trace: `record.write`).
     pub fn put(&self, key: &str, record: &T) -> Result<(), E> {
-        let _step = crate::step_span!("record.write", db.collection.name = %self.name).entered();
         self.table
             .put(key.as_bytes(), &record.encode_to_vec())
             .map_err(|source| about(key, source).into())
     }
 
     pub fn delete(&self, key: &str) -> Result<(), E> {
-        let _step = crate::step_span!("record.delete", db.collection.name = %self.name).entered();
         self.table
             .delete(key.as_bytes())
             .map_err(|source| about(key, source).into())

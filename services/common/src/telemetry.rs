@@ -230,12 +230,12 @@ macro_rules! step_span {
     };
 }
 
-/// The client span of a call to another Trellis service (`peer` is its process
-/// name, `trellis-storage`): it covers the whole exchange, the socket's and the peer's
-/// HTTP/2 included, so the caller's trace has no gap around the peer's server span.
-/// Requests made inside it (`traced_request`) carry it as their parent.
+/// The client span of a call to another Trellis service (`peer`: `storage`, ...): it
+/// covers the whole exchange, the socket's and the peer's HTTP/2 included, so the
+/// caller's trace has no gap around the peer's server span. Requests made inside it
+/// (`traced_request`) carry it as their parent.
 pub fn client_span(peer: &str) -> tracing::Span {
-    crate::step_span!("grpc.client", otel.name = %format!("call {peer}"), otel.kind = "client", peer.service = %peer)
+    crate::step_span!("grpc.client", otel.name = %format!("call trellis-{peer}"), otel.kind = "client", peer.service = %format!("trellis-{peer}"))
 }
 
 /// Attributes of the current span (inside a handler: the call's server span) under

@@ -174,6 +174,24 @@ where
     }
 }
 
+/// A call to another Trellis service, `peer` (`storage`, ...): in a client span of its
+/// own, with a request carrying the trace context, sent again while never sent
+/// ([`resending`]). `send` gets the request made of `message`.
+pub async fn traced_call<M, T, Fut>(
+    peer: &str,
+    message: &M,
+    mut send: impl FnMut(tonic::Request<M>) -> Fut,
+) -> Result<tonic::Response<T>, Status>
+where
+    M: Clone,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    use tracing::Instrument;
+    resending(|| send(crate::telemetry::traced_request(message.clone())))
+        .instrument(crate::telemetry::client_span(peer))
+        .await
+}
+
 /// Words for a call to `service` on `socket` that got no answer (see
 /// [`not_reached`]): `<service> service unavailable: not answering on <socket>: <why>`.
 pub fn unreached_message(service: &str, socket: &Path, status: &Status) -> String {

@@ -215,10 +215,9 @@ impl Backends {
                 )));
             };
             attempts += 1;
-            let peer = format!("trellis-{}", backend.kind.name());
             let attempt =
                 async { call(replica.channel.clone(), outgoing(message.clone(), deadline)).await }
-                    .instrument(trellis_common::telemetry::client_span(&peer));
+                    .instrument(trellis_common::telemetry::client_span(backend.kind.name()));
             let error = match attempt.await {
                 Ok(response) => return Ok(response),
                 Err(status) if retry.worth_retrying(&status) => status,

@@ -9,10 +9,9 @@ use std::sync::Arc;
 use k8s_cri::v1::*;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
-use tracing::Instrument;
 use trellis_common::bus::EventBus;
 use trellis_common::reference::{self, ImageRef};
-use trellis_common::telemetry::{annotate, client_span, traced_request};
+use trellis_common::telemetry::annotate;
 use trellis_proto::events::v1::{ImageEvent, event::Payload, image_event};
 use trellis_proto::storage::v1::storage_client::StorageClient;
 use trellis_proto::storage::v1::{self as storage, FsUsageRequest, GetImageRequest};
@@ -110,9 +109,8 @@ impl ImageService {
         M: Clone,
         Fut: std::future::Future<Output = Result<Response<T>, Status>>,
     {
-        use trellis_common::upstream::{no_answer_message, pass_on, resending, time_left};
-        let call = resending(|| send(self.storage(), traced_request(message.clone())))
-            .instrument(client_span("trellis-storage"));
+        use trellis_common::upstream::{no_answer_message, pass_on, time_left, traced_call};
+        let call = traced_call("storage", &message, |request| send(self.storage(), request));
         let answer = match time_left() {
             None => call.await,
             Some(left) => tokio::time::timeout(left, call).await.map_err(|_| {

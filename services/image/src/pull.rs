@@ -495,10 +495,9 @@ impl Puller {
         M: Clone,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let call = trellis_common::upstream::resending(|| {
-            send(self.storage(), traced_request(message.clone()))
-        })
-        .instrument(trellis_common::telemetry::client_span("trellis-storage"));
+        let call = trellis_common::upstream::traced_call("storage", &message, |request| {
+            send(self.storage(), request)
+        });
         tokio::time::timeout(timeout, call)
             .await
             .map_err(|_| SourceFailure::storage_stuck(&self.storage_socket, timeout))?

@@ -105,20 +105,6 @@ impl ImageStore {
         self.images.put(&image.id, image)
     }
 
-    /// A reference's write is flushed to disk as a record's is, and is a step of the
-    /// call's trace under the same name (`Records` does that for the images).
-    fn put_reference(&self, name: &str, id: &str) -> Result<(), StorageError> {
-        let _step =
-            trellis_common::step_span!("record.write", db.collection.name = REFERENCES).entered();
-        Ok(self.references.put(name.as_bytes(), id.as_bytes())?)
-    }
-
-    fn delete_reference(&self, name: &str) -> Result<(), StorageError> {
-        let _step =
-            trellis_common::step_span!("record.delete", db.collection.name = REFERENCES).entered();
-        Ok(self.references.delete(name.as_bytes())?)
-    }
-
     pub fn list(&self) -> Result<Vec<Image>, StorageError> {
         self.images.all()
     }
@@ -166,7 +152,7 @@ impl ImageStore {
                 previous.repo_digests.retain(|d| d != name);
                 self.save(&previous)?;
             }
-            self.put_reference(name, &image.id)?;
+            self.references.put(name.as_bytes(), image.id.as_bytes())?;
         }
         let saved = self.save(&image);
         // Records may have moved before a failure: watchers look again either way.
@@ -241,7 +227,7 @@ impl ImageStore {
     fn delete_whole(&self, image: &Image) -> Result<(), StorageError> {
         for name in image.repo_tags.iter().chain(&image.repo_digests) {
             if self.references.get(name.as_bytes())?.as_deref() == Some(image.id.as_bytes()) {
-                self.delete_reference(name)?;
+                self.references.delete(name.as_bytes())?;
             }
         }
         self.images.delete(&image.id)?;
@@ -256,7 +242,7 @@ impl ImageStore {
                 .map(|d| named.with_digest(d))
                 .or_else(|| named.tagged())
                 .unwrap_or_default();
-            self.delete_reference(&name)?;
+            self.references.delete(name.as_bytes())?;
         }
         self.save(image)
     }

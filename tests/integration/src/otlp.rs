@@ -13,7 +13,48 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::KeyValue;
+
+use crate::registry::{BuiltImage, Registry};
+use crate::{Node, NodeOptions};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
+
+/// A node with a CNI network whose services export their spans to a receiver of the
+/// test's own, and a registry holding an image for it to pull (`reference`).
+pub struct TracedNode {
+    pub node: Node,
+    pub receiver: Receiver,
+    pub reference: String,
+    _registry: Registry,
+    _dir: tempfile::TempDir,
+}
+
+impl TracedNode {
+    /// The registry holds `built` as `<repository>:1`.
+    pub async fn start(repository: &str, built: &BuiltImage) -> TracedNode {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = Registry::start(dir.path(), None);
+        registry.push(repository, "1", built).await;
+        let reference = format!("{}/{repository}:1", registry.address);
+        let (receiver, endpoint) = Receiver::start().await;
+        let node = Node::start(NodeOptions {
+            env: Receiver::node_env(&endpoint),
+            with_cni_config: true,
+            ..Default::default()
+        })
+        .await;
+        TracedNode {
+            node,
+            receiver,
+            reference,
+            _registry: registry,
+            _dir: dir,
+        }
+    }
+
+    pub fn stop(self) {
+        self.node.stop();
+    }
+}
 
 /// OTLP's span status code for an error (`STATUS_CODE_ERROR`).
 pub const STATUS_ERROR: i32 = 2;

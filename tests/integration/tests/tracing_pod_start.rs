@@ -5,10 +5,9 @@
 use std::time::Duration;
 
 use trellis_integration::cri::{self, Pod};
-use trellis_integration::otlp::{self, Receiver, gateway_span, served_span, trace_of};
+use trellis_integration::otlp::{self, TracedNode, gateway_span, served_span, trace_of};
 use trellis_integration::pods::container_config;
-use trellis_integration::registry::{Registry, busybox_layer, image};
-use trellis_integration::{Node, NodeOptions};
+use trellis_integration::registry::{busybox_layer, image};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -19,26 +18,17 @@ const WAIT: Duration = Duration::from_secs(20);
 /// image's names.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pod_start_spends_nine_tenths_of_each_call_in_named_steps() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let registry = Registry::start(dir.path(), None);
     let built = image(vec![busybox_layer()], &["/bin/sh"], "amd64", false);
-    registry.push("tests/busybox", "1", &built).await;
-    let reference = format!("{}/tests/busybox:1", registry.address);
-    let (receiver, endpoint) = Receiver::start().await;
-    let node = Node::start(NodeOptions {
-        env: Receiver::node_env(&endpoint),
-        with_cni_config: true,
-        ..Default::default()
-    })
-    .await;
+    let traced = TracedNode::start("tests/busybox", &built).await;
+    let (node, receiver, reference) = (&traced.node, &traced.receiver, &traced.reference);
 
-    cri::pull(&node, &reference).await.expect("PullImage");
+    cri::pull(node, reference).await.expect("PullImage");
     let config = cri::pod_config("traced", false);
-    let pod: Pod = cri::run_pod(&node, config.clone()).await;
+    let pod: Pod = cri::run_pod(node, config.clone()).await;
     let container = cri::start(
-        &node,
+        node,
         &pod,
-        container_config("sleeper", &reference, &["sleep", "600"]),
+        container_config("sleeper", reference, &["sleep", "600"]),
     )
     .await;
 
@@ -154,6 +144,6 @@ async fn a_pod_start_spends_nine_tenths_of_each_call_in_named_steps() {
         Some(reference.as_str())
     );
 
-    cri::remove_pod(&node, &pod.id).await;
-    node.stop();
+    cri::remove_pod(node, &pod.id).await;
+    traced.stop();
 }

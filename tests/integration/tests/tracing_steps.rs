@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use trellis_integration::cri::{self, Pod};
-use trellis_integration::otlp::{self, ReceivedSpan, Receiver};
+use trellis_integration::otlp::{self, ReceivedSpan, Receiver, TracedNode};
 use trellis_integration::pods::container_config;
 use trellis_integration::registry::{Registry, small_image};
 use trellis_integration::{Node, NodeOptions};
@@ -63,30 +63,21 @@ fn too_much_outside(spans: &[ReceivedSpan], span: &ReceivedSpan) -> Option<Strin
 /// removes the pod; then reads the spans of the image, storage and network services.
 #[tokio::test(flavor = "multi_thread")]
 async fn pull_rootfs_and_pod_network_steps_are_spans_with_their_attributes() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let registry = Registry::start(dir.path(), None);
     let built = small_image("traced-steps");
-    registry.push("tests/steps", "1", &built).await;
-    let reference = format!("{}/tests/steps:1", registry.address);
-    let (receiver, endpoint) = Receiver::start().await;
-    let node = Node::start(NodeOptions {
-        env: Receiver::node_env(&endpoint),
-        with_cni_config: true,
-        ..Default::default()
-    })
-    .await;
+    let traced = TracedNode::start("tests/steps", &built).await;
+    let (node, receiver, reference) = (&traced.node, &traced.receiver, &traced.reference);
 
-    cri::pull(&node, &reference).await.expect("PullImage");
+    cri::pull(node, reference).await.expect("PullImage");
     let config = cri::pod_config("steps", false);
-    let pod: Pod = cri::run_pod(&node, config.clone()).await;
+    let pod: Pod = cri::run_pod(node, config.clone()).await;
     let container = cri::create(
-        &node,
+        node,
         &pod,
-        container_config("sleeper", &reference, &["sleep", "600"]),
+        container_config("sleeper", reference, &["sleep", "600"]),
     )
     .await
     .expect("CreateContainer");
-    cri::remove_pod(&node, &pod.id).await;
+    cri::remove_pod(node, &pod.id).await;
 
     let calls = [
         ("trellis-image", "ImageService/PullImage"),
@@ -237,7 +228,7 @@ async fn pull_rootfs_and_pod_network_steps_are_spans_with_their_attributes() {
         .collect();
     assert!(too_much.is_empty(), "{too_much:#?}\n{report}");
 
-    node.stop();
+    traced.stop();
 }
 
 /// A PullImage that joins a pull of the same image under way spends its time in a

@@ -369,7 +369,9 @@ impl Table for SledTable {
         self.run(|tree| Ok(tree.get(key)?.map(|v| v.to_vec())))
     }
 
+    // Every write is flushed before it returns: a step of its own in the call's trace.
     fn put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let _step = crate::step_span!("record.write", db.collection.name = %self.name).entered();
         self.run(|tree| {
             tree.insert(key, value)?;
             tree.flush().map(drop)
@@ -377,6 +379,7 @@ impl Table for SledTable {
     }
 
     fn delete(&self, key: &[u8]) -> Result<(), StoreError> {
+        let _step = crate::step_span!("record.delete", db.collection.name = %self.name).entered();
         self.run(|tree| {
             tree.remove(key)?;
             tree.flush().map(drop)

@@ -43,6 +43,20 @@ impl Puller {
         Ok(asked.await?.present)
     }
 
+    /// Whether storage has the layer already (counted as reused).
+    async fn reused(
+        &self,
+        id: u64,
+        chain_id: &str,
+        timeout: Duration,
+    ) -> Result<bool, SourceFailure> {
+        let present = self.has_layer(id, chain_id, timeout).await?;
+        if present {
+            self.metrics.layers_reused.inc();
+        }
+        Ok(present)
+    }
+
     /// The right to download `digest`: at once when no other pull downloads it; a wait
     /// for that other pull is a step of its own.
     async fn blob_turn(&self, digest: &str) -> KeyGuard {
@@ -65,14 +79,12 @@ impl Puller {
         header: LayerHeader,
         timeout: Duration,
     ) -> Result<(), SourceFailure> {
-        if self.has_layer(id, &header.chain_id, timeout).await? {
-            self.metrics.layers_reused.inc();
+        if self.reused(id, &header.chain_id, timeout).await? {
             return Ok(());
         }
         let _downloading = self.blob_turn(&layer.digest).await;
         // Another pull may have brought it meanwhile.
-        if self.has_layer(id, &header.chain_id, timeout).await? {
-            self.metrics.layers_reused.inc();
+        if self.reused(id, &header.chain_id, timeout).await? {
             return Ok(());
         }
         // From here storage may end up with the layer, whatever happens to this pull.
@@ -134,7 +146,7 @@ impl Puller {
                 _ = forward_done => tokio::time::timeout(timeout, upload).await.map_err(|_| stuck()),
             }
         }
-        .instrument(client_span("trellis-storage"));
+        .instrument(client_span("storage"));
         let forward = async move {
             // Dropped when the forwarding ends, however it ends.
             let _done = done;

@@ -11,12 +11,10 @@ use std::path::PathBuf;
 
 use tonic::transport::Channel;
 use tonic::{Code, Status};
-use tracing::Instrument;
 use trellis_common::config::{Config, ServiceKind};
-use trellis_common::telemetry::{client_span, traced_request};
 use trellis_common::transport::unix_channel;
 use trellis_common::upstream::{
-    no_answer_message, not_reached, resending, time_left, unreached_message,
+    no_answer_message, not_reached, time_left, traced_call, unreached_message,
 };
 use trellis_proto::network::v1 as network;
 use trellis_proto::network::v1::network_client::NetworkClient;
@@ -69,8 +67,9 @@ impl Peer {
         M: Clone,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let call = resending(|| send(self.channel.clone(), traced_request(message.clone())))
-            .instrument(client_span(&format!("trellis-{}", self.service)));
+        let call = traced_call(self.service, &message, |request| {
+            send(self.channel.clone(), request)
+        });
         let answer = match time_left() {
             None => call.await,
             Some(left) => match tokio::time::timeout(left, call).await {

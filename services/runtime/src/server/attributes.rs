@@ -31,8 +31,8 @@ pub fn recorded_pod(runtime: &Runtime, id: &str) {
     if !exporting() {
         return;
     }
-    if let Ok(status) = runtime.pod_sandbox_status(id, false) {
-        pod_metadata(status.status.as_ref().and_then(|s| s.metadata.as_ref()));
+    if let Ok(sandbox) = runtime.sandbox(id) {
+        pod_metadata(sandbox.config().metadata.as_ref());
     }
 }
 
